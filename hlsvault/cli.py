@@ -1,0 +1,218 @@
+"""The `hlsvault` command line: translate arguments, delegate, report.
+
+    hlsvault package SOURCE [--asset ID] [--ladder copy|default] [--segment-seconds S]
+                            [--key-rotation-segments N] [--json]
+    hlsvault serve [--host H] [--port P]
+    hlsvault url ASSET [--ttl SECONDS]
+    hlsvault status JOB [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline.errors import HlsvaultError
+from pipeline.jobs import JobRecord, new_job_spec
+from pipeline.settings import DEFAULT_TOKEN_TTL_S, Settings, load_settings
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> int:
+    print(f"hlsvault: {message}", file=sys.stderr)
+    return code
+
+
+def _source_argument(source: str) -> str:
+    """Local paths become absolute (the worker may run elsewhere); URLs pass unchanged."""
+    if "://" in source:
+        return source
+    return str(Path(source).expanduser().absolute())
+
+
+def _summary(record: JobRecord, settings: Settings) -> dict[str, Any]:
+    from pipeline.services import build_services
+
+    summary: dict[str, Any] = {
+        "job_id": record.spec.job_id,
+        "asset": record.spec.asset,
+        "version": record.spec.version,
+        "status": record.status,
+    }
+    if record.status == "succeeded":
+        described = build_services(settings).catalog.get_version(
+            record.spec.asset, record.spec.version
+        )
+        summary["renditions"] = [
+            {
+                "name": r.name, "width": r.width, "height": r.height, "bandwidth": r.bandwidth,
+                "average_bandwidth": r.average_bandwidth, "codecs": r.codecs,
+                "segments": len(r.segments),
+            }
+            for r in described.renditions
+        ]
+        summary["keys"] = described.key_count
+        summary["master_url"] = f"{settings.public_url}/v1/assets/{record.spec.asset}/master.m3u8"
+    else:
+        summary["renditions"] = []
+        summary["error"] = record.error
+        summary["failed_stage"] = record.failed_stage
+    return summary
+
+
+def cmd_package(args: argparse.Namespace, settings: Settings) -> int:
+    spec = new_job_spec(
+        _source_argument(args.source),
+        asset=args.asset,
+        ladder=args.ladder,
+        segment_seconds=args.segment_seconds,
+        key_rotation_segments=args.key_rotation_segments,
+    )
+    if not settings.embedded:
+        return _fail(
+            "distributed packaging (REDIS_URL set) is not available yet; unset REDIS_URL to "
+            "package in this process", EXIT_USAGE,
+        )
+    from workers.embedded import run_embedded
+
+    from .progress import StageProgress
+
+    show = sys.stderr.isatty() and not args.json
+    with StageProgress(enabled=show) as bars:
+        record = run_embedded(spec, on_update=bars.update)
+    summary = _summary(record, settings)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    if record.status != "succeeded":
+        return _fail(f"job {spec.job_id} failed at {record.failed_stage}: {record.error}")
+    if not args.json:
+        print(f"published {spec.asset} version {spec.version}: "
+              + ", ".join(r["name"] for r in summary["renditions"]))
+        print(f"play it: hlsvault url {spec.asset}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from keyserver import create_app
+
+    kwargs: dict[str, Any] = {}
+    if args.certfile:
+        kwargs.update(ssl_certfile=args.certfile, ssl_keyfile=args.keyfile)
+    uvicorn.run(
+        create_app(settings), host=args.host, port=args.port, access_log=False,
+        log_config=None, timeout_keep_alive=5, **kwargs,
+    )
+    return 0
+
+
+def cmd_url(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.keys import check_asset_id
+    from pipeline.services import build_services
+    from pipeline.tokens import mint_token
+
+    check_asset_id(args.asset)
+    if args.ttl <= 0 or args.ttl > settings.token_max_ttl_s:
+        return _fail(
+            f"--ttl must be between 1 and {settings.token_max_ttl_s} seconds "
+            "(HLSVAULT_TOKEN_MAX_TTL)", EXIT_USAGE,
+        )
+    if build_services(settings).catalog.current_version(args.asset) is None:
+        return _fail(f"asset {args.asset} is not published; package it first")
+    token = mint_token(settings.token_secret, args.asset, args.ttl)
+    print(f"{settings.public_url}/v1/assets/{args.asset}/master.m3u8?token={token}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.jobs import UnknownJob
+    from pipeline.services import build_services
+
+    try:
+        record = build_services(settings).jobs.get(args.job)
+    except UnknownJob:
+        return _fail(f"no job {args.job}")
+    if args.json:
+        print(json.dumps(record.to_dict(), indent=2))
+    else:
+        print(f"job {record.spec.job_id}  asset {record.spec.asset}  {record.status}")
+        for stage in record.stages:
+            line = f"  {stage.name:<22} {stage.status:<9} {stage.progress * 100:5.1f}%"
+            if stage.error:
+                line += f"  {stage.error}"
+            print(line)
+        if record.error:
+            print(f"  error: {record.error}")
+    return 0 if record.status != "failed" else EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hlsvault", description="Package video into private, AES-128 encrypted HLS."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    package = commands.add_parser("package", help="package a video and publish it")
+    package.add_argument("source", help="a video file, an http(s) URL, or s3://bucket/key")
+    package.add_argument("--asset", help="asset id (default: derived from the file name)")
+    package.add_argument("--ladder", choices=("copy", "default"), default="copy")
+    package.add_argument("--segment-seconds", type=float, default=6.0)
+    package.add_argument("--key-rotation-segments", type=int, default=0,
+                         help="use a new key every N segments (0: one key)")
+    package.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    package.set_defaults(handler=cmd_package)
+
+    serve = commands.add_parser("serve", help="run the key server (and /cdn/ in embedded mode)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--certfile", help="TLS certificate (PEM)")
+    serve.add_argument("--keyfile", help="TLS private key (PEM)")
+    serve.set_defaults(handler=cmd_serve)
+
+    url = commands.add_parser("url", help="print a tokenized playback URL for an asset")
+    url.add_argument("asset")
+    url.add_argument("--ttl", type=int, default=DEFAULT_TOKEN_TTL_S, help="token lifetime, s")
+    url.set_defaults(handler=cmd_url)
+
+    status = commands.add_parser("status", help="show a job's stages")
+    status.add_argument("job")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.certfile if args.command == "serve" else False:
+        if not args.keyfile:
+            return _fail("--certfile needs --keyfile", EXIT_USAGE)
+    try:
+        settings = load_settings()
+    except HlsvaultError as error:
+        return _fail(str(error), EXIT_USAGE)
+    from pipeline.logs import configure_logging
+
+    quiet = args.command in ("package", "url", "status") and not args.verbose
+    configure_logging(level=logging.WARNING if quiet else logging.INFO)
+    if args.command == "serve" and args.port is None:
+        args.port = urlsplit(settings.public_url).port or 8000
+    try:
+        code: int = args.handler(args, settings)
+    except HlsvaultError as error:
+        return _fail(str(error), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Job records: the spec of a packaging job and everything that happened to it.
+
+A record is a flat hash of string fields (a Redis hash in distributed mode, a locked JSON file
+in embedded mode), so that every update is a single-field write or an atomic increment and
+stages running on different machines never overwrite each other's fields.
+
+Fields: ``spec`` (JSON), ``status``, ``error``, ``failed_stage``, ``created_at``,
+``finished_at``, ``media`` and ``renditions`` (JSON), ``result`` (JSON), and per stage
+``<stage>.status|started_at|finished_at|progress|attempts|error|detail``, where a stage is
+``probe``, ``segment:<rendition>``, ``encrypt:<rendition>``, ``playlist``, ``upload``,
+``invalidate``; ``pending.encrypt`` is the fan-in counter.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import BadSpec
+from .keys import check_asset_id
+from .plan import LADDERS, check_segment_seconds
+
+STAGES = ("probe", "segment", "encrypt", "playlist", "upload", "invalidate")
+TERMINAL = ("succeeded", "failed", "cancelled")
+#: A rotation period longer than any video would simply be "off"; shorter than 1 is invalid.
+MAX_KEY_ROTATION_SEGMENTS = 100_000
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to package, and how. Immutable once the job is created."""
+
+    job_id: str
+    asset: str
+    source: str
+    version: str
+    ladder: str = "copy"
+    segment_seconds: float = 6.0
+    key_rotation_segments: int = 0
+    created_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        return cls(**data)
+
+
+def new_job_spec(
+    source: str,
+    *,
+    asset: str | None = None,
+    ladder: str = "copy",
+    segment_seconds: float = 6.0,
+    key_rotation_segments: int = 0,
+) -> JobSpec:
+    """Validate options and give the job an id and the version it will publish."""
+    job_id = uuid.uuid4().hex
+    if asset is None:
+        stem = Path(source.rstrip("/").rsplit("/", 1)[-1]).stem or "asset"
+        asset = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in stem).strip("-_")[:100]
+        asset = asset or "asset"
+    check_asset_id(asset)
+    if ladder not in LADDERS:
+        raise BadSpec(f"unknown ladder {ladder!r}; choose one of {', '.join(LADDERS)}")
+    check_segment_seconds(segment_seconds)
+    if not 0 <= key_rotation_segments <= MAX_KEY_ROTATION_SEGMENTS:
+        raise BadSpec(
+            f"--key-rotation-segments {key_rotation_segments} is out of range; use 0 (off) "
+            f"to {MAX_KEY_ROTATION_SEGMENTS}"
+        )
+    now = time.time()
+    # Versions sort by time, and carry a piece of the job id so two jobs in one second differ.
+    version = time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime(now)) + f"-{job_id[:8]}"
+    return JobSpec(
+        job_id=job_id,
+        asset=asset,
+        source=source,
+        version=version,
+        ladder=ladder,
+        segment_seconds=segment_seconds,
+        key_rotation_segments=key_rotation_segments,
+        created_at=now,
+    )
+
+
+@dataclass(frozen=True)
+class StageState:
+    name: str
+    status: str
+    started_at: float | None
+    finished_at: float | None
+    progress: float
+    attempts: int
+    error: str | None
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A read-only view of a job record."""
+
+    spec: JobSpec
+    status: str
+    error: str | None
+    failed_stage: str | None
+    finished_at: float | None
+    stages: tuple[StageState, ...]
+    fields: dict[str, str]
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    def json_field(self, name: str) -> Any:
+        raw = self.fields.get(name)
+        return None if raw is None else json.loads(raw)
+
+    def stage(self, name: str) -> StageState | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> JobRecord:
+        names: list[str] = []
+        for key in fields:
+            stage, _, attribute = key.rpartition(".")
+            if attribute == "status" and stage and stage not in names:
+                names.append(stage)
+        names.sort(key=lambda n: (STAGES.index(n.split(":")[0]) if n.split(":")[0] in STAGES else 99, n))
+
+        def num(key: str) -> float | None:
+            return float(fields[key]) if key in fields else None
+
+        stages = tuple(
+            StageState(
+                name=name,
+                status=fields[f"{name}.status"],
+                started_at=num(f"{name}.started_at"),
+                finished_at=num(f"{name}.finished_at"),
+                progress=num(f"{name}.progress") or 0.0,
+                attempts=int(fields.get(f"{name}.attempts", "0")),
+                error=fields.get(f"{name}.error"),
+                detail=fields.get(f"{name}.detail"),
+            )
+            for name in names
+        )
+        return cls(
+            spec=JobSpec.from_dict(json.loads(fields["spec"])),
+            status=fields.get("status", "queued"),
+            error=fields.get("error"),
+            failed_stage=fields.get("failed_stage"),
+            finished_at=num("finished_at"),
+            stages=stages,
+            fields=fields,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a user sees it: the JSON of `hlsvault status --json`."""
+        return {
+            "job_id": self.spec.job_id,
+            "asset": self.spec.asset,
+            "version": self.spec.version,
+            "source": self.spec.source,
+            "status": self.status,
+            "error": self.error,
+            "failed_stage": self.failed_stage,
+            "created_at": self.spec.created_at,
+            "finished_at": self.finished_at,
+            "stages": [asdict(stage) for stage in self.stages],
+        }
+
+
+class UnknownJob(KeyError):
+    """No record exists for the job id."""
+
+
+class RecordBackend(Protocol):
+    """A hash per job: the operations a job store needs, each atomic on its own."""
+
+    def create(self, job_id: str, fields: dict[str, str]) -> None: ...
+    def read(self, job_id: str) -> dict[str, str]: ...
+    def write(self, job_id: str, fields: dict[str, str]) -> None: ...
+    def write_if_absent(self, job_id: str, name: str, value: str) -> bool: ...
+    def increment(self, job_id: str, name: str, amount: int) -> int: ...
+    def arrive(self, job_id: str, counter: str, marker: str) -> int: ...
+    def job_ids(self) -> list[str]: ...
+
+
+class JobStore:
+    """Job records over a :class:`RecordBackend`."""
+
+    def __init__(self, backend: RecordBackend) -> None:
+        self.backend = backend
+
+    def create(self, spec: JobSpec) -> None:
+        self.backend.create(
+            spec.job_id,
+            {"spec": json.dumps(spec.to_dict()), "status": "queued",
+             "created_at": repr(spec.created_at)},
+        )
+
+    def get(self, job_id: str) -> JobRecord:
+        fields = self.backend.read(job_id)
+        if "spec" not in fields:
+            raise UnknownJob(job_id)
+        return JobRecord.from_fields(fields)
+
+    def set_json(self, job_id: str, name: str, value: Any) -> None:
+        self.backend.write(job_id, {name: json.dumps(value)})
+
+    def stage_started(self, job_id: str, stage: str) -> int:
+        """Mark a stage running and count this delivery; returns the delivery count.
+
+        Counted here rather than by dramatiq because a worker killed by SIGKILL never tells
+        dramatiq it failed: only this count sees a message that kills its worker every time.
+        """
+        attempts = self.backend.increment(job_id, f"{stage}.attempts", 1)
+        self.backend.write(
+            job_id,
+            {f"{stage}.status": "running", f"{stage}.started_at": repr(time.time()),
+             "status": "running"},
+        )
+        return attempts
+
+    def stage_queued(self, job_id: str, *stages: str) -> None:
+        self.backend.write(job_id, {f"{stage}.status": "queued" for stage in stages})
+
+    def stage_progress(self, job_id: str, stage: str, fraction: float) -> None:
+        self.backend.write(job_id, {f"{stage}.progress": f"{fraction:.3f}"})
+
+    def stage_finished(
+        self, job_id: str, stage: str, *, status: str = "done", detail: str | None = None
+    ) -> None:
+        fields = {
+            f"{stage}.status": status,
+            f"{stage}.finished_at": repr(time.time()),
+            f"{stage}.progress": "1.000",
+        }
+        if detail:
+            fields[f"{stage}.detail"] = detail
+        self.backend.write(job_id, fields)
+
+    def set_pending(self, job_id: str, counter: str, count: int) -> None:
+        self.backend.write(job_id, {f"pending.{counter}": str(count)})
+
+    def arrive(self, job_id: str, counter: str, member: str) -> int:
+        """Fan-in: count ``member`` as arrived once, however often it is redelivered; returns
+        how many are still pending. A redelivery after the count reached 0 sees 0 again, so
+        the stage after the fan-in is enqueued even if the first arrival crashed before it."""
+        return self.backend.arrive(job_id, f"pending.{counter}", f"arrived.{counter}.{member}")
+
+    def fail(self, job_id: str, stage: str, reason: str) -> None:
+        self.backend.write(
+            job_id,
+            {
+                f"{stage}.status": "failed",
+                f"{stage}.error": reason,
+                f"{stage}.finished_at": repr(time.time()),
+                "status": "failed",
+                "error": reason,
+                "failed_stage": stage,
+                "finished_at": repr(time.time()),
+            },
+        )
+
+    def succeed(self, job_id: str, result: dict[str, Any]) -> None:
+        self.backend.write(
+            job_id,
+            {"status": "succeeded", "result": json.dumps(result), "finished_at": repr(time.time())},
+        )
+
+    def job_ids(self) -> list[str]:
+        return self.backend.job_ids()
+
+
+class FileRecordBackend:
+    """Job records as JSON files, one per job, updated under an exclusive ``flock``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def _path(self, job_id: str) -> Path:
+        if not job_id.isalnum():
+            raise UnknownJob(job_id)
+        return self.directory / f"{job_id}.json"
+
+    @contextmanager
+    def _locked(self, job_id: str) -> Iterator[dict[str, str]]:
+        path = self._path(job_id)
+        # The lock lives on its own file: the record itself is replaced by rename, and a lock
+        # held on a replaced inode would protect nothing.
+        with self._lock, open(self.directory / f".{job_id}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fields: dict[str, str] = json.loads(path.read_text())
+            except FileNotFoundError:
+                fields = {}
+            before = dict(fields)
+            yield fields
+            if fields != before:
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(fields, sort_keys=True))
+                os.replace(tmp, path)
+
+    def create(self, job_id: str, fields: dict[str, str]) -> None:
+        with self._locked(job_id) as record:
+            record.update(fields)
+
+    def read(self, job_id: str) -> dict[str, str]:
+        try:
+            text = self._path(job_id).read_text()
+        except FileNotFoundError:
+            raise UnknownJob(job_id) from None
+        fields: dict[str, str] = json.loads(text) if text else {}
+        return fields
+
+    def write(self, job_id: str, fields: dict[str, str]) -> None:
+        with self._locked(job_id) as record:
+            record.update(fields)
+
+    def write_if_absent(self, job_id: str, name: str, value: str) -> bool:
+        with self._locked(job_id) as record:
+            if name in record:
+                return False
+            record[name] = value
+            return True
+
+    def increment(self, job_id: str, name: str, amount: int) -> int:
+        with self._locked(job_id) as record:
+            value = int(record.get(name, "0")) + amount
+            record[name] = str(value)
+            return value
+
+    def arrive(self, job_id: str, counter: str, marker: str) -> int:
+        with self._locked(job_id) as record:
+            if marker not in record:
+                record[marker] = "1"
+                record[counter] = str(int(record.get(counter, "0")) - 1)
+            return int(record.get(counter, "0"))
+
+    def job_ids(self) -> list[str]:
+        paths = sorted(self.directory.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        return [path.stem for path in paths]

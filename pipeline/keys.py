@@ -1,0 +1,111 @@
+"""Content keys: created from the OS CSPRNG, kept wrapped in the vault, got-or-created idempotently.
+
+A content key is wrapped with AES-256-GCM under the master key (the KEK). The associated data
+binds the wrapped blob to ``asset/version/index``, so a wrapped key copied to another asset's
+path fails to unwrap instead of decrypting the wrong video.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import BadSpec, ConfigurationError
+from .storage import ObjectNotFound, Store
+
+KEY_BYTES = 16
+#: Blob layout: format byte, 12-byte nonce, ciphertext + 16-byte tag.
+_FORMAT = b"\x01"
+_NONCE_BYTES = 12
+
+#: Asset ids are used in URLs and storage keys: a conservative alphabet and length.
+ASSET_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+#: A rotation every segment of a 24 h video at 1 s segments stays well below this.
+MAX_KEY_INDEX = 1_000_000
+
+
+def check_asset_id(asset: str) -> str:
+    """Refuse asset ids that would not be safe in a URL path or a storage key."""
+    if not ASSET_ID_PATTERN.match(asset):
+        raise BadSpec(
+            f"invalid asset id {asset[:40]!r}: use 1-128 letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return asset
+
+
+def check_version(version: str) -> str:
+    if not VERSION_PATTERN.match(version):
+        raise BadSpec(f"invalid version {version[:40]!r}")
+    return version
+
+
+def key_path(asset: str, version: str, index: int) -> str:
+    """Where the wrapped key lives in the vault."""
+    if not 0 <= index <= MAX_KEY_INDEX:
+        raise BadSpec(f"key index {index} out of range")
+    return f"keys/{check_asset_id(asset)}/{check_version(version)}/{index:06d}.key"
+
+
+class KeyUnwrapError(Exception):
+    """A wrapped key did not authenticate: wrong master key, or a blob moved between assets."""
+
+
+class KeyVault:
+    """Wrapped content keys in the vault store."""
+
+    def __init__(self, store: Store, master_key: bytes) -> None:
+        if len(master_key) != 32:
+            raise ConfigurationError("the master key must be 32 bytes (AES-256)")
+        self.store = store
+        self._aead = AESGCM(master_key)
+
+    @staticmethod
+    def _aad(asset: str, version: str, index: int) -> bytes:
+        return f"hlsvault-key-v1/{asset}/{version}/{index}".encode()
+
+    def wrap(self, key: bytes, asset: str, version: str, index: int) -> bytes:
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, key, self._aad(asset, version, index))
+        return _FORMAT + nonce + sealed
+
+    def unwrap(self, blob: bytes, asset: str, version: str, index: int) -> bytes:
+        if not blob.startswith(_FORMAT) or len(blob) != 1 + _NONCE_BYTES + KEY_BYTES + 16:
+            raise KeyUnwrapError(f"malformed wrapped key for {asset}/{version}/{index}")
+        nonce, sealed = blob[1 : 1 + _NONCE_BYTES], blob[1 + _NONCE_BYTES :]
+        try:
+            return self._aead.decrypt(nonce, sealed, self._aad(asset, version, index))
+        except InvalidTag:
+            raise KeyUnwrapError(
+                f"wrapped key {asset}/{version}/{index} does not authenticate: "
+                "wrong HLSVAULT_MASTER_KEY, or the blob was moved"
+            ) from None
+
+    def get_or_create(self, asset: str, version: str, index: int) -> bytes:
+        """The content key for ``(asset, version, index)``, creating it if it does not exist.
+
+        Creation is a conditional write: when two workers race, the loser re-reads the
+        winner's key, so every segment of the index is encrypted under the same key.
+        """
+        path = key_path(asset, version, index)
+        try:
+            return self.unwrap(self.store.get_bytes(path), asset, version, index)
+        except ObjectNotFound:
+            pass
+        key = os.urandom(KEY_BYTES)
+        if self.store.put_bytes_if_absent(path, self.wrap(key, asset, version, index)):
+            return key
+        return self.unwrap(self.store.get_bytes(path), asset, version, index)
+
+    def get(self, asset: str, version: str, index: int) -> bytes:
+        """An existing key; :class:`~pipeline.storage.ObjectNotFound` when there is none."""
+        path = key_path(asset, version, index)
+        return self.unwrap(self.store.get_bytes(path), asset, version, index)
+
+    def delete_version(self, asset: str, version: str) -> int:
+        """Crypto-shred every key of one version; returns how many were deleted."""
+        return self.store.delete_prefix(f"keys/{check_asset_id(asset)}/{check_version(version)}")

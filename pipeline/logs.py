@@ -1,0 +1,104 @@
+"""Logging: structlog, configured once per process, with every token redacted.
+
+JSON lines when stderr is not a terminal (what log shippers want), coloured key=value on one.
+The standard library's loggers (dramatiq, uvicorn, botocore) are routed through the same
+processors, so their lines are redacted and formatted alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+REDACTED = "[REDACTED]"
+_QUERY_TOKEN = re.compile(r"(?i)((?:token|signature|x-amz-signature|x-amz-credential)=)[^&\s\"']+")
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+_SECRET_KEYS = ("token", "secret", "password", "authorization", "cookie", "key_bytes", "master_key")
+
+
+def redact_text(text: str) -> str:
+    """Replace tokens in query strings, bare JWTs and bearer credentials."""
+    text = _QUERY_TOKEN.sub(lambda m: m.group(1) + REDACTED, text)
+    text = _JWT.sub(REDACTED, text)
+    return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, dict):
+        return {k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+def redact_processor(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: no token, secret or key bytes survive into a log line."""
+    for name in list(event_dict):
+        if any(secret in name.lower() for secret in _SECRET_KEYS) and name != "event":
+            event_dict[name] = REDACTED
+        else:
+            event_dict[name] = _redact_value(event_dict[name])
+    return event_dict
+
+
+_configured = False
+
+
+def ensure_logging() -> None:
+    """Configure logging with the defaults unless this process's edge already did."""
+    if not _configured:
+        configure_logging()
+
+
+def configure_logging(*, json: bool | None = None, level: int = logging.INFO) -> None:
+    """Configure structlog and the standard library once, at a process's edge."""
+    global _configured
+    _configured = True
+    if json is None:
+        json = not sys.stderr.isatty()
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_processor,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
+    )
+    structlog.configure(
+        processors=[
+            *shared[:1],
+            structlog.stdlib.filter_by_level,
+            *shared[1:],
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared, processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer
+        ]
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

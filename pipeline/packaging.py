@@ -1,0 +1,216 @@
+"""The six stages of packaging, as plain functions over :class:`~pipeline.services.Services`.
+
+Each stage reads what the previous one left in the work store under ``jobs/<job_id>/`` and
+writes outputs with deterministic names, so a stage delivered twice leaves the same result.
+
+    jobs/<id>/plain/<rendition>/seg_00000.ts    segment stage
+    jobs/<id>/plain/<rendition>/produced.json
+    jobs/<id>/enc/<rendition>/seg_00000.ts      encrypt stage
+    jobs/<id>/enc/<rendition>/sizes.json
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .crypto import encrypt_file, iv_for_sequence
+from .errors import InvalidSource
+from .jobs import JobSpec
+from .media import MediaInfo, check_local_source, probe
+from .plan import Rendition, plan_renditions
+from .playlists import AssetVersion, describe_rendition, key_index
+from .segment import SegmentedRendition, segment_rendition
+from .services import Services
+
+SEGMENT_CONTENT_TYPE = "video/mp2t"
+PLAYLIST_CONTENT_TYPE = "application/vnd.apple.mpegurl"
+#: Segment paths are versioned and never rewritten, so caches may keep them for a year.
+IMMUTABLE = "public, max-age=31536000, immutable"
+#: Concurrent segment uploads per job: enough to hide S3 latency, few enough not to be throttled.
+UPLOAD_CONCURRENCY = 16
+
+Progress = Callable[[float], None]
+
+
+def _ignore(_: float) -> None:
+    pass
+
+
+def segment_timeout(duration: float, copy: bool) -> float:
+    """ffmpeg's own time limit: a remux reads at disk speed, a transcode may be slower than
+    real time on a small machine. Always shorter than the segment actor's time limit."""
+    return 120 + duration * (1.0 if copy else 6.0)
+
+
+def source_target(spec: JobSpec) -> tuple[str, str]:
+    """What ffmpeg should open for the spec's source, and how to name it in messages."""
+    source = spec.source
+    if source.startswith(("http://", "https://")):
+        return source, source.split("?", 1)[0]  # a presigned URL's query is a credential
+    path = Path(source)
+    check_local_source(path, source)
+    return str(path), source
+
+
+def probe_source(svc: Services, spec: JobSpec) -> list[Rendition]:
+    """Probe the source and plan its renditions; both are kept in the job record."""
+    target, shown = source_target(spec)
+    info = probe(target, shown=shown)
+    renditions = plan_renditions(info, spec.ladder, spec.segment_seconds)
+    svc.jobs.set_json(spec.job_id, "media", info.to_dict())
+    svc.jobs.set_json(spec.job_id, "renditions", [r.to_dict() for r in renditions])
+    return renditions
+
+
+def _job_renditions(svc: Services, spec: JobSpec) -> dict[str, Rendition]:
+    record = svc.jobs.get(spec.job_id)
+    planned = record.json_field("renditions") or []
+    return {item["name"]: Rendition.from_dict(item) for item in planned}
+
+
+def _media(svc: Services, spec: JobSpec) -> MediaInfo:
+    data = svc.jobs.get(spec.job_id).json_field("media")
+    if data is None:
+        raise InvalidSource("the job has no probe result; it must be probed before segmenting")
+    return MediaInfo.from_dict(data)
+
+
+def _work_dir(svc: Services, key: str) -> tuple[Path, bool]:
+    """A local directory for ``key`` in the work store: the store's own when it is local,
+    else a temporary one whose files are uploaded afterwards."""
+    local = svc.work.local_path(f"{key}/.dir")
+    if local is not None:
+        return local.parent, True
+    return Path(tempfile.mkdtemp(prefix="hlsvault-")), False
+
+
+def segment(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ignore) -> int:
+    """Cut one rendition into plain segments; returns how many were produced."""
+    rendition = _job_renditions(svc, spec)[name]
+    info = _media(svc, spec)
+    target, _ = source_target(spec)
+    prefix = f"jobs/{spec.job_id}/plain/{name}"
+    out_dir, is_local = _work_dir(svc, prefix)
+    produced = segment_rendition(
+        target,
+        rendition,
+        out_dir,
+        segment_seconds=spec.segment_seconds,
+        duration=info.duration,
+        has_audio=info.audio is not None,
+        timeout=segment_timeout(info.duration, rendition.copy),
+        on_progress=on_progress,
+    )
+    if not is_local:
+        for seg in produced.segments:
+            svc.work.put_file(f"{prefix}/{seg.name}", out_dir / seg.name)
+    svc.work.put_bytes(f"{prefix}/produced.json", json.dumps(produced.to_dict()).encode())
+    return len(produced.segments)
+
+
+def _produced(svc: Services, spec: JobSpec, name: str) -> SegmentedRendition:
+    raw = svc.work.get_bytes(f"jobs/{spec.job_id}/plain/{name}/produced.json")
+    return SegmentedRendition.from_dict(json.loads(raw))
+
+
+def encrypt(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ignore) -> int:
+    """Encrypt one rendition's segments with the version's keys; returns bytes written."""
+    produced = _produced(svc, spec, name)
+    plain_prefix = f"jobs/{spec.job_id}/plain/{name}"
+    enc_prefix = f"jobs/{spec.job_id}/enc/{name}"
+    enc_dir, is_local = _work_dir(svc, enc_prefix)
+    keys: dict[int, bytes] = {}
+    sizes: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
+        for position, seg in enumerate(produced.segments):
+            index = key_index(seg.sequence, spec.key_rotation_segments)
+            if index not in keys:
+                keys[index] = svc.keys.get_or_create(spec.asset, spec.version, index)
+            plain = svc.work.local_path(f"{plain_prefix}/{seg.name}")
+            if plain is None:
+                plain = Path(scratch) / seg.name
+                svc.work.get_file(f"{plain_prefix}/{seg.name}", plain)
+            written = encrypt_file(plain, enc_dir / seg.name, keys[index], iv_for_sequence(seg.sequence))
+            if not is_local:
+                svc.work.put_file(f"{enc_prefix}/{seg.name}", enc_dir / seg.name)
+                (enc_dir / seg.name).unlink()
+            sizes.append(written)
+            on_progress((position + 1) / len(produced.segments))
+    svc.work.put_bytes(f"{enc_prefix}/sizes.json", json.dumps(sizes).encode())
+    return sum(sizes)
+
+
+def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
+    """Describe the version from every rendition's measured output and record it, privately,
+    in the catalog. It is not visible to players until the upload stage flips it current."""
+    entries = []
+    for name in _job_renditions(svc, spec):
+        produced = _produced(svc, spec, name)
+        sizes = json.loads(svc.work.get_bytes(f"jobs/{spec.job_id}/enc/{name}/sizes.json"))
+        entries.append(describe_rendition(produced, sizes, spec.key_rotation_segments))
+    described = AssetVersion(
+        asset=spec.asset,
+        version=spec.version,
+        job_id=spec.job_id,
+        created_at=time.time(),
+        key_rotation_segments=spec.key_rotation_segments,
+        renditions=tuple(sorted(entries, key=lambda e: e.bandwidth, reverse=True)),
+    )
+    svc.catalog.put_version(described)
+    return described
+
+
+def origin_segment_key(asset: str, version: str, rendition: str, name: str) -> str:
+    return f"assets/{asset}/{version}/{rendition}/{name}"
+
+
+def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dict[str, Any]:
+    """Publish: segments to the origin first, then the catalog pointer, so that no player is
+    ever handed a playlist naming a segment that is not there yet."""
+    described = svc.catalog.get_version(spec.asset, spec.version)
+    jobs_prefix = f"jobs/{spec.job_id}/enc"
+    items = [
+        (rendition.name, seg.name)
+        for rendition in described.renditions
+        for seg in rendition.segments
+    ]
+    done = 0
+
+    def put(item: tuple[str, str]) -> None:
+        rendition, name = item
+        key = origin_segment_key(spec.asset, spec.version, rendition, name)
+        source = svc.work.local_path(f"{jobs_prefix}/{rendition}/{name}")
+        if source is not None:
+            svc.origin.put_file(
+                key, source, content_type=SEGMENT_CONTENT_TYPE, cache_control=IMMUTABLE
+            )
+            return
+        with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
+            local = Path(scratch) / name
+            svc.work.get_file(f"{jobs_prefix}/{rendition}/{name}", local)
+            svc.origin.put_file(
+                key, local, content_type=SEGMENT_CONTENT_TYPE, cache_control=IMMUTABLE
+            )
+
+    with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY) as pool:
+        for _ in pool.map(put, items):
+            done += 1
+            on_progress(done / len(items))
+    svc.catalog.publish(spec.asset, spec.version, job_id=spec.job_id)
+    return {
+        "asset": spec.asset,
+        "version": spec.version,
+        "renditions": [r.name for r in described.renditions],
+        "segments": len(items),
+    }
+
+
+def discard_work(svc: Services, job_id: str) -> None:
+    """Remove a job's scratch files; the job's outcome no longer needs them."""
+    svc.work.delete_prefix(f"jobs/{job_id}")

@@ -1,0 +1,143 @@
+"""Planning: which renditions a source becomes under a ladder."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Any
+
+from .errors import BadSpec, UnsupportedMedia
+from .media import MediaInfo
+
+LADDERS = ("copy", "default")
+
+#: (height, video kbit/s, audio kbit/s): close to Apple's HLS authoring guide for 30 fps H.264.
+DEFAULT_RUNGS: tuple[tuple[int, int, int], ...] = (
+    (1080, 5000, 128),
+    (720, 2800, 128),
+    (480, 1400, 96),
+    (360, 800, 96),
+)
+#: Peak rate allowed to the encoder's VBV, as a multiple of the target: bounds BANDWIDTH.
+MAX_RATE_FACTOR = 1.5
+#: Above this, frame rate is halved: players and phones choke on 100+ fps HLS.
+MAX_FPS = 60.0
+#: Pixel formats every HLS player decodes; others (10-bit, 4:2:2) need a transcode.
+PLAYABLE_PIX_FMTS = ("yuv420p", "yuvj420p")
+#: H.264 profiles browsers and devices decode (High 10 and 4:2:2/4:4:4 profiles are not).
+PLAYABLE_H264_PROFILES = ("Baseline", "Constrained Baseline", "Main", "High")
+MIN_SEGMENT_SECONDS = 1.0
+MAX_SEGMENT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Rendition:
+    """One variant stream of the output."""
+
+    name: str
+    width: int
+    height: int
+    copy: bool
+    video_kbps: int | None  # target for transcodes; None when copied
+    audio_kbps: int | None
+    frame_rate: str
+    gop_frames: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rendition:
+        return cls(**data)
+
+
+def check_segment_seconds(seconds: float) -> float:
+    if not MIN_SEGMENT_SECONDS <= seconds <= MAX_SEGMENT_SECONDS:
+        raise BadSpec(
+            f"--segment-seconds {seconds:g} is out of range; use {MIN_SEGMENT_SECONDS:g} to "
+            f"{MAX_SEGMENT_SECONDS:g} (6 is what Apple recommends)"
+        )
+    return seconds
+
+
+def plan_renditions(info: MediaInfo, ladder: str, segment_seconds: float) -> list[Rendition]:
+    """The renditions ``info`` becomes under ``ladder``, largest first."""
+    check_segment_seconds(segment_seconds)
+    if ladder == "copy":
+        return [plan_copy(info)]
+    if ladder == "default":
+        return plan_default(info, segment_seconds)
+    raise BadSpec(f"unknown ladder {ladder!r}; choose one of {', '.join(LADDERS)}")
+
+
+def copy_obstacle(info: MediaInfo) -> str | None:
+    """Why the source cannot be remuxed to HLS without re-encoding, or None when it can."""
+    v, a = info.video, info.audio
+    if v.codec != "h264":
+        return f"its video is {v.codec}, not H.264"
+    if v.profile and v.profile not in PLAYABLE_H264_PROFILES:
+        return f"its H.264 profile is {v.profile}, which browsers and phones cannot decode"
+    if v.pix_fmt and v.pix_fmt not in PLAYABLE_PIX_FMTS:
+        return f"its pixel format is {v.pix_fmt}, not 8-bit 4:2:0"
+    if v.rotation:
+        return f"it is rotated {v.rotation} degrees, which MPEG-TS cannot carry"
+    if a is not None and a.codec != "aac":
+        return f"its audio is {a.codec}, not AAC"
+    return None
+
+
+def plan_copy(info: MediaInfo) -> Rendition:
+    obstacle = copy_obstacle(info)
+    if obstacle:
+        raise UnsupportedMedia(
+            f"--ladder copy cannot remux this source cleanly: {obstacle}; "
+            "use --ladder default to transcode it"
+        )
+    v = info.video
+    return Rendition(
+        name=f"{v.height}p",
+        width=v.width,
+        height=v.height,
+        copy=True,
+        video_kbps=None,
+        audio_kbps=None,
+        frame_rate=v.frame_rate,
+        gop_frames=None,
+    )
+
+
+def _even(value: float) -> int:
+    return max(2, int(round(value / 2.0)) * 2)
+
+
+def plan_default(info: MediaInfo, segment_seconds: float) -> list[Rendition]:
+    width, height = info.video.display_size
+    rate = Fraction(info.video.frame_rate) if info.video.fps else Fraction(30)
+    if rate > MAX_FPS:
+        rate /= 2
+    fps = float(rate)
+    frame_rate = str(rate)
+    # One keyframe every segment, at the same instants in every rendition, so a player can
+    # switch renditions at any segment boundary.
+    gop = max(1, round(fps * segment_seconds))
+    rungs = [rung for rung in DEFAULT_RUNGS if rung[0] <= height]
+    if not rungs:
+        # Smaller than the smallest rung: one rendition at the source's own size, never upscaled.
+        rungs = [(height, DEFAULT_RUNGS[-1][1] * height // DEFAULT_RUNGS[-1][0], 64)]
+    renditions = []
+    for rung_height, video_kbps, audio_kbps in rungs:
+        rung_width = _even(width * rung_height / height)
+        renditions.append(
+            Rendition(
+                name=f"{rung_height}p",
+                width=rung_width,
+                height=_even(rung_height),
+                copy=False,
+                video_kbps=video_kbps,
+                audio_kbps=audio_kbps if info.audio is not None else None,
+                frame_rate=frame_rate,
+                gop_frames=gop,
+            )
+        )
+    return renditions
+

@@ -1,0 +1,200 @@
+"""Playlists: the measured description of a packaged version, and its rendering as RFC 8216 text.
+
+A packaged version is described once, privately, as an :class:`AssetVersion` (attributes
+measured from the produced segments). The key server renders it per viewer, so that key URIs
+carry that viewer's token and segment URIs point at the CDN; nothing here knows about tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Any
+
+from .segment import SegmentedRendition
+
+#: EXT-X-VERSION 3: decimal EXTINF durations; everything else used here is version 1.
+HLS_VERSION = 3
+
+_H264_PROFILES = {
+    # profile name → (profile_idc, constraint flags byte) as RFC 6381 avc1.PPCCLL wants them
+    "Baseline": (0x42, 0x00),
+    "Constrained Baseline": (0x42, 0xE0),
+    "Main": (0x4D, 0x40),
+    "Extended": (0x58, 0x00),
+    "High": (0x64, 0x00),
+}
+_AAC_OBJECT_TYPES = {"LC": 2, "HE-AAC": 5, "HE-AACv2": 29, "Main": 1}
+
+
+def video_codec_tag(profile: str | None, level: int | None) -> str:
+    """RFC 6381 codec string for H.264 (``avc1.64001f`` for High@3.1)."""
+    profile_idc, constraints = _H264_PROFILES.get(profile or "High", (0x64, 0x00))
+    return f"avc1.{profile_idc:02x}{constraints:02x}{(level or 40):02x}"
+
+
+def audio_codec_tag(codec: str | None, profile: str | None) -> str | None:
+    if codec is None:
+        return None
+    if codec == "aac":
+        return f"mp4a.40.{_AAC_OBJECT_TYPES.get(profile or 'LC', 2)}"
+    if codec == "mp3":
+        return "mp4a.40.34"
+    if codec == "ac3":
+        return "ac-3"
+    if codec == "eac3":
+        return "ec-3"
+    return None
+
+
+def key_index(sequence: int, rotation_segments: int) -> int:
+    """Which key encrypts segment ``sequence``: one key per ``rotation_segments`` segments."""
+    return sequence // rotation_segments if rotation_segments > 0 else 0
+
+
+@dataclass(frozen=True)
+class PublishedSegment:
+    sequence: int
+    name: str
+    duration: float
+    size: int  # ciphertext bytes: what a player downloads
+    key: int
+
+
+@dataclass(frozen=True)
+class RenditionEntry:
+    name: str
+    width: int
+    height: int
+    frame_rate: str
+    codecs: str
+    bandwidth: int
+    average_bandwidth: int
+    segments: tuple[PublishedSegment, ...]
+
+    @property
+    def target_duration(self) -> int:
+        # RFC 8216 §4.3.3.1: each EXTINF rounded to the nearest integer must be <= the target.
+        return max(1, max(round(segment.duration) for segment in self.segments))
+
+
+@dataclass(frozen=True)
+class AssetVersion:
+    """Everything a key server needs to render the playlists of one packaged version."""
+
+    asset: str
+    version: str
+    job_id: str
+    created_at: float
+    key_rotation_segments: int
+    renditions: tuple[RenditionEntry, ...]
+
+    @property
+    def key_count(self) -> int:
+        return 1 + max(seg.key for r in self.renditions for seg in r.segments)
+
+    def rendition(self, name: str) -> RenditionEntry | None:
+        return next((r for r in self.renditions if r.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AssetVersion:
+        renditions = tuple(
+            RenditionEntry(
+                **{k: v for k, v in r.items() if k != "segments"},
+                segments=tuple(PublishedSegment(**s) for s in r["segments"]),
+            )
+            for r in data["renditions"]
+        )
+        return cls(
+            asset=data["asset"],
+            version=data["version"],
+            job_id=data["job_id"],
+            created_at=data["created_at"],
+            key_rotation_segments=data["key_rotation_segments"],
+            renditions=renditions,
+        )
+
+
+def describe_rendition(
+    produced: SegmentedRendition, encrypted_sizes: Sequence[int], rotation_segments: int
+) -> RenditionEntry:
+    """Measure one rendition's master-playlist attributes from what was produced."""
+    segments = tuple(
+        PublishedSegment(s.sequence, s.name, s.duration, size, key_index(s.sequence, rotation_segments))
+        for s, size in zip(produced.segments, encrypted_sizes, strict=True)
+    )
+    total_bits = sum(s.size for s in segments) * 8
+    total_duration = sum(s.duration for s in segments) or 1.0
+    # BANDWIDTH is the peak segment bit rate (RFC 8216 §4.3.4.2). A tail segment shorter than a
+    # second says little about the peak (its rate is mostly container overhead), so it is
+    # measured over the whole segment time it would occupy.
+    peak = max(
+        s.size * 8 / max(s.duration, min(1.0, total_duration)) for s in segments
+    )
+    codecs = [video_codec_tag(produced.video_profile, produced.video_level)]
+    audio = audio_codec_tag(produced.audio_codec, produced.audio_profile)
+    if audio:
+        codecs.append(audio)
+    return RenditionEntry(
+        name=produced.rendition,
+        width=produced.width,
+        height=produced.height,
+        frame_rate=produced.frame_rate,
+        codecs=",".join(codecs),
+        bandwidth=math.ceil(peak),
+        average_bandwidth=math.ceil(total_bits / total_duration),
+        segments=segments,
+    )
+
+
+def render_variant(
+    version: AssetVersion,
+    rendition: RenditionEntry,
+    *,
+    segment_uri: Callable[[PublishedSegment], str],
+    key_uri: Callable[[int], str],
+) -> str:
+    """A VOD media playlist: one EXT-X-KEY wherever the key changes, IV = media sequence."""
+    lines = [
+        "#EXTM3U",
+        f"#EXT-X-VERSION:{HLS_VERSION}",
+        f"#EXT-X-TARGETDURATION:{rendition.target_duration}",
+        "#EXT-X-MEDIA-SEQUENCE:0",
+        "#EXT-X-PLAYLIST-TYPE:VOD",
+        "#EXT-X-INDEPENDENT-SEGMENTS",
+    ]
+    current_key: int | None = None
+    for segment in rendition.segments:
+        if segment.key != current_key:
+            current_key = segment.key
+            # No IV attribute: the player uses the media sequence number, which is what the
+            # encrypt stage used (RFC 8216 §5.2).
+            lines.append(f'#EXT-X-KEY:METHOD=AES-128,URI="{key_uri(segment.key)}"')
+        lines.append(f"#EXTINF:{segment.duration:.6f},")
+        lines.append(segment_uri(segment))
+    lines.append("#EXT-X-ENDLIST")
+    return "\n".join(lines) + "\n"
+
+
+def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntry], str]) -> str:
+    """The master playlist, renditions from the highest bandwidth down."""
+    lines = ["#EXTM3U", f"#EXT-X-VERSION:{HLS_VERSION}", "#EXT-X-INDEPENDENT-SEGMENTS"]
+    for rendition in sorted(version.renditions, key=lambda r: r.bandwidth, reverse=True):
+        fps = float(Fraction(rendition.frame_rate)) if rendition.frame_rate != "0/0" else 0.0
+        attributes = [
+            f"BANDWIDTH={rendition.bandwidth}",
+            f"AVERAGE-BANDWIDTH={rendition.average_bandwidth}",
+            f"RESOLUTION={rendition.width}x{rendition.height}",
+        ]
+        if fps:
+            attributes.append(f"FRAME-RATE={fps:.3f}")
+        attributes.append(f'CODECS="{rendition.codecs}"')
+        lines.append(f"#EXT-X-STREAM-INF:{','.join(attributes)}")
+        lines.append(variant_uri(rendition))
+    return "\n".join(lines) + "\n"
+

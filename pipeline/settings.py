@@ -1,0 +1,185 @@
+"""Settings: the one place that reads the environment.
+
+Every process (CLI, worker, key server) calls :func:`load_settings` once at its edge and passes
+the frozen result down. Nothing below reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigurationError
+
+#: Where the embedded mode keeps its three stores, job records and generated secrets.
+DEFAULT_DATA_DIR = "./hlsvault-data"
+#: The key server's address as players reach it; `hlsvault serve` listens here by default.
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
+#: HMAC secrets shorter than this are guessable offline from one captured token.
+MIN_TOKEN_SECRET_LENGTH = 32
+#: A dead worker's messages are redelivered after this long without a heartbeat (dramatiq's default).
+DEFAULT_HEARTBEAT_TIMEOUT_MS = 60_000
+#: Per million dispatch calls, how often the broker requeues dead workers' messages (dramatiq's default).
+DEFAULT_MAINTENANCE_CHANCE = 1000
+#: Tokens minted by `hlsvault url` live this long unless told otherwise: long enough for a film.
+DEFAULT_TOKEN_TTL_S = 4 * 3600
+#: No token is accepted that was minted to live longer than this.
+DEFAULT_TOKEN_MAX_TTL_S = 24 * 3600
+
+_GENERATE_MASTER_KEY = (
+    "python3 -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())'"
+)
+_GENERATE_TOKEN_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a hlsvault process needs to know about its deployment."""
+
+    data_dir: Path
+    public_url: str
+    cdn_url: str
+    work: str
+    origin: str
+    vault: str
+    token_secret: str = field(repr=False)
+    master_key: bytes = field(repr=False)
+    redis_url: str | None = field(default=None, repr=False)
+    cloudfront_distribution_id: str | None = None
+    heartbeat_timeout_ms: int = DEFAULT_HEARTBEAT_TIMEOUT_MS
+    maintenance_chance: int = DEFAULT_MAINTENANCE_CHANCE
+    token_max_ttl_s: int = DEFAULT_TOKEN_MAX_TTL_S
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Redis is configured: one process, in-memory broker, local stores."""
+        return self.redis_url is None
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Where the embedded mode keeps job records."""
+        return self.data_dir / "jobs"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from environment variables.
+
+    In embedded mode a missing token secret or master key is generated on first use into the
+    data directory (mode 0600); with ``REDIS_URL`` set every process of the fleet must share
+    them, so their absence is an error that names the missing variable.
+    """
+    env = os.environ if environ is None else environ
+    redis_url = env.get("REDIS_URL") or None
+    data_dir = Path(env.get("HLSVAULT_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
+    public_url = (env.get("HLSVAULT_PUBLIC_URL") or DEFAULT_PUBLIC_URL).rstrip("/")
+    cdn_url = (env.get("HLSVAULT_CDN_URL") or "").rstrip("/")
+    if not cdn_url:
+        if redis_url is not None:
+            raise ConfigurationError(
+                "HLSVAULT_CDN_URL is not set: with REDIS_URL set, segments are served by your "
+                "CDN; set it to the CloudFront (or origin bucket) URL, e.g. https://d123.cloudfront.net"
+            )
+        cdn_url = f"{public_url}/cdn"
+
+    if redis_url is None:
+        token_secret = env.get("HLSVAULT_TOKEN_SECRET") or _embedded_secret(
+            data_dir, "token_secret", lambda: secrets.token_urlsafe(48)
+        )
+        master_key_text = env.get("HLSVAULT_MASTER_KEY") or _embedded_secret(
+            data_dir, "master_key", lambda: base64.b64encode(os.urandom(32)).decode()
+        )
+    else:
+        missing = [
+            name for name in ("HLSVAULT_TOKEN_SECRET", "HLSVAULT_MASTER_KEY") if not env.get(name)
+        ]
+        if missing:
+            raise ConfigurationError(
+                f"{' and '.join(missing)} not set: with REDIS_URL set every process must share "
+                f"them. Generate a master key with {_GENERATE_MASTER_KEY} and a token secret "
+                f"with {_GENERATE_TOKEN_SECRET}"
+            )
+        token_secret = env["HLSVAULT_TOKEN_SECRET"]
+        master_key_text = env["HLSVAULT_MASTER_KEY"]
+
+    if len(token_secret) < MIN_TOKEN_SECRET_LENGTH:
+        raise ConfigurationError(
+            f"HLSVAULT_TOKEN_SECRET is {len(token_secret)} characters; it must be at least "
+            f"{MIN_TOKEN_SECRET_LENGTH}. Generate one with {_GENERATE_TOKEN_SECRET}"
+        )
+
+    return Settings(
+        data_dir=data_dir,
+        public_url=public_url,
+        cdn_url=cdn_url,
+        work=env.get("HLSVAULT_WORK") or str(data_dir / "work"),
+        origin=env.get("HLSVAULT_ORIGIN") or str(data_dir / "origin"),
+        vault=env.get("HLSVAULT_VAULT") or str(data_dir / "vault"),
+        token_secret=token_secret,
+        master_key=decode_master_key(master_key_text),
+        redis_url=redis_url,
+        cloudfront_distribution_id=env.get("HLSVAULT_CLOUDFRONT_DISTRIBUTION_ID") or None,
+        heartbeat_timeout_ms=_int(env, "HLSVAULT_HEARTBEAT_TIMEOUT_MS", DEFAULT_HEARTBEAT_TIMEOUT_MS),
+        maintenance_chance=_int(env, "HLSVAULT_MAINTENANCE_CHANCE", DEFAULT_MAINTENANCE_CHANCE),
+        token_max_ttl_s=_int(env, "HLSVAULT_TOKEN_MAX_TTL", DEFAULT_TOKEN_MAX_TTL_S),
+    )
+
+
+def decode_master_key(text: str) -> bytes:
+    """Decode a base64 master key (standard or URL-safe alphabet) that must hold 32 bytes."""
+    cleaned = text.strip()
+    padded = cleaned + "=" * (-len(cleaned) % 4)
+    try:
+        if "-" in padded or "_" in padded:
+            key = base64.urlsafe_b64decode(padded)
+        else:
+            key = base64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ConfigurationError(
+            "HLSVAULT_MASTER_KEY must be base64 of exactly 32 random bytes; "
+            f"generate one with {_GENERATE_MASTER_KEY}"
+        )
+    return key
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigurationError(f"{name} must not be negative, got {value}")
+    return value
+
+
+def _embedded_secret(data_dir: Path, name: str, generate: Callable[[], str]) -> str:
+    """Read a generated secret from the data directory, creating it (mode 0600) on first use."""
+    secrets_dir = data_dir / "secrets"
+    path = secrets_dir / name
+    if path.exists():
+        return path.read_text().strip()
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(secrets_dir, 0o700)
+    value = generate()
+    # Written aside then linked into place: two processes starting at once end up sharing one
+    # secret (link fails for the loser), and nobody ever reads a half-written file.
+    tmp = secrets_dir / f".{name}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        value = path.read_text().strip()
+    finally:
+        tmp.unlink()
+    return value

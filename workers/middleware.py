@@ -1,0 +1,68 @@
+"""Middleware: log context per message, and the job's failure once retries are exhausted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import dramatiq
+import structlog
+from dramatiq.middleware import Middleware
+
+from pipeline.errors import HlsvaultError
+from pipeline.logs import redact_text
+from pipeline.services import Services
+
+from .flow import stage_of
+
+log = structlog.get_logger(__name__)
+
+
+class LogContext(Middleware):
+    """Bind ``job_id``, actor and message id to every log line a message's handler writes."""
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            job_id=message.args[0] if message.args else None,
+            actor=message.actor_name,
+            message_id=message.message_id,
+        )
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: dramatiq.Message, *, result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        structlog.contextvars.clear_contextvars()
+
+    after_skip_message = after_process_message
+
+
+def failure_reason(exception: BaseException) -> str:
+    """What the job record and the CLI say about a failure: never a credential."""
+    if isinstance(exception, HlsvaultError):
+        return redact_text(str(exception))
+    return redact_text(f"{type(exception).__name__}: {exception}")
+
+
+class JobOutcome(Middleware):
+    """Fail the job when one of its messages fails for good (retries exhausted).
+
+    Permanent errors never reach here: the stage marks the job failed and returns. This
+    covers what retrying could not mend, so that no job is left running forever.
+    """
+
+    def __init__(self, services: Callable[[], Services]) -> None:
+        self.services = services
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: dramatiq.Message, *, result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if exception is None or not message.failed or not message.args:
+            return
+        job_id = str(message.args[0])
+        stage = stage_of(message.actor_name, message.args)
+        reason = failure_reason(exception)
+        log.error("stage failed for good", stage=stage, reason=reason)
+        self.services().jobs.fail(job_id, stage, f"{stage} failed after retries: {reason}")
