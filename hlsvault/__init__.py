@@ -1,3 +1,3 @@
-"""hlsvault: private HLS — AES-128 encrypted segments on any CDN, keys only for authorised viewers."""
+"""hlsvault: private HLS. Encrypted segments on any CDN, keys only for authorised viewers."""
 
 __version__ = "0.1.0"

@@ -1,10 +1,10 @@
 """The `hlsvault` command line: translate arguments, delegate, report.
 
-    hlsvault package SOURCE [--asset ID] [--ladder copy|default] [--segment-seconds S]
-                            [--key-rotation-segments N] [--json]
-    hlsvault serve [--host H] [--port P]
-    hlsvault url ASSET [--ttl SECONDS]
-    hlsvault status JOB [--json]
+hlsvault package SOURCE [--asset ID] [--ladder copy|default] [--segment-seconds S]
+                        [--key-rotation-segments N] [--json]
+hlsvault serve [--host H] [--port P]
+hlsvault url ASSET [--ttl SECONDS]
+hlsvault status JOB [--json]
 """
 
 from __future__ import annotations
@@ -52,8 +52,12 @@ def _summary(record: JobRecord, settings: Settings) -> dict[str, Any]:
         )
         summary["renditions"] = [
             {
-                "name": r.name, "width": r.width, "height": r.height, "bandwidth": r.bandwidth,
-                "average_bandwidth": r.average_bandwidth, "codecs": r.codecs,
+                "name": r.name,
+                "width": r.width,
+                "height": r.height,
+                "bandwidth": r.bandwidth,
+                "average_bandwidth": r.average_bandwidth,
+                "codecs": r.codecs,
                 "segments": len(r.segments),
             }
             for r in described.renditions
@@ -78,7 +82,8 @@ def cmd_package(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.embedded:
         return _fail(
             "distributed packaging (REDIS_URL set) is not available yet; unset REDIS_URL to "
-            "package in this process", EXIT_USAGE,
+            "package in this process",
+            EXIT_USAGE,
         )
     from workers.embedded import run_embedded
 
@@ -93,8 +98,10 @@ def cmd_package(args: argparse.Namespace, settings: Settings) -> int:
     if record.status != "succeeded":
         return _fail(f"job {spec.job_id} failed at {record.failed_stage}: {record.error}")
     if not args.json:
-        print(f"published {spec.asset} version {spec.version}: "
-              + ", ".join(r["name"] for r in summary["renditions"]))
+        print(
+            f"published {spec.asset} version {spec.version}: "
+            + ", ".join(r["name"] for r in summary["renditions"])
+        )
         print(f"play it: hlsvault url {spec.asset}")
     return 0
 
@@ -108,8 +115,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.certfile:
         kwargs.update(ssl_certfile=args.certfile, ssl_keyfile=args.keyfile)
     uvicorn.run(
-        create_app(settings), host=args.host, port=args.port, access_log=False,
-        log_config=None, timeout_keep_alive=5, **kwargs,
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=5,
+        **kwargs,
     )
     return 0
 
@@ -123,7 +135,8 @@ def cmd_url(args: argparse.Namespace, settings: Settings) -> int:
     if args.ttl <= 0 or args.ttl > settings.token_max_ttl_s:
         return _fail(
             f"--ttl must be between 1 and {settings.token_max_ttl_s} seconds "
-            "(HLSVAULT_TOKEN_MAX_TTL)", EXIT_USAGE,
+            "(HLSVAULT_TOKEN_MAX_TTL)",
+            EXIT_USAGE,
         )
     if build_services(settings).catalog.current_version(args.asset) is None:
         return _fail(f"asset {args.asset} is not published; package it first")
@@ -164,10 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     package = commands.add_parser("package", help="package a video and publish it")
     package.add_argument("source", help="a video file, an http(s) URL, or s3://bucket/key")
     package.add_argument("--asset", help="asset id (default: derived from the file name)")
-    package.add_argument("--ladder", choices=("copy", "default"), default="copy")
+    package.add_argument(
+        "--ladder",
+        choices=("copy", "default"),
+        default="default",
+        help="default: transcode a 1080p-360p ladder; copy: remux as it is",
+    )
     package.add_argument("--segment-seconds", type=float, default=6.0)
-    package.add_argument("--key-rotation-segments", type=int, default=0,
-                         help="use a new key every N segments (0: one key)")
+    package.add_argument(
+        "--key-rotation-segments",
+        type=int,
+        default=0,
+        help="use a new key every N segments (0: one key)",
+    )
     package.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     package.set_defaults(handler=cmd_package)
 
@@ -192,9 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.certfile if args.command == "serve" else False:
-        if not args.keyfile:
-            return _fail("--certfile needs --keyfile", EXIT_USAGE)
+    if args.command == "serve" and bool(args.certfile) != bool(args.keyfile):
+        return _fail("--certfile and --keyfile go together", EXIT_USAGE)
     try:
         settings = load_settings()
     except HlsvaultError as error:
@@ -202,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.logs import configure_logging
 
     quiet = args.command in ("package", "url", "status") and not args.verbose
-    configure_logging(level=logging.WARNING if quiet else logging.INFO)
+    configure_logging(level=logging.ERROR if quiet else logging.INFO)
     if args.command == "serve" and args.port is None:
         args.port = urlsplit(settings.public_url).port or 8000
     try:

@@ -30,8 +30,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pipeline.catalog import Catalog
 from pipeline.errors import BadSpec
 from pipeline.keys import MAX_KEY_INDEX, KeyUnwrapError, KeyVault, check_asset_id, check_version
-from pipeline.playlists import AssetVersion, PublishedSegment, RenditionEntry
-from pipeline.playlists import render_master, render_variant
+from pipeline.playlists import (
+    AssetVersion,
+    PublishedSegment,
+    RenditionEntry,
+    render_master,
+    render_variant,
+)
 from pipeline.settings import Settings
 from pipeline.storage import LocalStore, ObjectNotFound, Store, open_store
 from pipeline.tokens import TokenForbidden, TokenRejected, verify_token
@@ -72,7 +77,9 @@ class KeyServer:
     def _authorise(self, request: Request, asset: str) -> Response | None:
         try:
             verify_token(
-                _token(request), self.settings.token_secret, asset=asset,
+                _token(request),
+                self.settings.token_secret,
+                asset=asset,
                 max_ttl_s=self.settings.token_max_ttl_s,
             )
         except TokenForbidden as error:
@@ -97,7 +104,9 @@ class KeyServer:
         token = quote(_token(request), safe="")
 
         def variant_uri(rendition: RenditionEntry) -> str:
-            return f"{self.settings.public_url}/v1/assets/{asset}/{rendition.name}.m3u8?token={token}"
+            return (
+                f"{self.settings.public_url}/v1/assets/{asset}/{rendition.name}.m3u8?token={token}"
+            )
 
         body = render_master(described, variant_uri=variant_uri)
         return PlainTextResponse(body, media_type=PLAYLIST_TYPE, headers=NO_STORE)
@@ -142,20 +151,35 @@ class KeyServer:
             return _error(400, "malformed key path")
         denied = self._authorise(request, asset)
         if denied:
-            audit.info("key request", asset=asset, key_id=f"{version}/{index}", client_ip=client,
-                       outcome=f"denied {denied.status_code}")
+            audit.info(
+                "key request",
+                asset=asset,
+                key_id=f"{version}/{index}",
+                client_ip=client,
+                outcome=f"denied {denied.status_code}",
+            )
             return denied
         try:
             key = self.keys.get(asset, version, index)
         except ObjectNotFound:
-            audit.info("key request", asset=asset, key_id=f"{version}/{index}", client_ip=client,
-                       outcome="unknown key")
+            audit.info(
+                "key request",
+                asset=asset,
+                key_id=f"{version}/{index}",
+                client_ip=client,
+                outcome="unknown key",
+            )
             return _error(404, "unknown key")
         except KeyUnwrapError:
             log.error("wrapped key does not authenticate", asset=asset, key_id=f"{version}/{index}")
             return _error(500, "key unavailable")
-        audit.info("key request", asset=asset, key_id=f"{version}/{index}", client_ip=client,
-                   outcome="served")
+        audit.info(
+            "key request",
+            asset=asset,
+            key_id=f"{version}/{index}",
+            client_ip=client,
+            outcome="served",
+        )
         return Response(key, media_type="application/octet-stream", headers=NO_STORE)
 
     async def healthz(self, request: Request) -> Response:
@@ -218,7 +242,10 @@ class AccessLog:
             await self.app(scope, receive, record_status)
         finally:
             log.info(
-                "request", method=scope["method"], path=scope["path"], status=status,
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
                 ms=round((time.perf_counter() - started) * 1000, 2),
             )
 

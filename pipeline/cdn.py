@@ -45,6 +45,10 @@ def invalidate(svc: Services, spec: JobSpec, *, client: Any | None = None) -> di
     while status != "Completed" and time.monotonic() < deadline:
         time.sleep(POLL_INTERVAL_S)
         status = client.get_invalidation(DistributionId=distribution, Id=invalidation_id)[
-            "Invalidation"]["Status"]
-    return {"status": "done" if status == "Completed" else "submitted",
-            "invalidation_id": invalidation_id, "paths": paths}
+            "Invalidation"
+        ]["Status"]
+    return {
+        "status": "done" if status == "Completed" else "submitted",
+        "invalidation_id": invalidation_id,
+        "paths": paths,
+    }

@@ -136,7 +136,9 @@ class JobRecord:
             stage, _, attribute = key.rpartition(".")
             if attribute == "status" and stage and stage not in names:
                 names.append(stage)
-        names.sort(key=lambda n: (STAGES.index(n.split(":")[0]) if n.split(":")[0] in STAGES else 99, n))
+        names.sort(
+            key=lambda n: (STAGES.index(n.split(":")[0]) if n.split(":")[0] in STAGES else 99, n)
+        )
 
         def num(key: str) -> float | None:
             return float(fields[key]) if key in fields else None
@@ -205,8 +207,11 @@ class JobStore:
     def create(self, spec: JobSpec) -> None:
         self.backend.create(
             spec.job_id,
-            {"spec": json.dumps(spec.to_dict()), "status": "queued",
-             "created_at": repr(spec.created_at)},
+            {
+                "spec": json.dumps(spec.to_dict()),
+                "status": "queued",
+                "created_at": repr(spec.created_at),
+            },
         )
 
     def get(self, job_id: str) -> JobRecord:
@@ -227,8 +232,11 @@ class JobStore:
         attempts = self.backend.increment(job_id, f"{stage}.attempts", 1)
         self.backend.write(
             job_id,
-            {f"{stage}.status": "running", f"{stage}.started_at": repr(time.time()),
-             "status": "running"},
+            {
+                f"{stage}.status": "running",
+                f"{stage}.started_at": repr(time.time()),
+                "status": "running",
+            },
         )
         return attempts
 

@@ -24,6 +24,10 @@ return tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 """
 
 
+def _mapping(fields: dict[str, str]) -> dict[str | bytes, bytes | float | int | str]:
+    return dict(fields.items())
+
+
 class RedisRecordBackend:
     """One hash per job under ``hlsvault:job:<id>``, and a sorted set of ids by creation time."""
 
@@ -44,7 +48,7 @@ class RedisRecordBackend:
 
     def create(self, job_id: str, fields: dict[str, str]) -> None:
         pipe = self.client.pipeline()
-        pipe.hset(_PREFIX + job_id, mapping=fields)
+        pipe.hset(_PREFIX + job_id, mapping=_mapping(fields))
         pipe.expire(_PREFIX + job_id, RECORD_TTL_S)
         pipe.zadd(_INDEX, {job_id: float(fields.get("created_at", "0"))})
         pipe.execute()
@@ -56,7 +60,7 @@ class RedisRecordBackend:
         return fields
 
     def write(self, job_id: str, fields: dict[str, str]) -> None:
-        self.client.hset(_PREFIX + job_id, mapping=fields)
+        self.client.hset(_PREFIX + job_id, mapping=_mapping(fields))
 
     def write_if_absent(self, job_id: str, name: str, value: str) -> bool:
         return bool(self.client.hsetnx(_PREFIX + job_id, name, value))

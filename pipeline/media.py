@@ -98,7 +98,14 @@ def run_ffprobe(target: str, *, timeout: float = PROBE_TIMEOUT_S) -> dict[str, A
     ffmpeg-python's ``probe`` offers no timeout, so the same command is run here with one.
     """
     args = [
-        "ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", target,
+        "ffprobe",
+        "-v",
+        "error",
+        "-show_format",
+        "-show_streams",
+        "-of",
+        "json",
+        target,
     ]
     try:
         done = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
@@ -130,15 +137,41 @@ def probe(target: str, *, shown: str | None = None, timeout: float = PROBE_TIMEO
     try:
         raw = run_ffprobe(target, timeout=timeout)
     except InvalidSource as error:
-        raise InvalidSource(f"source {shown} is {error}; check it is a complete video file") from None
+        detail = str(error)
+        header = _local_header(target)
+        if header is not None and b"ftyp" not in header[:12]:
+            kind = "text" if _looks_like_text(header) else "data"
+            detail = f"not a media file ffprobe can read (it holds {kind}, not a video container)"
+        raise InvalidSource(
+            f"source {shown} is {detail}; check it is a complete video file"
+        ) from None
     return parse_probe(raw, shown)
+
+
+def _local_header(target: str) -> bytes | None:
+    if "://" in target:
+        return None
+    try:
+        with open(target, "rb") as handle:
+            return handle.read(512)
+    except OSError:
+        return None
+
+
+def _looks_like_text(header: bytes) -> bool:
+    try:
+        header.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(ch >= 0x20 or ch in (0x09, 0x0A, 0x0D) for ch in header)
 
 
 def parse_probe(raw: dict[str, Any], shown: str) -> MediaInfo:
     streams = raw.get("streams", [])
     fmt = raw.get("format", {})
     videos = [
-        s for s in streams
+        s
+        for s in streams
         if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")
     ]
     audios = [s for s in streams if s.get("codec_type") == "audio"]

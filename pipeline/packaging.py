@@ -136,7 +136,9 @@ def encrypt(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ig
             if plain is None:
                 plain = Path(scratch) / seg.name
                 svc.work.get_file(f"{plain_prefix}/{seg.name}", plain)
-            written = encrypt_file(plain, enc_dir / seg.name, keys[index], iv_for_sequence(seg.sequence))
+            written = encrypt_file(
+                plain, enc_dir / seg.name, keys[index], iv_for_sequence(seg.sequence)
+            )
             if not is_local:
                 svc.work.put_file(f"{enc_prefix}/{seg.name}", enc_dir / seg.name)
                 (enc_dir / seg.name).unlink()

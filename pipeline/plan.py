@@ -107,7 +107,7 @@ def plan_copy(info: MediaInfo) -> Rendition:
 
 
 def _even(value: float) -> int:
-    return max(2, int(round(value / 2.0)) * 2)
+    return max(2, round(value / 2.0) * 2)
 
 
 def plan_default(info: MediaInfo, segment_seconds: float) -> list[Rendition]:
@@ -140,4 +140,3 @@ def plan_default(info: MediaInfo, segment_seconds: float) -> list[Rendition]:
             )
         )
     return renditions
-

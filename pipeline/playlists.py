@@ -125,7 +125,9 @@ def describe_rendition(
 ) -> RenditionEntry:
     """Measure one rendition's master-playlist attributes from what was produced."""
     segments = tuple(
-        PublishedSegment(s.sequence, s.name, s.duration, size, key_index(s.sequence, rotation_segments))
+        PublishedSegment(
+            s.sequence, s.name, s.duration, size, key_index(s.sequence, rotation_segments)
+        )
         for s, size in zip(produced.segments, encrypted_sizes, strict=True)
     )
     total_bits = sum(s.size for s in segments) * 8
@@ -133,9 +135,7 @@ def describe_rendition(
     # BANDWIDTH is the peak segment bit rate (RFC 8216 §4.3.4.2). A tail segment shorter than a
     # second says little about the peak (its rate is mostly container overhead), so it is
     # measured over the whole segment time it would occupy.
-    peak = max(
-        s.size * 8 / max(s.duration, min(1.0, total_duration)) for s in segments
-    )
+    peak = max(s.size * 8 / max(s.duration, min(1.0, total_duration)) for s in segments)
     codecs = [video_codec_tag(produced.video_profile, produced.video_level)]
     audio = audio_codec_tag(produced.audio_codec, produced.audio_profile)
     if audio:
@@ -197,4 +197,3 @@ def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntr
         lines.append(f"#EXT-X-STREAM-INF:{','.join(attributes)}")
         lines.append(variant_uri(rendition))
     return "\n".join(lines) + "\n"
-

@@ -38,7 +38,8 @@ def make_client(service: str = "s3") -> Any:
         retries={"max_attempts": MAX_ATTEMPTS, "mode": "adaptive"},
         max_pool_connections=MAX_POOL_CONNECTIONS,
     )
-    return boto3.session.Session().client(service, config=config)
+    # The service name is chosen at run time; boto3-stubs type only literal names.
+    return boto3.session.Session().client(service, config=config)  # type: ignore[call-overload]
 
 
 def translate(error: Exception, what: str) -> Exception:
@@ -80,25 +81,37 @@ class S3Store:
         return extra
 
     def put_file(
-        self, key: str, path: Path, *, content_type: str | None = None,
+        self,
+        key: str,
+        path: Path,
+        *,
+        content_type: str | None = None,
         cache_control: str | None = None,
     ) -> None:
         try:
             with path.open("rb") as body:
                 self.client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=body,
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=body,
                     **self._extra(content_type, cache_control),
                 )
         except (ClientError, BotoCoreError) as error:
             raise translate(error, key) from None
 
     def put_bytes(
-        self, key: str, data: bytes, *, content_type: str | None = None,
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str | None = None,
         cache_control: str | None = None,
     ) -> None:
         try:
             self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data,
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=data,
                 **self._extra(content_type, cache_control),
             )
         except (ClientError, BotoCoreError) as error:
@@ -107,7 +120,9 @@ class S3Store:
     def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
         try:
             # S3 conditional write: of two racing PUTs with If-None-Match exactly one succeeds.
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+            )
             return True
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
@@ -143,8 +158,10 @@ class S3Store:
             raise translate(error, key) from None
 
     def list(self, prefix: str) -> list[str]:
-        full = self._key(prefix.strip("/")) + "/" if prefix.strip("/") else (
-            f"{self.prefix}/" if self.prefix else ""
+        full = (
+            self._key(prefix.strip("/")) + "/"
+            if prefix.strip("/")
+            else (f"{self.prefix}/" if self.prefix else "")
         )
         strip = len(f"{self.prefix}/") if self.prefix else 0
         keys: list[str] = []
@@ -159,7 +176,7 @@ class S3Store:
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(prefix)
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": self._key(key)} for key in keys[start:start + 1000]]
+            batch = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
             try:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
             except (ClientError, BotoCoreError) as error:

@@ -86,7 +86,8 @@ def ffmpeg_args(
     if rendition.copy:
         options["c"] = "copy"
     else:
-        assert rendition.video_kbps is not None and rendition.gop_frames is not None
+        if rendition.video_kbps is None or rendition.gop_frames is None:
+            raise ValueError(f"rendition {rendition.name} is a transcode without rate or GOP")
         video = video.filter("fps", fps=rendition.frame_rate).filter(
             "scale", rendition.width, rendition.height
         )
@@ -109,9 +110,13 @@ def ffmpeg_args(
         if has_audio:
             options.update({"c:a": "aac", "b:a": f"{rendition.audio_kbps or 96}k", "ac": 2})
     output = ffmpeg.output(*outputs, str(out_dir / PLAIN_PLAYLIST), **options)
-    args: list[str] = output.global_args(
-        "-nostdin", "-hide_banner", "-loglevel", "error", "-nostats", "-progress", "pipe:1"
-    ).overwrite_output().compile()
+    args: list[str] = (
+        output.global_args(
+            "-nostdin", "-hide_banner", "-loglevel", "error", "-nostats", "-progress", "pipe:1"
+        )
+        .overwrite_output()
+        .compile()
+    )
     return args
 
 
@@ -121,11 +126,13 @@ def run_ffmpeg(
     """Run ffmpeg, reporting progress from its ``-progress`` output, killing it at ``timeout``."""
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr)
-        assert process.stdout is not None
+        stdout = process.stdout
+        if stdout is None:  # Popen with stdout=PIPE always sets it; narrows the type
+            raise RuntimeError("ffmpeg's stdout pipe was not opened")
         deadline = time.monotonic() + timeout
         last_report = 0.0
         selector = selectors.DefaultSelector()
-        selector.register(process.stdout, selectors.EVENT_READ)
+        selector.register(stdout, selectors.EVENT_READ)
         buffer = b""
         try:
             while True:
@@ -134,7 +141,7 @@ def run_ffmpeg(
                     raise StageTimeout(f"ffmpeg ran longer than {timeout:.0f} s and was stopped")
                 if not selector.select(timeout=min(remaining, 1.0)):
                     continue
-                chunk = os.read(process.stdout.fileno(), 65536)
+                chunk = os.read(stdout.fileno(), 65536)
                 if not chunk:
                     break
                 buffer += chunk
@@ -153,7 +160,7 @@ def run_ffmpeg(
             raise StageTimeout(f"ffmpeg ran longer than {timeout:.0f} s and was stopped") from None
         finally:
             selector.close()
-            process.stdout.close()
+            stdout.close()
             if process.poll() is None:
                 process.kill()
                 process.wait()
@@ -161,8 +168,10 @@ def run_ffmpeg(
             raise TransientError(f"ffmpeg was killed by signal {-returncode}")
         if returncode != 0:
             stderr.seek(0)
-            lines = [ln for ln in stderr.read().decode(errors="replace").splitlines() if ln.strip()]
-            reason = lines[-1] if lines else f"exit status {returncode}"
+            errors = [
+                ln for ln in stderr.read().decode(errors="replace").splitlines() if ln.strip()
+            ]
+            reason = errors[-1] if errors else f"exit status {returncode}"
             raise UnsupportedMedia(f"ffmpeg could not segment the source: {reason}")
     if on_progress:
         on_progress(1.0)
@@ -174,7 +183,7 @@ def parse_plain_playlist(out_dir: Path) -> list[Segment]:
     duration: float | None = None
     for line in (out_dir / PLAIN_PLAYLIST).read_text().splitlines():
         if line.startswith("#EXTINF:"):
-            duration = float(line[len("#EXTINF:"):].split(",", 1)[0])
+            duration = float(line[len("#EXTINF:") :].split(",", 1)[0])
         elif line and not line.startswith("#") and duration is not None:
             name = line.strip().rsplit("/", 1)[-1]
             sequence = len(segments)

@@ -22,9 +22,9 @@ DEFAULT_DATA_DIR = "./hlsvault-data"
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
 #: HMAC secrets shorter than this are guessable offline from one captured token.
 MIN_TOKEN_SECRET_LENGTH = 32
-#: A dead worker's messages are redelivered after this long without a heartbeat (dramatiq's default).
+#: A dead worker's messages come back after this long without a heartbeat (dramatiq's default).
 DEFAULT_HEARTBEAT_TIMEOUT_MS = 60_000
-#: Per million dispatch calls, how often the broker requeues dead workers' messages (dramatiq's default).
+#: Per million dispatches, how often the broker requeues dead workers' messages (its default).
 DEFAULT_MAINTENANCE_CHANCE = 1000
 #: Tokens minted by `hlsvault url` live this long unless told otherwise: long enough for a film.
 DEFAULT_TOKEN_TTL_S = 4 * 3600
@@ -34,7 +34,7 @@ DEFAULT_TOKEN_MAX_TTL_S = 24 * 3600
 _GENERATE_MASTER_KEY = (
     "python3 -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())'"
 )
-_GENERATE_TOKEN_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+_GENERATE_TOKEN_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"  # noqa: S105 - a command, not a secret
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         master_key=decode_master_key(master_key_text),
         redis_url=redis_url,
         cloudfront_distribution_id=env.get("HLSVAULT_CLOUDFRONT_DISTRIBUTION_ID") or None,
-        heartbeat_timeout_ms=_int(env, "HLSVAULT_HEARTBEAT_TIMEOUT_MS", DEFAULT_HEARTBEAT_TIMEOUT_MS),
+        heartbeat_timeout_ms=_int(
+            env, "HLSVAULT_HEARTBEAT_TIMEOUT_MS", DEFAULT_HEARTBEAT_TIMEOUT_MS
+        ),
         maintenance_chance=_int(env, "HLSVAULT_MAINTENANCE_CHANCE", DEFAULT_MAINTENANCE_CHANCE),
         token_max_ttl_s=_int(env, "HLSVAULT_TOKEN_MAX_TTL", DEFAULT_TOKEN_MAX_TTL_S),
     )

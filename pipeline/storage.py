@@ -26,13 +26,21 @@ class Store(Protocol):
     url: str
 
     def put_file(
-        self, key: str, path: Path, *, content_type: str | None = None,
+        self,
+        key: str,
+        path: Path,
+        *,
+        content_type: str | None = None,
         cache_control: str | None = None,
     ) -> None:
         """Store the file at ``path`` under ``key``, replacing any previous object."""
 
     def put_bytes(
-        self, key: str, data: bytes, *, content_type: str | None = None,
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str | None = None,
         cache_control: str | None = None,
     ) -> None:
         """Store ``data`` under ``key``, replacing any previous object."""
@@ -82,7 +90,11 @@ class LocalStore:
         return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
     def put_file(
-        self, key: str, path: Path, *, content_type: str | None = None,
+        self,
+        key: str,
+        path: Path,
+        *,
+        content_type: str | None = None,
         cache_control: str | None = None,
     ) -> None:
         dest = self._path(key)
@@ -91,7 +103,11 @@ class LocalStore:
         os.replace(tmp, dest)
 
     def put_bytes(
-        self, key: str, data: bytes, *, content_type: str | None = None,
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str | None = None,
         cache_control: str | None = None,
     ) -> None:
         dest = self._path(key)

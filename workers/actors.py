@@ -20,19 +20,31 @@ SHORT_LIMIT_MS = 10 * 60_000
 SEGMENT_LIMIT_MS = 12 * 3600_000
 PUBLISH_LIMIT_MS = 60 * 60_000
 
-_retry = {"max_retries": MAX_RETRIES, "min_backoff": MIN_BACKOFF_MS, "max_backoff": MAX_BACKOFF_MS}
 
-
-@dramatiq.actor(actor_name=flow.PROBE, queue_name=Queue.PROBE, time_limit=SHORT_LIMIT_MS, **_retry)
+@dramatiq.actor(
+    actor_name=flow.PROBE,
+    queue_name=Queue.PROBE,
+    time_limit=SHORT_LIMIT_MS,
+    max_retries=MAX_RETRIES,
+    min_backoff=MIN_BACKOFF_MS,
+    max_backoff=MAX_BACKOFF_MS,
+)
 def probe(job_id: str) -> None:
     svc = services()
-    renditions = flow.run_stage(svc, job_id, "probe", lambda spec: packaging.probe_source(svc, spec))
+    renditions = flow.run_stage(
+        svc, job_id, "probe", lambda spec: packaging.probe_source(svc, spec)
+    )
     if renditions is not None:
         flow.after_probe(svc, job_id, renditions)
 
 
 @dramatiq.actor(
-    actor_name=flow.SEGMENT, queue_name=Queue.SEGMENT, time_limit=SEGMENT_LIMIT_MS, **_retry
+    actor_name=flow.SEGMENT,
+    queue_name=Queue.SEGMENT,
+    time_limit=SEGMENT_LIMIT_MS,
+    max_retries=MAX_RETRIES,
+    min_backoff=MIN_BACKOFF_MS,
+    max_backoff=MAX_BACKOFF_MS,
 )
 def segment(job_id: str, rendition: str) -> None:
     svc = services()
@@ -46,7 +58,12 @@ def segment(job_id: str, rendition: str) -> None:
 
 
 @dramatiq.actor(
-    actor_name=flow.ENCRYPT, queue_name=Queue.ENCRYPT, time_limit=PUBLISH_LIMIT_MS, **_retry
+    actor_name=flow.ENCRYPT,
+    queue_name=Queue.ENCRYPT,
+    time_limit=PUBLISH_LIMIT_MS,
+    max_retries=MAX_RETRIES,
+    min_backoff=MIN_BACKOFF_MS,
+    max_backoff=MAX_BACKOFF_MS,
 )
 def encrypt(job_id: str, rendition: str) -> None:
     svc = services()
@@ -60,17 +77,29 @@ def encrypt(job_id: str, rendition: str) -> None:
 
 
 @dramatiq.actor(
-    actor_name=flow.PLAYLIST, queue_name=Queue.PUBLISH, time_limit=SHORT_LIMIT_MS, **_retry
+    actor_name=flow.PLAYLIST,
+    queue_name=Queue.PUBLISH,
+    time_limit=SHORT_LIMIT_MS,
+    max_retries=MAX_RETRIES,
+    min_backoff=MIN_BACKOFF_MS,
+    max_backoff=MAX_BACKOFF_MS,
 )
 def playlist(job_id: str) -> None:
     svc = services()
-    done = flow.run_stage(svc, job_id, "playlist", lambda spec: packaging.build_playlists(svc, spec))
+    done = flow.run_stage(
+        svc, job_id, "playlist", lambda spec: packaging.build_playlists(svc, spec)
+    )
     if done is not None:
         flow.after_playlist(svc, job_id)
 
 
 @dramatiq.actor(
-    actor_name=flow.UPLOAD, queue_name=Queue.PUBLISH, time_limit=PUBLISH_LIMIT_MS, **_retry
+    actor_name=flow.UPLOAD,
+    queue_name=Queue.PUBLISH,
+    time_limit=PUBLISH_LIMIT_MS,
+    max_retries=MAX_RETRIES,
+    min_backoff=MIN_BACKOFF_MS,
+    max_backoff=MAX_BACKOFF_MS,
 )
 def upload(job_id: str) -> None:
     svc = services()
@@ -84,14 +113,21 @@ def upload(job_id: str) -> None:
 
 
 @dramatiq.actor(
-    actor_name=flow.INVALIDATE, queue_name=Queue.PUBLISH, time_limit=SHORT_LIMIT_MS, **_retry
+    actor_name=flow.INVALIDATE,
+    queue_name=Queue.PUBLISH,
+    time_limit=SHORT_LIMIT_MS,
+    max_retries=MAX_RETRIES,
+    min_backoff=MIN_BACKOFF_MS,
+    max_backoff=MAX_BACKOFF_MS,
 )
 def invalidate(job_id: str) -> None:
     svc = services()
     outcome = flow.run_stage(svc, job_id, "invalidate", lambda spec: cdn.invalidate(svc, spec))
     if outcome is not None:
         if outcome["status"] == "skipped":
-            svc.jobs.stage_finished(job_id, "invalidate", status="skipped", detail=outcome["reason"])
+            svc.jobs.stage_finished(
+                job_id, "invalidate", status="skipped", detail=outcome["reason"]
+            )
         result = dict(svc.jobs.get(job_id).json_field("published") or {})
         result["invalidation"] = outcome
         flow.after_invalidate(svc, job_id, result)

@@ -57,9 +57,7 @@ def start(svc: Services, spec: JobSpec) -> None:
     _send(PROBE, spec.job_id)
 
 
-def run_stage(
-    svc: Services, job_id: str, stage: str, work: Callable[[JobSpec], T]
-) -> T | None:
+def run_stage(svc: Services, job_id: str, stage: str, work: Callable[[JobSpec], T]) -> T | None:
     """Run one stage's domain function with the job record kept up to date.
 
     Returns None when the stage must not continue: the job already ended (failed, cancelled),
@@ -72,10 +70,12 @@ def run_stage(
         return None
     attempts = svc.jobs.stage_started(job_id, stage)
     if attempts > MAX_DELIVERIES:
-        reason = str(PoisonJob(
-            f"{stage} was delivered {attempts} times without finishing (its worker keeps "
-            "dying); inspect the source, then resubmit"
-        ))
+        reason = str(
+            PoisonJob(
+                f"{stage} was delivered {attempts} times without finishing (its worker keeps "
+                "dying); inspect the source, then resubmit"
+            )
+        )
         _fail(svc, record.spec, stage, reason)
         return None
     try:

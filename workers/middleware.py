@@ -7,6 +7,7 @@ from typing import Any
 
 import dramatiq
 import structlog
+from dramatiq.broker import MessageProxy
 from dramatiq.middleware import Middleware
 
 from pipeline.errors import HlsvaultError
@@ -21,7 +22,7 @@ log = structlog.get_logger(__name__)
 class LogContext(Middleware):
     """Bind ``job_id``, actor and message id to every log line a message's handler writes."""
 
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(
             job_id=message.args[0] if message.args else None,
@@ -30,12 +31,17 @@ class LogContext(Middleware):
         )
 
     def after_process_message(
-        self, broker: dramatiq.Broker, message: dramatiq.Message, *, result: Any = None,
+        self,
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
         structlog.contextvars.clear_contextvars()
 
-    after_skip_message = after_process_message
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        structlog.contextvars.clear_contextvars()
 
 
 def failure_reason(exception: BaseException) -> str:
@@ -56,7 +62,11 @@ class JobOutcome(Middleware):
         self.services = services
 
     def after_process_message(
-        self, broker: dramatiq.Broker, message: dramatiq.Message, *, result: Any = None,
+        self,
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
         if exception is None or not message.failed or not message.args:

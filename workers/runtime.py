@@ -26,7 +26,8 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     else:
         from dramatiq.brokers.redis import RedisBroker
 
-        broker = RedisBroker(
+        # dramatiq's RedisBroker constructor carries no annotations.
+        broker = RedisBroker(  # type: ignore[no-untyped-call]
             url=settings.redis_url,
             heartbeat_timeout=settings.heartbeat_timeout_ms,
             maintenance_chance=settings.maintenance_chance,
