@@ -77,7 +77,8 @@ class RenditionEntry:
     @property
     def target_duration(self) -> int:
         # RFC 8216 §4.3.3.1: each EXTINF rounded to the nearest integer must be <= the target.
-        return max(1, max(round(segment.duration) for segment in self.segments))
+        # Half rounds up (6.5 -> 7); Python's round() would give 6, and a strict player refuses.
+        return max(1, max(math.floor(segment.duration + 0.5) for segment in self.segments))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,87 @@
+"""Settings: loaded once from the environment, loud and helpful when wrong."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigurationError
+from pipeline.settings import decode_master_key, load_settings
+
+KEY = os.urandom(32)
+
+
+class TestEmbeddedSecrets:
+    def test_missing_secrets_are_generated_once_with_mode_0600(self, tmp_path: Path) -> None:
+        """Embedded mode creates its secrets on first use and reads the same ones afterwards."""
+        env = {"HLSVAULT_DATA_DIR": str(tmp_path)}
+        first = load_settings(env)
+        second = load_settings(env)
+        assert first.token_secret == second.token_secret
+        assert first.master_key == second.master_key and len(first.master_key) == 32
+        for name in ("token_secret", "master_key"):
+            mode = stat.S_IMODE((tmp_path / "secrets" / name).stat().st_mode)
+            assert mode == 0o600
+
+    def test_cdn_defaults_to_the_key_servers_local_origin(self, tmp_path: Path) -> None:
+        """Without a CDN, segments are served by `hlsvault serve` under /cdn."""
+        settings = load_settings(
+            {"HLSVAULT_DATA_DIR": str(tmp_path), "HLSVAULT_PUBLIC_URL": "http://h:9/"}
+        )
+        assert settings.public_url == "http://h:9"
+        assert settings.cdn_url == "http://h:9/cdn"
+        assert settings.embedded
+
+    def test_secrets_do_not_appear_in_repr(self, tmp_path: Path) -> None:
+        """Logging a Settings object cannot leak the secrets."""
+        settings = load_settings({"HLSVAULT_DATA_DIR": str(tmp_path)})
+        assert settings.token_secret not in repr(settings)
+        assert "master_key" not in repr(settings)
+
+
+class TestDistributedRefusesWithoutSecrets:
+    @pytest.mark.parametrize(
+        "present, missing",
+        [
+            ({}, "HLSVAULT_TOKEN_SECRET and HLSVAULT_MASTER_KEY"),
+            ({"HLSVAULT_TOKEN_SECRET": "x" * 40}, "HLSVAULT_MASTER_KEY"),
+            ({"HLSVAULT_MASTER_KEY": base64.b64encode(KEY).decode()}, "HLSVAULT_TOKEN_SECRET"),
+        ],
+    )
+    def test_the_message_names_what_is_missing(
+        self, tmp_path: Path, present: dict[str, str], missing: str
+    ) -> None:
+        """With REDIS_URL set, a process refuses to start and names each missing secret."""
+        env = {
+            "REDIS_URL": "redis://127.0.0.1:1/0", "HLSVAULT_CDN_URL": "https://cdn.example",
+            "HLSVAULT_DATA_DIR": str(tmp_path), **present,
+        }
+        with pytest.raises(ConfigurationError) as caught:
+            load_settings(env)
+        assert str(caught.value).startswith(f"{missing} not set")
+        assert not (tmp_path / "secrets").exists()
+
+    def test_short_token_secret_is_refused(self, tmp_path: Path) -> None:
+        """A guessable HMAC secret is refused with the minimum length and how to make one."""
+        with pytest.raises(ConfigurationError, match="at least 32"):
+            load_settings({"HLSVAULT_DATA_DIR": str(tmp_path), "HLSVAULT_TOKEN_SECRET": "short"})
+
+
+class TestMasterKey:
+    def test_standard_and_url_safe_base64_both_decode(self) -> None:
+        """Either base64 alphabet, padded or not, gives the same 32 bytes."""
+        key = bytes(range(200, 232))  # contains bytes that differ between alphabets
+        standard = base64.b64encode(key).decode()
+        url_safe = base64.urlsafe_b64encode(key).decode().rstrip("=")
+        assert standard != url_safe
+        assert decode_master_key(standard) == decode_master_key(url_safe) == key
+
+    @pytest.mark.parametrize("text", ["", "not base64!", base64.b64encode(b"short").decode()])
+    def test_anything_but_32_bytes_is_refused_with_the_mend(self, text: str) -> None:
+        """A malformed master key fails with the command that generates a good one."""
+        with pytest.raises(ConfigurationError, match="os.urandom"):
+            decode_master_key(text)
