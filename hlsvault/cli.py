@@ -13,16 +13,22 @@ import argparse
 import json
 import logging
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import HlsvaultError
-from pipeline.jobs import JobRecord, new_job_spec
+from pipeline.jobs import JobRecord, JobSpec, new_job_spec
 from pipeline.settings import DEFAULT_TOKEN_TTL_S, Settings, load_settings
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: How often a waiting CLI reads the job record back.
+WAIT_POLL_S = 0.25
+#: A waiting CLI gives up after this long; the job itself carries on.
+DEFAULT_WAIT_TIMEOUT_S = 6 * 3600.0
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
@@ -71,7 +77,7 @@ def _summary(record: JobRecord, settings: Settings) -> dict[str, Any]:
     return summary
 
 
-def cmd_package(args: argparse.Namespace, settings: Settings) -> int:
+def _new_spec(args: argparse.Namespace, settings: Settings) -> JobSpec:
     spec = new_job_spec(
         _source_argument(args.source),
         asset=args.asset,
@@ -79,30 +85,87 @@ def cmd_package(args: argparse.Namespace, settings: Settings) -> int:
         segment_seconds=args.segment_seconds,
         key_rotation_segments=args.key_rotation_segments,
     )
-    if not settings.embedded:
-        return _fail(
-            "distributed packaging (REDIS_URL set) is not available yet; unset REDIS_URL to "
-            "package in this process",
-            EXIT_USAGE,
-        )
-    from workers.embedded import run_embedded
+    if settings.embedded or "://" in spec.source or not settings.work.startswith("s3://"):
+        return spec
+    # The worker that probes a local file may run on another machine: the file travels
+    # through work storage, like every other byte between stages.
+    from pipeline.media import check_local_source
+    from pipeline.storage import open_store
+
+    path = Path(spec.source)
+    check_local_source(path, args.source)
+    key = f"sources/{spec.job_id}/{path.name}"
+    work = open_store(settings.work)
+    work.put_file(key, path)
+    return replace(spec, source=f"{work.url.rstrip('/')}/{key}")
+
+
+def _wait(job_id: str, *, show: bool, timeout: float) -> JobRecord:
+    from workers import runtime
 
     from .progress import StageProgress
 
-    show = sys.stderr.isatty() and not args.json
+    jobs = runtime.services().jobs
+    deadline = time.monotonic() + timeout
     with StageProgress(enabled=show) as bars:
-        record = run_embedded(spec, on_update=bars.update)
+        while True:
+            record = jobs.get(job_id)
+            bars.update(record)
+            if record.done:
+                return record
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {record.status} after {timeout:.0f} s")
+            time.sleep(WAIT_POLL_S)
+
+
+def _report(record: JobRecord, settings: Settings, *, as_json: bool) -> int:
     summary = _summary(record, settings)
-    if args.json:
+    if as_json:
         print(json.dumps(summary, indent=2))
     if record.status != "succeeded":
-        return _fail(f"job {spec.job_id} failed at {record.failed_stage}: {record.error}")
-    if not args.json:
-        print(
-            f"published {spec.asset} version {spec.version}: "
-            + ", ".join(r["name"] for r in summary["renditions"])
+        return _fail(f"job {record.spec.job_id} failed at {record.failed_stage}: {record.error}")
+    if not as_json:
+        names = ", ".join(r["name"] for r in summary["renditions"])
+        print(f"published {record.spec.asset} version {record.spec.version}: {names}")
+        print(f"play it: hlsvault url {record.spec.asset}")
+    return 0
+
+
+def cmd_package(args: argparse.Namespace, settings: Settings) -> int:
+    spec = _new_spec(args, settings)
+    show = sys.stderr.isatty() and not args.json
+    if settings.embedded:
+        from workers.embedded import run_embedded
+
+        from .progress import StageProgress
+
+        with StageProgress(enabled=show) as bars:
+            record = run_embedded(spec, on_update=bars.update)
+    else:
+        import workers.actors  # noqa: F401 - declares the actors on the broker before sending
+        from workers import flow, runtime
+
+        flow.start(runtime.services(), spec)
+        record = _wait(spec.job_id, show=show, timeout=args.timeout)
+    return _report(record, settings, as_json=args.json)
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.embedded:
+        return _fail(
+            "submit needs a fleet to run the job: set REDIS_URL (or use `hlsvault package`, "
+            "which runs the job in this process)",
+            EXIT_USAGE,
         )
-        print(f"play it: hlsvault url {spec.asset}")
+    spec = _new_spec(args, settings)
+    import workers.actors  # noqa: F401 - declares the actors on the broker before sending
+    from workers import flow, runtime
+
+    flow.start(runtime.services(), spec)
+    if args.json:
+        print(json.dumps({"job_id": spec.job_id, "asset": spec.asset, "version": spec.version}))
+    else:
+        print(spec.job_id)
     return 0
 
 
@@ -150,7 +213,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.services import build_services
 
     try:
-        record = build_services(settings).jobs.get(args.job)
+        if args.wait:
+            record = _wait(
+                args.job, show=sys.stderr.isatty() and not args.json, timeout=args.timeout
+            )
+        else:
+            record = build_services(settings).jobs.get(args.job)
     except UnknownJob:
         return _fail(f"no job {args.job}")
     if args.json:
@@ -159,6 +227,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"job {record.spec.job_id}  asset {record.spec.asset}  {record.status}")
         for stage in record.stages:
             line = f"  {stage.name:<22} {stage.status:<9} {stage.progress * 100:5.1f}%"
+            if stage.attempts > 1:
+                line += f"  attempts {stage.attempts}"
             if stage.error:
                 line += f"  {stage.error}"
             print(line)
@@ -175,23 +245,32 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     package = commands.add_parser("package", help="package a video and publish it")
-    package.add_argument("source", help="a video file, an http(s) URL, or s3://bucket/key")
-    package.add_argument("--asset", help="asset id (default: derived from the file name)")
+    submit = commands.add_parser("submit", help="enqueue a packaging job on the fleet")
+    for command in (package, submit):
+        command.add_argument("source", help="a video file, an http(s) URL, or s3://bucket/key")
+        command.add_argument("--asset", help="asset id (default: derived from the file name)")
+        command.add_argument(
+            "--ladder",
+            choices=("copy", "default"),
+            default="default",
+            help="default: transcode a 1080p-360p ladder; copy: remux as it is",
+        )
+        command.add_argument("--segment-seconds", type=float, default=6.0)
+        command.add_argument(
+            "--key-rotation-segments",
+            type=int,
+            default=0,
+            help="use a new key every N segments (0: one key)",
+        )
+        command.add_argument("--json", action="store_true", help="print JSON on stdout")
     package.add_argument(
-        "--ladder",
-        choices=("copy", "default"),
-        default="default",
-        help="default: transcode a 1080p-360p ladder; copy: remux as it is",
+        "--timeout",
+        type=float,
+        default=DEFAULT_WAIT_TIMEOUT_S,
+        help="distributed mode: give up waiting after this many seconds",
     )
-    package.add_argument("--segment-seconds", type=float, default=6.0)
-    package.add_argument(
-        "--key-rotation-segments",
-        type=int,
-        default=0,
-        help="use a new key every N segments (0: one key)",
-    )
-    package.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     package.set_defaults(handler=cmd_package)
+    submit.set_defaults(handler=cmd_submit)
 
     serve = commands.add_parser("serve", help="run the key server (and /cdn/ in embedded mode)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -208,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show a job's stages")
     status.add_argument("job")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--wait", action="store_true", help="wait until the job ends")
+    status.add_argument("--timeout", type=float, default=DEFAULT_WAIT_TIMEOUT_S)
     status.set_defaults(handler=cmd_status)
     return parser
 
@@ -230,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.handler(args, settings)
     except HlsvaultError as error:
         return _fail(str(error), EXIT_USAGE)
+    except TimeoutError as error:
+        return _fail(str(error))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     return code

@@ -5,11 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from .jobs import UnknownJob
 
 #: Redis answers in well under a millisecond; five seconds means it is gone, not busy.
 SOCKET_TIMEOUT_S = 5.0
+#: Reconnection attempts on a lost connection, backing off up to 2 s each: a Redis restart
+#: of up to ~20 s is ridden out instead of failing every stage in flight.
+RECONNECT_ATTEMPTS = 12
 #: Finished job records are kept this long for the dashboard and `hlsvault status`.
 RECORD_TTL_S = 30 * 24 * 3600
 _PREFIX = "hlsvault:job:"
@@ -24,27 +31,35 @@ return tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 """
 
 
-def _mapping(fields: dict[str, str]) -> dict[str | bytes, bytes | float | int | str]:
-    return dict(fields.items())
+def connect(url: str, *, decode_responses: bool = True) -> redis.Redis:
+    """A Redis client with timeouts on every call and bounded reconnection with backoff."""
+    client: redis.Redis = redis.Redis.from_url(
+        url,
+        decode_responses=decode_responses,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=SOCKET_TIMEOUT_S,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), RECONNECT_ATTEMPTS),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    return client
+
+
+def _mapping(fields: dict[str, str]) -> dict[Any, Any]:
+    # redis-py types hset's mapping over every encodable key type; a str dict is one of them.
+    return dict(fields)
 
 
 class RedisRecordBackend:
     """One hash per job under ``hlsvault:job:<id>``, and a sorted set of ids by creation time."""
 
-    def __init__(self, client: redis.Redis[Any]) -> None:
+    def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._arrive = client.register_script(_ARRIVE)
 
     @classmethod
     def from_url(cls, url: str) -> RedisRecordBackend:
-        client: redis.Redis[Any] = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=SOCKET_TIMEOUT_S,
-            socket_connect_timeout=SOCKET_TIMEOUT_S,
-            health_check_interval=30,
-        )
-        return cls(client)
+        return cls(connect(url))
 
     def create(self, job_id: str, fields: dict[str, str]) -> None:
         pipe = self.client.pipeline()
@@ -54,7 +69,7 @@ class RedisRecordBackend:
         pipe.execute()
 
     def read(self, job_id: str) -> dict[str, str]:
-        fields: dict[str, str] = self.client.hgetall(_PREFIX + job_id)
+        fields = {str(k): str(v) for k, v in self.client.hgetall(_PREFIX + job_id).items()}
         if not fields:
             raise UnknownJob(job_id)
         return fields
@@ -72,5 +87,4 @@ class RedisRecordBackend:
         return int(self._arrive(keys=[_PREFIX + job_id], args=[counter, marker]))
 
     def job_ids(self) -> list[str]:
-        ids: list[str] = self.client.zrange(_INDEX, 0, -1)
-        return ids
+        return [str(job_id) for job_id in self.client.zrange(_INDEX, 0, -1)]

@@ -22,11 +22,12 @@ from typing import Any
 from .crypto import encrypt_file, iv_for_sequence
 from .errors import InvalidSource
 from .jobs import JobSpec
-from .media import MediaInfo, check_local_source, probe
+from .media import MediaInfo, probe
 from .plan import Rendition, plan_renditions
 from .playlists import AssetVersion, describe_rendition, key_index
 from .segment import SegmentedRendition, segment_rendition
 from .services import Services
+from .sources import ffmpeg_target
 
 SEGMENT_CONTENT_TYPE = "video/mp2t"
 PLAYLIST_CONTENT_TYPE = "application/vnd.apple.mpegurl"
@@ -48,19 +49,9 @@ def segment_timeout(duration: float, copy: bool) -> float:
     return 120 + duration * (1.0 if copy else 6.0)
 
 
-def source_target(spec: JobSpec) -> tuple[str, str]:
-    """What ffmpeg should open for the spec's source, and how to name it in messages."""
-    source = spec.source
-    if source.startswith(("http://", "https://")):
-        return source, source.split("?", 1)[0]  # a presigned URL's query is a credential
-    path = Path(source)
-    check_local_source(path, source)
-    return str(path), source
-
-
 def probe_source(svc: Services, spec: JobSpec) -> list[Rendition]:
     """Probe the source and plan its renditions; both are kept in the job record."""
-    target, shown = source_target(spec)
+    target, shown = ffmpeg_target(spec.source)
     info = probe(target, shown=shown)
     renditions = plan_renditions(info, spec.ladder, spec.segment_seconds)
     svc.jobs.set_json(spec.job_id, "media", info.to_dict())
@@ -94,7 +85,7 @@ def segment(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ig
     """Cut one rendition into plain segments; returns how many were produced."""
     rendition = _job_renditions(svc, spec)[name]
     info = _media(svc, spec)
-    target, _ = source_target(spec)
+    target, _ = ffmpeg_target(spec.source)
     prefix = f"jobs/{spec.job_id}/plain/{name}"
     out_dir, is_local = _work_dir(svc, prefix)
     produced = segment_rendition(
@@ -187,18 +178,14 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dic
     def put(item: tuple[str, str]) -> None:
         rendition, name = item
         key = origin_segment_key(spec.asset, spec.version, rendition, name)
-        source = svc.work.local_path(f"{jobs_prefix}/{rendition}/{name}")
-        if source is not None:
-            svc.origin.put_file(
-                key, source, content_type=SEGMENT_CONTENT_TYPE, cache_control=IMMUTABLE
-            )
+        work_key = f"{jobs_prefix}/{rendition}/{name}"
+        headers = {"content_type": SEGMENT_CONTENT_TYPE, "cache_control": IMMUTABLE}
+        if svc.origin.copy_from(svc.work, work_key, key, **headers):
             return
         with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
             local = Path(scratch) / name
-            svc.work.get_file(f"{jobs_prefix}/{rendition}/{name}", local)
-            svc.origin.put_file(
-                key, local, content_type=SEGMENT_CONTENT_TYPE, cache_control=IMMUTABLE
-            )
+            svc.work.get_file(work_key, local)
+            svc.origin.put_file(key, local, **headers)
 
     with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY) as pool:
         for _ in pool.map(put, items):

@@ -15,7 +15,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .errors import InvalidSource, TransientError
-from .storage import ObjectNotFound, check_key
+from .storage import ObjectNotFound, Store, check_key
 
 #: Seconds to open a connection; S3 answers in milliseconds when it is up.
 CONNECT_TIMEOUT_S = 5
@@ -185,3 +185,24 @@ class S3Store:
 
     def local_path(self, key: str) -> Path | None:
         return None
+
+    def copy_from(
+        self, source: Store, source_key: str, key: str, *, content_type: str | None = None,
+        cache_control: str | None = None,
+    ) -> bool:
+        if not isinstance(source, S3Store):
+            path = source.local_path(source_key)
+            if path is None:
+                return False
+            self.put_file(key, path, content_type=content_type, cache_control=cache_control)
+            return True
+        try:
+            # Server-side copy: the bytes never leave S3; headers are replaced, not inherited.
+            self.client.copy_object(
+                Bucket=self.bucket, Key=self._key(key),
+                CopySource={"Bucket": source.bucket, "Key": source._key(source_key)},
+                MetadataDirective="REPLACE", **self._extra(content_type, cache_control),
+            )
+        except (ClientError, BotoCoreError) as error:
+            raise translate(error, key) from None
+        return True

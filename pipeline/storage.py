@@ -66,6 +66,13 @@ class Store(Protocol):
     def local_path(self, key: str) -> Path | None:
         """A filesystem path for ``key`` when the store is local, so stages can skip copies."""
 
+    def copy_from(
+        self, source: Store, source_key: str, key: str, *, content_type: str | None = None,
+        cache_control: str | None = None,
+    ) -> bool:
+        """Copy an object of ``source`` here without passing through this process when the
+        two stores allow it (same filesystem, or S3 to S3); False when they do not."""
+
 
 def check_key(key: str) -> str:
     """Refuse keys that could escape the store's root."""
@@ -172,6 +179,16 @@ class LocalStore:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    def copy_from(
+        self, source: Store, source_key: str, key: str, *, content_type: str | None = None,
+        cache_control: str | None = None,
+    ) -> bool:
+        path = source.local_path(source_key)
+        if path is None:
+            return False
+        self.put_file(key, path)
+        return True
 
 
 def open_store(url: str) -> Store:

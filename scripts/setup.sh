@@ -32,7 +32,11 @@ fi
 stamp=.venv/.hlsvault-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing hlsvault and its dev tools into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  log=.venv/pip-install.log
+  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e '.[dev]'; } >"$log" 2>&1; then
+    tail -40 "$log" >&2
+    echo "setup: pip install failed; the full log is in $log" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi

@@ -26,13 +26,14 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     else:
         from dramatiq.brokers.redis import RedisBroker
 
+        from pipeline.jobs_redis import connect
+
         # dramatiq's RedisBroker constructor carries no annotations.
         broker = RedisBroker(  # type: ignore[no-untyped-call]
-            url=settings.redis_url,
+            client=connect(settings.redis_url, decode_responses=False),
+            namespace="hlsvault",
             heartbeat_timeout=settings.heartbeat_timeout_ms,
             maintenance_chance=settings.maintenance_chance,
-            socket_timeout=10,
-            socket_connect_timeout=5,
         )
     broker.add_middleware(LogContext())
     # emit_after runs middleware in reverse: placed before Retries, JobOutcome sees the
