@@ -64,7 +64,7 @@ def test_bad_source_fails_cleanly(
     with the same reason, and neither the origin nor the catalog holds anything."""
     source = make(tmp_path, copy_clip)
 
-    done = hlsvault.package(str(source), "--asset", "bad", "--json")
+    done = hlsvault.package(str(source), "--asset", "bad", "--ladder", "copy", "--json")
 
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]

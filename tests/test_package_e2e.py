@@ -35,7 +35,7 @@ class TestCopyLadderPlayback:
         self, hlsvault: Hlsvault, copy_clip: Path
     ) -> None:
         """The origin holds only versioned segments, none of them readable MPEG-TS."""
-        done = hlsvault.package(str(copy_clip), "--asset", "origin", "--json")
+        done = hlsvault.package(str(copy_clip), "--asset", "origin", "--ladder", "copy", "--json")
         assert done.returncode == 0, done.stderr
         version = json.loads(done.stdout)["version"]
         files = sorted(p for p in hlsvault.origin.rglob("*") if p.is_file())
@@ -52,7 +52,7 @@ class TestCopyLadderPlayback:
         self, hlsvault: Hlsvault, copy_clip: Path
     ) -> None:
         """Scratch segments (plain ones included) do not outlive the job."""
-        done = hlsvault.package(str(copy_clip), "--asset", "scratch")
+        done = hlsvault.package(str(copy_clip), "--asset", "scratch", "--ladder", "copy")
         assert done.returncode == 0, done.stderr
         leftovers = [p for p in (hlsvault.data_dir / "work").rglob("*.ts")]
         assert leftovers == []
@@ -65,7 +65,7 @@ class TestKeyRotation:
         """With a new key every 2 one-second segments, playback still decodes every source
         frame, and the playlist switches keys exactly where the key index changes."""
         done = keyserver.package(
-            str(copy_clip), "--asset", "rotated", "--segment-seconds", "1",
+            str(copy_clip), "--asset", "rotated", "--ladder", "copy", "--segment-seconds", "1",
             "--key-rotation-segments", "2", "--json",
         )
         assert done.returncode == 0, done.stderr
