@@ -114,7 +114,7 @@ class KeyServer:
     async def variant(self, request: Request) -> Response:
         asset = request.path_params["asset"]
         name = request.path_params["rendition"]
-        if not _valid_asset(asset) or not _RENDITION.match(name):
+        if not _valid_asset(asset) or not _RENDITION.fullmatch(name):
             return _error(400, "malformed asset id or rendition")
         denied = self._authorise(request, asset)
         if denied:
@@ -144,7 +144,7 @@ class KeyServer:
         version = request.path_params["version"]
         raw_index = request.path_params["index"]
         client = request.client.host if request.client else None
-        if not _valid_asset(asset) or not _valid_version(version) or not _INDEX.match(raw_index):
+        if not _valid_asset(asset) or not _valid_version(version) or not _INDEX.fullmatch(raw_index):
             return _error(400, "malformed key path")
         index = int(raw_index)
         if index > MAX_KEY_INDEX:

@@ -30,7 +30,7 @@ MAX_KEY_INDEX = 1_000_000
 
 def check_asset_id(asset: str) -> str:
     """Refuse asset ids that would not be safe in a URL path or a storage key."""
-    if not ASSET_ID_PATTERN.match(asset):
+    if not ASSET_ID_PATTERN.fullmatch(asset):
         raise BadSpec(
             f"invalid asset id {asset[:40]!r}: use 1-128 letters, digits, '-' or '_', "
             "starting with a letter or digit"
@@ -39,7 +39,7 @@ def check_asset_id(asset: str) -> str:
 
 
 def check_version(version: str) -> str:
-    if not VERSION_PATTERN.match(version):
+    if not VERSION_PATTERN.fullmatch(version):
         raise BadSpec(f"invalid version {version[:40]!r}")
     return version
 

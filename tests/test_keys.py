@@ -232,11 +232,6 @@ class TestPlaceValidation:
         with pytest.raises(BadSpec, match="out of range"):
             vault.get_or_create(ASSET, VERSION, index)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: ASSET_ID_PATTERN/VERSION_PATTERN end in '$', which also matches before a "
-        "trailing newline; use re.fullmatch or '\\Z'",
-    )
     @pytest.mark.parametrize("check", [check_asset_id, check_version], ids=["asset", "version"])
     def test_trailing_newline_is_refused(self, check: Callable[[str], str]) -> None:
         """An id ending in a newline is not a safe URL path or storage key component."""
