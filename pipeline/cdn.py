@@ -42,7 +42,8 @@ def invalidate(svc: Services, spec: JobSpec, *, client: Any | None = None) -> di
     invalidation_id = response["Invalidation"]["Id"]
     deadline = time.monotonic() + INVALIDATION_WAIT_S
     status = response["Invalidation"]["Status"]
-    while status != "Completed" and time.monotonic() < deadline:
+    # CloudFront says "Completed"; some implementations of its API say "COMPLETED".
+    while status.lower() != "completed" and time.monotonic() < deadline:
         time.sleep(POLL_INTERVAL_S)
         status = client.get_invalidation(DistributionId=distribution, Id=invalidation_id)[
             "Invalidation"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from fleet import Fleet, MotoServer, RedisServer, fleet_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 MEDIA_CACHE = ROOT / ".cache" / "test-media"
 HLSVAULT = [sys.executable, "-m", "hlsvault"]
@@ -172,6 +174,33 @@ def keyserver(hlsvault: Hlsvault, tmp_path: Path) -> Iterator[Hlsvault]:
             process.kill()
             process.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """One moto server for the session; every test makes buckets of its own."""
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own on a free port, AOF on, killable and restartable."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, redis_server: RedisServer, moto_server: MotoServer) -> Iterator[Fleet]:
+    """The Procfile's processes against the test's Redis and moto; started by the test."""
+    env = fleet_environment(tmp_path, redis_server, moto_server)
+    running = Fleet(env, tmp_path / "logs")
+    yield running
+    running.stop()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,0 +1,104 @@
+"""The distributed fleet: Redis queues, S3 stores, CloudFront, Procfile processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from conftest import frame_hashes, framemd5
+from fleet import Fleet, MotoServer
+from pipeline.keys import KeyVault
+from pipeline.s3 import S3Store
+from pipeline.settings import decode_master_key
+
+
+def wait_for_job(fleet: Fleet, job_id: str, timeout: float = 240) -> dict[str, Any]:
+    done = fleet.cli(
+        "status", job_id, "--wait", "--json", "--timeout", str(timeout), timeout=timeout + 30
+    )
+    assert done.stdout, done.stderr + fleet.log_text()[-5000:]
+    record: dict[str, Any] = json.loads(done.stdout)
+    return record
+
+
+def submit(fleet: Fleet, source: Path, asset: str, *args: str) -> str:
+    done = fleet.cli("submit", str(source), "--asset", asset, *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def bucket_objects(moto: MotoServer, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    s3 = moto.client("s3")
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def vault_keys(fleet: Fleet, moto: MotoServer) -> dict[str, bytes]:
+    """Every content key in the vault bucket, unwrapped with the fleet's master key."""
+    store = S3Store(fleet.env["TEST_BUCKET_VAULT"], "vault", client=moto.client("s3"))
+    vault = KeyVault(store, decode_master_key(fleet.env["HLSVAULT_MASTER_KEY"]))
+    keys = {}
+    for path in store.list("keys"):
+        _, asset, version, name = path.split("/")
+        keys[path] = vault.get(asset, version, int(name.removesuffix(".key")))
+    return keys
+
+
+class TestEndToEnd:
+    def test_submitted_job_is_published_to_s3_and_plays_through_the_key_server(
+        self, fleet: Fleet, moto_server: MotoServer, copy_clip: Path
+    ) -> None:
+        """submit -> workers over Redis -> S3 origin; ffmpeg plays it with segments fetched
+        from the S3 endpoint over HTTP, frame for frame equal to the source."""
+        # Given the Procfile's processes running against Redis and the S3 API
+        fleet.start_all()
+
+        # When a local file is submitted and the job runs to its end
+        job_id = submit(fleet, copy_clip, "fleet", "--ladder", "copy", "--segment-seconds", "2")
+        record = wait_for_job(fleet, job_id)
+        assert record["status"] == "succeeded", record
+        stages = {s["name"]: s["status"] for s in record["stages"]}
+        assert stages["invalidate"] == "done"
+
+        # Then ffmpeg plays it through the key server, segments from the S3 endpoint
+        url = fleet.cli("url", "fleet").stdout.strip()
+        assert frame_hashes(framemd5(url)) == frame_hashes(framemd5(str(copy_clip)))
+
+        # and the origin holds versioned segments with CDN headers, and no key material
+        origin = fleet.env["TEST_BUCKET_ORIGIN"]
+        objects = bucket_objects(moto_server, origin)
+        assert len(objects) == 3 and all(k.endswith(".ts") for k in objects)
+        s3 = moto_server.client("s3")
+        head = s3.head_object(Bucket=origin, Key=next(iter(objects)))
+        assert head["ContentType"] == "video/mp2t"
+        assert "immutable" in head["CacheControl"]
+        keys = vault_keys(fleet, moto_server)
+        assert len(keys) == 1
+        for key in keys.values():
+            assert all(key not in body and key.hex().encode() not in body
+                       for body in objects.values())
+
+        # and CloudFront was asked, once, to invalidate the asset's stable paths
+        cloudfront = moto_server.client("cloudfront")
+        distribution = fleet.env["HLSVAULT_CLOUDFRONT_DISTRIBUTION_ID"]
+        listed = cloudfront.list_invalidations(DistributionId=distribution)["InvalidationList"]
+        assert listed["Quantity"] == 1
+        batch = cloudfront.get_invalidation(
+            DistributionId=distribution, Id=listed["Items"][0]["Id"]
+        )["Invalidation"]["InvalidationBatch"]
+        assert batch["CallerReference"] == f"hlsvault-{job_id}"
+        assert batch["Paths"]["Items"] == ["/assets/fleet/*.m3u8"]
+
+        # and the work bucket keeps no scratch of the finished job
+        assert bucket_objects(moto_server, fleet.env["TEST_BUCKET_WORK"], "work/jobs") == {}
+
+    def test_package_in_distributed_mode_is_submit_and_wait(
+        self, fleet: Fleet, copy_clip: Path
+    ) -> None:
+        """`hlsvault package` with REDIS_URL set runs on the fleet and exits 0 once published."""
+        fleet.start_all()
+        done = fleet.cli("package", str(copy_clip), "--asset", "pkg", "--ladder", "copy", "--json")
+        assert done.returncode == 0, done.stderr + fleet.log_text()[-3000:]
+        summary = json.loads(done.stdout)
+        assert summary["status"] == "succeeded" and summary["renditions"][0]["name"] == "360p"
