@@ -1,0 +1,253 @@
+"""Benchmark: `hlsvault package --ladder copy` against ffmpeg's own encrypted HLS, side by side.
+
+Both package the same cached 120 s 1080p30 H.264/AAC clip into AES-128 HLS with 6 s segments:
+
+- ffmpeg:   ``ffmpeg -i clip -c copy -f hls -hls_time 6 -hls_playlist_type vod
+            -hls_key_info_file keyinfo -hls_segment_filename out/seg_%05d.ts out/index.m3u8``
+- hlsvault: ``hlsvault package clip --ladder copy --asset benchN --json`` in embedded mode
+            (REDIS_URL unset, HLSVAULT_DATA_DIR in bench/.work), a fresh asset every round.
+
+The same ffmpeg command without the key info file is timed too, for context: it is the floor
+any remux-then-encrypt packager stands on. Each round runs the three commands back to back, in
+an order rotated every round, each from a clean page-cache writeback state (``sync``). Reported
+is the median wall clock of each whole command and ``median(hlsvault) / median(ffmpeg)``.
+
+For hlsvault the job record's stage timestamps split the wall clock into: process start and
+CLI imports, worker start and dispatch, each stage, the hops between stages, and the exit.
+
+    python bench/bench_package.py [--rounds N] [--warmup N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from machine import describe
+from sample_clip import CLIP_SECONDS, WORK_DIR, ensure_clip
+
+#: The brief: hlsvault should take at most 60 % of ffmpeg's single-command encrypted HLS.
+TARGET_RATIO = 0.6
+DEFAULT_ROUNDS = 5
+#: One untimed round fills the page cache and Python's bytecode cache for everyone.
+DEFAULT_WARMUP = 1
+HLS_TIME_S = 6
+#: A remux of 120 s runs in about a second; anything near this is a hang, not a result.
+COMMAND_TIMEOUT_S = 600
+
+RUN_DIR = WORK_DIR / "package"
+DATA_DIR = RUN_DIR / "hlsvault-data"
+KEY_FILE = RUN_DIR / "ffmpeg.key"
+KEY_INFO_FILE = RUN_DIR / "ffmpeg.keyinfo"
+
+FFMPEG_AES = "ffmpeg"
+FFMPEG_PLAIN = "ffmpeg-plain"
+HLSVAULT = "hlsvault"
+CONTENDERS = (FFMPEG_AES, HLSVAULT, FFMPEG_PLAIN)
+
+#: Phases of one hlsvault run, in the order they happen (see `hlsvault_phases`).
+PHASES = (
+    "start", "dispatch", "probe", "segment", "encrypt", "playlist", "upload", "invalidate",
+    "hops", "exit",
+)
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONTENDERS})
+    phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
+    orders: list[tuple[str, ...]] = field(default_factory=list)
+
+
+def hlsvault_executable() -> str:
+    """The `hlsvault` script of the interpreter running this benchmark (the project venv)."""
+    beside = Path(sys.executable).parent / "hlsvault"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("hlsvault")
+    if found is None:
+        sys.exit("bench_package: no `hlsvault` command; run with the project venv's python")
+    return found
+
+
+def ffmpeg_hls_args(clip: Path, out_dir: Path, *, key_info: Path | None) -> list[str]:
+    """ffmpeg's single-command HLS packaging; encrypted when ``key_info`` is given."""
+    args = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", str(clip),
+            "-c", "copy", "-f", "hls", "-hls_time", str(HLS_TIME_S), "-hls_playlist_type", "vod"]
+    if key_info is not None:
+        args += ["-hls_key_info_file", str(key_info)]
+    return [*args, "-hls_segment_filename", str(out_dir / "seg_%05d.ts"),
+            str(out_dir / "index.m3u8")]
+
+
+def write_key_info() -> None:
+    """A 16-byte key and ffmpeg's key info file: key URI line, key file path line.
+
+    No IV line: ffmpeg then uses the media sequence number as IV, as hlsvault does.
+    """
+    KEY_FILE.write_bytes(os.urandom(16))
+    KEY_INFO_FILE.write_text(f"{KEY_FILE.name}\n{KEY_FILE}\n")
+
+
+def hlsvault_env() -> dict[str, str]:
+    """Embedded mode with every store under the bench data dir, whatever the caller's shell set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HLSVAULT_")}
+    env.pop("REDIS_URL", None)
+    env["HLSVAULT_DATA_DIR"] = str(DATA_DIR)
+    return env
+
+
+def run_timed(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Run a command to its end; returns (wall seconds, epoch at spawn, stdout)."""
+    os.sync()  # the previous command's dirty pages are written back on nobody's clock
+    spawned_at = time.time()
+    started = time.perf_counter()
+    done = subprocess.run(args, env=env, capture_output=True, timeout=COMMAND_TIMEOUT_S,
+                          check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"bench_package: {args[0]} failed ({done.returncode}):\n"
+                 f"{done.stderr.decode(errors='replace')}")
+    return elapsed, spawned_at, done.stdout.decode()
+
+
+def playlist_segments(playlist: Path) -> int:
+    return sum(1 for line in playlist.read_text().splitlines() if line.startswith("#EXTINF:"))
+
+
+def hlsvault_phases(record: dict[str, str], spawned_at: float, elapsed: float) -> dict[str, float]:
+    """Split one hlsvault wall clock by the job record's timestamps (epoch seconds).
+
+    start    process spawn → job spec created (interpreter, CLI imports, settings)
+    dispatch spec created → probe started (dramatiq and actors imported, worker started)
+    <stage>  each stage's own started_at → finished_at (renditions summed)
+    hops     time between one stage finishing and the next starting (queue and polling)
+    exit     job finished → process gone (poll, worker stop, summary, interpreter exit)
+    """
+    created = float(record["created_at"])
+    finished = float(record["finished_at"])
+    phases = dict.fromkeys(PHASES, 0.0)
+    phases["start"] = created - spawned_at
+    first_start = float(record["probe.started_at"])
+    phases["dispatch"] = first_start - created
+    in_stages = 0.0
+    for key, value in record.items():
+        if not key.endswith(".started_at"):
+            continue
+        stage = key.removesuffix(".started_at")
+        took = float(record[f"{stage}.finished_at"]) - float(value)
+        name = stage.split(":", 1)[0]  # renditions of one stage are summed
+        phases[name] = phases.get(name, 0.0) + took
+        in_stages += took
+    phases["hops"] = (finished - first_start) - in_stages
+    phases["exit"] = spawned_at + elapsed - finished
+    return phases
+
+
+def run_contender(name: str, clip: Path, *, label: str) -> tuple[float, Any]:
+    """Run one contender once; returns its wall clock and what it produced, checked."""
+    if name == HLSVAULT:
+        asset = f"bench{label}"
+        args = [hlsvault_executable(), "package", str(clip), "--ladder", "copy",
+                "--asset", asset, "--json"]
+        elapsed, spawned_at, out = run_timed(args, env=hlsvault_env())
+        summary = json.loads(out)
+        if summary["status"] != "succeeded":
+            sys.exit(f"bench_package: hlsvault job failed: {summary.get('error')}")
+        record = json.loads((DATA_DIR / "jobs" / f"{summary['job_id']}.json").read_text())
+        segments = sum(r["segments"] for r in summary["renditions"])
+        return elapsed, (segments, hlsvault_phases(record, spawned_at, elapsed))
+    out_dir = RUN_DIR / f"{name}-{label}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    key_info = KEY_INFO_FILE if name == FFMPEG_AES else None
+    elapsed, _, _ = run_timed(ffmpeg_hls_args(clip, out_dir, key_info=key_info))
+    playlist = (out_dir / "index.m3u8").read_text()
+    if (key_info is not None) != ("METHOD=AES-128" in playlist):
+        sys.exit(f"bench_package: {name} playlist has the wrong encryption:\n{playlist[:400]}")
+    segments = playlist_segments(out_dir / "index.m3u8")
+    shutil.rmtree(out_dir)
+    return elapsed, (segments, None)
+
+
+def run_rounds(clip: Path, rounds: int, warmup: int, show: Callable[[str], None]) -> Timings:
+    timings = Timings()
+    counts: dict[str, int] = {}
+    for index in range(warmup + rounds):
+        timed = index >= warmup
+        # Rotating the order cancels whatever the previous command leaves behind (cache, heat).
+        shift = index % len(CONTENDERS)
+        order = CONTENDERS[shift:] + CONTENDERS[:shift]
+        row: dict[str, float] = {}
+        for name in order:
+            label = str(index - warmup) if timed else f"warmup{index}"
+            elapsed, (segments, phases) = run_contender(name, clip, label=label)
+            counts[name] = segments
+            row[name] = elapsed
+            if timed and phases is not None:
+                for phase, value in phases.items():
+                    timings.phases.setdefault(phase, []).append(value)
+        if len(set(counts.values())) != 1:
+            sys.exit(f"bench_package: contenders cut different segment counts: {counts}")
+        if not timed:
+            show(f"{'warmup':<7}" + "".join(f"{row[c]:>14.3f}" for c in CONTENDERS)
+                 + f"   {' > '.join(order)}")
+            continue
+        timings.orders.append(order)
+        for name in CONTENDERS:
+            timings.seconds[name].append(row[name])
+        show(f"{index - warmup + 1:<7}" + "".join(f"{row[c]:>14.3f}" for c in CONTENDERS)
+             + f"   {' > '.join(order)}")
+    show(f"segments per contender: {next(iter(counts.values()))}")
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed rounds first")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error("--rounds must be at least 1 and --warmup at least 0")
+
+    clip = ensure_clip()
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    RUN_DIR.mkdir(parents=True)
+    write_key_info()
+    size = clip.stat().st_size
+    print(describe())
+    print(f"clip: {clip.relative_to(WORK_DIR.parent.parent)} ({size / 1e6:.1f} MB, "
+          f"{CLIP_SECONDS} s, {size * 8 / CLIP_SECONDS / 1e6:.2f} Mbit/s); "
+          f"{args.rounds} rounds after {args.warmup} warm-up; wall clock in seconds")
+    print(f"{'round':<7}" + "".join(f"{c:>14}" for c in CONTENDERS) + "   order")
+    timings = run_rounds(clip, args.rounds, args.warmup, lambda line: print(line, flush=True))
+
+    medians = {name: statistics.median(values) for name, values in timings.seconds.items()}
+    print(f"{'median':<7}" + "".join(f"{medians[c]:>14.3f}" for c in CONTENDERS))
+    print("hlsvault breakdown, median per phase over rounds (s):")
+    phase_medians = {p: statistics.median(v) for p, v in timings.phases.items()}
+    print("  " + "  ".join(f"{p} {m:.3f}" for p, m in phase_medians.items()))
+    print(f"  (sum of phase medians {sum(phase_medians.values()):.3f} "
+          f"vs median wall clock {medians[HLSVAULT]:.3f})")
+    print(f"context: unencrypted ffmpeg segmenting (same command, no key info file) "
+          f"median {medians[FFMPEG_PLAIN]:.3f} s")
+    ratio = medians[HLSVAULT] / medians[FFMPEG_AES]
+    verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
+    print(f"RESULT package: hlsvault {medians[HLSVAULT]:.2f} s, "
+          f"ffmpeg {medians[FFMPEG_AES]:.2f} s, ratio {ratio:.2f} "
+          f"(target <= {TARGET_RATIO}: {verdict})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
