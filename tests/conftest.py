@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from faultproxy import FaultProxy
 from fleet import Fleet, MotoServer, RedisServer, fleet_environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,11 +78,19 @@ def hd_clip() -> Path:
     return lavfi_clip("hd.mp4", seconds=4, size="1280x720")
 
 
-def framemd5(target: str, *, extra: list[str] | None = None) -> list[str]:
-    """The per-frame MD5 lines of the decoded video of ``target`` (a file or an HLS URL)."""
+@pytest.fixture(scope="session")
+def long_hd_clip() -> Path:
+    """10 s of 1280x720: transcoding it takes long enough to kill a worker mid-stage."""
+    return lavfi_clip("long-hd.mp4", seconds=10, size="1280x720")
+
+
+def framemd5(
+    target: str, *, extra: list[str] | None = None, stream: str = "0:v:0"
+) -> list[str]:
+    """The per-frame MD5 lines of one decoded stream of ``target`` (a file or an HLS URL)."""
     done = subprocess.run(
         ["ffmpeg", "-nostdin", "-v", "error", *(extra or []), "-i", target,
-         "-map", "0:v:0", "-f", "framemd5", "-"],
+         "-map", stream, "-f", "framemd5", "-"],
         capture_output=True, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
@@ -192,6 +201,27 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fault_proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the moto server."""
+    proxy = FaultProxy(moto_server.port)
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def faulty_fleet(
+    tmp_path: Path, redis_server: RedisServer, moto_server: MotoServer, fault_proxy: FaultProxy
+) -> Iterator[Fleet]:
+    """A fleet whose every AWS call passes through ``fault_proxy`` (players still fetch
+    segments from moto directly, as from a CDN)."""
+    env = fleet_environment(tmp_path, redis_server, moto_server, endpoint=fault_proxy.endpoint)
+    running = Fleet(env, tmp_path / "logs")
+    yield running
+    running.stop()
 
 
 @pytest.fixture
