@@ -4,6 +4,7 @@ CloudFront and SQS HTTP APIs, and worker processes started from the Procfile's o
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -47,10 +48,8 @@ def wait_for_port(port: int, *, timeout: float = 20.0) -> None:
 def stop_process(process: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
     """Signal a process group started with start_new_session, then reap it (bounded)."""
     if process.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
     try:
         process.wait(timeout=15)
     except subprocess.TimeoutExpired:
@@ -208,7 +207,9 @@ def fleet_environment(
                 "Id": "origin", "DomainName": f"{buckets['origin']}.s3.amazonaws.com",
                 "S3OriginConfig": {"OriginAccessIdentity": ""},
             }]},
-            "DefaultCacheBehavior": {"TargetOriginId": "origin", "ViewerProtocolPolicy": "allow-all"},
+            "DefaultCacheBehavior": {
+                "TargetOriginId": "origin", "ViewerProtocolPolicy": "allow-all",
+            },
             "Comment": "hlsvault test", "Enabled": True,
         }
     )["Distribution"]["Id"]

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from conftest import frame_hashes, framemd5
-from fleet import Fleet, MotoServer
 from pipeline.keys import KeyVault
 from pipeline.s3 import S3Store
 from pipeline.settings import decode_master_key
+
+from conftest import frame_hashes, framemd5
+from fleet import Fleet, MotoServer
 
 
 def wait_for_job(fleet: Fleet, job_id: str, timeout: float = 240) -> dict[str, Any]:

@@ -20,12 +20,13 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import jwt
 import pytest
-from conftest import Hlsvault
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from pipeline.keys import KeyVault
 from pipeline.settings import decode_master_key
 from pipeline.storage import LocalStore
+
+from conftest import Hlsvault
 
 ASSET = "film-1"
 #: 2 s segments of the 6 s clip with a new key every 2 segments: three segments, two keys, so

@@ -8,13 +8,12 @@ import urllib.request
 from pathlib import Path
 
 import m3u8
-import pytest
 
 from conftest import Hlsvault
 
 
 def fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+    with urllib.request.urlopen(url, timeout=10) as response:
         body: bytes = response.read()
         return body.decode()
 
@@ -71,7 +70,7 @@ class TestDefaultLadder:
             sizes = []
             for segment in variant.segments:
                 request = urllib.request.Request(segment.absolute_uri, method="HEAD")
-                with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                with urllib.request.urlopen(request, timeout=10) as response:
                     sizes.append(int(response.headers["Content-Length"]))
             seconds = sum(s.duration for s in variant.segments)
             measured = sum(sizes) * 8 / seconds

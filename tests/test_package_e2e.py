@@ -74,10 +74,10 @@ class TestKeyRotation:
         url = keyserver.url("rotated")
         import urllib.request
 
-        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=10) as response:
             master = response.read().decode()
         variant_url = next(line for line in master.splitlines() if line and line[0] != "#")
-        with urllib.request.urlopen(variant_url, timeout=10) as response:  # noqa: S310
+        with urllib.request.urlopen(variant_url, timeout=10) as response:
             variant = response.read().decode().splitlines()
         # Each EXT-X-KEY is followed by exactly two segments (one per second of video).
         key_lines = [i for i, line in enumerate(variant) if line.startswith("#EXT-X-KEY")]

@@ -4,19 +4,20 @@ S3 throttling, permanent S3 refusals, and two jobs racing for one asset."""
 from __future__ import annotations
 
 import signal
-import urllib.request
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import frame_hashes, framemd5
-from faultproxy import ACCESS_DENIED, SLOW_DOWN, FaultProxy, Rule
-from fleet import Fleet, MotoServer, RedisServer
 from pipeline.catalog import Catalog
 from pipeline.crypto import decrypt_bytes, iv_for_sequence
 from pipeline.keys import KeyVault
 from pipeline.s3 import S3Store
 from pipeline.settings import decode_master_key
+
+from conftest import frame_hashes, framemd5
+from faultproxy import ACCESS_DENIED, SLOW_DOWN, FaultProxy, Rule
+from fleet import Fleet, MotoServer, RedisServer
 from test_fleet import bucket_objects, submit, wait_for_job
 
 #: How long a test waits for a stage to be seen running before giving up.
@@ -145,7 +146,8 @@ class TestWorkerKilled:
         # When the uploading process is killed mid-upload
         fleet.kill("upload", signal.SIGKILL)
         partial = bucket_objects(moto_server, origin, "assets/crash/")
-        vault_store = S3Store(fleet.env["TEST_BUCKET_VAULT"], "vault", client=moto_server.client("s3"))
+        s3 = moto_server.client("s3")
+        vault_store = S3Store(fleet.env["TEST_BUCKET_VAULT"], "vault", client=s3)
         assert Catalog(vault_store).current_version("crash") is None, "flipped before upload"
         assert len(partial) == 3
         fault_proxy.clear()
@@ -255,11 +257,11 @@ class TestConcurrentJobs:
         assert len(clear) in (6, 3)
         url = fleet.cli("url", "twice").stdout.strip()
 
-        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
-            variant_url = [
+        with urllib.request.urlopen(url, timeout=10) as response:
+            variant_url = next(
                 line for line in response.read().decode().splitlines() if line[:1] != "#"
-            ][0]
-        with urllib.request.urlopen(variant_url, timeout=10) as response:  # noqa: S310
+            )
+        with urllib.request.urlopen(variant_url, timeout=10) as response:
             segments = [
                 line for line in response.read().decode().splitlines() if line[:1] != "#"
             ]

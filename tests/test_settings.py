@@ -83,5 +83,5 @@ class TestMasterKey:
     @pytest.mark.parametrize("text", ["", "not base64!", base64.b64encode(b"short").decode()])
     def test_anything_but_32_bytes_is_refused_with_the_mend(self, text: str) -> None:
         """A malformed master key fails with the command that generates a good one."""
-        with pytest.raises(ConfigurationError, match="os.urandom"):
+        with pytest.raises(ConfigurationError, match=r"os\.urandom"):
             decode_master_key(text)
