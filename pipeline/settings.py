@@ -26,6 +26,9 @@ MIN_TOKEN_SECRET_LENGTH = 32
 DEFAULT_HEARTBEAT_TIMEOUT_MS = 60_000
 #: Per million dispatches, how often the broker requeues dead workers' messages (its default).
 DEFAULT_MAINTENANCE_CHANCE = 1000
+#: Deliveries of one stage before its job is declared poison: retries of ordinary failures are
+#: bounded by dramatiq, this bounds redeliveries after a worker died mid-stage (never counted).
+DEFAULT_MAX_DELIVERIES = 8
 #: Tokens minted by `hlsvault url` live this long unless told otherwise: long enough for a film.
 DEFAULT_TOKEN_TTL_S = 4 * 3600
 #: No token is accepted that was minted to live longer than this.
@@ -54,6 +57,7 @@ class Settings:
     heartbeat_timeout_ms: int = DEFAULT_HEARTBEAT_TIMEOUT_MS
     maintenance_chance: int = DEFAULT_MAINTENANCE_CHANCE
     token_max_ttl_s: int = DEFAULT_TOKEN_MAX_TTL_S
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
 
     @property
     def embedded(self) -> bool:
@@ -128,6 +132,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         maintenance_chance=_int(env, "HLSVAULT_MAINTENANCE_CHANCE", DEFAULT_MAINTENANCE_CHANCE),
         token_max_ttl_s=_int(env, "HLSVAULT_TOKEN_MAX_TTL", DEFAULT_TOKEN_MAX_TTL_S),
+        max_deliveries=max(1, _int(env, "HLSVAULT_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES)),
     )
 
 

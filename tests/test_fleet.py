@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ from pipeline.s3 import S3Store
 from pipeline.settings import decode_master_key
 
 from conftest import frame_hashes, framemd5
-from fleet import Fleet, MotoServer
+from fleet import ROOT, VENV_BIN, Fleet, MotoServer, stop_process, wait_for_port
 
 
 def wait_for_job(fleet: Fleet, job_id: str, timeout: float = 240) -> dict[str, Any]:
@@ -103,3 +105,39 @@ class TestEndToEnd:
         assert done.returncode == 0, done.stderr + fleet.log_text()[-3000:]
         summary = json.loads(done.stdout)
         assert summary["status"] == "succeeded" and summary["renditions"][0]["name"] == "360p"
+
+
+class TestProcfile:
+    def test_honcho_runs_the_stack_with_two_segmenting_processes(
+        self, fleet: Fleet, long_hd_clip: Path
+    ) -> None:
+        """`honcho start -c segment=2` runs every process type, two of them segmenting, and
+        both segmenting processes take work from the shared queue."""
+        honcho = subprocess.Popen(
+            [str(VENV_BIN / "honcho"), "start", "-c", "segment=2", "-p", str(fleet.web_port)],
+            cwd=ROOT, env=fleet.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for_port(fleet.web_port)
+            jobs = [
+                submit(fleet, long_hd_clip, f"honcho{i}", "--ladder", "default",
+                       "--segment-seconds", "2")
+                for i in range(2)
+            ]
+            records = [wait_for_job(fleet, job) for job in jobs]
+            assert [r["status"] for r in records] == ["succeeded", "succeeded"]
+        finally:
+            stop_process(honcho)
+        assert honcho.stdout is not None
+        output = honcho.stdout.read().decode(errors="replace")
+        for process in ("web.1", "upload.1", "encrypt.1", "segment.1", "segment.2"):
+            assert re.search(rf" {re.escape(process)} +\| ", output), output[-3000:]
+        for process in ("segment.1", "segment.2"):
+            lines = [
+                line for line in output.splitlines()
+                if re.search(rf" {re.escape(process)} +\| ", line)
+            ]
+            assert any('"stage done"' in line and '"segment:' in line for line in lines), (
+                f"{process} did no segmenting:\n" + "\n".join(lines[-20:])
+            )

@@ -268,3 +268,33 @@ class TestConcurrentJobs:
         versions = {segment.split("/assets/twice/")[1].split("/")[0] for segment in segments}
         assert len(versions) == 1
         assert frame_hashes(framemd5(url)) == frame_hashes(framemd5(str(copy_clip)))
+
+
+class TestPoisonJob:
+    def test_a_job_that_kills_its_worker_every_time_is_failed_after_the_bound(
+        self, faulty_fleet: Fleet, fault_proxy: FaultProxy, redis_server: RedisServer,
+        moto_server: MotoServer, copy_clip: Path,
+    ) -> None:
+        """A stage whose every delivery dies with its worker (dramatiq never counts those) is
+        failed as poison once the record has counted HLSVAULT_MAX_DELIVERIES deliveries."""
+        fleet = faulty_fleet
+        fleet.env["HLSVAULT_MAX_DELIVERIES"] = "2"
+        fleet.start_all()
+        fault_proxy.add(Rule("GET", "/sources/", delay_s=0.3))
+        job_id = submit(fleet, copy_clip, "poison", "--ladder", "copy", "--segment-seconds", "1")
+
+        # Each time the segment stage is delivered, its worker dies (SIGKILL) mid-stage
+        for delivery in (1, 2):
+            wait_until(
+                lambda: job_fields(redis_server, job_id).get("segment:360p.attempts")
+                == str(delivery) and stage_running(redis_server, job_id, "segment:"),
+                f"delivery {delivery}",
+            )
+            fleet.kill("segment", signal.SIGKILL)
+            fleet.start("segment")
+
+        record = wait_for_job(fleet, job_id)
+        assert record["status"] == "failed"
+        assert record["failed_stage"] == "segment:360p"
+        assert "delivered 3 times" in record["error"]
+        assert bucket_objects(moto_server, fleet.env["TEST_BUCKET_ORIGIN"]) == {}

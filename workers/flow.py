@@ -8,6 +8,7 @@ that enqueues what comes next. Messages carry ids only: ``(job_id)`` or ``(job_i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -24,11 +25,6 @@ from pipeline.services import Services
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-#: Deliveries of one stage before the job is declared poison. Retries of ordinary failures
-#: are bounded by dramatiq; this bounds redeliveries after a worker was killed mid-stage,
-#: which dramatiq never counts.
-MAX_DELIVERIES = 8
 
 PROBE = "media.probe"
 SEGMENT = "media.segment"
@@ -69,7 +65,7 @@ def run_stage(svc: Services, job_id: str, stage: str, work: Callable[[JobSpec], 
         log.info("job already ended; stage skipped", stage=stage, status=record.status)
         return None
     attempts = svc.jobs.stage_started(job_id, stage)
-    if attempts > MAX_DELIVERIES:
+    if attempts > svc.settings.max_deliveries:
         reason = str(
             PoisonJob(
                 f"{stage} was delivered {attempts} times without finishing (its worker keeps "
@@ -78,12 +74,15 @@ def run_stage(svc: Services, job_id: str, stage: str, work: Callable[[JobSpec], 
         )
         _fail(svc, record.spec, stage, reason)
         return None
+    started = time.monotonic()
     try:
         result = work(record.spec)
     except PermanentError as error:
         _fail(svc, record.spec, stage, redact_text(str(error)))
         return None
     svc.jobs.stage_finished(job_id, stage)
+    log.info("stage done", stage=stage, attempt=attempts,
+             seconds=round(time.monotonic() - started, 3))
     return result
 
 
