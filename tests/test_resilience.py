@@ -285,11 +285,13 @@ class TestPoisonJob:
 
         # Each time the segment stage is delivered, its worker dies (SIGKILL) mid-stage
         for delivery in (1, 2):
-            wait_until(
-                lambda: job_fields(redis_server, job_id).get("segment:360p.attempts")
-                == str(delivery) and stage_running(redis_server, job_id, "segment:"),
-                f"delivery {delivery}",
-            )
+            def delivered(count: str = str(delivery)) -> bool:
+                fields = job_fields(redis_server, job_id)
+                return fields.get("segment:360p.attempts") == count and stage_running(
+                    redis_server, job_id, "segment:"
+                )
+
+            wait_until(delivered, f"delivery {delivery}")
             fleet.kill("segment", signal.SIGKILL)
             fleet.start("segment")
 
