@@ -29,6 +29,11 @@ DEFAULT_MAINTENANCE_CHANCE = 1000
 #: Deliveries of one stage before its job is declared poison: retries of ordinary failures are
 #: bounded by dramatiq, this bounds redeliveries after a worker died mid-stage (never counted).
 DEFAULT_MAX_DELIVERIES = 8
+#: Key requests per token per minute: a player fetches one key per rotation period, plus retries
+#: and seeks; far above that is a token being shared or scraped.
+DEFAULT_RATE_LIMIT_TOKEN_PER_MIN = 120
+#: Key requests per client address per minute: room for a household or an office behind NAT.
+DEFAULT_RATE_LIMIT_IP_PER_MIN = 600
 #: Tokens minted by `hlsvault url` live this long unless told otherwise: long enough for a film.
 DEFAULT_TOKEN_TTL_S = 4 * 3600
 #: No token is accepted that was minted to live longer than this.
@@ -37,7 +42,7 @@ DEFAULT_TOKEN_MAX_TTL_S = 24 * 3600
 _GENERATE_MASTER_KEY = (
     "python3 -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())'"
 )
-_GENERATE_TOKEN_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"  # noqa: S105 - a command, not a secret
+_GENERATE_TOKEN_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,12 @@ class Settings:
     maintenance_chance: int = DEFAULT_MAINTENANCE_CHANCE
     token_max_ttl_s: int = DEFAULT_TOKEN_MAX_TTL_S
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    token_algorithm: str = "HS256"
+    token_public_key: str | None = None
+    token_private_key: str | None = field(default=None, repr=False)
+    cors_origins: tuple[str, ...] = ()
+    rate_limit_token_per_min: int = DEFAULT_RATE_LIMIT_TOKEN_PER_MIN
+    rate_limit_ip_per_min: int = DEFAULT_RATE_LIMIT_IP_PER_MIN
 
     @property
     def embedded(self) -> bool:
@@ -90,6 +101,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             )
         cdn_url = f"{public_url}/cdn"
 
+    algorithm = env.get("HLSVAULT_TOKEN_ALGORITHM") or "HS256"
+    if algorithm not in ("HS256", "EdDSA", "RS256"):
+        raise ConfigurationError(
+            f"HLSVAULT_TOKEN_ALGORITHM={algorithm!r} is not supported; use HS256, EdDSA or RS256"
+        )
+    public_key = _pem(env, "HLSVAULT_TOKEN_PUBLIC_KEY")
+    private_key = _pem(env, "HLSVAULT_TOKEN_PRIVATE_KEY")
+    if algorithm != "HS256" and public_key is None:
+        raise ConfigurationError(
+            f"HLSVAULT_TOKEN_PUBLIC_KEY is not set: with HLSVAULT_TOKEN_ALGORITHM={algorithm} the "
+            "key server verifies tokens with your backend's public key (PEM text or a file path)"
+        )
+    if algorithm != "HS256":
+        # Only the customer's backend holds the signing key; no shared secret is involved.
+        env = {**env, "HLSVAULT_TOKEN_SECRET": env.get("HLSVAULT_TOKEN_SECRET") or "-" * 32}
     if redis_url is None:
         token_secret = env.get("HLSVAULT_TOKEN_SECRET") or _embedded_secret(
             data_dir, "token_secret", lambda: secrets.token_urlsafe(48)
@@ -133,6 +159,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         maintenance_chance=_int(env, "HLSVAULT_MAINTENANCE_CHANCE", DEFAULT_MAINTENANCE_CHANCE),
         token_max_ttl_s=_int(env, "HLSVAULT_TOKEN_MAX_TTL", DEFAULT_TOKEN_MAX_TTL_S),
         max_deliveries=max(1, _int(env, "HLSVAULT_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES)),
+        token_algorithm=algorithm,
+        token_public_key=public_key,
+        token_private_key=private_key,
+        cors_origins=_origins(env.get("HLSVAULT_CORS_ORIGINS") or ""),
+        rate_limit_token_per_min=_int(
+            env, "HLSVAULT_RATE_LIMIT_TOKEN", DEFAULT_RATE_LIMIT_TOKEN_PER_MIN
+        ),
+        rate_limit_ip_per_min=_int(env, "HLSVAULT_RATE_LIMIT_IP", DEFAULT_RATE_LIMIT_IP_PER_MIN),
     )
 
 
@@ -153,6 +187,34 @@ def decode_master_key(text: str) -> bytes:
             f"generate one with {_GENERATE_MASTER_KEY}"
         )
     return key
+
+
+def _pem(env: Mapping[str, str], name: str) -> str | None:
+    """A PEM key given inline or as a path to a file holding it."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    if raw.startswith("-----BEGIN"):
+        return raw
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigurationError(f"{name} is neither PEM text nor a readable file: {raw[:60]}")
+    return path.read_text()
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin == "*":
+            raise ConfigurationError(
+                "HLSVAULT_CORS_ORIGINS must list origins: '*' cannot be combined with the "
+                "credentials that cookie mode needs"
+            )
+        if not origin.startswith(("http://", "https://")):
+            raise ConfigurationError(
+                f"HLSVAULT_CORS_ORIGINS entry {origin!r} is not an origin like https://app.example"
+            )
+    return origins
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

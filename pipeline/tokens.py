@@ -1,27 +1,38 @@
 """Viewer tokens: short-lived JWTs that the customer's backend mints and the key server checks.
 
-Claims: ``sub`` is the asset id, ``exp`` is required and may lie at most the configured maximum
-TTL in the future, ``iat`` is set by :func:`mint_token`, ``sid`` optionally names a session.
+Claims: ``sub`` is the asset id; ``exp`` is required and may lie at most the configured maximum
+TTL ahead (``exp - iat`` too, when ``iat`` is given); ``nbf`` is honoured; ``sid`` optionally
+names the viewer's session and ``ip`` binds the token to one client address.
+
+Algorithms: HS256 with a shared secret, or EdDSA (Ed25519) / RS256, where the key server holds
+only the public key and the customer's backend alone can mint. A verifier accepts exactly one
+algorithm, so a token signed with another (``none``, or HS256 keyed with the public key) fails.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 
+from .errors import ConfigurationError
+from .settings import Settings
+
 #: Clocks of the minting backend and the key server may disagree by this much.
 CLOCK_SKEW_LEEWAY_S = 30
-ALGORITHM = "HS256"
+ALGORITHMS = ("HS256", "EdDSA", "RS256")
+#: Bounds on claims we copy into logs and URLs.
+MAX_SID_LENGTH = 128
 
 
 class TokenRejected(Exception):
-    """The token is missing, malformed, forged or expired: answer 401."""
+    """The token is missing, malformed, forged, expired or not yet valid: answer 401."""
 
 
 class TokenForbidden(TokenRejected):
-    """The token is valid, but not for this asset: answer 403."""
+    """The token is genuine but does not entitle this request (asset, session, IP): 403."""
 
 
 @dataclass(frozen=True)
@@ -29,41 +40,119 @@ class TokenClaims:
     asset: str
     expires_at: int
     sid: str | None
+    ip: str | None
+
+
+class TokenVerifier:
+    """Verifies tokens for one algorithm and key; built once from settings."""
+
+    def __init__(self, algorithm: str, key: Any, *, max_ttl_s: int) -> None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unsupported token algorithm {algorithm!r}")
+        self.algorithm = algorithm
+        self.key = key
+        self.max_ttl_s = max_ttl_s
+
+    def verify(
+        self, token: str, *, asset: str, client_ip: str | None = None, sid: str | None = None
+    ) -> TokenClaims:
+        """The claims of ``token`` if it entitles its holder to ``asset`` from ``client_ip``
+        (and session ``sid`` when the request names one); else raise."""
+        if not token:
+            raise TokenRejected("missing token")
+        if len(token) > 4096:
+            raise TokenRejected("invalid token: too long")
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=[self.algorithm],
+                options={"require": ["exp", "sub"]},
+                leeway=CLOCK_SKEW_LEEWAY_S,
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenRejected("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise TokenRejected("token not yet valid") from None
+        except jwt.InvalidTokenError as error:
+            raise TokenRejected(f"invalid token: {type(error).__name__}") from None
+        now = time.time()
+        exp, iat = claims["exp"], claims.get("iat")
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
+            raise TokenRejected("invalid token: exp is not a number")
+        if exp - now > self.max_ttl_s + CLOCK_SKEW_LEEWAY_S:
+            raise TokenRejected("token lives longer than the maximum TTL")
+        if isinstance(iat, int | float) and exp - iat > self.max_ttl_s:
+            raise TokenRejected("token was minted to live longer than the maximum TTL")
+        if claims["sub"] != asset:
+            raise TokenForbidden("token is for another asset")
+        token_sid = claims.get("sid")
+        if token_sid is not None and (
+            not isinstance(token_sid, str) or len(token_sid) > MAX_SID_LENGTH
+        ):
+            raise TokenRejected("invalid token: malformed sid")
+        if sid is not None and token_sid != sid:
+            raise TokenForbidden("token is for another session")
+        token_ip = claims.get("ip")
+        if token_ip is not None and token_ip != client_ip:
+            raise TokenForbidden("token is bound to another client address")
+        return TokenClaims(
+            asset=asset,
+            expires_at=int(exp),
+            sid=token_sid,
+            ip=str(token_ip) if token_ip is not None else None,
+        )
 
 
 def mint_token(
-    secret: str, asset: str, ttl_s: int, *, sid: str | None = None, now: float | None = None
+    key: Any,
+    asset: str,
+    ttl_s: int,
+    *,
+    algorithm: str = "HS256",
+    sid: str | None = None,
+    ip: str | None = None,
+    now: float | None = None,
 ) -> str:
-    """A signed token letting its holder play ``asset`` for ``ttl_s`` seconds."""
+    """A signed token letting its holder play ``asset`` for ``ttl_s`` seconds. ``key`` is the
+    shared secret (HS256) or the private key (EdDSA, RS256)."""
     issued = int(time.time() if now is None else now)
     claims: dict[str, object] = {"sub": asset, "iat": issued, "exp": issued + ttl_s}
     if sid:
         claims["sid"] = sid
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+    if ip:
+        claims["ip"] = ip
+    return jwt.encode(claims, key, algorithm=algorithm)
 
 
 def verify_token(token: str, secret: str, *, asset: str, max_ttl_s: int) -> TokenClaims:
-    """Check ``token`` for ``asset``; raise :class:`TokenRejected` or :class:`TokenForbidden`."""
-    if not token:
-        raise TokenRejected("missing token")
-    try:
-        claims = jwt.decode(
-            token,
-            secret,
-            algorithms=[ALGORITHM],
-            options={"require": ["exp", "sub"]},
-            leeway=CLOCK_SKEW_LEEWAY_S,
+    """Check an HS256 ``token`` for ``asset`` (shorthand for a one-off verifier)."""
+    return TokenVerifier("HS256", secret, max_ttl_s=max_ttl_s).verify(token, asset=asset)
+
+
+def verifier_for(settings: Settings) -> TokenVerifier:
+    """The verifier a key server built from ``settings`` uses."""
+    if settings.token_algorithm == "HS256":
+        return TokenVerifier("HS256", settings.token_secret, max_ttl_s=settings.token_max_ttl_s)
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    if settings.token_public_key is None:
+        raise ConfigurationError(
+            f"{settings.token_algorithm} tokens need HLSVAULT_TOKEN_PUBLIC_KEY"
         )
-    except jwt.ExpiredSignatureError:
-        raise TokenRejected("token expired") from None
-    except jwt.InvalidTokenError as error:
-        raise TokenRejected(f"invalid token: {type(error).__name__}") from None
-    exp = claims["exp"]
-    if not isinstance(exp, int | float):
-        raise TokenRejected("invalid token: exp is not a number")
-    if exp - time.time() > max_ttl_s + CLOCK_SKEW_LEEWAY_S:
-        raise TokenRejected("token lives longer than the maximum TTL")
-    if claims["sub"] != asset:
-        raise TokenForbidden("token is for another asset")
-    sid = claims.get("sid")
-    return TokenClaims(asset=asset, expires_at=int(exp), sid=str(sid) if sid else None)
+    key = load_pem_public_key(settings.token_public_key.encode())
+    return TokenVerifier(settings.token_algorithm, key, max_ttl_s=settings.token_max_ttl_s)
+
+
+def minting_key(settings: Settings) -> Any:
+    """The key `hlsvault token` signs with: the shared secret, or the private key."""
+    if settings.token_algorithm == "HS256":
+        return settings.token_secret
+    if settings.token_private_key is None:
+        raise TokenRejected(
+            f"minting {settings.token_algorithm} tokens needs HLSVAULT_TOKEN_PRIVATE_KEY; the key "
+            "server itself holds only the public key, so mint on your backend"
+        )
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    return load_pem_private_key(settings.token_private_key.encode(), password=None)

@@ -51,7 +51,7 @@ def test_valid_token_yields_its_claims() -> None:
     """A token minted for the asset is accepted and says which asset, until when, which session."""
     now = time.time()
     claims = verify(mint_token(SECRET, ASSET, 600, sid="session-7", now=now))
-    assert claims == TokenClaims(asset=ASSET, expires_at=int(now) + 600, sid="session-7")
+    assert claims == TokenClaims(asset=ASSET, expires_at=int(now) + 600, sid="session-7", ip=None)
 
 
 def test_valid_token_without_session_has_no_sid() -> None:
