@@ -1,17 +1,22 @@
 """The key server's ASGI app, built by :func:`create_app` from explicit settings.
 
-    GET /v1/assets/{asset}/master.m3u8?token=…        master playlist
-    GET /v1/assets/{asset}/{rendition}.m3u8?token=…   variant playlist for one rendition
-    GET /v1/keys/{asset}/{version}/{index}?token=…    the 16 key bytes
-    GET /cdn/…                                        embedded mode only: the local origin
+    GET /v1/assets/{asset}/master.m3u8?token=…[&auth=cookie]   master playlist
+    GET /v1/assets/{asset}/{rendition}.m3u8?token=…            variant playlist (tokenized mode)
+    GET /v1/keys/{asset}/{version}/{index}                     the 16 key bytes; the token comes
+                                                               as ?token=, a Bearer header, or
+                                                               the cookie set in cookie mode
+    GET /cdn/…                                                 embedded mode only: the origin
     GET /healthz
 
-401 for a missing, malformed, forged or expired token; 403 for a token of another asset;
-404 for an unknown asset, rendition or key; 400 for malformed path values.
+401: token missing, malformed, forged, expired or not yet valid. 403: a genuine token for
+another asset, session or client address. 404: unknown asset, rendition or key. 410: revoked
+asset, or a retired version's key after its grace period. 400: malformed path values.
+429: too many key requests for one token or one client address.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
 import re
 import time
@@ -21,15 +26,23 @@ from urllib.parse import quote
 
 import structlog
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pipeline.catalog import Catalog
-from pipeline.errors import BadSpec
-from pipeline.keys import MAX_KEY_INDEX, KeyUnwrapError, KeyVault, check_asset_id, check_version
+from pipeline.catalog import AssetState, Catalog
+from pipeline.keys import (
+    ASSET_ID_PATTERN,
+    MAX_KEY_INDEX,
+    VERSION_PATTERN,
+    KeyUnwrapError,
+    KeyVault,
+)
 from pipeline.playlists import (
     AssetVersion,
     PublishedSegment,
@@ -39,93 +52,153 @@ from pipeline.playlists import (
 )
 from pipeline.settings import Settings
 from pipeline.storage import LocalStore, ObjectNotFound, Store, open_store
-from pipeline.tokens import TokenForbidden, TokenRejected, verify_token
+from pipeline.tokens import TokenClaims, TokenForbidden, TokenRejected, TokenVerifier, verifier_for
 
-from .cache import VersionCache
+from .ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from .state import VaultView
 
 log = structlog.get_logger("hlsvault.keyserver")
 audit = structlog.get_logger("hlsvault.audit")
 
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
 NO_STORE = {"Cache-Control": "no-store"}
-_RENDITION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_INDEX = re.compile(r"^[0-9]{1,7}$")
+#: Cookie mode: the token travels in this cookie, scoped to one asset's key path.
+COOKIE_NAME = "hlsvault_token"
+SID_HEADER = "x-hlsvault-sid"
+_RENDITION = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_INDEX = re.compile(r"(0|[1-9][0-9]{0,6})")
 
 
-def _error(status: int, message: str) -> Response:
-    return JSONResponse({"error": message}, status_code=status, headers=NO_STORE)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(
+        {"error": message}, status_code=status, headers={**NO_STORE, **(headers or {})}
+    )
 
 
-def _token(request: Request) -> str:
+def _request_token(request: Request, *, cookie: bool = False) -> str:
     token = request.query_params.get("token", "")
     if not token:
         auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
+        if auth[:7].lower() == "bearer ":
             token = auth[7:].strip()
+    if not token and cookie:
+        token = request.cookies.get(COOKIE_NAME, "")
     return token
 
 
+def _request_sid(request: Request) -> str | None:
+    return request.query_params.get("sid") or request.headers.get(SID_HEADER) or None
+
+
+def _client_ip(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
 class KeyServer:
-    """Route handlers over the catalog and the key vault."""
+    """Route handlers over a cached view of the vault."""
 
-    def __init__(self, settings: Settings, *, catalog: Catalog, keys: KeyVault) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        view: VaultView,
+        verifier: TokenVerifier,
+        limiter: RateLimiter,
+    ) -> None:
         self.settings = settings
-        self.catalog = catalog
-        self.keys = keys
-        self.versions = VersionCache(catalog)
+        self.view = view
+        self.verifier = verifier
+        self.limiter = limiter
 
-    def _authorise(self, request: Request, asset: str) -> Response | None:
+    def _authorise(
+        self, request: Request, asset: str, *, cookie: bool = False
+    ) -> TokenClaims | Response:
         try:
-            verify_token(
-                _token(request),
-                self.settings.token_secret,
+            return self.verifier.verify(
+                _request_token(request, cookie=cookie),
                 asset=asset,
-                max_ttl_s=self.settings.token_max_ttl_s,
+                client_ip=_client_ip(request),
+                sid=_request_sid(request),
             )
         except TokenForbidden as error:
             return _error(403, str(error))
         except TokenRejected as error:
             return _error(401, str(error))
-        return None
 
-    def _current(self, asset: str) -> AssetVersion | None:
-        return self.versions.current(asset)
+    async def _published(self, asset: str) -> tuple[AssetState, AssetVersion] | Response:
+        state = await run_in_threadpool(self.view.state, asset)
+        if state is None or state.version is None:
+            return _error(404, "unknown asset")
+        if state.revoked:
+            return _error(410, "asset revoked")
+        described = await run_in_threadpool(self.view.version, asset, state.version)
+        if described is None:
+            return _error(404, "unknown asset")
+        return state, described
+
+    def _suffix(self, request: Request, token: str) -> str:
+        """The query string a playlist passes on to the URIs it names."""
+        suffix = f"?token={quote(token, safe='')}" if token else ""
+        sid = _request_sid(request)
+        if sid:
+            suffix += f"{'&' if suffix else '?'}sid={quote(sid, safe='')}"
+        return suffix
 
     async def master(self, request: Request) -> Response:
         asset = request.path_params["asset"]
-        if not _valid_asset(asset):
+        if not ASSET_ID_PATTERN.fullmatch(asset):
             return _error(400, "malformed asset id")
-        denied = self._authorise(request, asset)
-        if denied:
-            return denied
-        described = self._current(asset)
-        if described is None:
-            return _error(404, "unknown asset")
-        token = quote(_token(request), safe="")
+        claims = self._authorise(request, asset)
+        if isinstance(claims, Response):
+            return claims
+        published = await self._published(asset)
+        if isinstance(published, Response):
+            return published
+        _, described = published
+        cookie_mode = request.query_params.get("auth") == "cookie"
+        token = _request_token(request)
+        base = self.settings.public_url
+        if cookie_mode:
+            cdn = self.settings.cdn_url
 
-        def variant_uri(rendition: RenditionEntry) -> str:
-            return (
-                f"{self.settings.public_url}/v1/assets/{asset}/{rendition.name}.m3u8?token={token}"
-            )
+            def variant_uri(rendition: RenditionEntry) -> str:
+                return f"{cdn}/assets/{asset}/{described.version}/{rendition.name}.m3u8"
+        else:
+            suffix = self._suffix(request, token)
+
+            def variant_uri(rendition: RenditionEntry) -> str:
+                return f"{base}/v1/assets/{asset}/{rendition.name}.m3u8{suffix}"
 
         body = render_master(described, variant_uri=variant_uri)
-        return PlainTextResponse(body, media_type=PLAYLIST_TYPE, headers=NO_STORE)
+        response = PlainTextResponse(body, media_type=PLAYLIST_TYPE, headers=NO_STORE)
+        if cookie_mode:
+            response.set_cookie(
+                COOKIE_NAME,
+                token,
+                max_age=max(1, claims.expires_at - int(time.time())),
+                path=f"/v1/keys/{asset}/",
+                secure=True,
+                httponly=True,
+                samesite="none",
+            )
+        return response
 
     async def variant(self, request: Request) -> Response:
         asset = request.path_params["asset"]
         name = request.path_params["rendition"]
-        if not _valid_asset(asset) or not _RENDITION.fullmatch(name):
+        if not ASSET_ID_PATTERN.fullmatch(asset) or not _RENDITION.fullmatch(name):
             return _error(400, "malformed asset id or rendition")
-        denied = self._authorise(request, asset)
-        if denied:
-            return denied
-        described = self._current(asset)
-        if described is None:
-            return _error(404, "unknown asset")
+        claims = self._authorise(request, asset)
+        if isinstance(claims, Response):
+            return claims
+        published = await self._published(asset)
+        if isinstance(published, Response):
+            return published
+        _, described = published
         rendition = described.rendition(name)
         if rendition is None:
             return _error(404, "unknown rendition")
-        token = quote(_token(request), safe="")
+        suffix = self._suffix(request, _request_token(request))
         cdn = self.settings.cdn_url
         version = described.version
         keys_base = f"{self.settings.public_url}/v1/keys/{asset}/{version}"
@@ -134,85 +207,106 @@ class KeyServer:
             return f"{cdn}/assets/{asset}/{version}/{name}/{segment.name}"
 
         def key_uri(index: int) -> str:
-            return f"{keys_base}/{index}?token={token}"
+            return f"{keys_base}/{index}{suffix}"
 
         body = render_variant(described, rendition, segment_uri=segment_uri, key_uri=key_uri)
         return PlainTextResponse(body, media_type=PLAYLIST_TYPE, headers=NO_STORE)
+
+    async def _limited(self, request: Request, token: str) -> Response | None:
+        ip = _client_ip(request) or "unknown"
+        wait = await self.limiter.hit(f"ip:{ip}", self.settings.rate_limit_ip_per_min)
+        if wait is None and token:
+            digest = hashlib.sha256(token.encode()).hexdigest()[:24]
+            wait = await self.limiter.hit(f"token:{digest}", self.settings.rate_limit_token_per_min)
+        if wait is None:
+            return None
+        return _error(429, "too many key requests", {"Retry-After": str(int(wait + 0.999))})
 
     async def key(self, request: Request) -> Response:
         asset = request.path_params["asset"]
         version = request.path_params["version"]
         raw_index = request.path_params["index"]
-        client = request.client.host if request.client else None
-        if not _valid_asset(asset) or not _valid_version(version) or not _INDEX.fullmatch(raw_index):
+        ip = _client_ip(request)
+        if (
+            not ASSET_ID_PATTERN.fullmatch(asset)
+            or not VERSION_PATTERN.fullmatch(version)
+            or not _INDEX.fullmatch(raw_index)
+            or int(raw_index) > MAX_KEY_INDEX
+        ):
             return _error(400, "malformed key path")
         index = int(raw_index)
-        if index > MAX_KEY_INDEX:
-            return _error(400, "malformed key path")
-        denied = self._authorise(request, asset)
-        if denied:
+        key_id = f"{version}/{index}"
+        token = _request_token(request, cookie=True)
+        limited = await self._limited(request, token)
+        if limited is not None:
             audit.info(
                 "key request",
                 asset=asset,
-                key_id=f"{version}/{index}",
-                client_ip=client,
-                outcome=f"denied {denied.status_code}",
+                key_id=key_id,
+                sid=None,
+                client_ip=ip,
+                outcome="rate limited",
             )
-            return denied
-        try:
-            key = self.keys.get(asset, version, index)
-        except ObjectNotFound:
+            return limited
+        claims = self._authorise(request, asset, cookie=True)
+        if isinstance(claims, Response):
             audit.info(
                 "key request",
                 asset=asset,
-                key_id=f"{version}/{index}",
-                client_ip=client,
-                outcome="unknown key",
+                key_id=key_id,
+                sid=None,
+                client_ip=ip,
+                outcome=f"denied {claims.status_code}",
             )
-            return _error(404, "unknown key")
-        except KeyUnwrapError:
-            log.error("wrapped key does not authenticate", asset=asset, key_id=f"{version}/{index}")
-            return _error(500, "key unavailable")
+            return claims
+        state = await run_in_threadpool(self.view.state, asset)
+        outcome, response = await self._key_response(state, asset, version, index)
         audit.info(
-            "key request",
-            asset=asset,
-            key_id=f"{version}/{index}",
-            client_ip=client,
-            outcome="served",
+            "key request", asset=asset, key_id=key_id, sid=claims.sid, client_ip=ip, outcome=outcome
         )
-        return Response(key, media_type="application/octet-stream", headers=NO_STORE)
+        return response
+
+    async def _key_response(
+        self, state: AssetState | None, asset: str, version: str, index: int
+    ) -> tuple[str, Response]:
+        if state is None:
+            return "unknown asset", _error(404, "unknown key")
+        if state.key_withdrawn(version):
+            return "gone", _error(410, "key withdrawn: the asset was revoked or re-keyed")
+        key = self.view.cached_key(asset, version, index)
+        if key is None:
+            try:
+                key = await run_in_threadpool(self.view.key, asset, version, index)
+            except ObjectNotFound:
+                return "unknown key", _error(404, "unknown key")
+            except KeyUnwrapError:
+                log.error(
+                    "wrapped key does not authenticate", asset=asset, key_id=f"{version}/{index}"
+                )
+                return "unwrap failed", _error(500, "key unavailable")
+        return "served", Response(key, media_type="application/octet-stream", headers=NO_STORE)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
 
-def _valid_asset(asset: str) -> bool:
-    try:
-        check_asset_id(asset)
-        return True
-    except BadSpec:
-        return False
-
-
-def _valid_version(version: str) -> bool:
-    try:
-        check_version(version)
-        return True
-    except BadSpec:
-        return False
-
-
 class CdnHeaders:
-    """Give the embedded /cdn/ the headers a CDN origin would: immutable segments."""
+    """Give the embedded /cdn/ the headers a CDN origin would: immutable segments, playlists
+    briefly cacheable."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        playlist = scope.get("path", "").endswith(".m3u8")
+
         async def send_with_headers(message: Any) -> None:
             if message["type"] == "http.response.start" and message["status"] in (200, 206):
                 headers = list(message.get("headers", []))
-                headers.append((b"cache-control", b"public, max-age=31536000, immutable"))
+                value = (
+                    b"public, max-age=300" if playlist else b"public, max-age=31536000, immutable"
+                )
+                headers.append((b"cache-control", value))
                 message["headers"] = headers
             await send(message)
 
@@ -251,11 +345,24 @@ class AccessLog:
 
 
 def create_app(
-    settings: Settings, *, vault: Store | None = None, origin: Store | None = None
+    settings: Settings,
+    *,
+    vault: Store | None = None,
+    origin: Store | None = None,
+    limiter: RateLimiter | None = None,
 ) -> Starlette:
-    """Build the key server for ``settings``; stores may be passed in (tests, embedding)."""
+    """Build the key server for ``settings``; stores and the rate limiter may be passed in."""
     vault = vault if vault is not None else open_store(settings.vault)
-    server = KeyServer(settings, catalog=Catalog(vault), keys=KeyVault(vault, settings.master_key))
+    if limiter is None:
+        limiter = (
+            RedisRateLimiter(settings.redis_url) if settings.redis_url else MemoryRateLimiter()
+        )
+    server = KeyServer(
+        settings,
+        view=VaultView(Catalog(vault), KeyVault(vault, settings.master_key)),
+        verifier=verifier_for(settings),
+        limiter=limiter,
+    )
     routes: list[Route | Mount] = [
         Route("/healthz", server.healthz),
         Route("/v1/assets/{asset}/master.m3u8", server.master),
@@ -266,9 +373,20 @@ def create_app(
         origin = origin if origin is not None else open_store(settings.origin)
         if isinstance(origin, LocalStore):
             mimetypes.add_type("video/mp2t", ".ts")
+            mimetypes.add_type(PLAYLIST_TYPE, ".m3u8")
             Path(origin.root).mkdir(parents=True, exist_ok=True)
-            cdn = CdnHeaders(StaticFiles(directory=origin.root))
-            routes.append(Mount("/cdn", app=cdn))
-    app = Starlette(routes=routes)
-    app.add_middleware(AccessLog)
-    return app
+            routes.append(Mount("/cdn", app=CdnHeaders(StaticFiles(directory=origin.root))))
+    middleware = [Middleware(AccessLog)]
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_credentials=True,
+                allow_methods=["GET", "HEAD"],
+                allow_headers=["Authorization", "Range", "X-Hlsvault-Sid"],
+                expose_headers=["Content-Length", "Content-Range", "Retry-After"],
+                max_age=600,
+            )
+        )
+    return Starlette(routes=routes, middleware=middleware)

@@ -1,0 +1,78 @@
+"""In-memory caches of the vault: the key server stays stateless and reads the vault rarely."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+from pipeline.catalog import AssetState, Catalog
+from pipeline.keys import KeyVault
+from pipeline.playlists import AssetVersion
+from pipeline.storage import ObjectNotFound
+
+#: How stale an asset's state may be: a publish, rekey or revoke reaches every key server
+#: within this many seconds, and the vault sees at most one state read per asset per period.
+STATE_TTL_S = 2.0
+#: Version descriptions and content keys never change, so they are kept until evicted.
+MAX_VERSIONS = 1024
+MAX_KEYS = 65_536
+
+
+class VaultView:
+    """Asset states (briefly cached), version descriptions and content keys (kept)."""
+
+    def __init__(self, catalog: Catalog, keys: KeyVault, *, ttl_s: float = STATE_TTL_S) -> None:
+        self.catalog = catalog
+        self.keys = keys
+        self.ttl_s = ttl_s
+        self._states: dict[str, tuple[float, AssetState | None]] = {}
+        self._versions: OrderedDict[tuple[str, str], AssetVersion] = OrderedDict()
+        self._keys: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def state(self, asset: str) -> AssetState | None:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._states.get(asset)
+        if cached is not None and now - cached[0] <= self.ttl_s:
+            return cached[1]
+        state = self.catalog.state(asset)
+        with self._lock:
+            self._states[asset] = (now, state)
+            if len(self._states) > MAX_VERSIONS * 4:
+                self._states.pop(next(iter(self._states)))
+        return state
+
+    def version(self, asset: str, version: str) -> AssetVersion | None:
+        with self._lock:
+            found = self._versions.get((asset, version))
+            if found is not None:
+                self._versions.move_to_end((asset, version))
+                return found
+        try:
+            described = self.catalog.get_version(asset, version)
+        except ObjectNotFound:
+            return None
+        with self._lock:
+            self._versions[(asset, version)] = described
+            if len(self._versions) > MAX_VERSIONS:
+                self._versions.popitem(last=False)
+        return described
+
+    def cached_key(self, asset: str, version: str, index: int) -> bytes | None:
+        with self._lock:
+            return self._keys.get((asset, version, index))
+
+    def key(self, asset: str, version: str, index: int) -> bytes:
+        """A content key; :class:`~pipeline.storage.ObjectNotFound` when there is none.
+        Callers check the asset's state first: a cached key outlives nothing it should not."""
+        found = self.cached_key(asset, version, index)
+        if found is not None:
+            return found
+        key = self.keys.get(asset, version, index)
+        with self._lock:
+            self._keys[(asset, version, index)] = key
+            if len(self._keys) > MAX_KEYS:
+                self._keys.popitem(last=False)
+        return key
