@@ -1,4 +1,6 @@
-"""CDN invalidation: only stable paths are ever invalidated; versioned segments never change."""
+"""CDN invalidation. Segments and variant playlists live under versioned, immutable paths, so
+a publish invalidates only the asset's one stable path: the static cookie-mode master playlist.
+A revocation purges everything of the asset from the edges."""
 
 from __future__ import annotations
 
@@ -15,13 +17,28 @@ POLL_INTERVAL_S = 5
 
 
 def stable_paths(asset: str) -> list[str]:
-    """Paths whose content changes when a new version is published: the static playlists
-    that cookie-mode players fetch from the CDN. Everything else is versioned."""
-    return [f"/assets/{asset}/*.m3u8"]
+    """Paths whose content changes when a new version is published."""
+    return [f"/assets/{asset}/master.m3u8"]
 
 
 def invalidate(svc: Services, spec: JobSpec, *, client: Any | None = None) -> dict[str, Any]:
-    """Invalidate the asset's stable paths on CloudFront, or record why it was skipped."""
+    """Invalidate the asset's stable paths after a publish, or record why it was skipped.
+
+    The caller reference is the job's own: a retried stage re-submits the same request, and
+    CloudFront answers with the invalidation it already has instead of creating a second."""
+    return _invalidate(svc, stable_paths(spec.asset), f"hlsvault-{spec.job_id}", client)
+
+
+def purge_asset(svc: Services, asset: str, *, client: Any | None = None) -> dict[str, Any]:
+    """Invalidate every path of ``asset`` (after a revocation)."""
+    return _invalidate(
+        svc, [f"/assets/{asset}/*"], f"hlsvault-revoke-{asset}-{time.time_ns()}", client
+    )
+
+
+def _invalidate(
+    svc: Services, paths: list[str], reference: str, client: Any | None
+) -> dict[str, Any]:
     distribution = svc.settings.cloudfront_distribution_id
     if not distribution:
         return {"status": "skipped", "reason": "no CloudFront distribution configured"}
@@ -29,27 +46,26 @@ def invalidate(svc: Services, spec: JobSpec, *, client: Any | None = None) -> di
         from .s3 import make_client
 
         client = make_client("cloudfront")
-    paths = stable_paths(spec.asset)
-    # The caller reference is the job's own: a retried stage re-submits the same request, and
-    # CloudFront answers with the invalidation it already has instead of creating a second.
     response = client.create_invalidation(
         DistributionId=distribution,
         InvalidationBatch={
             "Paths": {"Quantity": len(paths), "Items": paths},
-            "CallerReference": f"hlsvault-{spec.job_id}",
+            "CallerReference": reference,
         },
     )
     invalidation_id = response["Invalidation"]["Id"]
     deadline = time.monotonic() + INVALIDATION_WAIT_S
-    status = response["Invalidation"]["Status"]
+    status = str(response["Invalidation"]["Status"])
     # CloudFront says "Completed"; some implementations of its API say "COMPLETED".
     while status.lower() != "completed" and time.monotonic() < deadline:
         time.sleep(POLL_INTERVAL_S)
-        status = client.get_invalidation(DistributionId=distribution, Id=invalidation_id)[
-            "Invalidation"
-        ]["Status"]
+        status = str(
+            client.get_invalidation(DistributionId=distribution, Id=invalidation_id)[
+                "Invalidation"
+            ]["Status"]
+        )
     return {
-        "status": "done" if status == "Completed" else "submitted",
+        "status": "done" if status.lower() == "completed" else "submitted",
         "invalidation_id": invalidation_id,
         "paths": paths,
     }

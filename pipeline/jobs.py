@@ -29,7 +29,7 @@ from .errors import BadSpec
 from .keys import check_asset_id
 from .plan import LADDERS, check_segment_seconds
 
-STAGES = ("probe", "segment", "encrypt", "playlist", "upload", "invalidate")
+STAGES = ("probe", "rekey", "segment", "encrypt", "playlist", "upload", "invalidate")
 TERMINAL = ("succeeded", "failed", "cancelled")
 #: A rotation period longer than any video would simply be "off"; shorter than 1 is invalid.
 MAX_KEY_ROTATION_SEGMENTS = 100_000
@@ -47,6 +47,11 @@ class JobSpec:
     segment_seconds: float = 6.0
     key_rotation_segments: int = 0
     created_at: float = field(default_factory=time.time)
+    #: "package" (probe → segment → encrypt → playlist …) or "rekey" (re-encrypt → upload …)
+    kind: str = "package"
+    #: rekey only: the version whose segments are re-encrypted, and how long its keys live on
+    previous_version: str | None = None
+    grace_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

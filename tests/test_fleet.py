@@ -91,7 +91,7 @@ class TestEndToEnd:
             DistributionId=distribution, Id=listed["Items"][0]["Id"]
         )["Invalidation"]["InvalidationBatch"]
         assert batch["CallerReference"] == f"hlsvault-{job_id}"
-        assert batch["Paths"]["Items"] == ["/assets/fleet/*.m3u8"]
+        assert batch["Paths"]["Items"] == ["/assets/fleet/master.m3u8"]
 
         # and the work bucket keeps no scratch of the finished job
         assert bucket_objects(moto_server, fleet.env["TEST_BUCKET_WORK"], "work/jobs") == {}

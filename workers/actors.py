@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dramatiq
 
-from pipeline import cdn, packaging
+from pipeline import cdn, lifecycle, packaging
 
 from . import flow
 from .queues import Queue
@@ -131,3 +131,31 @@ def invalidate(job_id: str) -> None:
         result = dict(svc.jobs.get(job_id).json_field("published") or {})
         result["invalidation"] = outcome
         flow.after_invalidate(svc, job_id, result)
+
+
+@dramatiq.actor(
+    actor_name=flow.REKEY,
+    queue_name=Queue.ENCRYPT,
+    time_limit=PUBLISH_LIMIT_MS,
+    max_retries=MAX_RETRIES,
+    min_backoff=MIN_BACKOFF_MS,
+    max_backoff=MAX_BACKOFF_MS,
+)
+def rekey(job_id: str) -> None:
+    svc = services()
+    done = flow.run_stage(svc, job_id, "rekey", lambda spec: lifecycle.rekey(svc, spec))
+    if done is not None:
+        flow.after_rekey(svc, job_id)
+
+
+@dramatiq.actor(
+    actor_name=flow.SHRED,
+    queue_name=Queue.PUBLISH,
+    time_limit=SHORT_LIMIT_MS,
+    max_retries=MAX_RETRIES,
+    min_backoff=MIN_BACKOFF_MS,
+    max_backoff=MAX_BACKOFF_MS,
+)
+def shred(asset: str) -> None:
+    """Delete the keys of the asset's retired versions whose grace period is over."""
+    lifecycle.shred_due(services(), asset)

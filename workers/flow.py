@@ -17,6 +17,7 @@ import structlog
 
 from pipeline.errors import PermanentError, PoisonJob
 from pipeline.jobs import JobSpec
+from pipeline.lifecycle import retire_previous
 from pipeline.logs import redact_text
 from pipeline.packaging import discard_work
 from pipeline.plan import Rendition
@@ -32,6 +33,10 @@ ENCRYPT = "media.encrypt"
 PLAYLIST = "media.playlist"
 UPLOAD = "media.upload"
 INVALIDATE = "media.invalidate"
+REKEY = "media.rekey"
+SHRED = "media.shred"
+#: Actors whose first argument is a job id; the others (SHRED) work on an asset.
+JOB_ACTORS = frozenset({PROBE, SEGMENT, ENCRYPT, PLAYLIST, UPLOAD, INVALIDATE, REKEY})
 
 
 def stage_of(actor_name: str, args: Sequence[Any]) -> str:
@@ -49,6 +54,10 @@ def _send(actor_name: str, *args: Any) -> None:
 def start(svc: Services, spec: JobSpec) -> None:
     """Record a new job and enqueue its first stage."""
     svc.jobs.create(spec)
+    if spec.kind == "rekey":
+        svc.jobs.stage_queued(spec.job_id, "rekey")
+        _send(REKEY, spec.job_id)
+        return
     svc.jobs.stage_queued(spec.job_id, "probe")
     _send(PROBE, spec.job_id)
 
@@ -120,6 +129,11 @@ def after_encrypt(svc: Services, job_id: str, rendition: str) -> None:
         _send(PLAYLIST, job_id)
 
 
+def after_rekey(svc: Services, job_id: str) -> None:
+    # The rekey stage leaves what segment, encrypt and playlist would have: publish it.
+    after_playlist(svc, job_id)
+
+
 def after_playlist(svc: Services, job_id: str) -> None:
     svc.jobs.stage_queued(job_id, "upload")
     _send(UPLOAD, job_id)
@@ -131,6 +145,15 @@ def after_upload(svc: Services, job_id: str) -> None:
 
 
 def after_invalidate(svc: Services, job_id: str, result: dict[str, Any]) -> None:
+    spec = svc.jobs.get(job_id).spec
+    if spec.kind == "rekey" and spec.previous_version is not None:
+        result["retired"] = {"version": spec.previous_version,
+                             "delete_after": retire_previous(svc, spec)}
+        # The shred runs when the grace period is over; a lost message only delays it until
+        # the next shred of the asset (every CLI run and every re-key sweeps what is due).
+        dramatiq.get_broker().get_actor(SHRED).send_with_options(
+            args=(spec.asset,), delay=int(spec.grace_s * 1000) + 1000
+        )
     svc.jobs.succeed(job_id, result)
     discard_work(svc, job_id)
     log.info("job published", asset=result.get("asset"), version=result.get("version"))

@@ -14,7 +14,7 @@ from pipeline.errors import HlsvaultError
 from pipeline.logs import redact_text
 from pipeline.services import Services
 
-from .flow import stage_of
+from .flow import JOB_ACTORS, stage_of
 
 log = structlog.get_logger(__name__)
 
@@ -24,8 +24,9 @@ class LogContext(Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         structlog.contextvars.clear_contextvars()
+        subject = "job_id" if message.actor_name in JOB_ACTORS else "asset"
         structlog.contextvars.bind_contextvars(
-            job_id=message.args[0] if message.args else None,
+            **{subject: message.args[0] if message.args else None},
             actor=message.actor_name,
             message_id=message.message_id,
         )
@@ -70,6 +71,9 @@ class JobOutcome(Middleware):
         exception: BaseException | None = None,
     ) -> None:
         if exception is None or not message.failed or not message.args:
+            return
+        if message.actor_name not in JOB_ACTORS:
+            log.error("message failed for good", reason=failure_reason(exception))
             return
         job_id = str(message.args[0])
         stage = stage_of(message.actor_name, message.args)

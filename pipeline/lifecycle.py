@@ -1,0 +1,140 @@
+"""An asset after its first publish: re-keying, revoking, and shredding retired keys.
+
+Re-keying writes a new version whose segments are the old ones decrypted and re-encrypted under
+new keys; nothing is transcoded again. Its flow is ``rekey → upload → invalidate``: the rekey
+stage leaves the work store and the catalog exactly as segment, encrypt and playlist would
+have, so publishing is the same code. The old version is then retired: its keys are served
+for a grace period (players mid-film finish), then refused with 410 and deleted.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .crypto import decrypt_file, encrypt_file, iv_for_sequence
+from .errors import BadSpec
+from .jobs import JobSpec
+from .keys import check_asset_id
+from .playlists import AssetVersion, RenditionEntry, key_index
+from .services import Services
+
+#: Players that loaded the old version keep getting its keys this long after a re-key.
+DEFAULT_GRACE_S = 3600.0
+MAX_GRACE_S = 7 * 24 * 3600.0
+
+
+def new_rekey_spec(svc: Services, asset: str, *, grace_s: float = DEFAULT_GRACE_S) -> JobSpec:
+    """A job that re-keys the asset's current version into a new one."""
+    check_asset_id(asset)
+    if not 0 <= grace_s <= MAX_GRACE_S:
+        raise BadSpec(f"--grace {grace_s:g} is out of range; use 0 to {MAX_GRACE_S:.0f} seconds")
+    current = svc.catalog.current(asset)
+    if current is None:
+        raise BadSpec(f"asset {asset} is not published (or was revoked); nothing to re-key")
+    job_id = uuid.uuid4().hex
+    now = time.time()
+    return JobSpec(
+        job_id=job_id,
+        asset=asset,
+        source=f"rekey:{asset}/{current.version}",
+        version=time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime(now)) + f"-{job_id[:8]}",
+        ladder="rekey",
+        key_rotation_segments=current.key_rotation_segments,
+        created_at=now,
+        kind="rekey",
+        previous_version=current.version,
+        grace_s=grace_s,
+    )
+
+
+def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
+    """Re-encrypt every segment of the previous version under this version's keys, into the
+    work store, and record the new version in the catalog (not yet current)."""
+    if spec.previous_version is None:
+        raise BadSpec("a rekey job needs the version it re-keys")
+    old = svc.catalog.get_version(spec.asset, spec.previous_version)
+    old_keys: dict[int, bytes] = {}
+    new_keys: dict[int, bytes] = {}
+    renditions: list[RenditionEntry] = []
+    with tempfile.TemporaryDirectory(prefix="hlsvault-rekey-") as scratch:
+        work_dir = Path(scratch)
+        for rendition in old.renditions:
+            segments = []
+            for segment in rendition.segments:
+                old_keys.setdefault(
+                    segment.key, svc.keys.get(spec.asset, old.version, segment.key)
+                )
+                index = key_index(segment.sequence, spec.key_rotation_segments)
+                if index not in new_keys:
+                    new_keys[index] = svc.keys.get_or_create(spec.asset, spec.version, index)
+                origin_key = f"assets/{spec.asset}/{old.version}/{rendition.name}/{segment.name}"
+                encrypted = svc.origin.local_path(origin_key)
+                if encrypted is None:
+                    encrypted = work_dir / f"old-{segment.name}"
+                    svc.origin.get_file(origin_key, encrypted)
+                plain = work_dir / f"plain-{segment.name}"
+                iv = iv_for_sequence(segment.sequence)
+                decrypt_file(encrypted, plain, old_keys[segment.key], iv)
+                out_key = f"jobs/{spec.job_id}/enc/{rendition.name}/{segment.name}"
+                local_out = svc.work.local_path(out_key)
+                out = local_out or work_dir / f"new-{segment.name}"
+                size = encrypt_file(plain, out, new_keys[index], iv)
+                if local_out is None:
+                    svc.work.put_file(out_key, out)
+                plain.unlink()
+                segments.append(replace(segment, size=size, key=index))
+            renditions.append(replace(rendition, segments=tuple(segments)))
+    described = AssetVersion(
+        asset=spec.asset,
+        version=spec.version,
+        job_id=spec.job_id,
+        created_at=time.time(),
+        key_rotation_segments=spec.key_rotation_segments,
+        renditions=tuple(renditions),
+    )
+    svc.catalog.put_version(described)
+    return described
+
+
+def retire_previous(svc: Services, spec: JobSpec) -> float:
+    """After a re-key is published: schedule the previous version's keys for shredding."""
+    if spec.previous_version is None:
+        return 0.0
+    delete_after = time.time() + spec.grace_s
+    svc.catalog.retire(spec.asset, spec.previous_version, delete_after=delete_after)
+    return delete_after
+
+
+def shred_due(svc: Services, asset: str, *, now: float | None = None) -> list[str]:
+    """Delete the keys of every retired version of ``asset`` whose grace period is over."""
+    state = svc.catalog.state(asset)
+    if state is None:
+        return []
+    moment = time.time() if now is None else now
+    shredded = []
+    for version, deadline in sorted(state.retired.items()):
+        if deadline <= moment:
+            svc.keys.delete_version(asset, version)
+            svc.catalog.forget_retired(asset, version)
+            shredded.append(version)
+    return shredded
+
+
+def revoke(svc: Services, asset: str, *, cloudfront: Any | None = None) -> dict[str, Any]:
+    """Crypto-shred the asset: mark it revoked (the key server answers 410 from then on),
+    delete every key of every version, and purge the CDN's copies of its paths."""
+    from .cdn import purge_asset
+
+    check_asset_id(asset)
+    if svc.catalog.state(asset) is None:
+        raise BadSpec(f"asset {asset} was never published; nothing to revoke")
+    svc.catalog.revoke(asset)
+    deleted = svc.keys.store.delete_prefix(f"keys/{asset}")
+    invalidation = purge_asset(svc, asset, client=cloudfront)
+    return {"asset": asset, "status": "revoked", "keys_deleted": deleted,
+            "invalidation": invalidation}
