@@ -198,3 +198,29 @@ def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntr
         lines.append(f"#EXT-X-STREAM-INF:{','.join(attributes)}")
         lines.append(variant_uri(rendition))
     return "\n".join(lines) + "\n"
+
+
+def static_playlists(described: AssetVersion, *, key_server: str) -> dict[str, str]:
+    """Cookie mode's playlists, for the CDN origin: origin key -> playlist text.
+
+    Variant playlists live beside their segments under the versioned path (immutable); their
+    key URIs carry no token, since the player presents the cookie. The asset's stable
+    ``master.m3u8`` names the current version's variants and is what a publish invalidates.
+    """
+    asset, version = described.asset, described.version
+    def key_uri(index: int) -> str:
+        return f"{key_server}/v1/keys/{asset}/{version}/{index}"
+
+    files = {}
+    for rendition in described.renditions:
+        prefix = rendition.name
+        files[f"assets/{asset}/{version}/{prefix}.m3u8"] = render_variant(
+            described,
+            rendition,
+            segment_uri=lambda segment, prefix=prefix: f"{prefix}/{segment.name}",
+            key_uri=key_uri,
+        )
+    files[f"assets/{asset}/master.m3u8"] = render_master(
+        described, variant_uri=lambda rendition: f"{version}/{rendition.name}.m3u8"
+    )
+    return files

@@ -1,0 +1,133 @@
+"""Commands about access rather than packaging: tokens, playback URLs, re-keying, revoking."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pipeline.errors import BadSpec
+from pipeline.settings import DEFAULT_TOKEN_TTL_S, Settings
+
+AUTH_MODES = ("token", "cookie")
+
+
+def _token(args: argparse.Namespace, settings: Settings) -> str:
+    from pipeline.keys import check_asset_id
+    from pipeline.tokens import mint_token, minting_key
+
+    check_asset_id(args.asset)
+    if args.ttl <= 0 or args.ttl > settings.token_max_ttl_s:
+        raise BadSpec(
+            f"--ttl must be between 1 and {settings.token_max_ttl_s} seconds "
+            "(the key server refuses longer-lived tokens; see HLSVAULT_TOKEN_MAX_TTL)"
+        )
+    return mint_token(
+        minting_key(settings), args.asset, args.ttl, algorithm=settings.token_algorithm,
+        sid=getattr(args, "sid", None), ip=getattr(args, "ip", None),
+    )
+
+
+def _require_published(settings: Settings, asset: str) -> None:
+    from pipeline.services import build_services
+
+    if build_services(settings).catalog.current_version(asset) is None:
+        raise BadSpec(f"asset {asset} is not published (or was revoked); package it first")
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    print(_token(args, settings))
+    return 0
+
+
+def cmd_url(args: argparse.Namespace, settings: Settings) -> int:
+    _require_published(settings, args.asset)
+    url = f"{settings.public_url}/v1/assets/{args.asset}/master.m3u8?token={_token(args, settings)}"
+    if args.auth == "cookie":
+        url += "&auth=cookie"
+    print(url)
+    return 0
+
+
+def _run_job(spec: Any, settings: Settings, *, as_json: bool, timeout: float) -> int:
+    from .cli import _fail, _summary, _wait
+
+    show = sys.stderr.isatty() and not as_json
+    if settings.embedded:
+        from workers.embedded import run_embedded
+
+        from .progress import StageProgress
+
+        with StageProgress(enabled=show) as bars:
+            record = run_embedded(spec, on_update=bars.update)
+    else:
+        import workers.actors  # noqa: F401 - declares the actors on the broker before sending
+        from workers import flow, runtime
+
+        flow.start(runtime.services(), spec)
+        record = _wait(spec.job_id, show=show, timeout=timeout)
+    summary = _summary(record, settings)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    if record.status != "succeeded":
+        return _fail(f"job {spec.job_id} failed at {record.failed_stage}: {record.error}")
+    if not as_json:
+        print(f"re-keyed {spec.asset}: version {spec.previous_version} -> {spec.version}; "
+              f"the old keys are refused after {spec.grace_s:g} s")
+    return 0
+
+
+def cmd_rekey(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.lifecycle import new_rekey_spec, shred_due
+    from pipeline.services import build_services
+
+    svc = build_services(settings)
+    shred_due(svc, args.asset)  # what earlier re-keys left due, in case no worker did it
+    spec = new_rekey_spec(svc, args.asset, grace_s=args.grace)
+    code = _run_job(spec, settings, as_json=args.json, timeout=args.timeout)
+    if code == 0 and settings.embedded:
+        shred_due(svc, args.asset)  # no worker outlives this process to do it later
+    return code
+
+
+def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.lifecycle import revoke
+    from pipeline.services import build_services
+
+    result = revoke(build_services(settings), args.asset)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"revoked {args.asset}: {result['keys_deleted']} keys deleted; the key server "
+              "answers 410 Gone for it")
+    return 0
+
+
+def add_commands(commands: Any, *, wait_timeout: float) -> None:
+    """Add the access commands to the CLI's subparsers."""
+    token = commands.add_parser("token", help="mint a viewer token for an asset")
+    url = commands.add_parser("url", help="print the playback URL a player opens")
+    for command in (token, url):
+        command.add_argument("asset")
+        command.add_argument("--ttl", type=int, default=DEFAULT_TOKEN_TTL_S,
+                             help="token lifetime in seconds")
+        command.add_argument("--sid", help="bind the token to a viewer session id")
+        command.add_argument("--ip", help="bind the token to one client address")
+    token.set_defaults(handler=cmd_token)
+    url.add_argument("--auth", choices=AUTH_MODES, default="token",
+                     help="token: the token rides in every URL; cookie: in an HttpOnly cookie")
+    url.set_defaults(handler=cmd_url)
+
+    rekey = commands.add_parser("rekey", help="re-encrypt an asset under new keys")
+    rekey.add_argument("asset")
+    rekey.add_argument("--grace", type=float, default=3600.0,
+                       help="seconds the old keys keep being served (default 3600)")
+    rekey.add_argument("--json", action="store_true")
+    rekey.add_argument("--timeout", type=float, default=wait_timeout)
+    rekey.set_defaults(handler=cmd_rekey)
+
+    revoke = commands.add_parser("revoke", help="delete an asset's keys (crypto-shredding)")
+    revoke.add_argument("asset")
+    revoke.add_argument("--json", action="store_true")
+    revoke.set_defaults(handler=cmd_revoke)
