@@ -211,13 +211,15 @@ def static_playlists(described: AssetVersion, *, key_server: str) -> dict[str, s
     def key_uri(index: int) -> str:
         return f"{key_server}/v1/keys/{asset}/{version}/{index}"
 
+    def segment_uri_under(prefix: str) -> Callable[[PublishedSegment], str]:
+        return lambda segment: f"{prefix}/{segment.name}"
+
     files = {}
     for rendition in described.renditions:
-        prefix = rendition.name
-        files[f"assets/{asset}/{version}/{prefix}.m3u8"] = render_variant(
+        files[f"assets/{asset}/{version}/{rendition.name}.m3u8"] = render_variant(
             described,
             rendition,
-            segment_uri=lambda segment, prefix=prefix: f"{prefix}/{segment.name}",
+            segment_uri=segment_uri_under(rendition.name),
             key_uri=key_uri,
         )
     files[f"assets/{asset}/master.m3u8"] = render_master(
