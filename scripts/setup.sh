@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepare a fresh clone: system tools (ffmpeg), then .venv with hlsvault and its dev tools.
+# Prepare a fresh clone: system tools (ffmpeg, redis-server, chromium), then .venv with hlsvault
+# and its dev tools, then hls.js from npm for the browser tests.
 # Idempotent: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +8,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || need_apt+=(ffmpeg)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# The browser tests drive Debian's chromium with Playwright; Playwright never downloads a browser.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 
 if ((${#need_apt[@]})); then
   if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then
@@ -39,4 +42,24 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     exit 1
   fi
   touch "$stamp"
+fi
+
+# hls.js for the browser tests' player page, pinned by tests/browser/package-lock.json.
+player=tests/browser
+if ! command -v npm >/dev/null 2>&1; then
+  echo "setup: npm is missing; the browser tests load hls.js from npm" >&2
+  echo "       install Node.js 18 or newer with npm (Debian/Ubuntu: sudo apt-get install -y npm)" >&2
+  exit 1
+fi
+npm_stamp=$player/node_modules/.hlsvault-installed
+if [ ! -f "$npm_stamp" ] || [ $player/package.json -nt "$npm_stamp" ] \
+    || [ $player/package-lock.json -nt "$npm_stamp" ]; then
+  echo "setup: installing hls.js into $player/node_modules"
+  log=.venv/npm-ci.log
+  if ! npm ci --prefix "$player" --no-audit --no-fund --loglevel=error >"$log" 2>&1; then
+    tail -40 "$log" >&2
+    echo "setup: npm ci failed; the full log is in $log" >&2
+    exit 1
+  fi
+  touch "$npm_stamp"
 fi
