@@ -15,8 +15,15 @@ if ((${#need_apt[@]})); then
   if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     echo "setup: installing ${need_apt[*]} with apt-get"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    # apt's chatter (debconf notes included) goes to a log, shown only when it fails.
+    apt_log=$(mktemp -t hlsvault-apt.XXXXXX)
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+        $SUDO apt-get install -y -qq "${need_apt[@]}"; } >"$apt_log" 2>&1; then
+      tail -40 "$apt_log" >&2
+      echo "setup: apt-get install ${need_apt[*]} failed; the full log is in $apt_log" >&2
+      exit 1
+    fi
+    rm -f "$apt_log"
   else
     echo "setup: missing ${need_apt[*]}; install them with your package manager" >&2
     echo "       (Debian/Ubuntu: sudo apt-get install -y ${need_apt[*]}; macOS: brew install ${need_apt[*]})" >&2
