@@ -14,9 +14,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import jwt
 import pytest
-from browser import Player, PlayerPageServer, PlayerState, launch_chromium
 from playwright.sync_api import Browser, sync_playwright
 
+from browser import Player, PlayerPageServer, PlayerState, launch_chromium
 from conftest import Hlsvault
 
 ASSET = "film-1"
