@@ -216,7 +216,11 @@ class KeyServer:
         ip = _client_ip(request) or "unknown"
         wait = await self.limiter.hit(f"ip:{ip}", self.settings.rate_limit_ip_per_min)
         if wait is None and token:
-            digest = hashlib.sha256(token.encode()).hexdigest()[:24]
+            # PyJWT accepts a '='-padded signature as the same token: count the canonical form,
+            # or padding would buy a fresh allowance.
+            head, dot, signature = token.rpartition(".")
+            canonical = f"{head}{dot}{signature.rstrip('=')}" if dot else token
+            digest = hashlib.sha256(canonical.encode()).hexdigest()[:24]
             wait = await self.limiter.hit(f"token:{digest}", self.settings.rate_limit_token_per_min)
         if wait is None:
             return None
@@ -233,6 +237,8 @@ class KeyServer:
             or not _INDEX.fullmatch(raw_index)
             or int(raw_index) > MAX_KEY_INDEX
         ):
+            audit.info("key request", asset=asset[:128], key_id=None, sid=None, client_ip=ip,
+                       outcome="malformed path")
             return _error(400, "malformed key path")
         index = int(raw_index)
         key_id = f"{version}/{index}"
