@@ -176,7 +176,6 @@ class TestRefusedTokens:
 class TestCookieMode:
     """A viewer whose key requests carry an HttpOnly cookie instead of a token in the URL."""
 
-    @pytest.mark.xfail(reason="cookie mode pending", strict=False)
     def test_plays_with_credentials(
         self, publish: Callable[..., Hlsvault], page_server: PlayerPageServer, player: Player
     ) -> None:
@@ -203,7 +202,6 @@ class TestCookieMode:
         assert cookie["sameSite"] == "None", cookie
         assert cookie["path"].rstrip("/") == f"/v1/keys/{ASSET}", cookie
 
-    @pytest.mark.xfail(reason="cookie mode pending", strict=False)
     def test_without_credentials_gets_no_key(
         self, publish: Callable[..., Hlsvault], page_server: PlayerPageServer, player: Player
     ) -> None:
