@@ -121,12 +121,6 @@ class Catalog:
         retired = {**state.retired, check_version(version): delete_after}
         self._write_state(asset, replace(state, retired=retired))
 
-    def forget_retired(self, asset: str, version: str) -> None:
-        state = self.state(asset)
-        if state is not None and version in state.retired:
-            retired = {v: t for v, t in state.retired.items() if v != version}
-            self._write_state(asset, replace(state, retired=retired))
-
     def revoke(self, asset: str) -> None:
         """Mark the asset revoked: the key server answers 410 Gone for it from now on."""
         state = self.state(asset) or AssetState()

@@ -118,9 +118,9 @@ def shred_due(svc: Services, asset: str, *, now: float | None = None) -> list[st
     moment = time.time() if now is None else now
     shredded = []
     for version, deadline in sorted(state.retired.items()):
-        if deadline <= moment:
-            svc.keys.delete_version(asset, version)
-            svc.catalog.forget_retired(asset, version)
+        # The retirement stays on record, so that the key server keeps answering 410 Gone
+        # (not 404) for the shredded version; deleting nothing again is cheap.
+        if deadline <= moment and svc.keys.delete_version(asset, version):
             shredded.append(version)
     return shredded
 

@@ -1,0 +1,119 @@
+"""Re-keying and revoking a published asset, through the real CLI and key server."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import Hlsvault, frame_hashes, framemd5
+
+
+def status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def key_uris(master_url: str) -> list[str]:
+    variant_url = next(line for line in fetch(master_url).splitlines() if line[:1] != "#")
+    return [
+        line.split('URI="', 1)[1].rstrip('"')
+        for line in fetch(variant_url).splitlines()
+        if line.startswith("#EXT-X-KEY")
+    ]
+
+
+def eventually(check: Callable[[], None], timeout: float = 10.0) -> None:
+    """Retry ``check`` (a callable asserting something) past the key server's state cache."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+class TestRekey:
+    def test_rekey_withdraws_the_old_keys_and_plays_under_new_ones(
+        self, keyserver: Hlsvault, copy_clip: Path
+    ) -> None:
+        """After `hlsvault rekey --grace 0` the old version's key is refused, the new version
+        plays frame for frame equal to the source, and nothing was transcoded again."""
+        # Given a published asset and the key URI a viewer's player already holds
+        done = keyserver.package(str(copy_clip), "--asset", "film", "--ladder", "copy",
+                                 "--segment-seconds", "2", "--key-rotation-segments", "2")
+        assert done.returncode == 0, done.stderr
+        url = keyserver.url("film")
+        [old_key_uri, *_] = key_uris(url)
+        assert status_of(old_key_uri) == 200
+        with urllib.request.urlopen(old_key_uri, timeout=10) as response:
+            old_key = response.read()
+
+        # When it is re-keyed with no grace period
+        rekeyed = keyserver.run("rekey", "film", "--grace", "0", "--json")
+        assert rekeyed.returncode == 0, rekeyed.stderr
+        summary = json.loads(rekeyed.stdout)
+        assert summary["status"] == "succeeded"
+        record = json.loads(keyserver.run("status", summary["job_id"], "--json").stdout)
+        assert [s["name"] for s in record["stages"]] == ["rekey", "upload", "invalidate"]
+
+        # Then the old key is gone: 410, from the vault too
+        eventually(lambda: _assert_equal(status_of(old_key_uri), 410))
+        old_version = old_key_uri.split("/v1/keys/film/")[1].split("/")[0]
+        assert not list((keyserver.vault / "keys" / "film" / old_version).glob("*.key"))
+
+        # and a fresh URL plays the new version under different keys, equal to the source
+        new_url = keyserver.url("film")
+        new_key_uris = key_uris(new_url)
+        assert len(new_key_uris) == 2 and old_version not in new_key_uris[0]
+        with urllib.request.urlopen(new_key_uris[0], timeout=10) as response:
+            assert response.read() != old_key
+        assert frame_hashes(framemd5(new_url)) == frame_hashes(framemd5(str(copy_clip)))
+
+    def test_rekey_of_an_unknown_asset_says_what_to_do(self, hlsvault: Hlsvault) -> None:
+        """Re-keying what was never published fails with a reason, and no job runs."""
+        done = hlsvault.run("rekey", "nothing")
+        assert done.returncode == 2
+        assert "not published" in done.stderr
+
+
+class TestRevoke:
+    def test_revoked_asset_answers_410_and_its_keys_are_shredded(
+        self, keyserver: Hlsvault, copy_clip: Path
+    ) -> None:
+        """`hlsvault revoke` deletes every key of the asset and the key server answers 410 Gone
+        for its playlists and keys, even with a valid token."""
+        done = keyserver.package(str(copy_clip), "--asset", "gone", "--ladder", "copy")
+        assert done.returncode == 0, done.stderr
+        url = keyserver.url("gone")
+        [key_uri] = key_uris(url)
+        variant_url = next(line for line in fetch(url).splitlines() if line[:1] != "#")
+
+        revoked = keyserver.run("revoke", "gone", "--json")
+        assert revoked.returncode == 0, revoked.stderr
+        assert json.loads(revoked.stdout)["keys_deleted"] == 1
+
+        def all_gone() -> None:
+            assert [status_of(u) for u in (url, variant_url, key_uri)] == [410, 410, 410]
+
+        eventually(all_gone)
+        assert not list((keyserver.vault / "keys" / "gone").rglob("*.key"))
+        assert keyserver.run("url", "gone").returncode != 0
+
+
+def _assert_equal(left: object, right: object) -> None:
+    assert left == right
