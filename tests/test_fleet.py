@@ -61,6 +61,7 @@ class TestEndToEnd:
         job_id = submit(fleet, copy_clip, "fleet", "--ladder", "copy", "--segment-seconds", "2")
         record = wait_for_job(fleet, job_id)
         assert record["status"] == "succeeded", record
+        version = record["version"]
         stages = {s["name"]: s["status"] for s in record["stages"]}
         assert stages["invalidate"] == "done"
 
@@ -71,11 +72,18 @@ class TestEndToEnd:
         # and the origin holds versioned segments with CDN headers, and no key material
         origin = fleet.env["TEST_BUCKET_ORIGIN"]
         objects = bucket_objects(moto_server, origin)
-        assert len(objects) == 3 and all(k.endswith(".ts") for k in objects)
+        segments = sorted(k for k in objects if k.endswith(".ts"))
+        playlists = sorted(k for k in objects if k.endswith(".m3u8"))
+        assert len(segments) == 3 and len(objects) == 5
+        assert playlists == ["assets/fleet/master.m3u8", f"assets/fleet/{version}/360p.m3u8"]
         s3 = moto_server.client("s3")
-        head = s3.head_object(Bucket=origin, Key=next(iter(objects)))
+        head = s3.head_object(Bucket=origin, Key=segments[0])
         assert head["ContentType"] == "video/mp2t"
         assert "immutable" in head["CacheControl"]
+        head = s3.head_object(Bucket=origin, Key=playlists[0])
+        assert head["ContentType"] == "application/vnd.apple.mpegurl"
+        assert head["CacheControl"] == "public, max-age=60"
+        assert all(b"token" not in objects[p] for p in playlists)
         keys = vault_keys(fleet, moto_server)
         assert len(keys) == 1
         for key in keys.values():
@@ -92,6 +100,15 @@ class TestEndToEnd:
         )["Invalidation"]["InvalidationBatch"]
         assert batch["CallerReference"] == f"hlsvault-{job_id}"
         assert batch["Paths"]["Items"] == ["/assets/fleet/master.m3u8"]
+
+        # and no process of the fleet logged the token or a key (the key server's access and
+        # audit lines included)
+        logs = fleet.log_text()
+        token = url.split("token=", 1)[1]
+        assert '"key request"' in logs and token not in logs
+        assert token.rsplit(".", 1)[1] not in logs
+        for key in keys.values():
+            assert key.hex() not in logs and key.hex().upper() not in logs
 
         # and the work bucket keeps no scratch of the finished job
         assert bucket_objects(moto_server, fleet.env["TEST_BUCKET_WORK"], "work/jobs") == {}

@@ -53,9 +53,13 @@ def published_plaintext(fleet: Fleet, moto: MotoServer, asset: str) -> dict[str,
     described = Catalog(vault_store).current(asset)
     assert described is not None, f"{asset} was not published"
     vault = KeyVault(vault_store, decode_master_key(fleet.env["HLSVAULT_MASTER_KEY"]))
-    origin = bucket_objects(
-        moto, fleet.env["TEST_BUCKET_ORIGIN"], f"assets/{asset}/{described.version}/"
-    )
+    origin = {
+        key: body
+        for key, body in bucket_objects(
+            moto, fleet.env["TEST_BUCKET_ORIGIN"], f"assets/{asset}/{described.version}/"
+        ).items()
+        if key.endswith(".ts")
+    }
     clear = {}
     for rendition in described.renditions:
         for segment in rendition.segments:
