@@ -34,6 +34,8 @@ DEFAULT_MAX_DELIVERIES = 8
 DEFAULT_RATE_LIMIT_TOKEN_PER_MIN = 120
 #: Key requests per client address per minute: room for a household or an office behind NAT.
 DEFAULT_RATE_LIMIT_IP_PER_MIN = 600
+#: The ops app (dashboard, job API, webhook, metrics) listens here unless OPS_PORT says otherwise.
+DEFAULT_OPS_PORT = 8001
 #: Tokens minted by `hlsvault url` live this long unless told otherwise: long enough for a film.
 DEFAULT_TOKEN_TTL_S = 4 * 3600
 #: No token is accepted that was minted to live longer than this.
@@ -69,6 +71,11 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     rate_limit_token_per_min: int = DEFAULT_RATE_LIMIT_TOKEN_PER_MIN
     rate_limit_ip_per_min: int = DEFAULT_RATE_LIMIT_IP_PER_MIN
+    webhook_secret: str | None = field(default=None, repr=False)
+    source_buckets: tuple[str, ...] = ()
+    ingest_queue_url: str | None = None
+    ops_password: str | None = field(default=None, repr=False)
+    ops_port: int = DEFAULT_OPS_PORT
 
     @property
     def embedded(self) -> bool:
@@ -167,6 +174,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             env, "HLSVAULT_RATE_LIMIT_TOKEN", DEFAULT_RATE_LIMIT_TOKEN_PER_MIN
         ),
         rate_limit_ip_per_min=_int(env, "HLSVAULT_RATE_LIMIT_IP", DEFAULT_RATE_LIMIT_IP_PER_MIN),
+        webhook_secret=env.get("HLSVAULT_WEBHOOK_SECRET") or None,
+        source_buckets=tuple(
+            b.strip() for b in (env.get("HLSVAULT_SOURCE_BUCKETS") or "").split(",") if b.strip()
+        ),
+        ingest_queue_url=env.get("HLSVAULT_INGEST_QUEUE_URL") or None,
+        ops_password=env.get("HLSVAULT_OPS_PASSWORD") or None,
+        ops_port=_int(env, "OPS_PORT", DEFAULT_OPS_PORT),
     )
 
 
