@@ -1,0 +1,9 @@
+"""``python -m dashboard``: the ops app (Procfile process type ``ops``)."""
+
+from __future__ import annotations
+
+import sys
+
+from .app import main
+
+sys.exit(main())
