@@ -11,11 +11,19 @@ import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
+from starlette.testclient import TestClient
+
+from dashboard.app import create_app
+from pipeline.errors import ConfigurationError
+from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.services import Services, build_services
+from pipeline.settings import load_settings
 
 from browser import launch_chromium
 from fleet import ROOT, Fleet, free_port, wait_for_port
@@ -83,6 +91,129 @@ def browser() -> Iterator[Browser]:
 def screenshot(page: Page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+@dataclass
+class LocalOps:
+    """The ops app in-process on embedded-mode stores (no Redis), with a recording submitter."""
+
+    client: TestClient
+    services: Services
+    submitted: list[JobSpec]
+
+
+def basic(password: str) -> str:
+    return "Basic " + base64.b64encode(f"ops:{password}".encode()).decode()
+
+
+@pytest.fixture
+def local_ops(tmp_path: Path) -> LocalOps:
+    settings = load_settings(
+        {"HLSVAULT_DATA_DIR": str(tmp_path), "HLSVAULT_OPS_PASSWORD": PASSWORD}
+    )
+    services = build_services(settings)
+    submitted: list[JobSpec] = []
+
+    def submit(spec: JobSpec) -> None:
+        services.jobs.create(spec)
+        submitted.append(spec)
+
+    app = create_app(settings, services=services, submit=submit)
+    client = TestClient(app, base_url="http://ops.test", headers={"Authorization": basic(PASSWORD)})
+    return LocalOps(client, services, submitted)
+
+
+def csrf_token(client: TestClient, job_id: str, action: str) -> str:
+    """The CSRF token of the ``action`` form on the job's page ("" if there is no such form)."""
+    match = re.search(
+        rf'action="/jobs/\w+/{action}"><input type=hidden name=csrf value="(\w+)"',
+        client.get(f"/jobs/{job_id}").text,
+    )
+    return match.group(1) if match else ""
+
+
+class TestInProcess:
+    def test_refuses_to_start_without_a_password(self, tmp_path: Path) -> None:
+        settings = load_settings({"HLSVAULT_DATA_DIR": str(tmp_path)})
+        with pytest.raises(ConfigurationError, match="HLSVAULT_OPS_PASSWORD"):
+            create_app(settings)
+
+    def test_basic_auth_is_checked_but_the_webhook_is_not_behind_it(
+        self, local_ops: LocalOps
+    ) -> None:
+        anonymous = TestClient(local_ops.client.app, base_url="http://ops.test")
+        assert anonymous.get("/").status_code == 401
+        assert anonymous.get("/", headers={"Authorization": basic("wrong")}).status_code == 401
+        assert anonymous.get("/", headers={"Authorization": "Basic !!!"}).status_code == 401
+        assert anonymous.get("/healthz").status_code == 200
+        webhook = anonymous.post("/v1/jobs", content=b"{}")
+        assert "WWW-Authenticate" not in webhook.headers, webhook.text
+        assert webhook.status_code != 404, "the webhook routes are mounted"
+
+    def test_cancel_needs_the_pages_token_and_its_own_origin(self, local_ops: LocalOps) -> None:
+        # Given a queued job and its page
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        local_ops.services.jobs.create(spec)
+        client, url = local_ops.client, f"/jobs/{spec.job_id}/cancel"
+        token = csrf_token(client, spec.job_id, "cancel")
+        assert token
+
+        # When the form is posted without the token, with a forged one, or from elsewhere
+        refused = [
+            client.post(url, data={}),
+            client.post(url, data={"csrf": "0" * 64}),
+            client.post(url, data={"csrf": token}, headers={"Origin": "https://evil.example"}),
+        ]
+
+        # Then nothing changed; with the token from its own origin, the job is cancelled
+        assert [r.status_code for r in refused] == [403, 403, 403]
+        assert local_ops.services.jobs.get(spec.job_id).status == "queued"
+        done = client.post(url, data={"csrf": token}, headers={"Origin": "http://ops.test"},
+                           follow_redirects=False)
+        assert done.status_code == 303
+        assert local_ops.services.jobs.get(spec.job_id).status == "cancelled"
+
+    def test_retry_submits_the_same_spec_as_a_new_linked_job(self, local_ops: LocalOps) -> None:
+        spec = new_job_spec("/videos/film.mp4", asset="film", ladder="default")
+        local_ops.services.jobs.create(spec)
+        local_ops.services.jobs.fail(spec.job_id, "probe", "no such file")
+        client = local_ops.client
+        token = csrf_token(client, spec.job_id, "retry")
+
+        done = client.post(f"/jobs/{spec.job_id}/retry", data={"csrf": token},
+                           follow_redirects=False)
+
+        (new,) = local_ops.submitted
+        assert done.status_code == 303 and done.headers["location"] == f"/jobs/{new.job_id}"
+        assert (new.source, new.asset, new.ladder) == (spec.source, spec.asset, spec.ladder)
+        assert new.job_id != spec.job_id and new.version != spec.version
+        assert client.get(f"/api/jobs/{new.job_id}").json()["retry_of"] == spec.job_id
+        assert client.get(f"/api/jobs/{spec.job_id}").json()["retried_as"] == new.job_id
+        # and a job that has not failed offers no Retry, and is not retried when asked anyway
+        assert csrf_token(client, new.job_id, "retry") == ""
+        forged = client.post(f"/jobs/{new.job_id}/retry", data={"csrf": token})
+        assert forged.status_code == 403 and len(local_ops.submitted) == 1
+
+    def test_metrics_count_jobs_by_status_and_time_finished_stages(
+        self, local_ops: LocalOps
+    ) -> None:
+        jobs = local_ops.services.jobs
+        for name in ("a", "b"):
+            spec = new_job_spec(f"/videos/{name}.mp4")
+            jobs.create(spec)
+            jobs.stage_started(spec.job_id, "probe")
+            jobs.stage_finished(spec.job_id, "probe")
+        jobs.succeed(spec.job_id, {})
+
+        text = local_ops.client.get("/metrics").text
+
+        assert series(text, "hlsvault_jobs", status="succeeded") == 1
+        assert series(text, "hlsvault_jobs", status="running") == 1
+        assert series(text, "hlsvault_jobs", status="failed") == 0
+        assert series(text, "hlsvault_stage_duration_seconds_count", stage="probe") == 2
+        assert series(text, "hlsvault_stage_duration_seconds_bucket", stage="probe", le="1") == 2
+        # embedded mode has no queues to report, rather than zeros that would look healthy
+        assert series(text, "hlsvault_queue_messages") is None
 
 
 class TestAuth:
