@@ -1,0 +1,1 @@
+"""The internal ASGI app: ops dashboard, metrics, and the job API / webhook."""

@@ -1,0 +1,172 @@
+"""POST /v1/jobs: signed job requests become one job each, against real Redis and the S3 API."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from dashboard.webhook import MAX_BODY_BYTES, SIGNATURE_HEADER, sign, webhook_routes
+from pipeline.ingest import Ingest
+from pipeline.jobs import JobSpec, JobStore
+from pipeline.jobs_redis import RedisRecordBackend, connect
+from pipeline.settings import load_settings
+
+from fleet import MotoServer, RedisServer
+
+SECRET = "whsec-" + "x" * 40
+JOB_INDEX = "hlsvault:jobs"
+
+
+@dataclass
+class Webhook:
+    client: TestClient
+    bucket: str
+    jobs: JobStore
+    redis_server: RedisServer
+
+    def post(self, body: bytes, *, timestamp: int | None = None, secret: str = SECRET,
+             headers: dict[str, str] | None = None) -> Any:
+        stamp = int(time.time()) if timestamp is None else timestamp
+        signed = {SIGNATURE_HEADER: sign(secret, body, stamp), "Content-Type": "application/json"}
+        return self.client.post("/v1/jobs", content=body, headers={**signed, **(headers or {})})
+
+    def post_json(self, document: Any, **kwargs: Any) -> Any:
+        return self.post(json.dumps(document).encode(), **kwargs)
+
+    def job_index(self) -> list[str]:
+        return list(self.redis_server.client().zrange(JOB_INDEX, 0, -1))
+
+
+@pytest.fixture
+def webhook(
+    tmp_path: Path, redis_server: RedisServer, moto_server: MotoServer
+) -> Iterator[Webhook]:
+    """The webhook routes in a bare Starlette app; ``submit`` records the job in Redis as
+    ``flow.start`` does (without a broker to enqueue on)."""
+    bucket = f"hv-src-{uuid.uuid4().hex[:8]}"
+    s3 = moto_server.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="uploads/clip.mp4", Body=b"not really a video")
+    s3.put_object(Bucket=bucket, Key="uploads/My Film (final).mp4", Body=b"another")
+    settings = load_settings({
+        "REDIS_URL": redis_server.url,
+        "HLSVAULT_DATA_DIR": str(tmp_path / "data"),
+        "HLSVAULT_CDN_URL": "https://cdn.example",
+        "HLSVAULT_TOKEN_SECRET": base64.urlsafe_b64encode(os.urandom(36)).decode(),
+        "HLSVAULT_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "HLSVAULT_WEBHOOK_SECRET": SECRET,
+        "HLSVAULT_SOURCE_BUCKETS": f"some-other-bucket,{bucket}",
+    })
+    client = connect(redis_server.url)
+    jobs = JobStore(RedisRecordBackend(client))
+
+    def submit(spec: JobSpec) -> None:
+        jobs.create(spec)
+
+    ingest = Ingest(settings, redis_client=client, s3=s3, jobs=jobs, submit=submit)
+    app = Starlette(routes=webhook_routes(settings, submit, ingest=ingest))
+    with TestClient(app) as test_client:
+        yield Webhook(test_client, bucket, jobs, redis_server)
+
+
+class TestAccepted:
+    def test_signed_request_creates_one_job(self, webhook: Webhook) -> None:
+        """A correctly signed request answers 202 with the id of the one job it created."""
+        response = webhook.post_json({"source": f"s3://{webhook.bucket}/uploads/clip.mp4",
+                                      "asset": "clip-1", "ladder": "copy"})
+        assert response.status_code == 202, response.text
+        answer = response.json()
+        assert answer["duplicate"] is False
+        assert webhook.job_index() == [answer["job_id"]]
+        spec = webhook.jobs.get(answer["job_id"]).spec
+        assert (spec.asset, spec.ladder, spec.source) == (
+            "clip-1", "copy", f"s3://{webhook.bucket}/uploads/clip.mp4")
+
+    def test_repeated_request_answers_the_same_job(self, webhook: Webhook) -> None:
+        """The same request again (a sender's retry) gets the same job id and no second job."""
+        document = {"source": f"s3://{webhook.bucket}/uploads/clip.mp4", "asset": "clip-1"}
+        first = webhook.post_json(document).json()
+        again = webhook.post_json(document)
+        assert again.status_code == 202, again.text
+        assert again.json()["job_id"] == first["job_id"] and again.json()["duplicate"] is True
+        assert webhook.job_index() == [first["job_id"]]
+
+    def test_s3_event_key_is_url_decoded_and_names_the_asset(self, webhook: Webhook) -> None:
+        """An S3 event document's key is decoded as S3 encodes it (+ for space), and without
+        metadata the asset id is the sanitised file name stem."""
+        event = {"Records": [{
+            "eventName": "ObjectCreated:Put",
+            "s3": {"bucket": {"name": webhook.bucket},
+                   "object": {"key": "uploads/My+Film+%28final%29.mp4", "size": 7}},
+        }]}
+        response = webhook.post_json(event)
+        assert response.status_code == 202, response.text
+        spec = webhook.jobs.get(response.json()["job_id"]).spec
+        assert spec.asset == "My-Film-final"
+        assert spec.source == f"s3://{webhook.bucket}/uploads/My Film (final).mp4"
+
+
+class TestRefused:
+    @pytest.mark.parametrize(
+        ("case", "status", "says"),
+        [
+            ("missing signature", 401, "missing X-Hlsvault-Signature"),
+            ("bad signature", 401, "does not match"),
+            ("stale timestamp", 401, "more than 300 s"),
+            ("future timestamp", 401, "more than 300 s"),
+            ("oversized body", 413, "limit"),
+            ("oversized chunked body", 413, "limit"),
+            ("malformed JSON", 400, "not JSON"),
+            ("unknown field", 400, "unknown field(s) colour"),
+            ("source outside the allowed buckets", 422, "not an allowed source bucket"),
+            ("missing object", 422, "does not exist"),
+        ],
+    )
+    def test_refusal_says_why_and_creates_no_job(
+        self, webhook: Webhook, case: str, status: int, says: str
+    ) -> None:
+        """Each refusal has its status, a JSON error naming the problem, and no job."""
+        good = json.dumps({"source": f"s3://{webhook.bucket}/uploads/clip.mp4"}).encode()
+        now = int(time.time())
+        if case == "missing signature":
+            response = webhook.client.post("/v1/jobs", content=good)
+        elif case == "bad signature":
+            response = webhook.post(good, secret="not-the-secret")
+        elif case == "stale timestamp":
+            response = webhook.post(good, timestamp=now - 360)
+        elif case == "future timestamp":
+            response = webhook.post(good, timestamp=now + 360)
+        elif case == "oversized body":
+            response = webhook.post(b" " * (MAX_BODY_BYTES + 1) + good)
+        elif case == "oversized chunked body":
+            # No Content-Length to trust: the body is counted as it arrives.
+            chunks = [b" " * 16384] * 5 + [good]
+            response = webhook.client.post(
+                "/v1/jobs", content=iter(chunks),
+                headers={SIGNATURE_HEADER: sign(SECRET, b"".join(chunks), now)},
+            )
+        elif case == "malformed JSON":
+            response = webhook.post(b'{"source": "s3://')
+        elif case == "unknown field":
+            response = webhook.post_json({"source": f"s3://{webhook.bucket}/a.mp4",
+                                          "colour": "blue"})
+        elif case == "source outside the allowed buckets":
+            response = webhook.post_json({"source": "s3://somebody-elses-bucket/clip.mp4"})
+        else:
+            response = webhook.post_json({"source": f"s3://{webhook.bucket}/uploads/nope.mp4"})
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"] == "application/json"
+        assert says in response.json()["error"]
+        assert webhook.job_index() == []
+        assert webhook.redis_server.client().keys("hlsvault:ingest:*") == []
