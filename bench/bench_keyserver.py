@@ -1,0 +1,482 @@
+"""Benchmark: the key server's key endpoint against nginx serving a 16-byte static file.
+
+Both servers run on this machine with one worker each, and `wrk` (one thread, 50 connections
+by default) loads them in turn, alternating round by round after an untimed warm-up of each:
+
+- nginx:    `nginx` with a generated minimal config in ``bench/.work/keyserver/nginx/``
+            (worker_processes 1, access_log off, daemon off, listen 127.0.0.1:<free port>),
+            serving a 16-byte file: the floor for answering a small GET over HTTP/1.1.
+- hlsvault: `hlsvault serve --port P` (one uvicorn process, as the CLI starts it) over a short
+            generated clip packaged with `hlsvault package clip.mp4 --asset bench --ladder copy`
+            in ``HLSVAULT_DATA_DIR=bench/.work/ks-data``. wrk fetches the key URL named by the
+            variant playlist, token in the query string: every request verifies the JWT (HS256),
+            checks the rate limiter, reads the cached asset state and key, and writes an access
+            log line and an audit line. Rate limits are off (HLSVAULT_RATE_LIMIT_TOKEN=0,
+            HLSVAULT_RATE_LIMIT_IP=0), since wrk hammers with one token from one address. The
+            server's stderr (JSON log lines) goes to a file, as a production log shipper's would.
+
+A wrk run with any non-2xx response, or any connect or timeout error, fails the benchmark.
+Reported: median requests per second of each, hlsvault's median p99 latency (wrk --latency),
+and the median of the per-round ratios hlsvault rps / nginx rps. Each round also reports the
+server's CPU time per request (from /proc), which other load on the machine disturbs less than
+the request rate does.
+
+`wrk` and `nginx` are benchmark-only tools (the tests need neither); when missing they are
+installed with apt-get, which needs root. ``--profile`` adds one more hlsvault run under
+`py-spy record` (``.venv/bin/pip install py-spy``) and prints where the time goes.
+
+    python bench/bench_keyserver.py [--rounds N] [--duration S] [--warmup S]
+                                    [--connections N] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from machine import REPO_DIR, describe
+from sample_clip import WORK_DIR
+
+VENV_BIN = Path(sys.executable).parent
+HLSVAULT = str(VENV_BIN / "hlsvault")
+PY_SPY = VENV_BIN / "py-spy"
+SCRATCH = WORK_DIR / "keyserver"
+DATA_DIR = WORK_DIR / "ks-data"
+ASSET = "bench"
+CLIP_SECONDS = 2
+
+#: The brief: the key endpoint should answer at least 30 % of nginx's static-file rate...
+TARGET_RATIO = 0.3
+#: ...with a 99th percentile latency of at most 10 ms under 50 connections.
+TARGET_P99_MS = 10.0
+DEFAULT_ROUNDS = 3
+DEFAULT_DURATION_S = 10
+DEFAULT_WARMUP_S = 5
+DEFAULT_CONNECTIONS = 50
+#: One wrk thread: on a 2-core machine wrk gets one core and the server the other.
+WRK_THREADS = 1
+START_TIMEOUT_S = 20.0
+
+HLSVAULT_NAME = "hlsvault"
+NGINX_NAME = "nginx"
+
+
+@dataclass
+class WrkRun:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: str
+    cpu_us_per_request: float
+
+
+class BenchFailed(Exception):
+    pass
+
+
+# --- tools -------------------------------------------------------------------------------------
+
+
+def ensure_tools() -> None:
+    """wrk and nginx, installed with apt-get when missing (bench-only tools)."""
+    wanted = {"wrk": "wrk", "nginx": "nginx-light"}
+    missing = [tool for tool in wanted
+               if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
+    if not missing:
+        return
+    packages = [wanted[tool] for tool in missing]
+    print(f"{', '.join(missing)} not found: installing {' '.join(packages)} with apt-get "
+          "(benchmark-only tools; the tests do not need them)", flush=True)
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise BenchFailed(f"install {' '.join(packages)} first (apt-get as root is not available)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env)
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(url: str, process: subprocess.Popen[bytes], name: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchFailed(f"{name} exited with {process.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise BenchFailed(f"{name} did not answer {url} within {START_TIMEOUT_S:.0f} s")
+
+
+def fetch(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+        return response.status, response.read()
+
+
+def redact(url: str) -> str:
+    return re.sub(r"token=[^&]+", "token=…", url)
+
+
+def stop(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# --- CPU time from /proc -----------------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (nginx: master and worker)."""
+    found = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return found
+    for child in children:
+        found.extend(process_tree(int(child)))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its descendants, all threads included."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def loaded_libraries(pid: int, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` (extension modules) the process has mapped: uvloop, httptools."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return []
+    return [name for name in names if f"/{name}/" in maps]
+
+
+# --- wrk ---------------------------------------------------------------------------------------
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _latency_ms(output: str, percentile: str) -> float:
+    match = re.search(rf"^\s*{percentile}%\s+([0-9.]+)(us|ms|s|m)\s*$", output, re.M)
+    if match is None:
+        raise BenchFailed(f"wrk printed no {percentile}% latency:\n{output}")
+    return float(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def run_wrk(url: str, seconds: int, connections: int, server_pid: int) -> WrkRun:
+    before = cpu_seconds(server_pid)
+    done = subprocess.run(
+        ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        capture_output=True, text=True, timeout=seconds + 60, check=False,
+    )
+    cpu = cpu_seconds(server_pid) - before
+    output = done.stdout
+    if done.returncode != 0:
+        raise BenchFailed(f"wrk exited with {done.returncode}: {done.stderr.strip()}")
+    rps = re.search(r"^Requests/sec:\s+([0-9.]+)", output, re.M)
+    total = re.search(r"^\s*([0-9]+) requests in", output, re.M)
+    if rps is None or total is None:
+        raise BenchFailed(f"could not read wrk's output:\n{output}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+([0-9]+)", output)
+    errors = re.search(
+        r"Socket errors: connect ([0-9]+), read ([0-9]+), write ([0-9]+), timeout ([0-9]+)", output
+    )
+    run = WrkRun(
+        rps=float(rps.group(1)),
+        p50_ms=_latency_ms(output, "50"),
+        p99_ms=_latency_ms(output, "99"),
+        requests=int(total.group(1)),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=errors.group(0) if errors else "",
+        cpu_us_per_request=cpu / max(1, int(total.group(1))) * 1e6,
+    )
+    if run.non_2xx:
+        raise BenchFailed(f"{run.non_2xx} non-2xx responses from {redact(url)}:\n"
+                          f"{redact(output)}")
+    if errors and (int(errors.group(1)) or int(errors.group(4))):
+        raise BenchFailed(f"wrk socket errors against {redact(url)}: {errors.group(0)}")
+    return run
+
+
+# --- the two servers ---------------------------------------------------------------------------
+
+
+def start_nginx(port: int) -> tuple[subprocess.Popen[bytes], str]:
+    root = SCRATCH / "nginx"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "html").mkdir(parents=True)
+    (root / "html" / "key").write_bytes(secrets.token_bytes(16))
+    config = root / "nginx.conf"
+    config.write_text(f"""\
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/client_body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ root {root}/html; }}
+    }}
+}}
+""")
+    log = (root / "stderr.log").open("wb")
+    process = subprocess.Popen(
+        [nginx_binary(), "-p", str(root), "-e", str(root / "error.log"), "-c", str(config)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    )
+    url = f"http://127.0.0.1:{port}/key"
+    wait_for(url, process, "nginx")
+    status, body = fetch(url)
+    if status != 200 or len(body) != 16:
+        raise BenchFailed(f"nginx answered {status} with {len(body)} bytes")
+    return process, url
+
+
+def hlsvault_env(port: int) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("HLSVAULT_") and name != "REDIS_URL"}
+    env.update(
+        HLSVAULT_DATA_DIR=str(DATA_DIR),
+        HLSVAULT_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        HLSVAULT_RATE_LIMIT_TOKEN="0",  # noqa: S106 - a rate limit, not a secret
+        HLSVAULT_RATE_LIMIT_IP="0",
+    )
+    return env
+
+
+def package_clip(env: dict[str, str]) -> None:
+    """A fresh data dir holding the 2 s clip, packaged and published as asset ``bench``."""
+    clip = SCRATCH / f"clip-{CLIP_SECONDS}s.mp4"
+    if not clip.is_file():
+        subprocess.run(
+            ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+             "-f", "lavfi", "-i", f"testsrc2=size=640x360:rate=30:duration={CLIP_SECONDS}",
+             "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={CLIP_SECONDS}",
+             "-c:v", "libx264", "-preset", "veryfast", "-g", "30", "-pix_fmt", "yuv420p",
+             "-c:a", "aac", "-shortest", str(clip)],
+            check=True, timeout=300,
+        )
+    shutil.rmtree(DATA_DIR, ignore_errors=True)
+    subprocess.run(
+        [HLSVAULT, "package", str(clip), "--asset", ASSET, "--ladder", "copy", "--json"],
+        check=True, env=env, stdout=subprocess.DEVNULL, timeout=300,
+    )
+
+
+def start_hlsvault(port: int) -> tuple[subprocess.Popen[bytes], str, Path]:
+    env = hlsvault_env(port)
+    package_clip(env)
+    log_path = SCRATCH / "keyserver.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [HLSVAULT, "serve", "--port", str(port)],
+        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    )
+    wait_for(f"http://127.0.0.1:{port}/healthz", process, "hlsvault serve")
+    master_url = subprocess.run(
+        [HLSVAULT, "url", ASSET, "--ttl", "3600"],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()
+    status, master = fetch(master_url)
+    variants = [line for line in master.decode().splitlines() if line and line[0] != "#"]
+    if status != 200 or not variants:
+        raise BenchFailed(f"master playlist: {status}, no variant")
+    status, variant = fetch(variants[0])
+    key_uri = re.search(r'#EXT-X-KEY:METHOD=AES-128,URI="([^"]+)"', variant.decode())
+    if status != 200 or key_uri is None:
+        raise BenchFailed(f"variant playlist: {status}, no EXT-X-KEY URI")
+    key_url = key_uri.group(1)
+    status, key = fetch(key_url)
+    if status != 200 or len(key) != 16:
+        raise BenchFailed(f"key: {status} with {len(key)} bytes")
+    return process, key_url, log_path
+
+
+# --- profile -----------------------------------------------------------------------------------
+
+#: Functions worth naming in the profile summary: the request path, logging and the thread hop.
+_PROFILE_FOCUS = (
+    "KeyServer.", "TokenVerifier.verify", "PyJWT.decode", "AccessLog.", "BoundLogger.",
+    "redact_processor", "StreamHandler.emit", "run_in_threadpool", "MemoryRateLimiter.hit",
+    "VaultView.", "RequestResponseCycle.send", "Starlette.__call__", "Router.",
+    "ProxyHeadersMiddleware", "ProcessorFormatter.format", "JSONRenderer",
+)
+
+
+def profile(key_url: str, pid: int, seconds: int, connections: int) -> None:
+    if not PY_SPY.exists():
+        print(f"--profile: {PY_SPY} not found; install it with .venv/bin/pip install py-spy")
+        return
+    out = SCRATCH / "profile.txt"
+    wrk = subprocess.Popen(
+        ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds + 2}s", key_url],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(1)
+    subprocess.run(
+        [str(PY_SPY), "record", "-p", str(pid), "-d", str(seconds), "-r", "250", "-f", "raw",
+         "--nonblocking", "-o", str(out)],
+        check=True, capture_output=True, timeout=seconds + 60,
+    )
+    wrk.wait()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if "WorkerThread.run" in stack and "Condition.wait" in stack:
+            continue  # an idle thread-pool thread
+        total += int(count)
+        names = {frame.split(" (")[0] for frame in stack.split(";")}
+        for name in names:
+            if name.startswith(_PROFILE_FOCUS):
+                inclusive[name] += int(count)
+    print(f"profile: py-spy, {total} samples of busy threads over {seconds} s "
+          f"(raw stacks in {out.relative_to(REPO_DIR)});"
+          " inclusive share of samples:")
+    for name, count in inclusive.most_common(20):
+        print(f"  {100 * count / max(1, total):5.1f}%  {name}")
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    parser.add_argument("--duration", type=int, default=DEFAULT_DURATION_S, help="s per wrk run")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP_S, help="s, untimed")
+    parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS)
+    parser.add_argument("--profile", action="store_true", help="add a py-spy run of hlsvault")
+    args = parser.parse_args(argv)
+    try:
+        ensure_tools()
+        return run(args)
+    except BenchFailed as error:
+        print(f"bench_keyserver: FAILED: {error}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    nginx = hlsvault = None
+    try:
+        nginx, nginx_url = start_nginx(free_port())
+        hlsvault, key_url, log_path = start_hlsvault(free_port())
+        servers = {HLSVAULT_NAME: (hlsvault.pid, key_url), NGINX_NAME: (nginx.pid, nginx_url)}
+        nginx_version = subprocess.run(
+            [nginx_binary(), "-v"], capture_output=True, text=True, check=False
+        ).stderr.strip()
+        wrk_version = subprocess.run(
+            ["wrk", "-v"], capture_output=True, text=True, check=False
+        ).stdout.split("\n")[0]
+        print(describe())
+        print(f"{wrk_version}; {nginx_version}; wrk -t{WRK_THREADS} -c{args.connections} "
+              f"-d{args.duration}s --latency; {args.rounds} rounds after a {args.warmup} s "
+              "warm-up of each")
+        fast = loaded_libraries(hlsvault.pid, ("uvloop", "httptools"))
+        print(f"hlsvault: GET {redact(key_url)} (HS256 token in the query string; one uvicorn "
+              f"process with {' and '.join(fast) or 'neither uvloop nor httptools'} loaded; "
+              f"log lines to {log_path.relative_to(REPO_DIR)})")
+        print(f"nginx:    GET {nginx_url} (16-byte static file; worker_processes 1; "
+              "access_log off)")
+
+        for name in (HLSVAULT_NAME, NGINX_NAME):
+            pid, url = servers[name]
+            run_wrk(url, args.warmup, args.connections, pid)
+
+        results: dict[str, list[WrkRun]] = {HLSVAULT_NAME: [], NGINX_NAME: []}
+        ratios: list[float] = []
+        log_bytes_before = log_path.stat().st_size
+        header = (f"{'round':<7}{'hlsvault rps':>13}{'p50 ms':>8}{'p99 ms':>8}{'CPU us/req':>11}"
+                  f"{'nginx rps':>11}{'p50 ms':>8}{'p99 ms':>8}{'CPU us/req':>11}"
+                  f"{'ratio':>7}   order")
+        print(header)
+        for index in range(args.rounds):
+            order = [HLSVAULT_NAME, NGINX_NAME] if index % 2 == 0 else [NGINX_NAME, HLSVAULT_NAME]
+            for name in order:
+                pid, url = servers[name]
+                results[name].append(run_wrk(url, args.duration, args.connections, pid))
+            hv, ng = results[HLSVAULT_NAME][-1], results[NGINX_NAME][-1]
+            ratios.append(hv.rps / ng.rps)
+            print(f"{index + 1:<7}{hv.rps:>13.0f}{hv.p50_ms:>8.2f}{hv.p99_ms:>8.2f}"
+                  f"{hv.cpu_us_per_request:>11.0f}{ng.rps:>11.0f}{ng.p50_ms:>8.2f}"
+                  f"{ng.p99_ms:>8.2f}{ng.cpu_us_per_request:>11.1f}{ratios[-1]:>7.3f}   "
+                  f"{' > '.join(order)}")
+
+        def median(name: str, field: str) -> float:
+            return statistics.median(getattr(run, field) for run in results[name])
+
+        hv_rps, ng_rps = median(HLSVAULT_NAME, "rps"), median(NGINX_NAME, "rps")
+        hv_p99 = median(HLSVAULT_NAME, "p99_ms")
+        ratio = statistics.median(ratios)
+        print(f"{'median':<7}{hv_rps:>13.0f}{median(HLSVAULT_NAME, 'p50_ms'):>8.2f}{hv_p99:>8.2f}"
+              f"{median(HLSVAULT_NAME, 'cpu_us_per_request'):>11.0f}{ng_rps:>11.0f}"
+              f"{median(NGINX_NAME, 'p50_ms'):>8.2f}{median(NGINX_NAME, 'p99_ms'):>8.2f}"
+              f"{median(NGINX_NAME, 'cpu_us_per_request'):>11.1f}{ratio:>7.3f}")
+        served = sum(run.requests for run in results[HLSVAULT_NAME])
+        log_bytes = log_path.stat().st_size - log_bytes_before
+        print(f"hlsvault wrote {log_bytes / max(1, served):.0f} bytes of log per key request "
+              "(an access line and an audit line)")
+        if args.profile:
+            profile(key_url, hlsvault.pid, args.duration, args.connections)
+        met = ratio >= TARGET_RATIO and hv_p99 <= TARGET_P99_MS
+        print(f"RESULT keyserver: hlsvault {hv_rps:.0f} rps p99 {hv_p99:.1f} ms, "
+              f"nginx {ng_rps:.0f} rps, ratio {ratio:.3f} "
+              f"(target >= {TARGET_RATIO}, p99 <= {TARGET_P99_MS:.0f} ms: "
+              f"{'met' if met else 'MISSED'})")
+        return 0
+    finally:
+        stop(hlsvault)
+        stop(nginx, signal.SIGQUIT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
