@@ -56,6 +56,7 @@ from pipeline.tokens import TokenClaims, TokenForbidden, TokenRejected, TokenVer
 
 from .ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from .state import VaultView
+from .stats import KeyRequestStats
 
 log = structlog.get_logger("hlsvault.keyserver")
 audit = structlog.get_logger("hlsvault.audit")
@@ -104,11 +105,13 @@ class KeyServer:
         view: VaultView,
         verifier: TokenVerifier,
         limiter: RateLimiter,
+        stats: KeyRequestStats,
     ) -> None:
         self.settings = settings
         self.view = view
         self.verifier = verifier
         self.limiter = limiter
+        self.stats = stats
 
     def _authorise(
         self, request: Request, asset: str, *, cookie: bool = False
@@ -237,8 +240,7 @@ class KeyServer:
             or not _INDEX.fullmatch(raw_index)
             or int(raw_index) > MAX_KEY_INDEX
         ):
-            audit.info("key request", asset=asset[:128], key_id=None, sid=None, client_ip=ip,
-                       outcome="malformed path")
+            await self._audit(asset[:128], None, None, ip, "malformed path")
             return _error(400, "malformed key path")
         index = int(raw_index)
         key_id = f"{version}/{index}"
@@ -271,6 +273,15 @@ class KeyServer:
             "key request", asset=asset, key_id=key_id, sid=claims.sid, client_ip=ip, outcome=outcome
         )
         return response
+
+    async def _audit(
+        self, asset: str, key_id: str | None, sid: str | None, ip: str | None, outcome: str
+    ) -> None:
+        """One audit line per key request, and its outcome counted for the ops metrics."""
+        audit.info(
+            "key request", asset=asset, key_id=key_id, sid=sid, client_ip=ip, outcome=outcome
+        )
+        await self.stats.count(outcome)
 
     async def _key_response(
         self, state: AssetState | None, asset: str, version: str, index: int
@@ -368,6 +379,7 @@ def create_app(
         view=VaultView(Catalog(vault), KeyVault(vault, settings.master_key)),
         verifier=verifier_for(settings),
         limiter=limiter,
+        stats=KeyRequestStats(settings.redis_url),
     )
     routes: list[Route | Mount] = [
         Route("/healthz", server.healthz),

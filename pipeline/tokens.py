@@ -149,7 +149,7 @@ def minting_key(settings: Settings) -> Any:
     if settings.token_algorithm == "HS256":
         return settings.token_secret
     if settings.token_private_key is None:
-        raise TokenRejected(
+        raise ConfigurationError(
             f"minting {settings.token_algorithm} tokens needs HLSVAULT_TOKEN_PRIVATE_KEY; the key "
             "server itself holds only the public key, so mint on your backend"
         )

@@ -234,6 +234,8 @@ def fleet_environment(
         HLSVAULT_CLOUDFRONT_DISTRIBUTION_ID=distribution,
         HLSVAULT_TOKEN_SECRET=base64.urlsafe_b64encode(os.urandom(36)).decode(),
         HLSVAULT_MASTER_KEY=base64.b64encode(os.urandom(32)).decode(),
+        HLSVAULT_OPS_PASSWORD=base64.urlsafe_b64encode(os.urandom(18)).decode(),
+        OPS_PORT=str(free_port()),
         HLSVAULT_HEARTBEAT_TIMEOUT_MS=str(TEST_HEARTBEAT_MS),
         HLSVAULT_MAINTENANCE_CHANCE=str(TEST_MAINTENANCE_CHANCE),
         TEST_BUCKET_WORK=buckets["work"],

@@ -317,18 +317,28 @@ class TestRefusals:
 
 class TestOrigin:
     def test_origin_holds_only_segments_and_no_key_bytes(self, packaged: Packaged) -> None:
-        """The CDN origin holds exactly the catalog's .ts segments (no key file, no catalog, no
-        playlist with secrets), and no file hlsvault wrote contains a key, raw or in hex."""
+        """The CDN origin holds exactly the catalog's .ts segments and cookie mode's token-free
+        static playlists (no key file, no catalog), and no file hlsvault wrote contains a key,
+        raw or in hex."""
         origin_files = sorted(
             p.relative_to(packaged.hv.origin).as_posix()
             for p in packaged.hv.origin.rglob("*") if p.is_file()
         )
         expected = sorted(
-            f"assets/{ASSET}/{packaged.version}/{packaged.rendition}/{segment['name']}"
-            for segment in packaged.segments()
+            [
+                f"assets/{ASSET}/{packaged.version}/{packaged.rendition}/{segment['name']}"
+                for segment in packaged.segments()
+            ]
+            + [
+                f"assets/{ASSET}/master.m3u8",
+                f"assets/{ASSET}/{packaged.version}/{packaged.rendition}.m3u8",
+            ]
         )
         assert origin_files == expected
-        assert all(name.endswith(".ts") for name in origin_files)
+        for name in origin_files:
+            if name.endswith(".m3u8"):
+                text = (packaged.hv.origin / name).read_text()
+                assert "token" not in text and "eyJ" not in text
 
         keys = packaged.content_keys()
         assert len(keys) == 2
