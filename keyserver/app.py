@@ -55,7 +55,7 @@ from pipeline.storage import LocalStore, ObjectNotFound, Store, open_store
 from pipeline.tokens import TokenClaims, TokenForbidden, TokenRejected, TokenVerifier, verifier_for
 
 from .ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
-from .state import VaultView
+from .state import STALE, VaultView
 from .stats import KeyRequestStats
 
 log = structlog.get_logger("hlsvault.keyserver")
@@ -128,8 +128,15 @@ class KeyServer:
         except TokenRejected as error:
             return _error(401, str(error))
 
+    async def _state(self, asset: str) -> AssetState | None:
+        state = self.view.fresh_state(asset)
+        if state is STALE:
+            # A vault read (file or S3) blocks: off the event loop, on the thread pool.
+            return await run_in_threadpool(self.view.state, asset)
+        return state if isinstance(state, AssetState) else None
+
     async def _published(self, asset: str) -> tuple[AssetState, AssetVersion] | Response:
-        state = await run_in_threadpool(self.view.state, asset)
+        state = await self._state(asset)
         if state is None or state.version is None:
             return _error(404, "unknown asset")
         if state.revoked:
@@ -267,7 +274,7 @@ class KeyServer:
                 outcome=f"denied {claims.status_code}",
             )
             return claims
-        state = await run_in_threadpool(self.view.state, asset)
+        state = await self._state(asset)
         outcome, response = await self._key_response(state, asset, version, index)
         audit.info(
             "key request", asset=asset, key_id=key_id, sid=claims.sid, client_ip=ip, outcome=outcome
@@ -330,6 +337,10 @@ class CdnHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+#: Paths whose every request already writes an audit line: no second, access-log line.
+AUDITED_PREFIXES = ("/v1/keys/",)
+
+
 class AccessLog:
     """One structured line per request; the query string (which holds tokens) is never logged."""
 
@@ -337,7 +348,7 @@ class AccessLog:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"].startswith(AUDITED_PREFIXES):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()

@@ -19,6 +19,10 @@ MAX_VERSIONS = 1024
 MAX_KEYS = 65_536
 
 
+#: :meth:`VaultView.fresh_state`'s answer when the cached state is missing or too old.
+STALE = object()
+
+
 class VaultView:
     """Asset states (briefly cached), version descriptions and content keys (kept)."""
 
@@ -30,6 +34,14 @@ class VaultView:
         self._versions: OrderedDict[tuple[str, str], AssetVersion] = OrderedDict()
         self._keys: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
         self._lock = threading.Lock()
+
+    def fresh_state(self, asset: str) -> AssetState | object | None:
+        """The cached state while it is fresh, without touching the vault (cheap enough for
+        the event loop); :data:`STALE` when :meth:`state` has to read the catalog."""
+        cached = self._states.get(asset)
+        if cached is not None and time.monotonic() - cached[0] <= self.ttl_s:
+            return cached[1]
+        return STALE
 
     def state(self, asset: str) -> AssetState | None:
         now = time.monotonic()

@@ -11,7 +11,9 @@ algorithm, so a token signed with another (``none``, or HS256 keyed with the pub
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +25,12 @@ from .settings import Settings
 #: Clocks of the minting backend and the key server may disagree by this much.
 CLOCK_SKEW_LEEWAY_S = 30
 ALGORITHMS = ("HS256", "EdDSA", "RS256")
-#: Bounds on claims we copy into logs and URLs.
+#: Bounds on claims we copy into logs and URLs, and on what we parse at all.
 MAX_SID_LENGTH = 128
+MAX_TOKEN_LENGTH = 4096
+#: Tokens whose signature was verified, remembered so a player's next requests skip the
+#: cryptography: one entry per concurrently playing viewer of this process is plenty.
+VERIFIED_CACHE_SIZE = 4096
 
 
 class TokenRejected(Exception):
@@ -52,6 +58,8 @@ class TokenVerifier:
         self.algorithm = algorithm
         self.key = key
         self.max_ttl_s = max_ttl_s
+        self._verified: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def verify(
         self, token: str, *, asset: str, client_ip: str | None = None, sid: str | None = None
@@ -60,10 +68,26 @@ class TokenVerifier:
         (and session ``sid`` when the request names one); else raise."""
         if not token:
             raise TokenRejected("missing token")
-        if len(token) > 4096:
+        if len(token) > MAX_TOKEN_LENGTH:
             raise TokenRejected("invalid token: too long")
+        now = time.time()
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = self._decode(token)
+            self._check_lifetime(claims, now)
+            # A player presents one token for every key and playlist: its signature and
+            # lifetime are checked once; expiry and entitlement on every request below.
+            with self._lock:
+                self._verified[token] = claims
+                if len(self._verified) > VERIFIED_CACHE_SIZE:
+                    self._verified.popitem(last=False)
+        elif claims["exp"] < now - CLOCK_SKEW_LEEWAY_S:
+            raise TokenRejected("token expired")
+        return self._entitled(claims, asset=asset, client_ip=client_ip, sid=sid)
+
+    def _decode(self, token: str) -> dict[str, Any]:
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 self.key,
                 algorithms=[self.algorithm],
@@ -76,7 +100,9 @@ class TokenVerifier:
             raise TokenRejected("token not yet valid") from None
         except jwt.InvalidTokenError as error:
             raise TokenRejected(f"invalid token: {type(error).__name__}") from None
-        now = time.time()
+        return claims
+
+    def _check_lifetime(self, claims: dict[str, Any], now: float) -> None:
         exp, iat = claims["exp"], claims.get("iat")
         if not isinstance(exp, int | float) or isinstance(exp, bool):
             raise TokenRejected("invalid token: exp is not a number")
@@ -84,13 +110,19 @@ class TokenVerifier:
             raise TokenRejected("token lives longer than the maximum TTL")
         if isinstance(iat, int | float) and exp - iat > self.max_ttl_s:
             raise TokenRejected("token was minted to live longer than the maximum TTL")
-        if claims["sub"] != asset:
-            raise TokenForbidden("token is for another asset")
         token_sid = claims.get("sid")
         if token_sid is not None and (
             not isinstance(token_sid, str) or len(token_sid) > MAX_SID_LENGTH
         ):
             raise TokenRejected("invalid token: malformed sid")
+
+    @staticmethod
+    def _entitled(
+        claims: dict[str, Any], *, asset: str, client_ip: str | None, sid: str | None
+    ) -> TokenClaims:
+        if claims["sub"] != asset:
+            raise TokenForbidden("token is for another asset")
+        token_sid = claims.get("sid")
         if sid is not None and token_sid != sid:
             raise TokenForbidden("token is for another session")
         token_ip = claims.get("ip")
@@ -98,7 +130,7 @@ class TokenVerifier:
             raise TokenForbidden("token is bound to another client address")
         return TokenClaims(
             asset=asset,
-            expires_at=int(exp),
+            expires_at=int(claims["exp"]),
             sid=token_sid,
             ip=str(token_ip) if token_ip is not None else None,
         )

@@ -36,10 +36,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from keyserver import create_app
+from pipeline.errors import ConfigurationError
 from pipeline.keys import KeyVault
 from pipeline.settings import Settings, load_settings
 from pipeline.storage import LocalStore
-from pipeline.tokens import CLOCK_SKEW_LEEWAY_S, MAX_SID_LENGTH, TokenRejected, minting_key
+from pipeline.tokens import CLOCK_SKEW_LEEWAY_S, MAX_SID_LENGTH, minting_key
 
 from conftest import HLSVAULT, ROOT
 
@@ -731,5 +732,5 @@ class TestPositiveControls:
             assert settings.token_private_key is None
             assert settings.token_public_key is not None
             assert "PRIVATE" not in settings.token_public_key
-            with pytest.raises(TokenRejected, match="PRIVATE_KEY"):
+            with pytest.raises(ConfigurationError, match="PRIVATE_KEY"):
                 minting_key(settings)
