@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Browser, sync_playwright
 
+from browser import launch_chromium
 from faultproxy import FaultProxy
 from fleet import Fleet, MotoServer, RedisServer, fleet_environment
 
@@ -231,6 +233,16 @@ def fleet(tmp_path: Path, redis_server: RedisServer, moto_server: MotoServer) ->
     running = Fleet(env, tmp_path / "logs")
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """One headless Debian Chromium for the session, driven by Playwright. (Playwright's sync
+    API allows one instance per thread, so every browser test shares this one.)"""
+    with sync_playwright() as playwright:
+        launched = launch_chromium(playwright)
+        yield launched
+        launched.close()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -14,9 +14,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import jwt
 import pytest
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 
-from browser import Player, PlayerPageServer, PlayerState, launch_chromium
+from browser import Player, PlayerPageServer, PlayerState
 from conftest import Hlsvault
 
 ASSET = "film-1"
@@ -45,14 +45,6 @@ def page_server() -> Iterator[PlayerPageServer]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = launch_chromium(playwright)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 from starlette.testclient import TestClient
 
 from dashboard.app import create_app
@@ -25,7 +25,6 @@ from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.services import Services, build_services
 from pipeline.settings import load_settings
 
-from browser import launch_chromium
 from fleet import ROOT, Fleet, free_port, wait_for_port
 from test_fleet import submit, wait_for_job
 
@@ -78,14 +77,6 @@ def ops(fleet: Fleet) -> Iterator[str]:
     fleet.start("ops")
     wait_for_port(port)
     yield base
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = launch_chromium(playwright)
-        yield launched
-        launched.close()
 
 
 def screenshot(page: Page, name: str) -> None:
