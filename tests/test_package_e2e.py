@@ -34,11 +34,16 @@ class TestCopyLadderPlayback:
     def test_segments_on_the_origin_are_versioned_and_encrypted(
         self, hlsvault: Hlsvault, copy_clip: Path
     ) -> None:
-        """The origin holds only versioned segments, none of them readable MPEG-TS."""
+        """The origin holds versioned segments, none of them readable MPEG-TS, and cookie
+        mode's static playlists: the versioned variant and the asset's stable master."""
         done = hlsvault.package(str(copy_clip), "--asset", "origin", "--ladder", "copy", "--json")
         assert done.returncode == 0, done.stderr
         version = json.loads(done.stdout)["version"]
-        files = sorted(p for p in hlsvault.origin.rglob("*") if p.is_file())
+        published = sorted(p for p in hlsvault.origin.rglob("*") if p.is_file())
+        playlists = [p.relative_to(hlsvault.origin).as_posix() for p in published
+                     if p.suffix == ".m3u8"]
+        assert playlists == ["assets/origin/master.m3u8", f"assets/origin/{version}/360p.m3u8"]
+        files = [p for p in published if p.suffix != ".m3u8"]
         assert files, "nothing was published"
         for path in files:
             relative = path.relative_to(hlsvault.origin).as_posix()
