@@ -11,8 +11,8 @@ from .jobs import JobSpec
 from .services import Services
 
 #: CloudFront usually completes an invalidation in under a minute; past this we stop waiting
-#: (the invalidation itself carries on) rather than hold a worker thread.
-INVALIDATION_WAIT_S = 300
+#: and record it as submitted (it carries on) rather than hold a publish thread any longer.
+INVALIDATION_WAIT_S = 60
 POLL_INTERVAL_S = 5
 
 
