@@ -3,30 +3,39 @@
 from __future__ import annotations
 
 from types import TracebackType
-
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
+from typing import TYPE_CHECKING
 
 from pipeline.jobs import JobRecord
 
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
 
 class StageProgress:
-    """A bar per stage of a job, created as stages appear in the record."""
+    """A bar per stage of a job, created as stages appear in the record.
+
+    Disabled (no terminal, or ``--json``), it does nothing and never imports rich.
+    """
 
     def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
-        self._progress = Progress(
-            TextColumn("{task.description:<22}"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[status]}"),
-            console=Console(stderr=True),
-            transient=False,
-        )
+        self._progress: Progress | None = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description:<22}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=Console(stderr=True),
+                transient=False,
+            )
         self._tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> StageProgress:
-        if self.enabled:
+        if self._progress is not None:
             self._progress.start()
         return self
 
@@ -36,11 +45,11 @@ class StageProgress:
         error: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.enabled:
+        if self._progress is not None:
             self._progress.stop()
 
     def update(self, record: JobRecord) -> None:
-        if not self.enabled:
+        if self._progress is None:
             return
         for stage in record.stages:
             task = self._tasks.get(stage.name)

@@ -7,6 +7,7 @@ allocated once per call, so a segment of any size costs two fixed 1 MiB buffers 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -34,22 +35,31 @@ def encrypt_file(src: Path, dst: Path, key: bytes, iv: bytes) -> int:
     inbuf = bytearray(CHUNK)
     outbuf = bytearray(CHUNK + BLOCK - 1)
     inview, outview = memoryview(inbuf), memoryview(outbuf)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = _tmp_for(dst)
     total = 0
     written = 0
-    with src.open("rb", buffering=0) as fin, tmp.open("wb", buffering=0) as fout:
-        while True:
-            read = fin.readinto(inbuf)
-            if not read:
-                break
-            total += read
-            produced = encryptor.update_into(inview[:read], outbuf)
-            written += _write_all(fout, outview[:produced])
-        pad = BLOCK - total % BLOCK
-        tail = encryptor.update(bytes([pad]) * pad) + encryptor.finalize()
-        written += _write_all(fout, memoryview(tail))
+    try:
+        with src.open("rb", buffering=0) as fin, tmp.open("wb", buffering=0) as fout:
+            while True:
+                read = fin.readinto(inbuf)
+                if not read:
+                    break
+                total += read
+                produced = encryptor.update_into(inview[:read], outbuf)
+                written += _write_all(fout, outview[:produced])
+            pad = BLOCK - total % BLOCK
+            tail = encryptor.update(bytes([pad]) * pad) + encryptor.finalize()
+            written += _write_all(fout, memoryview(tail))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, dst)
     return written
+
+
+def _tmp_for(dst: Path) -> Path:
+    # Unique per call, not per process: two threads may write the same name at once.
+    return dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
 
 
 def _write_all(fout: object, view: memoryview) -> int:
@@ -91,7 +101,7 @@ def decrypt_file(src: Path, dst: Path, key: bytes, iv: bytes) -> int:
     inbuf = bytearray(CHUNK)
     outbuf = bytearray(CHUNK + BLOCK - 1)
     inview, outview = memoryview(inbuf), memoryview(outbuf)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = _tmp_for(dst)
     # The last block holds the padding: everything before it is streamed straight out.
     body = size - BLOCK
     remaining = body
@@ -100,6 +110,7 @@ def decrypt_file(src: Path, dst: Path, key: bytes, iv: bytes) -> int:
         while remaining:
             read = fin.readinto(inview[: min(CHUNK, remaining)])
             if not read:
+                tmp.unlink()
                 raise ValueError(f"{src.name} shrank while being decrypted")
             remaining -= read
             produced = decryptor.update_into(inview[:read], outbuf)

@@ -12,6 +12,7 @@ writes outputs with deterministic names, so a stage delivered twice leaves the s
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from .jobs import JobSpec
 from .media import MediaInfo, probe
 from .plan import Rendition, plan_renditions
 from .playlists import AssetVersion, describe_rendition, key_index
-from .segment import SegmentedRendition, segment_rendition
+from .segment import PROGRESS_INTERVAL_S, Segment, SegmentedRendition, segment_rendition
 from .services import Services
 from .sources import ffmpeg_target
 
@@ -33,6 +34,9 @@ SEGMENT_CONTENT_TYPE = "video/mp2t"
 PLAYLIST_CONTENT_TYPE = "application/vnd.apple.mpegurl"
 #: Segment paths are versioned and never rewritten, so caches may keep them for a year.
 IMMUTABLE = "public, max-age=31536000, immutable"
+#: Segments of one rendition encrypted at once. OpenSSL releases the GIL while it encrypts, so
+#: each thread keeps a core busy; capped because renditions are encrypted side by side too.
+ENCRYPT_THREADS = min(os.cpu_count() or 1, 4)
 #: Concurrent segment uploads per job: enough to hide S3 latency, few enough not to be throttled.
 UPLOAD_CONCURRENCY = 16
 
@@ -41,6 +45,21 @@ Progress = Callable[[float], None]
 
 def _ignore(_: float) -> None:
     pass
+
+
+def _rate_limited(on_progress: Progress) -> Progress:
+    """``on_progress`` called at most every PROGRESS_INTERVAL_S, and always for 1.0: each call
+    is a job-record write, and a stage of many small segments would otherwise make hundreds."""
+    last = 0.0
+
+    def report(fraction: float) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if fraction >= 1.0 or now - last >= PROGRESS_INTERVAL_S:
+            last = now
+            on_progress(fraction)
+
+    return report
 
 
 def segment_timeout(duration: float, copy: bool) -> float:
@@ -92,9 +111,8 @@ def segment(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ig
         target,
         rendition,
         out_dir,
+        info=info,
         segment_seconds=spec.segment_seconds,
-        duration=info.duration,
-        has_audio=info.audio is not None,
         timeout=segment_timeout(info.duration, rendition.copy),
         on_progress=on_progress,
     )
@@ -113,28 +131,40 @@ def _produced(svc: Services, spec: JobSpec, name: str) -> SegmentedRendition:
 def encrypt(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ignore) -> int:
     """Encrypt one rendition's segments with the version's keys; returns bytes written."""
     produced = _produced(svc, spec, name)
+    report = _rate_limited(on_progress)
     plain_prefix = f"jobs/{spec.job_id}/plain/{name}"
     enc_prefix = f"jobs/{spec.job_id}/enc/{name}"
     enc_dir, is_local = _work_dir(svc, enc_prefix)
+    # Every key the rendition needs, fetched or created before any thread starts, one at a time.
     keys: dict[int, bytes] = {}
-    sizes: list[int] = []
+    for seg in produced.segments:
+        index = key_index(seg.sequence, spec.key_rotation_segments)
+        if index not in keys:
+            keys[index] = svc.keys.get_or_create(spec.asset, spec.version, index)
+
     with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
-        for position, seg in enumerate(produced.segments):
-            index = key_index(seg.sequence, spec.key_rotation_segments)
-            if index not in keys:
-                keys[index] = svc.keys.get_or_create(spec.asset, spec.version, index)
+
+        def encrypt_segment(seg: Segment) -> int:
             plain = svc.work.local_path(f"{plain_prefix}/{seg.name}")
             if plain is None:
                 plain = Path(scratch) / seg.name
                 svc.work.get_file(f"{plain_prefix}/{seg.name}", plain)
+            index = key_index(seg.sequence, spec.key_rotation_segments)
             written = encrypt_file(
                 plain, enc_dir / seg.name, keys[index], iv_for_sequence(seg.sequence)
             )
             if not is_local:
                 svc.work.put_file(f"{enc_prefix}/{seg.name}", enc_dir / seg.name)
                 (enc_dir / seg.name).unlink()
-            sizes.append(written)
-            on_progress((position + 1) / len(produced.segments))
+                plain.unlink()
+            return written
+
+        sizes: list[int] = []
+        with ThreadPoolExecutor(max_workers=ENCRYPT_THREADS) as pool:
+            # map yields in segment order, whichever thread finishes first.
+            for written in pool.map(encrypt_segment, produced.segments):
+                sizes.append(written)
+                report(len(sizes) / len(produced.segments))
     svc.work.put_bytes(f"{enc_prefix}/sizes.json", json.dumps(sizes).encode())
     return sum(sizes)
 
@@ -167,6 +197,7 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dic
     """Publish: segments to the origin first, then the catalog pointer, so that no player is
     ever handed a playlist naming a segment that is not there yet."""
     described = svc.catalog.get_version(spec.asset, spec.version)
+    report = _rate_limited(on_progress)
     jobs_prefix = f"jobs/{spec.job_id}/enc"
     items = [
         (rendition.name, seg.name)
@@ -190,7 +221,7 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dic
     with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY) as pool:
         for _ in pool.map(put, items):
             done += 1
-            on_progress(done / len(items))
+            report(done / len(items))
     svc.catalog.publish(spec.asset, spec.version, job_id=spec.job_id)
     return {
         "asset": spec.asset,

@@ -7,6 +7,7 @@ reader never sees half an object, and a stage that runs twice leaves the same by
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -14,6 +15,11 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import BadSpec
+
+#: link(2) failures that mean "cannot hard-link here" rather than a real error: the two
+#: directories are on different filesystems, the filesystem has no hard links (or forbids
+#: them), or the inode has too many links already. `LocalStore.copy_from` copies instead.
+_NO_HARD_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK)
 
 
 class ObjectNotFound(KeyError):
@@ -71,7 +77,8 @@ class Store(Protocol):
         cache_control: str | None = None,
     ) -> bool:
         """Copy an object of ``source`` here without passing through this process when the
-        two stores allow it (same filesystem, or S3 to S3); False when they do not."""
+        two stores allow it (a hard link on one filesystem, or S3 to S3); False when they do
+        not."""
 
 
 def check_key(key: str) -> str:
@@ -187,7 +194,20 @@ class LocalStore:
         path = source.local_path(source_key)
         if path is None:
             return False
-        self.put_file(key, path)
+        dest = self._path(key)
+        tmp = self._tmp_for(dest)
+        try:
+            # A hard link shares the source's inode instead of writing the bytes again. That is
+            # safe because no stage modifies a file in place: every write goes to a temporary
+            # name and is renamed over the key, which gives the key a new inode and leaves the
+            # one shared here untouched (the published segment keeps its bytes even when the
+            # job's work files are deleted or rewritten by a retried stage).
+            os.link(path, tmp)
+        except OSError as error:
+            if error.errno not in _NO_HARD_LINK:
+                raise
+            shutil.copyfile(path, tmp)  # another filesystem, or one without hard links
+        os.replace(tmp, dest)
         return True
 
 
