@@ -2,9 +2,13 @@
 
 hlsvault package SOURCE [--asset ID] [--ladder copy|default] [--segment-seconds S]
                         [--key-rotation-segments N] [--json]
-hlsvault serve [--host H] [--port P]
-hlsvault url ASSET [--ttl SECONDS]
-hlsvault status JOB [--json]
+hlsvault submit SOURCE [same options as package]          (distributed mode)
+hlsvault status JOB [--wait] [--json]
+hlsvault serve [--host H] [--port P] [--certfile F --keyfile F]
+hlsvault url ASSET [--ttl SECONDS] [--auth token|cookie] [--sid S] [--ip A]
+hlsvault token ASSET [--ttl SECONDS] [--sid S] [--ip A]
+hlsvault rekey ASSET [--grace SECONDS] [--json]
+hlsvault revoke ASSET [--json]
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from urllib.parse import urlsplit
 
 from pipeline.errors import HlsvaultError
 from pipeline.jobs import JobRecord, JobSpec, new_job_spec
-from pipeline.settings import DEFAULT_TOKEN_TTL_S, Settings, load_settings
+from pipeline.settings import Settings, load_settings
+
+from .keycommands import add_commands
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -134,7 +140,13 @@ def _report(record: JobRecord, settings: Settings, *, as_json: bool) -> int:
 
 def cmd_package(args: argparse.Namespace, settings: Settings) -> int:
     spec = _new_spec(args, settings)
-    show = sys.stderr.isatty() and not args.json
+    record = run_job(spec, settings, show=sys.stderr.isatty() and not args.json,
+                     timeout=args.timeout)
+    return _report(record, settings, as_json=args.json)
+
+
+def run_job(spec: JobSpec, settings: Settings, *, show: bool, timeout: float) -> JobRecord:
+    """Run a job to its end: in this process (embedded), or on the fleet, waiting for it."""
     if settings.embedded:
         from workers.embedded import run_embedded
 
@@ -147,8 +159,8 @@ def cmd_package(args: argparse.Namespace, settings: Settings) -> int:
         from workers import flow, runtime
 
         flow.start(runtime.services(), spec)
-        record = _wait(spec.job_id, show=show, timeout=args.timeout)
-    return _report(record, settings, as_json=args.json)
+        record = _wait(spec.job_id, show=show, timeout=timeout)
+    return record
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -187,25 +199,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_keep_alive=5,
         **kwargs,
     )
-    return 0
-
-
-def cmd_url(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.keys import check_asset_id
-    from pipeline.services import build_services
-    from pipeline.tokens import mint_token
-
-    check_asset_id(args.asset)
-    if args.ttl <= 0 or args.ttl > settings.token_max_ttl_s:
-        return _fail(
-            f"--ttl must be between 1 and {settings.token_max_ttl_s} seconds "
-            "(HLSVAULT_TOKEN_MAX_TTL)",
-            EXIT_USAGE,
-        )
-    if build_services(settings).catalog.current_version(args.asset) is None:
-        return _fail(f"asset {args.asset} is not published; package it first")
-    token = mint_token(settings.token_secret, args.asset, args.ttl)
-    print(f"{settings.public_url}/v1/assets/{args.asset}/master.m3u8?token={token}")
     return 0
 
 
@@ -280,10 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keyfile", help="TLS private key (PEM)")
     serve.set_defaults(handler=cmd_serve)
 
-    url = commands.add_parser("url", help="print a tokenized playback URL for an asset")
-    url.add_argument("asset")
-    url.add_argument("--ttl", type=int, default=DEFAULT_TOKEN_TTL_S, help="token lifetime, s")
-    url.set_defaults(handler=cmd_url)
+    add_commands(commands, wait_timeout=DEFAULT_WAIT_TIMEOUT_S)
 
     status = commands.add_parser("status", help="show a job's stages")
     status.add_argument("job")
@@ -316,7 +306,7 @@ def _run(argv: list[str] | None) -> int:
         return _fail(str(error), EXIT_USAGE)
     from pipeline.logs import configure_logging
 
-    quiet = args.command in ("package", "url", "status") and not args.verbose
+    quiet = args.command != "serve" and not args.verbose
     configure_logging(level=logging.ERROR if quiet else logging.INFO)
     if args.command == "serve" and args.port is None:
         args.port = urlsplit(settings.public_url).port or 8000

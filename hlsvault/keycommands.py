@@ -50,45 +50,27 @@ def cmd_url(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _run_job(spec: Any, settings: Settings, *, as_json: bool, timeout: float) -> int:
-    from .cli import _fail, _summary, _wait
-
-    show = sys.stderr.isatty() and not as_json
-    if settings.embedded:
-        from workers.embedded import run_embedded
-
-        from .progress import StageProgress
-
-        with StageProgress(enabled=show) as bars:
-            record = run_embedded(spec, on_update=bars.update)
-    else:
-        import workers.actors  # noqa: F401 - declares the actors on the broker before sending
-        from workers import flow, runtime
-
-        flow.start(runtime.services(), spec)
-        record = _wait(spec.job_id, show=show, timeout=timeout)
-    summary = _summary(record, settings)
-    if as_json:
-        print(json.dumps(summary, indent=2))
-    if record.status != "succeeded":
-        return _fail(f"job {spec.job_id} failed at {record.failed_stage}: {record.error}")
-    if not as_json:
-        print(f"re-keyed {spec.asset}: version {spec.previous_version} -> {spec.version}; "
-              f"the old keys are refused after {spec.grace_s:g} s")
-    return 0
-
-
 def cmd_rekey(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.lifecycle import new_rekey_spec, shred_due
     from pipeline.services import build_services
 
     svc = build_services(settings)
     shred_due(svc, args.asset)  # what earlier re-keys left due, in case no worker did it
+    from .cli import _fail, _summary, run_job
+
     spec = new_rekey_spec(svc, args.asset, grace_s=args.grace)
-    code = _run_job(spec, settings, as_json=args.json, timeout=args.timeout)
-    if code == 0 and settings.embedded:
+    record = run_job(spec, settings, show=sys.stderr.isatty() and not args.json,
+                     timeout=args.timeout)
+    if args.json:
+        print(json.dumps(_summary(record, settings), indent=2))
+    if record.status != "succeeded":
+        return _fail(f"job {spec.job_id} failed at {record.failed_stage}: {record.error}")
+    if settings.embedded:
         shred_due(svc, args.asset)  # no worker outlives this process to do it later
-    return code
+    if not args.json:
+        print(f"re-keyed {spec.asset}: version {spec.previous_version} -> {spec.version}; "
+              f"the old keys are refused after {spec.grace_s:g} s")
+    return 0
 
 
 def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:

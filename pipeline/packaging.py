@@ -25,7 +25,7 @@ from .errors import InvalidSource
 from .jobs import JobSpec
 from .media import MediaInfo, probe
 from .plan import Rendition, plan_renditions
-from .playlists import AssetVersion, describe_rendition, key_index
+from .playlists import AssetVersion, describe_rendition, key_index, static_playlists
 from .segment import PROGRESS_INTERVAL_S, Segment, SegmentedRendition, segment_rendition
 from .services import Services
 from .sources import ffmpeg_target
@@ -37,6 +37,9 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 #: Segments of one rendition encrypted at once. OpenSSL releases the GIL while it encrypts, so
 #: each thread keeps a core busy; capped because renditions are encrypted side by side too.
 ENCRYPT_THREADS = min(os.cpu_count() or 1, 4)
+#: The stable master playlist changes with each publish; edges revalidate it after a minute
+#: even if an invalidation is lost.
+STABLE_PLAYLIST = "public, max-age=60"
 #: Concurrent segment uploads per job: enough to hide S3 latency, few enough not to be throttled.
 UPLOAD_CONCURRENCY = 16
 
@@ -222,6 +225,13 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dic
         for _ in pool.map(put, items):
             done += 1
             report(done / len(items))
+    # Cookie mode's static playlists: the versioned variants, then the stable master.
+    for key, text in static_playlists(described, key_server=svc.settings.public_url).items():
+        stable = key.count("/") == 2  # assets/<asset>/master.m3u8
+        svc.origin.put_bytes(
+            key, text.encode(), content_type=PLAYLIST_CONTENT_TYPE,
+            cache_control=STABLE_PLAYLIST if stable else IMMUTABLE,
+        )
     svc.catalog.publish(spec.asset, spec.version, job_id=spec.job_id)
     return {
         "asset": spec.asset,
