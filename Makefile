@@ -13,7 +13,7 @@ demo: setup
 test: setup lint typecheck pytest
 
 lint:
-	$(BIN)/ruff check pipeline workers keyserver hlsvault tests bench
+	$(BIN)/ruff check pipeline workers keyserver dashboard hlsvault tests bench
 
 typecheck:
 	$(BIN)/mypy
@@ -24,6 +24,10 @@ pytest:
 bench: setup
 	$(BIN)/python bench/bench_encrypt.py
 	$(BIN)/python bench/bench_package.py
+	$(BIN)/python bench/bench_upload.py
+	$(BIN)/python bench/bench_orchestration.py
+	$(BIN)/python bench/bench_scaling.py
+	$(BIN)/python bench/bench_keyserver.py
 
 clean:
 	rm -rf $(VENV) .cache hlsvault-data .mypy_cache .ruff_cache .pytest_cache
