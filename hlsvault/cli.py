@@ -140,6 +140,12 @@ def _report(record: JobRecord, settings: Settings, *, as_json: bool) -> int:
 
 def cmd_package(args: argparse.Namespace, settings: Settings) -> int:
     spec = _new_spec(args, settings)
+    if settings.embedded:
+        from pipeline.lifecycle import shred_due
+        from pipeline.services import build_services
+
+        # No worker outlives this process: delete what earlier runs retired and is now due.
+        shred_due(build_services(settings), spec.asset)
     record = run_job(spec, settings, show=sys.stderr.isatty() and not args.json,
                      timeout=args.timeout)
     return _report(record, settings, as_json=args.json)

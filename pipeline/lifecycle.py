@@ -101,12 +101,10 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
     return described
 
 
-def retire_previous(svc: Services, spec: JobSpec) -> float:
-    """After a re-key is published: schedule the previous version's keys for shredding."""
-    if spec.previous_version is None:
-        return 0.0
-    delete_after = time.time() + spec.grace_s
-    svc.catalog.retire(spec.asset, spec.previous_version, delete_after=delete_after)
+def retire(svc: Services, asset: str, version: str, *, grace_s: float) -> float:
+    """Schedule a replaced version's keys to be refused, then shredded, after ``grace_s``."""
+    delete_after = time.time() + grace_s
+    svc.catalog.retire(asset, version, delete_after=delete_after)
     return delete_after
 
 

@@ -232,6 +232,10 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dic
             key, text.encode(), content_type=PLAYLIST_CONTENT_TYPE,
             cache_control=STABLE_PLAYLIST if stable else IMMUTABLE,
         )
+    # Remembered before the flip, so that a retry after it still knows what it replaced.
+    previous = svc.catalog.current_version(spec.asset)
+    if previous is not None and previous != spec.version:
+        svc.jobs.set_json(spec.job_id, "replaced", previous)
     svc.catalog.publish(spec.asset, spec.version, job_id=spec.job_id)
     return {
         "asset": spec.asset,

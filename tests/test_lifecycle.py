@@ -117,3 +117,24 @@ class TestRevoke:
 
 def _assert_equal(left: object, right: object) -> None:
     assert left == right
+
+
+class TestRepackage:
+    def test_a_new_packaging_retires_the_replaced_version_after_a_grace_period(
+        self, keyserver: Hlsvault, copy_clip: Path
+    ) -> None:
+        """Packaging an asset again publishes a new version; the old one's keys keep being
+        served (players mid-film finish) and are scheduled for shredding an hour later."""
+        first = keyserver.package(str(copy_clip), "--asset", "again", "--ladder", "copy", "--json")
+        assert first.returncode == 0, first.stderr
+        [old_key_uri] = key_uris(keyserver.url("again"))
+
+        second = keyserver.package(str(copy_clip), "--asset", "again", "--ladder", "copy",
+                                   "--json")
+        assert second.returncode == 0, second.stderr
+        old_version = json.loads(first.stdout)["version"]
+
+        state = json.loads((keyserver.vault / "catalog" / "again" / "current.json").read_text())
+        assert state["version"] == json.loads(second.stdout)["version"]
+        assert 3500 < state["retired"][old_version] - time.time() <= 3600
+        assert status_of(old_key_uri) == 200

@@ -17,7 +17,7 @@ import structlog
 
 from pipeline.errors import PermanentError, PoisonJob
 from pipeline.jobs import JobSpec
-from pipeline.lifecycle import retire_previous
+from pipeline.lifecycle import DEFAULT_GRACE_S, retire
 from pipeline.logs import redact_text
 from pipeline.packaging import discard_work
 from pipeline.plan import Rendition
@@ -145,14 +145,23 @@ def after_upload(svc: Services, job_id: str) -> None:
 
 
 def after_invalidate(svc: Services, job_id: str, result: dict[str, Any]) -> None:
-    spec = svc.jobs.get(job_id).spec
-    if spec.kind == "rekey" and spec.previous_version is not None:
-        result["retired"] = {"version": spec.previous_version,
-                             "delete_after": retire_previous(svc, spec)}
-        # The shred runs when the grace period is over; a lost message only delays it until
-        # the next shred of the asset (every CLI run and every re-key sweeps what is due).
+    record = svc.jobs.get(job_id)
+    spec = record.spec
+    replaced = record.json_field("replaced")
+    if replaced:
+        # The version this job replaced keeps its keys for a grace period (players mid-film
+        # finish), then they are refused and shredded: a re-key says how long, a re-package
+        # gets the default.
+        grace = spec.grace_s if spec.kind == "rekey" else DEFAULT_GRACE_S
+        result["retired"] = {
+            "version": replaced,
+            "delete_after": retire(svc, spec.asset, replaced, grace_s=grace),
+        }
+        # A lost shred message only delays the deletion until the next shred of the asset
+        # (every re-key and every embedded package sweeps what is due); the key server
+        # refuses the keys from the deadline on regardless.
         dramatiq.get_broker().get_actor(SHRED).send_with_options(
-            args=(spec.asset,), delay=int(spec.grace_s * 1000) + 1000
+            args=(spec.asset,), delay=int(grace * 1000) + 1000
         )
     svc.jobs.succeed(job_id, result)
     discard_work(svc, job_id)
