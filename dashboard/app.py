@@ -298,12 +298,7 @@ class OpsApp:
             record = self.services.jobs.get(job_id)
         except UnknownJob:
             return PlainTextResponse(f"no job {job_id}\n", status_code=404)
-        if record.status not in TERMINAL:
-            now = repr(time.time())
-            self.services.jobs.backend.write(
-                job_id,
-                {"status": "cancelled", "error": "cancelled by an operator", "finished_at": now},
-            )
+        if record.status not in TERMINAL and self.services.jobs.cancel(job_id):
             log.info("job cancelled", job_id=job_id)
         return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 

@@ -200,6 +200,7 @@ class RecordBackend(Protocol):
     def write_if_absent(self, job_id: str, name: str, value: str) -> bool: ...
     def increment(self, job_id: str, name: str, amount: int) -> int: ...
     def arrive(self, job_id: str, counter: str, marker: str) -> int: ...
+    def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool: ...
     def job_ids(self) -> list[str]: ...
 
 
@@ -236,13 +237,10 @@ class JobStore:
         """
         attempts = self.backend.increment(job_id, f"{stage}.attempts", 1)
         self.backend.write(
-            job_id,
-            {
-                f"{stage}.status": "running",
-                f"{stage}.started_at": repr(time.time()),
-                "status": "running",
-            },
+            job_id, {f"{stage}.status": "running", f"{stage}.started_at": repr(time.time())}
         )
+        # A job an operator cancelled (or that failed elsewhere) stays ended.
+        self.backend.write_unless_ended(job_id, {"status": "running"})
         return attempts
 
     def stage_queued(self, job_id: str, *stages: str) -> None:
@@ -273,23 +271,26 @@ class JobStore:
         return self.backend.arrive(job_id, f"pending.{counter}", f"arrived.{counter}.{member}")
 
     def fail(self, job_id: str, stage: str, reason: str) -> None:
+        now = repr(time.time())
         self.backend.write(
             job_id,
-            {
-                f"{stage}.status": "failed",
-                f"{stage}.error": reason,
-                f"{stage}.finished_at": repr(time.time()),
-                "status": "failed",
-                "error": reason,
-                "failed_stage": stage,
-                "finished_at": repr(time.time()),
-            },
+            {f"{stage}.status": "failed", f"{stage}.error": reason, f"{stage}.finished_at": now},
+        )
+        self.backend.write_unless_ended(
+            job_id, {"status": "failed", "error": reason, "failed_stage": stage, "finished_at": now}
         )
 
-    def succeed(self, job_id: str, result: dict[str, Any]) -> None:
-        self.backend.write(
+    def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
+        """Mark the job succeeded, unless it already ended (an operator cancelled it)."""
+        return self.backend.write_unless_ended(
             job_id,
             {"status": "succeeded", "result": json.dumps(result), "finished_at": repr(time.time())},
+        )
+
+    def cancel(self, job_id: str, reason: str = "cancelled by an operator") -> bool:
+        """End a job that has not ended; its queued stages skip it. False when it had ended."""
+        return self.backend.write_unless_ended(
+            job_id, {"status": "cancelled", "error": reason, "finished_at": repr(time.time())}
         )
 
     def job_ids(self) -> list[str]:
@@ -355,6 +356,13 @@ class FileRecordBackend:
             value = int(record.get(name, "0")) + amount
             record[name] = str(value)
             return value
+
+    def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool:
+        with self._locked(job_id) as record:
+            if record.get("status") in TERMINAL:
+                return False
+            record.update(fields)
+            return True
 
     def arrive(self, job_id: str, counter: str, marker: str) -> int:
         with self._locked(job_id) as record:

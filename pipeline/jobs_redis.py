@@ -50,12 +50,24 @@ def _mapping(fields: dict[str, str]) -> dict[Any, Any]:
     return dict(fields)
 
 
+# Write the fields only while the job's status is not terminal: a cancelled job stays cancelled.
+_WRITE_UNLESS_ENDED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
 class RedisRecordBackend:
     """One hash per job under ``hlsvault:job:<id>``, and a sorted set of ids by creation time."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._arrive = client.register_script(_ARRIVE)
+        self._write_unless_ended = client.register_script(_WRITE_UNLESS_ENDED)
 
     @classmethod
     def from_url(cls, url: str) -> RedisRecordBackend:
@@ -82,6 +94,10 @@ class RedisRecordBackend:
 
     def increment(self, job_id: str, name: str, amount: int) -> int:
         return int(self.client.hincrby(_PREFIX + job_id, name, amount))
+
+    def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool:
+        args = [item for pair in fields.items() for item in pair]
+        return bool(self._write_unless_ended(keys=[_PREFIX + job_id], args=args))
 
     def arrive(self, job_id: str, counter: str, marker: str) -> int:
         return int(self._arrive(keys=[_PREFIX + job_id], args=[counter, marker]))

@@ -72,6 +72,8 @@ def run_stage(svc: Services, job_id: str, stage: str, work: Callable[[JobSpec], 
     record = svc.jobs.get(job_id)
     if record.done:
         log.info("job already ended; stage skipped", stage=stage, status=record.status)
+        if record.status == "cancelled":
+            discard_work(svc, job_id)
         return None
     attempts = svc.jobs.stage_started(job_id, stage)
     if attempts > svc.settings.max_deliveries:
