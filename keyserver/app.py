@@ -154,17 +154,26 @@ class KeyServer:
             suffix += f"{'&' if suffix else '?'}sid={quote(sid, safe='')}"
         return suffix
 
-    async def master(self, request: Request) -> Response:
-        asset = request.path_params["asset"]
-        if not ASSET_ID_PATTERN.fullmatch(asset):
-            return _error(400, "malformed asset id")
+    async def _playlist_access(
+        self, request: Request, asset: str
+    ) -> tuple[TokenClaims, AssetVersion] | Response:
+        """The viewer's claims and the asset's current version, or the refusal to send."""
         claims = self._authorise(request, asset)
         if isinstance(claims, Response):
             return claims
         published = await self._published(asset)
         if isinstance(published, Response):
             return published
-        _, described = published
+        return claims, published[1]
+
+    async def master(self, request: Request) -> Response:
+        asset = request.path_params["asset"]
+        if not ASSET_ID_PATTERN.fullmatch(asset):
+            return _error(400, "malformed asset id")
+        access = await self._playlist_access(request, asset)
+        if isinstance(access, Response):
+            return access
+        claims, described = access
         cookie_mode = request.query_params.get("auth") == "cookie"
         token = _request_token(request)
         base = self.settings.public_url
@@ -198,13 +207,10 @@ class KeyServer:
         name = request.path_params["rendition"]
         if not ASSET_ID_PATTERN.fullmatch(asset) or not _RENDITION.fullmatch(name):
             return _error(400, "malformed asset id or rendition")
-        claims = self._authorise(request, asset)
-        if isinstance(claims, Response):
-            return claims
-        published = await self._published(asset)
-        if isinstance(published, Response):
-            return published
-        _, described = published
+        access = await self._playlist_access(request, asset)
+        if isinstance(access, Response):
+            return access
+        _, described = access
         rendition = described.rendition(name)
         if rendition is None:
             return _error(404, "unknown rendition")
