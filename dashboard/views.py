@@ -12,6 +12,7 @@ from html import escape
 from urllib.parse import quote, urlencode
 
 from pipeline.jobs import JobRecord, StageState
+from pipeline.logs import redact_text
 
 from .metrics import (
     JOB_STATUSES,
@@ -118,7 +119,7 @@ def job_summary(record: JobRecord, now: float) -> dict[str, object]:
         "job_id": record.spec.job_id,
         "status": record.status,
         "asset": record.spec.asset,
-        "source": record.spec.source,
+        "source": redact_text(record.spec.source),
         "created_at": record.spec.created_at,
         "finished_at": record.finished_at,
         "age_s": round(now - record.spec.created_at, 1),
@@ -168,7 +169,7 @@ def _job_row(record: JobRecord, now: float) -> str:
     return (
         f'<tr><td><a href="/jobs/{quote(spec.job_id)}">{escape(spec.job_id[:12])}</a></td>'
         f"<td class=status-{status}>{status}</td><td>{escape(spec.asset)}</td>"
-        f"<td>{escape(spec.source)}</td><td>{_seconds(now - spec.created_at)}</td>"
+        f"<td>{escape(redact_text(spec.source))}</td><td>{_seconds(now - spec.created_at)}</td>"
         f"<td>{_seconds(end - spec.created_at)}</td><td>{_bar(job_progress(record))}</td></tr>"
     )
 
@@ -287,7 +288,7 @@ def job_page(
         f"<tr><th>progress</th><td id=job-progress>{job_progress(record) * 100:.1f}%</td></tr>"
         f"<tr><th>asset</th><td>{escape(spec.asset)}</td></tr>"
         f"<tr><th>version</th><td>{escape(spec.version)}</td></tr>"
-        f"<tr><th>source</th><td>{escape(spec.source)}</td></tr>"
+        f"<tr><th>source</th><td>{escape(redact_text(spec.source))}</td></tr>"
         f"<tr><th>ladder</th><td>{escape(spec.ladder)}</td></tr>"
         f"<tr><th>created</th><td>{_clock(spec.created_at)} UTC ({now - spec.created_at:.0f} s ago)"
         f"</td></tr><tr><th>duration</th><td>{_seconds(end - spec.created_at)}</td></tr>"

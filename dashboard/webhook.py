@@ -63,7 +63,8 @@ def verify_signature(secret: str, header: str | None, body: bytes, *, now: float
             timestamp = value
         elif name == "v1":
             candidates.append(value)
-    if not timestamp.isdigit() or not candidates:
+    # isascii: str.isdigit also accepts digits like '¹' that int() refuses.
+    if not (timestamp.isascii() and timestamp.isdigit()) or not candidates:
         raise IngestError(401, f"malformed {SIGNATURE_HEADER} header; expected "
                                "t=<unix seconds>,v1=<hex>")
     if abs(now - int(timestamp)) > REPLAY_WINDOW_S:
@@ -72,7 +73,10 @@ def verify_signature(secret: str, header: str | None, body: bytes, *, now: float
                                "the sender's clock (NTP)")
     expected = _digest(secret, body, timestamp)
     # Every candidate is compared, so the time taken says nothing about which one was close.
-    matches = [hmac.compare_digest(expected, candidate) for candidate in candidates]
+    matches = [
+        hmac.compare_digest(expected.encode(), candidate.encode("utf-8", "replace"))
+        for candidate in candidates
+    ]
     if not any(matches):
         raise IngestError(401, "signature does not match the body; sign the exact raw body "
                                "with HLSVAULT_WEBHOOK_SECRET")

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from typing import Any
+from urllib.parse import quote
 
 from pipeline.errors import BadSpec
 from pipeline.settings import DEFAULT_TOKEN_TTL_S, Settings
@@ -44,6 +45,9 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_url(args: argparse.Namespace, settings: Settings) -> int:
     _require_published(settings, args.asset)
     url = f"{settings.public_url}/v1/assets/{args.asset}/master.m3u8?token={_token(args, settings)}"
+    if args.sid:
+        # The key server passes it on to every variant and key URI it writes.
+        url += f"&sid={quote(args.sid, safe='')}"
     if args.auth == "cookie":
         url += "&auth=cookie"
     print(url)

@@ -22,7 +22,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import structlog
 from starlette.applications import Starlette
@@ -195,7 +195,8 @@ class KeyServer:
                 COOKIE_NAME,
                 token,
                 max_age=max(1, claims.expires_at - int(time.time())),
-                path=f"/v1/keys/{asset}/",
+                # The key path as the browser sees it, under any prefix of the public URL.
+                path=f"{urlsplit(self.settings.public_url).path.rstrip('/')}/v1/keys/{asset}/",
                 secure=True,
                 httponly=True,
                 samesite="none",
@@ -260,31 +261,15 @@ class KeyServer:
         token = _request_token(request, cookie=True)
         limited = await self._limited(request, token)
         if limited is not None:
-            audit.info(
-                "key request",
-                asset=asset,
-                key_id=key_id,
-                sid=None,
-                client_ip=ip,
-                outcome="rate limited",
-            )
+            await self._audit(asset, key_id, None, ip, "rate limited")
             return limited
         claims = self._authorise(request, asset, cookie=True)
         if isinstance(claims, Response):
-            audit.info(
-                "key request",
-                asset=asset,
-                key_id=key_id,
-                sid=None,
-                client_ip=ip,
-                outcome=f"denied {claims.status_code}",
-            )
+            await self._audit(asset, key_id, None, ip, f"denied {claims.status_code}")
             return claims
         state = await self._state(asset)
         outcome, response = await self._key_response(state, asset, version, index)
-        audit.info(
-            "key request", asset=asset, key_id=key_id, sid=claims.sid, client_ip=ip, outcome=outcome
-        )
+        await self._audit(asset, key_id, claims.sid, ip, outcome)
         return response
 
     async def _audit(
@@ -301,8 +286,14 @@ class KeyServer:
     ) -> tuple[str, Response]:
         if state is None:
             return "unknown asset", _error(404, "unknown key")
-        if state.key_withdrawn(version):
-            return "gone", _error(410, "key withdrawn: the asset was revoked or re-keyed")
+        if not state.key_servable(version):
+            self.view.forget_keys(asset, version)
+            if state.revoked or version in state.retired:
+                return "gone", _error(410, "key withdrawn: the asset was revoked or re-keyed")
+            known = await run_in_threadpool(self.view.version, asset, version)
+            if known is None:
+                return "unknown key", _error(404, "unknown key")
+            return "gone", _error(410, "key withdrawn: the version was replaced")
         key = self.view.cached_key(asset, version, index)
         if key is None:
             try:

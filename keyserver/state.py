@@ -76,6 +76,12 @@ class VaultView:
         with self._lock:
             return self._keys.get((asset, version, index))
 
+    def forget_keys(self, asset: str, version: str) -> None:
+        """Drop a withdrawn version's keys from memory."""
+        with self._lock:
+            for cached in [k for k in self._keys if k[0] == asset and k[1] == version]:
+                del self._keys[cached]
+
     def key(self, asset: str, version: str, index: int) -> bytes:
         """A content key; :class:`~pipeline.storage.ObjectNotFound` when there is none.
         Callers check the asset's state first: a cached key outlives nothing it should not."""

@@ -20,11 +20,10 @@ from .crypto import decrypt_file, encrypt_file, iv_for_sequence
 from .errors import BadSpec
 from .jobs import JobSpec
 from .keys import check_asset_id
+from .packaging import DEFAULT_GRACE_S
 from .playlists import AssetVersion, RenditionEntry, key_index
 from .services import Services
 
-#: Players that loaded the old version keep getting its keys this long after a re-key.
-DEFAULT_GRACE_S = 3600.0
 MAX_GRACE_S = 7 * 24 * 3600.0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .crypto import encrypt_file, iv_for_sequence
-from .errors import InvalidSource
+from .errors import BadSpec, InvalidSource
 from .jobs import JobSpec
 from .media import MediaInfo, probe
 from .plan import Rendition, plan_renditions
@@ -40,6 +40,8 @@ ENCRYPT_THREADS = min(os.cpu_count() or 1, 4)
 #: The stable master playlist changes with each publish; edges revalidate it after a minute
 #: even if an invalidation is lost.
 STABLE_PLAYLIST = "public, max-age=60"
+#: A replaced version's keys are served this long after a re-package.
+DEFAULT_GRACE_S = 3600.0
 #: Concurrent segment uploads per job: enough to hide S3 latency, few enough not to be throttled.
 UPLOAD_CONCURRENCY = 16
 
@@ -232,17 +234,31 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dic
             key, text.encode(), content_type=PLAYLIST_CONTENT_TYPE,
             cache_control=STABLE_PLAYLIST if stable else IMMUTABLE,
         )
-    # Remembered before the flip, so that a retry after it still knows what it replaced.
     previous = svc.catalog.current_version(spec.asset)
+    if spec.kind == "rekey" and previous not in (spec.previous_version, spec.version):
+        raise BadSpec(
+            f"asset {spec.asset} changed while it was being re-keyed (now version {previous}); "
+            "re-key it again"
+        )
+    # Remembered before the flip, so that a retry after it still knows what it replaced.
     if previous is not None and previous != spec.version:
         svc.jobs.set_json(spec.job_id, "replaced", previous)
-    svc.catalog.publish(spec.asset, spec.version, job_id=spec.job_id)
+    svc.catalog.publish(
+        spec.asset, spec.version, job_id=spec.job_id, started_at=spec.created_at,
+        grace_s=replaced_grace(spec),
+    )
     return {
         "asset": spec.asset,
         "version": spec.version,
         "renditions": [r.name for r in described.renditions],
         "segments": len(items),
     }
+
+
+def replaced_grace(spec: JobSpec) -> float:
+    """How long the version a job replaces keeps its keys: what a re-key asked for, an hour
+    for a re-package (players mid-film finish)."""
+    return spec.grace_s if spec.kind == "rekey" else DEFAULT_GRACE_S
 
 
 def discard_work(svc: Services, job_id: str) -> None:

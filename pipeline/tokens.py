@@ -123,7 +123,9 @@ class TokenVerifier:
         if claims["sub"] != asset:
             raise TokenForbidden("token is for another asset")
         token_sid = claims.get("sid")
-        if sid is not None and token_sid != sid:
+        # Session binding both ways: a token minted with a sid serves only requests naming that
+        # session (?sid= or X-Hlsvault-Sid), and a request naming a session needs its token.
+        if token_sid != sid:
             raise TokenForbidden("token is for another session")
         token_ip = claims.get("ip")
         if token_ip is not None and token_ip != client_ip:

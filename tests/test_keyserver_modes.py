@@ -432,7 +432,7 @@ class TestRateLimits:
         """With HLSVAULT_RATE_LIMIT_TOKEN=5 the sixth key request of one token is 429 with a
         Retry-After of 1-60 s and no key, from any address; other tokens still get keys."""
         app = pristine.app(HLSVAULT_RATE_LIMIT_TOKEN="5", HLSVAULT_RATE_LIMIT_IP="0")
-        token, other_token = pristine.token(sid="a"), pristine.token(sid="b")
+        token, other_token = pristine.token(ttl=600), pristine.token(ttl=601)
         wait_for_fresh_window()
         with AppClient(app, client_ip=VIEWER_IP) as viewer, \
                 AppClient(app, client_ip=OTHER_IP) as elsewhere:
@@ -457,7 +457,7 @@ class TestRateLimits:
         """With HLSVAULT_RATE_LIMIT_IP=3 the fourth key request from one client address is 429
         whichever token it carries; another address still gets its key."""
         app = pristine.app(HLSVAULT_RATE_LIMIT_TOKEN="0", HLSVAULT_RATE_LIMIT_IP="3")
-        tokens = [pristine.token(sid=f"s{i}") for i in range(5)]
+        tokens = [pristine.token(ttl=600 + i) for i in range(5)]
         wait_for_fresh_window()
         with AppClient(app, client_ip=VIEWER_IP) as viewer, \
                 AppClient(app, client_ip=OTHER_IP) as elsewhere:
@@ -513,7 +513,7 @@ class TestRateLimits:
                            for i in range(5)]
             sixth_on_each = [s.get(pristine.key_path(), params={"token": token})
                              for s in servers]
-            fresh_token = two.get(pristine.key_path(), params={"token": pristine.token(sid="x")})
+            fresh_token = two.get(pristine.key_path(), params={"token": pristine.token(ttl=599)})
 
         assert [r.status_code for r in alternating] == [200] * 5
         for response in sixth_on_each:
@@ -537,7 +537,7 @@ class TestRateLimits:
                 AppClient(apps[1], client_ip=VIEWER_IP) as two, \
                 AppClient(apps[1], client_ip=OTHER_IP) as elsewhere:
             statuses = [
-                server.get(pristine.key_path(), params={"token": pristine.token(sid=str(i))})
+                server.get(pristine.key_path(), params={"token": pristine.token(ttl=500 + i)})
                 for i, server in enumerate([one, two, one, two])
             ]
             other_address = elsewhere.get(pristine.key_path(),
@@ -678,8 +678,8 @@ class TestAuditLog:
         # (path, token, sid, expected outcome, expected sid in the event)
         requests = [
             (library.key_path(0), bound, "sess-a", "served", "sess-a"),
-            (library.key_path(1), bound, None, "served", "sess-a"),
-            (library.key_path(0), bound, None, "rate limited", None),
+            (library.key_path(1), bound, "sess-a", "served", "sess-a"),
+            (library.key_path(0), bound, "sess-a", "rate limited", None),
             (library.key_path(0), tampered, None, "denied 401", None),
             (library.key_path(0), other, None, "denied 403", None),
             (library.key_path(0), None, None, "denied 401", None),

@@ -9,6 +9,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from pipeline.catalog import Catalog
+from pipeline.errors import PermanentError
+from pipeline.storage import LocalStore
+
 from conftest import Hlsvault, frame_hashes, framemd5
 
 
@@ -138,3 +144,49 @@ class TestRepackage:
         assert state["version"] == json.loads(second.stdout)["version"]
         assert 3500 < state["retired"][old_version] - time.time() <= 3600
         assert status_of(old_key_uri) == 200
+
+
+class TestRevokeThenRepublish:
+    def test_a_republished_asset_never_serves_the_revoked_versions_keys(
+        self, keyserver: Hlsvault, copy_clip: Path
+    ) -> None:
+        """Keys a running key server had cached stay refused after a revocation, even once the
+        asset is packaged anew: only the current version (and retired ones in their grace
+        period) are ever served."""
+        first = keyserver.package(str(copy_clip), "--asset", "phoenix", "--ladder", "copy")
+        assert first.returncode == 0, first.stderr
+        [old_key_uri] = key_uris(keyserver.url("phoenix"))
+        assert status_of(old_key_uri) == 200  # now in the key server's memory
+
+        assert keyserver.run("revoke", "phoenix").returncode == 0
+        eventually(lambda: _assert_equal(status_of(old_key_uri), 410))
+        again = keyserver.package(str(copy_clip), "--asset", "phoenix", "--ladder", "copy")
+        assert again.returncode == 0, again.stderr
+
+        new_url = keyserver.url("phoenix")
+        eventually(lambda: _assert_equal(status_of(new_url), 200))  # past the state cache
+        assert status_of(key_uris(new_url)[0]) == 200
+        old_version = old_key_uri.split("/v1/keys/phoenix/")[1].split("/")[0]
+        fresh_token = new_url.split("token=", 1)[1]
+        old_with_fresh_token = old_key_uri.split("?", 1)[0] + f"?token={fresh_token}"
+        assert old_version not in new_url
+        assert status_of(old_with_fresh_token) == 410
+
+
+def test_a_job_started_before_a_revocation_cannot_publish(tmp_path: Path) -> None:
+    """Work in flight when an operator revokes an asset fails instead of un-revoking it."""
+    catalog = Catalog(LocalStore(tmp_path))
+    catalog.publish("film", "v1", job_id="a", started_at=time.time() - 10, grace_s=0)
+    started = time.time()
+    time.sleep(0.01)
+    catalog.revoke("film")
+
+    with pytest.raises(PermanentError, match="revoked after this job started"):
+        catalog.publish("film", "v2", job_id="b", started_at=started, grace_s=0)
+    assert catalog.current_version("film") is None
+
+    catalog.publish("film", "v3", job_id="c", started_at=time.time(), grace_s=0)
+    assert catalog.current_version("film") == "v3"
+    state = catalog.state("film")
+    assert state is not None
+    assert not state.key_servable("v1") and state.key_servable("v3")

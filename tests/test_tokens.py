@@ -14,6 +14,7 @@ from pipeline.tokens import (
     TokenClaims,
     TokenForbidden,
     TokenRejected,
+    TokenVerifier,
     mint_token,
     verify_token,
 )
@@ -50,8 +51,20 @@ def encode(claims: dict[str, object], *, secret: str = SECRET, algorithm: str = 
 def test_valid_token_yields_its_claims() -> None:
     """A token minted for the asset is accepted and says which asset, until when, which session."""
     now = time.time()
-    claims = verify(mint_token(SECRET, ASSET, 600, sid="session-7", now=now))
+    token = mint_token(SECRET, ASSET, 600, sid="session-7", now=now)
+    claims = TokenVerifier("HS256", SECRET, max_ttl_s=MAX_TTL_S).verify(
+        token, asset=ASSET, sid="session-7"
+    )
     assert claims == TokenClaims(asset=ASSET, expires_at=int(now) + 600, sid="session-7", ip=None)
+
+
+def test_a_session_bound_token_needs_its_session() -> None:
+    """A token minted with a sid is refused (403) for a request naming no session or another."""
+    token = mint_token(SECRET, ASSET, 600, sid="session-7")
+    verifier = TokenVerifier("HS256", SECRET, max_ttl_s=MAX_TTL_S)
+    for presented in (None, "session-8"):
+        with pytest.raises(TokenForbidden, match="another session"):
+            verifier.verify(token, asset=ASSET, sid=presented)
 
 
 def test_valid_token_without_session_has_no_sid() -> None:

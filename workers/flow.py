@@ -17,9 +17,8 @@ import structlog
 
 from pipeline.errors import PermanentError, PoisonJob
 from pipeline.jobs import JobSpec
-from pipeline.lifecycle import DEFAULT_GRACE_S, retire
 from pipeline.logs import redact_text
-from pipeline.packaging import discard_work
+from pipeline.packaging import discard_work, replaced_grace
 from pipeline.plan import Rendition
 from pipeline.services import Services
 
@@ -151,17 +150,12 @@ def after_invalidate(svc: Services, job_id: str, result: dict[str, Any]) -> None
     spec = record.spec
     replaced = record.json_field("replaced")
     if replaced:
-        # The version this job replaced keeps its keys for a grace period (players mid-film
-        # finish), then they are refused and shredded: a re-key says how long, a re-package
-        # gets the default.
-        grace = spec.grace_s if spec.kind == "rekey" else DEFAULT_GRACE_S
-        result["retired"] = {
-            "version": replaced,
-            "delete_after": retire(svc, spec.asset, replaced, grace_s=grace),
-        }
-        # A lost shred message only delays the deletion until the next shred of the asset
-        # (every re-key and every embedded package sweeps what is due); the key server
-        # refuses the keys from the deadline on regardless.
+        # The publish retired the version this job replaced (its keys are served for a grace
+        # period, then refused); this deletes them once it is over. A lost message only delays
+        # the deletion until the next shred of the asset (every re-key and every embedded
+        # package sweeps what is due): the key server refuses them regardless.
+        grace = replaced_grace(spec)
+        result["retired"] = {"version": replaced, "grace_s": grace}
         dramatiq.get_broker().get_actor(SHRED).send_with_options(
             args=(spec.asset,), delay=int(grace * 1000) + 1000
         )
