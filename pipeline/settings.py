@@ -57,7 +57,7 @@ class Settings:
     work: str
     origin: str
     vault: str
-    token_secret: str = field(repr=False)
+    token_secret: str | None = field(repr=False)  # None with EdDSA/RS256 tokens
     master_key: bytes = field(repr=False)
     redis_url: str | None = field(default=None, repr=False)
     cloudfront_distribution_id: str | None = None
@@ -120,30 +120,33 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"HLSVAULT_TOKEN_PUBLIC_KEY is not set: with HLSVAULT_TOKEN_ALGORITHM={algorithm} the "
             "key server verifies tokens with your backend's public key (PEM text or a file path)"
         )
-    if algorithm != "HS256":
-        # Only the customer's backend holds the signing key; no shared secret is involved.
-        env = {**env, "HLSVAULT_TOKEN_SECRET": env.get("HLSVAULT_TOKEN_SECRET") or "-" * 32}
+    # With EdDSA/RS256 only the customer's backend holds the signing key: no shared secret.
+    needed = (
+        ["HLSVAULT_TOKEN_SECRET", "HLSVAULT_MASTER_KEY"]
+        if algorithm == "HS256"
+        else ["HLSVAULT_MASTER_KEY"]
+    )
     if redis_url is None:
-        token_secret = env.get("HLSVAULT_TOKEN_SECRET") or _embedded_secret(
-            data_dir, "token_secret", lambda: secrets.token_urlsafe(48)
-        )
+        token_secret: str | None = None
+        if algorithm == "HS256":
+            token_secret = env.get("HLSVAULT_TOKEN_SECRET") or _embedded_secret(
+                data_dir, "token_secret", lambda: secrets.token_urlsafe(48)
+            )
         master_key_text = env.get("HLSVAULT_MASTER_KEY") or _embedded_secret(
             data_dir, "master_key", lambda: base64.b64encode(os.urandom(32)).decode()
         )
     else:
-        missing = [
-            name for name in ("HLSVAULT_TOKEN_SECRET", "HLSVAULT_MASTER_KEY") if not env.get(name)
-        ]
+        missing = [name for name in needed if not env.get(name)]
         if missing:
             raise ConfigurationError(
                 f"{' and '.join(missing)} not set: with REDIS_URL set every process must share "
                 f"them. Generate a master key with {_GENERATE_MASTER_KEY} and a token secret "
                 f"with {_GENERATE_TOKEN_SECRET}"
             )
-        token_secret = env["HLSVAULT_TOKEN_SECRET"]
+        token_secret = env["HLSVAULT_TOKEN_SECRET"] if algorithm == "HS256" else None
         master_key_text = env["HLSVAULT_MASTER_KEY"]
 
-    if len(token_secret) < MIN_TOKEN_SECRET_LENGTH:
+    if token_secret is not None and len(token_secret) < MIN_TOKEN_SECRET_LENGTH:
         raise ConfigurationError(
             f"HLSVAULT_TOKEN_SECRET is {len(token_secret)} characters; it must be at least "
             f"{MIN_TOKEN_SECRET_LENGTH}. Generate one with {_GENERATE_TOKEN_SECRET}"

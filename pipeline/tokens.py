@@ -164,10 +164,16 @@ def verify_token(token: str, secret: str, *, asset: str, max_ttl_s: int) -> Toke
     return TokenVerifier("HS256", secret, max_ttl_s=max_ttl_s).verify(token, asset=asset)
 
 
+def _shared_secret(settings: Settings) -> str:
+    if settings.token_secret is None:  # load_settings sets it whenever HS256 is chosen
+        raise ConfigurationError("HS256 tokens need HLSVAULT_TOKEN_SECRET")
+    return settings.token_secret
+
+
 def verifier_for(settings: Settings) -> TokenVerifier:
     """The verifier a key server built from ``settings`` uses."""
     if settings.token_algorithm == "HS256":
-        return TokenVerifier("HS256", settings.token_secret, max_ttl_s=settings.token_max_ttl_s)
+        return TokenVerifier("HS256", _shared_secret(settings), max_ttl_s=settings.token_max_ttl_s)
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     if settings.token_public_key is None:
@@ -181,7 +187,7 @@ def verifier_for(settings: Settings) -> TokenVerifier:
 def minting_key(settings: Settings) -> Any:
     """The key `hlsvault token` signs with: the shared secret, or the private key."""
     if settings.token_algorithm == "HS256":
-        return settings.token_secret
+        return _shared_secret(settings)
     if settings.token_private_key is None:
         raise ConfigurationError(
             f"minting {settings.token_algorithm} tokens needs HLSVAULT_TOKEN_PRIVATE_KEY; the key "

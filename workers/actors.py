@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dramatiq
+from dramatiq.actor import ActorDecorator
 
 from pipeline import cdn, lifecycle, packaging
 
@@ -21,14 +22,19 @@ SEGMENT_LIMIT_MS = 12 * 3600_000
 PUBLISH_LIMIT_MS = 60 * 60_000
 
 
-@dramatiq.actor(
-    actor_name=flow.PROBE,
-    queue_name=Queue.PROBE,
-    time_limit=SHORT_LIMIT_MS,
-    max_retries=MAX_RETRIES,
-    min_backoff=MIN_BACKOFF_MS,
-    max_backoff=MAX_BACKOFF_MS,
-)
+def stage_actor(name: str, queue: Queue, time_limit_ms: int) -> ActorDecorator:
+    """dramatiq.actor with the options every stage shares: bounded retries with backoff."""
+    return dramatiq.actor(
+        actor_name=name,
+        queue_name=queue,
+        time_limit=time_limit_ms,
+        max_retries=MAX_RETRIES,
+        min_backoff=MIN_BACKOFF_MS,
+        max_backoff=MAX_BACKOFF_MS,
+    )
+
+
+@stage_actor(flow.PROBE, Queue.PROBE, SHORT_LIMIT_MS)
 def probe(job_id: str) -> None:
     svc = services()
     renditions = flow.run_stage(
@@ -38,14 +44,7 @@ def probe(job_id: str) -> None:
         flow.after_probe(svc, job_id, renditions)
 
 
-@dramatiq.actor(
-    actor_name=flow.SEGMENT,
-    queue_name=Queue.SEGMENT,
-    time_limit=SEGMENT_LIMIT_MS,
-    max_retries=MAX_RETRIES,
-    min_backoff=MIN_BACKOFF_MS,
-    max_backoff=MAX_BACKOFF_MS,
-)
+@stage_actor(flow.SEGMENT, Queue.SEGMENT, SEGMENT_LIMIT_MS)
 def segment(job_id: str, rendition: str) -> None:
     svc = services()
     stage = f"segment:{rendition}"
@@ -57,14 +56,7 @@ def segment(job_id: str, rendition: str) -> None:
         flow.after_segment(svc, job_id, rendition)
 
 
-@dramatiq.actor(
-    actor_name=flow.ENCRYPT,
-    queue_name=Queue.ENCRYPT,
-    time_limit=PUBLISH_LIMIT_MS,
-    max_retries=MAX_RETRIES,
-    min_backoff=MIN_BACKOFF_MS,
-    max_backoff=MAX_BACKOFF_MS,
-)
+@stage_actor(flow.ENCRYPT, Queue.ENCRYPT, PUBLISH_LIMIT_MS)
 def encrypt(job_id: str, rendition: str) -> None:
     svc = services()
     stage = f"encrypt:{rendition}"
@@ -76,14 +68,7 @@ def encrypt(job_id: str, rendition: str) -> None:
         flow.after_encrypt(svc, job_id, rendition)
 
 
-@dramatiq.actor(
-    actor_name=flow.PLAYLIST,
-    queue_name=Queue.PUBLISH,
-    time_limit=SHORT_LIMIT_MS,
-    max_retries=MAX_RETRIES,
-    min_backoff=MIN_BACKOFF_MS,
-    max_backoff=MAX_BACKOFF_MS,
-)
+@stage_actor(flow.PLAYLIST, Queue.PUBLISH, SHORT_LIMIT_MS)
 def playlist(job_id: str) -> None:
     svc = services()
     done = flow.run_stage(
@@ -93,14 +78,7 @@ def playlist(job_id: str) -> None:
         flow.after_playlist(svc, job_id)
 
 
-@dramatiq.actor(
-    actor_name=flow.UPLOAD,
-    queue_name=Queue.PUBLISH,
-    time_limit=PUBLISH_LIMIT_MS,
-    max_retries=MAX_RETRIES,
-    min_backoff=MIN_BACKOFF_MS,
-    max_backoff=MAX_BACKOFF_MS,
-)
+@stage_actor(flow.UPLOAD, Queue.PUBLISH, PUBLISH_LIMIT_MS)
 def upload(job_id: str) -> None:
     svc = services()
     report = flow.progress(svc, job_id, "upload")
@@ -112,14 +90,7 @@ def upload(job_id: str) -> None:
         flow.after_upload(svc, job_id)
 
 
-@dramatiq.actor(
-    actor_name=flow.INVALIDATE,
-    queue_name=Queue.PUBLISH,
-    time_limit=SHORT_LIMIT_MS,
-    max_retries=MAX_RETRIES,
-    min_backoff=MIN_BACKOFF_MS,
-    max_backoff=MAX_BACKOFF_MS,
-)
+@stage_actor(flow.INVALIDATE, Queue.PUBLISH, SHORT_LIMIT_MS)
 def invalidate(job_id: str) -> None:
     svc = services()
     outcome = flow.run_stage(svc, job_id, "invalidate", lambda spec: cdn.invalidate(svc, spec))
@@ -133,14 +104,7 @@ def invalidate(job_id: str) -> None:
         flow.after_invalidate(svc, job_id, result)
 
 
-@dramatiq.actor(
-    actor_name=flow.REKEY,
-    queue_name=Queue.ENCRYPT,
-    time_limit=PUBLISH_LIMIT_MS,
-    max_retries=MAX_RETRIES,
-    min_backoff=MIN_BACKOFF_MS,
-    max_backoff=MAX_BACKOFF_MS,
-)
+@stage_actor(flow.REKEY, Queue.ENCRYPT, PUBLISH_LIMIT_MS)
 def rekey(job_id: str) -> None:
     svc = services()
     done = flow.run_stage(svc, job_id, "rekey", lambda spec: lifecycle.rekey(svc, spec))
@@ -148,14 +112,7 @@ def rekey(job_id: str) -> None:
         flow.after_rekey(svc, job_id)
 
 
-@dramatiq.actor(
-    actor_name=flow.SHRED,
-    queue_name=Queue.PUBLISH,
-    time_limit=SHORT_LIMIT_MS,
-    max_retries=MAX_RETRIES,
-    min_backoff=MIN_BACKOFF_MS,
-    max_backoff=MAX_BACKOFF_MS,
-)
+@stage_actor(flow.SHRED, Queue.PUBLISH, SHORT_LIMIT_MS)
 def shred(asset: str) -> None:
     """Delete the keys of the asset's retired versions whose grace period is over."""
     lifecycle.shred_due(services(), asset)
