@@ -3,15 +3,25 @@
     HlsvaultError
      ├── ConfigurationError        settings missing or malformed; the process refuses to start
      ├── PermanentError            retrying cannot help; the job fails with this reason
-     │    ├── InvalidSource        the source is missing, empty, not media, or not video
+     │    ├── InvalidSource        the source is missing, empty, not media, not video, or not
+     │    │                        allowed (a bucket outside HLSVAULT_SOURCE_BUCKETS)
      │    ├── UnsupportedMedia     decodable, but not what the chosen ladder can package
-     │    ├── BadSpec              the job spec itself is wrong (asset id, options)
+     │    ├── BadSpec              the job spec or request itself is wrong (asset id, options)
+     │    │    └── TooLarge        a request body over its size limit
+     │    ├── StorageRefused       a store (work, origin, vault) refused us: IAM, no bucket
+     │    ├── Conflict             the asset changed under the job (a racing publish, a revoke)
      │    └── PoisonJob            a stage was delivered more times than allowed
+     ├── NotFound                  no such object, job or key; a lookup, not a failure
+     ├── Refused                   a caller is not entitled: tokens, webhook signatures
+     │    ├── Unauthenticated      missing, malformed, forged or expired credentials (401)
+     │    └── Forbidden            genuine credentials, but not for this (403)
      └── TransientError            network, throttling, 5xx, a stage that ran out of time;
-                                   retried with backoff, a bounded number of times
+          └── StageTimeout         retried with backoff, a bounded number of times
 
-Every message says what to do about it: the CLI prints it as the one-line reason and the
-job record keeps it. Token and key-server refusals live in ``keyserver``; they never reach a job.
+Domain code raises these and nothing else on purpose; the edges translate them once: workers
+(:mod:`workers.flow`: permanent fails the job, transient is retried), HTTP
+(:func:`pipeline.http.status_for`) and the CLI (:data:`EXIT_CODES`). Every message says what to
+do about it: the CLI prints it as the one-line reason and the job record keeps it.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ class PermanentError(HlsvaultError):
 
 
 class InvalidSource(PermanentError):
-    """The source cannot be read as a video."""
+    """The source cannot be read as a video, or may not be read at all."""
 
 
 class UnsupportedMedia(PermanentError):
@@ -38,11 +48,40 @@ class UnsupportedMedia(PermanentError):
 
 
 class BadSpec(PermanentError):
-    """The job specification is invalid."""
+    """The job specification (or the request that carried it) is invalid."""
+
+
+class TooLarge(BadSpec):
+    """A request is larger than its limit."""
+
+
+class StorageRefused(PermanentError):
+    """A store answered that we may not do this (access denied, no such bucket): waiting will
+    not change that, fixing the IAM policy or the store's URL will."""
+
+
+class Conflict(PermanentError):
+    """The asset changed under the job in a way that makes finishing it wrong."""
 
 
 class PoisonJob(PermanentError):
     """A stage of the job has been delivered more often than the attempt bound allows."""
+
+
+class NotFound(HlsvaultError):
+    """The object, job or key asked for does not exist."""
+
+
+class Refused(HlsvaultError):
+    """The caller is not entitled to what it asked for."""
+
+
+class Unauthenticated(Refused):
+    """Credentials are missing, malformed, forged, expired or not yet valid."""
+
+
+class Forbidden(Refused):
+    """Credentials are genuine, but do not entitle this request."""
 
 
 class TransientError(HlsvaultError):
@@ -51,3 +90,20 @@ class TransientError(HlsvaultError):
 
 class StageTimeout(TransientError):
     """A blocking call (ffmpeg, a storage request) exceeded its own timeout."""
+
+
+#: The CLI's exit status per error class, most specific first (sysexits.h where one fits).
+EXIT_CODES: tuple[tuple[type[HlsvaultError], int], ...] = (
+    (ConfigurationError, 78),  # EX_CONFIG
+    (TransientError, 75),  # EX_TEMPFAIL: try again later
+    (BadSpec, 2),  # usage: the command line was wrong
+    (NotFound, 1),
+    (Refused, 1),
+    (PermanentError, 1),
+    (HlsvaultError, 1),
+)
+
+
+def exit_code(error: HlsvaultError) -> int:
+    """The CLI's exit status for ``error``."""
+    return next(code for kind, code in EXIT_CODES if isinstance(error, kind))

@@ -9,9 +9,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import IO, Any
@@ -19,30 +17,12 @@ from typing import IO, Any
 import boto3
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = ROOT / ".venv" / "bin"
+from support import ROOT, VENV_BIN, free_port, wait_for_port
+
 #: Dead workers' messages come back this fast in tests (a minute in production).
 TEST_HEARTBEAT_MS = 3000
 #: Maintenance (requeueing dead workers' messages) on every dispatch call, in tests.
 TEST_MAINTENANCE_CHANCE = 1_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, *, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 def stop_process(process: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:

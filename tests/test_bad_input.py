@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Hlsvault, lavfi_clip
+from support import Hlsvault, lavfi_clip
 
 
 def empty_file(tmp: Path, _: Path) -> Path:

@@ -17,7 +17,7 @@ import pytest
 from playwright.sync_api import Browser
 
 from browser import Player, PlayerPageServer, PlayerState
-from conftest import Hlsvault
+from support import Hlsvault
 
 ASSET = "film-1"
 #: The 6 s clip remuxed into 6 s segments under one key.

@@ -25,7 +25,8 @@ from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.services import Services, build_services
 from pipeline.settings import load_settings
 
-from fleet import ROOT, Fleet, free_port, wait_for_port
+from fleet import Fleet
+from support import ROOT, free_port, wait_for_port
 from test_fleet import submit, wait_for_job
 
 PASSWORD = "correct horse battery staple"

@@ -12,8 +12,8 @@ from pipeline.keys import KeyVault
 from pipeline.s3 import S3Store
 from pipeline.settings import decode_master_key
 
-from conftest import frame_hashes, framemd5
-from fleet import ROOT, VENV_BIN, Fleet, MotoServer, stop_process, wait_for_port
+from fleet import Fleet, MotoServer, stop_process
+from support import ROOT, VENV_BIN, frame_hashes, framemd5, wait_for_port
 
 
 def wait_for_job(fleet: Fleet, job_id: str, timeout: float = 240) -> dict[str, Any]:

@@ -18,8 +18,8 @@ import pytest
 
 from pipeline.ingest import IngestError, asset_from_key, parse_request
 
-from conftest import frame_hashes, framemd5
 from fleet import Fleet, MotoServer, RedisServer
+from support import frame_hashes, framemd5
 from test_fleet import wait_for_job
 
 T = TypeVar("T")

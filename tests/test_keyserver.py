@@ -26,7 +26,7 @@ from pipeline.keys import KeyVault
 from pipeline.settings import decode_master_key
 from pipeline.storage import LocalStore
 
-from conftest import Hlsvault
+from support import Hlsvault
 
 ASSET = "film-1"
 #: 2 s segments of the 6 s clip with a new key every 2 segments: three segments, two keys, so

@@ -40,8 +40,8 @@ from pipeline.settings import Settings, load_settings
 from pipeline.storage import LocalStore
 from pipeline.tokens import mint_token
 
-from conftest import HLSVAULT, ROOT
 from fleet import RedisServer
+from support import HLSVAULT, ROOT
 
 ASSET = "film"
 OTHER = "film-b"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import m3u8
 
-from conftest import Hlsvault
+from support import Hlsvault
 
 
 def fetch(url: str) -> str:

@@ -15,7 +15,7 @@ from pipeline.catalog import Catalog
 from pipeline.errors import PermanentError
 from pipeline.storage import LocalStore
 
-from conftest import Hlsvault, frame_hashes, framemd5
+from support import Hlsvault, frame_hashes, framemd5
 
 
 def status_of(url: str) -> int:

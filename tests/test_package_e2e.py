@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import Hlsvault, frame_hashes, framemd5
+from support import Hlsvault, frame_hashes, framemd5
 
 
 class TestCopyLadderPlayback:

@@ -15,9 +15,9 @@ from pipeline.keys import KeyVault
 from pipeline.s3 import S3Store
 from pipeline.settings import decode_master_key
 
-from conftest import frame_hashes, framemd5
 from faultproxy import ACCESS_DENIED, SLOW_DOWN, FaultProxy, Rule
 from fleet import Fleet, MotoServer, RedisServer
+from support import frame_hashes, framemd5
 from test_fleet import bucket_objects, submit, wait_for_job
 
 #: How long a test waits for a stage to be seen running before giving up.

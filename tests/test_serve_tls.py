@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from conftest import HLSVAULT, Hlsvault
+from support import HLSVAULT, Hlsvault
 
 #: How long the HTTPS server may take to start listening.
 START_TIMEOUT_S = 20.0

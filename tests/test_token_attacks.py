@@ -42,7 +42,7 @@ from pipeline.settings import Settings, load_settings
 from pipeline.storage import LocalStore
 from pipeline.tokens import CLOCK_SKEW_LEEWAY_S, MAX_SID_LENGTH, minting_key
 
-from conftest import HLSVAULT, ROOT
+from support import HLSVAULT, ROOT
 
 ASSET = "film"
 #: Where every attacker's request comes from (TEST-NET-3); tokens bound elsewhere must fail.

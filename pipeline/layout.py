@@ -1,0 +1,246 @@
+"""Every name, path and URL rule of hlsvault, and the defaults a job starts from.
+
+One module owns them so that a stage, the key server, the CLI and the ops app can never disagree
+about where a thing lives or what it is called. Nothing else formats a storage key or a URL.
+
+Stores (keys are ``/``-separated, relative)::
+
+    work    jobs/<job>/plain/<rendition>/<attempt>/seg_00000.ts  a segment attempt's output
+            jobs/<job>/plain/<rendition>/produced.json           names the attempt that won
+            jobs/<job>/enc/<rendition>/seg_00000.ts              encrypted, awaiting upload
+            jobs/<job>/enc/<rendition>/sizes.json
+            sources/<job>/<file name>                            a local source sent to the fleet
+    origin  assets/<asset>/master.m3u8                           cookie mode's stable master
+            assets/<asset>/<version>/<rendition>.m3u8            cookie mode's static variant
+            assets/<asset>/<version>/<rendition>/seg_00000.ts    immutable segments
+    vault   keys/<asset>/<version>/000000.key                    wrapped content keys
+            catalog/<asset>/current.json                         the asset's state document
+            catalog/<asset>/revoked.json                         its revocation, if any
+            catalog/<asset>/versions/<version>.json              a version's description
+
+Key server URLs (under ``HLSVAULT_PUBLIC_URL``)::
+
+    /v1/assets/<asset>/master.m3u8   /v1/assets/<asset>/<rendition>.m3u8
+    /v1/keys/<asset>/<version>/<index>
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import unicodedata
+from pathlib import PurePosixPath
+from urllib.parse import quote, urlsplit
+
+from .errors import BadSpec
+
+# -- defaults ----------------------------------------------------------------------------------
+
+#: What a job is packaged as unless it says otherwise, from every entry point (CLI, webhook,
+#: S3 events): the adaptive ladder, since a single remuxed rendition only suits sources that
+#: already are what every player decodes.
+DEFAULT_LADDER = "default"
+#: Apple's recommended segment length (HLS authoring specification).
+DEFAULT_SEGMENT_SECONDS = 6.0
+#: One key for the whole version unless rotation is asked for.
+DEFAULT_KEY_ROTATION_SEGMENTS = 0
+#: How long a replaced version's keys stay servable after a re-package or a re-key: players
+#: part-way through a film finish it.
+DEFAULT_GRACE_S = 3600.0
+#: The longest grace a re-key may ask for.
+MAX_GRACE_S = 7 * 24 * 3600.0
+
+# -- identifiers -------------------------------------------------------------------------------
+
+#: Asset ids are used in URLs, storage keys and cookie paths: a conservative alphabet and length.
+ASSET_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+MAX_ASSET_ID = 128
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+RENDITION_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: A rotation every segment of a 24 h video at 1 s segments stays well below this.
+MAX_KEY_INDEX = 1_000_000
+_NOT_ASSET_CHAR = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def check_asset_id(asset: str) -> str:
+    """Refuse asset ids that would not be safe in a URL path or a storage key."""
+    if not isinstance(asset, str) or not ASSET_ID_PATTERN.fullmatch(asset):
+        shown = asset[:40] if isinstance(asset, str) else type(asset).__name__
+        raise BadSpec(
+            f"invalid asset id {shown!r}: use 1-128 letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return asset
+
+
+def check_version(version: str) -> str:
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
+        raise BadSpec(f"invalid version {str(version)[:40]!r}")
+    return version
+
+
+def check_key_index(index: int) -> int:
+    if not 0 <= index <= MAX_KEY_INDEX:
+        raise BadSpec(f"key index {index} out of range (0 to {MAX_KEY_INDEX})")
+    return index
+
+
+def asset_from_name(name: str) -> str | None:
+    """The asset id a file or object name gives when none is asked for, or None when it gives
+    none: the file name without its last extension, accents dropped (``é`` → ``e``), every run
+    of other characters outside ``[A-Za-z0-9_-]`` made one ``-``, leading and trailing ``-`` and
+    ``_`` dropped, cut to 128 characters. Always a valid asset id when not None.
+
+    ``uploads/2024/Café (final).mp4`` → ``Cafe-final``.
+    """
+    stem = PurePosixPath(name.rstrip("/")).stem
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    asset = _NOT_ASSET_CHAR.sub("-", ascii_stem).strip("-_")[:MAX_ASSET_ID].strip("-_")
+    return asset or None
+
+
+def new_version(job_id: str, *, now: float | None = None) -> str:
+    """The version a job publishes: sorts by time, and carries a piece of the job id so that
+    two jobs started in the same second differ."""
+    moment = time.time() if now is None else now
+    return time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime(moment)) + f"-{job_id[:8]}"
+
+
+# -- work store --------------------------------------------------------------------------------
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}"
+
+
+def plain_prefix(job_id: str, rendition: str) -> str:
+    return f"jobs/{job_id}/plain/{rendition}"
+
+
+def plain_attempt_prefix(job_id: str, rendition: str, attempt: str) -> str:
+    """Where one delivery of a segment stage writes: never read until ``produced.json`` names it."""
+    return f"{plain_prefix(job_id, rendition)}/{attempt}"
+
+
+def produced_key(job_id: str, rendition: str) -> str:
+    return f"{plain_prefix(job_id, rendition)}/produced.json"
+
+
+def encrypted_prefix(job_id: str, rendition: str) -> str:
+    return f"jobs/{job_id}/enc/{rendition}"
+
+
+def encrypted_key(job_id: str, rendition: str, segment: str) -> str:
+    return f"{encrypted_prefix(job_id, rendition)}/{segment}"
+
+
+def sizes_key(job_id: str, rendition: str) -> str:
+    return f"{encrypted_prefix(job_id, rendition)}/sizes.json"
+
+
+def uploaded_source_key(job_id: str, file_name: str) -> str:
+    return f"sources/{job_id}/{file_name}"
+
+
+# -- origin (what the CDN serves) ----------------------------------------------------------------
+
+
+def asset_prefix(asset: str) -> str:
+    return f"assets/{check_asset_id(asset)}"
+
+
+def segment_key(asset: str, version: str, rendition: str, segment: str) -> str:
+    return f"assets/{asset}/{version}/{rendition}/{segment}"
+
+
+def static_variant_key(asset: str, version: str, rendition: str) -> str:
+    return f"assets/{asset}/{version}/{rendition}.m3u8"
+
+
+def static_master_key(asset: str) -> str:
+    return f"assets/{asset}/master.m3u8"
+
+
+def is_stable_key(key: str) -> bool:
+    """Whether an origin key is rewritten by later publishes (only the static master is)."""
+    return key.startswith("assets/") and key.count("/") == 2
+
+
+def static_variant_uri_from_master(version: str, rendition: str) -> str:
+    """A static variant as the static master names it: relative to ``assets/<asset>/``."""
+    return f"{version}/{rendition}.m3u8"
+
+
+def stable_cdn_paths(asset: str) -> list[str]:
+    """CDN paths whose content changes with each publish: what a publish invalidates."""
+    return [f"/{static_master_key(asset)}"]
+
+
+def asset_cdn_paths(asset: str) -> list[str]:
+    """Every CDN path of an asset: what a revocation purges."""
+    return [f"/{asset_prefix(asset)}/*"]
+
+
+def cdn_url(cdn: str, key: str) -> str:
+    """The CDN URL of an origin key."""
+    return f"{cdn.rstrip('/')}/{key}"
+
+
+# -- vault ---------------------------------------------------------------------------------------
+
+
+def key_path(asset: str, version: str, index: int) -> str:
+    """Where a wrapped content key lives in the vault."""
+    check_key_index(index)
+    return f"{version_keys_prefix(asset, version)}/{index:06d}.key"
+
+
+def version_keys_prefix(asset: str, version: str) -> str:
+    return f"keys/{check_asset_id(asset)}/{check_version(version)}"
+
+
+def asset_keys_prefix(asset: str) -> str:
+    return f"keys/{check_asset_id(asset)}"
+
+
+def version_description_key(asset: str, version: str) -> str:
+    return f"{versions_prefix(asset)}/{check_version(version)}.json"
+
+
+def versions_prefix(asset: str) -> str:
+    return f"catalog/{check_asset_id(asset)}/versions"
+
+
+def state_key(asset: str) -> str:
+    return f"catalog/{check_asset_id(asset)}/current.json"
+
+
+def revoked_key(asset: str) -> str:
+    return f"catalog/{check_asset_id(asset)}/revoked.json"
+
+
+# -- key server URLs -----------------------------------------------------------------------------
+
+MASTER_ROUTE = "/v1/assets/{asset}/master.m3u8"
+VARIANT_ROUTE = "/v1/assets/{asset}/{rendition}.m3u8"
+KEY_ROUTE = "/v1/keys/{asset}/{version}/{index}"
+#: Every request under this prefix writes an audit line of its own.
+KEYS_PATH_PREFIX = "/v1/keys/"
+
+
+def master_url(public_url: str, asset: str, query: str = "") -> str:
+    return f"{public_url}/v1/assets/{quote(asset, safe='')}/master.m3u8{query}"
+
+
+def variant_url(public_url: str, asset: str, rendition: str, query: str = "") -> str:
+    return f"{public_url}/v1/assets/{asset}/{rendition}.m3u8{query}"
+
+
+def key_url(public_url: str, asset: str, version: str, index: int, query: str = "") -> str:
+    return f"{public_url}/v1/keys/{asset}/{version}/{index}{query}"
+
+
+def key_cookie_path(public_url: str, asset: str) -> str:
+    """The path of cookie mode's cookie: the asset's keys as the browser sees them, under any
+    path prefix of the public URL."""
+    return f"{urlsplit(public_url).path.rstrip('/')}/v1/keys/{asset}/"

@@ -1,0 +1,144 @@
+"""Helpers every test module may import: paths, free ports, waiting for servers, generated media,
+decoded frames, and an isolated embedded hlsvault driven through the real CLI.
+
+Fixtures live in conftest.py; this module imports no test framework plugin and no browser stack,
+so a unit test importing it pulls in nothing heavy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+MEDIA_CACHE = ROOT / ".cache" / "test-media"
+HLSVAULT = [sys.executable, "-m", "hlsvault"]
+#: A CLI call in a test packages a few seconds of video; a minute means it hung.
+CLI_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def generate_media(name: str, ffmpeg_args: list[str]) -> Path:
+    """Generate a clip with ffmpeg's lavfi sources once; later runs reuse the cached file."""
+    digest = hashlib.sha256(" ".join(ffmpeg_args).encode()).hexdigest()[:12]
+    suffix = Path(name).suffix
+    path = MEDIA_CACHE / f"{Path(name).stem}-{digest}{suffix}"
+    if not path.exists():
+        MEDIA_CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}")
+        subprocess.run(
+            ["ffmpeg", "-nostdin", "-v", "error", "-y", *ffmpeg_args, str(tmp)],
+            check=True, timeout=300,
+        )
+        os.replace(tmp, path)
+    return path
+
+
+def lavfi_clip(
+    name: str, *, seconds: float, size: str = "640x360", rate: int = 30, audio: bool = True,
+    gop: int | None = None, vcodec: str = "libx264", extra: list[str] | None = None,
+) -> Path:
+    args = ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}"]
+    if audio:
+        args += ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"]
+    args += ["-t", f"{seconds:g}", "-c:v", vcodec, "-pix_fmt", "yuv420p"]
+    if vcodec == "libx264":
+        args += ["-preset", "veryfast", "-g", str(gop or rate)]
+    if audio:
+        args += ["-c:a", "aac", "-b:a", "128k"]
+    args += extra or []
+    return generate_media(name, args)
+
+
+
+
+def wait_for_port(port: int, *, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def wait_for_http(url: str, *, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def framemd5(
+    target: str, *, extra: list[str] | None = None, stream: str = "0:v:0"
+) -> list[str]:
+    """The per-frame MD5 lines of one decoded stream of ``target`` (a file or an HLS URL)."""
+    done = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", *(extra or []), "-i", target,
+         "-map", stream, "-f", "framemd5", "-"],
+        capture_output=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    return [line for line in done.stdout.decode().splitlines() if line and not line.startswith("#")]
+
+
+def frame_hashes(lines: list[str]) -> list[str]:
+    """The hash column of framemd5 lines: what a frame looks like, not when it is shown."""
+    return [line.rsplit(",", 1)[-1].strip() for line in lines]
+
+
+@dataclass
+class Hlsvault:
+    """An isolated embedded hlsvault: its own data dir and key server port."""
+
+    env: dict[str, str]
+    data_dir: Path
+    port: int
+
+    @property
+    def public_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def run(self, *args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*HLSVAULT, *args], env=self.env, capture_output=True, text=True,
+            timeout=timeout, check=False, cwd=self.data_dir.parent,
+        )
+
+    def package(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run("package", *args)
+
+    def url(self, asset: str, *args: str) -> str:
+        done = self.run("url", asset, *args)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    @property
+    def origin(self) -> Path:
+        return self.data_dir / "origin"
+
+    @property
+    def vault(self) -> Path:
+        return self.data_dir / "vault"
