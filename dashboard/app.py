@@ -329,10 +329,9 @@ def retry_spec(spec: JobSpec) -> JobSpec:
 
 def _default_submit(services: Services) -> Submit:
     def submit(spec: JobSpec) -> None:
-        import workers.actors  # noqa: F401 - declares the actors on the broker before sending
-        from workers import flow
+        from workers import install
 
-        flow.start(services, spec)
+        install(services.settings, services=services).enqueue(spec)
 
     return submit
 

@@ -164,9 +164,9 @@ def webhook_routes(
 
 
 def _open_ingest(settings: Settings, submit: Callable[[JobSpec], None]) -> Ingest:
+    from pipeline.aws import make_client
     from pipeline.jobs import JobStore
     from pipeline.jobs_redis import RedisRecordBackend, connect
-    from pipeline.s3 import make_client
 
     assert settings.redis_url is not None  # noqa: S101 - checked by the route before calling
     client = connect(settings.redis_url)

@@ -18,29 +18,25 @@ import gc
 import json
 import logging
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.errors import HlsvaultError
-from pipeline.jobs import JobRecord, JobSpec, new_job_spec
-from pipeline.settings import Settings, load_settings
+from pipeline import layout
+from pipeline.errors import HlsvaultError, exit_code
+from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.plan import LADDERS
+from pipeline.settings import load_settings
 
+from .jobrun import DEFAULT_WAIT_TIMEOUT_S, Context, fail, report, run_job, wait
 from .keycommands import add_commands
 
-EXIT_FAILED = 1
 EXIT_USAGE = 2
-#: How often a waiting CLI reads the job record back.
-WAIT_POLL_S = 0.25
-#: A waiting CLI gives up after this long; the job itself carries on.
-DEFAULT_WAIT_TIMEOUT_S = 6 * 3600.0
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> int:
-    print(f"hlsvault: {message}", file=sys.stderr)
-    return code
+EXIT_INTERRUPTED = 130
+#: Commands that may set up a new embedded data directory (and its secrets); the others read
+#: what an earlier `package` made, and refuse a directory that was never set up.
+CREATING_COMMANDS = ("package", "serve", "submit")
 
 
 def _source_argument(source: str) -> str:
@@ -50,41 +46,8 @@ def _source_argument(source: str) -> str:
     return str(Path(source).expanduser().absolute())
 
 
-def _summary(record: JobRecord, settings: Settings) -> dict[str, Any]:
-    from pipeline.services import build_services
-
-    summary: dict[str, Any] = {
-        "job_id": record.spec.job_id,
-        "asset": record.spec.asset,
-        "version": record.spec.version,
-        "status": record.status,
-    }
-    if record.status == "succeeded":
-        described = build_services(settings).catalog.get_version(
-            record.spec.asset, record.spec.version
-        )
-        summary["renditions"] = [
-            {
-                "name": r.name,
-                "width": r.width,
-                "height": r.height,
-                "bandwidth": r.bandwidth,
-                "average_bandwidth": r.average_bandwidth,
-                "codecs": r.codecs,
-                "segments": len(r.segments),
-            }
-            for r in described.renditions
-        ]
-        summary["keys"] = described.key_count
-        summary["master_url"] = f"{settings.public_url}/v1/assets/{record.spec.asset}/master.m3u8"
-    else:
-        summary["renditions"] = []
-        summary["error"] = record.error
-        summary["failed_stage"] = record.failed_stage
-    return summary
-
-
-def _new_spec(args: argparse.Namespace, settings: Settings) -> JobSpec:
+def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
+    settings = ctx.settings
     spec = new_job_spec(
         _source_argument(args.source),
         asset=args.asset,
@@ -97,90 +60,39 @@ def _new_spec(args: argparse.Namespace, settings: Settings) -> JobSpec:
     # The worker that probes a local file may run on another machine: the file travels
     # through work storage, like every other byte between stages.
     from pipeline.media import check_local_source
-    from pipeline.storage import open_store
 
     path = Path(spec.source)
     check_local_source(path, args.source)
-    key = f"sources/{spec.job_id}/{path.name}"
-    work = open_store(settings.work)
+    work = ctx.services.work
+    key = layout.uploaded_source_key(spec.job_id, path.name)
     work.put_file(key, path)
     return replace(spec, source=f"{work.url.rstrip('/')}/{key}")
 
 
-def _wait(job_id: str, *, show: bool, timeout: float) -> JobRecord:
-    from workers import runtime
-
-    from .progress import StageProgress
-
-    jobs = runtime.services().jobs
-    deadline = time.monotonic() + timeout
-    with StageProgress(enabled=show) as bars:
-        while True:
-            record = jobs.get(job_id)
-            bars.update(record)
-            if record.done:
-                return record
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {record.status} after {timeout:.0f} s")
-            time.sleep(WAIT_POLL_S)
+def _show_progress(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() and not getattr(args, "json", False)
 
 
-def _report(record: JobRecord, settings: Settings, *, as_json: bool) -> int:
-    summary = _summary(record, settings)
-    if as_json:
-        print(json.dumps(summary, indent=2))
-    if record.status != "succeeded":
-        return _fail(f"job {record.spec.job_id} failed at {record.failed_stage}: {record.error}")
-    if not as_json:
-        names = ", ".join(r["name"] for r in summary["renditions"])
-        print(f"published {record.spec.asset} version {record.spec.version}: {names}")
-        print(f"play it: hlsvault url {record.spec.asset}")
-    return 0
-
-
-def cmd_package(args: argparse.Namespace, settings: Settings) -> int:
-    spec = _new_spec(args, settings)
-    if settings.embedded:
+def cmd_package(args: argparse.Namespace, ctx: Context) -> int:
+    spec = _new_spec(args, ctx)
+    if ctx.settings.embedded:
         from pipeline.lifecycle import shred_due
-        from pipeline.services import build_services
 
         # No worker outlives this process: delete what earlier runs retired and is now due.
-        shred_due(build_services(settings), spec.asset)
-    record = run_job(spec, settings, show=sys.stderr.isatty() and not args.json,
-                     timeout=args.timeout)
-    return _report(record, settings, as_json=args.json)
+        shred_due(ctx.services, spec.asset)
+    record = run_job(ctx, spec, show=_show_progress(args), timeout=args.timeout)
+    return report(ctx, record, as_json=args.json)
 
 
-def run_job(spec: JobSpec, settings: Settings, *, show: bool, timeout: float) -> JobRecord:
-    """Run a job to its end: in this process (embedded), or on the fleet, waiting for it."""
-    if settings.embedded:
-        from workers.embedded import run_embedded
-
-        from .progress import StageProgress
-
-        with StageProgress(enabled=show) as bars:
-            record = run_embedded(spec, on_update=bars.update)
-    else:
-        import workers.actors  # noqa: F401 - declares the actors on the broker before sending
-        from workers import flow, runtime
-
-        flow.start(runtime.services(), spec)
-        record = _wait(spec.job_id, show=show, timeout=timeout)
-    return record
-
-
-def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
-    if settings.embedded:
-        return _fail(
+def cmd_submit(args: argparse.Namespace, ctx: Context) -> int:
+    if ctx.settings.embedded:
+        return fail(
             "submit needs a fleet to run the job: set REDIS_URL (or use `hlsvault package`, "
             "which runs the job in this process)",
             EXIT_USAGE,
         )
-    spec = _new_spec(args, settings)
-    import workers.actors  # noqa: F401 - declares the actors on the broker before sending
-    from workers import flow, runtime
-
-    flow.start(runtime.services(), spec)
+    spec = _new_spec(args, ctx)
+    ctx.runtime.enqueue(spec)
     if args.json:
         print(json.dumps({"job_id": spec.job_id, "asset": spec.asset, "version": spec.version}))
     else:
@@ -188,7 +100,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
     import uvicorn
 
     from keyserver import create_app
@@ -196,10 +108,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     kwargs: dict[str, Any] = {}
     if args.certfile:
         kwargs.update(ssl_certfile=args.certfile, ssl_keyfile=args.keyfile)
+    port = args.port if args.port is not None else urlsplit(ctx.settings.public_url).port or 8000
     uvicorn.run(
-        create_app(settings),
+        create_app(ctx.settings),
         host=args.host,
-        port=args.port,
+        port=port,
         access_log=False,
         log_config=None,
         timeout_keep_alive=5,
@@ -208,19 +121,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.jobs import UnknownJob
-    from pipeline.services import build_services
-
-    try:
-        if args.wait:
-            record = _wait(
-                args.job, show=sys.stderr.isatty() and not args.json, timeout=args.timeout
-            )
-        else:
-            record = build_services(settings).jobs.get(args.job)
-    except UnknownJob:
-        return _fail(f"no job {args.job}")
+def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
+    if args.wait:
+        record = wait(ctx, args.job, show=_show_progress(args), timeout=args.timeout)
+    else:
+        record = ctx.services.jobs.get(args.job)
     if args.json:
         print(json.dumps(record.to_dict(), indent=2))
     else:
@@ -234,7 +139,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             print(line)
         if record.error:
             print(f"  error: {record.error}")
-    return 0 if record.status != "failed" else EXIT_FAILED
+    return 0 if record.status != "failed" else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,15 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--asset", help="asset id (default: derived from the file name)")
         command.add_argument(
             "--ladder",
-            choices=("copy", "default"),
-            default="default",
+            choices=LADDERS,
+            default=layout.DEFAULT_LADDER,
             help="default: transcode a 1080p-360p ladder; copy: remux as it is",
         )
-        command.add_argument("--segment-seconds", type=float, default=6.0)
+        command.add_argument(
+            "--segment-seconds", type=float, default=layout.DEFAULT_SEGMENT_SECONDS
+        )
         command.add_argument(
             "--key-rotation-segments",
             type=int,
-            default=0,
+            default=layout.DEFAULT_KEY_ROTATION_SEGMENTS,
             help="use a new key every N segments (0: one key)",
         )
         command.add_argument("--json", action="store_true", help="print JSON on stdout")
@@ -305,25 +212,23 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve" and bool(args.certfile) != bool(args.keyfile):
-        return _fail("--certfile and --keyfile go together", EXIT_USAGE)
+        return fail("--certfile and --keyfile go together", EXIT_USAGE)
     try:
-        settings = load_settings()
+        settings = load_settings(create=args.command in CREATING_COMMANDS)
     except HlsvaultError as error:
-        return _fail(str(error), EXIT_USAGE)
+        return fail(str(error), exit_code(error))
     from pipeline.logs import configure_logging
 
     quiet = args.command != "serve" and not args.verbose
     configure_logging(level=logging.ERROR if quiet else logging.INFO)
-    if args.command == "serve" and args.port is None:
-        args.port = urlsplit(settings.public_url).port or 8000
     try:
-        code: int = args.handler(args, settings)
+        code: int = args.handler(args, Context(settings))
     except HlsvaultError as error:
-        return _fail(str(error), EXIT_USAGE)
+        return fail(str(error), exit_code(error))
     except TimeoutError as error:
-        return _fail(str(error))
+        return fail(str(error))
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return fail("interrupted", EXIT_INTERRUPTED)
     return code
 
 

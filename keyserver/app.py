@@ -36,13 +36,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipeline.catalog import AssetState, Catalog
-from pipeline.keys import (
-    ASSET_ID_PATTERN,
-    MAX_KEY_INDEX,
-    VERSION_PATTERN,
-    KeyUnwrapError,
-    KeyVault,
-)
+from pipeline.keys import KeyUnwrapError, KeyVault
+from pipeline.layout import ASSET_ID_PATTERN, MAX_KEY_INDEX, VERSION_PATTERN
 from pipeline.playlists import (
     AssetVersion,
     PublishedSegment,

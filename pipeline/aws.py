@@ -13,6 +13,8 @@ import threading
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from .errors import HlsvaultError, NotFound, StorageRefused, TransientError
+
 if TYPE_CHECKING:
     import boto3
 
@@ -78,6 +80,20 @@ def classify(error: BaseException) -> Outcome:
 def describe(error: BaseException) -> str:
     """A short, credential-free name for a botocore error: its code, or its class name."""
     return error_code(error) or type(error).__name__
+
+
+def translate(error: BaseException, what: str) -> HlsvaultError:
+    """The hlsvault error for a botocore error raised while doing ``what`` (``"S3 GET of
+    s3://bucket/key"``): not found, refused (IAM, no such bucket) or transient."""
+    outcome = classify(error)
+    if outcome is Outcome.NOT_FOUND:
+        return NotFound(f"{what}: not found ({describe(error)})")
+    if outcome is Outcome.REFUSED:
+        return StorageRefused(
+            f"{what} was refused: {describe(error)}; check the bucket or distribution name and "
+            "the IAM policy of this process's AWS credentials"
+        )
+    return TransientError(f"{what} failed: {describe(error)}")
 
 
 _sessions: dict[int, boto3.session.Session] = {}

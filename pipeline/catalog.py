@@ -3,20 +3,45 @@
 It lives in the vault, never on the CDN origin. A version's description is written once and
 never changed. Per asset, one small state document says which version is current, whether the
 asset was revoked, and which older versions are retired (their keys shredded after a grace
-period); it is replaced in one atomic write, and a publish moves it last.
+period); it is replaced in one conditional write (the store's If-Match), so that two racing
+publishes of one asset cannot lose each other's retirements; a publish moves it last. Every
+change of an asset's state is announced (:class:`StateAnnouncer`) so that running key servers
+drop what they cached at once instead of after :data:`STATE_CACHE_TTL_S`.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
-from .errors import PermanentError
-from .keys import check_asset_id, check_version
+from . import layout
+from .errors import Conflict, TransientError
 from .playlists import AssetVersion
 from .storage import ObjectNotFound, Store
+
+#: How long a key server may answer from an asset state it cached: the longest a change takes
+#: to reach one that missed its announcement.
+STATE_CACHE_TTL_S = 2.0
+#: Conditional state writes lost to a racing writer before giving up; each retry re-reads the
+#: state and re-applies the change, so only a storm of writers to one asset exhausts it.
+MAX_STATE_WRITE_ATTEMPTS = 8
+
+
+class StateAnnouncer(Protocol):
+    """Tells running key servers that an asset's state changed."""
+
+    def announce(self, asset: str) -> int:
+        """Announce a change of ``asset``; returns how many listeners received it."""
+
+
+class NoAnnouncer:
+    """No listeners (embedded mode): key servers notice within :data:`STATE_CACHE_TTL_S`."""
+
+    def announce(self, asset: str) -> int:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -71,94 +96,117 @@ class AssetState:
 class Catalog:
     """Asset versions and per-asset state documents in the vault store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, announcer: StateAnnouncer | None = None) -> None:
         self.store = store
-
-    @staticmethod
-    def _version_key(asset: str, version: str) -> str:
-        return f"catalog/{check_asset_id(asset)}/versions/{check_version(version)}.json"
-
-    @staticmethod
-    def _state_key(asset: str) -> str:
-        return f"catalog/{check_asset_id(asset)}/current.json"
+        self.announcer = announcer if announcer is not None else NoAnnouncer()
 
     def put_version(self, described: AssetVersion) -> None:
         """Record a version's description (idempotent: a rerun writes the same document)."""
         body = json.dumps(described.to_dict(), sort_keys=True).encode()
-        self.store.put_bytes(self._version_key(described.asset, described.version), body)
+        self.store.put_bytes(
+            layout.version_description_key(described.asset, described.version), body
+        )
 
     def get_version(self, asset: str, version: str) -> AssetVersion:
         """A recorded version; :class:`~pipeline.storage.ObjectNotFound` when unknown."""
-        data = json.loads(self.store.get_bytes(self._version_key(asset, version)))
+        data = json.loads(self.store.get_bytes(layout.version_description_key(asset, version)))
         return AssetVersion.from_dict(data)
 
     def versions(self, asset: str) -> list[str]:
-        prefix = f"catalog/{check_asset_id(asset)}/versions"
-        return [key.rsplit("/", 1)[-1].removesuffix(".json") for key in self.store.list(prefix)]
+        keys = self.store.list(layout.versions_prefix(asset))
+        return [key.rsplit("/", 1)[-1].removesuffix(".json") for key in keys]
 
-    @staticmethod
-    def _revoked_key(asset: str) -> str:
-        return f"catalog/{check_asset_id(asset)}/revoked.json"
+    def _revoked_at(self, asset: str) -> float | None:
+        try:
+            return float(json.loads(self.store.get_bytes(layout.revoked_key(asset)))["at"])
+        except ObjectNotFound:
+            return None
+
+    def _tagged_state(self, asset: str) -> tuple[AssetState | None, str | None]:
+        """The state document (None when never written) and its tag, for a conditional write."""
+        revoked_at = self._revoked_at(asset)
+        try:
+            raw, tag = self.store.get_tagged(layout.state_key(asset))
+        except ObjectNotFound:
+            state = None if revoked_at is None else AssetState(revoked_at=revoked_at)
+            return state, None
+        return AssetState.from_dict(json.loads(raw), revoked_at=revoked_at), tag
 
     def state(self, asset: str) -> AssetState | None:
         """The asset's state, or None when it was never published."""
-        try:
-            revoked_at = float(json.loads(self.store.get_bytes(self._revoked_key(asset)))["at"])
-        except ObjectNotFound:
-            revoked_at = None
-        try:
-            data = json.loads(self.store.get_bytes(self._state_key(asset)))
-        except ObjectNotFound:
-            return None if revoked_at is None else AssetState(revoked_at=revoked_at)
-        return AssetState.from_dict(data, revoked_at=revoked_at)
+        return self._tagged_state(asset)[0]
 
-    def _write_state(self, asset: str, state: AssetState) -> None:
-        self.store.put_bytes(self._state_key(asset), json.dumps(state.to_dict()).encode())
+    def _update_state(
+        self, asset: str, change: Callable[[AssetState], AssetState]
+    ) -> tuple[AssetState, AssetState]:
+        """Apply ``change`` to the state document with a conditional write, re-reading and
+        re-applying it when another writer got there first. Returns (before, after)."""
+        for _ in range(MAX_STATE_WRITE_ATTEMPTS):
+            before, tag = self._tagged_state(asset)
+            before = before or AssetState()
+            after = change(before)
+            body = json.dumps(after.to_dict()).encode()
+            if self.store.put_bytes_if(layout.state_key(asset), body, match=tag):
+                self.announcer.announce(asset)
+                return before, after
+        raise TransientError(
+            f"the state of asset {asset} kept changing under {MAX_STATE_WRITE_ATTEMPTS} "
+            "attempts to update it; the stage is retried"
+        )
 
     def publish(
-        self, asset: str, version: str, *, job_id: str, started_at: float, grace_s: float
+        self, asset: str, version: str, *, job_id: str, started_at: float, grace_s: float,
+        expected_previous: tuple[str | None, ...] | None = None,
     ) -> str | None:
         """Make ``version`` the one players get, and retire the version it replaces (its keys
-        served ``grace_s`` longer), in one atomic write: a reader sees the old state or the
-        new one, each naming a complete version. Returns the replaced version.
+        served ``grace_s`` longer), in one conditional write: a reader sees the old state or
+        the new one, each naming a complete version, and a racing publish is re-applied on
+        top instead of overwritten. Returns the replaced version.
 
         A job started before the asset's last revocation may not publish: an operator's
-        revocation is not undone by work that was already in flight."""
-        state = self.state(asset) or AssetState()
-        if state.revoked_at is not None and started_at <= state.revoked_at:
-            raise PermanentError(
-                f"asset {asset} was revoked after this job started; submit it again to "
-                "publish the asset anew"
-            )
+        revocation is not undone by work that was already in flight. With
+        ``expected_previous``, the publish is refused (:class:`~pipeline.errors.Conflict`)
+        unless the current version is one of those (a re-key publishes over what it re-keyed).
+        """
+        layout.check_version(version)
+
+        def change(state: AssetState) -> AssetState:
+            if state.revoked_at is not None and started_at <= state.revoked_at:
+                raise Conflict(
+                    f"asset {asset} was revoked after this job started; submit it again to "
+                    "publish the asset anew"
+                )
+            if expected_previous is not None and state.version not in expected_previous:
+                raise Conflict(
+                    f"asset {asset} changed while this job ran (now version {state.version}); "
+                    "run it again"
+                )
+            now = time.time()
+            retired = {v: t for v, t in state.retired.items() if v != version}
+            replaced = state.version if state.version not in (None, version) else None
+            if state.revoked and state.revoked_at is not None:
+                # Publishing anew after a revocation: every earlier version's keys were
+                # shredded and stay withdrawn (410), with no grace period.
+                retired = {v: min(t, state.revoked_at) for v, t in retired.items()}
+                if replaced is not None:
+                    retired[replaced] = state.revoked_at
+            elif replaced is not None:
+                retired[replaced] = now + grace_s
+            return replace(state, version=version, job_id=job_id, published_at=now,
+                           retired=retired)
+
+        before, _ = self._update_state(asset, change)
+        return before.version if before.version not in (None, version) else None
+
+    def revoke(self, asset: str) -> float:
+        """Mark the asset revoked: every key server answers 410 Gone for it from the time
+        returned on (now for those that heard the announcement). The mark is a document of its
+        own that only revocation writes, so no concurrent publish or retirement can write it
+        away."""
         now = time.time()
-        retired = {v: t for v, t in state.retired.items() if v != version}
-        replaced = state.version if state.version not in (None, version) else None
-        if state.revoked and state.revoked_at is not None:
-            # Publishing anew after a revocation: every earlier version's keys were shredded
-            # and stay withdrawn (410), with no grace period.
-            retired = {v: min(t, state.revoked_at) for v, t in retired.items()}
-            if replaced is not None:
-                retired[replaced] = state.revoked_at
-        elif replaced is not None:
-            retired[replaced] = now + grace_s
-        self._write_state(
-            asset,
-            replace(state, version=check_version(version), job_id=job_id, published_at=now,
-                    retired=retired),
-        )
-        return replaced
-
-    def retire(self, asset: str, version: str, *, delete_after: float) -> None:
-        """Serve ``version``'s keys only until ``delete_after``."""
-        state = self.state(asset) or AssetState()
-        retired = {**state.retired, check_version(version): delete_after}
-        self._write_state(asset, replace(state, retired=retired))
-
-    def revoke(self, asset: str) -> None:
-        """Mark the asset revoked: the key server answers 410 Gone for it from now on. The
-        mark is a document of its own that only revocation writes, so no concurrent publish
-        or retirement can write it away."""
-        self.store.put_bytes(self._revoked_key(asset), json.dumps({"at": time.time()}).encode())
+        self.store.put_bytes(layout.revoked_key(asset), json.dumps({"at": now}).encode())
+        self.announcer.announce(asset)
+        return now + STATE_CACHE_TTL_S
 
     def current_version(self, asset: str) -> str | None:
         """The published version of ``asset``, or None (never published, or revoked)."""

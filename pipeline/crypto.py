@@ -12,6 +12,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from .errors import PermanentError, TransientError
+
 BLOCK = 16
 #: Read size: large enough that per-call overhead vanishes next to AES, small enough for L2.
 CHUNK = 1 << 20
@@ -70,33 +72,15 @@ def _write_all(fout: object, view: memoryview) -> int:
     return done
 
 
-def encrypt_bytes(data: bytes, key: bytes, iv: bytes) -> bytes:
-    """Encrypt a small buffer (playlists, tests)."""
-    _check(key, iv)
-    pad = BLOCK - len(data) % BLOCK
-    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
-    return encryptor.update(data + bytes([pad]) * pad) + encryptor.finalize()
-
-
-def decrypt_bytes(data: bytes, key: bytes, iv: bytes) -> bytes:
-    """Decrypt and unpad a buffer; ``ValueError`` when the padding is not valid PKCS#7."""
-    _check(key, iv)
-    if not data or len(data) % BLOCK:
-        raise ValueError("ciphertext length is not a positive multiple of 16")
-    decryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
-    plain = decryptor.update(data) + decryptor.finalize()
-    pad = plain[-1]
-    if not 1 <= pad <= BLOCK or plain[-pad:] != bytes([pad]) * pad:
-        raise ValueError("bad PKCS#7 padding: wrong key or IV, or corrupted ciphertext")
-    return plain[:-pad]
-
-
 def decrypt_file(src: Path, dst: Path, key: bytes, iv: bytes) -> int:
     """Decrypt ``src`` into ``dst`` (atomically), streaming; returns the plaintext length."""
     _check(key, iv)
     size = src.stat().st_size
     if size == 0 or size % BLOCK:
-        raise ValueError(f"{src.name}: ciphertext length {size} is not a positive multiple of 16")
+        raise PermanentError(
+            f"{src.name}: ciphertext length {size} is not a positive multiple of 16 (a "
+            "corrupted segment); package the asset again from its source"
+        )
     decryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
     inbuf = bytearray(CHUNK)
     outbuf = bytearray(CHUNK + BLOCK - 1)
@@ -111,7 +95,7 @@ def decrypt_file(src: Path, dst: Path, key: bytes, iv: bytes) -> int:
             read = fin.readinto(inview[: min(CHUNK, remaining)])
             if not read:
                 tmp.unlink()
-                raise ValueError(f"{src.name} shrank while being decrypted")
+                raise TransientError(f"{src.name} shrank while being decrypted")
             remaining -= read
             produced = decryptor.update_into(inview[:read], outbuf)
             written += _write_all(fout, outview[:produced])
@@ -120,7 +104,10 @@ def decrypt_file(src: Path, dst: Path, key: bytes, iv: bytes) -> int:
         pad = plain[-1]
         if not 1 <= pad <= BLOCK or plain[-pad:] != bytes([pad]) * pad:
             tmp.unlink()
-            raise ValueError("bad PKCS#7 padding: wrong key or IV, or corrupted ciphertext")
+            raise PermanentError(
+                f"{src.name}: bad PKCS#7 padding: wrong key or IV, or a corrupted segment; "
+                "package the asset again from its source"
+            )
         written += _write_all(fout, memoryview(plain[:-pad]))
     os.replace(tmp, dst)
     return written

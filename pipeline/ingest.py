@@ -33,7 +33,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .errors import BadSpec, HlsvaultError, TransientError
 from .jobs import JobSpec, JobStore, UnknownJob, new_job_spec
-from .keys import check_asset_id
+from .layout import check_asset_id
 from .settings import Settings
 
 #: A repeat of the same object is answered with its first job for this long; S3 and SQS

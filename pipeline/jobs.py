@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import BadSpec
-from .keys import check_asset_id
+from . import layout
+from .errors import BadSpec, NotFound
 from .plan import LADDERS, check_segment_seconds
 
 STAGES = ("probe", "rekey", "segment", "encrypt", "playlist", "upload", "invalidate")
@@ -43,9 +43,9 @@ class JobSpec:
     asset: str
     source: str
     version: str
-    ladder: str = "copy"
-    segment_seconds: float = 6.0
-    key_rotation_segments: int = 0
+    ladder: str = layout.DEFAULT_LADDER
+    segment_seconds: float = layout.DEFAULT_SEGMENT_SECONDS
+    key_rotation_segments: int = layout.DEFAULT_KEY_ROTATION_SEGMENTS
     created_at: float = field(default_factory=time.time)
     #: "package" (probe → segment → encrypt → playlist …) or "rekey" (re-encrypt → upload …)
     kind: str = "package"
@@ -65,17 +65,20 @@ def new_job_spec(
     source: str,
     *,
     asset: str | None = None,
-    ladder: str = "copy",
-    segment_seconds: float = 6.0,
-    key_rotation_segments: int = 0,
+    ladder: str = layout.DEFAULT_LADDER,
+    segment_seconds: float = layout.DEFAULT_SEGMENT_SECONDS,
+    key_rotation_segments: int = layout.DEFAULT_KEY_ROTATION_SEGMENTS,
 ) -> JobSpec:
     """Validate options and give the job an id and the version it will publish."""
     job_id = uuid.uuid4().hex
     if asset is None:
-        stem = Path(source.rstrip("/").rsplit("/", 1)[-1]).stem or "asset"
-        asset = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in stem).strip("-_")[:100]
-        asset = asset or "asset"
-    check_asset_id(asset)
+        asset = layout.asset_from_name(source.split("?", 1)[0])
+        if asset is None:
+            raise BadSpec(
+                f"no asset id can be derived from the source's name {source[:80]!r}; "
+                "pass --asset ID"
+            )
+    layout.check_asset_id(asset)
     if ladder not in LADDERS:
         raise BadSpec(f"unknown ladder {ladder!r}; choose one of {', '.join(LADDERS)}")
     check_segment_seconds(segment_seconds)
@@ -85,8 +88,7 @@ def new_job_spec(
             f"to {MAX_KEY_ROTATION_SEGMENTS}"
         )
     now = time.time()
-    # Versions sort by time, and carry a piece of the job id so two jobs in one second differ.
-    version = time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime(now)) + f"-{job_id[:8]}"
+    version = layout.new_version(job_id, now=now)
     return JobSpec(
         job_id=job_id,
         asset=asset,
@@ -187,8 +189,13 @@ class JobRecord:
         }
 
 
-class UnknownJob(KeyError):
+class UnknownJob(NotFound):
     """No record exists for the job id."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id[:64]}; check the id (`hlsvault status` takes the "
+                         "id that `hlsvault submit` printed)")
+        self.job_id = job_id
 
 
 class RecordBackend(Protocol):

@@ -8,12 +8,12 @@ path fails to unwrap instead of decrypting the wrong video.
 from __future__ import annotations
 
 import os
-import re
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import BadSpec, ConfigurationError
+from .errors import ConfigurationError, HlsvaultError
+from .layout import asset_keys_prefix, key_path, version_keys_prefix
 from .storage import ObjectNotFound, Store
 
 KEY_BYTES = 16
@@ -21,38 +21,9 @@ KEY_BYTES = 16
 _FORMAT = b"\x01"
 _NONCE_BYTES = 12
 
-#: Asset ids are used in URLs and storage keys: a conservative alphabet and length.
-ASSET_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-#: A rotation every segment of a 24 h video at 1 s segments stays well below this.
-MAX_KEY_INDEX = 1_000_000
-
-
-def check_asset_id(asset: str) -> str:
-    """Refuse asset ids that would not be safe in a URL path or a storage key."""
-    if not ASSET_ID_PATTERN.fullmatch(asset):
-        raise BadSpec(
-            f"invalid asset id {asset[:40]!r}: use 1-128 letters, digits, '-' or '_', "
-            "starting with a letter or digit"
-        )
-    return asset
-
-
-def check_version(version: str) -> str:
-    if not VERSION_PATTERN.fullmatch(version):
-        raise BadSpec(f"invalid version {version[:40]!r}")
-    return version
-
-
-def key_path(asset: str, version: str, index: int) -> str:
-    """Where the wrapped key lives in the vault."""
-    if not 0 <= index <= MAX_KEY_INDEX:
-        raise BadSpec(f"key index {index} out of range")
-    return f"keys/{check_asset_id(asset)}/{check_version(version)}/{index:06d}.key"
-
-
-class KeyUnwrapError(Exception):
-    """A wrapped key did not authenticate: wrong master key, or a blob moved between assets."""
+class KeyUnwrapError(HlsvaultError):
+    """A wrapped key did not authenticate: wrong master key, or a blob moved between assets.
+    Neither retrying nor the caller can mend it; an operator must (it is logged, answered 500)."""
 
 
 class KeyVault:
@@ -97,7 +68,7 @@ class KeyVault:
         except ObjectNotFound:
             pass
         key = os.urandom(KEY_BYTES)
-        if self.store.put_bytes_if_absent(path, self.wrap(key, asset, version, index)):
+        if self.store.put_bytes_if(path, self.wrap(key, asset, version, index), match=None):
             return key
         return self.unwrap(self.store.get_bytes(path), asset, version, index)
 
@@ -108,4 +79,8 @@ class KeyVault:
 
     def delete_version(self, asset: str, version: str) -> int:
         """Crypto-shred every key of one version; returns how many were deleted."""
-        return self.store.delete_prefix(f"keys/{check_asset_id(asset)}/{check_version(version)}")
+        return self.store.delete_prefix(version_keys_prefix(asset, version))
+
+    def delete_asset(self, asset: str) -> int:
+        """Crypto-shred every key of every version of ``asset``; returns how many."""
+        return self.store.delete_prefix(asset_keys_prefix(asset))

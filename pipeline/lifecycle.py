@@ -16,32 +16,33 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import layout
 from .crypto import decrypt_file, encrypt_file, iv_for_sequence
-from .errors import BadSpec
+from .errors import BadSpec, NotFound
 from .jobs import JobSpec
-from .keys import check_asset_id
-from .packaging import DEFAULT_GRACE_S
 from .playlists import AssetVersion, RenditionEntry, key_index
 from .services import Services
 
-MAX_GRACE_S = 7 * 24 * 3600.0
 
-
-def new_rekey_spec(svc: Services, asset: str, *, grace_s: float = DEFAULT_GRACE_S) -> JobSpec:
+def new_rekey_spec(
+    svc: Services, asset: str, *, grace_s: float = layout.DEFAULT_GRACE_S
+) -> JobSpec:
     """A job that re-keys the asset's current version into a new one."""
-    check_asset_id(asset)
-    if not 0 <= grace_s <= MAX_GRACE_S:
-        raise BadSpec(f"--grace {grace_s:g} is out of range; use 0 to {MAX_GRACE_S:.0f} seconds")
+    layout.check_asset_id(asset)
+    if not 0 <= grace_s <= layout.MAX_GRACE_S:
+        raise BadSpec(
+            f"--grace {grace_s:g} is out of range; use 0 to {layout.MAX_GRACE_S:.0f} seconds"
+        )
     current = svc.catalog.current(asset)
     if current is None:
-        raise BadSpec(f"asset {asset} is not published (or was revoked); nothing to re-key")
+        raise NotFound(f"asset {asset} is not published (or was revoked); nothing to re-key")
     job_id = uuid.uuid4().hex
     now = time.time()
     return JobSpec(
         job_id=job_id,
         asset=asset,
         source=f"rekey:{asset}/{current.version}",
-        version=time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime(now)) + f"-{job_id[:8]}",
+        version=layout.new_version(job_id, now=now),
         ladder="rekey",
         key_rotation_segments=current.key_rotation_segments,
         created_at=now,
@@ -71,7 +72,9 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
                 index = key_index(segment.sequence, spec.key_rotation_segments)
                 if index not in new_keys:
                     new_keys[index] = svc.keys.get_or_create(spec.asset, spec.version, index)
-                origin_key = f"assets/{spec.asset}/{old.version}/{rendition.name}/{segment.name}"
+                origin_key = layout.segment_key(
+                    spec.asset, old.version, rendition.name, segment.name
+                )
                 encrypted = svc.origin.local_path(origin_key)
                 if encrypted is None:
                     encrypted = work_dir / f"old-{segment.name}"
@@ -79,7 +82,7 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
                 plain = work_dir / f"plain-{segment.name}"
                 iv = iv_for_sequence(segment.sequence)
                 decrypt_file(encrypted, plain, old_keys[segment.key], iv)
-                out_key = f"jobs/{spec.job_id}/enc/{rendition.name}/{segment.name}"
+                out_key = layout.encrypted_key(spec.job_id, rendition.name, segment.name)
                 local_out = svc.work.local_path(out_key)
                 out = local_out or work_dir / f"new-{segment.name}"
                 size = encrypt_file(plain, out, new_keys[index], iv)
@@ -95,16 +98,10 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
         created_at=time.time(),
         key_rotation_segments=spec.key_rotation_segments,
         renditions=tuple(renditions),
+        key_server=svc.settings.public_url,
     )
     svc.catalog.put_version(described)
     return described
-
-
-def retire(svc: Services, asset: str, version: str, *, grace_s: float) -> float:
-    """Schedule a replaced version's keys to be refused, then shredded, after ``grace_s``."""
-    delete_after = time.time() + grace_s
-    svc.catalog.retire(asset, version, delete_after=delete_after)
-    return delete_after
 
 
 def shred_due(svc: Services, asset: str, *, now: float | None = None) -> list[str]:
@@ -123,15 +120,16 @@ def shred_due(svc: Services, asset: str, *, now: float | None = None) -> list[st
 
 
 def revoke(svc: Services, asset: str, *, cloudfront: Any | None = None) -> dict[str, Any]:
-    """Crypto-shred the asset: mark it revoked (the key server answers 410 from then on),
-    delete every key of every version, and purge the CDN's copies of its paths."""
+    """Crypto-shred the asset: mark it revoked (key servers answer 410 from ``in_effect_at``
+    on, those that heard the announcement at once), delete every key of every version, and
+    purge the CDN's copies of its paths."""
     from .cdn import purge_asset
 
-    check_asset_id(asset)
+    layout.check_asset_id(asset)
     if svc.catalog.state(asset) is None:
-        raise BadSpec(f"asset {asset} was never published; nothing to revoke")
-    svc.catalog.revoke(asset)
-    deleted = svc.keys.store.delete_prefix(f"keys/{asset}")
+        raise NotFound(f"asset {asset} was never published; nothing to revoke")
+    in_effect_at = svc.catalog.revoke(asset)
+    deleted = svc.keys.delete_asset(asset)
     invalidation = purge_asset(svc, asset, client=cloudfront)
     return {"asset": asset, "status": "revoked", "keys_deleted": deleted,
-            "invalidation": invalidation}
+            "invalidation": invalidation, "in_effect_at": in_effect_at}

@@ -1,12 +1,12 @@
-"""The six stages of packaging, as plain functions over :class:`~pipeline.services.Services`.
+"""The stages of packaging, as plain functions over :class:`~pipeline.services.Services`.
 
-Each stage reads what the previous one left in the work store under ``jobs/<job_id>/`` and
-writes outputs with deterministic names, so a stage delivered twice leaves the same result.
+Each stage reads what the previous one left in the work store under ``jobs/<job_id>/`` (the
+layout is :mod:`pipeline.layout`'s) and a stage delivered twice leaves the same result.
 
-    jobs/<id>/plain/<rendition>/seg_00000.ts    segment stage
-    jobs/<id>/plain/<rendition>/produced.json
-    jobs/<id>/enc/<rendition>/seg_00000.ts      encrypt stage
-    jobs/<id>/enc/<rendition>/sizes.json
+A segment attempt writes into a directory of its own and then names it in ``produced.json``
+with one atomic write, so a redelivered segment stage that overlaps a still-running encrypt of
+the same rendition can never hand it a half-written segment: encrypt reads only the attempt
+that ``produced.json`` names, and that attempt is complete.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from . import layout
 from .crypto import encrypt_file, iv_for_sequence
-from .errors import BadSpec, InvalidSource
+from .errors import InvalidSource
 from .jobs import JobSpec
 from .media import MediaInfo, probe
 from .plan import Rendition, plan_renditions
@@ -40,8 +42,6 @@ ENCRYPT_THREADS = min(os.cpu_count() or 1, 4)
 #: The stable master playlist changes with each publish; edges revalidate it after a minute
 #: even if an invalidation is lost.
 STABLE_PLAYLIST = "public, max-age=60"
-#: A replaced version's keys are served this long after a re-package.
-DEFAULT_GRACE_S = 3600.0
 #: Concurrent segment uploads per job: enough to hide S3 latency, few enough not to be throttled.
 UPLOAD_CONCURRENCY = 16
 
@@ -96,12 +96,12 @@ def _media(svc: Services, spec: JobSpec) -> MediaInfo:
     return MediaInfo.from_dict(data)
 
 
-def _work_dir(svc: Services, key: str) -> tuple[Path, bool]:
-    """A local directory for ``key`` in the work store: the store's own when it is local,
+def _work_dir(svc: Services, prefix: str) -> tuple[Path, bool]:
+    """A local directory for ``prefix`` in the work store: the store's own when it is local,
     else a temporary one whose files are uploaded afterwards."""
-    local = svc.work.local_path(f"{key}/.dir")
+    local = svc.work.local_dir(prefix)
     if local is not None:
-        return local.parent, True
+        return local, True
     return Path(tempfile.mkdtemp(prefix="hlsvault-")), False
 
 
@@ -110,7 +110,8 @@ def segment(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ig
     rendition = _job_renditions(svc, spec)[name]
     info = _media(svc, spec)
     target, _ = ffmpeg_target(spec.source)
-    prefix = f"jobs/{spec.job_id}/plain/{name}"
+    attempt = uuid.uuid4().hex[:12]
+    prefix = layout.plain_attempt_prefix(spec.job_id, name, attempt)
     out_dir, is_local = _work_dir(svc, prefix)
     produced = segment_rendition(
         target,
@@ -124,21 +125,24 @@ def segment(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ig
     if not is_local:
         for seg in produced.segments:
             svc.work.put_file(f"{prefix}/{seg.name}", out_dir / seg.name)
-    svc.work.put_bytes(f"{prefix}/produced.json", json.dumps(produced.to_dict()).encode())
+    # The switch: from here on, encrypt reads this attempt (whole) and no other.
+    record = {"attempt": attempt, "produced": produced.to_dict()}
+    svc.work.put_bytes(layout.produced_key(spec.job_id, name), json.dumps(record).encode())
     return len(produced.segments)
 
 
-def _produced(svc: Services, spec: JobSpec, name: str) -> SegmentedRendition:
-    raw = svc.work.get_bytes(f"jobs/{spec.job_id}/plain/{name}/produced.json")
-    return SegmentedRendition.from_dict(json.loads(raw))
+def _produced(svc: Services, spec: JobSpec, name: str) -> tuple[str, SegmentedRendition]:
+    """The segment attempt that won for rendition ``name``: its work-store prefix and output."""
+    record = json.loads(svc.work.get_bytes(layout.produced_key(spec.job_id, name)))
+    prefix = layout.plain_attempt_prefix(spec.job_id, name, record["attempt"])
+    return prefix, SegmentedRendition.from_dict(record["produced"])
 
 
 def encrypt(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ignore) -> int:
     """Encrypt one rendition's segments with the version's keys; returns bytes written."""
-    produced = _produced(svc, spec, name)
+    plain_prefix, produced = _produced(svc, spec, name)
     report = _rate_limited(on_progress)
-    plain_prefix = f"jobs/{spec.job_id}/plain/{name}"
-    enc_prefix = f"jobs/{spec.job_id}/enc/{name}"
+    enc_prefix = layout.encrypted_prefix(spec.job_id, name)
     enc_dir, is_local = _work_dir(svc, enc_prefix)
     # Every key the rendition needs, fetched or created before any thread starts, one at a time.
     keys: dict[int, bytes] = {}
@@ -159,7 +163,8 @@ def encrypt(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ig
                 plain, enc_dir / seg.name, keys[index], iv_for_sequence(seg.sequence)
             )
             if not is_local:
-                svc.work.put_file(f"{enc_prefix}/{seg.name}", enc_dir / seg.name)
+                svc.work.put_file(layout.encrypted_key(spec.job_id, name, seg.name),
+                                  enc_dir / seg.name)
                 (enc_dir / seg.name).unlink()
                 plain.unlink()
             return written
@@ -170,8 +175,20 @@ def encrypt(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ig
             for written in pool.map(encrypt_segment, produced.segments):
                 sizes.append(written)
                 report(len(sizes) / len(produced.segments))
-    svc.work.put_bytes(f"{enc_prefix}/sizes.json", json.dumps(sizes).encode())
+    svc.work.put_bytes(layout.sizes_key(spec.job_id, name), json.dumps(sizes).encode())
     return sum(sizes)
+
+
+def rotation_warning(spec: JobSpec, segments: int) -> str | None:
+    """What to tell the user when key rotation was asked for but cannot happen."""
+    rotation = spec.key_rotation_segments
+    if rotation <= 0 or segments > rotation:
+        return None
+    return (
+        f"--key-rotation-segments {rotation} asked for a new key every {rotation} segments, but "
+        f"the source made only {segments} segment(s) (segments start at keyframes), so the "
+        "version has one key; use --ladder default, or a source with more frequent keyframes"
+    )
 
 
 def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
@@ -179,9 +196,12 @@ def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
     in the catalog. It is not visible to players until the upload stage flips it current."""
     entries = []
     for name in _job_renditions(svc, spec):
-        produced = _produced(svc, spec, name)
-        sizes = json.loads(svc.work.get_bytes(f"jobs/{spec.job_id}/enc/{name}/sizes.json"))
+        _, produced = _produced(svc, spec, name)
+        sizes = json.loads(svc.work.get_bytes(layout.sizes_key(spec.job_id, name)))
         entries.append(describe_rendition(produced, sizes, spec.key_rotation_segments))
+    warning = rotation_warning(spec, min(len(e.segments) for e in entries))
+    if warning is not None:
+        svc.jobs.set_json(spec.job_id, "warnings", [warning])
     described = AssetVersion(
         asset=spec.asset,
         version=spec.version,
@@ -189,13 +209,10 @@ def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
         created_at=time.time(),
         key_rotation_segments=spec.key_rotation_segments,
         renditions=tuple(sorted(entries, key=lambda e: e.bandwidth, reverse=True)),
+        key_server=svc.settings.public_url,
     )
     svc.catalog.put_version(described)
     return described
-
-
-def origin_segment_key(asset: str, version: str, rendition: str, name: str) -> str:
-    return f"assets/{asset}/{version}/{rendition}/{name}"
 
 
 def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dict[str, Any]:
@@ -203,7 +220,6 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dic
     ever handed a playlist naming a segment that is not there yet."""
     described = svc.catalog.get_version(spec.asset, spec.version)
     report = _rate_limited(on_progress)
-    jobs_prefix = f"jobs/{spec.job_id}/enc"
     items = [
         (rendition.name, seg.name)
         for rendition in described.renditions
@@ -213,8 +229,8 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dic
 
     def put(item: tuple[str, str]) -> None:
         rendition, name = item
-        key = origin_segment_key(spec.asset, spec.version, rendition, name)
-        work_key = f"{jobs_prefix}/{rendition}/{name}"
+        key = layout.segment_key(spec.asset, spec.version, rendition, name)
+        work_key = layout.encrypted_key(spec.job_id, rendition, name)
         headers = {"content_type": SEGMENT_CONTENT_TYPE, "cache_control": IMMUTABLE}
         if svc.origin.copy_from(svc.work, work_key, key, **headers):
             return
@@ -228,25 +244,23 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dic
             done += 1
             report(done / len(items))
     # Cookie mode's static playlists: the versioned variants, then the stable master.
-    for key, text in static_playlists(described, key_server=svc.settings.public_url).items():
-        stable = key.count("/") == 2  # assets/<asset>/master.m3u8
+    for key, text in static_playlists(described).items():
         svc.origin.put_bytes(
             key, text.encode(), content_type=PLAYLIST_CONTENT_TYPE,
-            cache_control=STABLE_PLAYLIST if stable else IMMUTABLE,
+            cache_control=STABLE_PLAYLIST if layout.is_stable_key(key) else IMMUTABLE,
         )
     previous = svc.catalog.current_version(spec.asset)
-    if spec.kind == "rekey" and previous not in (spec.previous_version, spec.version):
-        raise BadSpec(
-            f"asset {spec.asset} changed while it was being re-keyed (now version {previous}); "
-            "re-key it again"
-        )
     # Remembered before the flip, so that a retry after it still knows what it replaced.
     if previous is not None and previous != spec.version:
         svc.jobs.set_json(spec.job_id, "replaced", previous)
-    svc.catalog.publish(
+    replaced = svc.catalog.publish(
         spec.asset, spec.version, job_id=spec.job_id, started_at=spec.created_at,
         grace_s=replaced_grace(spec),
+        # A re-key publishes over the version it re-keyed, or not at all.
+        expected_previous=(spec.previous_version, spec.version) if spec.kind == "rekey" else None,
     )
+    if replaced is not None and replaced != previous:
+        svc.jobs.set_json(spec.job_id, "replaced", replaced)  # a racing publish came between
     return {
         "asset": spec.asset,
         "version": spec.version,
@@ -258,9 +272,9 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dic
 def replaced_grace(spec: JobSpec) -> float:
     """How long the version a job replaces keeps its keys: what a re-key asked for, an hour
     for a re-package (players mid-film finish)."""
-    return spec.grace_s if spec.kind == "rekey" else DEFAULT_GRACE_S
+    return spec.grace_s if spec.kind == "rekey" else layout.DEFAULT_GRACE_S
 
 
 def discard_work(svc: Services, job_id: str) -> None:
     """Remove a job's scratch files; the job's outcome no longer needs them."""
-    svc.work.delete_prefix(f"jobs/{job_id}")
+    svc.work.delete_prefix(layout.job_prefix(job_id))

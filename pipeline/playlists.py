@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any
 
+from . import layout
 from .segment import SegmentedRendition
 
 #: EXT-X-VERSION 3: decimal EXTINF durations; everything else used here is version 1.
@@ -91,6 +92,9 @@ class AssetVersion:
     created_at: float
     key_rotation_segments: int
     renditions: tuple[RenditionEntry, ...]
+    #: The key server's public URL when the version was packaged: what the static cookie-mode
+    #: playlists on the origin name as key URIs (None for versions packaged before it was kept).
+    key_server: str | None = None
 
     @property
     def key_count(self) -> int:
@@ -118,6 +122,7 @@ class AssetVersion:
             created_at=data["created_at"],
             key_rotation_segments=data["key_rotation_segments"],
             renditions=renditions,
+            key_server=data.get("key_server"),
         )
 
 
@@ -200,29 +205,37 @@ def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntr
     return "\n".join(lines) + "\n"
 
 
-def static_playlists(described: AssetVersion, *, key_server: str) -> dict[str, str]:
+def static_playlists(described: AssetVersion) -> dict[str, str]:
     """Cookie mode's playlists, for the CDN origin: origin key -> playlist text.
 
     Variant playlists live beside their segments under the versioned path (immutable); their
-    key URIs carry no token, since the player presents the cookie. The asset's stable
-    ``master.m3u8`` names the current version's variants and is what a publish invalidates.
+    key URIs name the key server the version was packaged for (``described.key_server``) and
+    carry no token, since the player presents the cookie. The asset's stable ``master.m3u8``
+    names the current version's variants and is what a publish invalidates.
     """
     asset, version = described.asset, described.version
+    if described.key_server is None:
+        raise ValueError("static playlists need the key server's URL (AssetVersion.key_server)")
+    key_server = described.key_server
+
     def key_uri(index: int) -> str:
-        return f"{key_server}/v1/keys/{asset}/{version}/{index}"
+        return layout.key_url(key_server, asset, version, index)
 
     def segment_uri_under(prefix: str) -> Callable[[PublishedSegment], str]:
         return lambda segment: f"{prefix}/{segment.name}"
 
     files = {}
     for rendition in described.renditions:
-        files[f"assets/{asset}/{version}/{rendition.name}.m3u8"] = render_variant(
+        files[layout.static_variant_key(asset, version, rendition.name)] = render_variant(
             described,
             rendition,
             segment_uri=segment_uri_under(rendition.name),
             key_uri=key_uri,
         )
-    files[f"assets/{asset}/master.m3u8"] = render_master(
-        described, variant_uri=lambda rendition: f"{version}/{rendition.name}.m3u8"
+    files[layout.static_master_key(asset)] = render_master(
+        described,
+        variant_uri=lambda rendition: layout.static_variant_uri_from_master(
+            version, rendition.name
+        ),
     )
     return files

@@ -88,12 +88,14 @@ class Settings:
         return self.data_dir / "jobs"
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(environ: Mapping[str, str] | None = None, *, create: bool = True) -> Settings:
     """Build :class:`Settings` from environment variables.
 
     In embedded mode a missing token secret or master key is generated on first use into the
-    data directory (mode 0600); with ``REDIS_URL`` set every process of the fleet must share
-    them, so their absence is an error that names the missing variable.
+    data directory (mode 0600) — only when ``create`` is true: a command that reads what an
+    earlier one made (``hlsvault token``, ``url``, ``status``) refuses instead, since a secret
+    made anew would sign tokens no running key server accepts. With ``REDIS_URL`` set every
+    process of the fleet must share them, so their absence is an error naming the variable.
     """
     env = os.environ if environ is None else environ
     redis_url = env.get("REDIS_URL") or None
@@ -130,10 +132,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         token_secret: str | None = None
         if algorithm == "HS256":
             token_secret = env.get("HLSVAULT_TOKEN_SECRET") or _embedded_secret(
-                data_dir, "token_secret", lambda: secrets.token_urlsafe(48)
+                data_dir, "token_secret", lambda: secrets.token_urlsafe(48), env, create=create
             )
         master_key_text = env.get("HLSVAULT_MASTER_KEY") or _embedded_secret(
-            data_dir, "master_key", lambda: base64.b64encode(os.urandom(32)).decode()
+            data_dir, "master_key", lambda: base64.b64encode(os.urandom(32)).decode(), env,
+            create=create,
         )
     else:
         missing = [name for name in needed if not env.get(name)]
@@ -184,6 +187,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ingest_queue_url=env.get("HLSVAULT_INGEST_QUEUE_URL") or None,
         ops_password=env.get("HLSVAULT_OPS_PASSWORD") or None,
         ops_port=_int(env, "OPS_PORT", DEFAULT_OPS_PORT),
+    )
+
+
+def _missing_data_dir(data_dir: Path, env: Mapping[str, str]) -> ConfigurationError:
+    """Why a reading command refuses a data directory that was never set up."""
+    origin = "HLSVAULT_DATA_DIR" if env.get("HLSVAULT_DATA_DIR") else (
+        f"the default {DEFAULT_DATA_DIR}, relative to the current directory"
+    )
+    return ConfigurationError(
+        f"no hlsvault data in {data_dir} ({origin}): run this command where you ran "
+        "`hlsvault package`, or set HLSVAULT_DATA_DIR to that data directory"
     )
 
 
@@ -247,12 +261,18 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
-def _embedded_secret(data_dir: Path, name: str, generate: Callable[[], str]) -> str:
-    """Read a generated secret from the data directory, creating it (mode 0600) on first use."""
+def _embedded_secret(
+    data_dir: Path, name: str, generate: Callable[[], str], env: Mapping[str, str], *,
+    create: bool,
+) -> str:
+    """Read a generated secret from the data directory, creating it (mode 0600) on first use
+    when ``create`` allows."""
     secrets_dir = data_dir / "secrets"
     path = secrets_dir / name
     if path.exists():
         return path.read_text().strip()
+    if not create:
+        raise _missing_data_dir(data_dir, env)
     secrets_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(secrets_dir, 0o700)
     value = generate()

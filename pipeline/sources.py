@@ -24,8 +24,8 @@ def s3_source_url(source: str, *, client: Any | None = None) -> str:
     """Check an ``s3://`` source exists and is readable; return a presigned GET URL for it."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from .aws import make_client
     from .errors import TransientError
-    from .s3 import make_client
 
     bucket, key = split_s3_url(source)
     client = client if client is not None else make_client()

@@ -142,3 +142,27 @@ class Hlsvault:
     @property
     def vault(self) -> Path:
         return self.data_dir / "vault"
+
+
+def encrypt_bytes(data: bytes, key: bytes, iv: bytes) -> bytes:
+    """AES-128-CBC with PKCS#7 over a buffer, straight from ``cryptography``: the reference the
+    tests hold hlsvault's streaming encryption to."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    pad = 16 - len(data) % 16
+    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+    return encryptor.update(data + bytes([pad]) * pad) + encryptor.finalize()
+
+
+def decrypt_bytes(data: bytes, key: bytes, iv: bytes) -> bytes:
+    """The reference decryption; ``ValueError`` when the padding is not valid PKCS#7."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    if not data or len(data) % 16:
+        raise ValueError("ciphertext length is not a positive multiple of 16")
+    decryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
+    plain = decryptor.update(data) + decryptor.finalize()
+    pad = plain[-1]
+    if not 1 <= pad <= 16 or plain[-pad:] != bytes([pad]) * pad:
+        raise ValueError("bad PKCS#7 padding")
+    return plain[:-pad]

@@ -9,15 +9,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from pipeline.crypto import (
-    BLOCK,
-    CHUNK,
-    decrypt_bytes,
-    decrypt_file,
-    encrypt_bytes,
-    encrypt_file,
-    iv_for_sequence,
-)
+from pipeline.crypto import BLOCK, CHUNK, decrypt_file, encrypt_file, iv_for_sequence
+from pipeline.errors import PermanentError
+
+from support import decrypt_bytes, encrypt_bytes
 
 KEY = bytes.fromhex("000102030405060708090a0b0c0d0e0f")
 OTHER_KEY = bytes.fromhex("f0e1d2c3b4a5968778695a4b3c2d1e0f")
@@ -138,31 +133,31 @@ class TestCiphertext:
 
 class TestRefusals:
     @pytest.mark.parametrize("size", [0, 17, CHUNK + 5])
-    def test_wrong_key_raises_value_error_in_both_apis(self, tmp_path: Path, size: int) -> None:
-        """Decrypting with another key fails on the padding check instead of returning garbage,
-        and decrypt_file leaves neither the output nor a temporary file behind."""
-        ciphertext = encrypt_via_file(tmp_path, plaintext(size))
+    def test_wrong_key_fails_the_padding_check(self, tmp_path: Path, size: int) -> None:
+        """Decrypting with another key fails on the padding check instead of returning garbage
+        (a permanent error: a re-key of a corrupted version must not retry forever), and
+        decrypt_file leaves neither the output nor a temporary file behind."""
+        encrypt_via_file(tmp_path, plaintext(size))
 
-        with pytest.raises(ValueError, match="padding"):
-            decrypt_bytes(ciphertext, OTHER_KEY, IV)
-        with pytest.raises(ValueError, match="padding"):
+        with pytest.raises(PermanentError, match="padding"):
             decrypt_file(tmp_path / "enc.ts", tmp_path / "out.ts", OTHER_KEY, IV)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.ts", "plain.ts"]
 
     @pytest.mark.parametrize("length", [0, 15, 17, 33])
     def test_ciphertext_of_no_whole_block_is_refused(self, tmp_path: Path, length: int) -> None:
-        """A truncated or empty ciphertext is a ValueError, not a crash or an empty plaintext."""
+        """A truncated or empty ciphertext is refused, not a crash or an empty plaintext."""
         (tmp_path / "enc.ts").write_bytes(b"\x00" * length)
-        with pytest.raises(ValueError, match="multiple of 16"):
-            decrypt_bytes(b"\x00" * length, KEY, IV)
-        with pytest.raises(ValueError, match="multiple of 16"):
+        with pytest.raises(PermanentError, match="multiple of 16"):
             decrypt_file(tmp_path / "enc.ts", tmp_path / "out.ts", KEY, IV)
 
     @pytest.mark.parametrize(("key", "iv"), [(KEY[:15], IV), (KEY + b"\x00", IV), (KEY, IV[:8])])
-    def test_key_and_iv_must_be_16_bytes(self, key: bytes, iv: bytes) -> None:
+    def test_key_and_iv_must_be_16_bytes(
+        self, tmp_path: Path, key: bytes, iv: bytes
+    ) -> None:
         """Any key or IV that is not exactly 16 bytes is refused (no AES-192/256 by accident)."""
+        (tmp_path / "plain.ts").write_bytes(b"data")
         with pytest.raises(ValueError, match="16-byte"):
-            encrypt_bytes(b"data", key, iv)
+            encrypt_file(tmp_path / "plain.ts", tmp_path / "enc.ts", key, iv)
 
 
 class TestIvForSequence:

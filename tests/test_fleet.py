@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.keys import KeyVault
-from pipeline.s3 import S3Store
 from pipeline.settings import decode_master_key
+from pipeline.storage.s3 import S3Store
 
 from fleet import Fleet, MotoServer, stop_process
 from support import ROOT, VENV_BIN, frame_hashes, framemd5, wait_for_port

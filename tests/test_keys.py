@@ -10,15 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import BadSpec, ConfigurationError
-from pipeline.keys import (
-    KEY_BYTES,
-    MAX_KEY_INDEX,
-    KeyUnwrapError,
-    KeyVault,
-    check_asset_id,
-    check_version,
-    key_path,
-)
+from pipeline.keys import KEY_BYTES, KeyUnwrapError, KeyVault
+from pipeline.layout import MAX_KEY_INDEX, check_asset_id, check_version, key_path
 from pipeline.storage import LocalStore, ObjectNotFound
 
 ASSET = "film-1"

@@ -90,11 +90,19 @@ class TestRekey:
             assert response.read() != old_key
         assert frame_hashes(framemd5(new_url)) == frame_hashes(framemd5(str(copy_clip)))
 
-    def test_rekey_of_an_unknown_asset_says_what_to_do(self, hlsvault: Hlsvault) -> None:
+    def test_rekey_of_an_unknown_asset_says_what_to_do(
+        self, hlsvault: Hlsvault, copy_clip: Path
+    ) -> None:
         """Re-keying what was never published fails with a reason, and no job runs."""
+        packaged = hlsvault.package(str(copy_clip), "--asset", "other", "--ladder", "copy")
+        assert packaged.returncode == 0, packaged.stderr
+        jobs_before = sorted((hlsvault.data_dir / "jobs").glob("*.json"))
+
         done = hlsvault.run("rekey", "nothing")
-        assert done.returncode == 2
-        assert "not published" in done.stderr
+
+        assert done.returncode == 1
+        assert "asset nothing is not published" in done.stderr
+        assert sorted((hlsvault.data_dir / "jobs").glob("*.json")) == jobs_before
 
 
 class TestRevoke:

@@ -10,14 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.catalog import Catalog
-from pipeline.crypto import decrypt_bytes, iv_for_sequence
+from pipeline.crypto import iv_for_sequence
 from pipeline.keys import KeyVault
-from pipeline.s3 import S3Store
 from pipeline.settings import decode_master_key
+from pipeline.storage.s3 import S3Store
 
 from faultproxy import ACCESS_DENIED, SLOW_DOWN, FaultProxy, Rule
 from fleet import Fleet, MotoServer, RedisServer
-from support import frame_hashes, framemd5
+from support import decrypt_bytes, frame_hashes, framemd5
 from test_fleet import bucket_objects, submit, wait_for_job
 
 #: How long a test waits for a stage to be seen running before giving up.

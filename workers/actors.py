@@ -1,15 +1,23 @@
-"""One thin actor per stage: load the record, call the domain function, say what runs next."""
+"""One thin actor per stage: load the record, call the domain function, say what runs next.
+
+Actors are declared on a runtime's broker by :func:`declare` (called by
+:func:`workers.runtime.build_runtime`), never as a side effect of an import.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import dramatiq
-from dramatiq.actor import ActorDecorator
 
 from pipeline import cdn, lifecycle, packaging
 
 from . import flow
 from .queues import Queue
-from .runtime import services
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 #: Transient failures are retried this often, with exponential backoff between the bounds.
 MAX_RETRIES = 5
@@ -22,97 +30,81 @@ SEGMENT_LIMIT_MS = 12 * 3600_000
 PUBLISH_LIMIT_MS = 60 * 60_000
 
 
-def stage_actor(name: str, queue: Queue, time_limit_ms: int) -> ActorDecorator:
-    """dramatiq.actor with the options every stage shares: bounded retries with backoff."""
-    return dramatiq.actor(
-        actor_name=name,
-        queue_name=queue,
-        time_limit=time_limit_ms,
-        max_retries=MAX_RETRIES,
-        min_backoff=MIN_BACKOFF_MS,
-        max_backoff=MAX_BACKOFF_MS,
-    )
+def declare(rt: Runtime) -> None:
+    """Declare every stage's actor on ``rt.broker``, each bound to ``rt``."""
 
+    def stage_actor(name: str, queue: Queue, time_limit_ms: int) -> Callable[..., object]:
+        """dramatiq.actor with the options every stage shares: bounded retries with backoff."""
+        return dramatiq.actor(
+            actor_name=name,
+            queue_name=queue,
+            broker=rt.broker,
+            time_limit=time_limit_ms,
+            max_retries=MAX_RETRIES,
+            min_backoff=MIN_BACKOFF_MS,
+            max_backoff=MAX_BACKOFF_MS,
+        )
 
-@stage_actor(flow.PROBE, Queue.PROBE, SHORT_LIMIT_MS)
-def probe(job_id: str) -> None:
-    svc = services()
-    renditions = flow.run_stage(
-        svc, job_id, "probe", lambda spec: packaging.probe_source(svc, spec)
-    )
-    if renditions is not None:
-        flow.after_probe(svc, job_id, renditions)
+    svc = rt.services
 
+    @stage_actor(flow.PROBE, Queue.PROBE, SHORT_LIMIT_MS)
+    def probe(job_id: str) -> None:
+        renditions = flow.run_stage(
+            rt, job_id, "probe", lambda spec: packaging.probe_source(svc, spec)
+        )
+        if renditions is not None:
+            flow.after_probe(rt, job_id, renditions)
 
-@stage_actor(flow.SEGMENT, Queue.SEGMENT, SEGMENT_LIMIT_MS)
-def segment(job_id: str, rendition: str) -> None:
-    svc = services()
-    stage = f"segment:{rendition}"
-    report = flow.progress(svc, job_id, stage)
-    done = flow.run_stage(
-        svc, job_id, stage, lambda spec: packaging.segment(svc, spec, rendition, report)
-    )
-    if done is not None:
-        flow.after_segment(svc, job_id, rendition)
+    @stage_actor(flow.SEGMENT, Queue.SEGMENT, SEGMENT_LIMIT_MS)
+    def segment(job_id: str, rendition: str) -> None:
+        stage = flow.rendition_stage("segment", rendition)
+        report = flow.progress(rt, job_id, stage)
+        done = flow.run_stage(
+            rt, job_id, stage, lambda spec: packaging.segment(svc, spec, rendition, report)
+        )
+        if done is not None:
+            flow.after_segment(rt, job_id, rendition)
 
+    @stage_actor(flow.ENCRYPT, Queue.ENCRYPT, PUBLISH_LIMIT_MS)
+    def encrypt(job_id: str, rendition: str) -> None:
+        stage = flow.rendition_stage("encrypt", rendition)
+        report = flow.progress(rt, job_id, stage)
+        done = flow.run_stage(
+            rt, job_id, stage, lambda spec: packaging.encrypt(svc, spec, rendition, report)
+        )
+        if done is not None:
+            flow.after_encrypt(rt, job_id, rendition)
 
-@stage_actor(flow.ENCRYPT, Queue.ENCRYPT, PUBLISH_LIMIT_MS)
-def encrypt(job_id: str, rendition: str) -> None:
-    svc = services()
-    stage = f"encrypt:{rendition}"
-    report = flow.progress(svc, job_id, stage)
-    done = flow.run_stage(
-        svc, job_id, stage, lambda spec: packaging.encrypt(svc, spec, rendition, report)
-    )
-    if done is not None:
-        flow.after_encrypt(svc, job_id, rendition)
+    @stage_actor(flow.PLAYLIST, Queue.PUBLISH, SHORT_LIMIT_MS)
+    def playlist(job_id: str) -> None:
+        done = flow.run_stage(
+            rt, job_id, "playlist", lambda spec: packaging.build_playlists(svc, spec)
+        )
+        if done is not None:
+            flow.after_playlist(rt, job_id)
 
+    @stage_actor(flow.UPLOAD, Queue.PUBLISH, PUBLISH_LIMIT_MS)
+    def upload(job_id: str) -> None:
+        report = flow.progress(rt, job_id, "upload")
+        published = flow.run_stage(
+            rt, job_id, "upload", lambda spec: packaging.upload(svc, spec, report)
+        )
+        if published is not None:
+            flow.after_upload(rt, job_id, published)
 
-@stage_actor(flow.PLAYLIST, Queue.PUBLISH, SHORT_LIMIT_MS)
-def playlist(job_id: str) -> None:
-    svc = services()
-    done = flow.run_stage(
-        svc, job_id, "playlist", lambda spec: packaging.build_playlists(svc, spec)
-    )
-    if done is not None:
-        flow.after_playlist(svc, job_id)
+    @stage_actor(flow.INVALIDATE, Queue.PUBLISH, SHORT_LIMIT_MS)
+    def invalidate(job_id: str) -> None:
+        outcome = flow.run_stage(rt, job_id, "invalidate", lambda spec: cdn.invalidate(svc, spec))
+        if outcome is not None:
+            flow.after_invalidate(rt, job_id, outcome)
 
+    @stage_actor(flow.REKEY, Queue.ENCRYPT, PUBLISH_LIMIT_MS)
+    def rekey(job_id: str) -> None:
+        done = flow.run_stage(rt, job_id, "rekey", lambda spec: lifecycle.rekey(svc, spec))
+        if done is not None:
+            flow.after_rekey(rt, job_id)
 
-@stage_actor(flow.UPLOAD, Queue.PUBLISH, PUBLISH_LIMIT_MS)
-def upload(job_id: str) -> None:
-    svc = services()
-    report = flow.progress(svc, job_id, "upload")
-    published = flow.run_stage(
-        svc, job_id, "upload", lambda spec: packaging.upload(svc, spec, report)
-    )
-    if published is not None:
-        svc.jobs.set_json(job_id, "published", published)
-        flow.after_upload(svc, job_id)
-
-
-@stage_actor(flow.INVALIDATE, Queue.PUBLISH, SHORT_LIMIT_MS)
-def invalidate(job_id: str) -> None:
-    svc = services()
-    outcome = flow.run_stage(svc, job_id, "invalidate", lambda spec: cdn.invalidate(svc, spec))
-    if outcome is not None:
-        if outcome["status"] == "skipped":
-            svc.jobs.stage_finished(
-                job_id, "invalidate", status="skipped", detail=outcome["reason"]
-            )
-        result = dict(svc.jobs.get(job_id).json_field("published") or {})
-        result["invalidation"] = outcome
-        flow.after_invalidate(svc, job_id, result)
-
-
-@stage_actor(flow.REKEY, Queue.ENCRYPT, PUBLISH_LIMIT_MS)
-def rekey(job_id: str) -> None:
-    svc = services()
-    done = flow.run_stage(svc, job_id, "rekey", lambda spec: lifecycle.rekey(svc, spec))
-    if done is not None:
-        flow.after_rekey(svc, job_id)
-
-
-@stage_actor(flow.SHRED, Queue.PUBLISH, SHORT_LIMIT_MS)
-def shred(asset: str) -> None:
-    """Delete the keys of the asset's retired versions whose grace period is over."""
-    lifecycle.shred_due(services(), asset)
+    @stage_actor(flow.SHRED, Queue.PUBLISH, SHORT_LIMIT_MS)
+    def shred(asset: str) -> None:
+        """Delete the keys of the asset's retired versions whose grace period is over."""
+        lifecycle.shred_due(svc, asset)

@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 import dramatiq
 
+from pipeline.errors import ConfigurationError
 from pipeline.jobs import JobRecord, JobSpec
 
-from . import actors, flow, runtime
+from .runtime import Runtime
 
 #: Worker threads: renditions segment in parallel; ffmpeg spreads each over the cores itself.
 WORKER_THREADS = 4
@@ -22,22 +23,21 @@ WORKER_IDLE_MS = 10
 #: CLI exits up to this long after the last stage. A read costs ~0.1 ms, so 100 a second is cheap.
 POLL_INTERVAL_S = 0.01
 
-__all__ = ["actors", "run_embedded"]
 
 
 def run_embedded(
-    spec: JobSpec, *, on_update: Callable[[JobRecord], None] | None = None
+    rt: Runtime, spec: JobSpec, *, on_update: Callable[[JobRecord], None] | None = None
 ) -> JobRecord:
     """Run one job to its end in this process and return its final record."""
-    if not runtime.settings.embedded:
-        raise RuntimeError("run_embedded needs embedded mode (REDIS_URL unset)")
-    svc = runtime.services()
+    if not rt.settings.embedded:
+        raise ConfigurationError("run_embedded needs embedded mode (REDIS_URL unset)")
+    svc = rt.services
     worker = dramatiq.Worker(
-        runtime.broker, worker_threads=WORKER_THREADS, worker_timeout=WORKER_IDLE_MS
+        rt.broker, worker_threads=WORKER_THREADS, worker_timeout=WORKER_IDLE_MS
     )
     worker.start()
     try:
-        flow.start(svc, spec)
+        rt.enqueue(spec)
         while True:
             record = svc.jobs.get(spec.job_id)
             if on_update is not None:

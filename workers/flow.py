@@ -4,15 +4,16 @@
 
 Actors call :func:`run_stage` around their domain function and then the ``after_*`` function
 that enqueues what comes next. Messages carry ids only: ``(job_id)`` or ``(job_id, rendition)``.
+A job fails through :func:`fail` only, whether a stage found a permanent error, a message was
+delivered too often, or dramatiq ran out of retries (:class:`workers.middleware.JobOutcome`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import dramatiq
 import structlog
 
 from pipeline.errors import PermanentError, PoisonJob
@@ -20,7 +21,9 @@ from pipeline.jobs import JobSpec
 from pipeline.logs import redact_text
 from pipeline.packaging import discard_work, replaced_grace
 from pipeline.plan import Rendition
-from pipeline.services import Services
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 log = structlog.get_logger(__name__)
 
@@ -38,36 +41,35 @@ SHRED = "media.shred"
 JOB_ACTORS = frozenset({PROBE, SEGMENT, ENCRYPT, PLAYLIST, UPLOAD, INVALIDATE, REKEY})
 
 
+def rendition_stage(stage: str, rendition: str) -> str:
+    """The job-record name of a per-rendition stage: ``segment:720p``."""
+    return f"{stage}:{rendition}"
+
+
 def stage_of(actor_name: str, args: Sequence[Any]) -> str:
     """The job-record stage a message works on: ``segment:720p`` for per-rendition stages."""
     stage = actor_name.removeprefix("media.")
     if actor_name in (SEGMENT, ENCRYPT) and len(args) > 1:
-        return f"{stage}:{args[1]}"
+        return rendition_stage(stage, str(args[1]))
     return stage
 
 
-def _send(actor_name: str, *args: Any) -> None:
-    dramatiq.get_broker().get_actor(actor_name).send(*args)
-
-
-def start(svc: Services, spec: JobSpec) -> None:
+def start(rt: Runtime, spec: JobSpec) -> None:
     """Record a new job and enqueue its first stage."""
-    svc.jobs.create(spec)
-    if spec.kind == "rekey":
-        svc.jobs.stage_queued(spec.job_id, "rekey")
-        _send(REKEY, spec.job_id)
-        return
-    svc.jobs.stage_queued(spec.job_id, "probe")
-    _send(PROBE, spec.job_id)
+    rt.services.jobs.create(spec)
+    first, actor = ("rekey", REKEY) if spec.kind == "rekey" else ("probe", PROBE)
+    rt.services.jobs.stage_queued(spec.job_id, first)
+    rt.send(actor, spec.job_id)
 
 
-def run_stage(svc: Services, job_id: str, stage: str, work: Callable[[JobSpec], T]) -> T | None:
+def run_stage(rt: Runtime, job_id: str, stage: str, work: Callable[[JobSpec], T]) -> T | None:
     """Run one stage's domain function with the job record kept up to date.
 
     Returns None when the stage must not continue: the job already ended (failed, cancelled),
     was found poison, or failed permanently here. Transient errors propagate, so dramatiq
     retries the message with backoff.
     """
+    svc = rt.services
     record = svc.jobs.get(job_id)
     if record.done:
         log.info("job already ended; stage skipped", stage=stage, status=record.status)
@@ -82,13 +84,13 @@ def run_stage(svc: Services, job_id: str, stage: str, work: Callable[[JobSpec], 
                 "dying); inspect the source, then resubmit"
             )
         )
-        _fail(svc, record.spec, stage, reason)
+        fail(rt, job_id, stage, reason)
         return None
     started = time.monotonic()
     try:
         result = work(record.spec)
     except PermanentError as error:
-        _fail(svc, record.spec, stage, redact_text(str(error)))
+        fail(rt, job_id, stage, redact_text(str(error)))
         return None
     svc.jobs.stage_finished(job_id, stage)
     log.info("stage done", stage=stage, attempt=attempts,
@@ -96,58 +98,67 @@ def run_stage(svc: Services, job_id: str, stage: str, work: Callable[[JobSpec], 
     return result
 
 
-def _fail(svc: Services, spec: JobSpec, stage: str, reason: str) -> None:
+def fail(rt: Runtime, job_id: str, stage: str, reason: str) -> None:
+    """The one way a job fails: the record says where and why, and its scratch is discarded
+    (nothing else will ever read it; a retry is a new job)."""
     log.warning("job failed", stage=stage, reason=reason)
-    svc.jobs.fail(spec.job_id, stage, reason)
-    discard_work(svc, spec.job_id)
+    rt.services.jobs.fail(job_id, stage, reason)
+    discard_work(rt.services, job_id)
 
 
-def progress(svc: Services, job_id: str, stage: str) -> Callable[[float], None]:
+def progress(rt: Runtime, job_id: str, stage: str) -> Callable[[float], None]:
     def report(fraction: float) -> None:
-        svc.jobs.stage_progress(job_id, stage, fraction)
+        rt.services.jobs.stage_progress(job_id, stage, fraction)
 
     return report
 
 
-def after_probe(svc: Services, job_id: str, renditions: list[Rendition]) -> None:
+def after_probe(rt: Runtime, job_id: str, renditions: list[Rendition]) -> None:
     names = [r.name for r in renditions]
-    svc.jobs.set_pending(job_id, "encrypt", len(names))
-    svc.jobs.stage_queued(job_id, *(f"segment:{n}" for n in names))
+    jobs = rt.services.jobs
+    jobs.set_pending(job_id, "encrypt", len(names))
+    jobs.stage_queued(job_id, *(rendition_stage("segment", n) for n in names))
     for name in names:
-        _send(SEGMENT, job_id, name)
+        rt.send(SEGMENT, job_id, name)
 
 
-def after_segment(svc: Services, job_id: str, rendition: str) -> None:
-    svc.jobs.stage_queued(job_id, f"encrypt:{rendition}")
-    _send(ENCRYPT, job_id, rendition)
+def after_segment(rt: Runtime, job_id: str, rendition: str) -> None:
+    rt.services.jobs.stage_queued(job_id, rendition_stage("encrypt", rendition))
+    rt.send(ENCRYPT, job_id, rendition)
 
 
-def after_encrypt(svc: Services, job_id: str, rendition: str) -> None:
+def after_encrypt(rt: Runtime, job_id: str, rendition: str) -> None:
     # Fan-in on the record's atomic counter: the last rendition to finish enqueues the
     # playlist. (A dramatiq group callback would never fire if one child failed for good.)
-    if svc.jobs.arrive(job_id, "encrypt", rendition) == 0:
-        svc.jobs.stage_queued(job_id, "playlist")
-        _send(PLAYLIST, job_id)
+    if rt.services.jobs.arrive(job_id, "encrypt", rendition) == 0:
+        rt.services.jobs.stage_queued(job_id, "playlist")
+        rt.send(PLAYLIST, job_id)
 
 
-def after_rekey(svc: Services, job_id: str) -> None:
+def after_rekey(rt: Runtime, job_id: str) -> None:
     # The rekey stage leaves what segment, encrypt and playlist would have: publish it.
-    after_playlist(svc, job_id)
+    after_playlist(rt, job_id)
 
 
-def after_playlist(svc: Services, job_id: str) -> None:
-    svc.jobs.stage_queued(job_id, "upload")
-    _send(UPLOAD, job_id)
+def after_playlist(rt: Runtime, job_id: str) -> None:
+    rt.services.jobs.stage_queued(job_id, "upload")
+    rt.send(UPLOAD, job_id)
 
 
-def after_upload(svc: Services, job_id: str) -> None:
-    svc.jobs.stage_queued(job_id, "invalidate")
-    _send(INVALIDATE, job_id)
+def after_upload(rt: Runtime, job_id: str, published: dict[str, Any]) -> None:
+    rt.services.jobs.set_json(job_id, "published", published)
+    rt.services.jobs.stage_queued(job_id, "invalidate")
+    rt.send(INVALIDATE, job_id)
 
 
-def after_invalidate(svc: Services, job_id: str, result: dict[str, Any]) -> None:
+def after_invalidate(rt: Runtime, job_id: str, outcome: dict[str, Any]) -> None:
+    svc = rt.services
+    if outcome["status"] == "skipped":
+        svc.jobs.stage_finished(job_id, "invalidate", status="skipped", detail=outcome["reason"])
     record = svc.jobs.get(job_id)
     spec = record.spec
+    result = dict(record.json_field("published") or {})
+    result["invalidation"] = outcome
     replaced = record.json_field("replaced")
     if replaced:
         # The publish retired the version this job replaced (its keys are served for a grace
@@ -156,9 +167,7 @@ def after_invalidate(svc: Services, job_id: str, result: dict[str, Any]) -> None
         # package sweeps what is due): the key server refuses them regardless.
         grace = replaced_grace(spec)
         result["retired"] = {"version": replaced, "grace_s": grace}
-        dramatiq.get_broker().get_actor(SHRED).send_with_options(
-            args=(spec.asset,), delay=int(grace * 1000) + 1000
-        )
+        rt.send(SHRED, spec.asset, delay_ms=int(grace * 1000) + 1000)
     svc.jobs.succeed(job_id, result)
     discard_work(svc, job_id)
     log.info("job published", asset=result.get("asset"), version=result.get("version"))

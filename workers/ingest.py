@@ -228,14 +228,13 @@ def main(argv: list[str] | None = None) -> int:
 def _build_poller(wait_s: int) -> IngestPoller | None:
     """The poller for the configured queue; None when no queue is configured."""
     # Importing the actors installs the broker from the settings, as for every worker.
+    from pipeline.aws import make_client
     from pipeline.jobs_redis import connect
-    from pipeline.s3 import make_client
+    from pipeline.settings import load_settings
 
-    from . import actors, flow, runtime
+    from .runtime import install
 
-    del actors  # imported for its side effect: the actors exist on the broker
-
-    settings = runtime.settings
+    settings = load_settings()
     if settings.ingest_queue_url is None:
         return None
     if settings.redis_url is None:
@@ -245,10 +244,10 @@ def _build_poller(wait_s: int) -> IngestPoller | None:
             "HLSVAULT_SOURCE_BUCKETS is not set: list the buckets (comma-separated) whose "
             "uploads become jobs"
         )
-    svc = runtime.services()
+    runtime = install(settings)
     client = connect(settings.redis_url)
-    ingest = Ingest(settings, redis_client=client, s3=make_client(), jobs=svc.jobs,
-                    submit=lambda spec: flow.start(svc, spec))
+    ingest = Ingest(settings, redis_client=client, s3=make_client(), jobs=runtime.services.jobs,
+                    submit=runtime.enqueue)
     return IngestPoller(ingest, make_client("sqs"), settings.ingest_queue_url,
                         parking=ParkingLot(client), wait_s=wait_s)
 

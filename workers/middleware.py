@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dramatiq
 import structlog
@@ -12,9 +11,11 @@ from dramatiq.middleware import Middleware
 
 from pipeline.errors import HlsvaultError
 from pipeline.logs import redact_text
-from pipeline.services import Services
 
-from .flow import JOB_ACTORS, stage_of
+from . import flow
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 log = structlog.get_logger(__name__)
 
@@ -24,7 +25,7 @@ class LogContext(Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         structlog.contextvars.clear_contextvars()
-        subject = "job_id" if message.actor_name in JOB_ACTORS else "asset"
+        subject = "job_id" if message.actor_name in flow.JOB_ACTORS else "asset"
         structlog.contextvars.bind_contextvars(
             **{subject: message.args[0] if message.args else None},
             actor=message.actor_name,
@@ -59,8 +60,8 @@ class JobOutcome(Middleware):
     covers what retrying could not mend, so that no job is left running forever.
     """
 
-    def __init__(self, services: Callable[[], Services]) -> None:
-        self.services = services
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
 
     def after_process_message(
         self,
@@ -72,11 +73,10 @@ class JobOutcome(Middleware):
     ) -> None:
         if exception is None or not message.failed or not message.args:
             return
-        if message.actor_name not in JOB_ACTORS:
+        if message.actor_name not in flow.JOB_ACTORS:
             log.error("message failed for good", reason=failure_reason(exception))
             return
-        job_id = str(message.args[0])
-        stage = stage_of(message.actor_name, message.args)
+        stage = flow.stage_of(message.actor_name, message.args)
         reason = failure_reason(exception)
-        log.error("stage failed for good", stage=stage, reason=reason)
-        self.services().jobs.fail(job_id, stage, f"{stage} failed after retries: {reason}")
+        job_id = str(message.args[0])
+        flow.fail(self.runtime, job_id, stage, f"{stage} failed after retries: {reason}")

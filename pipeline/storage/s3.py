@@ -1,71 +1,32 @@
 """The S3 store: ``s3://bucket/prefix`` through boto3, honouring the standard AWS configuration.
 
 Credentials, region and ``AWS_ENDPOINT_URL`` come from boto3's own chain. Every request has a
-connect and read timeout and a bounded number of retries (botocore's adaptive mode), so a
-stalled endpoint surfaces as a :class:`~pipeline.errors.TransientError` instead of a hang.
+connect and read timeout and a bounded number of retries (:func:`pipeline.aws.make_client`), so
+a stalled endpoint surfaces as a :class:`~pipeline.errors.TransientError` instead of a hang, and
+a refusal (AccessDenied, NoSuchBucket) as a :class:`~pipeline.errors.StorageRefused` naming the
+store, never as a fault of the job's source.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .errors import InvalidSource, TransientError
-from .storage import ObjectNotFound, Store, check_key
+from .. import aws
+from ..aws import Outcome, classify, make_client
+from ..errors import HlsvaultError
+from . import ObjectNotFound, Store, check_key
 
-#: Seconds to open a connection; S3 answers in milliseconds when it is up.
-CONNECT_TIMEOUT_S = 5
-#: Seconds to wait for a response byte; generous for multi-megabyte segment uploads.
-READ_TIMEOUT_S = 60
-#: botocore's own retry bound for throttling and 5xx, before the stage's retries take over.
-MAX_ATTEMPTS = 5
-#: Parallel connections per client; uploads run this many segments at once.
-MAX_POOL_CONNECTIONS = 32
-
-_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
-_PERMANENT = {"AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+_BOTO_ERRORS = (ClientError, BotoCoreError)
 
 
-_CONFIG = Config(
-    connect_timeout=CONNECT_TIMEOUT_S,
-    read_timeout=READ_TIMEOUT_S,
-    retries={"max_attempts": MAX_ATTEMPTS, "mode": "adaptive"},
-    max_pool_connections=MAX_POOL_CONNECTIONS,
-)
-_sessions: dict[int, boto3.session.Session] = {}
-_sessions_lock = threading.Lock()
-
-
-def make_client(service: str = "s3") -> Any:
-    """A boto3 client with hlsvault's timeouts and retry bound.
-
-    Clients come from one session per process (a fresh session costs ~60 ms; a client from a
-    warm one ~4 ms). Sessions are not thread-safe to create clients from, hence the lock, and
-    not fork-safe, hence one per process id (dramatiq forks its worker processes)."""
-    with _sessions_lock:
-        session = _sessions.get(os.getpid())
-        if session is None:
-            session = _sessions[os.getpid()] = boto3.session.Session()
-        # The service name is chosen at run time; boto3-stubs type only literal names.
-        return session.client(service, config=_CONFIG)  # type: ignore[call-overload]
-
-
-def translate(error: Exception, what: str) -> Exception:
-    """Map a botocore error onto the hlsvault tree: permanent for 4xx we cannot fix by waiting."""
-    if isinstance(error, ClientError):
-        code = str(error.response.get("Error", {}).get("Code", ""))
-        if code in _NOT_FOUND:
-            return ObjectNotFound(what)
-        if code in _PERMANENT:
-            return InvalidSource(f"S3 refused {what}: {code}; check the bucket name and IAM policy")
-        return TransientError(f"S3 error on {what}: {code}")
-    return TransientError(f"S3 unreachable on {what}: {type(error).__name__}")
+def translate(error: Exception, store: str, key: str) -> HlsvaultError:
+    """Map a botocore error onto the hlsvault tree, naming the store and the key."""
+    if classify(error) is Outcome.NOT_FOUND:
+        return ObjectNotFound(key)
+    return aws.translate(error, f"S3 request for {key} in {store}")
 
 
 class S3Store:
@@ -81,6 +42,9 @@ class S3Store:
     def from_url(cls, url: str, *, client: Any | None = None) -> S3Store:
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         return cls(bucket, prefix, client=client)
+
+    def _translate(self, error: Exception, what: str) -> HlsvaultError:
+        return translate(error, self.url, what)
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -110,8 +74,8 @@ class S3Store:
                     Body=body,
                     **self._extra(content_type, cache_control),
                 )
-        except (ClientError, BotoCoreError) as error:
-            raise translate(error, key) from None
+        except _BOTO_ERRORS as error:
+            raise self._translate(error, key) from None
 
     def put_bytes(
         self,
@@ -128,48 +92,51 @@ class S3Store:
                 Body=data,
                 **self._extra(content_type, cache_control),
             )
-        except (ClientError, BotoCoreError) as error:
-            raise translate(error, key) from None
+        except _BOTO_ERRORS as error:
+            raise self._translate(error, key) from None
 
-    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+    def put_bytes_if(self, key: str, data: bytes, *, match: str | None) -> bool:
+        # S3 conditional writes: of two racing PUTs with the same condition exactly one wins.
+        condition = {"IfNoneMatch": "*"} if match is None else {"IfMatch": match}
         try:
-            # S3 conditional write: of two racing PUTs with If-None-Match exactly one succeeds.
-            self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
-            )
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
             return True
-        except ClientError as error:
-            code = str(error.response.get("Error", {}).get("Code", ""))
-            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+        except _BOTO_ERRORS as error:
+            outcome = classify(error)
+            # If-Match on an object deleted meanwhile answers 404: that writer lost too.
+            if outcome is Outcome.PRECONDITION or (match and outcome is Outcome.NOT_FOUND):
                 return False
-            raise translate(error, key) from None
-        except BotoCoreError as error:
-            raise translate(error, key) from None
+            raise self._translate(error, key) from None
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return bytes(response["Body"].read()), str(response["ETag"])
+        except _BOTO_ERRORS as error:
+            raise self._translate(error, key) from None
 
     def get_bytes(self, key: str) -> bytes:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             return bytes(response["Body"].read())
-        except (ClientError, BotoCoreError) as error:
-            raise translate(error, key) from None
+        except _BOTO_ERRORS as error:
+            raise self._translate(error, key) from None
 
     def get_file(self, key: str, path: Path) -> None:
         try:
             self.client.download_file(self.bucket, self._key(key), str(path))
-        except (ClientError, BotoCoreError) as error:
-            raise translate(error, key) from None
+        except _BOTO_ERRORS as error:
+            raise self._translate(error, key) from None
 
     def exists(self, key: str) -> bool:
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
-        except ClientError as error:
-            translated = translate(error, key)
+        except _BOTO_ERRORS as error:
+            translated = self._translate(error, key)
             if isinstance(translated, ObjectNotFound):
                 return False
             raise translated from None
-        except BotoCoreError as error:
-            raise translate(error, key) from None
 
     def list(self, prefix: str) -> list[str]:
         full = (
@@ -183,8 +150,8 @@ class S3Store:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
-        except (ClientError, BotoCoreError) as error:
-            raise translate(error, prefix) from None
+        except _BOTO_ERRORS as error:
+            raise self._translate(error, prefix) from None
         return sorted(keys)
 
     def delete_prefix(self, prefix: str) -> int:
@@ -193,11 +160,14 @@ class S3Store:
             batch = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
             try:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
-            except (ClientError, BotoCoreError) as error:
-                raise translate(error, prefix) from None
+            except _BOTO_ERRORS as error:
+                raise self._translate(error, prefix) from None
         return len(keys)
 
     def local_path(self, key: str) -> Path | None:
+        return None
+
+    def local_dir(self, prefix: str) -> Path | None:
         return None
 
     def copy_from(
@@ -217,6 +187,6 @@ class S3Store:
                 CopySource={"Bucket": source.bucket, "Key": source._key(source_key)},
                 MetadataDirective="REPLACE", **self._extra(content_type, cache_control),
             )
-        except (ClientError, BotoCoreError) as error:
-            raise translate(error, key) from None
+        except _BOTO_ERRORS as error:
+            raise self._translate(error, key) from None
         return True

@@ -1,92 +1,23 @@
-"""Object stores: the work, origin and vault stores behind one small interface.
-
-A store is named by a URL: a local directory path (the embedded default) or
-``s3://bucket/prefix``. Keys are ``/``-separated relative paths; every write is atomic, so a
-reader never sees half an object, and a stage that runs twice leaves the same bytes behind.
-"""
+"""The local store: a directory. Writes go to a temporary name and are renamed into place, so
+every object is replaced whole and a replaced object gets a new inode."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
 
-from .errors import BadSpec
+from . import ObjectNotFound, Store, check_key
 
 #: link(2) failures that mean "cannot hard-link here" rather than a real error: the two
 #: directories are on different filesystems, the filesystem has no hard links (or forbids
 #: them), or the inode has too many links already. `LocalStore.copy_from` copies instead.
 _NO_HARD_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK)
-
-
-class ObjectNotFound(KeyError):
-    """The key does not exist in the store."""
-
-
-class Store(Protocol):
-    """What every stage needs from a store."""
-
-    url: str
-
-    def put_file(
-        self,
-        key: str,
-        path: Path,
-        *,
-        content_type: str | None = None,
-        cache_control: str | None = None,
-    ) -> None:
-        """Store the file at ``path`` under ``key``, replacing any previous object."""
-
-    def put_bytes(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str | None = None,
-        cache_control: str | None = None,
-    ) -> None:
-        """Store ``data`` under ``key``, replacing any previous object."""
-
-    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
-        """Store ``data`` only if ``key`` does not exist; True when this call wrote it."""
-
-    def get_bytes(self, key: str) -> bytes:
-        """The object's bytes; :class:`ObjectNotFound` when absent."""
-
-    def get_file(self, key: str, path: Path) -> None:
-        """Copy the object to ``path``; :class:`ObjectNotFound` when absent."""
-
-    def exists(self, key: str) -> bool:
-        """Whether ``key`` exists."""
-
-    def list(self, prefix: str) -> list[str]:
-        """Every key under ``prefix``, sorted."""
-
-    def delete_prefix(self, prefix: str) -> int:
-        """Delete every key under ``prefix``; returns how many were deleted."""
-
-    def local_path(self, key: str) -> Path | None:
-        """A filesystem path for ``key`` when the store is local, so stages can skip copies."""
-
-    def copy_from(
-        self, source: Store, source_key: str, key: str, *, content_type: str | None = None,
-        cache_control: str | None = None,
-    ) -> bool:
-        """Copy an object of ``source`` here without passing through this process when the
-        two stores allow it (a hard link on one filesystem, or S3 to S3); False when they do
-        not."""
-
-
-def check_key(key: str) -> str:
-    """Refuse keys that could escape the store's root."""
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
-        raise BadSpec(f"invalid storage key {key!r}: keys are relative paths without '..'")
-    return key
 
 
 class LocalStore:
@@ -129,20 +60,45 @@ class LocalStore:
         tmp.write_bytes(data)
         os.replace(tmp, dest)
 
-    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+    def put_bytes_if(self, key: str, data: bytes, *, match: str | None) -> bool:
         dest = self._path(key)
         tmp = self._tmp_for(dest)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         try:
-            # link(2) fails when the name exists: of two racing writers exactly one wins.
-            os.link(tmp, dest)
-            return True
-        except FileExistsError:
-            return False
+            if match is None:
+                try:
+                    # link(2) fails when the name exists: of two racing writers one wins.
+                    os.link(tmp, dest)
+                    return True
+                except FileExistsError:
+                    return False
+            with self._locked(dest):
+                # Compare and swap under a lock every conditional writer of the key takes;
+                # readers need none, since the swap itself is one rename.
+                if _tag(dest) != match:
+                    return False
+                os.replace(tmp, dest)
+                return True
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
+
+    @contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        path = self._path(key)
+        try:
+            with path.open("rb") as handle:
+                # Tag and bytes from the same open file: a rename in between cannot mix them.
+                stat = os.fstat(handle.fileno())
+                return handle.read(), _stat_tag(stat)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -166,7 +122,7 @@ class LocalStore:
         keys = [
             path.relative_to(self.root).as_posix()
             for path in base.rglob("*")
-            if path.is_file() and not path.name.endswith(".tmp")
+            if path.is_file() and not path.name.endswith((".tmp", ".lock"))
         ]
         return sorted(keys)
 
@@ -185,6 +141,11 @@ class LocalStore:
     def local_path(self, key: str) -> Path | None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def local_dir(self, prefix: str) -> Path | None:
+        path = self._path(prefix.strip("/"))
+        path.mkdir(parents=True, exist_ok=True)
         return path
 
     def copy_from(
@@ -211,10 +172,13 @@ class LocalStore:
         return True
 
 
-def open_store(url: str) -> Store:
-    """Open the store named by ``url``: a local directory, or ``s3://bucket/prefix``."""
-    if url.startswith("s3://"):
-        from .s3 import S3Store  # boto3 costs ~0.3 s to import; embedded mode never needs it
+def _stat_tag(stat: os.stat_result) -> str:
+    # Every write renames a new file into place: a new inode and mtime for each version.
+    return f"{stat.st_ino:x}-{stat.st_mtime_ns:x}-{stat.st_size:x}"
 
-        return S3Store.from_url(url)
-    return LocalStore(Path(url))
+
+def _tag(path: Path) -> str | None:
+    try:
+        return _stat_tag(path.stat())
+    except FileNotFoundError:
+        return None

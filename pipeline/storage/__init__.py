@@ -1,0 +1,116 @@
+"""Object stores: the work, origin and vault stores behind one small protocol.
+
+A store is named by a URL: a local directory path (the embedded default, :mod:`.local`) or
+``s3://bucket/prefix`` (:mod:`.s3`). Keys are ``/``-separated relative paths; every write is
+atomic, so a reader never sees half an object, and a stage that runs twice leaves the same bytes
+behind. Conditional writes (:meth:`Store.put_bytes_if`) let racing writers of one object find
+out that they raced instead of silently overwriting each other.
+
+This module imports neither implementation at module level: boto3 costs ~0.3 s to import, and
+embedded mode never needs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import BadSpec, NotFound
+
+if TYPE_CHECKING:
+    from .local import LocalStore
+    from .s3 import S3Store
+
+__all__ = ["LocalStore", "ObjectNotFound", "S3Store", "Store", "check_key", "open_store"]
+
+
+class ObjectNotFound(NotFound):
+    """The key does not exist in the store."""
+
+
+class Store(Protocol):
+    """What every stage needs from a store."""
+
+    url: str
+
+    def put_file(
+        self, key: str, path: Path, *, content_type: str | None = None,
+        cache_control: str | None = None,
+    ) -> None:
+        """Store the file at ``path`` under ``key``, replacing any previous object."""
+
+    def put_bytes(
+        self, key: str, data: bytes, *, content_type: str | None = None,
+        cache_control: str | None = None,
+    ) -> None:
+        """Store ``data`` under ``key``, replacing any previous object."""
+
+    def put_bytes_if(self, key: str, data: bytes, *, match: str | None) -> bool:
+        """Store ``data`` only if the object is still the one whose tag is ``match`` (from
+        :meth:`get_tagged`), or, with ``match`` None, only if there is no object. True when
+        this call wrote it; False when another writer got there first."""
+
+    def get_bytes(self, key: str) -> bytes:
+        """The object's bytes; :class:`ObjectNotFound` when absent."""
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and a tag that changes with every write of it (an ETag);
+        :class:`ObjectNotFound` when absent."""
+
+    def get_file(self, key: str, path: Path) -> None:
+        """Copy the object to ``path``; :class:`ObjectNotFound` when absent."""
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+
+    def list(self, prefix: str) -> list[str]:
+        """Every key under ``prefix``, sorted."""
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under ``prefix``; returns how many were deleted."""
+
+    def local_path(self, key: str) -> Path | None:
+        """A filesystem path for ``key`` when the store is local, so stages can skip copies."""
+
+    def local_dir(self, prefix: str) -> Path | None:
+        """The directory holding the keys under ``prefix`` when the store is local (created)."""
+
+    def copy_from(
+        self, source: Store, source_key: str, key: str, *, content_type: str | None = None,
+        cache_control: str | None = None,
+    ) -> bool:
+        """Copy an object of ``source`` here without passing through this process when the
+        two stores allow it (a hard link on one filesystem, or S3 to S3); False when they do
+        not."""
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the store's root."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise BadSpec(f"invalid storage key {key!r}: keys are relative paths without '..'")
+    return key
+
+
+def open_store(url: str) -> Store:
+    """Open the store named by ``url``: a local directory, or ``s3://bucket/prefix``."""
+    if url.startswith("s3://"):
+        from .s3 import S3Store
+
+        return S3Store.from_url(url)
+    from .local import LocalStore
+
+    return LocalStore(Path(url))
+
+
+def __getattr__(name: str) -> Any:
+    # The implementations, importable from here without loading both at import time.
+    if name == "LocalStore":
+        from .local import LocalStore
+
+        return LocalStore
+    if name == "S3Store":
+        from .s3 import S3Store
+
+        return S3Store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

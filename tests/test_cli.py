@@ -1,0 +1,98 @@
+"""The command line as a new user meets it: exit statuses that say whose fault a failure is, and
+the first-run traps (a data directory that is not the one packaged into, a token lifetime the
+deployment refuses, key rotation that cannot happen) each answered with one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jwt
+
+from pipeline.layout import asset_from_name
+
+from support import Hlsvault, lavfi_clip
+
+
+class TestAssetIdFromFileName:
+    def test_accents_and_punctuation_give_one_valid_id(self) -> None:
+        """The name every entry point derives for `Café (final).mp4` is valid and readable."""
+        assert asset_from_name("uploads/2024/Café (final).mp4") == "Cafe-final"
+        assert asset_from_name("/videos/My Film.v2.mov") == "My-Film-v2"
+
+    def test_a_name_with_nothing_usable_gives_none(self) -> None:
+        """No id is invented for a name of only punctuation; the caller asks for --asset."""
+        assert asset_from_name("((( ))).mp4") is None
+
+    def test_packaging_a_file_named_with_accents_publishes_under_the_derived_id(
+        self, hlsvault: Hlsvault, copy_clip: Path, tmp_path: Path
+    ) -> None:
+        """`hlsvault package 'Café (final).mp4'` with no --asset publishes `Cafe-final`."""
+        source = tmp_path / "Café (final).mp4"
+        source.write_bytes(copy_clip.read_bytes())
+
+        done = hlsvault.package(str(source), "--ladder", "copy", "--json")
+
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["asset"] == "Cafe-final"
+
+
+class TestDataDirectory:
+    def test_token_in_a_directory_never_packaged_into_refuses_and_creates_nothing(
+        self, hlsvault: Hlsvault
+    ) -> None:
+        """A token minted with a freshly generated secret would be refused by the running key
+        server: the CLI refuses instead, names the directory and says what to set."""
+        done = hlsvault.run("token", "film")
+
+        assert done.returncode == 78, done.stderr
+        assert str(hlsvault.data_dir) in done.stderr and "HLSVAULT_DATA_DIR" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert not (hlsvault.data_dir / "secrets").exists()
+
+
+class TestTokenLifetime:
+    def test_url_without_ttl_fits_a_short_max_ttl(
+        self, hlsvault: Hlsvault, copy_clip: Path
+    ) -> None:
+        """With HLSVAULT_TOKEN_MAX_TTL=100, a plain `hlsvault url` mints a 100 s token instead
+        of failing about a --ttl nobody gave."""
+        packaged = hlsvault.package(str(copy_clip), "--asset", "short", "--ladder", "copy")
+        assert packaged.returncode == 0, packaged.stderr
+        hlsvault.env["HLSVAULT_TOKEN_MAX_TTL"] = "100"
+
+        done = hlsvault.run("url", "short")
+
+        assert done.returncode == 0, done.stderr
+        token = done.stdout.strip().split("token=", 1)[1].split("&", 1)[0]
+        claims = jwt.decode(token, options={"verify_signature": False})
+        assert claims["exp"] - claims["iat"] == 100
+
+    def test_an_explicit_ttl_over_the_max_is_a_usage_error(
+        self, hlsvault: Hlsvault, copy_clip: Path
+    ) -> None:
+        packaged = hlsvault.package(str(copy_clip), "--asset", "short", "--ladder", "copy")
+        assert packaged.returncode == 0, packaged.stderr
+        hlsvault.env["HLSVAULT_TOKEN_MAX_TTL"] = "100"
+
+        done = hlsvault.run("token", "short", "--ttl", "101")
+
+        assert done.returncode == 2
+        assert "--ttl must be between 1 and 100" in done.stderr
+
+
+class TestKeyRotationWarning:
+    def test_rotation_that_cannot_happen_is_said_on_stderr(self, hlsvault: Hlsvault) -> None:
+        """A 3 s clip with a single keyframe remuxes into one segment: rotation every 2 segments
+        cannot happen, and the user is told so (the job still succeeds with one key)."""
+        clip = lavfi_clip("one-keyframe.mp4", seconds=3, gop=1000)
+
+        done = hlsvault.package(
+            str(clip), "--asset", "onekey", "--ladder", "copy", "--key-rotation-segments", "2",
+            "--json",
+        )
+
+        assert done.returncode == 0, done.stderr
+        assert "--key-rotation-segments 2" in done.stderr and "one key" in done.stderr
+        summary = json.loads(done.stdout)
+        assert summary["keys"] == 1 and summary["warnings"]
