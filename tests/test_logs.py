@@ -1,0 +1,61 @@
+"""Redaction: no token, signature, credential or key bytes survive into a log line, whichever
+way they arrive (a query string, a bare JWT, a Bearer header, a field named like a secret)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import structlog
+
+from pipeline.logs import REDACTED, configure_logging, redact_text
+
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJmaWxtIiwiZXhwIjo5OTk5OTk5OTk5fQ.c2lnbmF0dXJlLWJ5dGVz"
+
+
+class TestRedactText:
+    @pytest.mark.parametrize(
+        ("text", "secret"),
+        [
+            (f"GET /v1/keys/film/v1/0?token={JWT}&sid=abc", JWT),
+            ("https://b.s3.amazonaws.com/k.mp4?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIA1/x",
+             "deadbeef"),
+            ("https://b.s3.amazonaws.com/k.mp4?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIA1/x",
+             "AKIA1"),
+            (f"Authorization: Bearer {JWT}", JWT),
+            (f"ffmpeg could not open {JWT}", JWT),
+            ("https://d.example.net/a/seg.ts?Policy=x&Signature=s3cr3t&Key-Pair-Id=K1", "s3cr3t"),
+        ],
+        ids=["query-token", "s3-signature", "s3-credential", "bearer", "bare-jwt", "cf-signature"],
+    )
+    def test_the_secret_is_gone_and_the_rest_kept(self, text: str, secret: str) -> None:
+        redacted = redact_text(text)
+        assert secret not in redacted
+        assert REDACTED in redacted
+
+    def test_text_without_secrets_is_unchanged(self) -> None:
+        text = "segment 720p/seg_00003.ts uploaded in 0.2 s (sid=abc)"
+        assert redact_text(text) == text
+
+
+class TestLogLines:
+    def test_secret_fields_and_values_are_redacted_in_the_json_line(self) -> None:
+        """What a log shipper receives: one JSON line with every secret replaced."""
+        stream = io.StringIO()
+        configure_logging(json=True, level=logging.INFO)
+        handler = logging.getLogger().handlers[0]
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(stream)
+        try:
+            structlog.get_logger("test").info(
+                "key request", token=JWT, url=f"/m3u8?token={JWT}", key_bytes=b"\x00" * 16,
+                master_key="c2VjcmV0", asset="film",
+            )
+        finally:
+            structlog.reset_defaults()
+        line = json.loads(stream.getvalue().strip().splitlines()[-1])
+        assert JWT not in stream.getvalue() and "c2VjcmV0" not in stream.getvalue()
+        assert line["token"] == REDACTED and line["master_key"] == REDACTED
+        assert line["key_bytes"] == REDACTED and line["asset"] == "film"

@@ -1,0 +1,138 @@
+"""The stages as plain functions over real stores and real ffmpeg, and the flow's one failure
+path: an overlapping segment attempt never reaches encrypt, a poison message fails its job, and
+a job that runs out of retries leaves no scratch behind."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import layout, packaging
+from pipeline.crypto import iv_for_sequence
+from pipeline.errors import TransientError
+from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.services import Services, build_services
+from pipeline.settings import load_settings
+from workers.embedded import run_embedded
+from workers.runtime import Runtime, build_runtime
+
+from support import decrypt_bytes
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Services:
+    return build_services(load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data")}))
+
+
+@pytest.fixture
+def probed(services: Services, copy_clip: Path) -> tuple[JobSpec, str]:
+    """A copy-ladder job recorded and probed: ready to segment its one rendition."""
+    spec = new_job_spec(str(copy_clip), asset="film", ladder="copy")
+    services.jobs.create(spec)
+    [rendition] = packaging.probe_source(services, spec)
+    return spec, rendition.name
+
+
+def _decrypted(services: Services, spec: JobSpec, rendition: str) -> list[bytes]:
+    key = services.keys.get(spec.asset, spec.version, 0)
+    produced = json.loads(services.work.get_bytes(layout.produced_key(spec.job_id, rendition)))
+    return [
+        decrypt_bytes(
+            services.work.get_bytes(layout.encrypted_key(spec.job_id, rendition, seg["name"])),
+            key, iv_for_sequence(seg["sequence"]),
+        )
+        for seg in produced["produced"]["segments"]
+    ]
+
+
+class TestOverlappingSegmentAttempts:
+    def test_encrypt_reads_the_finished_attempt_while_another_writes(
+        self, services: Services, probed: tuple[JobSpec, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Given a finished segment attempt, when a redelivered attempt is half-way through
+        writing (its first segment torn) while encrypt runs, then encrypt reads only the
+        finished attempt: every decrypted segment equals that attempt's plain bytes."""
+        spec, rendition = probed
+        packaging.segment(services, spec, rendition)
+        produced = json.loads(services.work.get_bytes(layout.produced_key(spec.job_id, rendition)))
+        finished = layout.plain_attempt_prefix(spec.job_id, rendition, produced["attempt"])
+        plain = [services.work.get_bytes(f"{finished}/{seg['name']}")
+                 for seg in produced["produced"]["segments"]]
+
+        half_written = threading.Event()
+        release = threading.Event()
+
+        def torn_attempt(source: str, rendition_: Any, out_dir: Path, **options: Any) -> Any:
+            # What a second ffmpeg leaves mid-run: a truncated first segment.
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "seg_00000.ts").write_bytes(plain[0][: len(plain[0]) // 3])
+            half_written.set()
+            release.wait(timeout=60)
+            raise TransientError("the redelivered attempt's worker died")
+
+        def redelivered() -> None:
+            with pytest.raises(TransientError):
+                packaging.segment(services, spec, rendition)
+
+        monkeypatch.setattr(packaging, "segment_rendition", torn_attempt)
+        second = threading.Thread(target=redelivered)
+        second.start()
+        try:
+            assert half_written.wait(timeout=60)
+            packaging.encrypt(services, spec, rendition)
+        finally:
+            release.set()
+            second.join(timeout=60)
+
+        assert _decrypted(services, spec, rendition) == plain
+
+
+@pytest.fixture
+def runtime(services: Services) -> Iterator[Runtime]:
+    yield build_runtime(services.settings, services=services)
+
+
+class TestOneFailurePath:
+    def test_a_job_out_of_retries_is_failed_and_its_scratch_discarded(
+        self, runtime: Runtime, probed: tuple[JobSpec, str], monkeypatch: pytest.MonkeyPatch,
+        copy_clip: Path,
+    ) -> None:
+        """Given an encrypt stage that fails transiently every time, when dramatiq gives up,
+        then the job is failed with the reason and nothing of it is left in work storage."""
+        monkeypatch.setattr("workers.actors.MAX_RETRIES", 0)
+        runtime = build_runtime(runtime.settings, services=runtime.services)
+
+        def always_down(*args: Any, **kwargs: Any) -> int:
+            raise TransientError("the vault is unreachable")
+
+        monkeypatch.setattr(packaging, "encrypt", always_down)
+        spec = new_job_spec(str(copy_clip), asset="doomed", ladder="copy")
+
+        record = run_embedded(runtime, spec)
+
+        assert record.status == "failed"
+        assert "the vault is unreachable" in (record.error or "")
+        assert runtime.services.work.list(layout.job_prefix(spec.job_id)) == []
+
+    def test_a_message_delivered_too_often_fails_its_job_as_poison(
+        self, runtime: Runtime, copy_clip: Path
+    ) -> None:
+        """A stage whose worker keeps dying (deliveries counted by the job record, since a
+        SIGKILL tells dramatiq nothing) fails the job as poison instead of running forever."""
+        from workers import flow
+
+        spec = new_job_spec(str(copy_clip), asset="poison", ladder="copy")
+        runtime.services.jobs.create(spec)
+        for _ in range(runtime.settings.max_deliveries):
+            runtime.services.jobs.stage_started(spec.job_id, "probe")
+
+        ran = flow.run_stage(runtime, spec.job_id, "probe", lambda _: pytest.fail("ran"))
+
+        record = runtime.services.jobs.get(spec.job_id)
+        assert ran is None and record.status == "failed" and record.failed_stage == "probe"
+        assert "delivered" in (record.error or "") and "resubmit" in (record.error or "")
