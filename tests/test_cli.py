@@ -5,13 +5,15 @@ deployment refuses, key rotation that cannot happen) each answered with one line
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import jwt
 
 from pipeline.layout import asset_from_name
 
-from support import Hlsvault, lavfi_clip
+from support import ROOT, VENV_BIN, Hlsvault, lavfi_clip
 
 
 class TestAssetIdFromFileName:
@@ -96,3 +98,24 @@ class TestKeyRotationWarning:
         assert "--key-rotation-segments 2" in done.stderr and "one key" in done.stderr
         summary = json.loads(done.stdout)
         assert summary["keys"] == 1 and summary["warnings"]
+
+
+class TestWorkerStart:
+    def test_a_misconfigured_worker_says_what_to_set_in_one_line(self, tmp_path: Path) -> None:
+        """The Procfile's worker command with REDIS_URL but no CDN URL exits with the mend in
+        one line of ours, not a traceback per worker process."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HLSVAULT_", "REDIS_"))}
+        env.update(REDIS_URL="redis://127.0.0.1:1/0", PYTHONPATH=str(ROOT),
+                   HLSVAULT_DATA_DIR=str(tmp_path / "data"))
+
+        done = subprocess.run(
+            # dramatiq's main process waits --worker-fork-timeout (30 s) for a worker that died.
+            [str(VENV_BIN / "dramatiq"), "workers.entry", "--processes", "1", "--threads", "1",
+             "--worker-fork-timeout", "2000"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        )
+
+        assert done.returncode != 0
+        ours = [line for line in done.stderr.splitlines() if line.startswith("hlsvault worker:")]
+        assert len(ours) == 1 and "HLSVAULT_CDN_URL is not set" in ours[0]
+        assert "Traceback" not in done.stderr
