@@ -50,7 +50,7 @@ from sample_clip import WORK_DIR, ensure_clip
 
 # The moto server of the test harness is reused as is; tests/ is a folder, not a package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from pipeline import packaging
+from pipeline import layout, packaging
 from pipeline.crypto import encrypt_file, iv_for_sequence
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.playlists import AssetVersion, describe_rendition
@@ -92,7 +92,7 @@ AWSCLI_MULTIPART_BYTES = 8 * 1024 * 1024
 
 
 def tree_dir() -> Path:
-    return WORK_STORE / "jobs" / TREE_JOB_ID / "enc" / RENDITION
+    return WORK_STORE / layout.encrypted_prefix(TREE_JOB_ID, RENDITION)
 
 
 def aws_works(executable: str) -> bool:
@@ -225,11 +225,12 @@ class Contenders:
             asset=spec.asset, version=spec.version, job_id=spec.job_id, created_at=time.time(),
             key_rotation_segments=0,
             renditions=(describe_rendition(self.produced, sizes, 0),),
+            key_server=self.svc.settings.public_url,
         ))
         started = time.perf_counter()
         packaging.upload(self.svc, spec)
         elapsed = time.perf_counter() - started
-        prefix = f"assets/{ASSET}/{spec.version}/{RENDITION}/"
+        prefix = layout.segment_key(ASSET, spec.version, RENDITION, "")
         self.check(prefix, HLSVAULT)
         if self.svc.catalog.current_version(ASSET) != spec.version:
             sys.exit("bench_upload: hlsvault did not flip the catalog to the uploaded version")
