@@ -59,7 +59,7 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
         return spec
     # The worker that probes a local file may run on another machine: the file travels
     # through work storage, like every other byte between stages.
-    from pipeline.media import check_local_source
+    from pipeline.sources import check_local_source
 
     path = Path(spec.source)
     check_local_source(path, args.source)

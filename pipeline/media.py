@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 from .errors import InvalidSource, StageTimeout
+from .sources import ffmpeg_input, format_refusal, shown_name, source_demuxer
 
 #: ffprobe reads headers only; a minute covers a slow network source, not a hung one.
 PROBE_TIMEOUT_S = 60
+_FORMAT_REFUSED = re.compile(r"\[([\w,]+) @ 0x[0-9a-fA-F]+\] Format not on whitelist")
 
 
 @dataclass(frozen=True)
@@ -75,54 +77,67 @@ class MediaInfo:
         )
 
 
-def check_local_source(path: Path, shown: str) -> None:
-    """Refuse a local source that cannot be a video before ffprobe is asked."""
-    if not path.exists():
-        raise InvalidSource(
-            f"source not found: {shown}; check the path (a relative path is resolved from the "
-            "directory hlsvault was started in)"
-        )
-    if path.is_dir():
-        raise InvalidSource(f"source {shown} is a directory; pass the path of a video file")
-    if not path.is_file():
-        raise InvalidSource(f"source {shown} is not a regular file; pass the path of a video file")
-    if path.stat().st_size == 0:
-        raise InvalidSource(
-            f"source {shown} is empty (0 bytes); the copy or upload probably failed, copy it again"
-        )
-
-
-def run_ffprobe(target: str, *, timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
-    """ffprobe's JSON for ``target`` (a path or URL).
+def run_ffprobe(
+    target: str, *, shown: str | None = None, timeout: float = PROBE_TIMEOUT_S
+) -> dict[str, Any]:
+    """ffprobe's JSON for ``target`` (a path or URL), opened under the source allow-lists of
+    :func:`~pipeline.sources.ffmpeg_input`, or :class:`~pipeline.errors.InvalidSource` naming
+    the source as ``shown`` (by default ``target``, less a URL's query string).
 
     ffmpeg-python's ``probe`` offers no timeout, so the same command is run here with one.
     """
+    shown = shown or shown_name(target)
+    name, options = ffmpeg_input(target)
     args = [
         "ffprobe",
         "-v",
         "error",
+        *[arg for option, value in options.items() for arg in (f"-{option}", value)],
         "-show_format",
         "-show_streams",
         "-of",
         "json",
-        target,
+        name,
     ]
     try:
         done = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise StageTimeout(f"ffprobe did not answer within {timeout:.0f} s") from None
     if done.returncode != 0:
-        raise InvalidSource(f"not a media file ffprobe can read ({_ffprobe_reason(done.stderr)})")
+        refused = _refused_format(done.stderr)
+        if refused is not None:
+            raise InvalidSource(format_refusal(refused, shown))
+        raise InvalidSource(
+            f"source {shown} is {_unreadable(target, done.stderr)}; check it is a complete "
+            "video file"
+        )
     result: dict[str, Any] = json.loads(done.stdout or b"{}")
     return result
 
 
-def _ffprobe_reason(stderr: bytes) -> str:
+def _refused_format(stderr: bytes) -> str | None:
+    """The format ffprobe detected and refused under ``format_whitelist``: it logs the refusal
+    in the demuxer's name, ``[hls @ 0x55…] Format not on whitelist '…'``."""
+    found = _FORMAT_REFUSED.search(stderr.decode(errors="replace"))
+    return found.group(1) if found else None
+
+
+def _unreadable(target: str, stderr: bytes) -> str:
+    """Why ffprobe could not read ``target``, in words that fit "source X is …"."""
+    header = _local_header(target)
+    if header is not None and b"ftyp" not in header[:12]:
+        kind = "text" if _looks_like_text(header) else "data"
+        return f"not a media file ffprobe can read (it holds {kind}, not a video container)"
+    return f"not a media file ffprobe can read ({ffmpeg_reason(stderr)})"
+
+
+def ffmpeg_reason(stderr: bytes) -> str:
+    """The complaint of ffmpeg's or ffprobe's last error line, without the input's name."""
     lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
     if not lines:
         return "no diagnostic"
     reason = lines[-1]
-    # ffprobe prefixes the target path, which can be a presigned URL: keep only its complaint.
+    # ffmpeg prefixes the input's name, which can be a presigned URL: keep only its complaint.
     if ": " in reason:
         reason = reason.rsplit(": ", 1)[-1]
     if any("moov atom not found" in line for line in lines):
@@ -133,19 +148,8 @@ def _ffprobe_reason(stderr: bytes) -> str:
 def probe(target: str, *, shown: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> MediaInfo:
     """Probe a source and return its :class:`MediaInfo`, or raise
     :class:`~pipeline.errors.InvalidSource` with a reason a user can act on."""
-    shown = shown or target
-    try:
-        raw = run_ffprobe(target, timeout=timeout)
-    except InvalidSource as error:
-        detail = str(error)
-        header = _local_header(target)
-        if header is not None and b"ftyp" not in header[:12]:
-            kind = "text" if _looks_like_text(header) else "data"
-            detail = f"not a media file ffprobe can read (it holds {kind}, not a video container)"
-        raise InvalidSource(
-            f"source {shown} is {detail}; check it is a complete video file"
-        ) from None
-    return parse_probe(raw, shown)
+    shown = shown or shown_name(target)
+    return parse_probe(run_ffprobe(target, shown=shown, timeout=timeout), shown)
 
 
 def _local_header(target: str) -> bytes | None:
@@ -169,6 +173,8 @@ def _looks_like_text(header: bytes) -> bool:
 def parse_probe(raw: dict[str, Any], shown: str) -> MediaInfo:
     streams = raw.get("streams", [])
     fmt = raw.get("format", {})
+    format_name = str(fmt.get("format_name", ""))
+    source_demuxer(format_name, shown)  # ffprobe ran under the allow-list; this keeps it true
     videos = [
         s
         for s in streams
@@ -212,7 +218,7 @@ def parse_probe(raw: dict[str, Any], shown: str) -> MediaInfo:
             bit_rate=_int(a.get("bit_rate")),
         )
     return MediaInfo(
-        format_name=str(fmt.get("format_name", "")),
+        format_name=format_name,
         duration=duration,
         size=_int(fmt.get("size")),
         bit_rate=_int(fmt.get("bit_rate")),

@@ -15,8 +15,9 @@ from typing import Any
 import ffmpeg
 
 from .errors import StageTimeout, TransientError, UnsupportedMedia
-from .media import MediaInfo, probe
+from .media import MediaInfo, ffmpeg_reason, probe
 from .plan import MAX_RATE_FACTOR, Rendition
+from .sources import ffmpeg_input, shown_name, source_demuxer
 
 #: Progress callbacks are rate limited: the job record is not a firehose.
 PROGRESS_INTERVAL_S = 0.5
@@ -68,10 +69,18 @@ class SegmentedRendition:
 
 
 def ffmpeg_args(
-    source: str, rendition: Rendition, out_dir: Path, segment_seconds: float, *, has_audio: bool
+    source: str,
+    rendition: Rendition,
+    out_dir: Path,
+    segment_seconds: float,
+    *,
+    has_audio: bool,
+    demuxer: str,
 ) -> list[str]:
-    """The ffmpeg command that writes ``rendition`` as plain segments into ``out_dir``."""
-    stream = ffmpeg.input(source)
+    """The ffmpeg command that writes ``rendition`` as plain segments into ``out_dir``,
+    reading ``source`` with ``demuxer`` (the probe's) under the source allow-lists."""
+    name, input_options = ffmpeg_input(source, demuxer=demuxer)
+    stream = ffmpeg.input(name, **input_options)
     video = stream["v:0"]
     outputs: list[Any] = [video]
     options: dict[str, Any] = {
@@ -170,10 +179,8 @@ def run_ffmpeg(
             raise TransientError(f"ffmpeg was killed by signal {-returncode}")
         if returncode != 0:
             stderr.seek(0)
-            errors = [
-                ln for ln in stderr.read().decode(errors="replace").splitlines() if ln.strip()
-            ]
-            reason = errors[-1] if errors else f"exit status {returncode}"
+            errors = stderr.read()
+            reason = ffmpeg_reason(errors) if errors.strip() else f"exit status {returncode}"
             raise UnsupportedMedia(f"ffmpeg could not segment the source: {reason}")
     if on_progress:
         on_progress(1.0)
@@ -211,8 +218,14 @@ def segment_rendition(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("seg_*.ts"):
         stale.unlink()  # a previous, interrupted attempt: start from a clean directory
+    demuxer = source_demuxer(info.format_name, shown_name(source))
     args = ffmpeg_args(
-        source, rendition, out_dir, segment_seconds, has_audio=info.audio is not None
+        source,
+        rendition,
+        out_dir,
+        segment_seconds,
+        has_audio=info.audio is not None,
+        demuxer=demuxer,
     )
     run_ffmpeg(args, duration=info.duration, timeout=timeout, on_progress=on_progress)
     segments = parse_plain_playlist(out_dir)

@@ -1,16 +1,60 @@
-"""Sources: turn a job's source (a local path, an http(s) URL or ``s3://bucket/key``) into
-something ffmpeg can open, refusing with a clear reason what cannot be read."""
+"""Sources: what a job's source may be, and how ffmpeg and ffprobe may open it.
+
+A source is a local path, an http(s) URL or ``s3://bucket/key`` (read through a presigned
+URL). Left to its defaults, ffmpeg lets the *content* of an input name further inputs: an HLS
+playlist makes it fetch every URL listed (whatever the file is called), a concat list opens
+every file it names, an image2 pattern reads a series of files. A source anyone can upload
+could so send the workers' requests to internal hosts, such as the instance metadata service,
+or have them read local files. Every source is therefore opened under two allow-lists:
+
+- protocols: only what the source's kind needs (:data:`LOCAL_PROTOCOLS`,
+  :data:`URL_PROTOCOLS`), so nothing the content names can leave that kind;
+- demuxers: the self-contained containers hlsvault packages (:data:`SOURCE_DEMUXERS`). ffmpeg
+  checks ``format_whitelist`` after detecting the format and before reading its header, which
+  is where a playlist or list would start opening what it names: a refused source is never
+  followed, not even by the probe. The segment stage names the demuxer the probe found
+  (``-f``), so it cannot detect something else (an S3 object replaced between the stages).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidSource
-from .media import check_local_source
+from .aws import Outcome, botocore_errors, classify, describe, make_client
+from .errors import InvalidSource, TransientError
 
 #: A presigned source URL must outlive the longest ffmpeg run of the segment stage.
 PRESIGN_EXPIRY_S = 12 * 3600
+
+#: The demuxers a source may be read with, by ffmpeg name, and what users call them. Only
+#: containers that carry their media inside themselves: a demuxer is added here only after
+#: checking it opens nothing but its own input. (mov keeps external data references off, as
+#: ffmpeg does by default: ``enable_drefs`` 0.)
+SOURCE_DEMUXERS: dict[str, str] = {
+    "mov": "MP4/MOV",  # ffprobe's format_name: mov,mp4,m4a,3gp,3g2,mj2
+    "matroska": "Matroska/WebM",  # matroska,webm
+    "mpegts": "MPEG-TS",
+    "mpeg": "MPEG-PS",  # .mpg, .vob
+    "avi": "AVI",
+    "flv": "FLV",
+}
+#: A local file is read through ffmpeg's file protocol and nothing else.
+LOCAL_PROTOCOLS = "file"
+#: A URL needs HTTP(S) and what lies beneath: TLS, TCP, and httpproxy, which ffmpeg uses for an
+#: https URL when http_proxy is set (a CONNECT tunnel to the URL's own host). Nothing that lets
+#: content name another input (hls, concat, subfile, data, crypto, ftp, rtmp …).
+URL_PROTOCOLS = "http,https,tls,tcp,httpproxy"
+
+#: How a message names a refused format, for the demuxers sources are most often mistaken for.
+_REFUSED_KINDS = {
+    "hls": "an HLS playlist",
+    "dash": "a DASH manifest",
+    "concat": "a concat list",
+    "image2": "an image file pattern",
+    "image2pipe": "an image",
+    "tty": "text",
+}
 
 
 def split_s3_url(url: str) -> tuple[str, str]:
@@ -22,29 +66,22 @@ def split_s3_url(url: str) -> tuple[str, str]:
 
 def s3_source_url(source: str, *, client: Any | None = None) -> str:
     """Check an ``s3://`` source exists and is readable; return a presigned GET URL for it."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from .aws import make_client
-    from .errors import TransientError
-
     bucket, key = split_s3_url(source)
     client = client if client is not None else make_client()
     try:
         head = client.head_object(Bucket=bucket, Key=key)
-    except ClientError as error:
-        code = str(error.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+    except botocore_errors() as error:
+        outcome = classify(error)
+        if outcome is Outcome.NOT_FOUND:
             raise InvalidSource(
                 f"source {source} not found; check the bucket and key (S3 keys are case-sensitive)"
             ) from None
-        if code in ("403", "AccessDenied", "Forbidden"):
+        if outcome is Outcome.REFUSED:
             raise InvalidSource(
-                f"source {source} is not readable by the worker's AWS credentials (403); "
-                "grant s3:GetObject on it"
+                f"source {source} is not readable by the worker's AWS credentials "
+                f"({describe(error)}); check the bucket exists and grant s3:GetObject on it"
             ) from None
-        raise TransientError(f"S3 error reading {source}: {code}") from None
-    except BotoCoreError as error:
-        raise TransientError(f"S3 unreachable reading {source}: {type(error).__name__}") from None
+        raise TransientError(f"S3 error reading source {source}: {describe(error)}") from None
     if int(head.get("ContentLength", 0)) == 0:
         raise InvalidSource(f"source {source} is empty (0 bytes); upload it again")
     url: str = client.generate_presigned_url(
@@ -53,12 +90,79 @@ def s3_source_url(source: str, *, client: Any | None = None) -> str:
     return url
 
 
+def check_local_source(path: Path, shown: str) -> None:
+    """Refuse a local source that cannot be a video before ffprobe is asked."""
+    if not path.exists():
+        raise InvalidSource(
+            f"source not found: {shown}; check the path (a relative path is resolved from the "
+            "directory hlsvault was started in)"
+        )
+    if path.is_dir():
+        raise InvalidSource(f"source {shown} is a directory; pass the path of a video file")
+    if not path.is_file():
+        raise InvalidSource(f"source {shown} is not a regular file; pass the path of a video file")
+    if path.stat().st_size == 0:
+        raise InvalidSource(
+            f"source {shown} is empty (0 bytes); the copy or upload probably failed, copy it again"
+        )
+
+
 def ffmpeg_target(source: str) -> tuple[str, str]:
     """What ffmpeg should open for ``source``, and how to name it in messages (a presigned
     URL's query string is a credential and is never shown)."""
     if source.startswith("s3://"):
         return s3_source_url(source), source
-    if source.startswith(("http://", "https://")):
-        return source, source.split("?", 1)[0]
+    if _is_url(source):
+        return source, shown_name(source)
     check_local_source(Path(source), source)
     return source, source
+
+
+def shown_name(target: str) -> str:
+    """How to name ``target`` in a message: a URL loses its query string, which for a
+    presigned URL is a credential."""
+    return target.split("?", 1)[0] if _is_url(target) else target
+
+
+def ffmpeg_input(target: str, *, demuxer: str | None = None) -> tuple[str, dict[str, str]]:
+    """The name and input options under which ffmpeg or ffprobe may open ``target`` (what
+    :func:`ffmpeg_target` returned): the protocol and demuxer allow-lists, and ``-f demuxer``
+    when the demuxer is known (the segment stage, from the probe).
+
+    A local path is given as ``file:<path>``, so that ffmpeg reads the file of that name even
+    when the name looks like a protocol or a pattern (``concat:a|b``, ``frame%03d.png``)."""
+    if _is_url(target):
+        name, protocols = target, URL_PROTOCOLS
+    else:
+        name, protocols = f"file:{target}", LOCAL_PROTOCOLS
+    options = {"protocol_whitelist": protocols, "format_whitelist": ",".join(SOURCE_DEMUXERS)}
+    if demuxer is not None:
+        options["f"] = demuxer
+    return name, options
+
+
+def source_demuxer(format_name: str, shown: str) -> str:
+    """The allow-listed demuxer for ffprobe's ``format_name`` (``mov,mp4,m4a,3gp,3g2,mj2`` →
+    ``mov``), or :class:`~pipeline.errors.InvalidSource` saying what was found."""
+    allowed = [name for name in format_name.split(",") if name in SOURCE_DEMUXERS]
+    if not allowed:
+        raise InvalidSource(format_refusal(format_name, shown))
+    return allowed[0]
+
+
+def format_refusal(format_name: str, shown: str) -> str:
+    """Why a source read by ffmpeg as ``format_name`` is refused, and what to upload instead."""
+    kind = _REFUSED_KINDS.get(format_name)
+    if kind is None:
+        # ffmpeg names its still-image demuxers <codec>_pipe: png_pipe, jpeg_pipe …
+        kind = "an image" if format_name.endswith("_pipe") else "a file of another kind"
+    *others, last = SOURCE_DEMUXERS.values()
+    accepted = f"{', '.join(others)} or {last}"
+    return (
+        f"source {shown} is {kind} (ffmpeg reads it as '{format_name}'), not a video file "
+        f"hlsvault packages; upload the video itself, as one file in {accepted}"
+    )
+
+
+def _is_url(target: str) -> bool:
+    return target.startswith(("http://", "https://"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from support import Hlsvault, lavfi_clip
+from support import Hlsvault, generate_media, lavfi_clip
 
 
 def empty_file(tmp: Path, _: Path) -> Path:
@@ -35,6 +35,16 @@ def audio_only(tmp: Path, _: Path) -> Path:
     return lavfi_clip("audio-only.m4a", seconds=2, audio=True, extra=["-vn"])
 
 
+def still_image(tmp: Path, _: Path) -> Path:
+    # A poster frame uploaded under the video's name: ffmpeg reads it as one PNG picture.
+    png = generate_media(
+        "poster.png", ["-f", "lavfi", "-i", "testsrc2=size=64x64", "-frames:v", "1"]
+    )
+    path = tmp / "poster.mp4"
+    path.write_bytes(png.read_bytes())
+    return path
+
+
 def missing_path(tmp: Path, _: Path) -> Path:
     return tmp / "does-not-exist.mp4"
 
@@ -50,6 +60,7 @@ CASES: list[tuple[Callable[[Path, Path], Path], str]] = [
     (text_file, "not a media file"),
     (truncated_mp4, "truncated"),
     (audio_only, "has no video stream"),
+    (still_image, "is an image"),
     (missing_path, "source not found"),
     (directory, "is a directory"),
 ]
