@@ -243,6 +243,28 @@ class TestS3Failures:
         assert "s3:GetObject" in record["error"]
         assert bucket_objects(moto_server, fleet.env["TEST_BUCKET_ORIGIN"]) == {}
 
+    def test_origin_that_refuses_writes_fails_the_job_naming_the_store(
+        self, faulty_fleet: Fleet, fault_proxy: FaultProxy, moto_server: MotoServer,
+        copy_clip: Path,
+    ) -> None:
+        """AccessDenied on the origin bucket is the deployment's IAM policy, not the source: the
+        job fails at upload with a reason naming the origin store and the policy, at once (no
+        retries), and the asset is not published."""
+        fleet = faulty_fleet
+        fleet.start_all()
+        origin = fleet.env["TEST_BUCKET_ORIGIN"]
+        denied = fault_proxy.add(Rule("PUT", f"^/{origin}/", status=403, body=ACCESS_DENIED))
+
+        job_id = submit(fleet, copy_clip, "refused", "--ladder", "copy")
+        record = wait_for_job(fleet, job_id)
+
+        assert record["status"] == "failed" and record["failed_stage"] == "upload"
+        assert f"s3://{origin}" in record["error"] and "IAM policy" in record["error"]
+        assert "source" not in record["error"]
+        upload = next(s for s in record["stages"] if s["name"] == "upload")
+        assert upload["attempts"] == 1 and denied.hits >= 1
+        assert fleet.cli("status", job_id).returncode == 1
+
 
 class TestConcurrentJobs:
     def test_two_jobs_for_one_asset_end_on_one_complete_version(
