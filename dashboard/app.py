@@ -49,8 +49,8 @@ from starlette.responses import (
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from keyserver.app import AccessLog
 from pipeline.errors import ConfigurationError
+from pipeline.http import AccessLog
 from pipeline.jobs import TERMINAL, JobRecord, JobSpec, UnknownJob
 from pipeline.services import Services, build_services
 from pipeline.settings import Settings

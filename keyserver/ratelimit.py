@@ -1,10 +1,16 @@
 """Rate limits on key requests, per token and per client address: fixed one-minute windows,
-counted in memory (one key server) or in Redis (shared by every key server of a fleet)."""
+counted in memory (one key server) or in Redis (shared by every key server of a fleet).
+
+The key server counts a token's bucket only once the token's signature verified, so buckets
+are created by what a client address sends (bounded by the address limit) and by tokens your
+backend minted, never by made-up tokens.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -15,6 +21,11 @@ log = structlog.get_logger("hlsvault.keyserver")
 WINDOW_S = 60
 #: A Redis that does not answer within this long is skipped: keys keep flowing (fail open).
 REDIS_TIMEOUT_S = 0.25
+#: Buckets one in-memory limiter holds at most (a bucket is ~200 bytes: ~20 MB). Far more than
+#: the addresses and viewers one key server sees in a minute; beyond it the least recently hit
+#: bucket is forgotten, so a flood from many addresses costs memory it cannot grow and at worst
+#: lets a forgotten bucket start counting again: it never refuses anyone it should not.
+MAX_BUCKETS = 100_000
 
 
 class RateLimiter(Protocol):
@@ -23,11 +34,29 @@ class RateLimiter(Protocol):
         the window resets (the Retry-After)."""
 
 
+def _retry_after(window: int, now: float) -> float:
+    return max(1.0, (window + 1) * WINDOW_S - now)
+
+
 class MemoryRateLimiter:
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    """Counts in a least-recently-hit ordered dict with a hard cap: O(1) per hit, whatever it
+    holds. A bucket's count restarts when its window has passed, so finished windows need no
+    sweep; they are simply the first to be evicted."""
+
+    def __init__(
+        self, *, clock: Callable[[], float] = time.time, max_buckets: int = MAX_BUCKETS
+    ) -> None:
+        if max_buckets < 1:
+            raise ValueError("max_buckets must be at least 1")
         self.clock = clock
-        self._counts: dict[str, tuple[int, int]] = {}
+        self.max_buckets = max_buckets
+        #: bucket -> (window number, requests counted in it)
+        self._counts: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        # Apps in tests (and a threaded server) may share one limiter across event loops.
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._counts)
 
     async def hit(self, bucket: str, limit: int) -> float | None:
         if limit <= 0:
@@ -36,16 +65,12 @@ class MemoryRateLimiter:
         window = int(now // WINDOW_S)
         with self._lock:
             start, count = self._counts.get(bucket, (window, 0))
-            if start != window:
-                start, count = window, 0
-            count += 1
-            self._counts[bucket] = (start, count)
-            if len(self._counts) > 100_000:
-                # Drop finished windows; live ones are at most one per active client.
-                self._counts = {b: c for b, c in self._counts.items() if c[0] == window}
-        if count > limit:
-            return max(1.0, (window + 1) * WINDOW_S - now)
-        return None
+            count = count + 1 if start == window else 1
+            self._counts[bucket] = (window, count)
+            self._counts.move_to_end(bucket)
+            if len(self._counts) > self.max_buckets:
+                self._counts.popitem(last=False)
+        return _retry_after(window, now) if count > limit else None
 
 
 class RedisRateLimiter:
@@ -70,6 +95,4 @@ class RedisRateLimiter:
         except Exception as error:
             log.warning("rate limiter unavailable; allowing", error=type(error).__name__)
             return None
-        if int(count) > limit:
-            return max(1.0, (window + 1) * WINDOW_S - now)
-        return None
+        return _retry_after(window, now) if int(count) > limit else None

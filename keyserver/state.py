@@ -1,4 +1,10 @@
-"""In-memory caches of the vault: the key server stays stateless and reads the vault rarely."""
+"""In-memory caches of the vault: the key server stays stateless and reads the vault rarely.
+
+An asset's state (current version, retirements, revocation) is cached for at most
+:data:`STATE_TTL_S`. In a fleet, publishers announce each change on the state bus
+(:mod:`pipeline.statebus`) and :mod:`keyserver.statesync` makes the view :meth:`~VaultView.forget`
+the asset at once; the TTL is the bound when an announcement is lost.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,13 @@ import threading
 import time
 from collections import OrderedDict
 
-from pipeline.catalog import AssetState, Catalog
+from pipeline.catalog import STATE_CACHE_TTL_S, AssetState, Catalog
 from pipeline.keys import KeyVault
 from pipeline.playlists import AssetVersion
 from pipeline.storage import ObjectNotFound
 
-#: How stale an asset's state may be: a publish, rekey or revoke reaches every key server
-#: within this many seconds, and the vault sees at most one state read per asset per period.
-STATE_TTL_S = 2.0
+#: The longest a key server answers from a cached asset state (one place: the catalog).
+STATE_TTL_S = STATE_CACHE_TTL_S
 #: Version descriptions and content keys never change, so they are kept until evicted.
 MAX_VERSIONS = 1024
 MAX_KEYS = 65_536
@@ -34,6 +39,9 @@ class VaultView:
         self._versions: OrderedDict[tuple[str, str], AssetVersion] = OrderedDict()
         self._keys: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
         self._lock = threading.Lock()
+        # Bumped by every forget: a vault read that began before it may have read the state
+        # from before the change, so its result serves that one request but is not cached.
+        self._epoch = 0
 
     def fresh_state(self, asset: str) -> AssetState | object | None:
         """The cached state while it is fresh, without touching the vault (cheap enough for
@@ -47,14 +55,33 @@ class VaultView:
         now = time.monotonic()
         with self._lock:
             cached = self._states.get(asset)
+            epoch = self._epoch
         if cached is not None and now - cached[0] <= self.ttl_s:
             return cached[1]
         state = self.catalog.state(asset)
         with self._lock:
-            self._states[asset] = (now, state)
-            if len(self._states) > MAX_VERSIONS * 4:
-                self._states.pop(next(iter(self._states)))
+            if epoch == self._epoch:
+                self._states[asset] = (now, state)
+                if len(self._states) > MAX_VERSIONS * 4:
+                    self._states.pop(next(iter(self._states)))
         return state
+
+    def forget(self, asset: str) -> None:
+        """Drop what is cached of ``asset``'s state and keys: the next request reads the vault.
+        Called when a publish, rekey or revoke of the asset is announced."""
+        with self._lock:
+            self._epoch += 1
+            self._states.pop(asset, None)
+            for cached in [k for k in self._keys if k[0] == asset]:
+                del self._keys[cached]
+
+    def forget_states(self) -> None:
+        """Drop every cached state, as after announcements may have been missed. Keys stay:
+        none is served without a fresh state saying it may be, and re-reading them all from
+        the vault at once would be a stampede for nothing."""
+        with self._lock:
+            self._epoch += 1
+            self._states.clear()
 
     def version(self, asset: str, version: str) -> AssetVersion | None:
         with self._lock:
@@ -88,9 +115,12 @@ class VaultView:
         found = self.cached_key(asset, version, index)
         if found is not None:
             return found
+        with self._lock:
+            epoch = self._epoch
         key = self.keys.get(asset, version, index)
         with self._lock:
-            self._keys[(asset, version, index)] = key
-            if len(self._keys) > MAX_KEYS:
-                self._keys.popitem(last=False)
+            if epoch == self._epoch:  # else the asset may have been shredded meanwhile
+                self._keys[(asset, version, index)] = key
+                if len(self._keys) > MAX_KEYS:
+                    self._keys.popitem(last=False)
         return key

@@ -6,7 +6,7 @@ asset was revoked, and which older versions are retired (their keys shredded aft
 period); it is replaced in one conditional write (the store's If-Match), so that two racing
 publishes of one asset cannot lose each other's retirements; a publish moves it last. Every
 change of an asset's state is announced (:class:`StateAnnouncer`) so that running key servers
-drop what they cached at once instead of after :data:`STATE_CACHE_TTL_S`.
+drop what they cached at once instead of after :data:`STATE_CACHE_TTL_S` (:mod:`.statebus`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from . import layout
 from .errors import Conflict, TransientError
 from .playlists import AssetVersion
+from .statebus import NullStateBus, StateBus
 from .storage import ObjectNotFound, Store
 
 #: How long a key server may answer from an asset state it cached: the longest a change takes
@@ -28,20 +29,6 @@ STATE_CACHE_TTL_S = 2.0
 #: Conditional state writes lost to a racing writer before giving up; each retry re-reads the
 #: state and re-applies the change, so only a storm of writers to one asset exhausts it.
 MAX_STATE_WRITE_ATTEMPTS = 8
-
-
-class StateAnnouncer(Protocol):
-    """Tells running key servers that an asset's state changed."""
-
-    def announce(self, asset: str) -> int:
-        """Announce a change of ``asset``; returns how many listeners received it."""
-
-
-class NoAnnouncer:
-    """No listeners (embedded mode): key servers notice within :data:`STATE_CACHE_TTL_S`."""
-
-    def announce(self, asset: str) -> int:
-        return 0
 
 
 @dataclass(frozen=True)
@@ -96,9 +83,9 @@ class AssetState:
 class Catalog:
     """Asset versions and per-asset state documents in the vault store."""
 
-    def __init__(self, store: Store, *, announcer: StateAnnouncer | None = None) -> None:
+    def __init__(self, store: Store, *, bus: StateBus | None = None) -> None:
         self.store = store
-        self.announcer = announcer if announcer is not None else NoAnnouncer()
+        self.bus = bus if bus is not None else NullStateBus()
 
     def put_version(self, described: AssetVersion) -> None:
         """Record a version's description (idempotent: a rerun writes the same document)."""
@@ -147,7 +134,7 @@ class Catalog:
             after = change(before)
             body = json.dumps(after.to_dict()).encode()
             if self.store.put_bytes_if(layout.state_key(asset), body, match=tag):
-                self.announcer.announce(asset)
+                self.bus.announce(asset)
                 return before, after
         raise TransientError(
             f"the state of asset {asset} kept changing under {MAX_STATE_WRITE_ATTEMPTS} "
@@ -205,7 +192,7 @@ class Catalog:
         away."""
         now = time.time()
         self.store.put_bytes(layout.revoked_key(asset), json.dumps({"at": now}).encode())
-        self.announcer.announce(asset)
+        self.bus.announce(asset)
         return now + STATE_CACHE_TTL_S
 
     def current_version(self, asset: str) -> str | None:

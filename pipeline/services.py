@@ -8,6 +8,7 @@ from .catalog import Catalog
 from .jobs import FileRecordBackend, JobStore, RecordBackend
 from .keys import KeyVault
 from .settings import Settings
+from .statebus import NullStateBus, StateBus
 from .storage import Store, open_store
 
 
@@ -34,12 +35,17 @@ def build_services(settings: Settings, *, job_backend: RecordBackend | None = No
         else:
             job_backend = FileRecordBackend(settings.jobs_dir)
     vault = open_store(settings.vault)
+    bus: StateBus = NullStateBus()
+    if settings.redis_url is not None:
+        from .statebus import RedisStateBus
+
+        bus = RedisStateBus.from_url(settings.redis_url)
     return Services(
         settings=settings,
         work=open_store(settings.work),
         origin=open_store(settings.origin),
         vault=vault,
         keys=KeyVault(vault, settings.master_key),
-        catalog=Catalog(vault),
+        catalog=Catalog(vault, bus=bus),
         jobs=JobStore(job_backend),
     )

@@ -2,7 +2,11 @@
 
 Claims: ``sub`` is the asset id; ``exp`` is required and may lie at most the configured maximum
 TTL ahead (``exp - iat`` too, when ``iat`` is given); ``nbf`` is honoured; ``sid`` optionally
-names the viewer's session and ``ip`` binds the token to one client address.
+binds the token to the viewer's session and ``ip`` to one client address.
+
+Session binding is one way: a token minted with a ``sid`` serves only requests that present
+the same sid (the key server reads it from ``?sid=`` or the ``X-Hlsvault-Sid`` header); a token
+minted without one is bound to no session, and whatever sid a request presents is ignored.
 
 Algorithms: HS256 with a shared secret, or EdDSA (Ed25519) / RS256, where the key server holds
 only the public key and the customer's backend alone can mint. A verifier accepts exactly one
@@ -19,7 +23,7 @@ from typing import Any
 
 import jwt
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, Forbidden, Unauthenticated
 from .settings import Settings
 
 #: Clocks of the minting backend and the key server may disagree by this much.
@@ -33,11 +37,18 @@ MAX_TOKEN_LENGTH = 4096
 VERIFIED_CACHE_SIZE = 4096
 
 
-class TokenRejected(Exception):
+#: The header a request presents its session in, when not as ``?sid=``.
+SID_HEADER = "X-Hlsvault-Sid"
+#: 403 messages of a session-bound token: what the client must send to be served.
+SESSION_MISSING = f"token is bound to a session: send its sid as ?sid=… or the {SID_HEADER} header"
+SESSION_MISMATCH = f"token is bound to another session than the sid sent (?sid= or {SID_HEADER})"
+
+
+class TokenRejected(Unauthenticated):
     """The token is missing, malformed, forged, expired or not yet valid: answer 401."""
 
 
-class TokenForbidden(TokenRejected):
+class TokenForbidden(Forbidden):
     """The token is genuine but does not entitle this request (asset, session, IP): 403."""
 
 
@@ -65,7 +76,8 @@ class TokenVerifier:
         self, token: str, *, asset: str, client_ip: str | None = None, sid: str | None = None
     ) -> TokenClaims:
         """The claims of ``token`` if it entitles its holder to ``asset`` from ``client_ip``
-        (and session ``sid`` when the request names one); else raise."""
+        with the session ``sid`` the request presents (which only a token minted with a sid
+        looks at); else :class:`TokenRejected` (401) or :class:`TokenForbidden` (403)."""
         if not token:
             raise TokenRejected("missing token")
         if len(token) > MAX_TOKEN_LENGTH:
@@ -123,10 +135,11 @@ class TokenVerifier:
         if claims["sub"] != asset:
             raise TokenForbidden("token is for another asset")
         token_sid = claims.get("sid")
-        # Session binding both ways: a token minted with a sid serves only requests naming that
-        # session (?sid= or X-Hlsvault-Sid), and a request naming a session needs its token.
-        if token_sid != sid:
-            raise TokenForbidden("token is for another session")
+        # One way only: a sid in the token must be presented with it, so a token copied out of
+        # one session's traffic is useless without the session; a token minted without a sid
+        # was meant to be bound to none, and a player passing ?sid= along must not break it.
+        if token_sid is not None and token_sid != sid:
+            raise TokenForbidden(SESSION_MISSING if sid is None else SESSION_MISMATCH)
         token_ip = claims.get("ip")
         if token_ip is not None and token_ip != client_ip:
             raise TokenForbidden("token is bound to another client address")

@@ -116,7 +116,7 @@ class TestAnnouncements:
                 heard.append(asset)
                 return 1
 
-        catalog = Catalog(LocalStore(tmp_path / "vault"), announcer=Recorder())
+        catalog = Catalog(LocalStore(tmp_path / "vault"), bus=Recorder())
         catalog.publish("film", "v1", job_id="a", started_at=1.0, grace_s=0)
         catalog.revoke("film")
 

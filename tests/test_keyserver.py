@@ -1,4 +1,4 @@
-"""The key server end to end: a clip packaged with the real CLI, `hlsvault serve` over real HTTP.
+"""The key server end to end: clips packaged with the real CLI, `hlsvault serve` over real HTTP.
 
 Playlists and keys go only to holders of a token for the asset; segments on the origin are
 ciphertext that the catalog's keys and RFC 8216 IVs turn back into MPEG-TS; neither the origin
@@ -26,12 +26,9 @@ from pipeline.keys import KeyVault
 from pipeline.settings import decode_master_key
 from pipeline.storage import LocalStore
 
-from support import Hlsvault
+from keyserver_support import ASSET, OTHER, Library, serving, shared_library, tamper
+from support import Hlsvault, free_port
 
-ASSET = "film-1"
-#: 2 s segments of the 6 s clip with a new key every 2 segments: three segments, two keys, so
-#: a wrong IV (sequence number) or a wrong key index cannot go unnoticed.
-PACKAGE_OPTIONS = ["--ladder", "copy", "--segment-seconds", "2", "--key-rotation-segments", "2"]
 TS_PACKET = 188
 TS_SYNC = 0x47
 #: Every refused request, for every endpoint: (token kind) -> status.
@@ -40,9 +37,10 @@ REFUSALS = {"none": 401, "tampered": 401, "expired": 401, "other-asset": 403}
 
 @dataclass
 class Packaged:
-    """A packaged, published asset and a running key server in front of it."""
+    """The session's packaged library, and one `hlsvault serve` in front of it for the module."""
 
     hv: Hlsvault
+    library: Library
     asset: str
     version: str
     rendition: str
@@ -50,6 +48,7 @@ class Packaged:
     token: str  # the token in that URL
     secret: str
     catalog: dict[str, Any]
+    log: Path
     http: httpx.Client
 
     @property
@@ -90,27 +89,30 @@ class Packaged:
         return found
 
 
-@pytest.fixture
-def packaged(keyserver: Hlsvault, copy_clip: Path) -> Iterator[Packaged]:
-    """copy_clip packaged as ASSET with the CLI, served by `hlsvault serve`."""
-    done = keyserver.package(str(copy_clip), "--asset", ASSET, *PACKAGE_OPTIONS, "--json")
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
-    assert summary["status"] == "succeeded"
-    url = keyserver.url(ASSET)
-    (token,) = parse_qs(urlsplit(url).query)["token"]
-    version = summary["version"]
-    catalog_file = keyserver.vault / "catalog" / ASSET / "versions" / f"{version}.json"
-    with httpx.Client(base_url=keyserver.public_url, timeout=10) as client:
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory: pytest.TempPathFactory, copy_clip: Path) -> Iterator[Packaged]:
+    """The session's library (``film`` is copy_clip packaged with the CLI), served by
+    `hlsvault serve` for the whole module: every test here only reads."""
+    library = shared_library(tmp_path_factory, copy_clip)
+    port = free_port()
+    hv = Hlsvault(env={**library.env, "HLSVAULT_PUBLIC_URL": f"http://127.0.0.1:{port}"},
+                  data_dir=library.data_dir, port=port)
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    catalog_file = hv.vault / "catalog" / ASSET / "versions" / f"{library.version}.json"
+    with serving(hv.env, port, log), httpx.Client(base_url=hv.public_url, timeout=10) as client:
+        url = hv.url(ASSET)
+        (token,) = parse_qs(urlsplit(url).query)["token"]
         yield Packaged(
-            hv=keyserver,
+            hv=hv,
+            library=library,
             asset=ASSET,
-            version=version,
-            rendition=summary["renditions"][0]["name"],
+            version=library.version,
+            rendition=library.rendition,
             url=url,
             token=token,
-            secret=(keyserver.data_dir / "secrets" / "token_secret").read_text().strip(),
+            secret=library.settings.token_secret or "",
             catalog=json.loads(catalog_file.read_text()),
+            log=log,
             http=client,
         )
 
@@ -125,15 +127,6 @@ def raw_get(hv: Hlsvault, target: str) -> int:
         return response.status
     finally:
         connection.close()
-
-
-def tamper(token: str) -> str:
-    """Flip a character in the middle of the signature (not the last one: its low bits are
-    base64 padding, and changing only those leaves the signature intact)."""
-    head, _, signature = token.rpartition(".")
-    i = len(signature) // 2
-    flipped = "A" if signature[i] != "A" else "B"
-    return f"{head}.{signature[:i]}{flipped}{signature[i + 1:]}"
 
 
 def aes_128_cbc_decrypt(data: bytes, key: bytes, iv: bytes) -> bytes:
@@ -320,33 +313,34 @@ class TestOrigin:
         """The CDN origin holds exactly the catalog's .ts segments and cookie mode's token-free
         static playlists (no key file, no catalog), and no file hlsvault wrote contains a key,
         raw or in hex."""
+        library = packaged.library
         origin_files = sorted(
             p.relative_to(packaged.hv.origin).as_posix()
             for p in packaged.hv.origin.rglob("*") if p.is_file()
         )
-        expected = sorted(
-            [
-                f"assets/{ASSET}/{packaged.version}/{packaged.rendition}/{segment['name']}"
-                for segment in packaged.segments()
-            ]
-            + [
-                f"assets/{ASSET}/master.m3u8",
-                f"assets/{ASSET}/{packaged.version}/{packaged.rendition}.m3u8",
-            ]
-        )
-        assert origin_files == expected
+        expected = [f"assets/{asset}/master.m3u8" for asset in (ASSET, OTHER)]
+        for asset, version in [(ASSET, library.old_version), (ASSET, library.version),
+                               (OTHER, library.other_version)]:
+            described = json.loads(
+                (packaged.hv.vault / "catalog" / asset / "versions" / f"{version}.json")
+                .read_text())
+            for rendition in described["renditions"]:
+                name = rendition["name"]
+                expected.append(f"assets/{asset}/{version}/{name}.m3u8")
+                expected += [f"assets/{asset}/{version}/{name}/{segment['name']}"
+                             for segment in rendition["segments"]]
+        assert origin_files == sorted(expected)
         for name in origin_files:
             if name.endswith(".m3u8"):
                 text = (packaged.hv.origin / name).read_text()
                 assert "token" not in text and "eyJ" not in text
 
-        keys = packaged.content_keys()
-        assert len(keys) == 2
+        assert len(packaged.content_keys()) == 2
         written = [p for p in packaged.hv.data_dir.rglob("*") if p.is_file()]
         leaks = [
-            (path.relative_to(packaged.hv.data_dir).as_posix(), index)
+            (path.relative_to(packaged.hv.data_dir).as_posix(), key_id)
             for path in written
-            for index, key in keys.items()
+            for key_id, key in library.keys.items()
             if key in (content := path.read_bytes())
             or key.hex().encode() in content.lower()
         ]
@@ -372,10 +366,11 @@ class TestOrigin:
             assert is_mpegts(plain), segment["name"]
 
 
-def test_serve_log_holds_no_token_and_no_key(packaged: Packaged, tmp_path: Path) -> None:
+def test_serve_log_holds_no_token_and_no_key(packaged: Packaged) -> None:
     """After playlists and keys were fetched with the token in the query and in a Bearer
     header, the key server's log names the requests but holds neither the token nor a key."""
     # Given: a viewer's full session, plus a refused request, with the token both ways
+    before = packaged.log.read_text().count('"key request"')
     packaged.http.get(packaged.url)
     packaged.get(packaged.variant_path, packaged.token)
     for index in packaged.content_keys():
@@ -383,17 +378,52 @@ def test_serve_log_holds_no_token_and_no_key(packaged: Packaged, tmp_path: Path)
     packaged.get(packaged.key_path(0), headers={"Authorization": f"Bearer {packaged.token}"})
     packaged.get(packaged.key_path(0), tamper(packaged.token))
 
-    # When: the server has written its lines for those requests
-    log_file = tmp_path / "serve.log"
+    # When: the server has written its lines for those four key requests
     deadline = time.monotonic() + 5
-    while log_file.read_text().count('"key request"') < 4 and time.monotonic() < deadline:
+    while (packaged.log.read_text().count('"key request"') < before + 4
+           and time.monotonic() < deadline):
         time.sleep(0.05)
-    log = log_file.read_text()
+    log = packaged.log.read_text()
 
     # Then: the requests are there, the secrets are not
-    assert log.count('"key request"') >= 4, log[-2000:]
+    assert log.count('"key request"') >= before + 4, log[-2000:]
     assert packaged.master_path in log
     assert packaged.token not in log
     assert packaged.token.rsplit(".", 1)[1] not in log  # not even the signature alone
-    for key in packaged.content_keys().values():
+    for key in packaged.library.keys.values():
         assert key.hex() not in log.lower()
+
+
+class TestSessionsFromTheCli:
+    def test_url_with_sid_plays_and_the_token_alone_does_not(self, packaged: Packaged) -> None:
+        """`hlsvault url ASSET --sid S` prints a master URL whose playlists carry the sid on to
+        the key, which is served; the same token without the sid is 403, and the refusal says
+        to send ?sid= or X-Hlsvault-Sid."""
+        url = packaged.hv.url(ASSET, "--sid", "viewer-42")
+        query = parse_qs(urlsplit(url).query)
+        master = packaged.http.get(url)
+        (variant_uri,) = [line for line in master.text.splitlines() if line and line[0] != "#"]
+        variant = packaged.http.get(variant_uri)
+        key_uris = re.findall(r'URI="([^"]+)"', variant.text)
+        key = packaged.http.get(key_uris[0])
+        alone = packaged.get(packaged.key_path(0), query["token"][0])
+
+        assert query["sid"] == ["viewer-42"]
+        assert all(parse_qs(urlsplit(uri).query)["sid"] == ["viewer-42"] for uri in key_uris)
+        assert (key.status_code, key.content) == (200, packaged.content_keys()[0])
+        assert alone.status_code == 403
+        assert "?sid=" in alone.json()["error"] and "X-Hlsvault-Sid" in alone.json()["error"]
+
+    def test_token_with_sid_works_as_a_bearer_beside_the_sid_header(
+        self, packaged: Packaged
+    ) -> None:
+        """`hlsvault token ASSET --sid S` prints a token that, as a Bearer header, gets the key
+        together with X-Hlsvault-Sid: S, and 403 without it."""
+        done = packaged.hv.run("token", ASSET, "--sid", "viewer-42")
+        assert done.returncode == 0, done.stderr
+        bearer = {"Authorization": f"Bearer {done.stdout.strip()}"}
+        with_sid = packaged.http.get(packaged.key_path(0),
+                                     headers={**bearer, "X-Hlsvault-Sid": "viewer-42"})
+        without = packaged.http.get(packaged.key_path(0), headers=bearer)
+        assert (with_sid.status_code, with_sid.content) == (200, packaged.content_keys()[0])
+        assert without.status_code == 403
