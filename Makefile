@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python bench/bench_orchestration.py
 	$(BIN)/python bench/bench_scaling.py
 	$(BIN)/python bench/bench_keyserver.py
+	$(BIN)/python bench/bench_ratelimit.py
 
 clean:
 	rm -rf $(VENV) .cache hlsvault-data .mypy_cache .ruff_cache .pytest_cache

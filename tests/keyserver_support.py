@@ -34,6 +34,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from keyserver import create_app
 from keyserver.ratelimit import WINDOW_S, RateLimiter
+from pipeline import layout
 from pipeline.keys import KeyVault
 from pipeline.settings import Settings, load_settings
 from pipeline.storage import LocalStore
@@ -143,6 +144,14 @@ class Library:
 
     def variant_path(self, asset: str = ASSET) -> str:
         return f"/v1/assets/{asset}/{self.rendition}.m3u8"
+
+    def retire_until(self, version: str, deadline: float, asset: str = ASSET) -> None:
+        """Set ``version``'s grace deadline in the stored state document, as time passing (or
+        a re-key with that grace) would: the key server sees only what the vault says."""
+        path = Path(self.settings.vault) / layout.state_key(asset)
+        state = json.loads(path.read_text())
+        state["retired"][version] = deadline
+        self.vault.put_bytes(layout.state_key(asset), json.dumps(state).encode())
 
     def copy(self, directory: Path) -> Library:
         """A private copy (same secrets, versions and keys) for a test that changes it."""

@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import structlog
 
-from pipeline.catalog import Catalog
-
 from keyserver_support import (
     ASSET,
     OTHER,
@@ -40,7 +38,7 @@ class TestAuditLog:
         "key request" event with asset, key_id, the token's sid, client_ip and outcome; no
         captured event holds a token, a signature, or a key in bytes or hex."""
         library = pristine.copy(tmp_path)  # a version of it is retired
-        Catalog(library.vault).retire(ASSET, library.old_version, delete_after=time.time() - 1)
+        library.retire_until(library.old_version, time.time() - 1)
         app = library.app(HLSVAULT_RATE_LIMIT_TOKEN="2", HLSVAULT_RATE_LIMIT_IP="0")
         bound = library.token(sid="sess-a", ip=VIEWER_IP)
         plain = library.token()

@@ -132,8 +132,7 @@ class TestRevocation:
         old = [library.key_path(i, version=library.old_version) for i in (0, 1)]
         with AppClient(library.app(), client_ip=VIEWER_IP) as running:
             cached = [running.get(p, params={"token": token}) for p in old]
-            Catalog(library.vault).retire(ASSET, library.old_version,
-                                          delete_after=time.time() - 1)
+            library.retire_until(library.old_version, time.time() - 1)
             time.sleep(STATE_TTL_S + 0.2)
             retired = [running.get(p, params={"token": token}) for p in old]
             current = [running.get(library.key_path(i), params={"token": token})
@@ -149,8 +148,7 @@ class TestRevocation:
     def test_retired_version_keys_serve_until_the_deadline(self, library: Library) -> None:
         """A version retired with a deadline an hour away still has its keys served: the 410
         above comes from the deadline passing, not from retirement as such."""
-        Catalog(library.vault).retire(ASSET, library.old_version,
-                                      delete_after=time.time() + 3600)
+        library.retire_until(library.old_version, time.time() + 3600)
         with AppClient(library.app(), client_ip=VIEWER_IP) as client:
             response = client.get(library.key_path(0, version=library.old_version),
                                   params={"token": library.token()})
