@@ -9,8 +9,10 @@ Queues are dramatiq's Redis structures under the ``hlsvault`` namespace (see
     hlsvault:<queue>.XQ         zset of dead-lettered ids, by when they died
     hlsvault:__heartbeats__     zset broker id -> last heartbeat (ms), one per broker instance
 
-Job-level series come from job records (:class:`pipeline.jobs.JobRecord`), read fresh on every
-scrape: no state lives in the ops process, so any number of them may run.
+Job counts come from the job store's status index (:meth:`pipeline.jobs.JobStore.counts`),
+exact at any number of records; stage durations from the records of the newest running and
+recently finished jobs; parked ingest messages from :class:`pipeline.parked.ParkingLot`. All are
+read fresh on every scrape: no state lives in the ops process, so any number of them may run.
 """
 
 from __future__ import annotations
@@ -18,19 +20,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
 
-from pipeline.jobs import JobRecord
+from pipeline.jobs import STATUSES, JobRecord
+from pipeline.parked import ParkedStats
 from workers.queues import Queue
 
 #: dramatiq's key namespace, as workers/runtime.py configures the RedisBroker.
 NAMESPACE = "hlsvault"
 QUEUES = tuple(queue.value for queue in Queue)
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 #: Stage durations are taken from stages that finished within this window.
 DURATION_WINDOW_S = 3600
 #: Upper bounds of the stage-duration histogram: probes take a second, transcodes minutes.
@@ -137,25 +138,12 @@ def job_progress(record: JobRecord) -> float:
     return sum(parts) / len(parts)
 
 
-def throughput(
-    records: Iterable[JobRecord], *, now: float | None = None
-) -> list[tuple[float, int, int]]:
-    """(bucket start, succeeded, failed) for each 5-minute bucket of the last hour, oldest first."""
-    now = time.time() if now is None else now
+def throughput_buckets(now: float) -> list[tuple[float, float]]:
+    """The ``[start, end)`` of each 5-minute bucket of the last hour, oldest first; the last
+    one holds ``now``."""
     start = (math.floor(now / THROUGHPUT_BUCKET_S) - THROUGHPUT_BUCKETS + 1) * THROUGHPUT_BUCKET_S
-    succeeded = [0] * THROUGHPUT_BUCKETS
-    failed = [0] * THROUGHPUT_BUCKETS
-    for record in records:
-        if record.finished_at is None or record.finished_at < start:
-            continue
-        offset = int((record.finished_at - start) // THROUGHPUT_BUCKET_S)
-        index = min(THROUGHPUT_BUCKETS - 1, offset)
-        if record.status == "succeeded":
-            succeeded[index] += 1
-        elif record.status == "failed":
-            failed[index] += 1
     return [
-        (start + i * THROUGHPUT_BUCKET_S, succeeded[i], failed[i])
+        (start + i * THROUGHPUT_BUCKET_S, start + (i + 1) * THROUGHPUT_BUCKET_S)
         for i in range(THROUGHPUT_BUCKETS)
     ]
 
@@ -173,11 +161,13 @@ def _number(value: float) -> str:
 
 
 def render_metrics(
-    records: Sequence[JobRecord],
     *,
+    counts: dict[str, int],
+    stage_records: Sequence[JobRecord],
     queues: Sequence[QueueStats] | None,
     workers: Sequence[Heartbeat] | None,
     key_requests: dict[str, int] | None,
+    parked: ParkedStats | None,
     now: float | None = None,
 ) -> str:
     """The Prometheus text exposition (format 0.0.4) of the fleet's state."""
@@ -191,12 +181,13 @@ def render_metrics(
     def sample(name: str, value: float, **labels: str) -> None:
         lines.append(f"{name}{_labels(**labels)} {_number(value)}")
 
-    by_status = Counter(record.status for record in records)
-    family("hlsvault_jobs", "gauge", "Job records by status (the most recent records scanned).")
-    for status in sorted(set(JOB_STATUSES) | set(by_status)):
-        sample("hlsvault_jobs", by_status.get(status, 0), status=status)
-    family("hlsvault_jobs_scanned", "gauge", "Job records read to compute the job series.")
-    sample("hlsvault_jobs_scanned", len(records))
+    family("hlsvault_jobs", "gauge", "Job records by status.")
+    for status in STATUSES:
+        sample("hlsvault_jobs", counts.get(status, 0), status=status)
+    family("hlsvault_jobs_scanned", "gauge",
+           "Job records read for the stage-duration histogram (newest running and recently "
+           "finished jobs).")
+    sample("hlsvault_jobs_scanned", len(stage_records))
 
     family(
         "hlsvault_stage_duration_seconds",
@@ -205,7 +196,7 @@ def render_metrics(
         "(a sliding window recomputed per scrape: read it as is, not with rate()).",
     )
     durations: dict[str, list[float]] = {}
-    for record in records:
+    for record in stage_records:
         for stage in record.stages:
             if stage.status != "done" or stage.started_at is None or stage.finished_at is None:
                 continue
@@ -245,4 +236,12 @@ def render_metrics(
         family("hlsvault_key_requests_total", "counter", "Key server key requests by outcome.")
         for outcome in sorted(key_requests):
             sample("hlsvault_key_requests_total", key_requests[outcome], outcome=outcome)
+    if parked is not None:
+        family("hlsvault_ingest_parked", "gauge",
+               f"Ingest messages parked for a human (at most {parked.cap}); "
+               "see `hlsvault ingest parked`.")
+        sample("hlsvault_ingest_parked", parked.count)
+        family("hlsvault_ingest_parked_overflow_total", "counter",
+               "Parked ingest messages dropped, oldest first, because the park was full.")
+        sample("hlsvault_ingest_parked_overflow_total", parked.overflow)
     return "\n".join(lines) + "\n"

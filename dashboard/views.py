@@ -1,102 +1,49 @@
 """Server-rendered pages of the ops app: plain f-strings, every value through ``html.escape``.
 
-The pages work without JavaScript; a little vanilla JS (``LIVE_JS``) polls the JSON API every
-1.5 s and rewrites the live parts in place.
+The pages work without JavaScript; ``/static/live.js`` polls the JSON API every 1.5 s and
+rewrites the live parts in place. No page holds an inline script, style element or style
+attribute (the Content-Security-Policy refuses them): what a script needs to know rides in
+``data-`` attributes, and progress is a ``<progress>`` element.
+
+Records reach these functions already redacted (:func:`dashboard.reading.redacted`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from html import escape
 from urllib.parse import quote, urlencode
 
-from pipeline.jobs import JobRecord, StageState
-from pipeline.logs import redact_text
+from pipeline.jobs import STATUSES, JobRecord, StageState
 
-from .metrics import (
-    JOB_STATUSES,
-    THROUGHPUT_BUCKET_S,
-    Heartbeat,
-    QueueStats,
-    job_progress,
-)
+from .metrics import THROUGHPUT_BUCKET_S, Heartbeat, QueueStats, job_progress
 
 #: How often the pages poll the JSON API.
 POLL_MS = 1500
 
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
-header{background:#1d2733;color:#fff;padding:.6em 1.2em}header a{color:#fff;margin-right:1em}
-main{padding:1em 1.2em}table{border-collapse:collapse;width:100%;background:#fff}
-th,td{border-bottom:1px solid #ddd;padding:.3em .5em;text-align:left;vertical-align:top}
-.status-failed{color:#b00020}.status-succeeded{color:#1b7f2a}.status-running{color:#0057b8}
-.status-cancelled{color:#777}.bar{background:#e4e4e4;width:10em;height:.8em;display:inline-block}
-.bar span{display:block;height:100%;background:#0057b8}.err{color:#b00020;white-space:pre-wrap}
-section{margin-bottom:1.5em}form{display:inline}.filters a{margin-right:.6em}
-button{padding:.3em .9em}video{background:#000;max-width:100%}
-"""
 
-LIVE_JS = """
-function el(tag, text, cls) {
-  const node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = text;
-  if (cls) node.className = cls;
-  return node;
-}
-function fmtTime(t) { return t ? new Date(t * 1000).toISOString().slice(11, 19) : "–"; }
-function fmtSecs(s) { return s === null || s === undefined ? "–" : s.toFixed(1) + " s"; }
-function bar(fraction) {
-  const outer = el("span", null, "bar"), inner = el("span");
-  inner.style.width = (fraction * 100).toFixed(1) + "%"; outer.appendChild(inner); return outer;
-}
-async function poll(url, render) {
-  try {
-    const response = await fetch(url, {credentials: "same-origin", cache: "no-store"});
-    if (response.ok) render(await response.json());
-  } catch (error) { console.log("poll failed: " + error); }
-  setTimeout(() => poll(url, render), POLL_MS);
-}
-function renderJob(job) {
-  document.getElementById("job-status").textContent = job.status;
-  document.getElementById("job-status").className = "status-" + job.status;
-  document.getElementById("job-progress").textContent = (job.progress * 100).toFixed(1) + "%";
-  document.getElementById("job-error").textContent = job.error || "";
-  const body = document.getElementById("stages");
-  body.replaceChildren(...job.stages.map(s => {
-    const row = el("tr"); row.id = "stage-" + s.name;
-    const progress = el("td"); progress.appendChild(bar(s.progress));
-    progress.appendChild(el("span", " " + (s.progress * 100).toFixed(0) + "%", "pct"));
-    row.append(el("td", s.name), el("td", s.status, "status-" + s.status),
-      el("td", fmtTime(s.started_at)), el("td", fmtTime(s.finished_at)),
-      el("td", String(s.attempts)), progress, el("td", s.error || "", "err"));
-    return row;
-  }));
-}
-function renderJobs(data) {
-  const body = document.getElementById("jobs");
-  body.replaceChildren(...data.jobs.map(j => {
-    const row = el("tr"), link = el("a", j.job_id.slice(0, 12));
-    link.href = "/jobs/" + encodeURIComponent(j.job_id);
-    const id = el("td"); id.appendChild(link);
-    const progress = el("td"); progress.appendChild(bar(j.progress));
-    row.append(id, el("td", j.status, "status-" + j.status), el("td", j.asset),
-      el("td", j.source), el("td", fmtSecs(j.age_s)), el("td", fmtSecs(j.duration_s)), progress);
-    return row;
-  }));
-}
-"""
-
-
-def page(title: str, body: str, *, script: str = "") -> str:
-    """A whole HTML page around ``body`` (already escaped markup)."""
-    js = f"<script>const POLL_MS = {POLL_MS};{LIVE_JS}{script}</script>" if script else ""
+def page(title: str, body: str, *, poll: str | None = None, render: str = "",
+         scripts: Sequence[str] = ()) -> str:
+    """A whole HTML page around ``body`` (already escaped markup); with ``poll``, live.js polls
+    that JSON URL and rewrites the page with its ``render`` function ("jobs" or "job")."""
+    live = (
+        f' data-poll="{escape(poll)}" data-render="{escape(render)}" data-poll-ms="{POLL_MS}"'
+        if poll is not None else ""
+    )
+    tags = "".join(
+        f'<script src="/static/{escape(name)}"></script>'
+        for name in (*scripts, *(("live.js",) if poll is not None else ()))
+    )
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        f"<title>{escape(title)} · hlsvault ops</title><style>{_CSS}</style></head><body>"
+        f"<title>{escape(title)} · hlsvault ops</title>"
+        '<link rel=stylesheet href="/static/ops.css"></head>'
+        f"<body{live}>"
         '<header><a href="/"><b>hlsvault ops</b></a><a href="/">jobs</a>'
         '<a href="/metrics">metrics</a></header>'
-        f"<main>{body}</main>{js}</body></html>"
+        f"<main>{body}</main>{tags}</body></html>"
     )
 
 
@@ -109,7 +56,7 @@ def _clock(stamp: float | None) -> str:
 
 
 def _bar(fraction: float) -> str:
-    return f'<span class=bar><span style="width:{fraction * 100:.1f}%"></span></span>'
+    return f"<progress max=1 value={fraction:.3f}>{fraction * 100:.0f}%</progress>"
 
 
 def job_summary(record: JobRecord, now: float) -> dict[str, object]:
@@ -119,7 +66,7 @@ def job_summary(record: JobRecord, now: float) -> dict[str, object]:
         "job_id": record.spec.job_id,
         "status": record.status,
         "asset": record.spec.asset,
-        "source": redact_text(record.spec.source),
+        "source": record.spec.source,
         "created_at": record.spec.created_at,
         "finished_at": record.finished_at,
         "age_s": round(now - record.spec.created_at, 1),
@@ -132,15 +79,17 @@ def jobs_page(
     records: Sequence[JobRecord],
     *,
     status: str | None,
+    counts: dict[str, int],
     queues: Sequence[QueueStats] | None,
     workers: Sequence[Heartbeat] | None,
     chart: Sequence[tuple[float, int, int]],
     now: float,
 ) -> str:
+    """The jobs list (the newest of ``status``, or of all), with every status's count."""
     filters = " ".join(
-        f'<a href="/?{urlencode({"status": s})}">{"<b>" if s == status else ""}{escape(s)}'
-        f'{"</b>" if s == status else ""}</a>'
-        for s in JOB_STATUSES
+        f'<a href="/?{urlencode({"status": s})}">{"<b>" if s == status else ""}{escape(s)} '
+        f'(<span id=count-{s}>{counts.get(s, 0)}</span>){"</b>" if s == status else ""}</a>'
+        for s in STATUSES
     )
     rows = "".join(_job_row(r, now) for r in records)
     api = "/api/jobs" + (f"?{urlencode({'status': status})}" if status else "")
@@ -154,12 +103,7 @@ def jobs_page(
         f"<section><h2>Queues</h2>{queues_table(queues)}</section>"
         f"<section><h2>Workers</h2>{workers_table(workers)}</section>"
     )
-    return page("jobs", body, script=f"poll({_js_string(api)}, renderJobs);")
-
-
-def _js_string(value: str) -> str:
-    # Only URL-safe characters reach here; quote() guarantees no quote or angle bracket.
-    return '"' + quote(value, safe="/?=&") + '"'
+    return page("jobs", body, poll=api, render="jobs")
 
 
 def _job_row(record: JobRecord, now: float) -> str:
@@ -169,7 +113,7 @@ def _job_row(record: JobRecord, now: float) -> str:
     return (
         f'<tr><td><a href="/jobs/{quote(spec.job_id)}">{escape(spec.job_id[:12])}</a></td>'
         f"<td class=status-{status}>{status}</td><td>{escape(spec.asset)}</td>"
-        f"<td>{escape(redact_text(spec.source))}</td><td>{_seconds(now - spec.created_at)}</td>"
+        f"<td>{escape(spec.source)}</td><td>{_seconds(now - spec.created_at)}</td>"
         f"<td>{_seconds(end - spec.created_at)}</td><td>{_bar(job_progress(record))}</td></tr>"
     )
 
@@ -244,7 +188,7 @@ def job_page(
     record: JobRecord,
     *,
     csrf: dict[str, str],
-    preview_url: str | None,
+    preview: Preview,
     now: float,
 ) -> str:
     spec = record.spec
@@ -272,15 +216,7 @@ def job_page(
         links.append(
             f'retried as <a id=retried-as href="/jobs/{quote(new)}">{escape(new[:12])}</a>'
         )
-    preview = ""
-    if preview_url is not None:
-        preview = (
-            f"<section><h2>Preview of {escape(spec.asset)} (its current version)</h2>"
-            f'<video id=preview controls muted autoplay playsinline width=640 '
-            f'data-src="{escape(preview_url)}"></video>'
-            "<p><small>Played through the key server with a token that lives 10 minutes."
-            "</small></p></section>"
-        )
+    player = _preview_section(spec.asset, preview) if record.status == "succeeded" else ""
     end = record.finished_at or now
     body = (
         f"<section><h2>Job {escape(job_id)}</h2><table>"
@@ -288,7 +224,7 @@ def job_page(
         f"<tr><th>progress</th><td id=job-progress>{job_progress(record) * 100:.1f}%</td></tr>"
         f"<tr><th>asset</th><td>{escape(spec.asset)}</td></tr>"
         f"<tr><th>version</th><td>{escape(spec.version)}</td></tr>"
-        f"<tr><th>source</th><td>{escape(redact_text(spec.source))}</td></tr>"
+        f"<tr><th>source</th><td>{escape(spec.source)}</td></tr>"
         f"<tr><th>ladder</th><td>{escape(spec.ladder)}</td></tr>"
         f"<tr><th>created</th><td>{_clock(spec.created_at)} UTC ({now - spec.created_at:.0f} s ago)"
         f"</td></tr><tr><th>duration</th><td>{_seconds(end - spec.created_at)}</td></tr>"
@@ -297,24 +233,30 @@ def job_page(
         "<section><h2>Stages</h2><table><thead><tr><th>stage</th><th>status</th>"
         "<th>started</th><th>finished</th><th>attempts</th><th>progress</th><th>error</th>"
         f"</tr></thead><tbody id=stages>{''.join(_stage_row(s) for s in record.stages)}</tbody>"
-        f"</table></section>{preview}"
+        f"</table></section>{player}"
     )
-    script = f"poll({_js_string('/api/jobs/' + job_id)}, renderJob);"
-    if preview_url is not None:
-        script += _PREVIEW_JS
-    head = '<script src="/static/hls.min.js"></script>' if preview_url is not None else ""
-    return page(f"job {job_id[:12]}", head + body, script=script)
+    scripts = ("hls.min.js", "preview.js") if preview.url is not None else ()
+    return page(f"job {job_id[:12]}", body, poll=f"/api/jobs/{quote(job_id)}", render="job",
+                scripts=scripts)
 
 
-_PREVIEW_JS = """
-(function () {
-  const video = document.getElementById("preview"), src = video.dataset.src;
-  if (window.Hls && Hls.isSupported()) {
-    const hls = new Hls(); hls.loadSource(src); hls.attachMedia(video);
-    hls.on(Hls.Events.ERROR, (event, data) => {
-      if (data.fatal) console.log("preview failed: " + data.type + " " + data.details);
-    });
-  } else { video.src = src; }
-  video.play().catch(error => console.log("autoplay refused: " + error));
-})();
-"""
+@dataclass(frozen=True)
+class Preview:
+    """The preview of a succeeded job's asset: its playback URL, or why there is none."""
+
+    url: str | None = None
+    unavailable: str | None = None
+
+
+def _preview_section(asset: str, preview: Preview) -> str:
+    heading = f"<h2>Preview of {escape(asset)} (its current version)</h2>"
+    if preview.url is None:
+        return (f"<section>{heading}<p id=preview-unavailable class=note>No preview: "
+                f"{escape(preview.unavailable or 'not available')}</p></section>")
+    return (
+        f"<section>{heading}<video id=preview controls muted autoplay playsinline width=640 "
+        f'data-src="{escape(preview.url)}"></video>'
+        "<p class=note><small>Played through the key server with a token that lives 10 minutes."
+        "</small></p></section>"
+    )
+

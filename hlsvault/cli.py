@@ -9,6 +9,7 @@ hlsvault url ASSET [--ttl SECONDS] [--auth token|cookie] [--sid S] [--ip A]
 hlsvault token ASSET [--ttl SECONDS] [--sid S] [--ip A]
 hlsvault rekey ASSET [--grace SECONDS] [--json]
 hlsvault revoke ASSET [--json]
+hlsvault ingest parked [--replay ID | --drop ID] [--json]   (distributed mode)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.plan import LADDERS
 from pipeline.settings import load_settings
 
+from .ingestcommands import add_commands as add_ingest_commands
 from .jobrun import DEFAULT_WAIT_TIMEOUT_S, Context, fail, report, run_job, wait
 from .keycommands import add_commands
 
@@ -187,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     add_commands(commands, wait_timeout=DEFAULT_WAIT_TIMEOUT_S)
+    add_ingest_commands(commands)
 
     status = commands.add_parser("status", help="show a job's stages")
     status.add_argument("job")

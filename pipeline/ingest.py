@@ -8,9 +8,15 @@ Every source is an object in one of ``settings.source_buckets``; anything else i
 The object is read with a HEAD, which gives its ETag and its user metadata:
 
 - the asset id is the request's ``asset``, else the object's ``asset`` metadata
-  (``x-amz-meta-asset``), else derived from the key (:func:`asset_from_key`);
+  (``x-amz-meta-asset``), else derived from the key (:func:`pipeline.layout.asset_from_name`);
 - the ladder is the request's ``ladder``, else the object's ``ladder`` metadata, else
-  ``default`` (as for ``hlsvault submit``).
+  :data:`pipeline.layout.DEFAULT_LADDER` (as for ``hlsvault submit``).
+
+Bodies are read with :func:`pipeline.documents.load_document` (size and nesting bounded) and
+their shape checked field by field. Refusals are errors of the tree: :class:`BadSpec` for a
+malformed request (400 at the webhook), :class:`InvalidSource` for a well-formed one naming a
+source that may not or cannot be packaged (422), :class:`TransientError` when S3 or Redis did
+not answer (503; the poller retries).
 
 The same object (bucket, key, and its ETag or version id) with the same asset is one job:
 :class:`Ingest` records ``hlsvault:ingest:<sha256>`` → job id with SET NX, so a repeat — a
@@ -21,20 +27,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import unquote_plus
 
 import redis
-from botocore.exceptions import BotoCoreError, ClientError
+import structlog
+from redis.exceptions import RedisError
 
-from .errors import BadSpec, HlsvaultError, TransientError
+from . import layout
+from .aws import Outcome, botocore_errors, classify, describe
+from .documents import load_document
+from .errors import BadSpec, InvalidSource, TransientError
 from .jobs import JobSpec, JobStore, UnknownJob, new_job_spec
-from .layout import check_asset_id
+from .plan import LADDERS, check_segment_seconds
 from .settings import Settings
+
+log = structlog.get_logger(__name__)
 
 #: A repeat of the same object is answered with its first job for this long; S3 and SQS
 #: redeliver within minutes, and a customer's backend retries within days at most.
@@ -42,11 +52,7 @@ IDEMPOTENCY_TTL_S = 30 * 24 * 3600
 #: A claim whose job record is still missing after this long belongs to a process that died
 #: between claiming and enqueueing; it may be taken over. Far above a Redis round trip.
 CLAIM_GRACE_S = 60
-#: The longest asset id the key server accepts (keys.ASSET_ID_PATTERN).
-MAX_ASSET_ID = 128
-DEFAULT_LADDER = "default"
 _LEDGER_PREFIX = "hlsvault:ingest:"
-_NOT_ASSET_CHAR = re.compile(r"[^A-Za-z0-9_-]+")
 _OPTIONS = ("source", "asset", "ladder", "segment_seconds", "key_rotation_segments")
 
 # Replace a stale claim only if it still names the job we found missing.
@@ -65,16 +71,6 @@ return 0
 """
 
 
-class IngestError(HlsvaultError):
-    """A request refused for good, with the HTTP status that says whose fault it is:
-    400 malformed request, 422 well-formed but refused (bucket not allowed, object missing)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 @dataclass(frozen=True)
 class SourceRequest:
     """One object to package, and the options that came with it."""
@@ -85,8 +81,8 @@ class SourceRequest:
     version_id: str | None = None
     asset: str | None = None
     ladder: str | None = None
-    segment_seconds: float = 6.0
-    key_rotation_segments: int = 0
+    segment_seconds: float = layout.DEFAULT_SEGMENT_SECONDS
+    key_rotation_segments: int = layout.DEFAULT_KEY_ROTATION_SEGMENTS
 
     @property
     def source(self) -> str:
@@ -113,36 +109,47 @@ def is_test_event(document: Any) -> bool:
 
 
 def parse_request(document: Any) -> list[SourceRequest]:
-    """The sources a job request or S3 event document names (ObjectCreated records only)."""
+    """The sources a job request or S3 event document names (ObjectCreated records only);
+    none for the ``s3:TestEvent``."""
+    if is_test_event(document):
+        return []
     if not isinstance(document, dict):
-        raise IngestError(400, 'the body must be a JSON object: {"source": "s3://bucket/key"} '
-                               "or an S3 event notification")
+        raise BadSpec('the body must be a JSON object: {"source": "s3://bucket/key"} '
+                      "or an S3 event notification")
     if "Records" in document:
         return parse_s3_event(document)
     return [parse_job_request(document)]
 
 
 def parse_job_request(document: dict[str, Any]) -> SourceRequest:
-    unknown = sorted(set(document) - set(_OPTIONS))
+    unknown = sorted(str(name)[:40] for name in set(document) - set(_OPTIONS))
     if unknown:
-        raise IngestError(400, f"unknown field(s) {', '.join(unknown)}; allowed: "
-                               f"{', '.join(_OPTIONS)}")
+        named = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if unknown[10:] else "")
+        raise BadSpec(f"unknown field(s) {named}; allowed: {', '.join(_OPTIONS)}")
     source = document.get("source")
     if not isinstance(source, str) or not source.startswith("s3://"):
-        raise IngestError(400, 'field "source" must be a string like "s3://bucket/key"')
+        raise BadSpec('field "source" must be a string like "s3://bucket/key"')
     bucket, _, key = source.removeprefix("s3://").partition("/")
     if not bucket or not key:
-        raise IngestError(400, f"source {source[:200]!r} is not of the form s3://bucket/key")
+        raise BadSpec(f"source {source[:200]!r} is not of the form s3://bucket/key")
     asset = _optional_str(document, "asset")
-    ladder = _optional_str(document, "ladder")
-    seconds = document.get("segment_seconds", 6.0)
-    rotation = document.get("key_rotation_segments", 0)
+    if asset is not None:
+        layout.check_asset_id(asset)
+    seconds = document.get("segment_seconds", layout.DEFAULT_SEGMENT_SECONDS)
+    rotation = document.get("key_rotation_segments", layout.DEFAULT_KEY_ROTATION_SEGMENTS)
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise IngestError(400, 'field "segment_seconds" must be a number, e.g. 6')
+        raise BadSpec('field "segment_seconds" must be a number, e.g. 6')
     if isinstance(rotation, bool) or not isinstance(rotation, int):
-        raise IngestError(400, 'field "key_rotation_segments" must be a whole number (0 = off)')
-    return SourceRequest(bucket=bucket, key=key, asset=asset, ladder=ladder,
-                         segment_seconds=float(seconds), key_rotation_segments=rotation)
+        raise BadSpec('field "key_rotation_segments" must be a whole number (0 = off)')
+    try:
+        seconds = float(seconds)
+    except OverflowError:  # a JSON integer of hundreds of digits
+        raise BadSpec('field "segment_seconds" is out of range; send a number of seconds such '
+                      "as 6") from None
+    check_segment_seconds(seconds)
+    return SourceRequest(bucket=bucket, key=key, asset=asset,
+                         ladder=_optional_str(document, "ladder"),
+                         segment_seconds=seconds, key_rotation_segments=rotation)
 
 
 def parse_s3_event(document: dict[str, Any]) -> list[SourceRequest]:
@@ -153,41 +160,45 @@ def parse_s3_event(document: dict[str, Any]) -> list[SourceRequest]:
     """
     records = document.get("Records")
     if not isinstance(records, list):
-        raise IngestError(400, 'field "Records" must be a list of S3 event records')
+        raise BadSpec('field "Records" must be a list of S3 event records')
     requests = []
     for index, record in enumerate(records):
-        try:
-            name = record["eventName"]
-            bucket = record["s3"]["bucket"]["name"]
-            obj = record["s3"]["object"]
-            key = unquote_plus(obj["key"])
-        except (KeyError, TypeError):
-            raise IngestError(400, f"Records[{index}] is not an S3 event record: it needs "
-                                   "eventName, s3.bucket.name and s3.object.key") from None
-        if not all(isinstance(v, str) and v for v in (name, bucket, key)):
-            raise IngestError(400, f"Records[{index}]: eventName, bucket and key must be strings")
+        name = _path(record, index, "eventName")
+        bucket = _path(record, index, "s3", "bucket", "name")
+        key = unquote_plus(_path(record, index, "s3", "object", "key"))
+        if not key:
+            raise BadSpec(f"Records[{index}].s3.object.key decodes to an empty key")
         if not name.removeprefix("s3:").startswith("ObjectCreated:"):
             continue
-        version_id = obj.get("versionId")
+        version_id = record["s3"]["object"].get("versionId")
+        if version_id is not None and not isinstance(version_id, str):
+            raise BadSpec(f"Records[{index}].s3.object.versionId must be a string")
         # Unversioned buckets may say "null"; that names no version to HEAD.
-        version_id = str(version_id) if version_id and version_id != "null" else None
+        version_id = version_id if version_id and version_id != "null" else None
         requests.append(SourceRequest(bucket=bucket, key=key, version_id=version_id))
     return requests
 
 
-def asset_from_key(key: str) -> str:
-    """The asset id of an object without ``asset`` metadata: its file name without the last
-    extension, every run of characters outside ``[A-Za-z0-9_-]`` replaced by ``-``, leading
-    and trailing ``-``/``_`` dropped (an id starts with a letter or digit), cut to 128
-    characters.
+def _path(record: Any, index: int, *names: str) -> str:
+    """The non-empty string at ``record[names[0]][names[1]]…``, or BadSpec naming the path."""
+    value = record
+    for depth, name in enumerate(names):
+        if not isinstance(value, dict):
+            where = ".".join(names[:depth]) or "the record"
+            raise BadSpec(f"Records[{index}]: {where} must be an object; an S3 event record "
+                          "has eventName, s3.bucket.name and s3.object.key")
+        value = value.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadSpec(f"Records[{index}].{'.'.join(names)} must be a non-empty string")
+    return value
 
-    ``uploads/2024/My Film (final).mp4`` → ``My-Film-final``.
-    """
-    stem = PurePosixPath(key).stem
-    asset = _NOT_ASSET_CHAR.sub("-", stem).strip("-_")[:MAX_ASSET_ID]
-    if not asset:
-        raise IngestError(422, f"no asset id can be derived from key {key[:200]!r}; set the "
-                               "object's x-amz-meta-asset metadata or pass \"asset\"")
+
+def asset_for_key(key: str) -> str:
+    """The asset id an object without ``asset`` metadata gets from its key."""
+    asset = layout.asset_from_name(key)
+    if asset is None:
+        raise InvalidSource(f"no asset id can be derived from key {key[:200]!r}; set the "
+                            "object's x-amz-meta-asset metadata or pass \"asset\"")
     return asset
 
 
@@ -199,8 +210,8 @@ def ledger_key(bucket: str, key: str, revision: str, asset: str) -> str:
 class Ingest:
     """Turns source requests into jobs, each object once.
 
-    ``submit(spec)`` records and enqueues a job (``workers.flow.start`` in the fleet); ``jobs``
-    is read to tell a dead claim from a job in flight.
+    ``submit(spec)`` records and enqueues a job (see ``workers.sending``); ``jobs`` is read to
+    tell a dead claim from a job in flight.
     """
 
     def __init__(
@@ -225,41 +236,51 @@ class Ingest:
     def check_bucket(self, bucket: str) -> None:
         allowed = self.settings.source_buckets
         if not allowed:
-            raise IngestError(422, "no source bucket is allowed: set HLSVAULT_SOURCE_BUCKETS to "
-                                   "the comma-separated buckets jobs may read from")
+            raise InvalidSource("no source bucket is allowed: set HLSVAULT_SOURCE_BUCKETS to "
+                                "the comma-separated buckets jobs may read from")
         if bucket not in allowed:
-            raise IngestError(422, f"bucket {bucket[:100]!r} is not an allowed source bucket; "
-                                   "add it to HLSVAULT_SOURCE_BUCKETS or upload to one of "
-                                   f"{', '.join(allowed)}")
+            raise InvalidSource(f"bucket {bucket[:100]!r} is not an allowed source bucket; "
+                                "add it to HLSVAULT_SOURCE_BUCKETS or upload to one of "
+                                f"{', '.join(allowed)}")
+
+    def accept_body(self, body: bytes | str) -> list[Accepted]:
+        """The jobs of a webhook body or SQS message: what the webhook, the ingest poller and
+        a replay of a parked message all do. None for an S3 test event or removals only."""
+        document = load_document(body)
+        if is_test_event(document):
+            log.info("s3 test event received; the bucket's notifications reach hlsvault",
+                     bucket=str(document.get("Bucket"))[:100])
+        return [self.accept(request) for request in parse_request(document)]
 
     def accept(self, request: SourceRequest) -> Accepted:
         """The job for ``request``'s object: the existing one, or a new one just enqueued."""
         self.check_bucket(request.bucket)
         head = self._head(request)
-        metadata = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
-        asset = request.asset or _metadata_asset(metadata) or asset_from_key(request.key)
-        ladder = request.ladder or metadata.get("ladder") or DEFAULT_LADDER
+        meta_asset, meta_ladder = _from_metadata(head.get("Metadata") or {})
+        asset = request.asset or meta_asset or asset_for_key(request.key)
+        ladder = request.ladder or meta_ladder or layout.DEFAULT_LADDER
         # What HEAD saw identifies the object's content, whichever way it was named: an
         # event and a webhook request for the same upload are one job.
         revision = head.get("VersionId") or str(head.get("ETag", "")).strip('"')
-        try:
-            spec = new_job_spec(
-                request.source, asset=asset, ladder=ladder,
-                segment_seconds=request.segment_seconds,
-                key_rotation_segments=request.key_rotation_segments,
-            )
-        except BadSpec as error:
-            raise IngestError(400, str(error)) from None
+        spec = new_job_spec(
+            request.source, asset=asset, ladder=ladder,
+            segment_seconds=request.segment_seconds,
+            key_rotation_segments=request.key_rotation_segments,
+        )
         ledger = ledger_key(request.bucket, request.key, str(revision), asset)
-        existing = self._claim(ledger, spec.job_id)
-        if existing is not None:
-            return Accepted(existing, asset, request.source, duplicate=True)
         try:
-            self.submit(spec)
-        except BaseException:
-            # Not enqueued: let the retry of this request claim the object again.
-            self._release(keys=[ledger], args=[spec.job_id])
-            raise
+            existing = self._claim(ledger, spec.job_id)
+            if existing is not None:
+                return Accepted(existing, asset, request.source, duplicate=True)
+            try:
+                self.submit(spec)
+            except BaseException:
+                # Not enqueued: let the retry of this request claim the object again.
+                self._release(keys=[ledger], args=[spec.job_id])
+                raise
+        except RedisError as error:
+            raise TransientError(f"Redis did not answer ({type(error).__name__}); the job "
+                                 "was not created, send the request again") from None
         return Accepted(spec.job_id, asset, request.source, duplicate=False)
 
     def _claim(self, ledger: str, job_id: str) -> str | None:
@@ -290,32 +311,38 @@ class Ingest:
 
     def _head(self, request: SourceRequest) -> dict[str, Any]:
         extra = {"VersionId": request.version_id} if request.version_id else {}
+        source = request.source[:200]
         try:
             head: dict[str, Any] = self.s3.head_object(
                 Bucket=request.bucket, Key=request.key, **extra
             )
-        except ClientError as error:
-            code = str(error.response.get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket", "NoSuchVersion"):
-                raise IngestError(422, f"source {request.source[:200]} does not exist; check the "
-                                       "bucket and key (S3 keys are case-sensitive)") from None
-            if code in ("403", "AccessDenied", "Forbidden"):
-                raise IngestError(422, f"source {request.source[:200]} is not readable by "
-                                       "hlsvault's AWS credentials; grant s3:GetObject") from None
-            raise TransientError(f"S3 error reading {request.source[:200]}: {code}") from None
-        except BotoCoreError as error:
-            raise TransientError(f"S3 unreachable: {type(error).__name__}") from None
+        except botocore_errors() as error:
+            outcome = classify(error)
+            if outcome is Outcome.NOT_FOUND:
+                raise InvalidSource(f"source {source} does not exist; check the bucket and key "
+                                    "(S3 keys are case-sensitive)") from None
+            if outcome is Outcome.REFUSED:
+                raise InvalidSource(f"source {source} cannot be read ({describe(error)}): check "
+                                    "that the bucket exists and grant hlsvault's AWS "
+                                    "credentials s3:GetObject on it") from None
+            raise TransientError(f"S3 did not answer for {source} ({describe(error)}); "
+                                 "send the request again later") from None
         return head
 
 
-def _metadata_asset(metadata: dict[str, str]) -> str | None:
-    asset = metadata.get("asset")
-    if not asset:
-        return None
-    try:
-        return check_asset_id(asset)
-    except BadSpec as error:
-        raise IngestError(422, f"the object's x-amz-meta-asset is not usable: {error}") from None
+def _from_metadata(metadata: dict[str, str]) -> tuple[str | None, str | None]:
+    """The asset and ladder an object's user metadata names, if it names them usably."""
+    named = {k.lower(): v for k, v in metadata.items()}
+    asset, ladder = named.get("asset") or None, named.get("ladder") or None
+    if asset is not None:
+        try:
+            layout.check_asset_id(asset)
+        except BadSpec as error:
+            raise InvalidSource(f"the object's x-amz-meta-asset is not usable: {error}") from None
+    if ladder is not None and ladder not in LADDERS:
+        raise InvalidSource(f"the object's x-amz-meta-ladder {ladder[:40]!r} is not a ladder; "
+                            f"use one of {', '.join(LADDERS)} or remove it")
+    return asset, ladder
 
 
 def _optional_str(document: dict[str, Any], name: str) -> str | None:
@@ -323,10 +350,5 @@ def _optional_str(document: dict[str, Any], name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        raise IngestError(400, f'field "{name}" must be a non-empty string')
-    if name == "asset":
-        try:
-            check_asset_id(value)
-        except BadSpec as error:
-            raise IngestError(400, str(error)) from None
+        raise BadSpec(f'field "{name}" must be a non-empty string')
     return value

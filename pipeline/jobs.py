@@ -1,28 +1,28 @@
 """Job records: the spec of a packaging job and everything that happened to it.
 
-A record is a flat hash of string fields (a Redis hash in distributed mode, a locked JSON file
-in embedded mode), so that every update is a single-field write or an atomic increment and
-stages running on different machines never overwrite each other's fields.
+A record is a flat hash of string fields (a Redis hash in distributed mode,
+:mod:`pipeline.jobs_redis`; a locked JSON file in embedded mode, :mod:`pipeline.jobs_file`),
+so that every update is a single-field write or an atomic increment and stages running on
+different machines never overwrite each other's fields.
 
 Fields: ``spec`` (JSON), ``status``, ``error``, ``failed_stage``, ``created_at``,
 ``finished_at``, ``media`` and ``renditions`` (JSON), ``result`` (JSON), and per stage
 ``<stage>.status|started_at|finished_at|progress|attempts|error|detail``, where a stage is
 ``probe``, ``segment:<rendition>``, ``encrypt:<rendition>``, ``playlist``, ``upload``,
 ``invalidate``; ``pending.encrypt`` is the fan-in counter.
+
+Each backend also keeps an index of jobs by status, updated in the same atomic step as the
+status itself: queued and running jobs by creation time, finished ones by finish time. The ops
+app's counts, throughput and lists read the index, never every record.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from . import layout
@@ -31,6 +31,8 @@ from .plan import LADDERS, check_segment_seconds
 
 STAGES = ("probe", "rekey", "segment", "encrypt", "playlist", "upload", "invalidate")
 TERMINAL = ("succeeded", "failed", "cancelled")
+#: Every status a job has, in the order it passes through them.
+STATUSES = ("queued", "running", *TERMINAL)
 #: A rotation period longer than any video would simply be "off"; shorter than 1 is invalid.
 MAX_KEY_ROTATION_SEGMENTS = 100_000
 
@@ -208,14 +210,24 @@ class RecordBackend(Protocol):
     def increment(self, job_id: str, name: str, amount: int) -> int: ...
     def arrive(self, job_id: str, counter: str, marker: str) -> int: ...
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool: ...
-    def job_ids(self) -> list[str]: ...
+    def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]: ...
+    def newest(self, limit: int, status: str | None) -> list[str]: ...
+    def status_counts(self, now: float) -> dict[str, int]: ...
+    def finished_counts(self, start: float, end: float) -> dict[str, int]: ...
+
+
+def check_status(status: str) -> str:
+    if status not in STATUSES:
+        raise BadSpec(f"unknown job status {status[:40]!r}; choose one of {', '.join(STATUSES)}")
+    return status
 
 
 class JobStore:
-    """Job records over a :class:`RecordBackend`."""
+    """Job records over a :class:`RecordBackend`. ``clock`` stamps every time it writes."""
 
-    def __init__(self, backend: RecordBackend) -> None:
+    def __init__(self, backend: RecordBackend, *, clock: Callable[[], float] = time.time) -> None:
         self.backend = backend
+        self.clock = clock
 
     def create(self, spec: JobSpec) -> None:
         self.backend.create(
@@ -244,7 +256,7 @@ class JobStore:
         """
         attempts = self.backend.increment(job_id, f"{stage}.attempts", 1)
         self.backend.write(
-            job_id, {f"{stage}.status": "running", f"{stage}.started_at": repr(time.time())}
+            job_id, {f"{stage}.status": "running", f"{stage}.started_at": repr(self.clock())}
         )
         # A job an operator cancelled (or that failed elsewhere) stays ended.
         self.backend.write_unless_ended(job_id, {"status": "running"})
@@ -261,7 +273,7 @@ class JobStore:
     ) -> None:
         fields = {
             f"{stage}.status": status,
-            f"{stage}.finished_at": repr(time.time()),
+            f"{stage}.finished_at": repr(self.clock()),
             f"{stage}.progress": "1.000",
         }
         if detail:
@@ -278,7 +290,7 @@ class JobStore:
         return self.backend.arrive(job_id, f"pending.{counter}", f"arrived.{counter}.{member}")
 
     def fail(self, job_id: str, stage: str, reason: str) -> None:
-        now = repr(time.time())
+        now = repr(self.clock())
         self.backend.write(
             job_id,
             {f"{stage}.status": "failed", f"{stage}.error": reason, f"{stage}.finished_at": now},
@@ -289,95 +301,51 @@ class JobStore:
 
     def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
         """Mark the job succeeded, unless it already ended (an operator cancelled it)."""
-        return self.backend.write_unless_ended(
-            job_id,
-            {"status": "succeeded", "result": json.dumps(result), "finished_at": repr(time.time())},
-        )
+        fields = {"status": "succeeded", "result": json.dumps(result)}
+        fields["finished_at"] = repr(self.clock())
+        return self.backend.write_unless_ended(job_id, fields)
 
     def cancel(self, job_id: str, reason: str = "cancelled by an operator") -> bool:
         """End a job that has not ended; its queued stages skip it. False when it had ended."""
         return self.backend.write_unless_ended(
-            job_id, {"status": "cancelled", "error": reason, "finished_at": repr(time.time())}
+            job_id, {"status": "cancelled", "error": reason, "finished_at": repr(self.clock())}
         )
 
-    def job_ids(self) -> list[str]:
-        return self.backend.job_ids()
+    # -- the index -------------------------------------------------------------------------
+
+    def recent(self, limit: int, status: str | None = None) -> list[JobRecord]:
+        """The newest ``limit`` records, newest first: of every job by creation time, or of
+        one status (finished ones by finish time). Reads only those records."""
+        if status is not None:
+            check_status(status)
+        ids = self.backend.newest(limit, status)
+        records = []
+        for fields in self.backend.read_many(ids):
+            # Expired since it was indexed, or moved on to another status in between.
+            if fields is None or "spec" not in fields:
+                continue
+            record = JobRecord.from_fields(fields)
+            if status is None or record.status == status:
+                records.append(record)
+        return records
+
+    def counts(self) -> dict[str, int]:
+        """How many records there are of each status (that have not expired by now)."""
+        counted = self.backend.status_counts(self.clock())
+        return {status: counted.get(status, 0) for status in STATUSES}
+
+    def finished_between(self, start: float, end: float) -> dict[str, int]:
+        """How many jobs reached each terminal status at a time in ``[start, end)``."""
+        counted = self.backend.finished_counts(start, end)
+        return {status: counted.get(status, 0) for status in TERMINAL}
 
 
-class FileRecordBackend:
-    """Job records as JSON files, one per job, updated under an exclusive ``flock``."""
+def __getattr__(name: str) -> Any:
+    # FileRecordBackend lives in pipeline/jobs_file.py, beside jobs_redis.py; this keeps
+    # `from pipeline.jobs import FileRecordBackend` (pipeline/services.py) working until its
+    # callers import it from there. Lazily, as jobs_file imports this module.
+    if name == "FileRecordBackend":
+        from .jobs_file import FileRecordBackend
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-
-    def _path(self, job_id: str) -> Path:
-        if not job_id.isalnum():
-            raise UnknownJob(job_id)
-        return self.directory / f"{job_id}.json"
-
-    @contextmanager
-    def _locked(self, job_id: str) -> Iterator[dict[str, str]]:
-        path = self._path(job_id)
-        # The lock lives on its own file: the record itself is replaced by rename, and a lock
-        # held on a replaced inode would protect nothing.
-        with self._lock, open(self.directory / f".{job_id}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                fields: dict[str, str] = json.loads(path.read_text())
-            except FileNotFoundError:
-                fields = {}
-            before = dict(fields)
-            yield fields
-            if fields != before:
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(fields, sort_keys=True))
-                os.replace(tmp, path)
-
-    def create(self, job_id: str, fields: dict[str, str]) -> None:
-        with self._locked(job_id) as record:
-            record.update(fields)
-
-    def read(self, job_id: str) -> dict[str, str]:
-        try:
-            text = self._path(job_id).read_text()
-        except FileNotFoundError:
-            raise UnknownJob(job_id) from None
-        fields: dict[str, str] = json.loads(text) if text else {}
-        return fields
-
-    def write(self, job_id: str, fields: dict[str, str]) -> None:
-        with self._locked(job_id) as record:
-            record.update(fields)
-
-    def write_if_absent(self, job_id: str, name: str, value: str) -> bool:
-        with self._locked(job_id) as record:
-            if name in record:
-                return False
-            record[name] = value
-            return True
-
-    def increment(self, job_id: str, name: str, amount: int) -> int:
-        with self._locked(job_id) as record:
-            value = int(record.get(name, "0")) + amount
-            record[name] = str(value)
-            return value
-
-    def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool:
-        with self._locked(job_id) as record:
-            if record.get("status") in TERMINAL:
-                return False
-            record.update(fields)
-            return True
-
-    def arrive(self, job_id: str, counter: str, marker: str) -> int:
-        with self._locked(job_id) as record:
-            if marker not in record:
-                record[marker] = "1"
-                record[counter] = str(int(record.get(counter, "0")) - 1)
-            return int(record.get(counter, "0"))
-
-    def job_ids(self) -> list[str]:
-        paths = sorted(self.directory.glob("*.json"), key=lambda p: p.stat().st_mtime)
-        return [path.stem for path in paths]
+        return FileRecordBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,18 @@
-"""Job records as Redis hashes, for the distributed fleet."""
+"""Job records as Redis hashes, for the distributed fleet.
+
+    hlsvault:job:<id>              the record (a hash), expiring RECORD_TTL_S after it is
+                                   created, and again RECORD_TTL_S after it finishes
+    hlsvault:jobs                  sorted set: every job id by creation time
+    hlsvault:jobs:status:<status>  sorted set per status: queued and running jobs by creation
+                                   time, succeeded, failed and cancelled ones by finish time
+
+A job leaves one status set and joins the next in the Lua script that writes its status, so
+the sets always agree with the records, and counts and time ranges read only the sets.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -10,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from .jobs import UnknownJob
+from .jobs import STATUSES, TERMINAL, UnknownJob
 
 #: Redis answers in well under a millisecond; five seconds means it is gone, not busy.
 SOCKET_TIMEOUT_S = 5.0
@@ -21,6 +32,13 @@ RECONNECT_ATTEMPTS = 12
 RECORD_TTL_S = 30 * 24 * 3600
 _PREFIX = "hlsvault:job:"
 _INDEX = "hlsvault:jobs"
+_STATUS_INDEX = "hlsvault:jobs:status:"
+#: The status sets, in the order the Lua scripts below number them (KEYS[2] onwards).
+_STATUS_KEYS = [_STATUS_INDEX + status for status in STATUSES]
+#: Set once the records written before the status sets existed have been placed in them.
+_INDEXED_MARKER = "hlsvault:jobs:status:complete"
+#: Records placed per round trip when doing so.
+_BACKFILL_BATCH = 500
 
 # HSETNX the marker; only a first arrival decrements. Every caller learns the count left.
 _ARRIVE = """
@@ -51,23 +69,67 @@ def _mapping(fields: dict[str, str]) -> dict[Any, Any]:
 
 
 # Write the fields only while the job's status is not terminal: a cancelled job stays cancelled.
-_WRITE_UNLESS_ENDED = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+# A status change moves the job between the status sets in the same step; a job that finishes
+# is kept RECORD_TTL_S from then. KEYS: the record, then the status sets in STATUSES order;
+# ARGV: job id, record TTL, then field, value, field, value…
+_STATUS_TABLES = (
+    f"local slot = {{{', '.join(f'{s} = {i}' for i, s in enumerate(STATUSES, start=2))}}}\n"
+    f"local ended = {{{', '.join(f'{s} = true' for s in TERMINAL)}}}\n"
+)
+_WRITE_UNLESS_ENDED = _STATUS_TABLES + """
+local old = redis.call('HGET', KEYS[1], 'status')
+if not old or ended[old] then
   return 0
 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+local new = redis.call('HGET', KEYS[1], 'status')
+if new ~= old then
+  if slot[old] then
+    redis.call('ZREM', KEYS[slot[old]], ARGV[1])
+  end
+  if ended[new] then
+    local at = redis.call('HGET', KEYS[1], 'finished_at') or redis.call('TIME')[1]
+    redis.call('ZADD', KEYS[slot[new]], at, ARGV[1])
+    redis.call('EXPIRE', KEYS[1], ARGV[2])
+  elseif slot[new] then
+    redis.call('ZADD', KEYS[slot[new]], redis.call('HGET', KEYS[1], 'created_at') or 0, ARGV[1])
+  end
+end
+return 1
+"""
+
+
+# Place a job written before the status sets existed in the set of its status, unless a status
+# write placed it already: atomic with _WRITE_UNLESS_ENDED, so that the two never leave a job in
+# two sets. KEYS: the record, then the status sets; ARGV: the job id.
+_PLACE_EXISTING = _STATUS_TABLES + """
+for k = 2, #KEYS do
+  if redis.call('ZSCORE', KEYS[k], ARGV[1]) then
+    return 0
+  end
+end
+local found = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'finished_at')
+if not found[1] or not slot[found[1]] then
+  return 0
+end
+local at = found[2] or 0
+if ended[found[1]] then
+  at = found[3] or at
+end
+redis.call('ZADD', KEYS[slot[found[1]]], at, ARGV[1])
 return 1
 """
 
 
 class RedisRecordBackend:
-    """One hash per job under ``hlsvault:job:<id>``, and a sorted set of ids by creation time."""
+    """One hash per job under ``hlsvault:job:<id>``, and the sorted sets that index them."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._arrive = client.register_script(_ARRIVE)
         self._write_unless_ended = client.register_script(_WRITE_UNLESS_ENDED)
+        self._place_existing = client.register_script(_PLACE_EXISTING)
+        self._indexed = False
 
     @classmethod
     def from_url(cls, url: str) -> RedisRecordBackend:
@@ -77,7 +139,9 @@ class RedisRecordBackend:
         pipe = self.client.pipeline()
         pipe.hset(_PREFIX + job_id, mapping=_mapping(fields))
         pipe.expire(_PREFIX + job_id, RECORD_TTL_S)
-        pipe.zadd(_INDEX, {job_id: float(fields.get("created_at", "0"))})
+        created = float(fields.get("created_at", "0"))
+        pipe.zadd(_INDEX, {job_id: created})
+        pipe.zadd(_STATUS_INDEX + fields.get("status", "queued"), {job_id: created})
         pipe.execute()
 
     def read(self, job_id: str) -> dict[str, str]:
@@ -96,11 +160,62 @@ class RedisRecordBackend:
         return int(self.client.hincrby(_PREFIX + job_id, name, amount))
 
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool:
-        args = [item for pair in fields.items() for item in pair]
-        return bool(self._write_unless_ended(keys=[_PREFIX + job_id], args=args))
+        args: list[str | int] = [job_id, RECORD_TTL_S]
+        args += [item for pair in fields.items() for item in pair]
+        return bool(self._write_unless_ended(keys=[_PREFIX + job_id, *_STATUS_KEYS], args=args))
 
     def arrive(self, job_id: str, counter: str, marker: str) -> int:
         return int(self._arrive(keys=[_PREFIX + job_id], args=[counter, marker]))
 
-    def job_ids(self) -> list[str]:
-        return [str(job_id) for job_id in self.client.zrange(_INDEX, 0, -1)]
+    def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(_PREFIX + job_id)
+        return [
+            {str(k): str(v) for k, v in found.items()} if found else None
+            for found in pipe.execute()
+        ]
+
+    def _ensure_indexed(self) -> None:
+        """Place the records of a deployment older than the status sets in them, once."""
+        if self._indexed or self.client.exists(_INDEXED_MARKER):
+            self._indexed = True
+            return
+        cursor = None
+        while cursor != 0:  # ZSCAN ends with cursor 0 after one pass over the set
+            cursor, members = self.client.zscan(_INDEX, cursor or 0, count=_BACKFILL_BATCH)
+            pipe = self.client.pipeline(transaction=False)
+            for job_id, _ in members:
+                self._place_existing(keys=[_PREFIX + str(job_id), *_STATUS_KEYS],
+                                     args=[str(job_id)], client=pipe)
+            pipe.execute()
+        self.client.set(_INDEXED_MARKER, "1")
+        self._indexed = True
+
+    def newest(self, limit: int, status: str | None) -> list[str]:
+        self._ensure_indexed()
+        key = _INDEX if status is None else _STATUS_INDEX + status
+        return [str(job_id) for job_id in self.client.zrevrange(key, 0, limit - 1)]
+
+    def status_counts(self, now: float) -> dict[str, int]:
+        # Records expire; their entries are dropped here once surely expired: a status set's
+        # score is when its record's expiry was last set, and a job created that long ago is
+        # far below the newest any list shows.
+        self._ensure_indexed()
+        expired = now - RECORD_TTL_S
+        pipe = self.client.pipeline(transaction=False)
+        for key in (_INDEX, *_STATUS_KEYS):
+            pipe.zremrangebyscore(key, "-inf", f"({expired}")
+        for key in _STATUS_KEYS:
+            pipe.zcard(key)
+        cards = pipe.execute()[len(_STATUS_KEYS) + 1 :]
+        return {status: int(count) for status, count in zip(STATUSES, cards, strict=True)}
+
+    def finished_counts(self, start: float, end: float) -> dict[str, int]:
+        self._ensure_indexed()
+        pipe = self.client.pipeline(transaction=False)
+        for status in TERMINAL:
+            pipe.zcount(_STATUS_INDEX + status, start, f"({end}")
+        return {
+            status: int(count) for status, count in zip(TERMINAL, pipe.execute(), strict=True)
+        }

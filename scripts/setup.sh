@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare a fresh clone: system tools (ffmpeg, redis-server, chromium), then .venv with hlsvault
-# and its dev tools, then hls.js from npm for the browser tests.
+# and its dev tools, then hls.js from npm for the ops app's preview player and the browser tests.
 # Idempotent: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,10 +51,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# hls.js for the browser tests' player page, pinned by tests/browser/package-lock.json.
-player=tests/browser
+# hls.js, pinned by dashboard/static/package-lock.json: the ops app serves it to its preview
+# player, and the browser tests' player page loads the same file.
+player=dashboard/static
 if ! command -v npm >/dev/null 2>&1; then
-  echo "setup: npm is missing; the browser tests load hls.js from npm" >&2
+  echo "setup: npm is missing; the ops app's preview player and the browser tests load hls.js from npm" >&2
   echo "       install Node.js 18 or newer with npm (Debian/Ubuntu: sudo apt-get install -y npm)" >&2
   exit 1
 fi

@@ -24,7 +24,7 @@ from playwright.sync_api import Browser, Page, Playwright, Request, Response
 ROOT = Path(__file__).resolve().parent.parent
 PLAYER_DIR = Path(__file__).resolve().parent / "browser"
 PLAYER_HTML = PLAYER_DIR / "player.html"
-HLS_JS = PLAYER_DIR / "node_modules" / "hls.js" / "dist" / "hls.min.js"
+HLS_JS = ROOT / "dashboard" / "static" / "node_modules" / "hls.js" / "dist" / "hls.min.js"
 #: Screenshots and what each page saw, kept after the run as evidence (gitignored).
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 #: Debian's chromium: test tools may not download browsers, so Playwright drives this one.

@@ -1,29 +1,51 @@
-"""Job records: the bookkeeping every stage relies on, on both backends."""
+"""Job records: the bookkeeping every stage relies on, and the status index the ops app reads,
+on both backends."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from pipeline.jobs import FileRecordBackend, JobStore, new_job_spec
+from pipeline.errors import BadSpec
+from pipeline.jobs import JobStore, new_job_spec
+from pipeline.jobs_file import FileRecordBackend
 from pipeline.jobs_redis import RedisRecordBackend
 
 from fleet import RedisServer
 
+#: A fixed moment for the index tests (a clock the store is given, not the wall clock's).
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    """The store's clock, set by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(T0)
+
 
 @pytest.fixture(params=["file", "redis"])
-def jobs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+def jobs(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> JobStore:
     if request.param == "file":
-        yield JobStore(FileRecordBackend(tmp_path / "jobs"))
-        return
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield JobStore(RedisRecordBackend.from_url(server.url))
-    finally:
-        server.stop()
+        return JobStore(FileRecordBackend(tmp_path / "jobs"), clock=clock)
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return JobStore(RedisRecordBackend.from_url(server.url), clock=clock)
+
+
+def created(jobs: JobStore, asset: str, at: float) -> str:
+    spec = replace(new_job_spec(f"/videos/{asset}.mp4", asset=asset), created_at=at)
+    jobs.create(spec)
+    return spec.job_id
 
 
 def test_a_cancelled_job_stays_cancelled(jobs: JobStore) -> None:
@@ -63,3 +85,86 @@ def test_deliveries_are_counted_per_stage(jobs: JobStore) -> None:
     jobs.create(spec)
     assert [jobs.stage_started(spec.job_id, "upload") for _ in range(3)] == [1, 2, 3]
     assert jobs.get(spec.job_id).stage("upload").attempts == 3  # type: ignore[union-attr]
+
+
+class TestStatusIndex:
+    def test_each_status_change_moves_the_job_in_the_index(
+        self, jobs: JobStore, clock: Clock
+    ) -> None:
+        """Counts and lists follow every status written, and a late write to an ended job
+        (a stage failing after a cancel) moves nothing."""
+        # Given four jobs: one left queued, one running, one succeeded, one cancelled
+        queued, running, done, cancelled = (
+            created(jobs, name, T0 + i) for i, name in enumerate("abcd")
+        )
+        for job_id in (running, done, cancelled):
+            jobs.stage_started(job_id, "probe")
+        clock.now = T0 + 100
+        jobs.succeed(done, {})
+        clock.now = T0 + 200
+        jobs.cancel(cancelled)
+        clock.now = T0 + 300
+        jobs.fail(cancelled, "probe", "too late")
+
+        # Then each is counted once, under the status its record has
+        assert jobs.counts() == {"queued": 1, "running": 1, "succeeded": 1, "failed": 0,
+                                 "cancelled": 1}
+        assert [r.spec.job_id for r in jobs.recent(10)] == [cancelled, done, running, queued]
+        assert [r.spec.job_id for r in jobs.recent(10, "running")] == [running]
+        assert [r.spec.job_id for r in jobs.recent(10, "cancelled")] == [cancelled]
+        assert jobs.recent(10, "failed") == []
+        # and finish times are counted in [start, end)
+        assert jobs.finished_between(T0 + 100, T0 + 200) == {
+            "succeeded": 1, "failed": 0, "cancelled": 0}
+        assert jobs.finished_between(T0, T0 + 100)["succeeded"] == 0
+        assert jobs.finished_between(T0, T0 + 1000) == {
+            "succeeded": 1, "failed": 0, "cancelled": 1}
+
+    def test_lists_are_newest_first_and_bounded(self, jobs: JobStore, clock: Clock) -> None:
+        """A list returns at most ``limit`` records: the newest by finish time for a finished
+        status, whatever order the jobs were created in."""
+        ids = [created(jobs, f"a{i}", T0 + i) for i in range(5)]
+        for i, job_id in enumerate(reversed(ids)):  # the oldest job finishes last
+            clock.now = T0 + 100 + i
+            jobs.fail(job_id, "probe", "no such file")
+        assert [r.spec.job_id for r in jobs.recent(3, "failed")] == ids[:3]
+        assert [r.spec.job_id for r in jobs.recent(2)] == [ids[4], ids[3]]
+
+    def test_an_unknown_status_is_refused_with_the_choices(self, jobs: JobStore) -> None:
+        with pytest.raises(BadSpec, match="choose one of queued, running, succeeded"):
+            jobs.recent(10, "done")
+
+
+def test_a_new_file_index_is_filled_from_the_records_on_disk(tmp_path: Path) -> None:
+    """A data dir written before the index existed is indexed when the store opens it."""
+    clock = Clock(T0)
+    old = JobStore(FileRecordBackend(tmp_path / "jobs"), clock=clock)
+    first, second = created(old, "a", T0), created(old, "b", T0 + 1)
+    old.succeed(first, {})
+    (tmp_path / "jobs" / "index.sqlite3").unlink()
+
+    reopened = JobStore(FileRecordBackend(tmp_path / "jobs"), clock=clock)
+
+    assert reopened.counts()["succeeded"] == 1 and reopened.counts()["queued"] == 1
+    assert [r.spec.job_id for r in reopened.recent(10)] == [second, first]
+
+
+def test_redis_records_from_before_the_status_sets_are_indexed_once_read(
+    redis_server: RedisServer,
+) -> None:
+    """A fleet upgraded with records in Redis counts them too: the first read places every
+    record that no status write has placed yet, each in the set of its status."""
+    # Given records as the previous version wrote them: a hash and the creation index only
+    clock = Clock(T0)
+    jobs = JobStore(RedisRecordBackend.from_url(redis_server.url), clock=clock)
+    old = [created(jobs, name, T0 + i) for i, name in enumerate("abc")]
+    jobs.succeed(old[0], {})
+    client = redis_server.client()
+    client.delete(*client.keys("hlsvault:jobs:status:*"))
+    # and one job that moves on after the upgrade, before anything is read
+    jobs.stage_started(old[1], "probe")
+
+    counts = JobStore(RedisRecordBackend.from_url(redis_server.url), clock=clock).counts()
+
+    assert counts == {"queued": 1, "running": 1, "succeeded": 1, "failed": 0, "cancelled": 0}
+    assert [r.spec.job_id for r in jobs.recent(5, "succeeded")] == [old[0]]

@@ -4,11 +4,12 @@
 
 Each message is deleted only after every object it names has its job enqueued (or already had
 one: :class:`pipeline.ingest.Ingest` makes a redelivery a no-op). A message that can never
-become a job — not JSON, not an S3 event, a bucket outside HLSVAULT_SOURCE_BUCKETS — is
-*parked*: pushed with the reason onto the Redis list ``hlsvault:ingest:parked``, then deleted,
-so it is neither retried forever nor lost. A message that fails for a passing reason (S3 or
-Redis unreachable) is left on the queue to come back after its visibility timeout, and parked
-once it has been received :data:`MAX_RECEIVES` times.
+become a job — not JSON, nested too deep, not an S3 event, a bucket outside
+HLSVAULT_SOURCE_BUCKETS — is *parked* with the reason (:class:`pipeline.parked.ParkingLot`,
+bounded; ``hlsvault ingest parked`` lists, replays and drops them), then deleted, so it is
+neither retried forever nor lost. A message that fails for a passing reason (S3 or Redis
+unreachable) is left on the queue to come back after its visibility timeout, and parked once it
+has been received :data:`MAX_RECEIVES` times. One bad message never stops the rest of its batch.
 
 Run as ``python -m workers.ingest [--wait-seconds N]``; SIGTERM stops it between messages.
 Without HLSVAULT_INGEST_QUEUE_URL it idles (saying so) instead of exiting, so that running the
@@ -19,21 +20,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import sys
 import threading
-import time
 from types import FrameType
 from typing import Any
 
 import redis
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
-from redis.exceptions import RedisError
 
-from pipeline.errors import ConfigurationError, TransientError
-from pipeline.ingest import Ingest, IngestError, is_test_event, parse_request
+from pipeline.aws import botocore_errors, describe, make_client
+from pipeline.errors import ConfigurationError, HlsvaultError, TransientError
+from pipeline.ingest import Ingest
+from pipeline.jobs import JobStore
+from pipeline.jobs_redis import RedisRecordBackend, connect
+from pipeline.parked import ParkingLot
+from pipeline.settings import Settings
+
+from .sending import submitter
 
 log = structlog.get_logger("workers.ingest")  # also when run as __main__
 
@@ -48,25 +52,6 @@ VISIBILITY_TIMEOUT_S = 120
 MAX_RECEIVES = 5
 #: Pause after a failed receive, so that an unreachable SQS is not hammered.
 RECEIVE_ERROR_PAUSE_S = 5.0
-PARKED_LIST = "hlsvault:ingest:parked"
-
-
-class ParkingLot:
-    """Where messages that cannot become jobs wait for a human: a Redis list of JSON entries
-    ``{"message_id", "reason", "body", "parked_at"}``, oldest first."""
-
-    def __init__(self, client: redis.Redis, *, key: str = PARKED_LIST) -> None:
-        self.client = client
-        self.key = key
-
-    def park(self, message: dict[str, Any], reason: str) -> None:
-        entry = {
-            "message_id": message.get("MessageId"),
-            "reason": reason,
-            "body": message.get("Body", ""),
-            "parked_at": time.time(),
-        }
-        self.client.rpush(self.key, json.dumps(entry))
 
 
 class IngestPoller:
@@ -112,37 +97,26 @@ class IngestPoller:
         return len(messages)
 
     def handle(self, message: dict[str, Any]) -> None:
-        """Enqueue the jobs of one message, then delete it; or park it; or leave it to retry."""
+        """Enqueue the jobs of one message, then delete it; or park it; or leave it to retry.
+        Never raises: whatever one message does, the rest of the batch is handled."""
         message_id = message.get("MessageId")
-        receives = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+        receives = _receive_count(message)
         try:
-            document = json.loads(message.get("Body", ""))
-        except ValueError:
-            self._park(message, "message body is not JSON; expected an S3 event notification")
+            accepted = self.ingest.accept_body(str(message.get("Body", "")))
+        except TransientError as error:
+            self._retry_or_park(message, receives, str(error))
             return
-        if is_test_event(document):
-            log.info("s3 test event received; the bucket notifies this queue",
-                     message_id=message_id, bucket=document.get("Bucket"))
-            self._delete(message)
-            return
-        try:
-            requests = parse_request(document)
-            for request in requests:
-                accepted = self.ingest.accept(request)
-                log.info("ingest job", message_id=message_id, job_id=accepted.job_id,
-                         asset=accepted.asset, source=accepted.source,
-                         duplicate=accepted.duplicate)
-        except IngestError as error:
-            self._park(message, error.message)
-            return
-        except (TransientError, RedisError, BotoCoreError, ClientError) as error:
-            self._retry_or_park(message, receives, f"{type(error).__name__}: {error}")
+        except HlsvaultError as error:  # permanent: it would fail the same way every time
+            self._park(message, str(error))
             return
         except Exception as error:
             log.exception("ingest message failed unexpectedly", message_id=message_id)
             self._retry_or_park(message, receives, f"{type(error).__name__}: {error}")
             return
-        if not requests:
+        for item in accepted:
+            log.info("ingest job", message_id=message_id, job_id=item.job_id, asset=item.asset,
+                     source=item.source, duplicate=item.duplicate)
+        if not accepted:
             log.info("s3 event without ObjectCreated records skipped", message_id=message_id)
         self._delete(message)
 
@@ -154,9 +128,17 @@ class IngestPoller:
                     message_id=message.get("MessageId"), receives=receives, reason=reason)
 
     def _park(self, message: dict[str, Any], reason: str) -> None:
-        self.parking.park(message, reason)
+        try:
+            entry = self.parking.park(str(message.get("Body", "")), reason,
+                                      message_id=message.get("MessageId"))
+        except Exception as error:
+            # Not parked, so not deleted: it comes back after its visibility timeout.
+            log.warning("could not park ingest message; it will come back",
+                        message_id=message.get("MessageId"), error=type(error).__name__)
+            return
         log.warning("ingest message parked", message_id=message.get("MessageId"),
-                    reason=reason, parked_in=self.parking.key)
+                    parked_id=entry.id, reason=reason,
+                    mend="hlsvault ingest parked --replay ID once fixed, or --drop ID")
         self._delete(message)
 
     def _delete(self, message: dict[str, Any]) -> None:
@@ -165,9 +147,9 @@ class IngestPoller:
         try:
             self.sqs.delete_message(QueueUrl=self.queue_url,
                                     ReceiptHandle=message["ReceiptHandle"])
-        except (BotoCoreError, ClientError) as error:
+        except botocore_errors() as error:
             log.warning("could not delete ingest message; it will come back",
-                        message_id=message.get("MessageId"), error=type(error).__name__)
+                        message_id=message.get("MessageId"), error=describe(error))
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set."""
@@ -175,9 +157,14 @@ class IngestPoller:
         while not stop.is_set():
             try:
                 self.poll_once()
-            except (BotoCoreError, ClientError) as error:
-                log.warning("receiving from SQS failed", error=type(error).__name__)
+            except botocore_errors() as error:
+                log.warning("receiving from SQS failed", error=describe(error))
                 stop.wait(RECEIVE_ERROR_PAUSE_S)
+
+
+def _receive_count(message: dict[str, Any]) -> int:
+    count = str(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+    return int(count) if count.isascii() and count.isdigit() and len(count) < 10 else 1
 
 
 class _Stopped(BaseException):
@@ -193,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pipeline.logs import configure_logging
+    from pipeline.settings import load_settings
 
     configure_logging()
     stop = threading.Event()
@@ -206,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     try:
-        poller = _build_poller(args.wait_seconds)
+        poller = build_poller(load_settings(), wait_s=args.wait_seconds)
     except ConfigurationError as error:
         log.error("ingest cannot start", reason=str(error))
         print(f"ingest: {error}", file=sys.stderr)
@@ -225,16 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _build_poller(wait_s: int) -> IngestPoller | None:
+def build_poller(settings: Settings, *, wait_s: int = DEFAULT_WAIT_S) -> IngestPoller | None:
     """The poller for the configured queue; None when no queue is configured."""
-    # Importing the actors installs the broker from the settings, as for every worker.
-    from pipeline.aws import make_client
-    from pipeline.jobs_redis import connect
-    from pipeline.settings import load_settings
-
-    from .runtime import install
-
-    settings = load_settings()
     if settings.ingest_queue_url is None:
         return None
     if settings.redis_url is None:
@@ -244,12 +224,16 @@ def _build_poller(wait_s: int) -> IngestPoller | None:
             "HLSVAULT_SOURCE_BUCKETS is not set: list the buckets (comma-separated) whose "
             "uploads become jobs"
         )
-    runtime = install(settings)
     client = connect(settings.redis_url)
-    ingest = Ingest(settings, redis_client=client, s3=make_client(), jobs=runtime.services.jobs,
-                    submit=runtime.enqueue)
-    return IngestPoller(ingest, make_client("sqs"), settings.ingest_queue_url,
-                        parking=ParkingLot(client), wait_s=wait_s)
+    return IngestPoller(open_ingest(settings, client), make_client("sqs"),
+                        settings.ingest_queue_url, parking=ParkingLot(client), wait_s=wait_s)
+
+
+def open_ingest(settings: Settings, client: redis.Redis) -> Ingest:
+    """:class:`Ingest` for the fleet ``settings`` name: what the poller and a replay of a
+    parked message turn bodies into jobs with."""
+    return Ingest(settings, redis_client=client, s3=make_client(),
+                  jobs=JobStore(RedisRecordBackend(client)), submit=submitter(settings))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""What the ops app reads, and the one place records are redacted before anyone sees them.
+
+Every view (the HTML pages, the JSON API, the metrics) gets its job records from
+:class:`OpsReader`, which hands out only :func:`redacted` copies: a presigned source URL or a
+token in an error message never reaches a page, whichever page it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from pipeline.errors import NotFound
+from pipeline.jobs import TERMINAL, JobRecord, UnknownJob
+from pipeline.logs import redact_text
+from pipeline.parked import ParkedStats, ParkingLot
+from pipeline.services import Services
+
+from . import metrics
+
+#: The jobs list shows this many of the newest jobs (of the status asked for).
+MAX_LISTED_JOBS = 200
+#: Stage durations are read from at most this many of the newest jobs of each status.
+MAX_DURATION_JOBS = 250
+
+
+def _redact(value: str | None) -> str | None:
+    return None if value is None else redact_text(value)
+
+
+def redacted(record: JobRecord) -> JobRecord:
+    """``record`` with every credential in its source, errors and details replaced."""
+    stages = tuple(
+        dataclasses.replace(stage, error=_redact(stage.error), detail=_redact(stage.detail))
+        for stage in record.stages
+    )
+    return dataclasses.replace(
+        record,
+        spec=dataclasses.replace(record.spec, source=redact_text(record.spec.source)),
+        error=_redact(record.error),
+        stages=stages,
+        # Raw fields hold the same values again; only the retry links are shown from them.
+        fields={k: v for k, v in record.fields.items() if k in ("retry_of", "retried_as")},
+    )
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Queues and live workers; None for each in embedded mode (no Redis)."""
+
+    queues: list[metrics.QueueStats] | None
+    workers: list[metrics.Heartbeat] | None
+
+
+class OpsReader:
+    """Reads job records (through the status index), the fleet and the parked messages.
+    ``now`` is the job store's clock, so figures and records agree on the time."""
+
+    def __init__(
+        self, services: Services, *, redis_client: redis.Redis | None, heartbeat_timeout_ms: int
+    ) -> None:
+        self.jobs = services.jobs
+        self.redis = redis_client
+        self.heartbeat_timeout_ms = heartbeat_timeout_ms
+        self.now: Callable[[], float] = services.jobs.clock
+
+    def record(self, job_id: str) -> JobRecord:
+        try:
+            return redacted(self.jobs.get(job_id))
+        except UnknownJob:
+            raise NotFound(f"no job {job_id[:64]}; the jobs list shows those that exist") from None
+
+    def recent(self, status: str | None) -> list[JobRecord]:
+        return [redacted(r) for r in self.jobs.recent(MAX_LISTED_JOBS, status)]
+
+    def counts(self) -> dict[str, int]:
+        return self.jobs.counts()
+
+    def throughput(self) -> list[tuple[float, int, int]]:
+        """(bucket start, succeeded, failed) per bucket of the last hour, oldest first."""
+        chart = []
+        for start, end in metrics.throughput_buckets(self.now()):
+            finished = self.jobs.finished_between(start, end)
+            chart.append((start, finished["succeeded"], finished["failed"]))
+        return chart
+
+    def duration_sample(self) -> list[JobRecord]:
+        """The jobs whose stages may have finished within the duration window: the newest
+        running ones, and the newest finished ones that finished within it."""
+        since = self.now() - metrics.DURATION_WINDOW_S
+        sample = self.jobs.recent(MAX_DURATION_JOBS, "running")
+        for status in TERMINAL:
+            sample += [
+                r for r in self.jobs.recent(MAX_DURATION_JOBS, status)
+                if r.finished_at is not None and r.finished_at >= since
+            ]
+        return [redacted(r) for r in sample]
+
+    def fleet(self) -> Fleet:
+        if self.redis is None:
+            return Fleet(None, None)
+        return Fleet(
+            metrics.queue_stats(self.redis, now=time.time()),
+            metrics.heartbeats(self.redis, timeout_ms=self.heartbeat_timeout_ms),
+        )
+
+    def key_requests(self) -> dict[str, int] | None:
+        return None if self.redis is None else metrics.key_request_counts(self.redis)
+
+    def parked(self) -> ParkedStats | None:
+        return None if self.redis is None else ParkingLot(self.redis).stats()
