@@ -92,7 +92,7 @@ def _dashboard_routes(
 ) -> list[BaseRoute]:
     services = services if services is not None else build_services(settings)
     if client is None and settings.redis_url is not None:
-        from pipeline.jobs_redis import connect
+        from pipeline.redisconn import connect
 
         client = connect(settings.redis_url)
     reader = OpsReader(services, redis_client=client,

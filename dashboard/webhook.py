@@ -185,7 +185,8 @@ def _secret(settings: Settings) -> str:
 def _open_ingest(settings: Settings, submit: Callable[[JobSpec], None]) -> Ingest:
     from pipeline.aws import make_client
     from pipeline.jobs import JobStore
-    from pipeline.jobs_redis import RedisRecordBackend, connect
+    from pipeline.jobs.redis import RedisRecordBackend
+    from pipeline.redisconn import connect
 
     assert settings.redis_url is not None  # noqa: S101 - checked by the route before calling
     client = connect(settings.redis_url)

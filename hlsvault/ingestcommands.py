@@ -33,8 +33,8 @@ BODY_PREVIEW_CHARS = 80
 
 
 def _parking(settings: Settings) -> ParkingLot:
-    from pipeline.jobs_redis import connect
     from pipeline.parked import ParkingLot
+    from pipeline.redisconn import connect
 
     if settings.redis_url is None:
         raise ConfigurationError("parked ingest messages live in the fleet's Redis: set REDIS_URL")
@@ -76,7 +76,7 @@ def _list(parking: ParkingLot, *, as_json: bool) -> int:
 
 
 def _replay(parking: ParkingLot, entry_id: str, settings: Settings, *, as_json: bool) -> int:
-    from pipeline.jobs_redis import connect
+    from pipeline.redisconn import connect
     from workers.ingest import open_ingest
 
     entry = parking.get(entry_id)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .catalog import Catalog
-from .jobs import FileRecordBackend, JobStore, RecordBackend
+from .jobs import JobStore, RecordBackend
+from .jobs.file import FileRecordBackend
 from .keys import KeyVault
 from .settings import Settings
 from .statebus import NullStateBus, StateBus
@@ -29,7 +30,7 @@ def build_services(settings: Settings, *, job_backend: RecordBackend | None = No
     """Open the stores named by ``settings``; job records go to Redis or to the data dir."""
     if job_backend is None:
         if settings.redis_url is not None:
-            from .jobs_redis import RedisRecordBackend
+            from .jobs.redis import RedisRecordBackend
 
             job_backend = RedisRecordBackend.from_url(settings.redis_url)
         else:

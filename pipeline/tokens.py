@@ -172,11 +172,6 @@ def mint_token(
     return jwt.encode(claims, key, algorithm=algorithm)
 
 
-def verify_token(token: str, secret: str, *, asset: str, max_ttl_s: int) -> TokenClaims:
-    """Check an HS256 ``token`` for ``asset`` (shorthand for a one-off verifier)."""
-    return TokenVerifier("HS256", secret, max_ttl_s=max_ttl_s).verify(token, asset=asset)
-
-
 def _shared_secret(settings: Settings) -> str:
     if settings.token_secret is None:  # load_settings sets it whenever HS256 is chosen
         raise ConfigurationError("HS256 tokens need HLSVAULT_TOKEN_SECRET")

@@ -4,6 +4,7 @@ deployment refuses, key rotation that cannot happen) each answered with one line
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import jwt
 
 from pipeline.layout import asset_from_name
 
-from support import ROOT, VENV_BIN, Hlsvault, lavfi_clip
+from support import HLSVAULT, ROOT, VENV_BIN, Hlsvault, lavfi_clip
 
 
 class TestAssetIdFromFileName:
@@ -119,3 +120,28 @@ class TestWorkerStart:
         ours = [line for line in done.stderr.splitlines() if line.startswith("hlsvault worker:")]
         assert len(ours) == 1 and "HLSVAULT_CDN_URL is not set" in ours[0]
         assert "Traceback" not in done.stderr
+
+
+class TestTransientFailures:
+    def test_redis_down_is_exit_75_with_one_line(self, tmp_path: Path) -> None:
+        """A fleet command whose Redis does not answer (after the client's bounded reconnects,
+        ~20 s) says so in one line and exits 75 (try again later), not 2 (usage) or a
+        traceback."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HLSVAULT_", "REDIS_"))}
+        env.update(
+            REDIS_URL="redis://127.0.0.1:1/0", PYTHONPATH=str(ROOT),
+            HLSVAULT_CDN_URL="https://cdn.example", HLSVAULT_TOKEN_SECRET="s" * 40,
+            HLSVAULT_MASTER_KEY=base64.b64encode(b"k" * 32).decode(),
+            HLSVAULT_DATA_DIR=str(tmp_path / "data"),
+        )
+
+        done = subprocess.run(
+            [*HLSVAULT, "status", "0123456789abcdef"], env=env, capture_output=True, text=True,
+            timeout=120, check=False,
+        )
+
+        assert done.returncode == 75, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            "hlsvault: Redis did not answer (ConnectionError); check REDIS_URL and that Redis "
+            "is up, then try again"
+        ]

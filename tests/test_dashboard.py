@@ -32,8 +32,9 @@ from dashboard.assets import HLS_JS
 from dashboard.auth import DISABLED, CsrfTokens
 from dashboard.metrics import THROUGHPUT_BUCKET_S
 from pipeline.jobs import JobSpec, JobStore, new_job_spec
-from pipeline.jobs_redis import RedisRecordBackend, connect
+from pipeline.jobs.redis import RedisRecordBackend
 from pipeline.parked import PARKED_CAP, ParkingLot
+from pipeline.redisconn import connect
 from pipeline.services import Services, build_services
 from pipeline.settings import Settings, load_settings
 

@@ -23,8 +23,9 @@ from pipeline.documents import MAX_DEPTH, load_document, nesting_depth
 from pipeline.errors import BadSpec, InvalidSource
 from pipeline.ingest import Ingest, asset_for_key, parse_request
 from pipeline.jobs import JobStore
-from pipeline.jobs_redis import RedisRecordBackend, connect
+from pipeline.jobs.redis import RedisRecordBackend
 from pipeline.parked import ParkingLot
+from pipeline.redisconn import connect
 from pipeline.settings import load_settings
 from workers.ingest import IngestPoller
 

@@ -10,8 +10,8 @@ import pytest
 
 from pipeline.errors import BadSpec
 from pipeline.jobs import JobStore, new_job_spec
-from pipeline.jobs_file import FileRecordBackend
-from pipeline.jobs_redis import RedisRecordBackend
+from pipeline.jobs.file import FileRecordBackend
+from pipeline.jobs.redis import RedisRecordBackend
 
 from fleet import RedisServer
 

@@ -1,4 +1,4 @@
-"""Viewer tokens: verify_token accepts exactly the unexpired HS256 tokens of the right asset."""
+"""Viewer tokens: a TokenVerifier accepts exactly the unexpired HS256 tokens of the right asset."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from pipeline.tokens import (
     TokenRejected,
     TokenVerifier,
     mint_token,
-    verify_token,
 )
 
 SECRET = "test-token-secret-" + "x" * 46  # 64 characters: long enough for HS512 too
@@ -26,7 +25,7 @@ _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
 def verify(token: str) -> TokenClaims:
-    return verify_token(token, SECRET, asset=ASSET, max_ttl_s=MAX_TTL_S)
+    return TokenVerifier("HS256", SECRET, max_ttl_s=MAX_TTL_S).verify(token, asset=ASSET)
 
 
 def assert_rejected(token: str, match: str | None = None) -> None:

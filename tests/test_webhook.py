@@ -20,7 +20,8 @@ from dashboard.webhook import SIGNATURE_HEADER, sign, webhook_routes
 from pipeline.documents import MAX_DEPTH, MAX_DOCUMENT_BYTES
 from pipeline.ingest import Ingest
 from pipeline.jobs import JobSpec, JobStore
-from pipeline.jobs_redis import RedisRecordBackend, connect
+from pipeline.jobs.redis import RedisRecordBackend
+from pipeline.redisconn import connect
 from pipeline.settings import load_settings
 
 from fleet import MotoServer, RedisServer

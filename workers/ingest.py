@@ -33,8 +33,9 @@ from pipeline.aws import botocore_errors, describe, make_client
 from pipeline.errors import ConfigurationError, HlsvaultError, TransientError
 from pipeline.ingest import Ingest
 from pipeline.jobs import JobStore
-from pipeline.jobs_redis import RedisRecordBackend, connect
+from pipeline.jobs.redis import RedisRecordBackend
 from pipeline.parked import ParkingLot
+from pipeline.redisconn import connect
 from pipeline.settings import Settings
 
 from .sending import submitter

@@ -57,7 +57,7 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
         return StubBroker()
     from dramatiq.brokers.redis import RedisBroker
 
-    from pipeline.jobs_redis import connect
+    from pipeline.redisconn import connect
 
     # dramatiq's RedisBroker constructor carries no annotations.
     broker: dramatiq.Broker = RedisBroker(  # type: ignore[no-untyped-call]

@@ -12,24 +12,19 @@ the sets always agree with the records, and counts and time ranges read only the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
-from .jobs import STATUSES, TERMINAL, UnknownJob
+from ..errors import TransientError
+from ..redisconn import connect
+from . import STATUSES, TERMINAL, UnknownJob
 
-#: Redis answers in well under a millisecond; five seconds means it is gone, not busy.
-SOCKET_TIMEOUT_S = 5.0
-#: Reconnection attempts on a lost connection, backing off up to 2 s each: a Redis restart
-#: of up to ~20 s is ridden out instead of failing every stage in flight.
-RECONNECT_ATTEMPTS = 12
 #: Finished job records are kept this long for the dashboard and `hlsvault status`.
 RECORD_TTL_S = 30 * 24 * 3600
+T = TypeVar("T")
 _PREFIX = "hlsvault:job:"
 _INDEX = "hlsvault:jobs"
 _STATUS_INDEX = "hlsvault:jobs:status:"
@@ -47,20 +42,6 @@ if redis.call('HSETNX', KEYS[1], ARGV[2], '1') == 1 then
 end
 return tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 """
-
-
-def connect(url: str, *, decode_responses: bool = True) -> redis.Redis:
-    """A Redis client with timeouts on every call and bounded reconnection with backoff."""
-    client: redis.Redis = redis.Redis.from_url(
-        url,
-        decode_responses=decode_responses,
-        socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=SOCKET_TIMEOUT_S,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), RECONNECT_ATTEMPTS),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
-    return client
 
 
 def _mapping(fields: dict[str, str]) -> dict[Any, Any]:
@@ -121,6 +102,29 @@ return 1
 """
 
 
+def _redis_errors_are_transient(cls: type[T]) -> type[T]:
+    """Wrap every public method so that a Redis failure (after the client's own bounded
+    reconnects) leaves as a :class:`~pipeline.errors.TransientError`: stages retry it, the CLI
+    exits 75 with one line, the HTTP edges answer 503."""
+    for name, method in list(vars(cls).items()):
+        if name.startswith("_") or not callable(method):
+            continue
+
+        def wrapped(*args: Any, __method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+            try:
+                return __method(*args, **kwargs)
+            except redis.RedisError as error:
+                raise TransientError(
+                    f"Redis did not answer ({type(error).__name__}); check REDIS_URL and that "
+                    "Redis is up, then try again"
+                ) from error
+
+        functools.update_wrapper(wrapped, method)
+        setattr(cls, name, wrapped)
+    return cls
+
+
+@_redis_errors_are_transient
 class RedisRecordBackend:
     """One hash per job under ``hlsvault:job:<id>``, and the sorted sets that index them."""
 
@@ -152,9 +156,6 @@ class RedisRecordBackend:
 
     def write(self, job_id: str, fields: dict[str, str]) -> None:
         self.client.hset(_PREFIX + job_id, mapping=_mapping(fields))
-
-    def write_if_absent(self, job_id: str, name: str, value: str) -> bool:
-        return bool(self.client.hsetnx(_PREFIX + job_id, name, value))
 
     def increment(self, job_id: str, name: str, amount: int) -> int:
         return int(self.client.hincrby(_PREFIX + job_id, name, amount))

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from .jobs import TERMINAL, UnknownJob
+from . import TERMINAL, UnknownJob
 
 #: How long a writer waits for another process's transaction: they take microseconds, so
 #: this long means a process is stuck, and the caller gets an error instead of a hang.
@@ -159,13 +159,6 @@ class FileRecordBackend:
     def write(self, job_id: str, fields: dict[str, str]) -> None:
         with self._locked(job_id) as record:
             record.update(fields)
-
-    def write_if_absent(self, job_id: str, name: str, value: str) -> bool:
-        with self._locked(job_id) as record:
-            if name in record:
-                return False
-            record[name] = value
-            return True
 
     def increment(self, job_id: str, name: str, amount: int) -> int:
         with self._locked(job_id) as record:

@@ -1,7 +1,7 @@
 """Job records: the spec of a packaging job and everything that happened to it.
 
 A record is a flat hash of string fields (a Redis hash in distributed mode,
-:mod:`pipeline.jobs_redis`; a locked JSON file in embedded mode, :mod:`pipeline.jobs_file`),
+:mod:`.redis`; a locked JSON file in embedded mode, :mod:`.file`),
 so that every update is a single-field write or an atomic increment and stages running on
 different machines never overwrite each other's fields.
 
@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from . import layout
-from .errors import BadSpec, NotFound
-from .plan import LADDERS, check_segment_seconds
+from .. import layout
+from ..errors import BadSpec, NotFound
+from ..plan import LADDERS, check_segment_seconds
 
 STAGES = ("probe", "rekey", "segment", "encrypt", "playlist", "upload", "invalidate")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -206,7 +206,6 @@ class RecordBackend(Protocol):
     def create(self, job_id: str, fields: dict[str, str]) -> None: ...
     def read(self, job_id: str) -> dict[str, str]: ...
     def write(self, job_id: str, fields: dict[str, str]) -> None: ...
-    def write_if_absent(self, job_id: str, name: str, value: str) -> bool: ...
     def increment(self, job_id: str, name: str, amount: int) -> int: ...
     def arrive(self, job_id: str, counter: str, marker: str) -> int: ...
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool: ...
@@ -338,14 +337,3 @@ class JobStore:
         """How many jobs reached each terminal status at a time in ``[start, end)``."""
         counted = self.backend.finished_counts(start, end)
         return {status: counted.get(status, 0) for status in TERMINAL}
-
-
-def __getattr__(name: str) -> Any:
-    # FileRecordBackend lives in pipeline/jobs_file.py, beside jobs_redis.py; this keeps
-    # `from pipeline.jobs import FileRecordBackend` (pipeline/services.py) working until its
-    # callers import it from there. Lazily, as jobs_file imports this module.
-    if name == "FileRecordBackend":
-        from .jobs_file import FileRecordBackend
-
-        return FileRecordBackend
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
