@@ -38,7 +38,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 #: Commands that may set up a new embedded data directory (and its secrets); the others read
 #: what an earlier `package` made, and refuse a directory that was never set up.
-CREATING_COMMANDS = ("package", "serve", "submit")
+CREATING_COMMANDS = ("package", "serve")
 
 
 def _source_argument(source: str) -> str:
@@ -87,12 +87,6 @@ def cmd_package(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_submit(args: argparse.Namespace, ctx: Context) -> int:
-    if ctx.settings.embedded:
-        return fail(
-            "submit needs a fleet to run the job: set REDIS_URL (or use `hlsvault package`, "
-            "which runs the job in this process)",
-            EXIT_USAGE,
-        )
     spec = _new_spec(args, ctx)
     ctx.runtime.enqueue(spec)
     if args.json:
@@ -179,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="distributed mode: give up waiting after this many seconds",
     )
     package.set_defaults(handler=cmd_package)
-    submit.set_defaults(handler=cmd_submit)
+    submit.set_defaults(
+        handler=cmd_submit,
+        fleet_only="submit needs a fleet to run the job (or use `hlsvault package`, which runs "
+                   "it in this process)",
+    )
 
     serve = commands.add_parser("serve", help="run the key server (and /cdn/ in embedded mode)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -217,7 +215,11 @@ def _run(argv: list[str] | None) -> int:
     if args.command == "serve" and bool(args.certfile) != bool(args.keyfile):
         return fail("--certfile and --keyfile go together", EXIT_USAGE)
     try:
-        settings = load_settings(create=args.command in CREATING_COMMANDS)
+        settings = load_settings(
+            create=args.command in CREATING_COMMANDS,
+            # Set by the parsers of commands that only make sense on a fleet.
+            require_fleet=getattr(args, "fleet_only", None),
+        )
     except HlsvaultError as error:
         return fail(str(error), exit_code(error))
     from pipeline.logs import configure_logging

@@ -28,8 +28,14 @@ from pipeline.settings import Settings
 if TYPE_CHECKING:  # imported when a command runs: the CLI starts without Redis's client
     from pipeline.parked import ParkingLot
 
+    from .jobrun import Context
+
 #: How much of a body the listing shows; --json gives all of it.
 BODY_PREVIEW_CHARS = 80
+
+
+#: Why these commands need a fleet (the CLI refuses them without REDIS_URL, saying this).
+FLEET_ONLY = "parked ingest messages live in the fleet's Redis"
 
 
 def _parking(settings: Settings) -> ParkingLot:
@@ -37,7 +43,7 @@ def _parking(settings: Settings) -> ParkingLot:
     from pipeline.redisconn import connect
 
     if settings.redis_url is None:
-        raise ConfigurationError("parked ingest messages live in the fleet's Redis: set REDIS_URL")
+        raise ConfigurationError(f"{FLEET_ONLY}: set REDIS_URL")
     return ParkingLot(connect(settings.redis_url))
 
 
@@ -46,7 +52,8 @@ def _fail(error: HlsvaultError) -> int:
     return exit_code(error)
 
 
-def cmd_parked(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_parked(args: argparse.Namespace, ctx: Context) -> int:
+    settings = ctx.settings
     try:
         parking = _parking(settings)
         if args.replay is not None:
@@ -120,4 +127,4 @@ def add_commands(commands: Any) -> None:
                         help="run a parked message through ingest again")
     action.add_argument("--drop", metavar="ID", help="forget a parked message")
     parked.add_argument("--json", action="store_true", help="print JSON on stdout")
-    parked.set_defaults(handler=cmd_parked)
+    parked.set_defaults(handler=cmd_parked, fleet_only=FLEET_ONLY)

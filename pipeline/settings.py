@@ -88,7 +88,10 @@ class Settings:
         return self.data_dir / "jobs"
 
 
-def load_settings(environ: Mapping[str, str] | None = None, *, create: bool = True) -> Settings:
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, create: bool = True,
+    require_fleet: str | None = None,
+) -> Settings:
     """Build :class:`Settings` from environment variables.
 
     In embedded mode a missing token secret or master key is generated on first use into the
@@ -96,9 +99,13 @@ def load_settings(environ: Mapping[str, str] | None = None, *, create: bool = Tr
     earlier one made (``hlsvault token``, ``url``, ``status``) refuses instead, since a secret
     made anew would sign tokens no running key server accepts. With ``REDIS_URL`` set every
     process of the fleet must share them, so their absence is an error naming the variable.
+    ``require_fleet`` names what needs ``REDIS_URL`` (a command that only makes sense on a
+    fleet), which is then an error to leave unset.
     """
     env = os.environ if environ is None else environ
     redis_url = env.get("REDIS_URL") or None
+    if require_fleet is not None and redis_url is None:
+        raise ConfigurationError(f"{require_fleet}: set REDIS_URL")
     data_dir = Path(env.get("HLSVAULT_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
     public_url = (env.get("HLSVAULT_PUBLIC_URL") or DEFAULT_PUBLIC_URL).rstrip("/")
     cdn_url = (env.get("HLSVAULT_CDN_URL") or "").rstrip("/")

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import structlog
-from anyio import run as run_async
+from anyio.from_thread import start_blocking_portal
 
 from keyserver.ratelimit import MAX_BUCKETS, WINDOW_S, MemoryRateLimiter, RedisRateLimiter
 from keyserver.testing import get
@@ -270,7 +270,9 @@ class TestGarbageTokens:
             return statuses, held, [(a.status, a.body) for a in viewer]
 
         wait_for_fresh_window()
-        statuses, held, viewer = run_async(flood_then_view)
+        # A portal's own thread: the session's Playwright keeps an event loop in this one.
+        with start_blocking_portal() as portal:
+            statuses, held, viewer = portal.call(flood_then_view)
 
         assert statuses == {401}
         assert held <= MAX_BUCKETS
