@@ -2,12 +2,17 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck pytest bench clean
+.PHONY: setup setup-demo demo test lint typecheck pytest pytest-fast bench clean
 
+# Everything: the dev tools, redis-server, chromium, npm and hls.js the test suite needs.
 setup:
-	@scripts/setup.sh
+	@scripts/setup.sh test
 
-demo: setup
+# Only what the demo needs: ffmpeg and hlsvault in .venv.
+setup-demo:
+	@scripts/setup.sh demo
+
+demo: setup-demo
 	@scripts/demo.sh
 
 test: setup lint typecheck pytest
@@ -20,6 +25,10 @@ typecheck:
 
 pytest:
 	$(BIN)/pytest -q
+
+# The unit and in-process tests only, in seconds: no end-to-end packaging of longer clips.
+pytest-fast:
+	$(BIN)/pytest -q -m "not slow"
 
 bench: setup
 	$(BIN)/python bench/bench_encrypt.py

@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Prepare a fresh clone: system tools (ffmpeg, redis-server, chromium), then .venv with hlsvault
-# and its dev tools, then hls.js from npm for the ops app's preview player and the browser tests.
+# Prepare a fresh clone, for one of two purposes:
+#   scripts/setup.sh demo   what `make demo` needs: ffmpeg, and .venv with hlsvault
+#   scripts/setup.sh test   (the default) also its dev tools, redis-server, chromium and npm for
+#                           the test suite, and hls.js (the ops app's preview player uses it too)
 # Idempotent: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+purpose="${1:-test}"
+case "$purpose" in
+  demo|test) ;;
+  *) echo "setup: usage: scripts/setup.sh [demo|test]" >&2; exit 2 ;;
+esac
 
 need_apt=()
 command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || need_apt+=(ffmpeg)
-command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
-# The browser tests drive Debian's chromium with Playwright; Playwright never downloads a browser.
-[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+if [ "$purpose" = test ]; then
+  command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+  # The browser tests drive Debian's chromium with Playwright, which never downloads a browser.
+  [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+  command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+fi
 
 if ((${#need_apt[@]})); then
   if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then
@@ -39,17 +50,28 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.hlsvault-installed
+if [ "$purpose" = test ]; then
+  stamp=.venv/.hlsvault-dev-installed what="hlsvault and its dev tools" target='.[dev]'
+else
+  stamp=.venv/.hlsvault-installed what="hlsvault" target='.'
+fi
+# The dev install includes everything the plain one does.
+if [ "$purpose" = demo ] && [ -f .venv/.hlsvault-dev-installed ] \
+    && [ ! pyproject.toml -nt .venv/.hlsvault-dev-installed ]; then
+  stamp=.venv/.hlsvault-dev-installed
+fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: installing hlsvault and its dev tools into .venv"
+  echo "setup: installing $what into .venv"
   log=.venv/pip-install.log
-  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e '.[dev]'; } >"$log" 2>&1; then
+  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e "$target"; } >"$log" 2>&1; then
     tail -40 "$log" >&2
     echo "setup: pip install failed; the full log is in $log" >&2
     exit 1
   fi
   touch "$stamp"
 fi
+
+[ "$purpose" = test ] || exit 0
 
 # hls.js, pinned by dashboard/static/package-lock.json: the ops app serves it to its preview
 # player, and the browser tests' player page loads the same file.

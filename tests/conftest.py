@@ -139,6 +139,21 @@ def browser() -> Iterator[Browser]:
         launched.close()
 
 
+#: Fixtures that mean a test runs the real thing end to end (the CLI packaging clips, a
+#: redis-server, moto, the Procfile's processes, Chromium): a test using one is marked ``slow``,
+#: so `pytest -m "not slow"` (`make pytest-fast`) runs the rest in seconds.
+SLOW_FIXTURES = frozenset({
+    "hlsvault", "keyserver", "redis_server", "moto_server", "fault_proxy", "fleet",
+    "faulty_fleet", "browser", "hd_clip", "long_hd_clip",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
         raise pytest.UsageError("ffmpeg and ffprobe are required: apt-get install -y ffmpeg")

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import jwt
+import pytest
 
 from pipeline.layout import asset_from_name
 
@@ -102,6 +103,7 @@ class TestKeyRotationWarning:
 
 
 class TestWorkerStart:
+    @pytest.mark.slow
     def test_a_misconfigured_worker_says_what_to_set_in_one_line(self, tmp_path: Path) -> None:
         """The Procfile's worker command with REDIS_URL but no CDN URL exits with the mend in
         one line of ours, not a traceback per worker process."""
@@ -123,6 +125,7 @@ class TestWorkerStart:
 
 
 class TestTransientFailures:
+    @pytest.mark.slow
     def test_redis_down_is_exit_75_with_one_line(self, tmp_path: Path) -> None:
         """A fleet command whose Redis does not answer (after the client's bounded reconnects,
         ~20 s) says so in one line and exits 75 (try again later), not 2 (usage) or a

@@ -247,6 +247,7 @@ class TestGarbageTokens:
         assert (served.status_code, served.content) == (200, library.key())
         assert len(limiter) == 3
 
+    @pytest.mark.slow
     def test_a_flood_of_distinct_garbage_tokens_stays_within_the_cap_and_viewers_are_served(
         self, library: Library, logs_dropped: None
     ) -> None:
