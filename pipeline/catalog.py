@@ -40,7 +40,8 @@ class AssetState:
     published_at: float | None = None
     #: version -> until when its keys are still served (then refused, and shredded)
     retired: dict[str, float] = field(default_factory=dict)
-    #: when the asset was last revoked (kept in a document of its own; see Catalog.revoke)
+    #: when the asset was last revoked (in the state document, and in a document of its own
+    #: that only revocation writes; see Catalog.revoke)
     revoked_at: float | None = None
 
     @property
@@ -67,16 +68,19 @@ class AssetState:
             "job_id": self.job_id,
             "published_at": self.published_at,
             "retired": self.retired,
+            "revoked_at": self.revoked_at,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, revoked_at: float | None = None) -> AssetState:
+        """The state in ``data``, revoked at the later of its own mark and ``revoked_at``."""
+        marks = [t for t in (data.get("revoked_at"), revoked_at) if t is not None]
         return cls(
             version=data.get("version"),
             job_id=data.get("job_id"),
             published_at=data.get("published_at"),
             retired={str(k): float(v) for k, v in (data.get("retired") or {}).items()},
-            revoked_at=revoked_at,
+            revoked_at=max(marks) if marks else None,
         )
 
 
@@ -187,12 +191,15 @@ class Catalog:
 
     def revoke(self, asset: str) -> float:
         """Mark the asset revoked: every key server answers 410 Gone for it from the time
-        returned on (now for those that heard the announcement). The mark is a document of its
-        own that only revocation writes, so no concurrent publish or retirement can write it
-        away."""
+        returned on (now for those that heard the announcement).
+
+        The mark goes into a document of its own, which no publish writes, and then into the
+        state document by a conditional write: a publish that read the state before the
+        revocation loses its own conditional write, re-reads, and is refused, instead of
+        flipping the asset back on after its keys were shredded."""
         now = time.time()
         self.store.put_bytes(layout.revoked_key(asset), json.dumps({"at": now}).encode())
-        self.bus.announce(asset)
+        self._update_state(asset, lambda state: replace(state, revoked_at=now))
         return now + STATE_CACHE_TTL_S
 
     def current_version(self, asset: str) -> str | None:

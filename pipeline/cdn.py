@@ -9,6 +9,7 @@ from typing import Any
 
 from . import aws, layout
 from .aws import make_client
+from .errors import HlsvaultError, TransientError
 from .jobs import JobSpec
 from .services import Services
 
@@ -22,8 +23,20 @@ def invalidate(svc: Services, spec: JobSpec, *, client: Any | None = None) -> di
     """Invalidate the asset's stable paths after a publish, or record why it was skipped.
 
     The caller reference is the job's own: a retried stage re-submits the same request, and
-    CloudFront answers with the invalidation it already has instead of creating a second."""
-    return _invalidate(svc, layout.stable_cdn_paths(spec.asset), f"hlsvault-{spec.job_id}", client)
+    CloudFront answers with the invalidation it already has instead of creating a second.
+
+    The asset is already published when this runs, so a refusal (a wrong distribution id, a
+    policy without cloudfront:CreateInvalidation) does not fail the job: it is reported as
+    ``failed`` with the reason, and the stable master expires from the edges within its
+    max-age anyway. Transient errors are retried as in every stage."""
+    try:
+        return _invalidate(
+            svc, layout.stable_cdn_paths(spec.asset), f"hlsvault-{spec.job_id}", client
+        )
+    except TransientError:
+        raise
+    except HlsvaultError as error:
+        return {"status": "failed", "reason": str(error)}
 
 
 def purge_asset(svc: Services, asset: str, *, client: Any | None = None) -> dict[str, Any]:

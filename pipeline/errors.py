@@ -2,6 +2,7 @@
 
     HlsvaultError
      ├── ConfigurationError        settings missing or malformed; the process refuses to start
+     │    └── KeyUnwrapError       a wrapped key does not open: the wrong HLSVAULT_MASTER_KEY
      ├── PermanentError            retrying cannot help; the job fails with this reason
      │    ├── InvalidSource        the source is missing, empty, not media, not video, or not
      │    │                        allowed (a bucket outside HLSVAULT_SOURCE_BUCKETS)
@@ -19,7 +20,7 @@
           └── StageTimeout         retried with backoff, a bounded number of times
 
 Domain code raises these and nothing else on purpose; the edges translate them once: workers
-(:mod:`workers.flow`: permanent fails the job, transient is retried), HTTP
+(:mod:`workers.flow`: transient is retried, anything else fails the job at once), HTTP
 (:func:`pipeline.http.status_for`) and the CLI (:data:`EXIT_CODES`). Every message says what to
 do about it: the CLI prints it as the one-line reason and the job record keeps it.
 """

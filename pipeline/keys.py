@@ -12,7 +12,7 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import ConfigurationError, HlsvaultError
+from .errors import ConfigurationError
 from .layout import asset_keys_prefix, key_path, version_keys_prefix
 from .storage import ObjectNotFound, Store
 
@@ -21,9 +21,10 @@ KEY_BYTES = 16
 _FORMAT = b"\x01"
 _NONCE_BYTES = 12
 
-class KeyUnwrapError(HlsvaultError):
+class KeyUnwrapError(ConfigurationError):
     """A wrapped key did not authenticate: wrong master key, or a blob moved between assets.
-    Neither retrying nor the caller can mend it; an operator must (it is logged, answered 500)."""
+    Neither retrying nor the caller can mend it; an operator must (a stage fails its job, the
+    key server logs it and answers 500)."""
 
 
 class KeyVault:

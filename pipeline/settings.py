@@ -20,6 +20,8 @@ from .errors import ConfigurationError
 DEFAULT_DATA_DIR = "./hlsvault-data"
 #: The key server's address as players reach it; `hlsvault serve` listens here by default.
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
+#: Token signing algorithms the key server verifies: a shared secret, or a public key only.
+TOKEN_ALGORITHMS = ("HS256", "EdDSA", "RS256")
 #: HMAC secrets shorter than this are guessable offline from one captured token.
 MIN_TOKEN_SECRET_LENGTH = 32
 #: A dead worker's messages come back after this long without a heartbeat (dramatiq's default).
@@ -118,12 +120,18 @@ def load_settings(
         cdn_url = f"{public_url}/cdn"
 
     algorithm = env.get("HLSVAULT_TOKEN_ALGORITHM") or "HS256"
-    if algorithm not in ("HS256", "EdDSA", "RS256"):
+    if algorithm not in TOKEN_ALGORITHMS:
         raise ConfigurationError(
-            f"HLSVAULT_TOKEN_ALGORITHM={algorithm!r} is not supported; use HS256, EdDSA or RS256"
+            f"HLSVAULT_TOKEN_ALGORITHM={algorithm!r} is not supported; use "
+            f"{', '.join(TOKEN_ALGORITHMS)}"
         )
     public_key = _pem(env, "HLSVAULT_TOKEN_PUBLIC_KEY")
     private_key = _pem(env, "HLSVAULT_TOKEN_PRIVATE_KEY")
+    if algorithm != "HS256":
+        for name, pem in (("HLSVAULT_TOKEN_PUBLIC_KEY", public_key),
+                          ("HLSVAULT_TOKEN_PRIVATE_KEY", private_key)):
+            if pem is not None:
+                _check_token_key(name, pem, algorithm)
     if algorithm != "HS256" and public_key is None:
         raise ConfigurationError(
             f"HLSVAULT_TOKEN_PUBLIC_KEY is not set: with HLSVAULT_TOKEN_ALGORITHM={algorithm} the "
@@ -225,6 +233,43 @@ def decode_master_key(text: str) -> bytes:
             f"generate one with {_GENERATE_MASTER_KEY}"
         )
     return key
+
+
+def _check_token_key(name: str, pem: str, algorithm: str) -> None:
+    """Refuse, at start, a PEM that does not parse or is not a key of ``algorithm``'s type: it
+    would otherwise fail every request (a 500 from the key server, a traceback from the CLI)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
+    from cryptography.hazmat.primitives.serialization import (
+        load_pem_private_key,
+        load_pem_public_key,
+    )
+
+    private = name.endswith("PRIVATE_KEY")
+    try:
+        key: object = (
+            load_pem_private_key(pem.encode(), password=None)
+            if private
+            else load_pem_public_key(pem.encode())
+        )
+    except (ValueError, TypeError):
+        kind = "an unencrypted private" if private else "a public"
+        raise ConfigurationError(
+            f"{name} is not {kind} key in PEM form; give the PEM text or the path of a .pem "
+            "file (openssl pkey -in key.pem -pubout prints the public one)"
+        ) from None
+    wanted = {
+        "EdDSA": (Ed25519PrivateKey if private else Ed25519PublicKey, "an Ed25519"),
+        "RS256": (RSAPrivateKey if private else RSAPublicKey, "an RSA"),
+    }[algorithm]
+    if not isinstance(key, wanted[0]):
+        raise ConfigurationError(
+            f"{name} holds a {type(key).__name__.removeprefix('_')}, but "
+            f"HLSVAULT_TOKEN_ALGORITHM={algorithm} needs {wanted[1]} key"
+        )
 
 
 def _pem(env: Mapping[str, str], name: str) -> str | None:

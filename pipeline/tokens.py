@@ -24,11 +24,10 @@ from typing import Any
 import jwt
 
 from .errors import ConfigurationError, Forbidden, Unauthenticated
-from .settings import Settings
+from .settings import TOKEN_ALGORITHMS, Settings
 
 #: Clocks of the minting backend and the key server may disagree by this much.
 CLOCK_SKEW_LEEWAY_S = 30
-ALGORITHMS = ("HS256", "EdDSA", "RS256")
 #: Bounds on claims we copy into logs and URLs, and on what we parse at all.
 MAX_SID_LENGTH = 128
 MAX_TOKEN_LENGTH = 4096
@@ -64,7 +63,7 @@ class TokenVerifier:
     """Verifies tokens for one algorithm and key; built once from settings."""
 
     def __init__(self, algorithm: str, key: Any, *, max_ttl_s: int) -> None:
-        if algorithm not in ALGORITHMS:
+        if algorithm not in TOKEN_ALGORITHMS:
             raise ValueError(f"unsupported token algorithm {algorithm!r}")
         self.algorithm = algorithm
         self.key = key
@@ -110,9 +109,21 @@ class TokenVerifier:
             raise TokenRejected("token expired") from None
         except jwt.ImmatureSignatureError:
             raise TokenRejected("token not yet valid") from None
+        except jwt.InvalidSignatureError:
+            raise TokenRejected(f"invalid token: InvalidSignatureError: {self._mend()}") from None
         except jwt.InvalidTokenError as error:
             raise TokenRejected(f"invalid token: {type(error).__name__}") from None
         return claims
+
+    def _mend(self) -> str:
+        """What to check when a well-formed token's signature does not verify."""
+        if self.algorithm == "HS256":
+            return ("it was not signed with this key server's token secret: mint it with the "
+                    "same HLSVAULT_TOKEN_SECRET (embedded mode: the data directory's "
+                    "secrets/token_secret, so run `hlsvault token` with the same "
+                    "HLSVAULT_DATA_DIR as `hlsvault serve`)")
+        return (f"it was not signed with the private key whose public half is this key server's "
+                f"HLSVAULT_TOKEN_PUBLIC_KEY ({self.algorithm})")
 
     def _check_lifetime(self, claims: dict[str, Any], now: float) -> None:
         exp, iat = claims["exp"], claims.get("iat")

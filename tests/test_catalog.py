@@ -121,3 +121,35 @@ class TestAnnouncements:
         catalog.revoke("film")
 
         assert heard == ["film", "film"]
+
+
+class TestRevokeAgainstPublish:
+    def test_a_publish_that_read_the_state_before_a_revoke_cannot_undo_it(
+        self, tmp_path: Path
+    ) -> None:
+        """Given a publish that has read the asset's state, when a revocation lands before the
+        publish writes, then the publish is refused and the asset stays revoked (its keys are
+        being shredded: flipping it back on would serve playlists with no keys)."""
+        store = LocalStore(tmp_path / "vault")
+        catalog = Catalog(store)
+        catalog.publish("film", "v1", job_id="a", started_at=1.0, grace_s=0)
+
+        class RevokedMidway(LocalStore):
+            """The vault as the publishing worker sees it: the revocation lands just after
+            the worker read the state document."""
+
+            landed = False
+
+            def get_tagged(self, key: str) -> tuple[bytes, str]:
+                answer = super().get_tagged(key)
+                if key.endswith("current.json") and not self.landed:
+                    self.landed = True
+                    catalog.revoke("film")
+                return answer
+
+        with pytest.raises(Conflict, match="revoked after this job started"):
+            Catalog(RevokedMidway(tmp_path / "vault")).publish(
+                "film", "v2", job_id="b", started_at=2.0, grace_s=0
+            )
+        state = catalog.state("film")
+        assert state is not None and state.revoked and state.version == "v1"

@@ -124,6 +124,25 @@ class TestEndToEnd:
         assert summary["status"] == "succeeded" and summary["renditions"][0]["name"] == "360p"
 
 
+class TestInvalidation:
+    def test_a_refused_invalidation_leaves_the_job_published_with_a_warning(
+        self, fleet: Fleet, copy_clip: Path
+    ) -> None:
+        """A wrong distribution id (NoSuchDistribution) cannot unpublish what is already on the
+        origin: the job succeeds, the invalidate stage says why it failed, and the old version's
+        shred is still scheduled."""
+        fleet.env["HLSVAULT_CLOUDFRONT_DISTRIBUTION_ID"] = "EWRONGDISTRIBUTION"
+        fleet.start_all()
+
+        record = wait_for_job(fleet, submit(fleet, copy_clip, "cdnwarn", "--ladder", "copy"))
+
+        assert record["status"] == "succeeded", record
+        invalidate = next(s for s in record["stages"] if s["name"] == "invalidate")
+        assert invalidate["status"] == "failed"
+        assert "EWRONGDISTRIBUTION" in invalidate["detail"]
+        assert invalidate["attempts"] == 1
+
+
 class TestProcfile:
     def test_honcho_runs_the_stack_with_two_segmenting_processes(
         self, fleet: Fleet, long_hd_clip: Path

@@ -85,3 +85,29 @@ class TestMasterKey:
         """A malformed master key fails with the command that generates a good one."""
         with pytest.raises(ConfigurationError, match=r"os\.urandom"):
             decode_master_key(text)
+
+
+class TestTokenKeys:
+    def _env(self, tmp_path: Path, **extra: str) -> dict[str, str]:
+        return {"HLSVAULT_DATA_DIR": str(tmp_path), **extra}
+
+    def test_a_malformed_public_key_is_refused_naming_the_variable(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigurationError, match="HLSVAULT_TOKEN_PUBLIC_KEY is not a public"):
+            load_settings(self._env(
+                tmp_path, HLSVAULT_TOKEN_ALGORITHM="EdDSA",
+                HLSVAULT_TOKEN_PUBLIC_KEY="-----BEGIN PUBLIC KEY-----\nnot a key\n",
+            ))
+
+    def test_a_key_of_the_wrong_type_is_refused(self, tmp_path: Path) -> None:
+        """An RSA key with EdDSA would make every request fail: refused at start instead."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+        pem = public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+        with pytest.raises(ConfigurationError, match="needs an Ed25519 key"):
+            load_settings(self._env(
+                tmp_path, HLSVAULT_TOKEN_ALGORITHM="EdDSA", HLSVAULT_TOKEN_PUBLIC_KEY=pem,
+            ))

@@ -176,3 +176,13 @@ def test_token_living_exactly_the_max_ttl_is_accepted() -> None:
 def test_token_issued_in_the_future_is_rejected() -> None:
     """An iat beyond the leeway in the future means a wrong clock or a forged token: 401."""
     assert_rejected(mint_token(SECRET, ASSET, 600, now=time.time() + 300))
+
+
+def test_a_token_signed_with_another_secret_says_which_secret_to_check() -> None:
+    """The first-run trap (a token minted in another data directory): the refusal says which
+    secret the key server verifies with and how to mint with it."""
+    token = mint_token("another-secret-" + "y" * 40, ASSET, 60)
+    with pytest.raises(TokenRejected) as refused:
+        verify(token)
+    assert "HLSVAULT_TOKEN_SECRET" in str(refused.value)
+    assert "HLSVAULT_DATA_DIR" in str(refused.value)

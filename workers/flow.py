@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from pipeline.errors import PermanentError, PoisonJob
+from pipeline.errors import HlsvaultError, PoisonJob, TransientError
 from pipeline.jobs import JobSpec
 from pipeline.logs import redact_text
 from pipeline.packaging import discard_work, replaced_grace
@@ -66,8 +66,9 @@ def run_stage(rt: Runtime, job_id: str, stage: str, work: Callable[[JobSpec], T]
     """Run one stage's domain function with the job record kept up to date.
 
     Returns None when the stage must not continue: the job already ended (failed, cancelled),
-    was found poison, or failed permanently here. Transient errors propagate, so dramatiq
-    retries the message with backoff.
+    was found poison, or failed here for a reason retrying cannot mend (any error of the tree
+    but a transient one). Transient errors propagate, so dramatiq retries the message with
+    backoff; anything outside the tree (a bug) too, and fails the job once retries run out.
     """
     svc = rt.services
     record = svc.jobs.get(job_id)
@@ -89,7 +90,11 @@ def run_stage(rt: Runtime, job_id: str, stage: str, work: Callable[[JobSpec], T]
     started = time.monotonic()
     try:
         result = work(record.spec)
-    except PermanentError as error:
+    except TransientError:
+        raise  # dramatiq retries the message with backoff, a bounded number of times
+    except HlsvaultError as error:
+        # Everything else in the tree (permanent, not found, refused, misconfigured) fails the
+        # same way the next time: the job fails now, with the reason.
         fail(rt, job_id, stage, redact_text(str(error)))
         return None
     svc.jobs.stage_finished(job_id, stage)
@@ -153,8 +158,14 @@ def after_upload(rt: Runtime, job_id: str, published: dict[str, Any]) -> None:
 
 def after_invalidate(rt: Runtime, job_id: str, outcome: dict[str, Any]) -> None:
     svc = rt.services
-    if outcome["status"] == "skipped":
-        svc.jobs.stage_finished(job_id, "invalidate", status="skipped", detail=outcome["reason"])
+    if outcome["status"] in ("skipped", "failed"):
+        svc.jobs.stage_finished(
+            job_id, "invalidate", status=outcome["status"], detail=outcome["reason"]
+        )
+    if outcome["status"] == "failed":
+        record = svc.jobs.get(job_id)
+        warning = f"published, but the CDN invalidation failed: {outcome['reason']}"
+        svc.jobs.set_json(job_id, "warnings", [*(record.json_field("warnings") or []), warning])
     record = svc.jobs.get(job_id)
     spec = record.spec
     result = dict(record.json_field("published") or {})
