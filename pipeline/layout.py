@@ -122,6 +122,12 @@ def plain_attempt_prefix(job_id: str, rendition: str, attempt: str) -> str:
     return f"{plain_prefix(job_id, rendition)}/{attempt}"
 
 
+def plain_segment_key(attempt_prefix: str, segment: str) -> str:
+    """A plain segment of one segment attempt (``attempt_prefix`` from
+    :func:`plain_attempt_prefix`)."""
+    return f"{attempt_prefix}/{segment}"
+
+
 def produced_key(job_id: str, rendition: str) -> str:
     return f"{plain_prefix(job_id, rendition)}/produced.json"
 

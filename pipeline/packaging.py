@@ -16,8 +16,9 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +97,17 @@ def _media(svc: Services, spec: JobSpec) -> MediaInfo:
     return MediaInfo.from_dict(data)
 
 
-def _work_dir(svc: Services, prefix: str) -> tuple[Path, bool]:
+@contextmanager
+def _work_dir(svc: Services, prefix: str) -> Iterator[tuple[Path, bool]]:
     """A local directory for ``prefix`` in the work store: the store's own when it is local,
-    else a temporary one whose files are uploaded afterwards."""
+    else a temporary one, whose files the stage uploads, removed however the stage ends (a
+    segment host would otherwise keep a film's worth of plain segments per rendition)."""
     local = svc.work.local_dir(prefix)
     if local is not None:
-        return local, True
-    return Path(tempfile.mkdtemp(prefix="hlsvault-")), False
+        yield local, True
+        return
+    with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
+        yield Path(scratch), False
 
 
 def segment(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ignore) -> int:
@@ -112,19 +117,19 @@ def segment(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ig
     target, _ = ffmpeg_target(spec.source)
     attempt = uuid.uuid4().hex[:12]
     prefix = layout.plain_attempt_prefix(spec.job_id, name, attempt)
-    out_dir, is_local = _work_dir(svc, prefix)
-    produced = segment_rendition(
-        target,
-        rendition,
-        out_dir,
-        info=info,
-        segment_seconds=spec.segment_seconds,
-        timeout=segment_timeout(info.duration, rendition.copy),
-        on_progress=on_progress,
-    )
-    if not is_local:
-        for seg in produced.segments:
-            svc.work.put_file(f"{prefix}/{seg.name}", out_dir / seg.name)
+    with _work_dir(svc, prefix) as (out_dir, is_local):
+        produced = segment_rendition(
+            target,
+            rendition,
+            out_dir,
+            info=info,
+            segment_seconds=spec.segment_seconds,
+            timeout=segment_timeout(info.duration, rendition.copy),
+            on_progress=on_progress,
+        )
+        if not is_local:
+            for seg in produced.segments:
+                svc.work.put_file(layout.plain_segment_key(prefix, seg.name), out_dir / seg.name)
     # The switch: from here on, encrypt reads this attempt (whole) and no other.
     record = {"attempt": attempt, "produced": produced.to_dict()}
     svc.work.put_bytes(layout.produced_key(spec.job_id, name), json.dumps(record).encode())
@@ -143,7 +148,6 @@ def encrypt(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ig
     plain_prefix, produced = _produced(svc, spec, name)
     report = _rate_limited(on_progress)
     enc_prefix = layout.encrypted_prefix(spec.job_id, name)
-    enc_dir, is_local = _work_dir(svc, enc_prefix)
     # Every key the rendition needs, fetched or created before any thread starts, one at a time.
     keys: dict[int, bytes] = {}
     for seg in produced.segments:
@@ -151,13 +155,15 @@ def encrypt(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ig
         if index not in keys:
             keys[index] = svc.keys.get_or_create(spec.asset, spec.version, index)
 
-    with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
+    with _work_dir(svc, enc_prefix) as (enc_dir, is_local):
 
         def encrypt_segment(seg: Segment) -> int:
-            plain = svc.work.local_path(f"{plain_prefix}/{seg.name}")
+            plain_key = layout.plain_segment_key(plain_prefix, seg.name)
+            plain = svc.work.local_path(plain_key)
             if plain is None:
-                plain = Path(scratch) / seg.name
-                svc.work.get_file(f"{plain_prefix}/{seg.name}", plain)
+                # The temporary encrypted directory holds the plain copy too, for a moment.
+                plain = enc_dir / f"plain-{seg.name}"
+                svc.work.get_file(plain_key, plain)
             index = key_index(seg.sequence, spec.key_rotation_segments)
             written = encrypt_file(
                 plain, enc_dir / seg.name, keys[index], iv_for_sequence(seg.sequence)

@@ -124,6 +124,23 @@ class TestEndToEnd:
         assert summary["status"] == "succeeded" and summary["renditions"][0]["name"] == "360p"
 
 
+class TestScratch:
+    def test_workers_leave_no_temporary_files_behind(
+        self, fleet: Fleet, copy_clip: Path, tmp_path: Path
+    ) -> None:
+        """On an S3 fleet each stage works in a local temporary directory: after a job nothing
+        of it is left on the workers' disk (a segment host would fill up film by film)."""
+        scratch = tmp_path / "worker-tmp"
+        scratch.mkdir()
+        fleet.env["TMPDIR"] = str(scratch)
+        fleet.start_all()
+
+        published = wait_for_job(fleet, submit(fleet, copy_clip, "tidy", "--ladder", "copy"))
+
+        assert published["status"] == "succeeded", published
+        assert sorted(p.name for p in scratch.iterdir()) == []
+
+
 class TestInvalidation:
     def test_a_refused_invalidation_leaves_the_job_published_with_a_warning(
         self, fleet: Fleet, copy_clip: Path
