@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import redis
 import structlog
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from pipeline.http import AccessLog
+from pipeline.errors import HlsvaultError
+from pipeline.http import AccessLog, status_for
+from pipeline.logs import redact_text
 from pipeline.services import Services, build_services
 from pipeline.settings import Settings
 from workers.sending import Submit, submitter
@@ -66,7 +69,8 @@ def create_app(
     """Build the ops app for ``settings``. Services, the Redis client (queues, heartbeats,
     parked messages) and the job submitter may be passed in; by default they are opened from
     ``settings``. Without ``settings.ops_password`` the dashboard is not served at all."""
-    submit = submit if submit is not None else submitter(settings)
+    services = services if services is not None else build_services(settings)
+    submit = submit if submit is not None else submitter(settings, services=services)
     routes: list[BaseRoute] = [
         Route("/healthz", healthz),
         *webhook_routes(settings, submit),
@@ -80,17 +84,36 @@ def create_app(
         Middleware(AccessLog, logger=log),
         Middleware(BasicAuth, password=settings.ops_password),
     ]
-    return Starlette(routes=routes, middleware=middleware)
+    return Starlette(
+        routes=routes, middleware=middleware,
+        exception_handlers={HlsvaultError: _tree_error, RedisError: _redis_error},
+    )
+
+
+def _tree_error(request: Request, error: Exception) -> Response:
+    """An error of the tree answered with its status and its reason, as JSON (never a 500
+    page): a fleet-only action on embedded stores, storage that does not answer."""
+    assert isinstance(error, HlsvaultError)  # noqa: S101 - registered for that class only
+    status = status_for(error)
+    return JSONResponse({"error": redact_text(str(error))}, status_code=status,
+                        headers={"Cache-Control": "no-store"})
+
+
+def _redis_error(request: Request, error: Exception) -> Response:
+    return JSONResponse(
+        {"error": f"Redis did not answer ({type(error).__name__}); check REDIS_URL and that "
+                  "Redis is up, then reload"},
+        status_code=503, headers={"Cache-Control": "no-store"},
+    )
 
 
 def _dashboard_routes(
     settings: Settings,
     password: str,
-    services: Services | None,
+    services: Services,
     client: redis.Redis | None,
     submit: Submit,
 ) -> list[BaseRoute]:
-    services = services if services is not None else build_services(settings)
     if client is None and settings.redis_url is not None:
         from pipeline.redisconn import connect
 

@@ -2,7 +2,8 @@
 
 Without ``HLSVAULT_OPS_PASSWORD`` it says once what to set and stays up serving only /healthz
 and the webhook: ``honcho start`` stops every process when one exits, and one optional process
-must not take the fleet down. Settings that cannot be loaded at all exit with status 2.
+must not take the fleet down. Settings that cannot be loaded at all exit with status 78
+(EX_CONFIG), as every process does.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pipeline.errors import ConfigurationError
+from pipeline.errors import ConfigurationError, exit_code
 
 from .auth import DISABLED
 
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         app = create_app(settings)
     except ConfigurationError as error:
         print(f"hlsvault ops: {error}", file=sys.stderr)
-        return 2
+        return exit_code(error)
     if not settings.ops_password:
         print(f"hlsvault ops: {DISABLED}", file=sys.stderr, flush=True)
     ensure_logging()

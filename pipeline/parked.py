@@ -19,6 +19,7 @@ import redis
 
 from .documents import MAX_DOCUMENT_BYTES
 from .errors import NotFound
+from .redisconn import transient_redis_errors
 
 #: A person triages these: a thousand is more than anyone reads through, and with bodies
 #: capped at MAX_DOCUMENT_BYTES the park holds at most ~64 MB of Redis.
@@ -73,6 +74,7 @@ class ParkedStats:
     cap: int
 
 
+@transient_redis_errors
 class ParkingLot:
     """The park in Redis, holding at most ``cap`` entries."""
 

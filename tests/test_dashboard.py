@@ -13,6 +13,7 @@ from dashboard.app import create_app
 from dashboard.assets import HLS_JS
 from dashboard.auth import CsrfTokens
 from pipeline.jobs import new_job_spec
+from pipeline.services import build_services
 from pipeline.settings import load_settings
 
 from ops_support import (
@@ -25,6 +26,7 @@ from ops_support import (
     series,
     succeeded_job,
 )
+from support import free_port
 
 
 @pytest.fixture
@@ -152,6 +154,49 @@ class TestInProcess:
         # embedded mode has no queues or park to report, rather than zeros that look healthy
         assert series(text, "hlsvault_queue_messages") is None
         assert series(text, "hlsvault_ingest_parked") is None
+
+
+class TestWithoutAFleet:
+    def test_retry_on_embedded_stores_says_it_needs_the_fleet(self, tmp_path: Path) -> None:
+        """An ops app with no REDIS_URL has no worker: Retry answers 503 with what to do and
+        records no job that nobody would ever run."""
+        settings = load_settings(
+            {"HLSVAULT_DATA_DIR": str(tmp_path), "HLSVAULT_OPS_PASSWORD": PASSWORD}
+        )
+        client = TestClient(create_app(settings), base_url="http://ops.test",
+                            headers={"Authorization": basic(PASSWORD)})
+        services = build_services(settings)
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        services.jobs.create(spec)
+        services.jobs.fail(spec.job_id, "probe", "no such file")
+
+        done = client.post(f"/jobs/{spec.job_id}/retry",
+                           data={"csrf": csrf_token(client, spec.job_id, "retry")},
+                           follow_redirects=False)
+
+        assert done.status_code == 503
+        assert "set REDIS_URL" in done.json()["error"]
+        assert done.headers["x-frame-options"] == "DENY"
+        assert [r.spec.job_id for r in services.jobs.recent(10)] == [spec.job_id]
+
+
+    def test_a_redis_that_does_not_answer_is_a_503_with_the_mend(self, tmp_path: Path) -> None:
+        """The fleet's figures need Redis: when it does not answer, /metrics and /api/fleet say
+        so as JSON with a 503 (and the security headers), never a bare 500."""
+        from redis import Redis
+
+        settings = load_settings(
+            {"HLSVAULT_DATA_DIR": str(tmp_path), "HLSVAULT_OPS_PASSWORD": PASSWORD}
+        )
+        dead = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+        client = TestClient(create_app(settings, redis=dead), base_url="http://ops.test",
+                            headers={"Authorization": basic(PASSWORD)})
+
+        for path in ("/metrics", "/api/fleet"):
+            answer = client.get(path)
+            assert answer.status_code == 503, path
+            assert "check REDIS_URL" in answer.json()["error"]
+            assert answer.headers["x-frame-options"] == "DENY"
 
 
 class TestPreview:

@@ -30,7 +30,7 @@ import redis
 import structlog
 
 from pipeline.aws import botocore_errors, describe, make_client
-from pipeline.errors import ConfigurationError, HlsvaultError, TransientError
+from pipeline.errors import ConfigurationError, HlsvaultError, TransientError, exit_code
 from pipeline.ingest import Ingest
 from pipeline.jobs import JobStore
 from pipeline.jobs.redis import RedisRecordBackend
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as error:
         log.error("ingest cannot start", reason=str(error))
         print(f"ingest: {error}", file=sys.stderr)
-        return 2
+        return exit_code(error)
     if poller is None:
         # `honcho start` runs every Procfile type and stops them all when one exits: a
         # deployment without S3 ingest keeps this one idle rather than take the fleet down.

@@ -12,19 +12,16 @@ the sets always agree with the records, and counts and time ranges read only the
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import redis
 
-from ..errors import TransientError
-from ..redisconn import connect
+from ..redisconn import connect, transient_redis_errors
 from . import STATUSES, TERMINAL, UnknownJob
 
 #: Finished job records are kept this long for the dashboard and `hlsvault status`.
 RECORD_TTL_S = 30 * 24 * 3600
-T = TypeVar("T")
 _PREFIX = "hlsvault:job:"
 _INDEX = "hlsvault:jobs"
 _STATUS_INDEX = "hlsvault:jobs:status:"
@@ -102,29 +99,7 @@ return 1
 """
 
 
-def _redis_errors_are_transient(cls: type[T]) -> type[T]:
-    """Wrap every public method so that a Redis failure (after the client's own bounded
-    reconnects) leaves as a :class:`~pipeline.errors.TransientError`: stages retry it, the CLI
-    exits 75 with one line, the HTTP edges answer 503."""
-    for name, method in list(vars(cls).items()):
-        if name.startswith("_") or not callable(method):
-            continue
-
-        def wrapped(*args: Any, __method: Callable[..., Any] = method, **kwargs: Any) -> Any:
-            try:
-                return __method(*args, **kwargs)
-            except redis.RedisError as error:
-                raise TransientError(
-                    f"Redis did not answer ({type(error).__name__}); check REDIS_URL and that "
-                    "Redis is up, then try again"
-                ) from error
-
-        functools.update_wrapper(wrapped, method)
-        setattr(cls, name, wrapped)
-    return cls
-
-
-@_redis_errors_are_transient
+@transient_redis_errors
 class RedisRecordBackend:
     """One hash per job under ``hlsvault:job:<id>``, and the sorted sets that index them."""
 
