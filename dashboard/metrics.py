@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import redis
 
+from pipeline import layout
 from pipeline.jobs import STATUSES, JobRecord
 from pipeline.parked import ParkedStats
 from workers.queues import Queue
 
-#: dramatiq's key namespace, as workers/runtime.py configures the RedisBroker.
-NAMESPACE = "hlsvault"
+NAMESPACE = layout.BROKER_NAMESPACE
 QUEUES = tuple(queue.value for queue in Queue)
 #: Stage durations are taken from stages that finished within this window.
 DURATION_WINDOW_S = 3600
@@ -39,8 +39,7 @@ DURATION_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800
 #: The throughput chart: jobs finished per bucket over the last hour.
 THROUGHPUT_BUCKET_S = 300
 THROUGHPUT_BUCKETS = 12
-#: Where key-request outcomes are counted (HINCRBY <outcome> 1), if the key server does so.
-KEY_REQUESTS_HASH = f"{NAMESPACE}:stats:key_requests"
+KEY_REQUESTS_HASH = layout.KEY_REQUESTS_HASH
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,8 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
             print(line)
         if record.error:
             print(f"  error: {record.error}")
-    return 0 if record.status != "failed" else 1
+    # As `package` reports them: a job that did not succeed is exit 1.
+    return 1 if record.status in ("failed", "cancelled") else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

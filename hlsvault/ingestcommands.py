@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import BadSpec, ConfigurationError, HlsvaultError, exit_code
+from pipeline.errors import BadSpec, ConfigurationError
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:  # imported when a command runs: the CLI starts without Redis's client
@@ -47,22 +46,15 @@ def _parking(settings: Settings) -> ParkingLot:
     return ParkingLot(connect(settings.redis_url))
 
 
-def _fail(error: HlsvaultError) -> int:
-    print(f"hlsvault: {error}", file=sys.stderr)
-    return exit_code(error)
-
-
 def cmd_parked(args: argparse.Namespace, ctx: Context) -> int:
+    # Errors of the tree leave through the CLI's edge: one line, the status of their class.
     settings = ctx.settings
-    try:
-        parking = _parking(settings)
-        if args.replay is not None:
-            return _replay(parking, args.replay, settings, as_json=args.json)
-        if args.drop is not None:
-            return _drop(parking, args.drop, as_json=args.json)
-        return _list(parking, as_json=args.json)
-    except HlsvaultError as error:
-        return _fail(error)
+    parking = _parking(settings)
+    if args.replay is not None:
+        return _replay(parking, args.replay, settings, as_json=args.json)
+    if args.drop is not None:
+        return _drop(parking, args.drop, as_json=args.json)
+    return _list(parking, as_json=args.json)
 
 
 def _list(parking: ParkingLot, *, as_json: bool) -> int:

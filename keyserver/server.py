@@ -148,8 +148,7 @@ class KeyServer:
         claims, described = access
         base, cdn, version = self.settings.public_url, self.settings.cdn_url, described.version
         # The static variants on the CDN name the key URIs of the public URL they were written
-        # for: None for versions packaged before AssetVersion recorded it (getattr: until the
-        # field lands in pipeline.playlists, every version is such a one).
+        # for: None for versions packaged before AssetVersion recorded it.
         packaged_for = described.key_server
         variant_uri: Callable[[RenditionEntry], str]
         cookie_paths: list[str] = []

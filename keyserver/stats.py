@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import structlog
 
+from pipeline import layout
+
 log = structlog.get_logger("hlsvault.keyserver")
 
 #: The Redis hash the ops app reads: outcome -> count.
-KEY_REQUESTS = "hlsvault:stats:key_requests"
+KEY_REQUESTS = layout.KEY_REQUESTS_HASH
 #: Counting is best effort: a slow Redis never slows a key request down by more than this.
 REDIS_TIMEOUT_S = 0.25
 

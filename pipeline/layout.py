@@ -225,6 +225,13 @@ def revoked_key(asset: str) -> str:
     return f"catalog/{check_asset_id(asset)}/revoked.json"
 
 
+# -- Redis --------------------------------------------------------------------------------------
+
+#: dramatiq's key namespace in Redis (queues, heartbeats); the ops app reads queue depths under it.
+BROKER_NAMESPACE = "hlsvault"
+#: The hash where key servers count key requests by outcome, for the ops app's metrics.
+KEY_REQUESTS_HASH = "hlsvault:stats:key_requests"
+
 # -- key server URLs -----------------------------------------------------------------------------
 
 MASTER_ROUTE = "/v1/assets/{asset}/master.m3u8"

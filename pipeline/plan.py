@@ -52,10 +52,13 @@ class Rendition:
 
 
 def check_segment_seconds(seconds: float) -> float:
+    # Named both ways: the CLI's option, and the field of a webhook or S3-event job request.
     if not MIN_SEGMENT_SECONDS <= seconds <= MAX_SEGMENT_SECONDS:
+        shown = f"{seconds:g}" if abs(seconds) < 1e9 else "a huge number"
         raise BadSpec(
-            f"--segment-seconds {seconds:g} is out of range; use {MIN_SEGMENT_SECONDS:g} to "
-            f"{MAX_SEGMENT_SECONDS:g} (6 is what Apple recommends)"
+            f"segment seconds (--segment-seconds, \"segment_seconds\") {shown} is out of "
+            f"range; use {MIN_SEGMENT_SECONDS:g} to {MAX_SEGMENT_SECONDS:g} (6 is what Apple "
+            "recommends)"
         )
     return seconds
 

@@ -71,13 +71,13 @@ def test_bad_source_fails_cleanly(
     hlsvault: Hlsvault, copy_clip: Path, tmp_path: Path,
     make: Callable[[Path, Path], Path], reason: str,
 ) -> None:
-    """The CLI exits non-zero with one line naming the problem, the job record says failed
-    with the same reason, and neither the origin nor the catalog holds anything."""
+    """The CLI exits 1 (the job failed) with one line naming the problem, the job record says
+    failed with the same reason, and neither the origin nor the catalog holds anything."""
     source = make(tmp_path, copy_clip)
 
     done = hlsvault.package(str(source), "--asset", "bad", "--ladder", "copy", "--json")
 
-    assert done.returncode != 0
+    assert done.returncode == 1
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("hlsvault: job ")
@@ -87,7 +87,7 @@ def test_bad_source_fails_cleanly(
     assert summary["status"] == "failed" and reason in summary["error"]
 
     record = hlsvault.run("status", summary["job_id"], "--json")
-    assert record.returncode != 0
+    assert record.returncode == 1
     job = json.loads(record.stdout)
     assert job["status"] == "failed"
     assert job["failed_stage"] == "probe"
@@ -105,7 +105,7 @@ def test_copy_ladder_refuses_a_source_it_cannot_remux(hlsvault: Hlsvault) -> Non
 
     done = hlsvault.package(str(source), "--asset", "mpeg4", "--ladder", "copy")
 
-    assert done.returncode != 0
+    assert done.returncode == 1
     assert "not H.264" in done.stderr and "--ladder default" in done.stderr
     assert [p for p in hlsvault.origin.rglob("*") if p.is_file()] == []
 

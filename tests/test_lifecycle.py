@@ -126,7 +126,8 @@ class TestRevoke:
 
         eventually(all_gone)
         assert not list((keyserver.vault / "keys" / "gone").rglob("*.key"))
-        assert keyserver.run("url", "gone").returncode != 0
+        refused = keyserver.run("url", "gone")
+        assert refused.returncode == 1 and "not published (or was revoked)" in refused.stderr
 
 
 def _assert_equal(left: object, right: object) -> None:

@@ -272,7 +272,7 @@ class TestHostileSources:
 
         done = hlsvault.package(source, "--asset", "evil", "--ladder", "copy", "--json")
 
-        assert done.returncode != 0
+        assert done.returncode == 1
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, done.stderr
         assert lines[0].startswith("hlsvault: job ") and reason in lines[0]

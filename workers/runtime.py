@@ -19,13 +19,11 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import Retries
 
+from pipeline import layout
 from pipeline.errors import ConfigurationError
 from pipeline.jobs import JobSpec
 from pipeline.services import Services, build_services
 from pipeline.settings import Settings
-
-#: dramatiq's key namespace in Redis; the ops app reads queue depths under it.
-BROKER_NAMESPACE = "hlsvault"
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     # dramatiq's RedisBroker constructor carries no annotations.
     broker: dramatiq.Broker = RedisBroker(  # type: ignore[no-untyped-call]
         client=connect(settings.redis_url, decode_responses=False),
-        namespace=BROKER_NAMESPACE,
+        namespace=layout.BROKER_NAMESPACE,
         heartbeat_timeout=settings.heartbeat_timeout_ms,
         maintenance_chance=settings.maintenance_chance,
     )

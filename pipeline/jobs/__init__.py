@@ -86,8 +86,8 @@ def new_job_spec(
     check_segment_seconds(segment_seconds)
     if not 0 <= key_rotation_segments <= MAX_KEY_ROTATION_SEGMENTS:
         raise BadSpec(
-            f"--key-rotation-segments {key_rotation_segments} is out of range; use 0 (off) "
-            f"to {MAX_KEY_ROTATION_SEGMENTS}"
+            f"key rotation (--key-rotation-segments, \"key_rotation_segments\") "
+            f"{key_rotation_segments} is out of range; use 0 (off) to {MAX_KEY_ROTATION_SEGMENTS}"
         )
     now = time.time()
     version = layout.new_version(job_id, now=now)
