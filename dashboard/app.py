@@ -31,6 +31,7 @@ import redis
 import structlog
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -86,8 +87,17 @@ def create_app(
     ]
     return Starlette(
         routes=routes, middleware=middleware,
-        exception_handlers={HlsvaultError: _tree_error, RedisError: _redis_error},
+        exception_handlers={
+            HlsvaultError: _tree_error, RedisError: _redis_error, HTTPException: _http_error,
+        },
     )
+
+
+def _http_error(request: Request, error: Exception) -> Response:
+    """Starlette's own refusals (an unknown path, a GET of the webhook) as JSON, like the rest."""
+    assert isinstance(error, HTTPException)  # noqa: S101 - registered for that class only
+    return JSONResponse({"error": error.detail}, status_code=error.status_code,
+                        headers={**(error.headers or {}), "Cache-Control": "no-store"})
 
 
 def _tree_error(request: Request, error: Exception) -> Response:

@@ -306,3 +306,11 @@ class TestSecurityHeaders:
             assert "<style" not in html and " style=" not in html, path
             for src in re.findall(r'<(?:script src|link rel=stylesheet href)="([^"]+)"', html):
                 assert local_ops.client.get(src).status_code == 200, src
+
+
+def test_a_get_of_the_webhook_is_a_json_405(local_ops: LocalOps) -> None:
+    """Every answer of the webhook route is JSON, the wrong method included."""
+    answer = local_ops.client.get("/v1/jobs")
+    assert answer.status_code == 405
+    assert answer.json() == {"error": "Method Not Allowed"}
+    assert answer.headers["allow"] == "POST" and answer.headers["cache-control"] == "no-store"
