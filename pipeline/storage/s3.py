@@ -65,14 +65,18 @@ class S3Store:
         *,
         content_type: str | None = None,
         cache_control: str | None = None,
+        content_disposition: str | None = None,
     ) -> None:
+        extra = self._extra(content_type, cache_control)
+        if content_disposition:
+            extra["ContentDisposition"] = content_disposition
         try:
             with path.open("rb") as body:
                 self.client.put_object(
                     Bucket=self.bucket,
                     Key=self._key(key),
                     Body=body,
-                    **self._extra(content_type, cache_control),
+                    **extra,
                 )
         except _BOTO_ERRORS as error:
             raise self._translate(error, key) from None
