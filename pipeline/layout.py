@@ -285,6 +285,8 @@ OFFLINE_ROUTE = "/v1/offline/{asset}"
 EMBEDDED_DOWNLOAD_ROUTE = "/cdn/downloads/{asset}/{version}/{name}"
 #: Every request under this prefix writes an audit line of its own.
 KEYS_PATH_PREFIX = "/v1/keys/"
+#: ...and under these: key, download and offline requests.
+AUDITED_PATH_PREFIXES = (KEYS_PATH_PREFIX, "/v1/downloads/", "/v1/offline/")
 
 
 def master_url(public_url: str, asset: str, query: str = "") -> str:

@@ -50,6 +50,17 @@ class S3Store:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def presigned_get(self, key: str, *, expires_in: int, content_disposition: str) -> str:
+        """A presigned GET of ``key`` (computed locally, no request), answered with
+        ``content_disposition``."""
+        url: str = self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key),
+                    "ResponseContentDisposition": content_disposition},
+            ExpiresIn=expires_in,
+        )
+        return url
+
     def _extra(self, content_type: str | None, cache_control: str | None) -> dict[str, str]:
         extra = {}
         if content_type:
