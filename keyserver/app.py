@@ -184,7 +184,7 @@ def create_app(
         mimetypes.add_type(PLAYLIST_TYPE, ".m3u8")
         Path(origin.root).mkdir(parents=True, exist_ok=True)
         routes.append(
-            Route(layout.EMBEDDED_DOWNLOAD_ROUTE, EmbeddedDownloads(origin, links.embedded))
+            Route(layout.EMBEDDED_DOWNLOAD_ROUTE, EmbeddedDownloads(origin, links.embedded).serve)
         )
         routes.append(Mount("/cdn", app=CdnHeaders(static_files(origin.root))))
     middleware = [

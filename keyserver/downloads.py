@@ -118,7 +118,7 @@ class EmbeddedDownloads:
         self.origin = origin
         self.signatures = signatures
 
-    async def __call__(self, request: Request) -> Response:
+    async def serve(self, request: Request) -> Response:
         asset = request.path_params["asset"]
         version = request.path_params["version"]
         name = request.path_params["name"]

@@ -53,12 +53,15 @@ class S3Store:
     def presigned_get(self, key: str, *, expires_in: int, content_disposition: str) -> str:
         """A presigned GET of ``key`` (computed locally, no request), answered with
         ``content_disposition``."""
-        url: str = self.client.generate_presigned_url(
-            "get_object",
-            Params={"Bucket": self.bucket, "Key": self._key(key),
-                    "ResponseContentDisposition": content_disposition},
-            ExpiresIn=expires_in,
-        )
+        try:
+            url: str = self.client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": self._key(key),
+                        "ResponseContentDisposition": content_disposition},
+                ExpiresIn=expires_in,
+            )
+        except _BOTO_ERRORS as error:  # no credentials to sign with
+            raise self._translate(error, key) from None
         return url
 
     def _extra(self, content_type: str | None, cache_control: str | None) -> dict[str, str]:
