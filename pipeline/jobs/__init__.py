@@ -8,7 +8,7 @@ different machines never overwrite each other's fields.
 Fields: ``spec`` (JSON), ``status``, ``error``, ``failed_stage``, ``created_at``,
 ``finished_at``, ``media`` and ``renditions`` (JSON), ``result`` (JSON), and per stage
 ``<stage>.status|started_at|finished_at|progress|attempts|error|detail``, where a stage is
-``probe``, ``segment:<rendition>``, ``encrypt:<rendition>``, ``playlist``, ``upload``,
+``probe``, ``segment:<rendition>``, ``encrypt:<rendition>``, ``playlist``, ``download``, ``upload``,
 ``invalidate``; ``pending.encrypt`` is the fan-in counter.
 
 Each backend also keeps an index of jobs by status, updated in the same atomic step as the
