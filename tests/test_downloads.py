@@ -237,3 +237,46 @@ def _cli(env: dict[str, str], *args: str) -> str:
                           cwd=Path(env["HLSVAULT_DATA_DIR"]).parent)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+class TestAskingForADownload:
+    """The same field from every entry point: the CLI, the job request (webhook) and the spec."""
+
+    def test_the_cli_option_defaults_to_the_top_rendition(self) -> None:
+        from hlsvault.cli import build_parser
+
+        parse = build_parser().parse_args
+        assert parse(["package", "x.mp4", "--download"]).download == layout.DOWNLOAD_TOP
+        assert parse(["package", "x.mp4", "--download=720p"]).download == "720p"
+        assert parse(["package", "x.mp4"]).download is None
+
+    @pytest.mark.parametrize("value, expected", [
+        (True, layout.DOWNLOAD_TOP), ("480p", "480p"), (False, None), (None, None),
+    ])
+    def test_the_job_request_field(self, value: object, expected: str | None) -> None:
+        from pipeline.ingest import parse_job_request
+
+        document: dict[str, object] = {"source": "s3://bucket/film.mp4"}
+        if value is not None:
+            document["download"] = value
+        assert parse_job_request(document).download == expected
+
+    @pytest.mark.parametrize("value", [1, "", "../x", {"r": 1}])
+    def test_a_bad_field_is_a_clear_400(self, value: object) -> None:
+        from pipeline.errors import BadSpec
+        from pipeline.ingest import parse_job_request
+
+        with pytest.raises(BadSpec, match='field "download"'):
+            parse_job_request({"source": "s3://bucket/film.mp4", "download": value})
+
+    def test_an_unknown_rendition_fails_the_job_saying_which_exist(self) -> None:
+        from pipeline.downloads import chosen_rendition
+        from pipeline.errors import BadSpec
+        from pipeline.playlists import AssetVersion, PublishedSegment, RenditionEntry
+
+        rendition = RenditionEntry("360p", 640, 360, "30/1", "avc1.64001e", 1, 1,
+                                   (PublishedSegment(0, "seg_00000.ts", 1.0, 16, 0),))
+        described = AssetVersion("a", "v1", "j", 0.0, 0, (rendition,))
+        assert chosen_rendition(described, layout.DOWNLOAD_TOP) is rendition
+        with pytest.raises(BadSpec, match="it has 360p"):
+            chosen_rendition(described, "1080p")
