@@ -19,6 +19,7 @@ test: setup lint typecheck pytest
 
 lint:
 	$(BIN)/ruff check pipeline workers keyserver dashboard hlsvault tests bench
+	$(BIN)/cfn-lint deploy/aws/hlsvault.yaml
 
 typecheck:
 	$(BIN)/mypy

@@ -15,6 +15,16 @@ by default) loads them in turn, alternating round by round after an untimed warm
             HLSVAULT_RATE_LIMIT_IP=0), since wrk hammers with one token from one address. The
             server's stderr (JSON log lines) goes to a file, as a production log shipper's would.
 
+A second part loads the **variant playlist** endpoint of two `hlsvault serve` processes over the
+same data directory, one without and one with CloudFront signing (a generated RSA 2048 key,
+HLSVAULT_CLOUDFRONT_KEY_PAIR_ID/HLSVAULT_CLOUDFRONT_PRIVATE_KEY, a CDN URL of
+https://cdn.bench.example), alternating round by round: every signed response carries one
+custom-policy signature on each segment URI. wrk presents one token, so after the first request
+the signature comes from the cache: the common case of a player's requests. The cost of a
+signature that is not cached (one RSA-2048 SHA-1 signature) is measured apart and printed.
+Reported: both medians and the ratio signed / unsigned (target >= 0.9: signing costs at most
+10 %).
+
 A wrk run with any non-2xx response, or any connect or timeout error, fails the benchmark.
 Reported: median requests per second of each, hlsvault's median p99 latency (wrk --latency),
 and the median of the per-round ratios hlsvault rps / nginx rps. Each round also reports the
@@ -26,7 +36,7 @@ installed with apt-get, which needs root. ``--profile`` adds one more hlsvault r
 `py-spy record` (``.venv/bin/pip install py-spy``) and prints where the time goes.
 
     python bench/bench_keyserver.py [--rounds N] [--duration S] [--warmup S]
-                                    [--connections N] [--profile]
+                                    [--connections N] [--profile] [--only-signing]
 """
 
 from __future__ import annotations
@@ -66,6 +76,10 @@ DEFAULT_ROUNDS = 3
 DEFAULT_DURATION_S = 10
 DEFAULT_WARMUP_S = 5
 DEFAULT_CONNECTIONS = 50
+#: CDN signing may cost at most 10 % of the variant playlist's request rate.
+TARGET_SIGNING_RATIO = 0.9
+SIGNING_CDN_URL = "https://cdn.bench.example"
+SIGNING_KEY_PAIR_ID = "KBENCHKEYPAIR"
 #: One wrk thread: on a 2-core machine wrk gets one core and the server the other.
 WRK_THREADS = 1
 START_TIMEOUT_S = 20.0
@@ -340,6 +354,113 @@ def start_hlsvault(port: int) -> tuple[subprocess.Popen[bytes], str, Path]:
     return process, key_url, log_path
 
 
+# --- variant playlists, with and without CDN signing -------------------------------------------
+
+
+def signing_env(port: int) -> dict[str, str]:
+    """hlsvault_env plus CloudFront signing with a key generated for the benchmark."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key_file = SCRATCH / "cloudfront-bench.pem"
+    if not key_file.is_file():
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        key_file.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ))
+        key_file.chmod(0o600)
+    env = hlsvault_env(port)
+    env.update(HLSVAULT_CDN_URL=SIGNING_CDN_URL,
+               HLSVAULT_CLOUDFRONT_KEY_PAIR_ID=SIGNING_KEY_PAIR_ID,
+               HLSVAULT_CLOUDFRONT_PRIVATE_KEY=str(key_file))
+    return env
+
+
+def start_variant_server(env: dict[str, str], port: int, name: str) -> tuple[
+    subprocess.Popen[bytes], str
+]:
+    """`hlsvault serve` on the packaged data dir; the URL of its variant playlist."""
+    log = (SCRATCH / f"variant-{name}.log").open("wb")
+    process = subprocess.Popen(
+        [HLSVAULT, "serve", "--port", str(port)],
+        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    )
+    wait_for(f"http://127.0.0.1:{port}/healthz", process, f"hlsvault serve ({name})")
+    master_url = subprocess.run(
+        [HLSVAULT, "url", ASSET, "--ttl", "3600"],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()
+    status, master = fetch(master_url)
+    variants = [line for line in master.decode().splitlines() if line and line[0] != "#"]
+    if status != 200 or not variants:
+        raise BenchFailed(f"master playlist ({name}): {status}, no variant")
+    status, variant = fetch(variants[0])
+    segments = [line for line in variant.decode().splitlines() if line and line[0] != "#"]
+    signed = all("Signature=" in line for line in segments)
+    if status != 200 or not segments or signed != (name == "signed"):
+        raise BenchFailed(f"variant playlist ({name}): {status}, segments signed: {signed}")
+    return process, variants[0]
+
+
+def uncached_signature_ms(env: dict[str, str], count: int = 200) -> float:
+    """Milliseconds per signature made anew (distinct resources: no cache hit)."""
+    from pipeline.cdnsign import CdnSigner
+
+    pem = Path(env["HLSVAULT_CLOUDFRONT_PRIVATE_KEY"]).read_text()
+    signer = CdnSigner(SIGNING_KEY_PAIR_ID, pem, ttl_s=3600, max_cached=count)
+    started = time.perf_counter()
+    for n in range(count):
+        signer.policy(f"{SIGNING_CDN_URL}/assets/a/v/r{n}/*", expires_at=2_000_000_000)
+    return (time.perf_counter() - started) * 1000 / count
+
+
+def run_signing(args: argparse.Namespace) -> float:
+    """Variant playlists per second without and with signing; the ratio signed / unsigned."""
+    plain = signed = None
+    try:
+        plain_port = free_port()
+        package_clip(hlsvault_env(plain_port))
+        plain, plain_url = start_variant_server(hlsvault_env(plain_port), plain_port, "unsigned")
+        signed_port = free_port()
+        env = signing_env(signed_port)
+        signed, signed_url = start_variant_server(env, signed_port, "signed")
+        servers = {"unsigned": (plain.pid, plain_url), "signed": (signed.pid, signed_url)}
+        print(f"variant playlists: GET {redact(plain_url)} of two `hlsvault serve` processes, "
+              f"one signing every segment URI for {SIGNING_CDN_URL} (CloudFront custom policy)")
+        for name in servers:
+            pid, url = servers[name]
+            run_wrk(url, args.warmup, args.connections, pid)
+        results: dict[str, list[WrkRun]] = {"unsigned": [], "signed": []}
+        ratios: list[float] = []
+        print(f"{'round':<7}{'unsigned rps':>13}{'p99 ms':>8}{'CPU us/req':>11}"
+              f"{'signed rps':>12}{'p99 ms':>8}{'CPU us/req':>11}{'ratio':>7}   order")
+        for index in range(args.rounds):
+            order = ["unsigned", "signed"] if index % 2 == 0 else ["signed", "unsigned"]
+            for name in order:
+                pid, url = servers[name]
+                results[name].append(run_wrk(url, args.duration, args.connections, pid))
+            un, si = results["unsigned"][-1], results["signed"][-1]
+            ratios.append(si.rps / un.rps)
+            print(f"{index + 1:<7}{un.rps:>13.0f}{un.p99_ms:>8.2f}{un.cpu_us_per_request:>11.0f}"
+                  f"{si.rps:>12.0f}{si.p99_ms:>8.2f}{si.cpu_us_per_request:>11.0f}"
+                  f"{ratios[-1]:>7.3f}   {' > '.join(order)}")
+        un_rps = statistics.median(r.rps for r in results["unsigned"])
+        si_rps = statistics.median(r.rps for r in results["signed"])
+        ratio = statistics.median(ratios)
+        print(f"{'median':<7}{un_rps:>13.0f}{'':>19}{si_rps:>12.0f}{'':>19}{ratio:>7.3f}")
+        print(f"an uncached signature (RSA-2048, SHA-1) costs {uncached_signature_ms(env):.2f} ms; "
+              "cached ones are looked up per (rendition, expiry bucket, address)")
+        met = ratio >= TARGET_SIGNING_RATIO
+        print(f"RESULT cdn signing: variant playlists unsigned {un_rps:.0f} rps, signed "
+              f"{si_rps:.0f} rps, ratio {ratio:.3f} (target >= {TARGET_SIGNING_RATIO}: "
+              f"{'met' if met else 'MISSED'})")
+        return ratio
+    finally:
+        stop(plain)
+        stop(signed)
+
+
 # --- profile -----------------------------------------------------------------------------------
 
 #: Functions worth naming in the profile summary: the request path, logging and the thread hop.
@@ -395,10 +516,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP_S, help="s, untimed")
     parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS)
     parser.add_argument("--profile", action="store_true", help="add a py-spy run of hlsvault")
+    parser.add_argument("--only-signing", action="store_true",
+                        help="only the variant playlists with and without CDN signing")
     args = parser.parse_args(argv)
     try:
         ensure_tools()
-        return run(args)
+        if args.only_signing:
+            SCRATCH.mkdir(parents=True, exist_ok=True)
+            print(describe())
+            run_signing(args)
+            return 0
+        code = run(args)
+        run_signing(args)
+        return code
     except BenchFailed as error:
         print(f"bench_keyserver: FAILED: {error}", file=sys.stderr)
         return 1

@@ -8,6 +8,10 @@
     POST /jobs/{job_id}/retry    a failed or cancelled job again, as a new job with the same
                                  spec (dashboard/actions.py: 303, 403, 404, 409)
     POST /jobs/{job_id}/cancel   mark a job cancelled; stages still queued skip it
+    GET  /assets, /assets/{asset}                    every asset; one asset with its versions
+    GET  /assets/{asset}/{rekey|revoke}              the confirmation step of an asset action
+    POST /assets/{asset}/{rekey|revoke}              the action (dashboard/assetactions.py:
+                                                     303, 400 unconfirmed, 403, 404)
     GET  /api/jobs, /api/jobs/{job_id}, /api/fleet    what the pages poll (JSON); 400, 404
     GET  /metrics                Prometheus text format
     GET  /static/{name}          the pages' stylesheet and scripts, and hls.js (503 when hls.js
@@ -22,7 +26,8 @@ action and job, and a cross-origin ``Origin`` header is refused outright. Every 
 the security headers of dashboard/headers.py (no framing, a strict CSP, nosniff).
 
 Modules: auth (who may), reading (what is read, redacted once), pages and api (the views),
-actions (retry, cancel), assets (static files), headers, metrics, webhook, serve (the process).
+actions (retry, cancel), library, assetviews and assetactions (the Assets pages, Re-key,
+Revoke), assets (static files), headers, metrics, webhook, serve (the process).
 """
 
 from __future__ import annotations
@@ -46,9 +51,11 @@ from workers.sending import Submit, submitter
 
 from .actions import Actions
 from .api import Api
+from .assetactions import AssetPages
 from .assets import static_file
 from .auth import BasicAuth, CsrfTokens
 from .headers import SecurityHeaders, content_security_policy, origin_of
+from .library import LibraryReader
 from .pages import Pages, Previews
 from .reading import OpsReader
 from .webhook import webhook_routes
@@ -134,8 +141,17 @@ def _dashboard_routes(
     pages = Pages(reader, csrf=csrf, previews=Previews(settings))
     api = Api(reader)
     actions = Actions(services.jobs, csrf=csrf, submit=submit)
+    library = AssetPages(
+        services,
+        LibraryReader(services, redis_client=client, key_server_url=settings.public_url),
+        csrf=csrf, submit=submit,
+    )
     return [
         Route("/", pages.jobs),
+        Route("/assets", library.assets),
+        Route("/assets/{asset}", library.asset),
+        Route("/assets/{asset}/{action}", library.confirm, methods=["GET"]),
+        Route("/assets/{asset}/{action}", library.act, methods=["POST"]),
         Route("/jobs/{job_id}", pages.job),
         Route("/jobs/{job_id}/retry", actions.retry, methods=["POST"]),
         Route("/jobs/{job_id}/cancel", actions.cancel, methods=["POST"]),

@@ -42,6 +42,7 @@ def page(title: str, body: str, *, poll: str | None = None, render: str = "",
         '<link rel=stylesheet href="/static/ops.css"></head>'
         f"<body{live}>"
         '<header><a href="/"><b>hlsvault ops</b></a><a href="/">jobs</a>'
+        '<a href="/assets">assets</a>'
         '<a href="/metrics">metrics</a></header>'
         f"<main>{body}</main>{tags}</body></html>"
     )

@@ -1,12 +1,13 @@
 """The `hlsvault` command line: translate arguments, delegate, report.
 
 hlsvault package SOURCE [--asset ID] [--ladder copy|default] [--segment-seconds S]
-                        [--key-rotation-segments N] [--json]
+                        [--key-rotation-segments N] [--download [RENDITION]] [--json]
 hlsvault submit SOURCE [same options as package]          (distributed mode)
 hlsvault status JOB [--wait] [--json]
 hlsvault serve [--host H] [--port P] [--certfile F --keyfile F]
-hlsvault url ASSET [--ttl SECONDS] [--auth token|cookie] [--sid S] [--ip A]
-hlsvault token ASSET [--ttl SECONDS] [--sid S] [--ip A]
+hlsvault url ASSET [--ttl SECONDS] [--auth token|cookie] [--sid S] [--ip A] [--download]
+                   [--offline]
+hlsvault token ASSET [--ttl SECONDS] [--sid S] [--ip A] [--offline]
 hlsvault rekey ASSET [--grace SECONDS] [--json]
 hlsvault revoke ASSET [--json]
 hlsvault ingest parked [--replay ID | --drop ID] [--json]   (distributed mode)
@@ -56,6 +57,7 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
         ladder=args.ladder,
         segment_seconds=args.segment_seconds,
         key_rotation_segments=args.key_rotation_segments,
+        download=args.download,
     )
     if settings.embedded or "://" in spec.source or not settings.work.startswith("s3://"):
         return spec
@@ -165,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             default=layout.DEFAULT_KEY_ROTATION_SEGMENTS,
             help="use a new key every N segments (0: one key)",
+        )
+        command.add_argument(
+            "--download", nargs="?", const=layout.DOWNLOAD_TOP, default=None,
+            metavar="RENDITION",
+            help="also write a private MP4 download of RENDITION (default: the top one); put "
+                 "it after SOURCE, or write --download=720p",
         )
         command.add_argument("--json", action="store_true", help="print JSON on stdout")
     package.add_argument(

@@ -113,6 +113,12 @@ def summary(ctx: Context, record: JobRecord) -> dict[str, Any]:
     ]
     result["keys"] = described.key_count
     result["master_url"] = layout.master_url(ctx.settings.public_url, spec.asset)
+    if described.download is not None:
+        result["download"] = {
+            "rendition": described.download.rendition,
+            "size": described.download.size,
+            "url": layout.download_url(ctx.settings.public_url, spec.asset),
+        }
     warnings = record.json_field("warnings")
     if warnings:
         result["warnings"] = warnings

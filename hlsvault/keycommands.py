@@ -23,16 +23,21 @@ def _token(args: argparse.Namespace, ctx: Context) -> str:
 
     settings = ctx.settings
     layout.check_asset_id(args.asset)
+    offline = bool(args.offline)
+    cap, cap_setting = (
+        (settings.offline_max_ttl_s, "HLSVAULT_OFFLINE_MAX_TTL") if offline
+        else (settings.token_max_ttl_s, "HLSVAULT_TOKEN_MAX_TTL")
+    )
     # Without --ttl: the usual lifetime, shortened to what this deployment accepts.
-    ttl = args.ttl if args.ttl is not None else min(DEFAULT_TOKEN_TTL_S, settings.token_max_ttl_s)
-    if ttl <= 0 or ttl > settings.token_max_ttl_s:
+    ttl = args.ttl if args.ttl is not None else min(DEFAULT_TOKEN_TTL_S, cap)
+    if ttl <= 0 or ttl > cap:
         raise BadSpec(
-            f"--ttl must be between 1 and {settings.token_max_ttl_s} seconds "
-            "(the key server refuses longer-lived tokens; see HLSVAULT_TOKEN_MAX_TTL)"
+            f"--ttl must be between 1 and {cap} seconds "
+            f"(the key server refuses longer-lived tokens; see {cap_setting})"
         )
     return mint_token(
         minting_key(settings), args.asset, ttl, algorithm=settings.token_algorithm,
-        sid=args.sid, ip=args.ip,
+        sid=args.sid, ip=args.ip, offline=offline,
     )
 
 
@@ -49,6 +54,13 @@ def cmd_token(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_url(args: argparse.Namespace, ctx: Context) -> int:
     _require_published(ctx, args.asset)
     query = f"?token={_token(args, ctx)}"
+    base = ctx.settings.public_url
+    if args.download:
+        print(layout.download_url(base, args.asset, query))
+        return 0
+    if args.offline:
+        print(layout.offline_url(base, args.asset, query))
+        return 0
     if args.sid:
         # The key server passes it on to every variant and key URI it writes.
         query += f"&sid={quote(args.sid, safe='')}"
@@ -85,8 +97,9 @@ def cmd_revoke(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"revoked {args.asset}: {result['keys_deleted']} keys deleted; every key server "
-              "now answers 410 Gone for it")
+        print(f"revoked {args.asset}: {result['keys_deleted']} keys and "
+              f"{result['downloads_deleted']} downloads deleted; every key server now answers "
+              "410 Gone for it")
     return 0
 
 
@@ -101,9 +114,16 @@ def add_commands(commands: Any, *, wait_timeout: float) -> None:
                                   "or HLSVAULT_TOKEN_MAX_TTL when that is shorter)")
         command.add_argument("--sid", help="bind the token to a viewer session id")
         command.add_argument("--ip", help="bind the token to one client address")
+        command.add_argument(
+            "--offline", action="store_true",
+            help="an offline token (its own lifetime cap, HLSVAULT_OFFLINE_MAX_TTL); url "
+                 "prints the offline bundle's URL",
+        )
     token.set_defaults(handler=cmd_token)
     url.add_argument("--auth", choices=AUTH_MODES, default="token",
                      help="token: the token rides in every URL; cookie: in an HttpOnly cookie")
+    url.add_argument("--download", action="store_true",
+                     help="print the URL of the MP4 download (302 to a signed URL)")
     url.set_defaults(handler=cmd_url)
 
     rekey = commands.add_parser("rekey", help="re-encrypt an asset under new keys")

@@ -9,16 +9,34 @@
     GET /v1/keys/{asset}/{version}/{index}                     the 16 key bytes; the token comes
                                                                as ?token=, a Bearer header, or
                                                                the cookie set in cookie mode
+    GET /v1/downloads/{asset}?token=…                          302 to a short-lived signed URL
+                                                               of the current version's MP4
+                                                               (keyserver/downloads.py)
+    GET /v1/offline/{asset}?token=…                            an offline token's bundle: the
+                                                               version's variant playlists and
+                                                               keys as JSON (pipeline/offline.py)
+    GET /cdn/downloads/{asset}/{version}/{asset}.mp4?expires=…&signature=…
+                                                               embedded mode only: a download,
+                                                               checked against its signature
     GET /cdn/…                                                 embedded mode only: the origin
+                                                               (never downloads/)
     GET /healthz                                               {"status": "ok", "state_bus": …,
-                                                                "state_changes_heard": N}
+                                                                "state_changes_heard": N,
+                                                                "cdn_signing": "on"|"off"}
+
+With HLSVAULT_CLOUDFRONT_KEY_PAIR_ID and HLSVAULT_CLOUDFRONT_PRIVATE_KEY, tokenized variant
+playlists sign every segment URI with one CloudFront custom policy (the rendition's segments,
+until the token's exp capped by HLSVAULT_CDN_SIGNATURE_TTL, from the token's address when it is
+bound to one), and cookie mode's master also sets the three CloudFront cookies for the asset.
 
 401: token missing, malformed, forged, expired or not yet valid. 403: a genuine token for
-another asset or client address, or bound to a session the request does not present. 404:
-unknown asset, rendition, key, path or /cdn/ file. 405: a method other than GET or HEAD. 410:
-revoked asset, or a retired version's key after its grace period. 400: malformed path values.
-429: too many key requests for one token or one client address. 503: the vault could not be
-read. Every error is ``{"error": "…"}`` with ``Cache-Control: no-store``.
+another asset or client address, or bound to a session the request does not present; an
+ordinary token asking for an offline bundle; an embedded download link unsigned or expired.
+404: unknown asset, rendition, key, path or /cdn/ file; a version without a download. 405: a
+method other than GET or HEAD. 410: revoked asset, or a retired version's key after its grace
+period. 400: malformed path values. 429: too many key, download or offline requests for one
+token or one client address. 503: the vault could not be read; no way to sign a download URL.
+Every error is ``{"error": "…"}`` with ``Cache-Control: no-store``.
 """
 
 from __future__ import annotations
@@ -38,11 +56,11 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipeline import layout
 from pipeline.catalog import Catalog
+from pipeline.cdnsign import signer_for
 from pipeline.errors import HlsvaultError
 from pipeline.http import AccessLog, status_for
 from pipeline.keys import KeyVault
@@ -50,6 +68,7 @@ from pipeline.settings import Settings
 from pipeline.storage import LocalStore, Store, open_store
 from pipeline.tokens import SID_HEADER, verifier_for
 
+from .downloads import DownloadLinks, EmbeddedDownloads, static_files
 from .ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from .responses import PLAYLIST_TYPE, error
 from .server import KeyServer
@@ -134,6 +153,14 @@ def create_app(
         )
     view = VaultView(Catalog(vault), KeyVault(vault, settings.master_key), ttl_s=state_ttl_s)
     listener = StateListener(settings.redis_url, view) if settings.redis_url else None
+    signer = signer_for(settings)
+    # The origin is opened where downloads are signed from it: embedded /cdn/, or S3 presigned
+    # GETs when CloudFront does not sign them.
+    if origin is None and (
+        settings.embedded or (signer is None and settings.origin.startswith("s3://"))
+    ):
+        origin = open_store(settings.origin)
+    links = DownloadLinks(settings, signer=signer, origin=origin)
     server = KeyServer(
         settings,
         view=view,
@@ -141,22 +168,28 @@ def create_app(
         limiter=limiter,
         stats=KeyRequestStats(settings.redis_url),
         listener=listener,
+        signer=signer,
+        links=links,
     )
     routes: list[Route | Mount] = [
         Route("/healthz", server.healthz),
         Route(layout.MASTER_ROUTE, server.master),
         Route(layout.VARIANT_ROUTE, server.variant),
         Route(layout.KEY_ROUTE, server.key),
+        Route(layout.DOWNLOAD_ROUTE, server.download),
+        Route(layout.OFFLINE_ROUTE, server.offline),
     ]
-    if settings.embedded:
-        origin = origin if origin is not None else open_store(settings.origin)
-        if isinstance(origin, LocalStore):
-            mimetypes.add_type("video/mp2t", ".ts")
-            mimetypes.add_type(PLAYLIST_TYPE, ".m3u8")
-            Path(origin.root).mkdir(parents=True, exist_ok=True)
-            routes.append(Mount("/cdn", app=CdnHeaders(StaticFiles(directory=origin.root))))
+    if settings.embedded and isinstance(origin, LocalStore):
+        mimetypes.add_type("video/mp2t", ".ts")
+        mimetypes.add_type(PLAYLIST_TYPE, ".m3u8")
+        Path(origin.root).mkdir(parents=True, exist_ok=True)
+        routes.append(
+            Route(layout.EMBEDDED_DOWNLOAD_ROUTE, EmbeddedDownloads(origin, links.embedded).serve)
+        )
+        routes.append(Mount("/cdn", app=CdnHeaders(static_files(origin.root))))
     middleware = [
-        Middleware(AccessLog, logger=log, skip_prefixes=(layout.KEYS_PATH_PREFIX,)),
+        # Key, download and offline requests each write an audit line of their own.
+        Middleware(AccessLog, logger=log, skip_prefixes=layout.AUDITED_PATH_PREFIXES),
     ]
     if settings.cors_origins:
         middleware.append(

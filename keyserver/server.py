@@ -16,9 +16,12 @@ from starlette.responses import JSONResponse, Response
 
 from pipeline import layout
 from pipeline.catalog import AssetState
-from pipeline.errors import Refused
+from pipeline.cdnsign import CdnSigner
+from pipeline.cdnsign import describe as describe_signing
+from pipeline.errors import HlsvaultError, Refused
 from pipeline.http import status_for
 from pipeline.keys import KeyUnwrapError
+from pipeline.offline import key_indices, offline_bundle
 from pipeline.playlists import (
     AssetVersion,
     PublishedSegment,
@@ -31,6 +34,7 @@ from pipeline.storage import ObjectNotFound
 from pipeline.tokens import TokenClaims, TokenVerifier
 
 from .credentials import COOKIE_NAME, client_ip, ip_bucket, request_sid, request_token, token_bucket
+from .downloads import DownloadLinks, download_expiry
 from .ratelimit import RateLimiter
 from .responses import NO_STORE, error, playlist
 from .state import STALE, VaultView
@@ -64,6 +68,8 @@ class KeyServer:
         limiter: RateLimiter,
         stats: KeyRequestStats,
         listener: StateListener | None = None,
+        signer: CdnSigner | None = None,
+        links: DownloadLinks | None = None,
     ) -> None:
         self.settings = settings
         self.view = view
@@ -71,6 +77,10 @@ class KeyServer:
         self.limiter = limiter
         self.stats = stats
         self.listener = listener
+        self.signer = signer
+        self.links = links if links is not None else DownloadLinks(
+            settings, signer=signer, origin=None
+        )
         self._warned: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def _authorise(
@@ -183,7 +193,29 @@ class KeyServer:
                 httponly=True,
                 samesite="none",
             )
+        if cookie_paths and self.signer is not None:
+            self._set_cdn_cookies(response, asset, claims)
         return response
+
+    def _set_cdn_cookies(self, response: Response, asset: str, claims: TokenClaims) -> None:
+        """Cookie mode's CloudFront cookies: the asset's whole CDN directory (static variant
+        playlists and segments), for as long as the token (capped), from its address only when
+        the token is bound to one."""
+        assert self.signer is not None  # noqa: S101 - the caller checked
+        cdn = self.settings.cdn_url
+        signed = self.signer.asset_cookies(
+            cdn, asset, token_expires_at=claims.expires_at, ip=_cidr(claims.ip)
+        )
+        for name, value in signed.cookies().items():
+            response.set_cookie(
+                name, value,
+                max_age=max(1, signed.expires_at - int(time.time())),
+                path=layout.cdn_cookie_path(cdn, asset),
+                domain=self.settings.cdn_cookie_domain,
+                secure=True,
+                httponly=True,
+                samesite="none",
+            )
 
     async def variant(self, request: Request) -> Response:
         asset = request.path_params["asset"]
@@ -196,22 +228,37 @@ class KeyServer:
         access = await self._playlist_access(request, asset, cookie=cookie_mode)
         if isinstance(access, Response):
             return access
-        _, described = access
+        claims, described = access
         rendition = described.rendition(name)
         if rendition is None:
             return error(404, "unknown rendition")
         # Cookie mode's key URIs carry no token, as the static playlists' do: the cookie is it.
         suffix = "" if cookie_mode else self._suffix(request, request_token(request))
         cdn, base, version = self.settings.cdn_url, self.settings.public_url, described.version
+        # Tokenized mode: one signature for every segment of the rendition (cookie mode's
+        # CloudFront cookies already cover them).
+        signed = "" if cookie_mode else self._segment_query(asset, version, name, claims)
 
         def segment_uri(segment: PublishedSegment) -> str:
-            return layout.cdn_url(cdn, layout.segment_key(asset, version, name, segment.name))
+            uri = layout.cdn_url(cdn, layout.segment_key(asset, version, name, segment.name))
+            return f"{uri}{signed}"
 
         def key_uri(index: int) -> str:
             return layout.key_url(base, asset, version, index, suffix)
 
         return playlist(
             render_variant(described, rendition, segment_uri=segment_uri, key_uri=key_uri)
+        )
+
+    def _segment_query(
+        self, asset: str, version: str, rendition: str, claims: TokenClaims
+    ) -> str:
+        """``?Policy=…&Signature=…&Key-Pair-Id=…`` for the rendition's segments, or ``""``."""
+        if self.signer is None:
+            return ""
+        return "?" + self.signer.rendition_query(
+            self.settings.cdn_url, asset, version, rendition,
+            token_expires_at=claims.expires_at, ip=_cidr(claims.ip),
         )
 
     async def _limited(self, bucket: str, limit: int) -> Response | None:
@@ -259,13 +306,110 @@ class KeyServer:
         return response
 
     async def _audit(
-        self, asset: str, key_id: str | None, sid: str | None, ip: str | None, outcome: str
+        self, asset: str, key_id: str | None, sid: str | None, ip: str | None, outcome: str,
+        *, kind: str = "key",
     ) -> None:
-        """One audit line per key request, and its outcome counted for the ops metrics."""
+        """One audit line per key, download or offline request, and its outcome counted for
+        the ops metrics (per asset for the Assets page)."""
         audit.info(
-            "key request", asset=asset, key_id=key_id, sid=sid, client_ip=ip, outcome=outcome
+            f"{kind} request", asset=asset, key_id=key_id, sid=sid, client_ip=ip, outcome=outcome
         )
-        await self.stats.count(outcome)
+        await self.stats.count(outcome if kind == "key" else f"{kind} {outcome}", asset=asset)
+
+    async def _entitled(
+        self, request: Request, asset: str, kind: str
+    ) -> tuple[TokenClaims, AssetVersion] | Response:
+        """A download's or offline bundle's checks, in the key route's order and with its
+        status codes: 400, 429 per address, 401/403, 429 per token, 404, 410; each refusal
+        audited."""
+        ip = client_ip(request)
+        if not layout.ASSET_ID_PATTERN.fullmatch(asset):
+            await self._audit(asset[:128], None, None, ip, "malformed path", kind=kind)
+            return error(400, "malformed asset id")
+        limited = await self._limited(ip_bucket(ip), self.settings.rate_limit_ip_per_min)
+        if limited is not None:
+            await self._audit(asset, None, None, ip, "rate limited", kind=kind)
+            return limited
+        claims = self._authorise(request, asset)
+        if isinstance(claims, Response):
+            await self._audit(asset, None, None, ip, f"denied {claims.status_code}", kind=kind)
+            return claims
+        limited = await self._limited(
+            token_bucket(request_token(request)), self.settings.rate_limit_token_per_min
+        )
+        if limited is not None:
+            await self._audit(asset, None, claims.sid, ip, "rate limited", kind=kind)
+            return limited
+        published = await self._published(asset)
+        if isinstance(published, Response):
+            outcome = "gone" if published.status_code == 410 else "unknown asset"
+            await self._audit(asset, None, claims.sid, ip, outcome, kind=kind)
+            return published
+        return claims, published[1]
+
+    async def download(self, request: Request) -> Response:
+        """302 to a short-lived signed URL of the current version's MP4."""
+        asset = request.path_params["asset"]
+        entitled = await self._entitled(request, asset, "download")
+        if isinstance(entitled, Response):
+            return entitled
+        claims, described = entitled
+        ip = client_ip(request)
+        if described.download is None:
+            await self._audit(asset, described.version, claims.sid, ip, "no download",
+                              kind="download")
+            return error(404, "this asset's current version has no download; package it with "
+                              "--download")
+        try:
+            url = self.links.url(
+                asset, described.version, described.download.key,
+                expires_at=download_expiry(claims.expires_at),
+            )
+        except HlsvaultError as refused:
+            await self._audit(asset, described.version, claims.sid, ip, "unavailable",
+                              kind="download")
+            return error(status_for(refused), str(refused))
+        await self._audit(asset, described.version, claims.sid, ip, "redirected", kind="download")
+        return Response(status_code=302, headers={**NO_STORE, "Location": url})
+
+    async def offline(self, request: Request) -> Response:
+        """The current version's playlists and keys, for an offline token only."""
+        asset = request.path_params["asset"]
+        entitled = await self._entitled(request, asset, "offline")
+        if isinstance(entitled, Response):
+            return entitled
+        claims, described = entitled
+        ip = client_ip(request)
+        if not claims.offline:
+            await self._audit(asset, described.version, claims.sid, ip, "denied 403",
+                              kind="offline")
+            return error(403, "not an offline token: mint one with the claim offline: true")
+        version = described.version
+        try:
+            keys = {
+                index: await run_in_threadpool(self.view.key, asset, version, index)
+                for index in key_indices(described)
+            }
+        except ObjectNotFound:
+            await self._audit(asset, version, claims.sid, ip, "unknown key", kind="offline")
+            return error(404, "unknown key")
+        except KeyUnwrapError:
+            log.error("wrapped key does not authenticate", asset=asset, key_id=version)
+            return error(500, "key unavailable")
+        cdn = self.settings.cdn_url
+        queries = {
+            r.name: self._segment_query(asset, version, r.name, claims)
+            for r in described.renditions
+        }
+
+        def segment_uri(rendition: RenditionEntry, segment: PublishedSegment) -> str:
+            key = layout.segment_key(asset, version, rendition.name, segment.name)
+            return layout.cdn_url(cdn, key) + queries[rendition.name]
+
+        bundle = offline_bundle(described, keys, segment_uri=segment_uri,
+                                expires_at=claims.expires_at)
+        await self._audit(asset, version, claims.sid, ip, "served", kind="offline")
+        return JSONResponse(bundle, headers=NO_STORE)
 
     async def _key_response(
         self, state: AssetState | None, asset: str, version: str, index: int
@@ -295,8 +439,20 @@ class KeyServer:
     async def healthz(self, request: Request) -> Response:
         """200 while the process serves; says whether state changes reach it at once (the state
         bus: off in embedded mode) and how many it has heard."""
+        signing = describe_signing(self.signer)
         if self.listener is None:
-            return JSONResponse({"status": "ok", "state_bus": "off", "state_changes_heard": 0})
+            return JSONResponse(
+                {"status": "ok", "state_bus": "off", "state_changes_heard": 0, **signing}
+            )
         bus = "subscribed" if self.listener.subscribed else "reconnecting"
         heard = self.listener.heard
-        return JSONResponse({"status": "ok", "state_bus": bus, "state_changes_heard": heard})
+        return JSONResponse(
+            {"status": "ok", "state_bus": bus, "state_changes_heard": heard, **signing}
+        )
+
+
+def _cidr(ip: str | None) -> str | None:
+    """A token's address as a CloudFront policy names it: one address, ``/32`` (``/128``)."""
+    if ip is None:
+        return None
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"

@@ -1,10 +1,13 @@
-"""Counts of key requests by outcome, for the ops app's /metrics (shared through Redis)."""
+"""Counts of key requests by outcome, for the ops app's /metrics and, per asset and ten-minute
+window (:mod:`pipeline.keystats`), its Assets page (shared through Redis)."""
 
 from __future__ import annotations
 
+import time
+
 import structlog
 
-from pipeline import layout
+from pipeline import keystats, layout
 
 log = structlog.get_logger("hlsvault.keyserver")
 
@@ -26,10 +29,16 @@ class KeyRequestStats:
                 url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
             )
 
-    async def count(self, outcome: str) -> None:
+    async def count(self, outcome: str, *, asset: str | None = None) -> None:
         if self.client is None:
             return
         try:
-            await self.client.hincrby(KEY_REQUESTS, outcome, 1)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hincrby(KEY_REQUESTS, outcome, 1)
+            if asset is not None and keystats.countable(asset):
+                window = keystats.window_key(asset, time.time())
+                pipe.hincrby(window, outcome, 1)
+                pipe.expire(window, keystats.WINDOW_TTL_S)
+            await pipe.execute()
         except Exception as error:  # any Redis failure: the key request matters more
             log.warning("key request not counted", error=type(error).__name__)

@@ -123,8 +123,13 @@ def make_client(service: str = "s3") -> Any:
         session = _sessions.get(os.getpid())
         if session is None:
             session = _sessions[os.getpid()] = boto3.session.Session()
+        config = _config
+        if service == "s3":
+            # Presigned download URLs signed with SigV4, which every region accepts (botocore
+            # would presign with the deprecated SigV2 in us-east-1).
+            config = _config.merge(Config(signature_version="s3v4"))
         # The service name is chosen at run time; boto3-stubs type only literal names.
-        return session.client(service, config=_config)  # type: ignore[call-overload]
+        return session.client(service, config=config)  # type: ignore[call-overload]
 
 
 def botocore_errors() -> tuple[type[BaseException], ...]:

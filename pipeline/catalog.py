@@ -103,6 +103,19 @@ class Catalog:
         data = json.loads(self.store.get_bytes(layout.version_description_key(asset, version)))
         return AssetVersion.from_dict(data)
 
+    def assets(self, *, limit: int) -> list[str]:
+        """Every published (or revoked) asset id, sorted, at most ``limit`` of them. Reads the
+        catalog's listing: fine for the ops app's page at thousands of assets, not more."""
+        found: list[str] = []
+        for key in self.store.list("catalog"):
+            parts = key.split("/")
+            if len(parts) == 3 and parts[2] in ("current.json", "revoked.json"):
+                if not found or found[-1] != parts[1]:
+                    found.append(parts[1])
+                if len(found) > limit:
+                    return found[:limit]
+        return found
+
     def versions(self, asset: str) -> list[str]:
         keys = self.store.list(layout.versions_prefix(asset))
         return [key.rsplit("/", 1)[-1].removesuffix(".json") for key in keys]

@@ -1,7 +1,8 @@
 """Ingest: jobs that arrive by themselves, from the webhook or from S3 event notifications.
 
 A request is either a job request, ``{"source": "s3://bucket/key", "asset": …, "ladder": …,
-"segment_seconds": …, "key_rotation_segments": …}``, or an S3 event notification document
+"segment_seconds": …, "key_rotation_segments": …, "download": true | "720p"}``, or an S3 event
+notification document
 (``{"Records": [{"eventName": "ObjectCreated:Put", "s3": {…}}]}``), as S3 sends it to SQS.
 
 Every source is an object in one of ``settings.source_buckets``; anything else is refused.
@@ -53,7 +54,9 @@ IDEMPOTENCY_TTL_S = 30 * 24 * 3600
 #: between claiming and enqueueing; it may be taken over. Far above a Redis round trip.
 CLAIM_GRACE_S = 60
 _LEDGER_PREFIX = "hlsvault:ingest:"
-_OPTIONS = ("source", "asset", "ladder", "segment_seconds", "key_rotation_segments")
+_OPTIONS = (
+    "source", "asset", "ladder", "segment_seconds", "key_rotation_segments", "download",
+)
 
 # Replace a stale claim only if it still names the job we found missing.
 _TAKE_OVER = """
@@ -83,6 +86,8 @@ class SourceRequest:
     ladder: str | None = None
     segment_seconds: float = layout.DEFAULT_SEGMENT_SECONDS
     key_rotation_segments: int = layout.DEFAULT_KEY_ROTATION_SEGMENTS
+    #: The rendition of an MP4 download (layout.DOWNLOAD_TOP for the top one), or None.
+    download: str | None = None
 
     @property
     def source(self) -> str:
@@ -149,7 +154,20 @@ def parse_job_request(document: dict[str, Any]) -> SourceRequest:
     check_segment_seconds(seconds)
     return SourceRequest(bucket=bucket, key=key, asset=asset,
                          ladder=_optional_str(document, "ladder"),
-                         segment_seconds=seconds, key_rotation_segments=rotation)
+                         segment_seconds=seconds, key_rotation_segments=rotation,
+                         download=_download(document))
+
+
+def _download(document: dict[str, Any]) -> str | None:
+    """``"download"``: true (the top rendition), false or absent (none), or a rendition name."""
+    value = document.get("download")
+    if value is None or value is False:
+        return None
+    if value is True:
+        return layout.DOWNLOAD_TOP
+    if isinstance(value, str) and layout.RENDITION_PATTERN.fullmatch(value):
+        return value
+    raise BadSpec('field "download" must be true, false or a rendition name such as "720p"')
 
 
 def parse_s3_event(document: dict[str, Any]) -> list[SourceRequest]:
@@ -266,6 +284,7 @@ class Ingest:
             request.source, asset=asset, ladder=ladder,
             segment_seconds=request.segment_seconds,
             key_rotation_segments=request.key_rotation_segments,
+            download=request.download,
         )
         ledger = ledger_key(request.bucket, request.key, str(revision), asset)
         try:

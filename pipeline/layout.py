@@ -13,6 +13,7 @@ Stores (keys are ``/``-separated, relative)::
     origin  assets/<asset>/master.m3u8                           cookie mode's stable master
             assets/<asset>/<version>/<rendition>.m3u8            cookie mode's static variant
             assets/<asset>/<version>/<rendition>/seg_00000.ts    immutable segments
+            downloads/<asset>/<version>/<asset>.mp4              a private download (never public)
     vault   keys/<asset>/<version>/000000.key                    wrapped content keys
             catalog/<asset>/current.json                         the asset's state document
             catalog/<asset>/revoked.json                         its revocation, if any
@@ -22,6 +23,12 @@ Key server URLs (under ``HLSVAULT_PUBLIC_URL``)::
 
     /v1/assets/<asset>/master.m3u8   /v1/assets/<asset>/<rendition>.m3u8
     /v1/keys/<asset>/<version>/<index>
+    /v1/downloads/<asset>            302 to a signed URL of the current version's MP4
+    /v1/offline/<asset>              the current version's playlists and keys, for offline HLS
+
+Signed CDN access (CloudFront policies and cookies) covers a rendition's segments
+(``<cdn>/assets/<asset>/<version>/<rendition>/*``) in tokenized mode, the whole asset
+(``<cdn>/assets/<asset>/*``) in cookie mode, and one download URL (canned policy).
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ DEFAULT_KEY_ROTATION_SEGMENTS = 0
 DEFAULT_GRACE_S = 3600.0
 #: The longest grace a re-key may ask for.
 MAX_GRACE_S = 7 * 24 * 3600.0
+#: ``--download`` without a rendition, and ``"download": true`` in a job request: the rendition
+#: with the highest bandwidth (no ladder names a rendition this way: they are ``<height>p``).
+DOWNLOAD_TOP = "top"
 
 # -- identifiers -------------------------------------------------------------------------------
 
@@ -183,8 +193,52 @@ def stable_cdn_paths(asset: str) -> list[str]:
 
 
 def asset_cdn_paths(asset: str) -> list[str]:
-    """Every CDN path of an asset: what a revocation purges."""
-    return [f"/{asset_prefix(asset)}/*"]
+    """Every CDN path of an asset: what a revocation purges (its downloads too)."""
+    return [f"/{asset_prefix(asset)}/*", f"/{downloads_prefix(asset)}/*"]
+
+
+def downloads_prefix(asset: str) -> str:
+    return f"downloads/{check_asset_id(asset)}"
+
+
+def version_downloads_prefix(asset: str, version: str) -> str:
+    return f"{downloads_prefix(asset)}/{check_version(version)}"
+
+
+def download_key(asset: str, version: str) -> str:
+    """Where a version's MP4 download lives in the origin: private, served only through a
+    signed URL the key server hands out."""
+    return f"{version_downloads_prefix(asset, version)}/{asset}.mp4"
+
+
+def download_file_name(asset: str) -> str:
+    """The file name a browser saves a download as (``Content-Disposition``)."""
+    return f"{asset}.mp4"
+
+
+def download_disposition(asset: str) -> str:
+    """The ``Content-Disposition`` of a download: saved, never shown inline."""
+    return f'attachment; filename="{download_file_name(asset)}"'
+
+
+def is_download_key(key: str) -> bool:
+    return key.startswith("downloads/")
+
+
+def rendition_resource(cdn: str, asset: str, version: str, rendition: str) -> str:
+    """The wildcard resource of a tokenized variant's signature: every segment of it."""
+    return f"{cdn_url(cdn, f'assets/{asset}/{version}/{rendition}')}/*"
+
+
+def asset_resource(cdn: str, asset: str) -> str:
+    """The wildcard resource of cookie mode's CloudFront cookies: everything of the asset."""
+    return f"{cdn_url(cdn, asset_prefix(asset))}/*"
+
+
+def cdn_cookie_path(cdn: str, asset: str) -> str:
+    """The ``Path`` of cookie mode's CloudFront cookies: the asset's directory on the CDN,
+    under any path prefix of the CDN URL."""
+    return f"{urlsplit(cdn).path.rstrip('/')}/{asset_prefix(asset)}/"
 
 
 def cdn_url(cdn: str, key: str) -> str:
@@ -237,8 +291,15 @@ KEY_REQUESTS_HASH = "hlsvault:stats:key_requests"
 MASTER_ROUTE = "/v1/assets/{asset}/master.m3u8"
 VARIANT_ROUTE = "/v1/assets/{asset}/{rendition}.m3u8"
 KEY_ROUTE = "/v1/keys/{asset}/{version}/{index}"
+DOWNLOAD_ROUTE = "/v1/downloads/{asset}"
+OFFLINE_ROUTE = "/v1/offline/{asset}"
+#: Embedded mode only: the origin's downloads, each request checked against a signature the
+#: key server made (the rest of /cdn/ is public, as a CDN is).
+EMBEDDED_DOWNLOAD_ROUTE = "/cdn/downloads/{asset}/{version}/{name}"
 #: Every request under this prefix writes an audit line of its own.
 KEYS_PATH_PREFIX = "/v1/keys/"
+#: ...and under these: key, download and offline requests.
+AUDITED_PATH_PREFIXES = (KEYS_PATH_PREFIX, "/v1/downloads/", "/v1/offline/")
 
 
 def master_url(public_url: str, asset: str, query: str = "") -> str:
@@ -251,6 +312,28 @@ def variant_url(public_url: str, asset: str, rendition: str, query: str = "") ->
 
 def key_url(public_url: str, asset: str, version: str, index: int, query: str = "") -> str:
     return f"{public_url}/v1/keys/{asset}/{version}/{index}{query}"
+
+
+def download_url(public_url: str, asset: str, query: str = "") -> str:
+    return f"{public_url}/v1/downloads/{asset}{query}"
+
+
+def offline_url(public_url: str, asset: str, query: str = "") -> str:
+    return f"{public_url}/v1/offline/{asset}{query}"
+
+
+def embedded_download_url(public_url: str, asset: str, version: str, query: str) -> str:
+    """The embedded server's URL of a download, with the signature query it checks."""
+    return f"{public_url}/cdn/{download_key(asset, version)}{query}"
+
+
+#: Offline bundles name their keys with this scheme, which no player fetches by itself: an
+#: AVAssetResourceLoaderDelegate (iOS) or a Media3 DataSource answers it from stored keys.
+OFFLINE_KEY_SCHEME = "hlsvault-key"
+
+
+def offline_key_uri(asset: str, version: str, index: int) -> str:
+    return f"{OFFLINE_KEY_SCHEME}://{asset}/{version}/{index}"
 
 
 def key_cookie_path(public_url: str, asset: str) -> str:

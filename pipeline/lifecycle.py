@@ -4,7 +4,9 @@ Re-keying writes a new version whose segments are the old ones decrypted and re-
 new keys; nothing is transcoded again. Its flow is ``rekey → upload → invalidate``: the rekey
 stage leaves the work store and the catalog exactly as segment, encrypt and playlist would
 have, so publishing is the same code. The old version is then retired: its keys are served
-for a grace period (players mid-film finish), then refused with 410 and deleted.
+for a grace period (players mid-film finish), then refused with 410 and deleted. A version's
+MP4 download (:mod:`.downloads`) lives and goes with its keys: a re-key copies it to the new
+version, a shred deletes the retired version's, a revocation every one of the asset.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from . import layout
 from .crypto import decrypt_file, encrypt_file, iv_for_sequence
+from .downloads import carry_download, delete_asset_downloads, delete_version_download
 from .errors import BadSpec, NotFound
 from .jobs import JobSpec
 from .playlists import AssetVersion, RenditionEntry, key_index
@@ -99,6 +102,7 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
         key_rotation_segments=spec.key_rotation_segments,
         renditions=tuple(renditions),
         key_server=svc.settings.public_url,
+        download=carry_download(svc, old, spec.version),
     )
     svc.catalog.put_version(described)
     return described
@@ -114,15 +118,17 @@ def shred_due(svc: Services, asset: str, *, now: float | None = None) -> list[st
     for version, deadline in sorted(state.retired.items()):
         # The retirement stays on record, so that the key server keeps answering 410 Gone
         # (not 404) for the shredded version; deleting nothing again is cheap.
-        if deadline <= moment and svc.keys.delete_version(asset, version):
-            shredded.append(version)
+        if deadline <= moment:
+            downloads = delete_version_download(svc, asset, version)
+            if svc.keys.delete_version(asset, version) or downloads:
+                shredded.append(version)
     return shredded
 
 
 def revoke(svc: Services, asset: str, *, cloudfront: Any | None = None) -> dict[str, Any]:
     """Crypto-shred the asset: mark it revoked (key servers answer 410 from ``in_effect_at``
-    on, those that heard the announcement at once), delete every key of every version, and
-    purge the CDN's copies of its paths."""
+    on, those that heard the announcement at once), delete every key of every version and
+    every MP4 download, and purge the CDN's copies of its paths."""
     from .cdn import purge_asset
 
     layout.check_asset_id(asset)
@@ -130,6 +136,8 @@ def revoke(svc: Services, asset: str, *, cloudfront: Any | None = None) -> dict[
         raise NotFound(f"asset {asset} was never published; nothing to revoke")
     in_effect_at = svc.catalog.revoke(asset)
     deleted = svc.keys.delete_asset(asset)
+    downloads = delete_asset_downloads(svc, asset)
     invalidation = purge_asset(svc, asset, client=cloudfront)
     return {"asset": asset, "status": "revoked", "keys_deleted": deleted,
-            "invalidation": invalidation, "in_effect_at": in_effect_at}
+            "downloads_deleted": downloads, "invalidation": invalidation,
+            "in_effect_at": in_effect_at}

@@ -83,6 +83,19 @@ class RenditionEntry:
 
 
 @dataclass(frozen=True)
+class DownloadEntry:
+    """A version's MP4 download: which rendition it is, and its size in bytes."""
+
+    rendition: str
+    size: int
+    key: str  # its origin key (pipeline.layout.download_key)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DownloadEntry:
+        return cls(rendition=str(data["rendition"]), size=int(data["size"]), key=str(data["key"]))
+
+
+@dataclass(frozen=True)
 class AssetVersion:
     """Everything a key server needs to render the playlists of one packaged version."""
 
@@ -95,6 +108,8 @@ class AssetVersion:
     #: The key server's public URL when the version was packaged: what the static cookie-mode
     #: playlists on the origin name as key URIs (None for versions packaged before it was kept).
     key_server: str | None = None
+    #: The MP4 download made with ``--download``, if any (None for versions without one).
+    download: DownloadEntry | None = None
 
     @property
     def key_count(self) -> int:
@@ -123,6 +138,7 @@ class AssetVersion:
             key_rotation_segments=data["key_rotation_segments"],
             renditions=renditions,
             key_server=data.get("key_server"),
+            download=DownloadEntry.from_dict(data["download"]) if data.get("download") else None,
         )
 
 

@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
 
@@ -42,6 +43,17 @@ DEFAULT_OPS_PORT = 8001
 DEFAULT_TOKEN_TTL_S = 4 * 3600
 #: No token is accepted that was minted to live longer than this.
 DEFAULT_TOKEN_MAX_TTL_S = 24 * 3600
+#: Offline tokens (claim ``offline``) may live this long: a downloaded film is watched later.
+DEFAULT_OFFLINE_MAX_TTL_S = 30 * 24 * 3600
+#: A CDN signature lives as long as the viewer's token, but never longer than this: a signed
+#: URL copied out of a playlist stops working within a film's length or two.
+DEFAULT_CDN_SIGNATURE_TTL_S = 6 * 3600
+#: CloudFront accepts only 2048-bit RSA keys in a trusted key group.
+CLOUDFRONT_KEY_BITS = 2048
+_GENERATE_CLOUDFRONT_KEY = (
+    "openssl genrsa -out private_key.pem 2048 && "
+    "openssl rsa -pubout -in private_key.pem -out public_key.pem"
+)
 
 _GENERATE_MASTER_KEY = (
     "python3 -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())'"
@@ -78,6 +90,18 @@ class Settings:
     ingest_queue_url: str | None = None
     ops_password: str | None = field(default=None, repr=False)
     ops_port: int = DEFAULT_OPS_PORT
+    #: Signed CDN access: both or neither (the id of the public key in a CloudFront trusted key
+    #: group, and the RSA private key as PEM text).
+    cloudfront_key_pair_id: str | None = None
+    cloudfront_private_key: str | None = field(default=None, repr=False)
+    cdn_signature_ttl_s: int = DEFAULT_CDN_SIGNATURE_TTL_S
+    cdn_cookie_domain: str | None = None
+    offline_max_ttl_s: int = DEFAULT_OFFLINE_MAX_TTL_S
+
+    @property
+    def cdn_signing(self) -> bool:
+        """True when the key server signs CDN access (CloudFront policies and cookies)."""
+        return self.cloudfront_key_pair_id is not None and self.cloudfront_private_key is not None
 
     @property
     def embedded(self) -> bool:
@@ -164,6 +188,8 @@ def load_settings(
         token_secret = env["HLSVAULT_TOKEN_SECRET"] if algorithm == "HS256" else None
         master_key_text = env["HLSVAULT_MASTER_KEY"]
 
+    key_pair_id, cloudfront_key = _cloudfront_signing(env, cdn_url)
+
     if token_secret is not None and len(token_secret) < MIN_TOKEN_SECRET_LENGTH:
         raise ConfigurationError(
             f"HLSVAULT_TOKEN_SECRET is {len(token_secret)} characters; it must be at least "
@@ -202,7 +228,58 @@ def load_settings(
         ingest_queue_url=env.get("HLSVAULT_INGEST_QUEUE_URL") or None,
         ops_password=env.get("HLSVAULT_OPS_PASSWORD") or None,
         ops_port=_int(env, "OPS_PORT", DEFAULT_OPS_PORT),
+        cloudfront_key_pair_id=key_pair_id,
+        cloudfront_private_key=cloudfront_key,
+        cdn_signature_ttl_s=max(
+            1, _int(env, "HLSVAULT_CDN_SIGNATURE_TTL", DEFAULT_CDN_SIGNATURE_TTL_S)
+        ),
+        cdn_cookie_domain=(env.get("HLSVAULT_CDN_COOKIE_DOMAIN") or "").strip() or None,
+        offline_max_ttl_s=_int(env, "HLSVAULT_OFFLINE_MAX_TTL", DEFAULT_OFFLINE_MAX_TTL_S),
     )
+
+
+def _cloudfront_signing(env: Mapping[str, str], cdn_url: str) -> tuple[str | None, str | None]:
+    """The CloudFront key pair id and private key, both or neither, the key checked to be what
+    CloudFront verifies (RSA 2048) and the CDN URL one it can sign (absolute)."""
+    key_pair_id = (env.get("HLSVAULT_CLOUDFRONT_KEY_PAIR_ID") or "").strip() or None
+    pem = _pem(env, "HLSVAULT_CLOUDFRONT_PRIVATE_KEY")
+    if key_pair_id is None and pem is None:
+        return None, None
+    if key_pair_id is None:
+        raise ConfigurationError(
+            "HLSVAULT_CLOUDFRONT_PRIVATE_KEY is set but HLSVAULT_CLOUDFRONT_KEY_PAIR_ID is not: "
+            "set it to the id CloudFront gave the public key (K…, in the trusted key group), "
+            "or unset the private key to serve the CDN unsigned"
+        )
+    if pem is None:
+        raise ConfigurationError(
+            "HLSVAULT_CLOUDFRONT_KEY_PAIR_ID is set but HLSVAULT_CLOUDFRONT_PRIVATE_KEY is not: "
+            "set it to the RSA private key (PEM text or a file path) whose public key has that "
+            f"id, or unset the key pair id. Make a key pair with {_GENERATE_CLOUDFRONT_KEY}"
+        )
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError):
+        raise ConfigurationError(
+            "HLSVAULT_CLOUDFRONT_PRIVATE_KEY is not an unencrypted PEM private key; "
+            f"make one with {_GENERATE_CLOUDFRONT_KEY}"
+        ) from None
+    if not isinstance(key, RSAPrivateKey) or key.key_size != CLOUDFRONT_KEY_BITS:
+        kind = f"RSA {key.key_size}" if isinstance(key, RSAPrivateKey) else type(key).__name__
+        raise ConfigurationError(
+            f"HLSVAULT_CLOUDFRONT_PRIVATE_KEY is a {kind} key; CloudFront verifies only RSA "
+            f"{CLOUDFRONT_KEY_BITS} signatures: make one with {_GENERATE_CLOUDFRONT_KEY}"
+        )
+    parts = urlsplit(cdn_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigurationError(
+            f"HLSVAULT_CDN_URL {cdn_url[:80]!r} is not an absolute URL: CloudFront signatures "
+            "name the URL a player fetches; set it like https://d123.cloudfront.net"
+        )
+    return key_pair_id, pem
 
 
 def _missing_data_dir(data_dir: Path, env: Mapping[str, str]) -> ConfigurationError:

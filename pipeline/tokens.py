@@ -2,7 +2,9 @@
 
 Claims: ``sub`` is the asset id; ``exp`` is required and may lie at most the configured maximum
 TTL ahead (``exp - iat`` too, when ``iat`` is given); ``nbf`` is honoured; ``sid`` optionally
-binds the token to the viewer's session and ``ip`` to one client address.
+binds the token to the viewer's session and ``ip`` to one client address; ``offline: true``
+lets it fetch a version's keys as one bundle (``/v1/offline/…``), and gives it its own, longer
+lifetime cap (``HLSVAULT_OFFLINE_MAX_TTL``), since a downloaded film is watched later.
 
 Session binding is one way: a token minted with a ``sid`` serves only requests that present
 the same sid (the key server reads it from ``?sid=`` or the ``X-Hlsvault-Sid`` header); a token
@@ -57,17 +59,21 @@ class TokenClaims:
     expires_at: int
     sid: str | None
     ip: str | None
+    offline: bool = False
 
 
 class TokenVerifier:
     """Verifies tokens for one algorithm and key; built once from settings."""
 
-    def __init__(self, algorithm: str, key: Any, *, max_ttl_s: int) -> None:
+    def __init__(
+        self, algorithm: str, key: Any, *, max_ttl_s: int, offline_max_ttl_s: int | None = None
+    ) -> None:
         if algorithm not in TOKEN_ALGORITHMS:
             raise ValueError(f"unsupported token algorithm {algorithm!r}")
         self.algorithm = algorithm
         self.key = key
         self.max_ttl_s = max_ttl_s
+        self.offline_max_ttl_s = max_ttl_s if offline_max_ttl_s is None else offline_max_ttl_s
         self._verified: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -129,10 +135,16 @@ class TokenVerifier:
         exp, iat = claims["exp"], claims.get("iat")
         if not isinstance(exp, int | float) or isinstance(exp, bool):
             raise TokenRejected("invalid token: exp is not a number")
-        if exp - now > self.max_ttl_s + CLOCK_SKEW_LEEWAY_S:
-            raise TokenRejected("token lives longer than the maximum TTL")
-        if isinstance(iat, int | float) and exp - iat > self.max_ttl_s:
-            raise TokenRejected("token was minted to live longer than the maximum TTL")
+        offline = claims.get("offline", False)
+        if not isinstance(offline, bool):
+            raise TokenRejected("invalid token: offline is not true or false")
+        cap = self.offline_max_ttl_s if offline else self.max_ttl_s
+        kind = "offline " if offline else ""
+        if exp - now > cap + CLOCK_SKEW_LEEWAY_S:
+            raise TokenRejected(f"token lives longer than the maximum {kind}TTL ({cap} s)")
+        if isinstance(iat, int | float) and exp - iat > cap:
+            raise TokenRejected(f"token was minted to live longer than the maximum {kind}TTL "
+                                f"({cap} s)")
         token_sid = claims.get("sid")
         if token_sid is not None and (
             not isinstance(token_sid, str) or len(token_sid) > MAX_SID_LENGTH
@@ -159,6 +171,7 @@ class TokenVerifier:
             expires_at=int(claims["exp"]),
             sid=token_sid,
             ip=str(token_ip) if token_ip is not None else None,
+            offline=claims.get("offline") is True,
         )
 
 
@@ -170,16 +183,20 @@ def mint_token(
     algorithm: str = "HS256",
     sid: str | None = None,
     ip: str | None = None,
+    offline: bool = False,
     now: float | None = None,
 ) -> str:
-    """A signed token letting its holder play ``asset`` for ``ttl_s`` seconds. ``key`` is the
-    shared secret (HS256) or the private key (EdDSA, RS256)."""
+    """A signed token letting its holder play ``asset`` for ``ttl_s`` seconds (and, with
+    ``offline``, fetch its offline bundle). ``key`` is the shared secret (HS256) or the private
+    key (EdDSA, RS256)."""
     issued = int(time.time() if now is None else now)
     claims: dict[str, object] = {"sub": asset, "iat": issued, "exp": issued + ttl_s}
     if sid:
         claims["sid"] = sid
     if ip:
         claims["ip"] = ip
+    if offline:
+        claims["offline"] = True
     return jwt.encode(claims, key, algorithm=algorithm)
 
 
@@ -192,7 +209,8 @@ def _shared_secret(settings: Settings) -> str:
 def verifier_for(settings: Settings) -> TokenVerifier:
     """The verifier a key server built from ``settings`` uses."""
     if settings.token_algorithm == "HS256":
-        return TokenVerifier("HS256", _shared_secret(settings), max_ttl_s=settings.token_max_ttl_s)
+        return TokenVerifier("HS256", _shared_secret(settings), max_ttl_s=settings.token_max_ttl_s,
+                             offline_max_ttl_s=settings.offline_max_ttl_s)
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     if settings.token_public_key is None:
@@ -200,7 +218,8 @@ def verifier_for(settings: Settings) -> TokenVerifier:
             f"{settings.token_algorithm} tokens need HLSVAULT_TOKEN_PUBLIC_KEY"
         )
     key = load_pem_public_key(settings.token_public_key.encode())
-    return TokenVerifier(settings.token_algorithm, key, max_ttl_s=settings.token_max_ttl_s)
+    return TokenVerifier(settings.token_algorithm, key, max_ttl_s=settings.token_max_ttl_s,
+                         offline_max_ttl_s=settings.offline_max_ttl_s)
 
 
 def minting_key(settings: Settings) -> Any:

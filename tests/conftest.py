@@ -24,6 +24,8 @@ from support import HLSVAULT, ROOT, Hlsvault, free_port, lavfi_clip, wait_for_ht
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
+    from cdn_support import CdnLibrary
+
 
 @pytest.fixture(scope="session")
 def copy_clip() -> Path:
@@ -84,6 +86,19 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def cdn_library(
+    tmp_path_factory: pytest.TempPathFactory, moto_server: MotoServer, copy_clip: Path
+) -> Iterator[CdnLibrary]:
+    """A library packaged into a private S3 origin behind the CloudFront stand-in, with
+    CloudFront signing configured (tests/cdn_support.py); read-only."""
+    from cdn_support import cdn_library as packaged
+
+    library = packaged(tmp_path_factory.getbasetemp(), moto_server, copy_clip)
+    yield library
+    library.cdn.stop()
 
 
 @pytest.fixture

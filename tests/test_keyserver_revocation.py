@@ -220,4 +220,4 @@ class TestStateBus:
         """Without REDIS_URL, /healthz reports the state bus off: changes take STATE_TTL_S."""
         with AppClient(library.app(), client_ip=VIEWER_IP) as client:
             assert health(client) == {"status": "ok", "state_bus": "off",
-                                      "state_changes_heard": 0}
+                                      "state_changes_heard": 0, "cdn_signing": "off"}

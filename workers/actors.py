@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import dramatiq
 
-from pipeline import cdn, lifecycle, packaging
+from pipeline import cdn, downloads, lifecycle, packaging
 
 from . import flow
 from .queues import Queue
@@ -82,6 +82,16 @@ def declare(rt: Runtime) -> None:
         )
         if done is not None:
             flow.after_playlist(rt, job_id)
+
+    @stage_actor(flow.DOWNLOAD, Queue.SEGMENT, PUBLISH_LIMIT_MS)
+    def download(job_id: str) -> None:
+        """Remux the download rendition into a faststart MP4 (ffmpeg: the segment queue)."""
+        # True, also for a job without a download: None from run_stage means "stop".
+        done = flow.run_stage(
+            rt, job_id, "download", lambda spec: downloads.make_download(svc, spec) is not None
+        )
+        if done is not None:
+            flow.after_download(rt, job_id)
 
     @stage_actor(flow.UPLOAD, Queue.PUBLISH, PUBLISH_LIMIT_MS)
     def upload(job_id: str) -> None:

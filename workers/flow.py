@@ -1,6 +1,7 @@
 """The flow: which stage runs after which, and the bookkeeping every stage shares.
 
-    probe ─► segment ×R ─► encrypt ×R ─► playlist (fan-in) ─► upload ─► invalidate ─► done
+    probe ─► segment ×R ─► encrypt ×R ─► playlist (fan-in) ─► [download] ─► upload ─►
+    invalidate ─► done              (download only for a job that asked for one)
 
 Actors call :func:`run_stage` around their domain function and then the ``after_*`` function
 that enqueues what comes next. Messages carry ids only: ``(job_id)`` or ``(job_id, rendition)``.
@@ -33,12 +34,15 @@ PROBE = "media.probe"
 SEGMENT = "media.segment"
 ENCRYPT = "media.encrypt"
 PLAYLIST = "media.playlist"
+DOWNLOAD = "media.download"
 UPLOAD = "media.upload"
 INVALIDATE = "media.invalidate"
 REKEY = "media.rekey"
 SHRED = "media.shred"
 #: Actors whose first argument is a job id; the others (SHRED) work on an asset.
-JOB_ACTORS = frozenset({PROBE, SEGMENT, ENCRYPT, PLAYLIST, UPLOAD, INVALIDATE, REKEY})
+JOB_ACTORS = frozenset(
+    {PROBE, SEGMENT, ENCRYPT, PLAYLIST, DOWNLOAD, UPLOAD, INVALIDATE, REKEY}
+)
 
 
 def rendition_stage(stage: str, rendition: str) -> str:
@@ -146,6 +150,16 @@ def after_rekey(rt: Runtime, job_id: str) -> None:
 
 
 def after_playlist(rt: Runtime, job_id: str) -> None:
+    # A download is made from what encrypt left and the playlist stage described, before the
+    # upload publishes the version (so a published version's download is always there).
+    if rt.services.jobs.get(job_id).spec.download is not None:
+        rt.services.jobs.stage_queued(job_id, "download")
+        rt.send(DOWNLOAD, job_id)
+        return
+    after_download(rt, job_id)
+
+
+def after_download(rt: Runtime, job_id: str) -> None:
     rt.services.jobs.stage_queued(job_id, "upload")
     rt.send(UPLOAD, job_id)
 

@@ -8,7 +8,7 @@ different machines never overwrite each other's fields.
 Fields: ``spec`` (JSON), ``status``, ``error``, ``failed_stage``, ``created_at``,
 ``finished_at``, ``media`` and ``renditions`` (JSON), ``result`` (JSON), and per stage
 ``<stage>.status|started_at|finished_at|progress|attempts|error|detail``, where a stage is
-``probe``, ``segment:<rendition>``, ``encrypt:<rendition>``, ``playlist``, ``upload``,
+``probe``, ``segment:<rendition>``, ``encrypt:<rendition>``, ``playlist``, ``download``, ``upload``,
 ``invalidate``; ``pending.encrypt`` is the fan-in counter.
 
 Each backend also keeps an index of jobs by status, updated in the same atomic step as the
@@ -29,7 +29,9 @@ from .. import layout
 from ..errors import BadSpec, NotFound
 from ..plan import LADDERS, check_segment_seconds
 
-STAGES = ("probe", "rekey", "segment", "encrypt", "playlist", "upload", "invalidate")
+STAGES = (
+    "probe", "rekey", "segment", "encrypt", "playlist", "download", "upload", "invalidate",
+)
 TERMINAL = ("succeeded", "failed", "cancelled")
 #: Every status a job has, in the order it passes through them.
 STATUSES = ("queued", "running", *TERMINAL)
@@ -54,6 +56,9 @@ class JobSpec:
     #: rekey only: the version whose segments are re-encrypted, and how long its keys live on
     previous_version: str | None = None
     grace_s: float = 0.0
+    #: Also write an MP4 download of this rendition (layout.DOWNLOAD_TOP: the top one); None:
+    #: no download.
+    download: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +75,7 @@ def new_job_spec(
     ladder: str = layout.DEFAULT_LADDER,
     segment_seconds: float = layout.DEFAULT_SEGMENT_SECONDS,
     key_rotation_segments: int = layout.DEFAULT_KEY_ROTATION_SEGMENTS,
+    download: str | None = None,
 ) -> JobSpec:
     """Validate options and give the job an id and the version it will publish."""
     job_id = uuid.uuid4().hex
@@ -89,6 +95,11 @@ def new_job_spec(
             f"key rotation (--key-rotation-segments, \"key_rotation_segments\") "
             f"{key_rotation_segments} is out of range; use 0 (off) to {MAX_KEY_ROTATION_SEGMENTS}"
         )
+    if download is not None and not layout.RENDITION_PATTERN.fullmatch(download):
+        raise BadSpec(
+            f"--download {download[:40]!r} is not a rendition name; name one like 720p, or "
+            f"give none for the top rendition"
+        )
     now = time.time()
     version = layout.new_version(job_id, now=now)
     return JobSpec(
@@ -100,6 +111,7 @@ def new_job_spec(
         segment_seconds=segment_seconds,
         key_rotation_segments=key_rotation_segments,
         created_at=now,
+        download=download,
     )
 
 

@@ -35,9 +35,10 @@ class Store(Protocol):
 
     def put_file(
         self, key: str, path: Path, *, content_type: str | None = None,
-        cache_control: str | None = None,
+        cache_control: str | None = None, content_disposition: str | None = None,
     ) -> None:
-        """Store the file at ``path`` under ``key``, replacing any previous object."""
+        """Store the file at ``path`` under ``key``, replacing any previous object; the
+        headers are kept for whoever serves it (S3 metadata)."""
 
     def put_bytes(
         self, key: str, data: bytes, *, content_type: str | None = None,

@@ -41,7 +41,9 @@ class LocalStore:
         *,
         content_type: str | None = None,
         cache_control: str | None = None,
+        content_disposition: str | None = None,
     ) -> None:
+        # Headers are the server's business here: the embedded /cdn/ sets them from the path.
         dest = self._path(key)
         tmp = self._tmp_for(dest)
         shutil.copyfile(path, tmp)

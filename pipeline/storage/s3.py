@@ -50,6 +50,20 @@ class S3Store:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def presigned_get(self, key: str, *, expires_in: int, content_disposition: str) -> str:
+        """A presigned GET of ``key`` (computed locally, no request), answered with
+        ``content_disposition``."""
+        try:
+            url: str = self.client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": self._key(key),
+                        "ResponseContentDisposition": content_disposition},
+                ExpiresIn=expires_in,
+            )
+        except _BOTO_ERRORS as error:  # no credentials to sign with
+            raise self._translate(error, key) from None
+        return url
+
     def _extra(self, content_type: str | None, cache_control: str | None) -> dict[str, str]:
         extra = {}
         if content_type:
@@ -65,14 +79,18 @@ class S3Store:
         *,
         content_type: str | None = None,
         cache_control: str | None = None,
+        content_disposition: str | None = None,
     ) -> None:
+        extra = self._extra(content_type, cache_control)
+        if content_disposition:
+            extra["ContentDisposition"] = content_disposition
         try:
             with path.open("rb") as body:
                 self.client.put_object(
                     Bucket=self.bucket,
                     Key=self._key(key),
                     Body=body,
-                    **self._extra(content_type, cache_control),
+                    **extra,
                 )
         except _BOTO_ERRORS as error:
             raise self._translate(error, key) from None
