@@ -40,6 +40,11 @@ DEFAULT_OPS_PORT = 8001
 DEFAULT_TOKEN_TTL_S = 4 * 3600
 #: No token is accepted that was minted to live longer than this.
 DEFAULT_TOKEN_MAX_TTL_S = 24 * 3600
+#: A transcode is cut into time chunks this long (whole segments), each encoded for every
+#: rendition by one ffmpeg on any segment worker. A minute of a 1080p ladder keeps a core busy
+#: for minutes, so a chunk's fixed costs (a few Redis and S3 calls, a seek, an encoder start)
+#: stay near 1 % of it, while a 2-hour film still spreads over 120 machines. 0: never cut.
+DEFAULT_CHUNK_SECONDS = 60
 
 _GENERATE_MASTER_KEY = (
     "python3 -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())'"
@@ -76,6 +81,7 @@ class Settings:
     ingest_queue_url: str | None = None
     ops_password: str | None = field(default=None, repr=False)
     ops_port: int = DEFAULT_OPS_PORT
+    chunk_seconds: int = DEFAULT_CHUNK_SECONDS
 
     @property
     def embedded(self) -> bool:
@@ -187,6 +193,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, create: bool = Tr
         ingest_queue_url=env.get("HLSVAULT_INGEST_QUEUE_URL") or None,
         ops_password=env.get("HLSVAULT_OPS_PASSWORD") or None,
         ops_port=_int(env, "OPS_PORT", DEFAULT_OPS_PORT),
+        chunk_seconds=_int(env, "HLSVAULT_CHUNK_SECONDS", DEFAULT_CHUNK_SECONDS),
     )
 
 
