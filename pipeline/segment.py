@@ -71,11 +71,13 @@ class SegmentedRendition:
         return cls(**fields)
 
 
-#: Every chunk's inner MPEG-TS muxer keeps the timestamps it is given. By default it shifts a
-#: stream whose first timestamp is negative (x264's B-frame delay, AAC priming) to start at 0,
-#: which only chunk 0 has: its timeline would then run ahead of every other chunk's and jump
-#: back at the first join. MPEG-TS adds 1.4 s to every timestamp anyway, so none is negative.
-CHUNK_TS_OPTIONS = "avoid_negative_ts=disabled"
+#: Every chunk's muxers (hls, and the MPEG-TS muxer inside it) keep the timestamps they are
+#: given. By default each shifts a stream whose first timestamp is negative (x264's B-frame
+#: delay, AAC priming) to start at 0, which only chunk 0 has: its timeline would then run 67 ms
+#: ahead of every other chunk's and jump back at the first join. MPEG-TS adds 1.4 s to every
+#: timestamp anyway, so none is negative in the segments.
+KEEP_TIMESTAMPS = "disabled"
+CHUNK_TS_OPTIONS = f"avoid_negative_ts={KEEP_TIMESTAMPS}"
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ def chunk_args(
             options.update(_x264_options(rendition, segment_seconds))
             # Where a single pass would have put this chunk's timestamps: continuous joins.
             options["output_ts_offset"] = f"{chunk.start:.6f}"
+            options["avoid_negative_ts"] = KEEP_TIMESTAMPS
             options["hls_ts_options"] = CHUNK_TS_OPTIONS
             kbps = rendition.audio_kbps or DEFAULT_AUDIO_KBPS
             if audio is not None:

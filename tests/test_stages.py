@@ -34,7 +34,7 @@ def probed(services: Services, copy_clip: Path) -> tuple[JobSpec, str]:
     """A copy-ladder job recorded and probed: ready to segment its one rendition."""
     spec = new_job_spec(str(copy_clip), asset="film", ladder="copy")
     services.jobs.create(spec)
-    [rendition] = packaging.probe_source(services, spec)
+    [rendition] = packaging.probe_source(services, spec).renditions
     return spec, rendition.name
 
 
