@@ -8,7 +8,9 @@ import itertools
 import json
 import math
 import os
+import signal
 import subprocess
+import time
 import urllib.request
 from array import array
 from collections.abc import Iterator
@@ -27,7 +29,9 @@ from pipeline.services import Services, build_services
 from pipeline.settings import load_settings
 
 from browser import Player, PlayerPageServer
+from fleet import Fleet, RedisServer
 from support import HLSVAULT, ROOT, Hlsvault, free_port, lavfi_clip, wait_for_http
+from test_fleet import submit, wait_for_job
 
 #: The issue's case: a 60 s source in 10 s chunks of 2 s segments (six chunks, five joins).
 SOURCE_S = 60
@@ -44,6 +48,8 @@ MAX_AUDIO_GAP_S = 0.001
 MAX_JOIN_RESIDUAL = 0.05
 #: A ffprobe or ffmpeg over a minute of local HLS.
 DECODE_TIMEOUT_S = 300
+#: How long the fleet test waits to see two chunks running at once.
+STAGE_WAIT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -400,3 +406,64 @@ class TestChunkPlan:
         data = {"HLSVAULT_DATA_DIR": str(tmp_path)}
         assert load_settings(data).chunk_seconds == 60
         assert load_settings({**data, "HLSVAULT_CHUNK_SECONDS": "10"}).chunk_seconds == 10
+
+
+def running_chunks(redis_server: RedisServer, job_id: str) -> dict[str, str]:
+    """The job's chunks being segmented right now, and the worker (``host:pid``) on each."""
+    fields = redis_server.client().hgetall(f"hlsvault:job:{job_id}")
+    return {
+        name.removesuffix(".status"): json.loads(fields.get(f"{name.removesuffix('.status')}"
+                                                            ".worker", "null"))
+        for name, value in fields.items()
+        if name.startswith("segment:c") and name.endswith(".status") and value == "running"
+    }
+
+
+@pytest.mark.slow
+class TestChunksOnTheFleet:
+    def test_two_segment_processes_share_a_job_and_survive_a_kill(
+        self, fleet: Fleet, redis_server: RedisServer, sixty_clip: Path
+    ) -> None:
+        """Two segment processes take chunks of one job at once (the job record names both
+        workers at the same moment); one is killed with SIGKILL mid-chunk, and the job still
+        completes and plays every frame, continuous across the joins."""
+        # Given the fleet with two segment processes, chunks of 10 s
+        fleet.env["HLSVAULT_CHUNK_SECONDS"] = str(CHUNK_S)
+        fleet.start_all()
+        fleet.start("segment")
+        assert len(fleet.processes["segment"]) == 2
+        job_id = submit(fleet, sixty_clip, "fleet-chunks", "--segment-seconds", str(SEGMENT_S))
+
+        # When two chunks are seen running at once, on two workers
+        deadline = time.monotonic() + STAGE_WAIT_S
+        while len(set((together := running_chunks(redis_server, job_id)).values())) < 2:
+            assert time.monotonic() < deadline, fleet.log_text()[-3000:]
+            time.sleep(0.05)
+        victim_chunk, victim = sorted(together.items())[0]
+
+        # and the process running one of them is killed outright
+        victim_pid = int(victim.rsplit(":", 1)[1])
+        group = os.getpgid(victim_pid)
+        [process] = [p for p in fleet.processes["segment"] if p.pid == group]
+        os.killpg(group, signal.SIGKILL)
+        process.wait(timeout=15)
+
+        # Then the job completes on the other one, the killed chunk delivered again
+        record = wait_for_job(fleet, job_id)
+        assert record["status"] == "succeeded", record
+        stages = {s["name"]: s for s in record["stages"]}
+        assert stages[victim_chunk]["attempts"] >= 2
+        assert sorted(n for n in stages if n.startswith("segment:")) == [
+            f"segment:c{index:03d}" for index in range(SOURCE_S // CHUNK_S)
+        ]
+
+        # and every rendition plays every frame, no timestamp going back or jumping
+        url = fleet.cli("url", "fleet-chunks").stdout.strip()
+        master = m3u8.loads(fetch(url), uri=url)
+        assert len(master.playlists) == 2
+        for variant in master.playlists:
+            count, steps = video_steps(variant.absolute_uri)
+            assert count == SOURCE_S * FPS
+            assert min(steps) > 0 and max(steps) <= 1 / FPS + 1e-4
+            worst = max(abs(gap) for _, gap in audio_gaps(variant.absolute_uri))
+            assert worst <= MAX_AUDIO_GAP_S
