@@ -4,6 +4,7 @@ is cut into (each chunk whole segments, so a chunk boundary is always a segment 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any
@@ -196,3 +197,16 @@ def plan_chunks(
         )
         for index in range(count)
     ]
+
+
+def chunks_progress(planned: int, stages: Iterable[tuple[str, str, float]]) -> tuple[int, float]:
+    """How far a job's chunks are: how many are segmented, and the mean progress of all
+    ``planned`` (a chunk not started yet counts 0), from ``(stage, status, progress)`` rows
+    of its record."""
+    parts = {
+        name: 1.0 if status == "done" else min(1.0, progress)
+        for name, status, progress in stages
+        if name.startswith("segment:c")
+    }
+    done = sum(1 for value in parts.values() if value >= 1.0)
+    return done, (sum(parts.values()) / planned if planned else 0.0)

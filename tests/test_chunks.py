@@ -23,7 +23,7 @@ from playwright.sync_api import Browser
 from pipeline import layout, packaging
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import probe
-from pipeline.plan import plan_chunks, plan_renditions
+from pipeline.plan import chunks_progress, plan_chunks, plan_renditions
 from pipeline.segment import chunk_args
 from pipeline.services import Services, build_services
 from pipeline.settings import load_settings
@@ -401,6 +401,14 @@ class TestChunkPlan:
     def test_one_chunk(self, duration: float, chunk_seconds: int, copy: bool) -> None:
         [chunk] = plan_chunks(duration, 6.0, chunk_seconds, copy=copy)
         assert (chunk.start, chunk.duration, chunk.first_segment) == (0, None, 0)
+
+    def test_job_progress_counts_chunks_not_yet_started(self) -> None:
+        """Six planned chunks, two done, one half-way, the rest not yet queued: 2 of 6, 42 %."""
+        stages = [("audio", "done", 1.0), ("segment:c000", "done", 1.0),
+                  ("segment:c001", "done", 1.0), ("segment:c002", "running", 0.5),
+                  ("encrypt:c000", "done", 1.0)]
+        done, fraction = chunks_progress(6, stages)
+        assert done == 2 and abs(fraction - 2.5 / 6) < 1e-9
 
     def test_chunk_length_is_a_setting_of_a_minute_by_default(self, tmp_path: Path) -> None:
         data = {"HLSVAULT_DATA_DIR": str(tmp_path)}
