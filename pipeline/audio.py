@@ -23,10 +23,11 @@ its ffmpeg copies them next to its video, shifted by that offset.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import ffmpeg
 
@@ -106,23 +107,19 @@ def audio_args(source: str, bitrates: Sequence[int], out_dir: Path, *, demuxer: 
     return args
 
 
-def adts_frames(data: bytes) -> tuple[int, list[bytes]]:
-    """The sample rate and the frames of an ADTS stream, each with its header."""
-    frames: list[bytes] = []
+def adts_frames(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """The frames of an ADTS stream, each with its header, and the stream's sample rate: read
+    one at a time, so that a film's audio never sits in memory whole."""
     position = 0
-    sample_rate = 0
-    while position < len(data):
-        header = data[position:position + 7]
+    while header := stream.read(7):
         if len(header) < 7 or header[0] != 0xFF or header[1] & 0xF6 != 0xF0:
             raise UnsupportedMedia(f"the encoded audio is not ADTS at byte {position}")
         length = ((header[3] & 0x03) << 11) | (header[4] << 3) | (header[5] >> 5)
-        if length < 7 or position + length > len(data):
+        body = stream.read(length - 7) if length >= 7 else b""
+        if length < 7 or len(body) != length - 7:
             raise UnsupportedMedia(f"the encoded audio has a torn frame at byte {position}")
-        if not sample_rate:
-            sample_rate = ADTS_SAMPLE_RATES[(header[2] >> 2) & 0x0F]
-        frames.append(data[position:position + length])
+        yield ADTS_SAMPLE_RATES[(header[2] >> 2) & 0x0F], header + body
         position += length
-    return sample_rate, frames
 
 
 def cut_per_chunk(
@@ -130,28 +127,29 @@ def cut_per_chunk(
 ) -> tuple[int, list[ChunkAudio]]:
     """Write each chunk's frames of ``whole`` into ``out_dir``: the frames that start in the
     chunk's range, the priming frame with chunk 0. Returns the sample rate and the pieces."""
-    sample_rate, frames = adts_frames(whole.read_bytes())
-    if not frames:
-        raise UnsupportedMedia("the source's audio decoded to nothing")
-    by_chunk: list[list[bytes]] = [[] for _ in chunks]
-    starts: list[float | None] = [None] * len(chunks)
+    counts = [0] * len(chunks)
+    firsts: list[float | None] = [None] * len(chunks)
+    sample_rate = 0
     index = 0
-    for number, frame in enumerate(frames):
-        # Exact in integers: where the frame starts, in samples from the source's start.
-        start = number * AAC_FRAME_SAMPLES - AAC_PRIMING_SAMPLES
-        while index + 1 < len(chunks) and start >= round(chunks[index + 1].start * sample_rate):
-            index += 1
-        by_chunk[index].append(frame)
-        if starts[index] is None:
-            starts[index] = start / sample_rate
-    pieces = []
-    for chunk, taken, first in zip(chunks, by_chunk, starts, strict=True):
+    pieces = [out_dir / layout.audio_piece_name(chunk.name, kbps) for chunk in chunks]
+    with contextlib.ExitStack() as stack:
+        outputs = [stack.enter_context(path.open("wb")) for path in pieces]
+        for number, (rate, frame) in enumerate(adts_frames(stack.enter_context(whole.open("rb")))):
+            sample_rate = sample_rate or rate
+            # Exact in integers: where the frame starts, in samples from the source's start.
+            start = number * AAC_FRAME_SAMPLES - AAC_PRIMING_SAMPLES
+            while index + 1 < len(chunks) and start >= round(chunks[index + 1].start * rate):
+                index += 1
+            outputs[index].write(frame)
+            counts[index] += 1
+            if firsts[index] is None:
+                firsts[index] = start / rate
+    produced = []
+    for chunk, path, count, first in zip(chunks, pieces, counts, firsts, strict=True):
         if first is None:
             raise UnsupportedMedia(
                 f"the source's audio ends before {chunk.start:g} s, where chunk {chunk.name} "
                 "starts; re-export it with audio as long as the video"
             )
-        name = layout.audio_piece_name(chunk.name, kbps)
-        (out_dir / name).write_bytes(b"".join(taken))
-        pieces.append(ChunkAudio(chunk.name, kbps, name, first - chunk.start, len(taken)))
-    return sample_rate, pieces
+        produced.append(ChunkAudio(chunk.name, kbps, path.name, first - chunk.start, count))
+    return sample_rate, produced

@@ -60,6 +60,10 @@ STABLE_PLAYLIST = "public, max-age=60"
 #: Concurrent segment uploads per job: enough to hide S3 latency, few enough not to be throttled.
 UPLOAD_CONCURRENCY = 16
 
+#: No ffmpeg of a stage runs longer: below the segment actor's 12 h time limit, which cannot
+#: interrupt a thread waiting on a process.
+MAX_FFMPEG_S = 11 * 3600.0
+
 Progress = Callable[[float], None]
 
 
@@ -82,10 +86,11 @@ def _rate_limited(on_progress: Progress) -> Progress:
     return report
 
 
-def segment_timeout(duration: float, copy: bool) -> float:
-    """ffmpeg's own time limit: a remux reads at disk speed, a transcode may be slower than
-    real time on a small machine. Always shorter than the segment actor's time limit."""
-    return 120 + duration * (1.0 if copy else 6.0)
+def segment_timeout(duration: float, copy: bool, renditions: int = 1) -> float:
+    """ffmpeg's own time limit: a remux reads at disk speed, a transcode of each rendition may
+    be slower than real time on a small machine (a chunk encodes them all, on one core when
+    workers are pinned). Always shorter than the segment actor's time limit."""
+    return min(MAX_FFMPEG_S, 120 + duration * (1.0 if copy else 6.0 * renditions))
 
 
 @dataclass(frozen=True)
@@ -193,7 +198,7 @@ def encode_audio(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) 
 
 def audio_timeout(duration: float) -> float:
     """ffmpeg's limit for the audio pass: it reads the whole source but decodes only audio."""
-    return 120 + duration * 0.5
+    return min(MAX_FFMPEG_S, 120 + duration * 0.5)
 
 
 def _chunk_audio(
@@ -239,7 +244,7 @@ def segment(svc: Services, spec: JobSpec, chunk_name: str, on_progress: Progress
             out_dir,
             info=info,
             segment_seconds=spec.segment_seconds,
-            timeout=segment_timeout(length, copy),
+            timeout=segment_timeout(length, copy, len(renditions)),
             audio=_chunk_audio(svc, spec, chunk, Path(scratch)),
             on_progress=on_progress,
         )
