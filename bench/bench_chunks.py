@@ -50,8 +50,6 @@ READY_LINE = "Worker process is ready for action."
 FILM_SECONDS = 2 * 3600
 FILM_CHUNK_SECONDS = 60
 MACHINES = (1, 10, 100)
-#: More machines "stop helping" once doubling them gains less than this.
-WORTHWHILE_GAIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -188,12 +186,12 @@ def project(run: Run, source_s: float, chunk_s: float) -> None:
         share = (serial_s + rounds * coordination) / wall(machines)
         print(f"{machines:>17}{wall(machines) / 60:>13.1f} min{wall(1) / wall(machines):>10.1f}"
               f"{share:>15.0%}")
-    machines = 1
-    while machines < film_chunks and wall(machines) / wall(machines * 2) - 1 >= WORTHWHILE_GAIN:
-        machines *= 2
-    print(f"gain stops: doubling beyond {machines} machines gains < {WORTHWHILE_GAIN:.0%} "
-          f"(serial {serial_s / 60:.1f} min against {chunk_cost / 60:.1f} min per round of "
-          f"chunks); beyond {film_chunks} machines (one chunk each) nothing at all")
+    # Past this many machines the parts no machine count shortens (the audio pass, the
+    # upload, the hops) take more of the wall time than the chunks themselves.
+    knee = film_chunks * chunk_cost / serial_s
+    print(f"gain stops: serial parts {serial_s / 60:.1f} min, one round of chunks "
+          f"{chunk_cost / 60:.1f} min; from {knee:.0f} machines on the serial parts are half "
+          f"the wall time or more; beyond {film_chunks} (one chunk each) nothing is gained")
 
 
 def main(argv: list[str] | None = None) -> int:
