@@ -134,6 +134,18 @@ def run_job(bench: BenchFleet, clip: Path, processes: int) -> Run:
                chunk_times(fields, runs), requests, commands)
 
 
+def per_worker(run: Run) -> list[int]:
+    """How many chunks each segment worker ran (the last delivery of each chunk)."""
+    workers = [run.fields.get(f"segment:{c.name}.worker", "?") for c in run.chunks]
+    return sorted((workers.count(w) for w in set(workers)), reverse=True)
+
+
+def tail(run: Run) -> float:
+    """From the last chunk segmented to the job's end: encrypt, playlist, upload, invalidate."""
+    last = max(float(run.fields[f"segment:{c.name}.finished_at"]) for c in run.chunks)
+    return float(run.fields["finished_at"]) - last
+
+
 def stage_wall(fields: dict[str, str], stage: str) -> float:
     if f"{stage}.started_at" not in fields:
         return 0.0
@@ -211,13 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clip: {clip.name} ({clip.stat().st_size / 1e6:.1f} MB), --ladder default, 6 s "
               f"segments, HLSVAULT_CHUNK_SECONDS={args.chunk_seconds}; each segment process "
               f"pinned to one core; {os.cpu_count()} CPUs")
-        print(f"{'round':<6}{'segment procs':>14}{'wall s':>9}{'chunks':>8}")
+        print(f"{'round':<6}{'segment procs':>14}{'wall s':>9}{'chunks':>8}"
+              f"{'chunks per worker':>19}{'ffmpeg busy':>13}{'audio s':>9}{'tail s':>8}")
         for index in range(args.rounds):
             for processes in ((1, 2) if index % 2 == 0 else (2, 1)):
                 run = run_job(bench, clip, processes)
                 runs.append(run)
-                print(f"{index + 1:<6}{processes:>14}{run.wall:>9.1f}{len(run.chunks):>8}",
-                      flush=True)
+                print(f"{index + 1:<6}{processes:>14}{run.wall:>9.1f}{len(run.chunks):>8}"
+                      f"{'+'.join(map(str, per_worker(run))):>19}"
+                      f"{sum(c.ffmpeg for c in run.chunks) / (run.wall * processes):>12.0%}"
+                      f"{stage_wall(run.fields, 'audio'):>9.1f}{tail(run):>8.1f}", flush=True)
     finally:
         bench.stop()
     medians = {n: statistics.median(r.wall for r in runs if r.processes == n) for n in (1, 2)}
