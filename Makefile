@@ -39,6 +39,8 @@ bench: setup
 	$(BIN)/python bench/bench_scaling.py
 	$(BIN)/python bench/bench_keyserver.py
 	$(BIN)/python bench/bench_ratelimit.py
+	$(BIN)/python bench/bench_ladder.py
+	$(BIN)/python bench/bench_chunks.py
 
 clean:
 	rm -rf $(VENV) .cache hlsvault-data .mypy_cache .ruff_cache .pytest_cache

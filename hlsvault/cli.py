@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from pipeline import layout
 from pipeline.errors import HlsvaultError, exit_code
 from pipeline.jobs import JobSpec, new_job_spec
-from pipeline.plan import LADDERS
+from pipeline.plan import LADDERS, chunks_progress
 from pipeline.settings import load_settings
 
 from .ingestcommands import add_commands as add_ingest_commands
@@ -128,6 +128,12 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
         print(json.dumps(record.to_dict(), indent=2))
     else:
         print(f"job {record.spec.job_id}  asset {record.spec.asset}  {record.status}")
+        planned = len(record.json_field("chunks") or [])
+        if planned > 1:
+            done, fraction = chunks_progress(
+                planned, ((s.name, s.status, s.progress) for s in record.stages)
+            )
+            print(f"  chunks: {done} of {planned} segmented, {fraction * 100:.1f}% transcoded")
         for stage in record.stages:
             line = f"  {stage.name:<22} {stage.status:<9} {stage.progress * 100:5.1f}%"
             if stage.attempts > 1:

@@ -5,10 +5,12 @@ about where a thing lives or what it is called. Nothing else formats a storage k
 
 Stores (keys are ``/``-separated, relative)::
 
-    work    jobs/<job>/plain/<rendition>/<attempt>/seg_00000.ts  a segment attempt's output
-            jobs/<job>/plain/<rendition>/produced.json           names the attempt that won
-            jobs/<job>/enc/<rendition>/seg_00000.ts              encrypted, awaiting upload
-            jobs/<job>/enc/<rendition>/sizes.json
+    work    jobs/<job>/audio/<attempt>/c003-128k.aac             a chunk's share of the job's audio
+            jobs/<job>/audio/produced.json                       names the audio attempt that won
+            jobs/<job>/plain/c003/<attempt>/<rendition>/seg_00030.ts  a chunk attempt's output
+            jobs/<job>/plain/c003/produced.json                  names the chunk attempt that won
+            jobs/<job>/enc/<rendition>/seg_00030.ts              encrypted, awaiting upload
+            jobs/<job>/sizes/c003.json                           a chunk's ciphertext sizes
             sources/<job>/<file name>                            a local source sent to the fleet
     origin  assets/<asset>/master.m3u8                           cookie mode's stable master
             assets/<asset>/<version>/<rendition>.m3u8            cookie mode's static variant
@@ -59,6 +61,9 @@ MAX_GRACE_S = 7 * 24 * 3600.0
 #: ``--download`` without a rendition, and ``"download": true`` in a job request: the rendition
 #: with the highest bandwidth (no ladder names a rendition this way: they are ``<height>p``).
 DOWNLOAD_TOP = "top"
+#: Chunks are numbered in three digits (c000…): a 2-hour film in 60 s chunks is 120, and
+#: storage listings sort in time order up to this many.
+MAX_CHUNKS = 1000
 
 # -- identifiers -------------------------------------------------------------------------------
 
@@ -123,13 +128,18 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}"
 
 
-def plain_prefix(job_id: str, rendition: str) -> str:
-    return f"jobs/{job_id}/plain/{rendition}"
+def chunk_name(index: int) -> str:
+    """A time chunk's name in keys, messages and stage names: ``c003``."""
+    if not 0 <= index < MAX_CHUNKS:
+        raise BadSpec(f"chunk index {index} out of range (0 to {MAX_CHUNKS - 1})")
+    return f"c{index:03d}"
 
 
-def plain_attempt_prefix(job_id: str, rendition: str, attempt: str) -> str:
-    """Where one delivery of a segment stage writes: never read until ``produced.json`` names it."""
-    return f"{plain_prefix(job_id, rendition)}/{attempt}"
+def chunk_index(name: str) -> int:
+    """The index of a chunk named by :func:`chunk_name`; refuses anything else."""
+    if not re.fullmatch(r"c[0-9]{3}", name):
+        raise BadSpec(f"invalid chunk name {name[:40]!r}")
+    return int(name[1:])
 
 
 def plain_segment_key(attempt_prefix: str, segment: str) -> str:
@@ -138,8 +148,37 @@ def plain_segment_key(attempt_prefix: str, segment: str) -> str:
     return f"{attempt_prefix}/{segment}"
 
 
-def produced_key(job_id: str, rendition: str) -> str:
-    return f"{plain_prefix(job_id, rendition)}/produced.json"
+def chunk_prefix(job_id: str, chunk: str) -> str:
+    return f"jobs/{job_id}/plain/{chunk}"
+
+
+def chunk_attempt_prefix(job_id: str, chunk: str, attempt: str) -> str:
+    """Where one delivery of a chunk's segment stage writes, every rendition under it: never
+    read until the chunk's ``produced.json`` names it."""
+    return f"{chunk_prefix(job_id, chunk)}/{attempt}"
+
+
+def chunk_rendition_prefix(job_id: str, chunk: str, attempt: str, rendition: str) -> str:
+    return f"{chunk_attempt_prefix(job_id, chunk, attempt)}/{rendition}"
+
+
+def produced_key(job_id: str, chunk: str) -> str:
+    """Names the attempt of ``chunk`` that encrypt reads (written last, atomically)."""
+    return f"{chunk_prefix(job_id, chunk)}/produced.json"
+
+
+def audio_attempt_prefix(job_id: str, attempt: str) -> str:
+    """Where one delivery of the audio stage writes its per-chunk pieces."""
+    return f"jobs/{job_id}/audio/{attempt}"
+
+
+def audio_piece_name(chunk: str, kbps: int) -> str:
+    """One chunk's share of the job's audio at one bitrate: raw AAC frames (ADTS)."""
+    return f"{chunk}-{kbps}k.aac"
+
+
+def audio_produced_key(job_id: str) -> str:
+    return f"jobs/{job_id}/audio/produced.json"
 
 
 def encrypted_prefix(job_id: str, rendition: str) -> str:
@@ -150,8 +189,9 @@ def encrypted_key(job_id: str, rendition: str, segment: str) -> str:
     return f"{encrypted_prefix(job_id, rendition)}/{segment}"
 
 
-def sizes_key(job_id: str, rendition: str) -> str:
-    return f"{encrypted_prefix(job_id, rendition)}/sizes.json"
+def sizes_key(job_id: str, chunk: str) -> str:
+    """A chunk's ciphertext sizes, per rendition in segment order."""
+    return f"jobs/{job_id}/sizes/{chunk}.json"
 
 
 def uploaded_source_key(job_id: str, file_name: str) -> str:

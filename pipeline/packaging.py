@@ -3,10 +3,14 @@
 Each stage reads what the previous one left in the work store under ``jobs/<job_id>/`` (the
 layout is :mod:`pipeline.layout`'s) and a stage delivered twice leaves the same result.
 
-A segment attempt writes into a directory of its own and then names it in ``produced.json``
-with one atomic write, so a redelivered segment stage that overlaps a still-running encrypt of
-the same rendition can never hand it a half-written segment: encrypt reads only the attempt
-that ``produced.json`` names, and that attempt is complete.
+A transcode is cut into time chunks (:func:`pipeline.plan.plan_chunks`); the segment and
+encrypt stages work on one chunk of every rendition, the playlist stage joins the chunks. A
+segment attempt writes into a directory of its own and then names it in its chunk's
+``produced.json`` with one atomic write, so a redelivered chunk that overlaps a still-running
+encrypt of the same chunk can never hand it a half-written segment: encrypt reads only the
+attempt that ``produced.json`` names, and that attempt is complete. A chunk's segments carry
+their media sequence numbers in their names, so a redelivered chunk rewrites exactly its own.
+The audio stage's pieces are switched in the same way.
 """
 
 from __future__ import annotations
@@ -19,19 +23,29 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from . import layout
+from .audio import WHOLE_PATTERN, ChunkAudio, JobAudio, audio_args, cut_per_chunk
 from .crypto import encrypt_file, iv_for_sequence
-from .errors import InvalidSource
+from .errors import InvalidSource, UnsupportedMedia
 from .jobs import JobSpec
 from .media import MediaInfo, probe
-from .plan import Rendition, plan_renditions
+from .plan import Chunk, Rendition, plan_chunks, plan_renditions
 from .playlists import AssetVersion, describe_rendition, key_index, static_playlists
-from .segment import PROGRESS_INTERVAL_S, Segment, SegmentedRendition, segment_rendition
+from .segment import (
+    DEFAULT_AUDIO_KBPS,
+    PROGRESS_INTERVAL_S,
+    AudioPiece,
+    Segment,
+    SegmentedRendition,
+    run_ffmpeg,
+    segment_chunk,
+)
 from .services import Services
-from .sources import ffmpeg_target
+from .sources import ffmpeg_target, source_demuxer
 
 SEGMENT_CONTENT_TYPE = "video/mp2t"
 PLAYLIST_CONTENT_TYPE = "application/vnd.apple.mpegurl"
@@ -45,6 +59,10 @@ ENCRYPT_THREADS = min(os.cpu_count() or 1, 4)
 STABLE_PLAYLIST = "public, max-age=60"
 #: Concurrent segment uploads per job: enough to hide S3 latency, few enough not to be throttled.
 UPLOAD_CONCURRENCY = 16
+
+#: No ffmpeg of a stage runs longer: below the segment actor's 12 h time limit, which cannot
+#: interrupt a thread waiting on a process.
+MAX_FFMPEG_S = 11 * 3600.0
 
 Progress = Callable[[float], None]
 
@@ -68,26 +86,65 @@ def _rate_limited(on_progress: Progress) -> Progress:
     return report
 
 
-def segment_timeout(duration: float, copy: bool) -> float:
-    """ffmpeg's own time limit: a remux reads at disk speed, a transcode may be slower than
-    real time on a small machine. Always shorter than the segment actor's time limit."""
-    return 120 + duration * (1.0 if copy else 6.0)
+def segment_timeout(duration: float, copy: bool, renditions: int = 1) -> float:
+    """ffmpeg's own time limit: a remux reads at disk speed, a transcode of each rendition may
+    be slower than real time on a small machine (a chunk encodes them all, on one core when
+    workers are pinned). Always shorter than the segment actor's time limit."""
+    return min(MAX_FFMPEG_S, 120 + duration * (1.0 if copy else 6.0 * renditions))
 
 
-def probe_source(svc: Services, spec: JobSpec) -> list[Rendition]:
-    """Probe the source and plan its renditions; both are kept in the job record."""
+@dataclass(frozen=True)
+class JobPlan:
+    """What the probe decided: the renditions, the time chunks, and whether the job's audio is
+    encoded once before the chunks (a transcode of several chunks with audio)."""
+
+    renditions: tuple[Rendition, ...]
+    chunks: tuple[Chunk, ...]
+    audio_bitrates: tuple[int, ...]
+
+    @property
+    def audio_first(self) -> bool:
+        return bool(self.audio_bitrates)
+
+
+def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
+    """Probe the source and plan its renditions and chunks; all are kept in the job record."""
     target, shown = ffmpeg_target(spec.source)
     info = probe(target, shown=shown)
     renditions = plan_renditions(info, spec.ladder, spec.segment_seconds)
+    copy = any(r.copy for r in renditions)
+    chunks = plan_chunks(
+        info.duration, spec.segment_seconds, svc.settings.chunk_seconds, copy=copy
+    )
+    bitrates: tuple[int, ...] = ()
+    if len(chunks) > 1 and info.audio is not None:
+        bitrates = tuple(sorted({r.audio_kbps or DEFAULT_AUDIO_KBPS for r in renditions}))
     svc.jobs.set_json(spec.job_id, "media", info.to_dict())
     svc.jobs.set_json(spec.job_id, "renditions", [r.to_dict() for r in renditions])
-    return renditions
+    svc.jobs.set_json(spec.job_id, "chunks", [c.to_dict() for c in chunks])
+    svc.jobs.set_json(spec.job_id, "audio_bitrates", list(bitrates))
+    return JobPlan(tuple(renditions), tuple(chunks), bitrates)
 
 
-def _job_renditions(svc: Services, spec: JobSpec) -> dict[str, Rendition]:
-    record = svc.jobs.get(spec.job_id)
-    planned = record.json_field("renditions") or []
-    return {item["name"]: Rendition.from_dict(item) for item in planned}
+def _job_renditions(svc: Services, spec: JobSpec) -> list[Rendition]:
+    planned = svc.jobs.get(spec.job_id).json_field("renditions") or []
+    return [Rendition.from_dict(item) for item in planned]
+
+
+def job_chunks(svc: Services, spec: JobSpec) -> list[Chunk]:
+    """The chunks the probe planned (one covering the whole source for older records)."""
+    planned = svc.jobs.get(spec.job_id).json_field("chunks")
+    if planned is None:
+        return [Chunk(0, 0.0, None, 0, None)]
+    return [Chunk.from_dict(item) for item in planned]
+
+
+def _chunk(svc: Services, spec: JobSpec, name: str) -> Chunk:
+    index = layout.chunk_index(name)
+    chunks = job_chunks(svc, spec)
+    if index >= len(chunks):
+        raise InvalidSource(f"the job has no chunk {name}; it was planned with {len(chunks)}")
+    return chunks[index]
 
 
 def _media(svc: Services, spec: JobSpec) -> MediaInfo:
@@ -110,59 +167,144 @@ def _work_dir(svc: Services, prefix: str) -> Iterator[tuple[Path, bool]]:
         yield Path(scratch), False
 
 
-def segment(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ignore) -> int:
-    """Cut one rendition into plain segments; returns how many were produced."""
-    rendition = _job_renditions(svc, spec)[name]
+def encode_audio(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> int:
+    """Encode the source's audio once for the whole job, at every bitrate the ladder uses, and
+    cut it into each chunk's share (see :mod:`pipeline.audio`); returns the pieces written."""
     info = _media(svc, spec)
+    chunks = job_chunks(svc, spec)
+    bitrates = svc.jobs.get(spec.job_id).json_field("audio_bitrates") or []
+    target, shown = ffmpeg_target(spec.source)
+    attempt = uuid.uuid4().hex[:12]
+    prefix = layout.audio_attempt_prefix(spec.job_id, attempt)
+    with _work_dir(svc, prefix) as (out_dir, is_local), \
+            tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
+        args = audio_args(target, bitrates, Path(scratch),
+                          demuxer=source_demuxer(info.format_name, shown))
+        run_ffmpeg(args, duration=info.duration, timeout=audio_timeout(info.duration),
+                   on_progress=on_progress)
+        pieces: list[ChunkAudio] = []
+        sample_rate = 0
+        for kbps in bitrates:
+            whole = Path(scratch) / WHOLE_PATTERN.format(kbps=kbps)
+            sample_rate, cut = cut_per_chunk(whole, kbps, chunks, out_dir)
+            pieces.extend(cut)
+        if not is_local:
+            for piece in pieces:
+                svc.work.put_file(layout.plain_segment_key(prefix, piece.name),
+                                  out_dir / piece.name)
+    produced = JobAudio(attempt=attempt, sample_rate=sample_rate, pieces=tuple(pieces))
+    # The switch, as for segments: chunks read this attempt's pieces and no other.
+    svc.work.put_bytes(layout.audio_produced_key(spec.job_id),
+                       json.dumps(produced.to_dict()).encode())
+    return len(pieces)
+
+
+def audio_timeout(duration: float) -> float:
+    """ffmpeg's limit for the audio pass: it reads the whole source but decodes only audio."""
+    return min(MAX_FFMPEG_S, 120 + duration * 0.5)
+
+
+def _chunk_audio(
+    svc: Services, spec: JobSpec, chunk: Chunk, scratch: Path
+) -> dict[int, AudioPiece] | None:
+    """The chunk's pieces of the job's audio, by bitrate, fetched into ``scratch`` when the
+    work store is not local; None when the chunk encodes its own audio (or has none)."""
+    if not svc.jobs.get(spec.job_id).json_field("audio_bitrates"):
+        return None
+    produced = JobAudio.from_dict(
+        json.loads(svc.work.get_bytes(layout.audio_produced_key(spec.job_id)))
+    )
+    prefix = layout.audio_attempt_prefix(spec.job_id, produced.attempt)
+    pieces: dict[int, AudioPiece] = {}
+    for piece in produced.pieces:
+        if piece.chunk != chunk.name:
+            continue
+        path = svc.work.local_path(f"{prefix}/{piece.name}")
+        if path is None:
+            path = scratch / piece.name
+            svc.work.get_file(f"{prefix}/{piece.name}", path)
+        pieces[piece.kbps] = AudioPiece(path, piece.offset)
+    return pieces
+
+
+def segment(svc: Services, spec: JobSpec, chunk_name: str, on_progress: Progress = _ignore) -> int:
+    """Cut one chunk of every rendition into plain segments with one ffmpeg; returns how many
+    segments were produced."""
+    renditions = _job_renditions(svc, spec)
+    info = _media(svc, spec)
+    chunk = _chunk(svc, spec, chunk_name)
     target, _ = ffmpeg_target(spec.source)
     attempt = uuid.uuid4().hex[:12]
-    prefix = layout.plain_attempt_prefix(spec.job_id, name, attempt)
-    with _work_dir(svc, prefix) as (out_dir, is_local):
-        produced = segment_rendition(
+    prefix = layout.chunk_attempt_prefix(spec.job_id, chunk.name, attempt)
+    copy = any(r.copy for r in renditions)
+    length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
+    with _work_dir(svc, prefix) as (out_dir, is_local), \
+            tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
+        produced = segment_chunk(
             target,
-            rendition,
+            renditions,
+            chunk,
             out_dir,
             info=info,
             segment_seconds=spec.segment_seconds,
-            timeout=segment_timeout(info.duration, rendition.copy),
+            timeout=segment_timeout(length, copy, len(renditions)),
+            audio=_chunk_audio(svc, spec, chunk, Path(scratch)),
             on_progress=on_progress,
         )
         if not is_local:
-            for seg in produced.segments:
-                svc.work.put_file(layout.plain_segment_key(prefix, seg.name), out_dir / seg.name)
+            for name, rendition in produced.items():
+                rendition_prefix = layout.chunk_rendition_prefix(
+                    spec.job_id, chunk.name, attempt, name
+                )
+                for seg in rendition.segments:
+                    svc.work.put_file(layout.plain_segment_key(rendition_prefix, seg.name),
+                                      out_dir / name / seg.name)
     # The switch: from here on, encrypt reads this attempt (whole) and no other.
-    record = {"attempt": attempt, "produced": produced.to_dict()}
-    svc.work.put_bytes(layout.produced_key(spec.job_id, name), json.dumps(record).encode())
-    return len(produced.segments)
+    record = {"attempt": attempt, "produced": {n: r.to_dict() for n, r in produced.items()}}
+    svc.work.put_bytes(layout.produced_key(spec.job_id, chunk.name), json.dumps(record).encode())
+    return sum(len(r.segments) for r in produced.values())
 
 
-def _produced(svc: Services, spec: JobSpec, name: str) -> tuple[str, SegmentedRendition]:
-    """The segment attempt that won for rendition ``name``: its work-store prefix and output."""
-    record = json.loads(svc.work.get_bytes(layout.produced_key(spec.job_id, name)))
-    prefix = layout.plain_attempt_prefix(spec.job_id, name, record["attempt"])
-    return prefix, SegmentedRendition.from_dict(record["produced"])
+def _produced(
+    svc: Services, spec: JobSpec, chunk: str
+) -> tuple[str, dict[str, SegmentedRendition]]:
+    """The segment attempt that won for ``chunk``: its work-store prefix and its output."""
+    record = json.loads(svc.work.get_bytes(layout.produced_key(spec.job_id, chunk)))
+    prefix = layout.chunk_attempt_prefix(spec.job_id, chunk, record["attempt"])
+    return prefix, {
+        name: SegmentedRendition.from_dict(item) for name, item in record["produced"].items()
+    }
 
 
-def encrypt(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ignore) -> int:
-    """Encrypt one rendition's segments with the version's keys; returns bytes written."""
-    plain_prefix, produced = _produced(svc, spec, name)
+def encrypt(svc: Services, spec: JobSpec, chunk: str, on_progress: Progress = _ignore) -> int:
+    """Encrypt one chunk's segments of every rendition with the version's keys; returns bytes
+    written."""
+    attempt_prefix, produced = _produced(svc, spec, chunk)
     report = _rate_limited(on_progress)
-    enc_prefix = layout.encrypted_prefix(spec.job_id, name)
-    # Every key the rendition needs, fetched or created before any thread starts, one at a time.
+    work = [(name, seg) for name, rendition in produced.items() for seg in rendition.segments]
+    # Every key the chunk needs, fetched or created before any thread starts, one at a time
+    # (chunks encrypted at once on other machines race for a key: the vault keeps one).
     keys: dict[int, bytes] = {}
-    for seg in produced.segments:
+    for _, seg in work:
         index = key_index(seg.sequence, spec.key_rotation_segments)
         if index not in keys:
             keys[index] = svc.keys.get_or_create(spec.asset, spec.version, index)
 
-    with _work_dir(svc, enc_prefix) as (enc_dir, is_local):
+    with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
 
-        def encrypt_segment(seg: Segment) -> int:
-            plain_key = layout.plain_segment_key(plain_prefix, seg.name)
+        def encrypt_segment(item: tuple[str, Segment]) -> int:
+            name, seg = item
+            # The work store's own directory when it is local, else this stage's scratch
+            # (removed with it, however the stage ends).
+            enc_dir = svc.work.local_dir(layout.encrypted_prefix(spec.job_id, name))
+            is_local = enc_dir is not None
+            if enc_dir is None:
+                enc_dir = Path(scratch) / name
+                enc_dir.mkdir(exist_ok=True)
+            plain_key = layout.plain_segment_key(f"{attempt_prefix}/{name}", seg.name)
             plain = svc.work.local_path(plain_key)
             if plain is None:
-                # The temporary encrypted directory holds the plain copy too, for a moment.
-                plain = enc_dir / f"plain-{seg.name}"
+                plain = Path(scratch) / f"{name}-{seg.name}"
                 svc.work.get_file(plain_key, plain)
             index = key_index(seg.sequence, spec.key_rotation_segments)
             written = encrypt_file(
@@ -175,14 +317,42 @@ def encrypt(svc: Services, spec: JobSpec, name: str, on_progress: Progress = _ig
                 plain.unlink()
             return written
 
-        sizes: list[int] = []
+        sizes: dict[str, list[int]] = {name: [] for name in produced}
         with ThreadPoolExecutor(max_workers=ENCRYPT_THREADS) as pool:
             # map yields in segment order, whichever thread finishes first.
-            for written in pool.map(encrypt_segment, produced.segments):
-                sizes.append(written)
-                report(len(sizes) / len(produced.segments))
-    svc.work.put_bytes(layout.sizes_key(spec.job_id, name), json.dumps(sizes).encode())
-    return sum(sizes)
+            for done, ((name, _), written) in enumerate(
+                zip(work, pool.map(encrypt_segment, work), strict=True), start=1
+            ):
+                sizes[name].append(written)
+                report(done / len(work))
+    svc.work.put_bytes(layout.sizes_key(spec.job_id, chunk), json.dumps(sizes).encode())
+    return sum(sum(s) for s in sizes.values())
+
+
+def joined_renditions(
+    svc: Services, spec: JobSpec
+) -> list[tuple[SegmentedRendition, list[int]]]:
+    """Every rendition's chunks joined in time order, with their ciphertext sizes: one
+    continuous stream each, its media sequence unbroken (every IV depends on it)."""
+    joined: dict[str, list[tuple[SegmentedRendition, list[int]]]] = {}
+    for chunk in job_chunks(svc, spec):
+        _, produced = _produced(svc, spec, chunk.name)
+        sizes = json.loads(svc.work.get_bytes(layout.sizes_key(spec.job_id, chunk.name)))
+        for name, rendition in produced.items():
+            joined.setdefault(name, []).append((rendition, sizes[name]))
+    result = []
+    for parts in joined.values():
+        segments = tuple(seg for rendition, _ in parts for seg in rendition.segments)
+        if [seg.sequence for seg in segments] != list(range(len(segments))):
+            raise UnsupportedMedia(
+                f"the chunks of {parts[0][0].rendition} do not join into one media sequence; "
+                "set HLSVAULT_CHUNK_SECONDS=0 to transcode the source in one piece"
+            )
+        first = parts[0][0]
+        result.append(
+            (replace(first, segments=segments), [size for _, sizes in parts for size in sizes])
+        )
+    return result
 
 
 def rotation_warning(spec: JobSpec, segments: int) -> str | None:
@@ -200,11 +370,10 @@ def rotation_warning(spec: JobSpec, segments: int) -> str | None:
 def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
     """Describe the version from every rendition's measured output and record it, privately,
     in the catalog. It is not visible to players until the upload stage flips it current."""
-    entries = []
-    for name in _job_renditions(svc, spec):
-        _, produced = _produced(svc, spec, name)
-        sizes = json.loads(svc.work.get_bytes(layout.sizes_key(spec.job_id, name)))
-        entries.append(describe_rendition(produced, sizes, spec.key_rotation_segments))
+    entries = [
+        describe_rendition(produced, sizes, spec.key_rotation_segments)
+        for produced, sizes in joined_renditions(svc, spec)
+    ]
     warning = rotation_warning(spec, min(len(e.segments) for e in entries))
     if warning is not None:
         svc.jobs.set_json(spec.job_id, "warnings", [warning])

@@ -1,11 +1,15 @@
-"""Planning: which renditions a source becomes under a ladder."""
+"""Planning: which renditions a source becomes under a ladder, and the time chunks a transcode
+is cut into (each chunk whole segments, so a chunk boundary is always a segment boundary)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any
 
+from . import layout
 from .errors import BadSpec, UnsupportedMedia
 from .media import MediaInfo
 
@@ -143,3 +147,69 @@ def plan_default(info: MediaInfo, segment_seconds: float) -> list[Rendition]:
             )
         )
     return renditions
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A time range of the source that one segment message transcodes for every rendition."""
+
+    index: int
+    start: float  # seconds from the source's start
+    duration: float | None  # None: to the source's end (the last chunk)
+    first_segment: int  # media sequence number of its first segment
+    segments: int | None  # whole segments it makes; None for the last chunk (up to the end)
+
+    @property
+    def name(self) -> str:
+        return layout.chunk_name(self.index)
+
+    @property
+    def end(self) -> float | None:
+        return None if self.duration is None else self.start + self.duration
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Chunk:
+        return cls(**data)
+
+
+def plan_chunks(
+    duration: float, segment_seconds: float, chunk_seconds: float, *, copy: bool
+) -> list[Chunk]:
+    """The chunks a source of ``duration`` seconds is transcoded in: whole segments of
+    ``segment_seconds`` about ``chunk_seconds`` long, the remainder joined to the last chunk
+    (so no chunk is shorter than one), and a single chunk for a remux (one cheap pass), for
+    ``chunk_seconds`` 0 and for a source shorter than two chunks."""
+    per_chunk = max(1, round(chunk_seconds / segment_seconds)) if chunk_seconds > 0 else 0
+    length = per_chunk * segment_seconds
+    count = 1 if copy or per_chunk == 0 else max(1, math.floor(duration / length + 1e-9))
+    if count > layout.MAX_CHUNKS:
+        raise BadSpec(
+            f"a {duration:.0f} s source in {length:g} s chunks makes {count} chunks, more than "
+            f"{layout.MAX_CHUNKS}; raise HLSVAULT_CHUNK_SECONDS"
+        )
+    return [
+        Chunk(
+            index=index,
+            start=index * length,
+            duration=None if index == count - 1 else length,
+            first_segment=index * per_chunk,
+            segments=None if index == count - 1 else per_chunk,
+        )
+        for index in range(count)
+    ]
+
+
+def chunks_progress(planned: int, stages: Iterable[tuple[str, str, float]]) -> tuple[int, float]:
+    """How far a job's chunks are: how many are segmented, and the mean progress of all
+    ``planned`` (a chunk not started yet counts 0), from ``(stage, status, progress)`` rows
+    of its record."""
+    parts = {
+        name: 1.0 if status == "done" else min(1.0, progress)
+        for name, status, progress in stages
+        if name.startswith("segment:c")
+    }
+    done = sum(1 for value in parts.values() if value >= 1.0)
+    return done, (sum(parts.values()) / planned if planned else 0.0)

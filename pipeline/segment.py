@@ -1,4 +1,5 @@
-"""Segmenting: one rendition of the source cut into plain MPEG-TS segments by ffmpeg."""
+"""Segmenting: one time chunk of the source cut, for every rendition at once, into plain MPEG-TS
+segments by one ffmpeg that decodes the source once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import selectors
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,15 @@ import ffmpeg
 
 from .errors import StageTimeout, TransientError, UnsupportedMedia
 from .media import MediaInfo, ffmpeg_reason, probe
-from .plan import MAX_RATE_FACTOR, Rendition
-from .sources import ffmpeg_input, shown_name, source_demuxer
+from .plan import MAX_RATE_FACTOR, Chunk, Rendition
+from .sources import ffmpeg_input, shown_name, source_demuxer, work_input
 
 #: Progress callbacks are rate limited: the job record is not a firehose.
 PROGRESS_INTERVAL_S = 0.5
 #: x264 preset: "veryfast" keeps a 1080p ladder near real time on two cores at a small size cost.
 X264_PRESET = "veryfast"
+#: Audio bitrate of a rendition whose plan names none (planned before audio rates were kept).
+DEFAULT_AUDIO_KBPS = 96
 SEGMENT_PATTERN = "seg_%05d.ts"
 PLAIN_PLAYLIST = "plain.m3u8"
 
@@ -68,67 +71,138 @@ class SegmentedRendition:
         return cls(**fields)
 
 
-def ffmpeg_args(
+#: Every chunk's muxers (hls, and the MPEG-TS muxer inside it) keep the timestamps they are
+#: given. By default each shifts a stream whose first timestamp is negative (x264's B-frame
+#: delay, AAC priming) to start at 0, which only chunk 0 has: its timeline would then run 67 ms
+#: ahead of every other chunk's and jump back at the first join. MPEG-TS adds 1.4 s to every
+#: timestamp anyway, so none is negative in the segments.
+KEEP_TIMESTAMPS = "disabled"
+CHUNK_TS_OPTIONS = f"avoid_negative_ts={KEEP_TIMESTAMPS}"
+
+
+@dataclass(frozen=True)
+class AudioPiece:
+    """A chunk's share of the job's audio (see :mod:`pipeline.audio`), as ffmpeg reads it."""
+
+    path: Path
+    offset: float  # where its first frame starts, in seconds after the chunk's start
+
+
+def chunk_args(
     source: str,
-    rendition: Rendition,
+    renditions: Sequence[Rendition],
+    chunk: Chunk,
     out_dir: Path,
     segment_seconds: float,
     *,
     has_audio: bool,
     demuxer: str,
+    audio: Mapping[int, AudioPiece] | None = None,
 ) -> list[str]:
-    """The ffmpeg command that writes ``rendition`` as plain segments into ``out_dir``,
-    reading ``source`` with ``demuxer`` (the probe's) under the source allow-lists."""
+    """The one ffmpeg command that writes ``chunk`` of every rendition as plain segments into
+    ``out_dir/<rendition>/``, reading ``source`` with ``demuxer`` (the probe's) under the source
+    allow-lists.
+
+    The source is decoded once: its video goes through ``fps`` and then a ``split`` into one
+    scaler and encoder per rendition. Audio is either copied from the chunk's pieces of the
+    job's one audio encode (``audio``, by bitrate: a chunked job) or encoded here from the
+    decoded source audio (a job of one chunk). A remux copies both streams.
+    """
     name, input_options = ffmpeg_input(source, demuxer=demuxer)
-    stream = ffmpeg.input(name, **input_options)
+    seek: dict[str, str] = {}
+    if chunk.start > 0:
+        seek["ss"] = f"{chunk.start:.6f}"
+    if chunk.duration is not None:
+        seek["t"] = f"{chunk.duration:.6f}"
+    stream = ffmpeg.input(name, **seek, **input_options)
+    copy = any(r.copy for r in renditions)
+    if copy and len(renditions) != 1:
+        raise ValueError("a remux makes exactly one rendition")
     video = stream["v:0"]
-    outputs: list[Any] = [video]
-    options: dict[str, Any] = {
-        "format": "hls",
-        "hls_time": f"{segment_seconds:g}",
-        "hls_playlist_type": "vod",
-        "hls_list_size": 0,
-        "hls_segment_type": "mpegts",
-        "hls_segment_filename": str(out_dir / SEGMENT_PATTERN),
-        "map_metadata": -1,
-    }
-    if has_audio:
-        outputs.append(stream["a:0"])
-    if rendition.copy:
-        options["c"] = "copy"
+    if copy:
+        branches = [video]
     else:
-        if rendition.video_kbps is None or rendition.gop_frames is None:
-            raise ValueError(f"rendition {rendition.name} is a transcode without rate or GOP")
-        video = video.filter("fps", fps=rendition.frame_rate).filter(
-            "scale", rendition.width, rendition.height
-        )
-        outputs[0] = video
-        options.update(
-            {
-                "c:v": "libx264",
-                "preset": X264_PRESET,
-                "profile:v": "high" if rendition.height >= 720 else "main",
-                "pix_fmt": "yuv420p",
-                "b:v": f"{rendition.video_kbps}k",
-                "maxrate": f"{int(rendition.video_kbps * MAX_RATE_FACTOR)}k",
-                "bufsize": f"{rendition.video_kbps * 2}k",
-                "g": rendition.gop_frames,
-                "keyint_min": rendition.gop_frames,
-                "sc_threshold": 0,
-                "force_key_frames": f"expr:gte(t,n_forced*{segment_seconds:g})",
-            }
-        )
-        if has_audio:
-            options.update({"c:a": "aac", "b:a": f"{rendition.audio_kbps or 96}k", "ac": 2})
-    output = ffmpeg.output(*outputs, str(out_dir / PLAIN_PLAYLIST), **options)
+        frame_rate = renditions[0].frame_rate
+        if any(r.frame_rate != frame_rate for r in renditions):
+            raise ValueError("the renditions of one ladder share one frame rate")
+        video = video.filter("fps", fps=frame_rate)
+        if len(renditions) > 1:
+            split = video.filter_multi_output("split", len(renditions))
+            branches = [split[index] for index in range(len(renditions))]
+        else:
+            branches = [video]
+    pieces = {
+        kbps: audio_input(piece.path, piece.offset) for kbps, piece in (audio or {}).items()
+    }
+    outputs = []
+    for rendition, branch in zip(renditions, branches, strict=True):
+        rendition_dir = out_dir / rendition.name
+        streams: list[Any] = [branch]
+        options: dict[str, Any] = {
+            "format": "hls",
+            "hls_time": f"{segment_seconds:g}",
+            "hls_playlist_type": "vod",
+            "hls_list_size": 0,
+            "hls_segment_type": "mpegts",
+            "hls_segment_filename": str(rendition_dir / SEGMENT_PATTERN),
+            "start_number": chunk.first_segment,
+            "map_metadata": -1,
+        }
+        if copy:
+            options["c"] = "copy"
+            if has_audio:
+                streams.append(stream["a:0"])
+        else:
+            streams[0] = branch.filter("scale", rendition.width, rendition.height)
+            options.update(_x264_options(rendition, segment_seconds))
+            # Where a single pass would have put this chunk's timestamps: continuous joins.
+            options["output_ts_offset"] = f"{chunk.start:.6f}"
+            options["avoid_negative_ts"] = KEEP_TIMESTAMPS
+            options["hls_ts_options"] = CHUNK_TS_OPTIONS
+            kbps = rendition.audio_kbps or DEFAULT_AUDIO_KBPS
+            if audio is not None:
+                streams.append(pieces[kbps]["a:0"])
+                options["c:a"] = "copy"
+            elif has_audio:
+                streams.append(stream["a:0"])
+                options.update({"c:a": "aac", "b:a": f"{kbps}k", "ac": 2})
+        outputs.append(ffmpeg.output(*streams, str(rendition_dir / PLAIN_PLAYLIST), **options))
     args: list[str] = (
-        output.global_args(
+        ffmpeg.merge_outputs(*outputs)
+        .global_args(
             "-nostdin", "-hide_banner", "-loglevel", "error", "-nostats", "-progress", "pipe:1"
         )
         .overwrite_output()
         .compile()
     )
     return args
+
+
+def _x264_options(rendition: Rendition, segment_seconds: float) -> dict[str, Any]:
+    if rendition.video_kbps is None or rendition.gop_frames is None:
+        raise ValueError(f"rendition {rendition.name} is a transcode without rate or GOP")
+    return {
+        "c:v": "libx264",
+        "preset": X264_PRESET,
+        "profile:v": "high" if rendition.height >= 720 else "main",
+        "pix_fmt": "yuv420p",
+        "b:v": f"{rendition.video_kbps}k",
+        "maxrate": f"{int(rendition.video_kbps * MAX_RATE_FACTOR)}k",
+        "bufsize": f"{rendition.video_kbps * 2}k",
+        "g": rendition.gop_frames,
+        "keyint_min": rendition.gop_frames,
+        "sc_threshold": 0,
+        # The encoder's clock starts at 0 in every chunk, and chunks are whole segments: the
+        # forced keyframes fall on the same instants as in one pass over the whole source.
+        "force_key_frames": f"expr:gte(t,n_forced*{segment_seconds:g})",
+    }
+
+
+def audio_input(path: Path, offset: float) -> Any:
+    """A chunk's audio piece (raw AAC frames) as an ffmpeg input, placed ``offset`` seconds
+    after the chunk's start, opened under the work-file allow-lists."""
+    name, options = work_input(str(path), demuxer="aac")
+    return ffmpeg.input(name, itsoffset=f"{offset:.6f}", **options)
 
 
 def run_ffmpeg(
@@ -186,8 +260,9 @@ def run_ffmpeg(
         on_progress(1.0)
 
 
-def parse_plain_playlist(out_dir: Path) -> list[Segment]:
-    """Read back the segment names and exact durations ffmpeg wrote into its playlist."""
+def parse_plain_playlist(out_dir: Path, first_sequence: int = 0) -> list[Segment]:
+    """Read back the segment names and exact durations ffmpeg wrote into its playlist; the
+    first is media sequence number ``first_sequence``."""
     segments: list[Segment] = []
     duration: float | None = None
     for line in (out_dir / PLAIN_PLAYLIST).read_text().splitlines():
@@ -195,7 +270,7 @@ def parse_plain_playlist(out_dir: Path) -> list[Segment]:
             duration = float(line[len("#EXTINF:") :].split(",", 1)[0])
         elif line and not line.startswith("#") and duration is not None:
             name = line.strip().rsplit("/", 1)[-1]
-            sequence = len(segments)
+            sequence = first_sequence + len(segments)
             segments.append(Segment(sequence, name, duration, (out_dir / name).stat().st_size))
             duration = None
     if not segments:
@@ -203,32 +278,50 @@ def parse_plain_playlist(out_dir: Path) -> list[Segment]:
     return segments
 
 
-def segment_rendition(
+def segment_chunk(
     source: str,
-    rendition: Rendition,
+    renditions: Sequence[Rendition],
+    chunk: Chunk,
     out_dir: Path,
     *,
     info: MediaInfo,
     segment_seconds: float,
     timeout: float,
+    audio: Mapping[int, AudioPiece] | None = None,
     on_progress: ProgressCallback | None = None,
-) -> SegmentedRendition:
-    """Cut ``rendition`` of ``source`` (whose probe is ``info``) into ``out_dir`` and describe
-    what was produced."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("seg_*.ts"):
-        stale.unlink()  # a previous, interrupted attempt: start from a clean directory
+) -> dict[str, SegmentedRendition]:
+    """Cut ``chunk`` of every rendition of ``source`` (whose probe is ``info``) into
+    ``out_dir/<rendition>/`` with one ffmpeg, and describe what was produced, by rendition."""
+    for rendition in renditions:
+        rendition_dir = out_dir / rendition.name
+        rendition_dir.mkdir(parents=True, exist_ok=True)
+        for stale in rendition_dir.glob("seg_*.ts"):
+            stale.unlink()  # a previous, interrupted attempt: start from a clean directory
     demuxer = source_demuxer(info.format_name, shown_name(source))
-    args = ffmpeg_args(
-        source,
-        rendition,
-        out_dir,
-        segment_seconds,
-        has_audio=info.audio is not None,
-        demuxer=demuxer,
+    args = chunk_args(
+        source, renditions, chunk, out_dir, segment_seconds,
+        has_audio=info.audio is not None, demuxer=demuxer, audio=audio,
     )
-    run_ffmpeg(args, duration=info.duration, timeout=timeout, on_progress=on_progress)
-    segments = parse_plain_playlist(out_dir)
+    length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
+    run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
+    return {
+        rendition.name: _describe(rendition, out_dir / rendition.name, chunk, info)
+        for rendition in renditions
+    }
+
+
+def _describe(
+    rendition: Rendition, rendition_dir: Path, chunk: Chunk, info: MediaInfo
+) -> SegmentedRendition:
+    segments = parse_plain_playlist(rendition_dir, chunk.first_segment)
+    if chunk.segments is not None and len(segments) != chunk.segments:
+        # The next chunk's segments are numbered after this one's planned count; a different
+        # count would break the media sequence (and with it every IV) at the join.
+        raise UnsupportedMedia(
+            f"chunk {chunk.name} of {rendition.name} made {len(segments)} segments where "
+            f"{chunk.segments} were planned: the source's video has gaps or a variable frame "
+            "rate; set HLSVAULT_CHUNK_SECONDS=0 to transcode it in one piece"
+        )
     if rendition.copy:
         # A remux moves the same H.264 and AAC bitstreams into MPEG-TS: size, profile, level
         # and audio profile are the source's, so its probe describes the output (and saves an
@@ -236,7 +329,8 @@ def segment_rendition(
         video, audio = info.video, info.audio
     else:
         # A transcode's CODECS must be measured from what the encoder actually produced.
-        produced = probe(str(out_dir / segments[0].name), shown=f"segment {segments[0].name}")
+        first = rendition_dir / segments[0].name
+        produced = probe(str(first), shown=f"segment {segments[0].name}")
         video, audio = produced.video, produced.audio
     return SegmentedRendition(
         rendition=rendition.name,

@@ -54,6 +54,11 @@ _GENERATE_CLOUDFRONT_KEY = (
     "openssl genrsa -out private_key.pem 2048 && "
     "openssl rsa -pubout -in private_key.pem -out public_key.pem"
 )
+#: A transcode is cut into time chunks this long (whole segments), each encoded for every
+#: rendition by one ffmpeg on any segment worker. A minute of a 1080p ladder keeps a core busy
+#: for minutes, so a chunk's fixed costs (a few Redis and S3 calls, a seek, an encoder start)
+#: stay near 1 % of it, while a 2-hour film still spreads over 120 machines. 0: never cut.
+DEFAULT_CHUNK_SECONDS = 60
 
 _GENERATE_MASTER_KEY = (
     "python3 -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())'"
@@ -102,6 +107,7 @@ class Settings:
     def cdn_signing(self) -> bool:
         """True when the key server signs CDN access (CloudFront policies and cookies)."""
         return self.cloudfront_key_pair_id is not None and self.cloudfront_private_key is not None
+    chunk_seconds: int = DEFAULT_CHUNK_SECONDS
 
     @property
     def embedded(self) -> bool:
@@ -235,6 +241,7 @@ def load_settings(
         ),
         cdn_cookie_domain=(env.get("HLSVAULT_CDN_COOKIE_DOMAIN") or "").strip() or None,
         offline_max_ttl_s=_int(env, "HLSVAULT_OFFLINE_MAX_TTL", DEFAULT_OFFLINE_MAX_TTL_S),
+        chunk_seconds=_int(env, "HLSVAULT_CHUNK_SECONDS", DEFAULT_CHUNK_SECONDS),
     )
 
 

@@ -141,6 +141,14 @@ def ffmpeg_input(target: str, *, demuxer: str | None = None) -> tuple[str, dict[
     return name, options
 
 
+def work_input(path: str, *, demuxer: str) -> tuple[str, dict[str, str]]:
+    """The name and input options under which ffmpeg may open one of hlsvault's own work files
+    (a chunk's audio piece): the file protocol and that one demuxer, nothing else."""
+    return f"file:{path}", {
+        "protocol_whitelist": LOCAL_PROTOCOLS, "format_whitelist": demuxer, "f": demuxer,
+    }
+
+
 def source_demuxer(format_name: str, shown: str) -> str:
     """The allow-listed demuxer for ffprobe's ``format_name`` (``mov,mp4,m4a,3gp,3g2,mj2`` →
     ``mov``), or :class:`~pipeline.errors.InvalidSource` saying what was found."""

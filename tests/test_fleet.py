@@ -166,6 +166,8 @@ class TestProcfile:
     ) -> None:
         """`honcho start -c segment=2` runs every process type, two of them segmenting, and
         both segmenting processes take work from the shared queue."""
+        # 2 s chunks: each 10 s job is five segment messages, ten for both processes to share
+        fleet.env["HLSVAULT_CHUNK_SECONDS"] = "2"
         honcho = subprocess.Popen(
             [str(VENV_BIN / "honcho"), "start", "-c", "segment=2", "-p", str(fleet.web_port)],
             cwd=ROOT, env=fleet.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

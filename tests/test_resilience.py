@@ -313,7 +313,7 @@ class TestPoisonJob:
         for delivery in (1, 2):
             def delivered(count: str = str(delivery)) -> bool:
                 fields = job_fields(redis_server, job_id)
-                return fields.get("segment:360p.attempts") == count and stage_running(
+                return fields.get("segment:c000.attempts") == count and stage_running(
                     redis_server, job_id, "segment:"
                 )
 
@@ -323,6 +323,6 @@ class TestPoisonJob:
 
         record = wait_for_job(fleet, job_id)
         assert record["status"] == "failed"
-        assert record["failed_stage"] == "segment:360p"
+        assert record["failed_stage"] == "segment:c000"
         assert "delivered 3 times" in record["error"]
         assert bucket_objects(moto_server, fleet.env["TEST_BUCKET_ORIGIN"]) == {}

@@ -28,8 +28,8 @@ from botocore.config import Config
 
 from pipeline.errors import InvalidSource, TransientError, UnsupportedMedia
 from pipeline.media import probe
-from pipeline.plan import plan_renditions
-from pipeline.segment import segment_rendition
+from pipeline.plan import plan_chunks, plan_renditions
+from pipeline.segment import segment_chunk
 from pipeline.sources import s3_source_url
 
 from faultproxy import FaultProxy, Rule
@@ -303,7 +303,8 @@ class TestSegmentStage:
         else:
             source = str(local)
         info = probe(source)
-        rendition = plan_renditions(info, "copy", 6.0)[0]
+        renditions = plan_renditions(info, "copy", 6.0)
+        [chunk] = plan_chunks(info.duration, 6.0, 60, copy=True)
 
         # When it is replaced by a playlist before the segment stage runs
         if served:
@@ -313,12 +314,13 @@ class TestSegmentStage:
 
         # Then ffmpeg, held to MP4, cannot read it, and asks the metadata server nothing
         with pytest.raises(UnsupportedMedia, match="could not segment") as refused:
-            segment_rendition(
-                source, rendition, tmp_path / "out", info=info, segment_seconds=6.0, timeout=60
+            segment_chunk(
+                source, renditions, chunk, tmp_path / "out", info=info, segment_seconds=6.0,
+                timeout=60,
             )
         assert SIGNATURE not in str(refused.value)
         assert metadata.received() == []
-        assert not any((tmp_path / "out").glob("seg_*.ts"))
+        assert not any((tmp_path / "out").rglob("seg_*.ts"))
 
 
 class TestGenuineSources:

@@ -34,19 +34,23 @@ def probed(services: Services, copy_clip: Path) -> tuple[JobSpec, str]:
     """A copy-ladder job recorded and probed: ready to segment its one rendition."""
     spec = new_job_spec(str(copy_clip), asset="film", ladder="copy")
     services.jobs.create(spec)
-    [rendition] = packaging.probe_source(services, spec)
+    [rendition] = packaging.probe_source(services, spec).renditions
     return spec, rendition.name
+
+
+#: A remux is one chunk.
+CHUNK = "c000"
 
 
 def _decrypted(services: Services, spec: JobSpec, rendition: str) -> list[bytes]:
     key = services.keys.get(spec.asset, spec.version, 0)
-    produced = json.loads(services.work.get_bytes(layout.produced_key(spec.job_id, rendition)))
+    produced = json.loads(services.work.get_bytes(layout.produced_key(spec.job_id, CHUNK)))
     return [
         decrypt_bytes(
             services.work.get_bytes(layout.encrypted_key(spec.job_id, rendition, seg["name"])),
             key, iv_for_sequence(seg["sequence"]),
         )
-        for seg in produced["produced"]["segments"]
+        for seg in produced["produced"][rendition]["segments"]
     ]
 
 
@@ -58,33 +62,37 @@ class TestOverlappingSegmentAttempts:
         writing (its first segment torn) while encrypt runs, then encrypt reads only the
         finished attempt: every decrypted segment equals that attempt's plain bytes."""
         spec, rendition = probed
-        packaging.segment(services, spec, rendition)
-        produced = json.loads(services.work.get_bytes(layout.produced_key(spec.job_id, rendition)))
-        finished = layout.plain_attempt_prefix(spec.job_id, rendition, produced["attempt"])
+        packaging.segment(services, spec, CHUNK)
+        produced = json.loads(services.work.get_bytes(layout.produced_key(spec.job_id, CHUNK)))
+        finished = layout.chunk_rendition_prefix(
+            spec.job_id, CHUNK, produced["attempt"], rendition
+        )
         plain = [services.work.get_bytes(f"{finished}/{seg['name']}")
-                 for seg in produced["produced"]["segments"]]
+                 for seg in produced["produced"][rendition]["segments"]]
 
         half_written = threading.Event()
         release = threading.Event()
 
-        def torn_attempt(source: str, rendition_: Any, out_dir: Path, **options: Any) -> Any:
+        def torn_attempt(
+            source: str, renditions: Any, chunk: Any, out_dir: Path, **options: Any
+        ) -> Any:
             # What a second ffmpeg leaves mid-run: a truncated first segment.
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "seg_00000.ts").write_bytes(plain[0][: len(plain[0]) // 3])
+            (out_dir / rendition).mkdir(parents=True, exist_ok=True)
+            (out_dir / rendition / "seg_00000.ts").write_bytes(plain[0][: len(plain[0]) // 3])
             half_written.set()
             release.wait(timeout=60)
             raise TransientError("the redelivered attempt's worker died")
 
         def redelivered() -> None:
             with pytest.raises(TransientError):
-                packaging.segment(services, spec, rendition)
+                packaging.segment(services, spec, CHUNK)
 
-        monkeypatch.setattr(packaging, "segment_rendition", torn_attempt)
+        monkeypatch.setattr(packaging, "segment_chunk", torn_attempt)
         second = threading.Thread(target=redelivered)
         second.start()
         try:
             assert half_written.wait(timeout=60)
-            packaging.encrypt(services, spec, rendition)
+            packaging.encrypt(services, spec, CHUNK)
         finally:
             release.set()
             second.join(timeout=60)

@@ -49,31 +49,40 @@ def declare(rt: Runtime) -> None:
 
     @stage_actor(flow.PROBE, Queue.PROBE, SHORT_LIMIT_MS)
     def probe(job_id: str) -> None:
-        renditions = flow.run_stage(
+        plan = flow.run_stage(
             rt, job_id, "probe", lambda spec: packaging.probe_source(svc, spec)
         )
-        if renditions is not None:
-            flow.after_probe(rt, job_id, renditions)
+        if plan is not None:
+            flow.after_probe(rt, job_id, plan)
+
+    @stage_actor(flow.AUDIO, Queue.SEGMENT, SEGMENT_LIMIT_MS)
+    def audio(job_id: str) -> None:
+        report = flow.progress(rt, job_id, "audio")
+        done = flow.run_stage(
+            rt, job_id, "audio", lambda spec: packaging.encode_audio(svc, spec, report)
+        )
+        if done is not None:
+            flow.after_audio(rt, job_id)
 
     @stage_actor(flow.SEGMENT, Queue.SEGMENT, SEGMENT_LIMIT_MS)
-    def segment(job_id: str, rendition: str) -> None:
-        stage = flow.rendition_stage("segment", rendition)
+    def segment(job_id: str, chunk: str) -> None:
+        stage = flow.chunk_stage("segment", chunk)
         report = flow.progress(rt, job_id, stage)
         done = flow.run_stage(
-            rt, job_id, stage, lambda spec: packaging.segment(svc, spec, rendition, report)
+            rt, job_id, stage, lambda spec: packaging.segment(svc, spec, chunk, report)
         )
         if done is not None:
-            flow.after_segment(rt, job_id, rendition)
+            flow.after_segment(rt, job_id, chunk)
 
     @stage_actor(flow.ENCRYPT, Queue.ENCRYPT, PUBLISH_LIMIT_MS)
-    def encrypt(job_id: str, rendition: str) -> None:
-        stage = flow.rendition_stage("encrypt", rendition)
+    def encrypt(job_id: str, chunk: str) -> None:
+        stage = flow.chunk_stage("encrypt", chunk)
         report = flow.progress(rt, job_id, stage)
         done = flow.run_stage(
-            rt, job_id, stage, lambda spec: packaging.encrypt(svc, spec, rendition, report)
+            rt, job_id, stage, lambda spec: packaging.encrypt(svc, spec, chunk, report)
         )
         if done is not None:
-            flow.after_encrypt(rt, job_id, rendition)
+            flow.after_encrypt(rt, job_id, chunk)
 
     @stage_actor(flow.PLAYLIST, Queue.PUBLISH, SHORT_LIMIT_MS)
     def playlist(job_id: str) -> None:

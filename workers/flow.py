@@ -1,16 +1,25 @@
 """The flow: which stage runs after which, and the bookkeeping every stage shares.
 
-    probe ─► segment ×R ─► encrypt ×R ─► playlist (fan-in) ─► [download] ─► upload ─►
-    invalidate ─► done              (download only for a job that asked for one)
+    probe ─► [audio] ─► segment ×C ─► encrypt ×C ─► playlist (fan-in) ─► [download] ─►
+    upload ─► invalidate ─► done
+
+A transcode is cut into C time chunks; each segment message transcodes one chunk for every
+rendition (one decode), and each chunk is encrypted as soon as it is segmented, so the
+playlist waits only for the last chunk. A chunked job with audio first encodes its audio once
+(``audio``: seamless joins, see :mod:`pipeline.audio`). A remux, or a short source, is one
+chunk and has no audio stage.
+A job that asked for a download gets a faststart MP4 of one rendition after the playlist.
 
 Actors call :func:`run_stage` around their domain function and then the ``after_*`` function
-that enqueues what comes next. Messages carry ids only: ``(job_id)`` or ``(job_id, rendition)``.
+that enqueues what comes next. Messages carry ids only: ``(job_id)`` or ``(job_id, chunk)``.
 A job fails through :func:`fail` only, whether a stage found a permanent error, a message was
 delivered too often, or dramatiq ran out of retries (:class:`workers.middleware.JobOutcome`).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -20,8 +29,7 @@ import structlog
 from pipeline.errors import HlsvaultError, PoisonJob, TransientError
 from pipeline.jobs import JobSpec
 from pipeline.logs import redact_text
-from pipeline.packaging import discard_work, replaced_grace
-from pipeline.plan import Rendition
+from pipeline.packaging import JobPlan, discard_work, replaced_grace
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -31,6 +39,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 PROBE = "media.probe"
+AUDIO = "media.audio"
 SEGMENT = "media.segment"
 ENCRYPT = "media.encrypt"
 PLAYLIST = "media.playlist"
@@ -41,21 +50,26 @@ REKEY = "media.rekey"
 SHRED = "media.shred"
 #: Actors whose first argument is a job id; the others (SHRED) work on an asset.
 JOB_ACTORS = frozenset(
-    {PROBE, SEGMENT, ENCRYPT, PLAYLIST, DOWNLOAD, UPLOAD, INVALIDATE, REKEY}
+    {PROBE, AUDIO, SEGMENT, ENCRYPT, PLAYLIST, DOWNLOAD, UPLOAD, INVALIDATE, REKEY}
 )
 
 
-def rendition_stage(stage: str, rendition: str) -> str:
-    """The job-record name of a per-rendition stage: ``segment:720p``."""
-    return f"{stage}:{rendition}"
+def chunk_stage(stage: str, chunk: str) -> str:
+    """The job-record name of a per-chunk stage: ``segment:c003``."""
+    return f"{stage}:{chunk}"
 
 
 def stage_of(actor_name: str, args: Sequence[Any]) -> str:
-    """The job-record stage a message works on: ``segment:720p`` for per-rendition stages."""
+    """The job-record stage a message works on: ``segment:c003`` for per-chunk stages."""
     stage = actor_name.removeprefix("media.")
     if actor_name in (SEGMENT, ENCRYPT) and len(args) > 1:
-        return rendition_stage(stage, str(args[1]))
+        return chunk_stage(stage, str(args[1]))
     return stage
+
+
+def worker_name() -> str:
+    """Which process ran a stage, as the job record keeps it: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def start(rt: Runtime, spec: JobSpec) -> None:
@@ -91,6 +105,8 @@ def run_stage(rt: Runtime, job_id: str, stage: str, work: Callable[[JobSpec], T]
         )
         fail(rt, job_id, stage, reason)
         return None
+    # Which process took it: chunks of one job run on many workers at once.
+    svc.jobs.set_json(job_id, f"{stage}.worker", worker_name())
     started = time.monotonic()
     try:
         result = work(record.spec)
@@ -122,24 +138,39 @@ def progress(rt: Runtime, job_id: str, stage: str) -> Callable[[float], None]:
     return report
 
 
-def after_probe(rt: Runtime, job_id: str, renditions: list[Rendition]) -> None:
-    names = [r.name for r in renditions]
+def after_probe(rt: Runtime, job_id: str, plan: JobPlan) -> None:
     jobs = rt.services.jobs
+    names = [chunk.name for chunk in plan.chunks]
+    jobs.set_json(job_id, "chunk_names", names)
     jobs.set_pending(job_id, "encrypt", len(names))
-    jobs.stage_queued(job_id, *(rendition_stage("segment", n) for n in names))
+    if plan.audio_first:
+        jobs.stage_queued(job_id, "audio")
+        rt.send(AUDIO, job_id)
+    else:
+        send_chunks(rt, job_id, names)
+
+
+def after_audio(rt: Runtime, job_id: str) -> None:
+    send_chunks(rt, job_id, rt.services.jobs.get(job_id).json_field("chunk_names"))
+
+
+def send_chunks(rt: Runtime, job_id: str, names: list[str]) -> None:
+    """Fan out: one segment message per chunk, any segment worker may take any of them."""
+    rt.services.jobs.stage_queued(job_id, *(chunk_stage("segment", n) for n in names))
     for name in names:
         rt.send(SEGMENT, job_id, name)
 
 
-def after_segment(rt: Runtime, job_id: str, rendition: str) -> None:
-    rt.services.jobs.stage_queued(job_id, rendition_stage("encrypt", rendition))
-    rt.send(ENCRYPT, job_id, rendition)
+def after_segment(rt: Runtime, job_id: str, chunk: str) -> None:
+    # Encrypted at once: only the last chunk's encryption is left when the last chunk is cut.
+    rt.services.jobs.stage_queued(job_id, chunk_stage("encrypt", chunk))
+    rt.send(ENCRYPT, job_id, chunk)
 
 
-def after_encrypt(rt: Runtime, job_id: str, rendition: str) -> None:
-    # Fan-in on the record's atomic counter: the last rendition to finish enqueues the
-    # playlist. (A dramatiq group callback would never fire if one child failed for good.)
-    if rt.services.jobs.arrive(job_id, "encrypt", rendition) == 0:
+def after_encrypt(rt: Runtime, job_id: str, chunk: str) -> None:
+    # Fan-in on the record's atomic counter: the last chunk to finish enqueues the playlist.
+    # (A dramatiq group callback would never fire if one child failed for good.)
+    if rt.services.jobs.arrive(job_id, "encrypt", chunk) == 0:
         rt.services.jobs.stage_queued(job_id, "playlist")
         rt.send(PLAYLIST, job_id)
 

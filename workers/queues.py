@@ -10,7 +10,7 @@ class Queue(StrEnum):
     PROBE = "probe"
     #: ffmpeg remux or transcode: CPU-bound, scale with cores.
     SEGMENT = "segment"
-    #: AES over every segment: CPU-bound but fast, one per rendition.
+    #: AES over every segment: CPU-bound but fast, one message per chunk.
     ENCRYPT = "encrypt"
     #: playlists, uploads, invalidation: I/O-bound, many threads per process.
     PUBLISH = "publish"

@@ -30,7 +30,8 @@ from ..errors import BadSpec, NotFound
 from ..plan import LADDERS, check_segment_seconds
 
 STAGES = (
-    "probe", "rekey", "segment", "encrypt", "playlist", "download", "upload", "invalidate",
+    "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "upload",
+    "invalidate",
 )
 TERMINAL = ("succeeded", "failed", "cancelled")
 #: Every status a job has, in the order it passes through them.

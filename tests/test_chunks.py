@@ -1,0 +1,477 @@
+"""Chunked transcoding: a source cut into time chunks joins into one continuous stream per
+rendition (segments, video timestamps, audio samples, a real player), each chunk's ffmpeg
+decodes the source once, and a redelivered chunk rewrites exactly its own segments."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+import m3u8
+import pytest
+from playwright.sync_api import Browser
+
+from pipeline import layout, packaging
+from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.media import probe
+from pipeline.plan import chunks_progress, plan_chunks, plan_renditions
+from pipeline.segment import chunk_args
+from pipeline.services import Services, build_services
+from pipeline.settings import load_settings
+
+from browser import Player, PlayerPageServer
+from fleet import Fleet, RedisServer
+from support import HLSVAULT, ROOT, Hlsvault, free_port, lavfi_clip, wait_for_http
+from test_fleet import submit, wait_for_job
+
+#: The issue's case: a 60 s source in 10 s chunks of 2 s segments (six chunks, five joins).
+SOURCE_S = 60
+CHUNK_S = 10
+SEGMENT_S = 2
+FPS = 30
+SAMPLE_RATE = 48000
+#: lavfi's sine source: what every decoded audio sample should be, up to the codec's error.
+SINE_HZ = 440
+#: No audio gap larger than this at any chunk join (the issue's bound).
+MAX_AUDIO_GAP_S = 0.001
+#: Near a join the decoded wave stays this close to the sine (fraction of its amplitude).
+#: Measured 0.5-0.7 % with audio encoded once per job; 40-200 % with audio encoded per chunk.
+MAX_JOIN_RESIDUAL = 0.05
+#: A ffprobe or ffmpeg over a minute of local HLS.
+DECODE_TIMEOUT_S = 300
+#: How long the fleet test waits to see two chunks running at once.
+STAGE_WAIT_S = 120
+
+
+@pytest.fixture(scope="module")
+def sixty_clip() -> Path:
+    """60 s of 854x480 H.264 + AAC: the default ladder makes 480p and 360p of it."""
+    return lavfi_clip("sixty.mp4", seconds=SOURCE_S, size="854x480")
+
+
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory: pytest.TempPathFactory, sixty_clip: Path) -> Hlsvault:
+    """sixty_clip packaged once in 10 s chunks (embedded), its key server running."""
+    root = tmp_path_factory.mktemp("chunked")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HLSVAULT_", "REDIS_URL"))}
+    env.update(
+        HLSVAULT_DATA_DIR=str(root / "data"), HLSVAULT_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        HLSVAULT_CHUNK_SECONDS=str(CHUNK_S), PYTHONPATH=str(ROOT),
+    )
+    hv = Hlsvault(env=env, data_dir=root / "data", port=port)
+    done = hv.package(str(sixty_clip), "--asset", "sixty", "--segment-seconds", str(SEGMENT_S),
+                      "--json")
+    assert done.returncode == 0, done.stderr
+    return hv
+
+
+@pytest.fixture(scope="module")
+def page_server() -> Iterator[PlayerPageServer]:
+    server = PlayerPageServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(chunked: Hlsvault, page_server: PlayerPageServer) -> Iterator[Hlsvault]:
+    """`hlsvault serve` for the chunked asset, allowing the player page's origin."""
+    chunked.env["HLSVAULT_CORS_ORIGINS"] = page_server.origin
+    log = (chunked.data_dir.parent / "serve.log").open("w")
+    process = subprocess.Popen(
+        [*HLSVAULT, "serve", "--port", str(chunked.port)], env=chunked.env,
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_http(f"{chunked.public_url}/healthz")
+        yield chunked
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body: bytes = response.read()
+        return body.decode()
+
+
+def variants(hv: Hlsvault, asset: str) -> dict[str, str]:
+    """Each rendition's variant playlist URL (with its token), by height."""
+    url = hv.url(asset)
+    master = m3u8.loads(fetch(url), uri=url)
+    return {f"{p.stream_info.resolution[1]}p": p.absolute_uri for p in master.playlists}
+
+
+def decoded_frames(url: str, stream: str) -> list[dict[str, str]]:
+    """ffprobe's decoded frames of one stream (``v`` or ``a``) of ``url``."""
+    done = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", stream, "-show_entries",
+         "frame=pts_time,nb_samples", "-of", "json", url],
+        capture_output=True, timeout=DECODE_TIMEOUT_S, check=True,
+    )
+    frames: list[dict[str, str]] = json.loads(done.stdout)["frames"]
+    return frames
+
+
+def video_steps(url: str) -> tuple[int, list[float]]:
+    """How many video frames decode, and the steps between their timestamps."""
+    times = [float(f["pts_time"]) for f in decoded_frames(url, "v")]
+    return len(times), [b - a for a, b in itertools.pairwise(times)]
+
+
+def audio_gaps(url: str) -> list[tuple[float, float]]:
+    """(time, gap) for each decoded audio frame: where it starts, less where the previous
+    one's samples ended. Positive is a hole, negative an overlap."""
+    frames = [(float(f["pts_time"]), int(f["nb_samples"]) / SAMPLE_RATE)
+              for f in decoded_frames(url, "a")]
+    return [(start, start - (before + length))
+            for (before, length), (start, _) in itertools.pairwise(frames)]
+
+
+def decoded_pcm(url: str) -> array[float]:
+    """The audio of ``url`` decoded to mono float samples, from its first sample on."""
+    done = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", url, "-map", "0:a:0", "-ac", "1",
+         "-f", "f32le", "-"],
+        capture_output=True, timeout=DECODE_TIMEOUT_S, check=True,
+    )
+    samples = array("f")
+    samples.frombytes(done.stdout)
+    return samples
+
+
+def sine_fit(samples: array[float], lo: int, hi: int) -> tuple[float, float]:
+    """Least-squares a, b of ``a sin + b cos`` at SINE_HZ over samples [lo, hi)."""
+    ss = sc = cc = xs = xc = 0.0
+    for i in range(lo, hi):
+        w = 2 * math.pi * SINE_HZ * i / SAMPLE_RATE
+        s, c = math.sin(w), math.cos(w)
+        ss, sc, cc = ss + s * s, sc + s * c, cc + c * c
+        xs, xc = xs + samples[i] * s, xc + samples[i] * c
+    det = ss * cc - sc * sc
+    return (xs * cc - xc * sc) / det, (xc * ss - xs * sc) / det
+
+
+def join_residual(samples: array[float], fit: tuple[float, float], at: int) -> float:
+    """The largest distance of the samples around sample ``at`` from the sine ``fit`` found
+    away from any join, as a fraction of its amplitude: a gap or an overlap of even a few
+    samples shifts the phase after the join and shows here."""
+    a, b = fit
+    worst = max(
+        abs(samples[i] - a * math.sin(2 * math.pi * SINE_HZ * i / SAMPLE_RATE)
+            - b * math.cos(2 * math.pi * SINE_HZ * i / SAMPLE_RATE))
+        for i in range(at - 2400, at + 2400)
+    )
+    return worst / math.hypot(a, b)
+
+
+class TestSixtySecondsInTenSecondChunks:
+    """The issue's case, packaged once (embedded) and checked as a player would see it."""
+
+    def test_the_job_ran_in_six_chunks_after_one_audio_pass(self, chunked: Hlsvault) -> None:
+        [path] = (chunked.data_dir / "jobs").glob("*.json")
+        record = json.loads(path.read_text())
+        chunks = [f"c{index:03d}" for index in range(SOURCE_S // CHUNK_S)]
+        for stage in ["audio", *[f"segment:{c}" for c in chunks],
+                      *[f"encrypt:{c}" for c in chunks]]:
+            assert record.get(f"{stage}.status") == "done", stage
+        assert "segment:c006.status" not in record
+        assert record["status"] == "succeeded"
+
+    def test_every_rendition_is_one_continuous_playlist(
+        self, served: Hlsvault, sixty_clip: Path
+    ) -> None:
+        """Sequence numbers 0..29 in order, one segment name each, no discontinuity, and the
+        durations sum to the source's within one frame."""
+        source = probe(str(sixty_clip))
+        urls = variants(served, "sixty")
+        assert sorted(urls) == ["360p", "480p"]
+        for url in urls.values():
+            text = fetch(url)
+            playlist = m3u8.loads(text, uri=url)
+            assert playlist.media_sequence in (None, 0)
+            assert "DISCONTINUITY" not in text
+            names = [s.uri.split("?")[0].rsplit("/", 1)[-1] for s in playlist.segments]
+            assert names == [f"seg_{n:05d}.ts" for n in range(SOURCE_S // SEGMENT_S)]
+            total = sum(s.duration for s in playlist.segments)
+            assert abs(total - source.duration) <= 1 / FPS + 1e-6, total
+
+    def test_video_timestamps_never_go_back_or_jump(self, served: Hlsvault) -> None:
+        """Every frame decodes, and each is one frame duration after the one before, also
+        across the joins at 10, 20, 30, 40 and 50 s."""
+        for url in variants(served, "sixty").values():
+            count, steps = video_steps(url)
+            assert count == SOURCE_S * FPS
+            assert min(steps) > 0, min(steps)
+            assert max(steps) <= 1 / FPS + 1e-4, max(steps)
+
+    def test_audio_has_no_gap_or_click_at_any_join(self, served: Hlsvault) -> None:
+        """Decoded audio frames follow each other within 1 ms everywhere, and the decoded
+        samples around every join stay on the source's sine (a gap, an overlap or a second
+        encoder's priming would shift or spike it)."""
+        url = variants(served, "sixty")["360p"]
+        gaps = audio_gaps(url)
+        worst = max(gaps, key=lambda g: abs(g[1]))
+        assert abs(worst[1]) <= MAX_AUDIO_GAP_S, worst
+
+        samples = decoded_pcm(url)
+        # where the stream's first sample sits relative to the source is fitted, away from
+        # any join (1.0-1.1 s); the joins are then checked against that one sine
+        fit = sine_fit(samples, SAMPLE_RATE, SAMPLE_RATE + 4800)
+        # the decoder outputs the encoder's 1024 samples of priming first
+        residuals = [
+            join_residual(samples, fit, join * CHUNK_S * SAMPLE_RATE + 1024)
+            for join in range(1, SOURCE_S // CHUNK_S)
+        ]
+        assert max(residuals) <= MAX_JOIN_RESIDUAL, residuals
+
+    def test_hls_js_plays_across_a_join(
+        self, served: Hlsvault, page_server: PlayerPageServer, browser: Browser,
+        request: pytest.FixtureRequest,
+    ) -> None:
+        """hls.js in Chromium plays from the start past the first join (10 s) with no fatal
+        error, no stall and no failed load."""
+        context = browser.new_context(viewport={"width": 660, "height": 520})
+        player = Player(context.new_page())
+        try:
+            player.open(page_server.player_url(served.url("sixty"), rate=2.0))
+            state = player.wait_until_played(CHUNK_S + 3.0, timeout_s=60)
+            assert state.fatal is None, player.describe()
+            assert state.current_time > CHUNK_S + 3.0, player.describe()
+            assert state.failed_loads == [], player.describe()
+            stalls = [e for e in state.errors if "Stall" in e["details"] or "Hole" in e["details"]]
+            assert stalls == [], player.describe()
+        finally:
+            player.save_evidence(request.node.name)
+            context.close()
+
+
+class TestOneDecodePerChunk:
+    def test_the_default_ladder_chunk_command_decodes_the_source_once(
+        self, hd_clip: Path, tmp_path: Path
+    ) -> None:
+        """The command a chunk runs opens the source once and splits its decoded video into
+        one encoder per rendition; run, ffmpeg's own counters show one input decoded once and
+        each rendition encoding every frame of the chunk."""
+        # Given the default ladder of a 720p source (720p, 480p, 360p), in 2 s chunks
+        info = probe(str(hd_clip))
+        renditions = plan_renditions(info, "default", 1.0)
+        chunks = plan_chunks(info.duration, 1.0, 2, copy=False)
+        assert len(renditions) == 3 and len(chunks) == 2
+        chunk = chunks[1]
+
+        # When the command for the second chunk is built
+        args = chunk_args(str(hd_clip), renditions, chunk, tmp_path, 1.0,
+                          has_audio=True, demuxer="mov")
+
+        # Then it opens the source once, splits after one fps filter, and has three outputs
+        inputs = [args[i + 1] for i, arg in enumerate(args) if arg == "-i"]
+        assert inputs == [f"file:{hd_clip}"]
+        graph = args[args.index("-filter_complex") + 1]
+        assert graph.count("split=3") == 1 and graph.count("]fps=") == 1, graph
+        assert graph.count("scale=") == 3, graph
+        assert sum(arg.endswith("plain.m3u8") for arg in args) == 3
+
+        # and, run with decoding statistics, ffmpeg decodes each source frame once
+        for rendition in renditions:
+            (tmp_path / rendition.name).mkdir()
+        verbose = list(args)
+        verbose[verbose.index("-loglevel") + 1] = "verbose"
+        done = subprocess.run(verbose, capture_output=True, timeout=DECODE_TIMEOUT_S, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        chunk_frames = 2 * FPS
+        decoded = [line for line in done.stderr.splitlines() if "frames decoded" in line]
+        assert len([line for line in decoded if "(video)" in line]) == 1, decoded
+        video_decoded = int(next(line for line in decoded if "(video)" in line)
+                            .split("frames decoded")[0].rsplit(";", 1)[-1])
+        # (the accurate seek decodes from the keyframe before the chunk: one source GOP)
+        assert chunk_frames <= video_decoded <= chunk_frames + FPS, decoded
+        lines = done.stdout.splitlines()
+        ends = [i for i, line in enumerate(lines) if line.startswith("progress=")]
+        final = dict(line.split("=", 1) for line in lines[ends[-2] + 1 if len(ends) > 1 else 0:
+                                                           ends[-1]])
+        assert int(final["frame"]) == chunk_frames
+        assert {f"stream_{n}_0_q" for n in range(3)} <= set(final), final
+        assert final["dup_frames"] == "0" and final["drop_frames"] == "0"
+        for rendition in renditions:
+            produced = sorted(p.name for p in (tmp_path / rendition.name).glob("seg_*.ts"))
+            assert produced == ["seg_00002.ts", "seg_00003.ts"], rendition.name
+
+
+@pytest.fixture
+def chunk_services(tmp_path: Path) -> Services:
+    return build_services(load_settings({
+        "HLSVAULT_DATA_DIR": str(tmp_path / "data"), "HLSVAULT_CHUNK_SECONDS": "2",
+    }))
+
+
+def run_stages(svc: Services, spec: JobSpec) -> list[str]:
+    """Probe, audio, then segment and encrypt every chunk, in order; the chunk names."""
+    svc.jobs.create(spec)
+    plan = packaging.probe_source(svc, spec)
+    assert plan.audio_first
+    packaging.encode_audio(svc, spec)
+    for chunk in plan.chunks:
+        packaging.segment(svc, spec, chunk.name)
+        packaging.encrypt(svc, spec, chunk.name)
+    return [chunk.name for chunk in plan.chunks]
+
+
+def work_files(svc: Services, spec: JobSpec) -> dict[str, tuple[int, bytes]]:
+    """Every file of the job in the (local) work store: modification time and bytes."""
+    root = svc.work.local_dir(layout.job_prefix(spec.job_id))
+    assert root is not None
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in root.rglob("*") if p.is_file()}
+
+
+class TestRedeliveredChunk:
+    def test_rewrites_exactly_its_own_segments(
+        self, chunk_services: Services, hd_clip: Path
+    ) -> None:
+        """Given a job whose chunks are all segmented and encrypted, when chunk c001 is
+        delivered again (segment, then encrypt), then its produced.json names a new attempt
+        with the same segment names, its encrypted segments are rewritten, and no file of any
+        other chunk changed."""
+        svc = chunk_services
+        spec = new_job_spec(str(hd_clip), asset="again", segment_seconds=1.0)
+        names = run_stages(svc, spec)
+        assert names == ["c000", "c001"]
+        before = work_files(svc, spec)
+        first = json.loads(svc.work.get_bytes(layout.produced_key(spec.job_id, "c001")))
+
+        packaging.segment(svc, spec, "c001")
+        packaging.encrypt(svc, spec, "c001")
+
+        after = work_files(svc, spec)
+        second = json.loads(svc.work.get_bytes(layout.produced_key(spec.job_id, "c001")))
+        assert second["attempt"] != first["attempt"]
+        assert {n: [s["name"] for s in r["segments"]] for n, r in second["produced"].items()} \
+            == {n: [s["name"] for s in r["segments"]] for n, r in first["produced"].items()}
+        own = {
+            f"enc/{rendition}/{seg['name']}"
+            for rendition, produced in second["produced"].items()
+            for seg in produced["segments"]
+        } | {"plain/c001/produced.json", "sizes/c001.json"}
+        new_attempt = f"plain/c001/{second['attempt']}/"
+        changed = {k for k in after if before.get(k, (None,))[0] != after[k][0]}
+        assert {k for k in changed if not k.startswith(new_attempt)} == own
+        # and the earlier attempt is left as it was (an encrypt may still be reading it)
+        assert all(after[k] == before[k] for k in before if k not in own)
+        # and the joined playlist is as before: same names, same sequence, chunks in order
+        joined = packaging.joined_renditions(svc, spec)
+        for produced, sizes in joined:
+            assert [s.sequence for s in produced.segments] == list(range(4))
+            assert len(sizes) == 4
+
+
+class TestChunkPlan:
+    def test_whole_segments_with_the_remainder_in_the_last_chunk(self) -> None:
+        chunks = plan_chunks(65.0, 2.0, 10, copy=False)
+        assert [(c.start, c.duration, c.first_segment) for c in chunks] == [
+            (0, 10, 0), (10, 10, 5), (20, 10, 10), (30, 10, 15), (40, 10, 20), (50, None, 25)
+        ]
+
+    def test_a_chunk_is_a_whole_number_of_segments(self) -> None:
+        chunks = plan_chunks(60.0, 6.0, 10, copy=False)
+        assert {c.duration for c in chunks[:-1]} == {12.0}
+        assert [c.first_segment for c in chunks] == [0, 2, 4, 6, 8]
+
+    @pytest.mark.parametrize("duration, chunk_seconds, copy", [
+        (119.0, 60, False),  # shorter than two chunks
+        (600.0, 0, False),  # chunking off
+        (600.0, 60, True),  # a remux stays one cheap pass
+    ])
+    def test_one_chunk(self, duration: float, chunk_seconds: int, copy: bool) -> None:
+        [chunk] = plan_chunks(duration, 6.0, chunk_seconds, copy=copy)
+        assert (chunk.start, chunk.duration, chunk.first_segment) == (0, None, 0)
+
+    def test_job_progress_counts_chunks_not_yet_started(self) -> None:
+        """Six planned chunks, two done, one half-way, the rest not yet queued: 2 of 6, 42 %."""
+        stages = [("audio", "done", 1.0), ("segment:c000", "done", 1.0),
+                  ("segment:c001", "done", 1.0), ("segment:c002", "running", 0.5),
+                  ("encrypt:c000", "done", 1.0)]
+        done, fraction = chunks_progress(6, stages)
+        assert done == 2 and abs(fraction - 2.5 / 6) < 1e-9
+
+    def test_chunk_length_is_a_setting_of_a_minute_by_default(self, tmp_path: Path) -> None:
+        data = {"HLSVAULT_DATA_DIR": str(tmp_path)}
+        assert load_settings(data).chunk_seconds == 60
+        assert load_settings({**data, "HLSVAULT_CHUNK_SECONDS": "10"}).chunk_seconds == 10
+
+
+def running_chunks(redis_server: RedisServer, job_id: str) -> dict[str, str]:
+    """The job's chunks being segmented right now, and the worker (``host:pid``) on each."""
+    fields = redis_server.client().hgetall(f"hlsvault:job:{job_id}")
+    return {
+        name.removesuffix(".status"): json.loads(fields.get(f"{name.removesuffix('.status')}"
+                                                            ".worker", "null"))
+        for name, value in fields.items()
+        if name.startswith("segment:c") and name.endswith(".status") and value == "running"
+    }
+
+
+@pytest.mark.slow
+class TestChunksOnTheFleet:
+    def test_two_segment_processes_share_a_job_and_survive_a_kill(
+        self, fleet: Fleet, redis_server: RedisServer, sixty_clip: Path
+    ) -> None:
+        """Two segment processes take chunks of one job at once (the job record names both
+        workers at the same moment); one is killed with SIGKILL mid-chunk, and the job still
+        completes and plays every frame, continuous across the joins."""
+        # Given the fleet with two segment processes, chunks of 10 s
+        fleet.env["HLSVAULT_CHUNK_SECONDS"] = str(CHUNK_S)
+        fleet.start_all()
+        fleet.start("segment")
+        assert len(fleet.processes["segment"]) == 2
+        job_id = submit(fleet, sixty_clip, "fleet-chunks", "--segment-seconds", str(SEGMENT_S))
+
+        # When two chunks are seen running at once, on two workers
+        deadline = time.monotonic() + STAGE_WAIT_S
+        while len(set((together := running_chunks(redis_server, job_id)).values())) < 2:
+            assert time.monotonic() < deadline, fleet.log_text()[-3000:]
+            time.sleep(0.05)
+        victim_chunk, victim = sorted(together.items())[0]
+
+        # and the process running one of them is killed outright
+        victim_pid = int(victim.rsplit(":", 1)[1])
+        group = os.getpgid(victim_pid)
+        [process] = [p for p in fleet.processes["segment"] if p.pid == group]
+        os.killpg(group, signal.SIGKILL)
+        process.wait(timeout=15)
+
+        # Then the job completes on the other one, the killed chunk delivered again
+        record = wait_for_job(fleet, job_id)
+        assert record["status"] == "succeeded", record
+        stages = {s["name"]: s for s in record["stages"]}
+        assert stages[victim_chunk]["attempts"] >= 2
+        assert sorted(n for n in stages if n.startswith("segment:")) == [
+            f"segment:c{index:03d}" for index in range(SOURCE_S // CHUNK_S)
+        ]
+
+        # and every rendition plays every frame, no timestamp going back or jumping
+        url = fleet.cli("url", "fleet-chunks").stdout.strip()
+        master = m3u8.loads(fetch(url), uri=url)
+        assert len(master.playlists) == 2
+        for variant in master.playlists:
+            count, steps = video_steps(variant.absolute_uri)
+            assert count == SOURCE_S * FPS
+            assert min(steps) > 0 and max(steps) <= 1 / FPS + 1e-4
+            worst = max(abs(gap) for _, gap in audio_gaps(variant.absolute_uri))
+            assert worst <= MAX_AUDIO_GAP_S
