@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +18,7 @@ import pytest
 
 from faultproxy import FaultProxy
 from fleet import Fleet, MotoServer, RedisServer, fleet_environment
-from support import HLSVAULT, ROOT, Hlsvault, free_port, lavfi_clip, wait_for_http
+from support import ROOT, Hlsvault, free_port, lavfi_clip, serving
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -61,22 +60,8 @@ def hlsvault(tmp_path: Path) -> Hlsvault:
 @pytest.fixture
 def keyserver(hlsvault: Hlsvault, tmp_path: Path) -> Iterator[Hlsvault]:
     """`hlsvault serve` running for the test's hlsvault; its log is at tmp_path/serve.log."""
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(
-        [*HLSVAULT, "serve", "--port", str(hlsvault.port)], env=hlsvault.env,
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_http(f"{hlsvault.public_url}/healthz")
+    with serving(hlsvault.env, hlsvault.port, tmp_path / "serve.log"):
         yield hlsvault
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 @pytest.fixture(scope="session")

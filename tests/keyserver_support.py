@@ -11,7 +11,6 @@ transport from a chosen client address, lifespan included, as uvicorn would run 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -19,7 +18,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import partial
@@ -40,7 +39,7 @@ from pipeline.settings import Settings, load_settings
 from pipeline.storage import LocalStore
 from pipeline.tokens import mint_token
 
-from support import CLI_TIMEOUT_S, HLSVAULT, ROOT, wait_for_http
+from support import CLI_TIMEOUT_S, HLSVAULT, ROOT
 
 ASSET = "film"
 OTHER = "film-b"
@@ -206,26 +205,6 @@ def shared_library(tmp_path_factory: pytest.TempPathFactory, clip: Path) -> Libr
 @functools.cache  # one entry per session: the base temp directory is the session's own
 def _library_in(session_dir: Path, clip: Path) -> Library:
     return package_library(session_dir / "library" / "data", clip)
-
-
-@contextlib.contextmanager
-def serving(env: dict[str, str], port: int, log: Path) -> Iterator[str]:
-    """`hlsvault serve --port PORT` on ``env``, its output in ``log``; yields its base URL."""
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [*HLSVAULT, "serve", "--port", str(port)], env=env,
-            stdout=output, stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/healthz")
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
 
 
 def wait_for_fresh_window() -> None:

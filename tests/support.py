@@ -7,6 +7,7 @@ so a unit test importing it pulls in nothing heavy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,3 +168,23 @@ def decrypt_bytes(data: bytes, key: bytes, iv: bytes) -> bytes:
     if not 1 <= pad <= 16 or plain[-pad:] != bytes([pad]) * pad:
         raise ValueError("bad PKCS#7 padding")
     return plain[:-pad]
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str], port: int, log: Path) -> Iterator[str]:
+    """`hlsvault serve --port PORT` on ``env``, its output in ``log``; yields its base URL."""
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [*HLSVAULT, "serve", "--port", str(port)], env=env,
+            stdout=output, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/healthz")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)

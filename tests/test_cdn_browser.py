@@ -15,7 +15,7 @@ from pipeline.tokens import mint_token
 
 from browser import Player, PlayerPageServer
 from cdn_support import ASSET, CdnLibrary
-from keyserver_support import serving
+from support import serving
 
 PLAYED_S, RATE, PLAY_TIMEOUT_S, REFUSAL_TIMEOUT_S = 5.0, 2.0, 20.0, 10.0
 

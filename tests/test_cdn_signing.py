@@ -33,8 +33,8 @@ from cdn_support import (
     signing_query,
 )
 from cloudfront import resource_matches
-from keyserver_support import AppClient, serving, uris
-from support import frame_hashes, framemd5
+from keyserver_support import AppClient, uris
+from support import frame_hashes, framemd5, serving
 
 #: The stand-in sees every request from the loopback address.
 LOOPBACK = "127.0.0.1"

@@ -236,6 +236,11 @@ class TestDashboard:
             assert series(before, "hlsvault_queue_dead_letters", queue=queue) == 0
             assert series(before, "hlsvault_queue_oldest_message_age_seconds", queue=queue) == 0
         assert series(before, "hlsvault_jobs", status="succeeded") == 0
+        # (a worker counts once it has sent its first heartbeat, moments after it starts)
+        deadline = time.monotonic() + 30
+        while (series(before, "hlsvault_workers_alive") or 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            before = get(ops + "/metrics")[2]
         assert (series(before, "hlsvault_workers_alive") or 0) >= 1
 
         # When a quick job, a long transcode, a missing source and a job to cancel are submitted

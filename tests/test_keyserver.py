@@ -26,8 +26,8 @@ from pipeline.keys import KeyVault
 from pipeline.settings import decode_master_key
 from pipeline.storage import LocalStore
 
-from keyserver_support import ASSET, OTHER, Library, serving, shared_library, tamper
-from support import Hlsvault, free_port
+from keyserver_support import ASSET, OTHER, Library, shared_library, tamper
+from support import Hlsvault, free_port, serving
 
 TS_PACKET = 188
 TS_SYNC = 0x47
