@@ -3,7 +3,7 @@
 Both publish the same tree, a directory of AES-128 encrypted ``.ts`` segments, to a moto server
 (the real S3 HTTP API, from tests/fleet.py), each round under a fresh prefix:
 
-- hlsvault: ``pipeline.packaging.upload`` itself, the function the `media.upload` actor calls,
+- hlsvault: ``pipeline.publish.upload`` itself, the function the `media.upload` actor calls,
             with the work store a local directory holding the tree and the origin and vault
             stores ``s3://`` on the moto server. It runs in this process on stores opened once,
             as in a worker, which opens them on its first message and keeps them.
@@ -50,7 +50,7 @@ from sample_clip import WORK_DIR, ensure_clip
 
 # The moto server of the test harness is reused as is; tests/ is a folder, not a package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from pipeline import layout, packaging
+from pipeline import layout, publish
 from pipeline.crypto import encrypt_file, iv_for_sequence
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.playlists import AssetVersion, describe_rendition
@@ -228,7 +228,7 @@ class Contenders:
             key_server=self.svc.settings.public_url,
         ))
         started = time.perf_counter()
-        packaging.upload(self.svc, spec)
+        publish.upload(self.svc, spec)
         elapsed = time.perf_counter() - started
         prefix = layout.segment_key(ASSET, spec.version, RENDITION, "")
         self.check(prefix, HLSVAULT)
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
               f"cut from {clip.name}, {total / 1e6:.1f} MB; endpoint: moto server "
               f"(moto {moto_version()}) on 127.0.0.1")
         print(f"awscli: {aws} ({aws_version}), default settings; hlsvault: "
-              f"packaging.upload, UPLOAD_CONCURRENCY {packaging.UPLOAD_CONCURRENCY}")
+              f"publish.upload, UPLOAD_CONCURRENCY {publish.UPLOAD_CONCURRENCY}")
         print(f"{args.rounds} rounds after {args.warmup} warm-up; wall clock in seconds")
         print(f"{'round':<7}" + "".join(f"{c:>12}" for c in CONTENDERS) + "   order")
         seconds: dict[str, list[float]] = {c: [] for c in CONTENDERS}

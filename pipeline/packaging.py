@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from . import layout
 from .audio import WHOLE_PATTERN, ChunkAudio, JobAudio, audio_args, cut_per_chunk
@@ -34,7 +33,7 @@ from .errors import InvalidSource, UnsupportedMedia
 from .jobs import JobSpec
 from .media import MediaInfo, probe
 from .plan import Chunk, Rendition, plan_chunks, plan_renditions
-from .playlists import AssetVersion, describe_rendition, key_index, static_playlists
+from .playlists import AssetVersion, describe_rendition, key_index
 from .segment import (
     DEFAULT_AUDIO_KBPS,
     PROGRESS_INTERVAL_S,
@@ -47,18 +46,9 @@ from .segment import (
 from .services import Services
 from .sources import ffmpeg_target, source_demuxer
 
-SEGMENT_CONTENT_TYPE = "video/mp2t"
-PLAYLIST_CONTENT_TYPE = "application/vnd.apple.mpegurl"
-#: Segment paths are versioned and never rewritten, so caches may keep them for a year.
-IMMUTABLE = "public, max-age=31536000, immutable"
 #: Segments of one rendition encrypted at once. OpenSSL releases the GIL while it encrypts, so
 #: each thread keeps a core busy; capped because renditions are encrypted side by side too.
 ENCRYPT_THREADS = min(os.cpu_count() or 1, 4)
-#: The stable master playlist changes with each publish; edges revalidate it after a minute
-#: even if an invalidation is lost.
-STABLE_PLAYLIST = "public, max-age=60"
-#: Concurrent segment uploads per job: enough to hide S3 latency, few enough not to be throttled.
-UPLOAD_CONCURRENCY = 16
 
 #: No ffmpeg of a stage runs longer: below the segment actor's 12 h time limit, which cannot
 #: interrupt a thread waiting on a process.
@@ -67,11 +57,11 @@ MAX_FFMPEG_S = 11 * 3600.0
 Progress = Callable[[float], None]
 
 
-def _ignore(_: float) -> None:
+def no_progress(_: float) -> None:
     pass
 
 
-def _rate_limited(on_progress: Progress) -> Progress:
+def rate_limited(on_progress: Progress) -> Progress:
     """``on_progress`` called at most every PROGRESS_INTERVAL_S, and always for 1.0: each call
     is a job-record write, and a stage of many small segments would otherwise make hundreds."""
     last = 0.0
@@ -167,7 +157,7 @@ def _work_dir(svc: Services, prefix: str) -> Iterator[tuple[Path, bool]]:
         yield Path(scratch), False
 
 
-def encode_audio(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> int:
+def encode_audio(svc: Services, spec: JobSpec, on_progress: Progress = no_progress) -> int:
     """Encode the source's audio once for the whole job, at every bitrate the ladder uses, and
     cut it into each chunk's share (see :mod:`pipeline.audio`); returns the pieces written."""
     info = _media(svc, spec)
@@ -227,7 +217,9 @@ def _chunk_audio(
     return pieces
 
 
-def segment(svc: Services, spec: JobSpec, chunk_name: str, on_progress: Progress = _ignore) -> int:
+def segment(
+    svc: Services, spec: JobSpec, chunk_name: str, on_progress: Progress = no_progress
+) -> int:
     """Cut one chunk of every rendition into plain segments with one ffmpeg; returns how many
     segments were produced."""
     renditions = _job_renditions(svc, spec)
@@ -276,11 +268,11 @@ def _produced(
     }
 
 
-def encrypt(svc: Services, spec: JobSpec, chunk: str, on_progress: Progress = _ignore) -> int:
+def encrypt(svc: Services, spec: JobSpec, chunk: str, on_progress: Progress = no_progress) -> int:
     """Encrypt one chunk's segments of every rendition with the version's keys; returns bytes
     written."""
     attempt_prefix, produced = _produced(svc, spec, chunk)
-    report = _rate_limited(on_progress)
+    report = rate_limited(on_progress)
     work = [(name, seg) for name, rendition in produced.items() for seg in rendition.segments]
     # Every key the chunk needs, fetched or created before any thread starts, one at a time
     # (chunks encrypted at once on other machines race for a key: the vault keeps one).
@@ -388,68 +380,3 @@ def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
     )
     svc.catalog.put_version(described)
     return described
-
-
-def upload(svc: Services, spec: JobSpec, on_progress: Progress = _ignore) -> dict[str, Any]:
-    """Publish: segments to the origin first, then the catalog pointer, so that no player is
-    ever handed a playlist naming a segment that is not there yet."""
-    described = svc.catalog.get_version(spec.asset, spec.version)
-    report = _rate_limited(on_progress)
-    items = [
-        (rendition.name, seg.name)
-        for rendition in described.renditions
-        for seg in rendition.segments
-    ]
-    done = 0
-
-    def put(item: tuple[str, str]) -> None:
-        rendition, name = item
-        key = layout.segment_key(spec.asset, spec.version, rendition, name)
-        work_key = layout.encrypted_key(spec.job_id, rendition, name)
-        headers = {"content_type": SEGMENT_CONTENT_TYPE, "cache_control": IMMUTABLE}
-        if svc.origin.copy_from(svc.work, work_key, key, **headers):
-            return
-        with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
-            local = Path(scratch) / name
-            svc.work.get_file(work_key, local)
-            svc.origin.put_file(key, local, **headers)
-
-    with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY) as pool:
-        for _ in pool.map(put, items):
-            done += 1
-            report(done / len(items))
-    # Cookie mode's static playlists: the versioned variants, then the stable master.
-    for key, text in static_playlists(described).items():
-        svc.origin.put_bytes(
-            key, text.encode(), content_type=PLAYLIST_CONTENT_TYPE,
-            cache_control=STABLE_PLAYLIST if layout.is_stable_key(key) else IMMUTABLE,
-        )
-    previous = svc.catalog.current_version(spec.asset)
-    # Remembered before the flip, so that a retry after it still knows what it replaced.
-    if previous is not None and previous != spec.version:
-        svc.jobs.set_json(spec.job_id, "replaced", previous)
-    replaced = svc.catalog.publish(
-        spec.asset, spec.version, job_id=spec.job_id, started_at=spec.created_at,
-        grace_s=replaced_grace(spec),
-        # A re-key publishes over the version it re-keyed, or not at all.
-        expected_previous=(spec.previous_version, spec.version) if spec.kind == "rekey" else None,
-    )
-    if replaced is not None and replaced != previous:
-        svc.jobs.set_json(spec.job_id, "replaced", replaced)  # a racing publish came between
-    return {
-        "asset": spec.asset,
-        "version": spec.version,
-        "renditions": [r.name for r in described.renditions],
-        "segments": len(items),
-    }
-
-
-def replaced_grace(spec: JobSpec) -> float:
-    """How long the version a job replaces keeps its keys: what a re-key asked for, an hour
-    for a re-package (players mid-film finish)."""
-    return spec.grace_s if spec.kind == "rekey" else layout.DEFAULT_GRACE_S
-
-
-def discard_work(svc: Services, job_id: str) -> None:
-    """Remove a job's scratch files; the job's outcome no longer needs them."""
-    svc.work.delete_prefix(layout.job_prefix(job_id))

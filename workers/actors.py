@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import dramatiq
 
-from pipeline import cdn, downloads, lifecycle, packaging
+from pipeline import cdn, downloads, lifecycle, packaging, publish
 
 from . import flow
 from .queues import Queue
@@ -106,7 +106,7 @@ def declare(rt: Runtime) -> None:
     def upload(job_id: str) -> None:
         report = flow.progress(rt, job_id, "upload")
         published = flow.run_stage(
-            rt, job_id, "upload", lambda spec: packaging.upload(svc, spec, report)
+            rt, job_id, "upload", lambda spec: publish.upload(svc, spec, report)
         )
         if published is not None:
             flow.after_upload(rt, job_id, published)

@@ -29,7 +29,8 @@ import structlog
 from pipeline.errors import HlsvaultError, PoisonJob, TransientError
 from pipeline.jobs import JobSpec
 from pipeline.logs import redact_text
-from pipeline.packaging import JobPlan, discard_work, replaced_grace
+from pipeline.packaging import JobPlan
+from pipeline.publish import discard_work, replaced_grace
 
 if TYPE_CHECKING:
     from .runtime import Runtime

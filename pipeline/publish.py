@@ -1,0 +1,95 @@
+"""Publishing: a packaged version onto the CDN origin, then the flip that makes it current.
+
+Segments go first, then cookie mode's static playlists, then the asset's state document in one
+conditional write (:meth:`pipeline.catalog.Catalog.publish`): no player is ever handed a
+playlist that names a segment not there yet. When the job ends, however it ends, its scratch
+in the work store is discarded.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from . import layout
+from .jobs import JobSpec
+from .packaging import Progress, no_progress, rate_limited
+from .playlists import static_playlists
+from .services import Services
+
+SEGMENT_CONTENT_TYPE = "video/mp2t"
+PLAYLIST_CONTENT_TYPE = "application/vnd.apple.mpegurl"
+#: Segment paths are versioned and never rewritten, so caches may keep them for a year.
+IMMUTABLE = "public, max-age=31536000, immutable"
+#: The stable master playlist changes with each publish; edges revalidate it after a minute
+#: even if an invalidation is lost.
+STABLE_PLAYLIST = "public, max-age=60"
+#: Concurrent segment uploads per job: enough to hide S3 latency, few enough not to be throttled.
+UPLOAD_CONCURRENCY = 16
+
+
+def upload(svc: Services, spec: JobSpec, on_progress: Progress = no_progress) -> dict[str, Any]:
+    """Publish: segments to the origin first, then the catalog pointer, so that no player is
+    ever handed a playlist naming a segment that is not there yet."""
+    described = svc.catalog.get_version(spec.asset, spec.version)
+    report = rate_limited(on_progress)
+    items = [
+        (rendition.name, seg.name)
+        for rendition in described.renditions
+        for seg in rendition.segments
+    ]
+    done = 0
+
+    def put(item: tuple[str, str]) -> None:
+        rendition, name = item
+        key = layout.segment_key(spec.asset, spec.version, rendition, name)
+        work_key = layout.encrypted_key(spec.job_id, rendition, name)
+        headers = {"content_type": SEGMENT_CONTENT_TYPE, "cache_control": IMMUTABLE}
+        if svc.origin.copy_from(svc.work, work_key, key, **headers):
+            return
+        with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
+            local = Path(scratch) / name
+            svc.work.get_file(work_key, local)
+            svc.origin.put_file(key, local, **headers)
+
+    with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY) as pool:
+        for _ in pool.map(put, items):
+            done += 1
+            report(done / len(items))
+    # Cookie mode's static playlists: the versioned variants, then the stable master.
+    for key, text in static_playlists(described).items():
+        svc.origin.put_bytes(
+            key, text.encode(), content_type=PLAYLIST_CONTENT_TYPE,
+            cache_control=STABLE_PLAYLIST if layout.is_stable_key(key) else IMMUTABLE,
+        )
+    previous = svc.catalog.current_version(spec.asset)
+    # Remembered before the flip, so that a retry after it still knows what it replaced.
+    if previous is not None and previous != spec.version:
+        svc.jobs.set_json(spec.job_id, "replaced", previous)
+    replaced = svc.catalog.publish(
+        spec.asset, spec.version, job_id=spec.job_id, started_at=spec.created_at,
+        grace_s=replaced_grace(spec),
+        # A re-key publishes over the version it re-keyed, or not at all.
+        expected_previous=(spec.previous_version, spec.version) if spec.kind == "rekey" else None,
+    )
+    if replaced is not None and replaced != previous:
+        svc.jobs.set_json(spec.job_id, "replaced", replaced)  # a racing publish came between
+    return {
+        "asset": spec.asset,
+        "version": spec.version,
+        "renditions": [r.name for r in described.renditions],
+        "segments": len(items),
+    }
+
+
+def replaced_grace(spec: JobSpec) -> float:
+    """How long the version a job replaces keeps its keys: what a re-key asked for, an hour
+    for a re-package (players mid-film finish)."""
+    return spec.grace_s if spec.kind == "rekey" else layout.DEFAULT_GRACE_S
+
+
+def discard_work(svc: Services, job_id: str) -> None:
+    """Remove a job's scratch files; the job's outcome no longer needs them."""
+    svc.work.delete_prefix(layout.job_prefix(job_id))
