@@ -69,6 +69,7 @@ from pipeline.storage import LocalStore, Store, open_store
 from pipeline.tokens import SID_HEADER, verifier_for
 
 from .downloads import DownloadLinks, EmbeddedDownloads, static_files
+from .exports import Exports
 from .ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from .responses import PLAYLIST_TYPE, error
 from .server import KeyServer
@@ -171,13 +172,14 @@ def create_app(
         signer=signer,
         links=links,
     )
+    exports = Exports(server)
     routes: list[Route | Mount] = [
         Route("/healthz", server.healthz),
         Route(layout.MASTER_ROUTE, server.master),
         Route(layout.VARIANT_ROUTE, server.variant),
         Route(layout.KEY_ROUTE, server.key),
-        Route(layout.DOWNLOAD_ROUTE, server.download),
-        Route(layout.OFFLINE_ROUTE, server.offline),
+        Route(layout.DOWNLOAD_ROUTE, exports.download),
+        Route(layout.OFFLINE_ROUTE, exports.offline),
     ]
     if settings.embedded and isinstance(origin, LocalStore):
         mimetypes.add_type("video/mp2t", ".ts")

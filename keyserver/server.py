@@ -18,10 +18,9 @@ from pipeline import layout
 from pipeline.catalog import AssetState
 from pipeline.cdnsign import CdnSigner
 from pipeline.cdnsign import describe as describe_signing
-from pipeline.errors import HlsvaultError, Refused
+from pipeline.errors import Refused
 from pipeline.http import status_for
 from pipeline.keys import KeyUnwrapError
-from pipeline.offline import key_indices, offline_bundle
 from pipeline.playlists import (
     AssetVersion,
     PublishedSegment,
@@ -34,7 +33,7 @@ from pipeline.storage import ObjectNotFound
 from pipeline.tokens import TokenClaims, TokenVerifier
 
 from .credentials import COOKIE_NAME, client_ip, ip_bucket, request_sid, request_token, token_bucket
-from .downloads import DownloadLinks, download_expiry
+from .downloads import DownloadLinks
 from .ratelimit import RateLimiter
 from .responses import NO_STORE, error, playlist
 from .state import STALE, VaultView
@@ -346,70 +345,6 @@ class KeyServer:
             await self._audit(asset, None, claims.sid, ip, outcome, kind=kind)
             return published
         return claims, published[1]
-
-    async def download(self, request: Request) -> Response:
-        """302 to a short-lived signed URL of the current version's MP4."""
-        asset = request.path_params["asset"]
-        entitled = await self._entitled(request, asset, "download")
-        if isinstance(entitled, Response):
-            return entitled
-        claims, described = entitled
-        ip = client_ip(request)
-        if described.download is None:
-            await self._audit(asset, described.version, claims.sid, ip, "no download",
-                              kind="download")
-            return error(404, "this asset's current version has no download; package it with "
-                              "--download")
-        try:
-            url = self.links.url(
-                asset, described.version, described.download.key,
-                expires_at=download_expiry(claims.expires_at),
-            )
-        except HlsvaultError as refused:
-            await self._audit(asset, described.version, claims.sid, ip, "unavailable",
-                              kind="download")
-            return error(status_for(refused), str(refused))
-        await self._audit(asset, described.version, claims.sid, ip, "redirected", kind="download")
-        return Response(status_code=302, headers={**NO_STORE, "Location": url})
-
-    async def offline(self, request: Request) -> Response:
-        """The current version's playlists and keys, for an offline token only."""
-        asset = request.path_params["asset"]
-        entitled = await self._entitled(request, asset, "offline")
-        if isinstance(entitled, Response):
-            return entitled
-        claims, described = entitled
-        ip = client_ip(request)
-        if not claims.offline:
-            await self._audit(asset, described.version, claims.sid, ip, "denied 403",
-                              kind="offline")
-            return error(403, "not an offline token: mint one with the claim offline: true")
-        version = described.version
-        try:
-            keys = {
-                index: await run_in_threadpool(self.view.key, asset, version, index)
-                for index in key_indices(described)
-            }
-        except ObjectNotFound:
-            await self._audit(asset, version, claims.sid, ip, "unknown key", kind="offline")
-            return error(404, "unknown key")
-        except KeyUnwrapError:
-            log.error("wrapped key does not authenticate", asset=asset, key_id=version)
-            return error(500, "key unavailable")
-        cdn = self.settings.cdn_url
-        queries = {
-            r.name: self._segment_query(asset, version, r.name, claims)
-            for r in described.renditions
-        }
-
-        def segment_uri(rendition: RenditionEntry, segment: PublishedSegment) -> str:
-            key = layout.segment_key(asset, version, rendition.name, segment.name)
-            return layout.cdn_url(cdn, key) + queries[rendition.name]
-
-        bundle = offline_bundle(described, keys, segment_uri=segment_uri,
-                                expires_at=claims.expires_at)
-        await self._audit(asset, version, claims.sid, ip, "served", kind="offline")
-        return JSONResponse(bundle, headers=NO_STORE)
 
     async def _key_response(
         self, state: AssetState | None, asset: str, version: str, index: int
