@@ -5,11 +5,12 @@ the stand-in), S3 presigned GET, or the embedded server's own signature."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 import pytest
@@ -217,6 +218,23 @@ class TestEmbeddedDownloads:
             # the static /cdn/ mount never serves downloads/, whatever the spelling
             for spelled in (path.replace("/cdn/", "/cdn//"), path.replace("/cdn/", "/cdn/./")):
                 assert client.get(spelled).status_code in (403, 404), spelled
+
+    @pytest.mark.parametrize(
+        "expires", ["abc", "\u0661\u0662\u0663", "9" * 400, "-5", ""],
+        ids=["letters", "arabic-digits", "400-digits", "negative", "empty"],
+    )
+    def test_a_garbage_expiry_on_the_signed_link_is_403(
+        self, embedded: dict[str, str], expires: str
+    ) -> None:
+        """The embedded server's own signed link with an expiry that is no time at all is
+        refused like a wrong signature (403, JSON), never a 500."""
+        with self._client(embedded) as client:
+            location = client.get(
+                layout.download_url("", "dl", f"?token={self._token(embedded)}")
+            ).headers["location"]
+            spoiled = re.sub(r"expires=\d+", f"expires={quote(expires)}", location)
+            assert spoiled != location
+            assert_json_error(client.get(spoiled), 403)
 
     def test_a_version_without_a_download_is_404(self, embedded: dict[str, str]) -> None:
         with self._client(embedded) as client:

@@ -137,3 +137,29 @@ class TestOfflineLifetimes:
                            algorithm="HS256")
         with pytest.raises(Exception, match="offline is not true or false"):
             verifier.verify(token, asset="a")
+
+
+class TestGarbageRequests:
+    @pytest.mark.parametrize(
+        ("path", "status"),
+        [
+            (layout.offline_url("", "a" * 300, "?token=x"), 400),
+            (layout.offline_url("", "..%2Fetc", "?token=x"), 404),  # no such route
+            (layout.download_url("", "a" * 300, "?token=x"), 400),
+            (layout.offline_url("", ASSET, "?token=" + "e" * 5000), 401),
+            (layout.download_url("", ASSET, "?token=" + "e" * 5000), 401),
+            (layout.offline_url("", ASSET, "?token=eyJ.eyJ.%FF%FE"), 401),
+            (layout.download_url("", ASSET, ""), 401),
+        ],
+        ids=["long-asset", "traversal", "download-long-asset", "huge-token",
+             "download-huge-token", "binary-token", "no-token"],
+    )
+    def test_garbage_gets_a_json_refusal_never_a_500(
+        self, library: Library, path: str, status: int
+    ) -> None:
+        """The offline and download routes refuse malformed ids and tokens with the key
+        route's status codes, as JSON with no-store."""
+        with AppClient(library.app(), client_ip=VIEWER_IP) as client:
+            response = client.get(path)
+        assert_json_error(response, status)
+        assert response.headers["cache-control"] == "no-store"
