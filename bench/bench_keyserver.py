@@ -325,16 +325,17 @@ def package_clip(env: dict[str, str]) -> None:
     )
 
 
-def start_hlsvault(port: int) -> tuple[subprocess.Popen[bytes], str, Path]:
-    env = hlsvault_env(port)
-    package_clip(env)
-    log_path = SCRATCH / "keyserver.log"
+def serve_variant(
+    env: dict[str, str], port: int, log_path: Path, what: str
+) -> tuple[subprocess.Popen[bytes], str, int, bytes]:
+    """`hlsvault serve` on ``env``'s data dir, logging to ``log_path``; the process, the URL of
+    the packaged asset's first variant playlist, and that playlist as fetched."""
     log = log_path.open("wb")
     process = subprocess.Popen(
         [HLSVAULT, "serve", "--port", str(port)],
         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
     )
-    wait_for(f"http://127.0.0.1:{port}/healthz", process, "hlsvault serve")
+    wait_for(f"http://127.0.0.1:{port}/healthz", process, what)
     master_url = subprocess.run(
         [HLSVAULT, "url", ASSET, "--ttl", "3600"],
         env=env, capture_output=True, text=True, check=True, timeout=60,
@@ -342,8 +343,16 @@ def start_hlsvault(port: int) -> tuple[subprocess.Popen[bytes], str, Path]:
     status, master = fetch(master_url)
     variants = [line for line in master.decode().splitlines() if line and line[0] != "#"]
     if status != 200 or not variants:
-        raise BenchFailed(f"master playlist: {status}, no variant")
+        raise BenchFailed(f"master playlist ({what}): {status}, no variant")
     status, variant = fetch(variants[0])
+    return process, variants[0], status, variant
+
+
+def start_hlsvault(port: int) -> tuple[subprocess.Popen[bytes], str, Path]:
+    env = hlsvault_env(port)
+    package_clip(env)
+    log_path = SCRATCH / "keyserver.log"
+    process, _, status, variant = serve_variant(env, port, log_path, "hlsvault serve")
     key_uri = re.search(r'#EXT-X-KEY:METHOD=AES-128,URI="([^"]+)"', variant.decode())
     if status != 200 or key_uri is None:
         raise BenchFailed(f"variant playlist: {status}, no EXT-X-KEY URI")
@@ -381,26 +390,14 @@ def start_variant_server(env: dict[str, str], port: int, name: str) -> tuple[
     subprocess.Popen[bytes], str
 ]:
     """`hlsvault serve` on the packaged data dir; the URL of its variant playlist."""
-    log = (SCRATCH / f"variant-{name}.log").open("wb")
-    process = subprocess.Popen(
-        [HLSVAULT, "serve", "--port", str(port)],
-        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    process, variant_url, status, variant = serve_variant(
+        env, port, SCRATCH / f"variant-{name}.log", f"hlsvault serve ({name})"
     )
-    wait_for(f"http://127.0.0.1:{port}/healthz", process, f"hlsvault serve ({name})")
-    master_url = subprocess.run(
-        [HLSVAULT, "url", ASSET, "--ttl", "3600"],
-        env=env, capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.strip()
-    status, master = fetch(master_url)
-    variants = [line for line in master.decode().splitlines() if line and line[0] != "#"]
-    if status != 200 or not variants:
-        raise BenchFailed(f"master playlist ({name}): {status}, no variant")
-    status, variant = fetch(variants[0])
     segments = [line for line in variant.decode().splitlines() if line and line[0] != "#"]
     signed = all("Signature=" in line for line in segments)
     if status != 200 or not segments or signed != (name == "signed"):
         raise BenchFailed(f"variant playlist ({name}): {status}, segments signed: {signed}")
-    return process, variants[0]
+    return process, variant_url
 
 
 def uncached_signature_ms(env: dict[str, str], count: int = 200) -> float:

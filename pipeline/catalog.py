@@ -116,10 +116,6 @@ class Catalog:
                     return found[:limit]
         return found
 
-    def versions(self, asset: str) -> list[str]:
-        keys = self.store.list(layout.versions_prefix(asset))
-        return [key.rsplit("/", 1)[-1].removesuffix(".json") for key in keys]
-
     def _revoked_at(self, asset: str) -> float | None:
         try:
             return float(json.loads(self.store.get_bytes(layout.revoked_key(asset)))["at"])

@@ -23,6 +23,7 @@ from support import ROOT, Hlsvault, free_port, lavfi_clip, serving
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
+    from browser import Player, PlayerPageServer
     from cdn_support import CdnLibrary
 
 
@@ -137,6 +138,31 @@ def browser() -> Iterator[Browser]:
         launched = launch_chromium(playwright)
         yield launched
         launched.close()
+
+
+@pytest.fixture(scope="session")
+def page_server() -> Iterator[PlayerPageServer]:
+    """The player page (hls.js) on an origin of its own, for every browser test."""
+    from browser import PlayerPageServer
+
+    server = PlayerPageServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def player(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Player]:
+    """A tab of its own (fresh cookies); its screenshot is saved whether the test passed or not."""
+    from browser import Player
+
+    context = browser.new_context(viewport={"width": 660, "height": 520})
+    opened = Player(context.new_page())
+    try:
+        yield opened
+    finally:
+        opened.save_evidence(request.node.name)
+        context.close()
 
 
 #: Fixtures that mean a test runs the real thing end to end (the CLI packaging clips, a

@@ -8,13 +8,12 @@ A screenshot and the page's record of each test are left under test-artifacts/br
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
 import pytest
-from playwright.sync_api import Browser
 
 from browser import Player, PlayerPageServer, PlayerState
 from support import Hlsvault
@@ -37,26 +36,6 @@ REFUSAL_TIMEOUT_S = 10.0
 REFUSED_WATCH_MS = 500
 #: copy_clip is 640x360.
 CLIP_WIDTH, CLIP_HEIGHT = 640, 360
-
-
-@pytest.fixture(scope="session")
-def page_server() -> Iterator[PlayerPageServer]:
-    server = PlayerPageServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def player(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Player]:
-    """A tab of its own (fresh cookies); its screenshot is saved whether the test passed or not."""
-    context = browser.new_context(viewport={"width": 660, "height": 520})
-    opened = Player(context.new_page())
-    try:
-        yield opened
-    finally:
-        opened.save_evidence(request.node.name)
-        context.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser
 
 from pipeline import layout
 from pipeline.tokens import mint_token
@@ -18,25 +17,6 @@ from cdn_support import ASSET, CdnLibrary
 from support import serving
 
 PLAYED_S, RATE, PLAY_TIMEOUT_S, REFUSAL_TIMEOUT_S = 5.0, 2.0, 20.0, 10.0
-
-
-@pytest.fixture
-def page_server() -> Iterator[PlayerPageServer]:
-    server = PlayerPageServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def player(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Player]:
-    context = browser.new_context(viewport={"width": 660, "height": 520})
-    opened = Player(context.new_page())
-    try:
-        yield opened
-    finally:
-        opened.save_evidence(request.node.name)
-        context.close()
 
 
 @pytest.fixture

@@ -76,14 +76,6 @@ def chunked(tmp_path_factory: pytest.TempPathFactory, sixty_clip: Path) -> Hlsva
 
 
 @pytest.fixture(scope="module")
-def page_server() -> Iterator[PlayerPageServer]:
-    server = PlayerPageServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def served(chunked: Hlsvault, page_server: PlayerPageServer) -> Iterator[Hlsvault]:
     """`hlsvault serve` for the chunked asset, allowing the player page's origin."""
     chunked.env["HLSVAULT_CORS_ORIGINS"] = page_server.origin

@@ -208,11 +208,10 @@ def after_invalidate(rt: Runtime, job_id: str, outcome: dict[str, Any]) -> None:
         svc.jobs.stage_finished(
             job_id, "invalidate", status=outcome["status"], detail=outcome["reason"]
         )
+    record = svc.jobs.get(job_id)
     if outcome["status"] == "failed":
-        record = svc.jobs.get(job_id)
         warning = f"published, but the CDN invalidation failed: {outcome['reason']}"
         svc.jobs.set_json(job_id, "warnings", [*(record.json_field("warnings") or []), warning])
-    record = svc.jobs.get(job_id)
     spec = record.spec
     result = dict(record.json_field("published") or {})
     result["invalidation"] = outcome
