@@ -28,6 +28,7 @@ import redis
 from pipeline import layout
 from pipeline.jobs import STATUSES, JobRecord
 from pipeline.parked import ParkedStats
+from workers.flow import chunk_stage
 from workers.queues import Queue
 
 NAMESPACE = layout.BROKER_NAMESPACE
@@ -128,13 +129,23 @@ def key_request_counts(client: redis.Redis) -> dict[str, int]:
 
 
 def job_progress(record: JobRecord) -> float:
-    """The job's progress, 0..1: the mean of its stages' (done stages count whole)."""
+    """The job's progress, 0..1: the mean over every stage it will run (done stages count
+    whole, stages not yet queued count 0). Once the probe has planned the chunks, the count of
+    stages is known, so the figure never jumps back when the chunks' stages are queued."""
     if record.status == "succeeded":
         return 1.0
-    if not record.stages:
-        return 0.0
-    parts = [1.0 if s.status == "done" else min(1.0, s.progress) for s in record.stages]
-    return sum(parts) / len(parts)
+    parts = {s.name: 1.0 if s.status in ("done", "skipped") else min(1.0, s.progress)
+             for s in record.stages}
+    chunks = record.json_field("chunk_names")
+    if not chunks:
+        return sum(parts.values()) / len(parts) if parts else 0.0
+    planned = ["probe", "playlist", "upload", "invalidate"]
+    planned += [chunk_stage(stage, chunk) for stage in ("segment", "encrypt") for chunk in chunks]
+    if record.json_field("audio_bitrates"):
+        planned.append("audio")
+    if record.spec.download is not None:
+        planned.append("download")
+    return sum(parts.get(name, 0.0) for name in planned) / len(planned)
 
 
 def throughput_buckets(now: float) -> list[tuple[float, float]]:

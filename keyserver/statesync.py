@@ -77,7 +77,7 @@ class StateListener:
             await self._receive(pubsub)
         finally:
             self.subscribed = False
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # untyped before redis-py 8
             await client.aclose()
 
     async def _receive(self, pubsub: redis.asyncio.client.PubSub) -> None:

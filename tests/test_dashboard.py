@@ -3,6 +3,7 @@ redaction for every view, and the security headers on every response."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from starlette.testclient import TestClient
 from dashboard.app import create_app
 from dashboard.assets import HLS_JS
 from dashboard.auth import CsrfTokens
-from pipeline.jobs import new_job_spec
+from dashboard.metrics import job_progress
+from pipeline.jobs import JobRecord, new_job_spec
 from pipeline.services import build_services
 from pipeline.settings import load_settings
 
@@ -314,3 +316,41 @@ def test_a_get_of_the_webhook_is_a_json_405(local_ops: LocalOps) -> None:
     assert answer.status_code == 405
     assert answer.json() == {"error": "Method Not Allowed"}
     assert answer.headers["allow"] == "POST" and answer.headers["cache-control"] == "no-store"
+
+
+class TestJobProgress:
+    """The dashboard's job progress counts every stage the job will run, so it only grows."""
+
+    @staticmethod
+    def record(stages: dict[str, tuple[str, float]], **fields: object) -> JobRecord:
+        spec = new_job_spec("talk.mp4")
+        raw = {"spec": json.dumps(spec.to_dict()), "status": "running"}
+        raw.update({name: json.dumps(value) for name, value in fields.items()})
+        for name, (status, progress) in stages.items():
+            raw[f"{name}.status"] = status
+            raw[f"{name}.progress"] = str(progress)
+        return JobRecord.from_fields(raw)
+
+    def test_queuing_the_chunks_does_not_move_it_back(self) -> None:
+        """Probed with four chunks planned: queuing the four segment stages leaves the figure
+        as it was (the old mean of present stages fell from 1.0 to 0.2)."""
+        planned = {"chunk_names": ["c000", "c001", "c002", "c003"], "audio_bitrates": []}
+        probed = self.record({"probe": ("done", 1.0)}, **planned)
+        queued = self.record(
+            {"probe": ("done", 1.0), **{f"segment:c00{i}": ("queued", 0.0) for i in range(4)}},
+            **planned,
+        )
+        assert job_progress(probed) == job_progress(queued) == 1 / 12
+
+    def test_half_the_chunks_segmented_is_a_share_of_the_whole_job(self) -> None:
+        planned = {"chunk_names": ["c000", "c001"], "audio_bitrates": [128]}
+        record = self.record(
+            {"probe": ("done", 1.0), "audio": ("done", 1.0), "segment:c000": ("done", 1.0),
+             "segment:c001": ("running", 0.5), "encrypt:c000": ("running", 0.5)},
+            **planned,
+        )
+        # probe, audio, segment ×2, encrypt ×2, playlist, upload, invalidate: 9 stages
+        assert job_progress(record) == pytest.approx(4.0 / 9)
+
+    def test_before_the_probe_plans_chunks_it_is_the_mean_of_present_stages(self) -> None:
+        assert job_progress(self.record({"probe": ("running", 0.5)})) == 0.5
