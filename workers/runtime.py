@@ -50,15 +50,16 @@ class Runtime:
 
 
 def build_broker(settings: Settings) -> dramatiq.Broker:
-    """Dramatiq's Redis broker when ``REDIS_URL`` is set, else its in-memory broker."""
+    """The Redis broker whose idle consumers wake when a message arrives
+    (:mod:`workers.broker`) when ``REDIS_URL`` is set, else dramatiq's in-memory broker."""
     if settings.redis_url is None:
         return StubBroker()
-    from dramatiq.brokers.redis import RedisBroker
-
     from pipeline.redisconn import connect
 
+    from .broker import WakingRedisBroker
+
     # dramatiq's RedisBroker constructor carries no annotations.
-    broker: dramatiq.Broker = RedisBroker(  # type: ignore[no-untyped-call]
+    broker: dramatiq.Broker = WakingRedisBroker(  # type: ignore[no-untyped-call]
         client=connect(settings.redis_url, decode_responses=False),
         namespace=layout.BROKER_NAMESPACE,
         heartbeat_timeout=settings.heartbeat_timeout_ms,
