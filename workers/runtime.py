@@ -68,13 +68,16 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     return broker
 
 
-def build_runtime(settings: Settings, *, services: Services | None = None) -> Runtime:
-    """A runtime of its own: a new broker with the actors declared on it. Touches no global
-    state, so tests may build several; processes call :func:`install`."""
+def build_runtime(
+    settings: Settings, *, services: Services | None = None, broker: dramatiq.Broker | None = None
+) -> Runtime:
+    """A runtime of its own: a new broker (``broker``, else :func:`build_broker`'s) with the
+    actors declared on it. Touches no global state, so tests may build several; processes call
+    :func:`install`."""
     from . import actors
     from .middleware import JobOutcome, LogContext
 
-    broker = build_broker(settings)
+    broker = broker if broker is not None else build_broker(settings)
     runtime = Runtime(settings, broker, services or build_services(settings))
     broker.add_middleware(LogContext())
     # emit_after runs middleware in reverse: placed before Retries, JobOutcome sees the
