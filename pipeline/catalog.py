@@ -157,6 +157,7 @@ class Catalog:
     def publish(
         self, asset: str, version: str, *, job_id: str, started_at: float, grace_s: float,
         expected_previous: tuple[str | None, ...] | None = None,
+        on_replacing: Callable[[str], None] | None = None,
     ) -> str | None:
         """Make ``version`` the one players get, and retire the version it replaces (its keys
         served ``grace_s`` longer), in one conditional write: a reader sees the old state or
@@ -167,6 +168,9 @@ class Catalog:
         revocation is not undone by work that was already in flight. With
         ``expected_previous``, the publish is refused (:class:`~pipeline.errors.Conflict`)
         unless the current version is one of those (a re-key publishes over what it re-keyed).
+        ``on_replacing(version)`` is called before the write that would retire ``version``
+        (again if that write loses a race and is re-applied), so that a caller can remember
+        what it replaced before the flip: a retry after the flip no longer sees it.
         """
         layout.check_version(version)
 
@@ -192,6 +196,8 @@ class Catalog:
                     retired[replaced] = state.revoked_at
             elif replaced is not None:
                 retired[replaced] = now + grace_s
+            if replaced is not None and on_replacing is not None:
+                on_replacing(replaced)
             return replace(state, version=version, job_id=job_id, published_at=now,
                            retired=retired)
 
