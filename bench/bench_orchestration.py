@@ -42,11 +42,12 @@ returned), the hops (from there to the probe starting, and from each stage's fin
 the next one's started_at: queue pickup and the bookkeeping around it), each stage without
 its ffmpeg/ffprobe, and the end (invalidate finished to the job's finished_at).
 
-Round trips per job, for each batch: S3 and CloudFront requests from the moto server's request
+Round trips per job: S3 and CloudFront requests of each batch from the moto server's request
 log (S3 split into the stages' own requests and ffmpeg's reads of the source, which are
-inside ffmpeg's time), and Redis commands from the redis-server's ``INFO commandstats``, net
-of what the idle fleet sends on its own (its consumers' fallback polls, measured for a few
-seconds before the first batch) and of the submitter's reads of job statuses.
+inside ffmpeg's time); Redis commands sent by clients (a Lua script is one, whatever it runs
+inside), seen through MONITOR over two untimed batches of 5 jobs before the timed ones (on
+the fleet, and direct), net of what the idle fleet sends on its own (its consumers' fallback
+polls, watched for a few seconds first) and of the submitter's reads of job statuses.
 
     python bench/bench_orchestration.py [--rounds N] [--jobs N] [--worker-timeout-ms MS]
 
@@ -62,10 +63,13 @@ import json
 import re
 import statistics
 import sys
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 from fleet_bench import (
     CONCURRENT,
     DIRECT,
@@ -89,6 +93,8 @@ CLIP = WORK_DIR / f"clip-{CLIP_SECONDS}s-640x360p30-g30.mp4"
 RUN_DIR = WORK_DIR / "orchestration"
 #: How long the idle fleet's own Redis traffic (fallback polls) is measured, before the batches.
 IDLE_WINDOW_S = 5.0
+#: Jobs per untimed batch whose Redis round trips are counted (fleet, and direct).
+COUNTED_JOBS = 5
 #: Which Procfile process type runs which stages (their queues: probe + publish, segment,
 #: encrypt), and how many worker threads each has, read from the Procfile itself.
 PROCESS_STAGES = {
@@ -120,8 +126,6 @@ class Batch:
     span: float = 0.0  # first created_at -> last finished_at
     #: requests per kind over the batch: s3 (the stages'), source (ffmpeg's reads), cloudfront
     requests: dict[str, int] = field(default_factory=dict)
-    #: Redis commands over the batch, net of the idle fleet's and the submitter's, by command
-    redis: dict[str, float] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -129,10 +133,6 @@ class Batch:
 
     def per_job(self, kind: str) -> float:
         return self.requests.get(kind, 0) / len(self.jobs)
-
-    @property
-    def redis_per_job(self) -> float:
-        return sum(self.redis.values()) / len(self.jobs)
 
 
 def moto_requests(bench: BenchFleet) -> list[tuple[str, str]]:
@@ -153,43 +153,79 @@ def request_kinds(requests: list[tuple[str, str]]) -> dict[str, int]:
     return kinds
 
 
-def command_calls(bench: BenchFleet) -> dict[str, int]:
-    """Calls per Redis command so far (``INFO commandstats``), without the INFO calls."""
-    stats = bench.redis.client().info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()
-            if name not in ("cmdstat_info",)}
+class RedisRoundTrips:
+    """Counts the Redis commands clients send (one round trip each; a script's own commands
+    are not counted), by command, through MONITOR on a connection of its own. MONITOR slows
+    Redis down, so it watches only the untimed counting batches."""
+
+    def __init__(self, bench: BenchFleet) -> None:
+        self.url = bench.redis.url
+        self.counts: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        client = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=30)
+        with client.monitor() as monitor:
+            self._ready.set()
+            while not self._stop.is_set():
+                seen = monitor.next_command()
+                if seen["client_type"] != "lua":
+                    self.counts[seen["command"].split(" ", 1)[0].lower()] += 1
+
+    def __enter__(self) -> RedisRoundTrips:
+        self._ready = threading.Event()
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        redis.Redis.from_url(self.url, socket_timeout=5).ping()  # ends the watcher's wait
+        self._thread.join(10)
 
 
-def idle_rate(bench: BenchFleet) -> dict[str, float]:
-    """Redis commands per second the idle fleet sends by itself (its consumers' fallback
-    polls and heartbeats), by command."""
-    before = command_calls(bench)
-    time.sleep(IDLE_WINDOW_S)
-    after = command_calls(bench)
-    return {k: (after[k] - before.get(k, 0)) / IDLE_WINDOW_S for k in after
-            if after[k] != before.get(k, 0)}
+def count_round_trips(bench: BenchFleet, clip: Path) -> dict[str, dict[str, float]]:
+    """Redis round trips per job, by command, on the fleet and in the direct baseline: small
+    untimed batches watched by :class:`RedisRoundTrips`, net of what the idle fleet sends by
+    itself (its consumers' fallback polls) and of the submitter's status reads."""
+    with RedisRoundTrips(bench) as idle:
+        time.sleep(IDLE_WINDOW_S)
+    idle_rate = {name: calls / IDLE_WINDOW_S for name, calls in idle.counts.items()}
+    counted: dict[str, dict[str, float]] = {}
+    for mode in (SEQUENTIAL, DIRECT):
+        warmup = 1 if mode == DIRECT else 0
+        sources = bench.stage_sources(clip, COUNTED_JOBS + warmup)
+        started = time.monotonic()
+        with RedisRoundTrips(bench) as watched:
+            bench.submit(mode, sources, "copy")
+        elapsed = time.monotonic() - started
+        net: dict[str, float] = {}
+        for name, calls in watched.counts.items():
+            made = calls - idle_rate.get(name, 0.0) * elapsed - (
+                bench.status_reads if name == "hget" else 0)
+            if made > 0.5:
+                # The direct batch's warm-up job sends what any other does: its share is out.
+                net[name] = made / (COUNTED_JOBS + warmup)
+        counted[mode] = net
+    counted["idle"] = idle_rate
+    return counted
 
 
-def measure(bench: BenchFleet, clip: Path, mode: str, count: int,
-            idle: dict[str, float]) -> Batch:
+def measure(bench: BenchFleet, clip: Path, mode: str, count: int) -> Batch:
     # The direct baseline's process is new each batch: its first job (imports, clients) is
     # a warm-up and is not counted.
     warmup = 1 if mode == DIRECT else 0
     sources = bench.stage_sources(clip, count + warmup)
     requests_before = len(moto_requests(bench))
-    calls_before = command_calls(bench)
-    started = time.monotonic()
     submitted = bench.submit(mode, sources, "copy")
-    elapsed = time.monotonic() - started
-    calls_after = command_calls(bench)
     requests = moto_requests(bench)[requests_before:]
     batch = Batch(mode)
     tools: dict[str, list[ToolRun]] = {}
     for run in bench.tool_runs():
         tools.setdefault(run.tag, []).append(run)
     records = [bench.record(job_id) for job_id, _ in submitted]
-    # The direct batch's warm-up job makes the same requests as any other: its share is taken
-    # out of the counts (here and for Redis below).
+    # The direct batch's warm-up job makes the same requests as any other: its share is out.
     share = count / (count + warmup)
     batch.requests = {k: round(v * share) for k, v in request_kinds(requests).items()}
     first, last = float("inf"), 0.0
@@ -199,16 +235,6 @@ def measure(bench: BenchFleet, clip: Path, mode: str, count: int,
         first = min(first, float(record["created_at"]))
         last = max(last, float(record["finished_at"]))
     batch.span = last - first
-    net = {}
-    for name, calls in calls_after.items():
-        made = calls - calls_before.get(name, 0)
-        if mode != DIRECT:
-            made -= idle.get(name, 0.0) * elapsed
-        if name == "hget":
-            made -= bench.status_reads
-        if made > 0.5:
-            net[name] = made
-    batch.redis = {k: v * share for k, v in net.items()}
     return batch
 
 
@@ -258,34 +284,32 @@ def chosen_jobs(batches: list[Batch], mode: str) -> list[JobTimes]:
     return [job for batch in batches if batch.mode == mode for job in batch.jobs]
 
 
-def round_trips(batches: list[Batch]) -> tuple[float, float, float, float]:
-    """Redis commands, S3 requests of the stages, ffmpeg's S3 reads and CloudFront requests,
-    per job (mean over the batches)."""
+def requests_per_job(batches: list[Batch]) -> tuple[float, float, float]:
+    """S3 requests of the stages, ffmpeg's S3 reads and CloudFront requests per job (mean over
+    the batches)."""
     return (
-        statistics.mean(b.redis_per_job for b in batches),
         statistics.mean(b.per_job("s3") for b in batches),
         statistics.mean(b.per_job("source") for b in batches),
         statistics.mean(b.per_job("cloudfront") for b in batches),
     )
 
 
-def report(batches: list[Batch], mode: str) -> None:
+def report(batches: list[Batch], mode: str, redis_calls: dict[str, float] | None) -> None:
     chosen = [b for b in batches if b.mode == mode]
     jobs = chosen_jobs(batches, mode)
     median = {name: statistics.median(j.parts[name] for j in jobs) for name in jobs[0].parts}
     walls = [j.wall for j in jobs]
     outside = [j.outside for j in jobs]
-    redis_calls, s3, source, cloudfront = round_trips(chosen)
+    s3, source, cloudfront = requests_per_job(chosen)
     print(f"{mode}: {len(jobs)} jobs; throughput "
           + ", ".join(f"{b.throughput:.2f}" for b in chosen) + " jobs/s")
-    commands: dict[str, float] = {}
-    for batch in chosen:
-        for name, calls in batch.redis.items():
-            commands[name] = commands.get(name, 0.0) + calls / len(batch.jobs) / len(chosen)
-    top = sorted(commands.items(), key=lambda item: -item[1])[:6]
-    print(f"  round trips per job: Redis {redis_calls:.0f} ("
-          + ", ".join(f"{name} {calls:.1f}" for name, calls in top) + f"); S3 {s3:.1f} "
-          f"(+ {source:.1f} reads of the source by ffmpeg/ffprobe); CloudFront {cloudfront:.1f}")
+    redis_text = ""
+    if redis_calls is not None:
+        top = sorted(redis_calls.items(), key=lambda item: -item[1])[:7]
+        redis_text = (f"Redis {sum(redis_calls.values()):.0f} ("
+                      + ", ".join(f"{name} {calls:.1f}" for name, calls in top) + "); ")
+    print(f"  round trips per job: {redis_text}S3 {s3:.1f} (+ {source:.1f} reads of the "
+          f"source by ffmpeg/ffprobe); CloudFront {cloudfront:.1f}")
     print(f"  per job, ms: wall median {ms(statistics.median(walls))} (p10 "
           f"{ms(quantile(walls, 0.1))}, p90 {ms(quantile(walls, 0.9))}); ffmpeg+ffprobe "
           f"{ms(statistics.median(j.ffmpeg for j in jobs))}; encrypt stage "
@@ -338,28 +362,29 @@ def main(argv: list[str] | None = None) -> int:
               f"--ladder copy; fleet: Procfile upload, segment, encrypt (one process each); "
               f"redis-server and moto server on 127.0.0.1; dramatiq_worker_timeout {timeout}")
         bench.submit(SEQUENTIAL, bench.stage_sources(clip, WARMUP_JOBS), "copy")
-        idle = idle_rate(bench)
-        print(f"idle fleet: {sum(idle.values()):.1f} Redis commands/s by itself (fallback "
-              "polls and heartbeats), left out of the counts below")
+        trips = count_round_trips(bench, clip)
+        print(f"idle fleet: {sum(trips['idle'].values()):.1f} Redis round trips/s by itself "
+              "(its consumers' fallback polls), left out of the counts below")
         for index in range(args.rounds):
             modes = (SEQUENTIAL, DIRECT, CONCURRENT)
             for mode in modes if index % 2 == 0 else reversed(modes):
                 started = time.perf_counter()
-                batch = measure(bench, clip, mode, args.jobs, idle)
+                batch = measure(bench, clip, mode, args.jobs)
                 batches.append(batch)
                 print(f"round {index + 1} {mode}: {len(batch.jobs)} jobs in "
                       f"{time.perf_counter() - started:.1f} s", flush=True)
     finally:
         bench.stop()
     for mode in (SEQUENTIAL, DIRECT, CONCURRENT):
-        report(batches, mode)
+        report(batches, mode, trips.get(mode))
     sequential = chosen_jobs(batches, SEQUENTIAL)
     baseline = chosen_jobs(batches, DIRECT)
     concurrent = [b for b in batches if b.mode == CONCURRENT]
     outside_ms = statistics.median(j.outside for j in sequential) * 1000
     direct_ms = statistics.median(j.outside for j in baseline) * 1000
     hops_ms = statistics.median(j.parts["hops"] for j in sequential) * 1000
-    redis_calls, s3, _, cloudfront = round_trips([b for b in batches if b.mode == SEQUENTIAL])
+    s3, _, cloudfront = requests_per_job([b for b in batches if b.mode == SEQUENTIAL])
+    redis_calls = sum(trips[SEQUENTIAL].values())
     verdict = "met" if outside_ms <= TARGET_OUTSIDE_MS else "MISSED"
     print(f"RESULT orchestration: outside ffmpeg and crypto {outside_ms:.0f} ms per job on the "
           f"fleet (median, sequential; target <= {TARGET_OUTSIDE_MS:.0f} ms: {verdict}) vs "
