@@ -135,7 +135,9 @@ def fail(rt: Runtime, job_id: str, stage: str, reason: str) -> None:
 
 def progress(rt: Runtime, job_id: str, stage: str) -> Callable[[float], None]:
     def report(fraction: float) -> None:
-        rt.services.jobs.stage_progress(job_id, stage, fraction)
+        # The end is written with the stage's finish (stage_finished), in the same round trip.
+        if fraction < 1.0:
+            rt.services.jobs.stage_progress(job_id, stage, fraction)
 
     return report
 
