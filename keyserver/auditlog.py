@@ -1,9 +1,11 @@
 """Audit and access lines written off the event loop, by a background thread.
 
-A request only appends a tuple (logger, event, fields) to a bounded queue: no formatting, no
-lock held by a writer, no system call. A thread wakes every :data:`FLUSH_INTERVAL_S`, takes
-what is queued and hands it, in order, to the sink (by default structlog, so lines are
-redacted and rendered exactly as every other line of the process). When the sink falls so far
+A request only appends a tuple (logger, event, fields, time) to a bounded queue: no
+formatting, no lock held by a writer, no system call. A thread wakes every
+:data:`FLUSH_INTERVAL_S`, takes what is queued and hands it, in order, to the sink: by default
+structlog (what tests capture), or, where the process writes JSON lines (`hlsvault serve`
+with stderr not a terminal), :class:`JsonLinesSink`, which renders the same JSON lines with
+the same redaction and writes a whole batch at once. When the sink falls so far
 behind that the queue is full, a new line is dropped rather than make a request wait: it is
 counted (:attr:`LineWriter.dropped`, exported by the ops app's ``/metrics`` as
 ``hlsvault_audit_lines_dropped_total``) and the writer logs how many were dropped as soon as
@@ -12,12 +14,17 @@ it catches up. Closing the writer (the app's shutdown) writes everything still q
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
 import structlog
+
+from pipeline.logs import redact_processor
 
 #: Lines queued at most: a few seconds of a busy key server's lines (~300 bytes each, ~20 MB),
 #: enough to ride out a log sink that stalls briefly; beyond it lines are dropped and counted.
@@ -29,15 +36,37 @@ BATCH = 1024
 #: Shutting down, the writer gets this long to write what is queued.
 CLOSE_TIMEOUT_S = 5.0
 
-#: One line: logger name, event, fields.
-Line = tuple[str, str, dict[str, Any]]
+#: One line: logger name, event, fields, when it was written (time.time()).
+Line = tuple[str, str, dict[str, Any], float]
 Sink = Callable[[Sequence[Line]], None]
 
 
 def structlog_sink(lines: Sequence[Line]) -> None:
     """Each line through structlog at level info, as a direct call would have written it."""
-    for logger, event, fields in lines:
+    for logger, event, fields, _ in lines:
         structlog.get_logger(logger).info(event, **fields)
+
+
+class JsonLinesSink:
+    """The JSON lines :func:`pipeline.logs.configure_logging` writes (fields, event, level,
+    logger, timestamp; every value redacted), a batch in one write to ``stream``."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def __call__(self, lines: Sequence[Line]) -> None:
+        rendered = []
+        for logger, event, fields, when in lines:
+            record = redact_processor(None, "info", dict(fields))
+            record["event"] = event
+            record["level"] = "info"
+            record["logger"] = logger
+            stamp = datetime.fromtimestamp(when, UTC).isoformat()
+            record["timestamp"] = stamp.replace("+00:00", "Z")
+            rendered.append(json.dumps(record))
+        rendered.append("")
+        self.stream.write("\n".join(rendered))
+        self.stream.flush()
 
 
 class LineWriter:
@@ -68,7 +97,7 @@ class LineWriter:
             self.dropped += 1
             return
         self.accepted += 1
-        self._queue.append((logger, event, fields))
+        self._queue.append((logger, event, fields, time.time()))
         if self._thread is None:
             self.start()
 

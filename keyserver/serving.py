@@ -12,6 +12,7 @@ default is what it is.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,14 @@ def app_from_environment() -> Any:
     from pipeline.settings import load_settings
 
     from .app import create_app
+    from .auditlog import JsonLinesSink, LineWriter
 
-    configure_logging(level=logging.INFO)
-    return create_app(load_settings(create=True))
+    json_lines = not sys.stderr.isatty()
+    configure_logging(json=json_lines, level=logging.INFO)
+    # JSON lines (what a log shipper reads): the writer renders and writes them in batches;
+    # on a terminal, structlog's coloured lines, one by one.
+    lines = LineWriter(sink=JsonLinesSink(sys.stderr)) if json_lines else LineWriter()
+    return create_app(load_settings(create=True), lines=lines)
 
 
 def serve(options: ServeOptions) -> None:

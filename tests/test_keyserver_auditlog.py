@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,9 +18,10 @@ from starlette.testclient import TestClient
 
 from dashboard.app import create_app as create_ops_app
 from keyserver import create_app
-from keyserver.auditlog import Line, LineWriter
+from keyserver.auditlog import JsonLinesSink, Line, LineWriter
 from keyserver.testing import get
 from pipeline.settings import load_settings
+from pipeline.tokens import mint_token
 
 from fleet import RedisServer
 from keyserver_support import VIEWER_IP, AppClient, Library, shared_library
@@ -59,7 +62,7 @@ class TestLineWriter:
             writer.write("hlsvault.audit", "key request", {"n": n})
         writer.close()
 
-        assert [fields["n"] for _, _, fields in sink.lines] == list(range(50_000))
+        assert [fields["n"] for _, _, fields, _ in sink.lines] == list(range(50_000))
         assert (writer.accepted, writer.written, writer.dropped) == (50_000, 50_000, 0)
 
     def test_a_full_queue_drops_and_counts_and_says_so(self) -> None:
@@ -79,7 +82,7 @@ class TestLineWriter:
         assert [(e["event"], e["dropped_total"]) for e in events if e["log_level"] == "warning"
                 ] == [("log lines dropped: the log sink fell behind and the queue was full", 90)]
         assert writer.accepted == writer.written == len(sink.lines) == 11
-        assert [fields["n"] for _, _, fields in sink.lines] == [-1, *range(10)]
+        assert [fields["n"] for _, _, fields, _ in sink.lines] == [-1, *range(10)]
 
 
 class TestSlowSink:
@@ -137,5 +140,25 @@ class TestSlowSink:
 
         assert asyncio.run(requests()) == [200] * 20
         writer.close()
-        assert [fields["outcome"] for _, event, fields in sink.lines
+        assert [fields["outcome"] for _, event, fields, _ in sink.lines
                 if event == "key request"] == ["served"] * 20
+
+
+class TestJsonLines:
+    def test_a_batch_is_json_lines_with_every_token_redacted(self) -> None:
+        """The serving sink writes one JSON object per line (fields, event, level, logger, an
+        ISO timestamp in UTC), with a token in any value redacted, as every log line is."""
+        stream = io.StringIO()
+        token = mint_token("a-secret-of-enough-length-for-hs256-0123", "film", 60)
+        sink = JsonLinesSink(stream)
+        sink([("hlsvault.keyserver", "request", {"path": f"/x?token={token}", "status": 200},
+               0.0),
+              ("hlsvault.audit", "key request", {"sid": token, "outcome": "served"}, 1.5)])
+
+        first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+        assert first == {"path": "/x?token=[REDACTED]", "status": 200, "event": "request",
+                         "level": "info", "logger": "hlsvault.keyserver",
+                         "timestamp": "1970-01-01T00:00:00Z"}
+        assert second["sid"] == "[REDACTED]"
+        assert second["timestamp"] == "1970-01-01T00:00:01.500000Z"
+        assert token not in stream.getvalue()
