@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes, one per core to use (default 1)")
     serve.add_argument("--server", default=None,
-                       help="the ASGI server: uvicorn (the default) or granian")
+                       help="the ASGI server: granian (the default) or uvicorn")
     serve.set_defaults(handler=cmd_serve)
 
     add_commands(commands, wait_timeout=DEFAULT_WAIT_TIMEOUT_S)

@@ -1,12 +1,10 @@
 """Running the key server: `hlsvault serve` hands one of two ASGI servers the app factory
 below, which each worker process calls to build its own app from the environment.
 
-- **uvicorn** (httptools and uvloop), the default: one process per worker.
-- **granian** (Rust HTTP/1.1 and TLS, ASGI interface, uvloop), when installed
-  (``pip install 'hlsvault[granian]'``).
-
-``docs/benchmarks.md`` (bench_keyserver) compares the two, one worker each, and says why the
-default is what it is.
+- **granian** (HTTP/1.1 and TLS in Rust, the ASGI interface, uvloop), the default: on the
+  key route it answers about twice uvicorn's requests per second on one core
+  (``docs/benchmarks.md``, bench_keyserver, which compares the two in every run).
+- **uvicorn** (httptools and uvloop), ``--server uvicorn``.
 """
 
 from __future__ import annotations
@@ -22,9 +20,17 @@ from pipeline.errors import ConfigurationError
 #: What the worker processes import and call to build their app.
 APP_FACTORY = "keyserver.serving:app_from_environment"
 SERVERS = ("uvicorn", "granian")
-DEFAULT_SERVER = "uvicorn"
+DEFAULT_SERVER = "granian"
 #: An idle keep-alive connection is closed after this long (a player asks again in seconds).
 KEEP_ALIVE_S = 5
+
+
+#: granian's own lines (start, stop, errors) go to the root logger, which
+#: :func:`pipeline.logs.configure_logging` set up: JSON lines like every other.
+_GRANIAN_LOGGING: dict[str, Any] = {
+    "handlers": {},
+    "loggers": {"_granian": {"propagate": True}, "granian.access": {"propagate": True}},
+}
 
 
 @dataclass(frozen=True)
@@ -79,18 +85,14 @@ def _serve_uvicorn(options: ServeOptions) -> None:
 
 
 def _serve_granian(options: ServeOptions) -> None:
-    try:
-        from granian.constants import HTTPModes, Interfaces, Loops
-        from granian.server import Server
-    except ImportError:
-        raise ConfigurationError(
-            "--server granian needs granian: pip install 'hlsvault[granian]'"
-        ) from None
+    from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.server import Server
+
     tls: dict[str, Any] = {}
     if options.certfile and options.keyfile:
         tls.update(ssl_cert=Path(options.certfile), ssl_key=Path(options.keyfile))
     Server(
         APP_FACTORY, factory=True, address=options.host, port=options.port,
         interface=Interfaces.ASGI, workers=options.workers, loop=Loops.uvloop,
-        http=HTTPModes.http1, log_access=False, **tls,
+        http=HTTPModes.http1, log_access=False, log_dictconfig=_GRANIAN_LOGGING, **tls,
     ).serve()
