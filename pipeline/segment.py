@@ -9,7 +9,8 @@ import selectors
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,10 @@ class SegmentedRendition:
 #: timestamp anyway, so none is negative in the segments.
 KEEP_TIMESTAMPS = "disabled"
 CHUNK_TS_OPTIONS = f"avoid_negative_ts={KEEP_TIMESTAMPS}"
+#: The MP4 muxer inside hls starts every output's fragment times (tfdt) at 0; with
+#: ``frag_discont`` it keeps the packets' own, so that chunk 3's fragments say where they are
+#: in the whole stream (the muxer adds its own flags after these).
+CHUNK_FMP4_OPTIONS = "movflags=+frag_discont"
 
 
 @dataclass(frozen=True)
@@ -165,9 +170,10 @@ def chunk_args(
                 options.update(_x264_options(rendition, segment_seconds))
             # Where a single pass would have put this chunk's timestamps: continuous joins.
             options["output_ts_offset"] = f"{chunk.start:.6f}"
-            if container == "ts":
-                options["avoid_negative_ts"] = KEEP_TIMESTAMPS
-                options["hls_segment_options"] = CHUNK_TS_OPTIONS
+            options["avoid_negative_ts"] = KEEP_TIMESTAMPS
+            options["hls_segment_options"] = (
+                CHUNK_FMP4_OPTIONS if container == "fmp4" else CHUNK_TS_OPTIONS
+            )
             kbps = rendition.audio_kbps or DEFAULT_AUDIO_KBPS
             if not has_audio:
                 pass
@@ -462,13 +468,27 @@ def _init_of(rendition_dir: Path, container: str) -> str | None:
 
 def _probe_audio(rendition_dir: Path, first: Segment, container: str) -> AudioStream:
     """The audio stream an audio rendition's output holds, as ffprobe reads it."""
-    # An fMP4 media segment does not parse alone; its init segment holds the codec's setup.
-    name = layout.INIT_SEGMENT if container == "fmp4" else first.name
-    raw = run_ffprobe(str(rendition_dir / name), shown=f"segment {name}")
+    with _first_segment(rendition_dir, first, container) as path:
+        raw = run_ffprobe(str(path), shown=f"segment {first.name}")
     audios = [s for s in raw.get("streams", []) if s.get("codec_type") == "audio"]
     if not audios:
-        raise UnsupportedMedia(f"audio segment {name} holds no audio")
+        raise UnsupportedMedia(f"audio segment {first.name} holds no audio")
     return audio_stream(0, audios[0])
+
+
+@contextmanager
+def _first_segment(rendition_dir: Path, first: Segment, container: str) -> Iterator[Path]:
+    """The first segment as a file ffprobe reads: itself (MPEG-TS), or the init segment
+    followed by it (an fMP4 media segment does not parse alone; its init segment holds the
+    codec setup, and alone it holds no frame)."""
+    if container != "fmp4":
+        yield rendition_dir / first.name
+        return
+    with tempfile.NamedTemporaryFile(prefix="hlsvault-probe-", suffix=".mp4") as joined:
+        joined.write((rendition_dir / layout.INIT_SEGMENT).read_bytes())
+        joined.write((rendition_dir / first.name).read_bytes())
+        joined.flush()
+        yield Path(joined.name)
 
 
 def hevc_codec_tag(init: Path) -> str:
@@ -511,10 +531,9 @@ def _describe(
         # ffprobe process, ~0.08 s). Rotation, the one thing TS cannot carry, rules out a copy.
         video, audio = info.video, info.audio
     else:
-        # A transcode's CODECS must be measured from what the encoder actually produced (an
-        # fMP4 media segment does not parse alone: its init segment holds the codec's setup).
-        name = layout.INIT_SEGMENT if container == "fmp4" else segments[0].name
-        produced = probe(str(rendition_dir / name), shown=f"segment {name}")
+        # A transcode's CODECS must be measured from what the encoder actually produced.
+        with _first_segment(rendition_dir, segments[0], container) as first:
+            produced = probe(str(first), shown=f"segment {segments[0].name}")
         video, audio = produced.video, produced.audio
     if not has_audio:
         audio = None
