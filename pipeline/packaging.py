@@ -493,7 +493,10 @@ def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
         job_id=spec.job_id,
         created_at=time.time(),
         key_rotation_segments=spec.key_rotation_segments,
-        renditions=tuple(sorted(entries, key=lambda e: (e.media != "video", -e.bandwidth))),
+        # Video from the highest bandwidth down, then audio in the source's track order.
+        renditions=tuple(sorted(
+            entries, key=lambda e: (e.media != "video", -e.bandwidth if e.media == "video" else 0)
+        )),
         key_server=svc.settings.public_url,
         container=spec.container,
         audio_only=spec.audio_only,
