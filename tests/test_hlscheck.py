@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import m3u8
 import pytest
-from hlscheck import check_playlist
 
 from pipeline.plan import AudioRendition
 from pipeline.playlists import AssetVersion, describe_rendition, render_master, render_variant
 from pipeline.segment import Segment, SegmentedRendition
+
+from hlscheck import check_playlist
 
 
 def video(init: str | None) -> SegmentedRendition:

@@ -5,6 +5,7 @@ is checked by tests/hlscheck.py and parsed by the m3u8 package."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import time
@@ -46,7 +47,7 @@ def decoded_audio(target: str, stream: str) -> tuple[float, float]:
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     samples = memoryview(done.stdout).cast("h")
     seconds = len(samples) / 48000
-    crossings = sum(1 for a, b in zip(samples, samples[1:], strict=False) if a < 0 <= b)
+    crossings = sum(1 for a, b in itertools.pairwise(samples) if a < 0 <= b)
     return seconds, crossings / seconds
 
 
