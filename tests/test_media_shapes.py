@@ -16,6 +16,7 @@ import m3u8
 import pytest
 
 from browser import Player, PlayerPageServer
+from fleet import Fleet, MotoServer
 from hlscheck import assert_valid_hls, attributes, fetch
 from support import Hlsvault, decrypt_bytes, frame_hashes, framemd5
 
@@ -284,3 +285,43 @@ def _probe(target: Path | str, *extra: str, check: bool = True) -> dict[str, obj
         assert done.returncode == 0, done.stderr.decode(errors="replace")
     result: dict[str, object] = json.loads(done.stdout or b"{}")
     return result
+
+
+class TestFleet:
+    def test_fmp4_with_two_languages_on_the_fleet_then_rekeyed(
+        self, fleet: Fleet, moto_server: MotoServer, two_audio_clip: Path
+    ) -> None:
+        """On Redis and S3 stores: the fMP4 asset's init segments, .m4s and audio renditions
+        reach the origin with their content types, play frame for frame and in both
+        languages, and play again after a re-key."""
+        from test_fleet import bucket_objects, submit, wait_for_job
+
+        fleet.start_all()
+        job_id = submit(fleet, two_audio_clip, "fleetcmaf", "--ladder", "copy",
+                        "--container", "fmp4", "--segment-seconds", "2")
+        record = wait_for_job(fleet, job_id)
+        assert record["status"] == "succeeded", record
+        origin = fleet.env["TEST_BUCKET_ORIGIN"]
+        objects = bucket_objects(moto_server, origin, "assets/fleetcmaf/")
+        names = {key.split("/", 3)[3] for key in objects if key.count("/") == 4}
+        assert {"360p/init.mp4", "audio0-en/init.mp4", "audio1-de/init.mp4",
+                "360p/seg_00000.m4s", "audio1-de/seg_00000.m4s"} <= names
+        s3 = moto_server.client("s3")
+        init_key = next(k for k in objects if k.endswith("360p/init.mp4"))
+        assert s3.head_object(Bucket=origin, Key=init_key)["ContentType"] == "video/mp4"
+        m4s_key = next(k for k in objects if k.endswith(".m4s"))
+        assert s3.head_object(Bucket=origin, Key=m4s_key)["ContentType"] == "video/iso.segment"
+
+        source = frame_hashes(framemd5(str(two_audio_clip)))
+        for attempt in ("packaged", "rekeyed"):
+            url = fleet.cli("url", "fleetcmaf").stdout.strip()
+            assert_valid_hls(url)
+            assert frame_hashes(framemd5(url)) == source, attempt
+            for language, _, tone in TRACKS:
+                seconds, measured = decoded_audio(url, f"0:a:m:language:{language}")
+                assert seconds == pytest.approx(6.0, abs=0.1), (attempt, language)
+                assert measured == pytest.approx(tone, rel=0.02), (attempt, language)
+            if attempt == "packaged":
+                done = fleet.cli("rekey", "fleetcmaf", "--grace", "0", "--json")
+                assert done.returncode == 0, done.stderr + fleet.log_text()[-3000:]
+                time.sleep(2.5)  # past the key server's state cache, whatever the bus did
