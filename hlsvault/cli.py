@@ -1,7 +1,8 @@
 """The `hlsvault` command line: translate arguments, delegate, report.
 
 hlsvault package SOURCE [--asset ID] [--ladder copy|default] [--segment-seconds S]
-                        [--key-rotation-segments N] [--download [RENDITION]] [--json]
+                        [--key-rotation-segments N] [--download [RENDITION]]
+                        [--container ts|fmp4] [--codec h264|hevc] [--audio-only] [--json]
 hlsvault submit SOURCE [same options as package]          (distributed mode)
 hlsvault status JOB [--wait] [--json]
 hlsvault serve [--host H] [--port P] [--certfile F --keyfile F] [--workers N]
@@ -58,6 +59,9 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
         segment_seconds=args.segment_seconds,
         key_rotation_segments=args.key_rotation_segments,
         download=args.download,
+        container=args.container,
+        codec=args.codec,
+        audio_only=args.audio_only,
     )
     if settings.embedded or "://" in spec.source or not settings.work.startswith("s3://"):
         return spec
@@ -169,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="RENDITION",
             help="also write a private MP4 download of RENDITION (default: the top one); put "
                  "it after SOURCE, or write --download=720p",
+        )
+        command.add_argument(
+            "--container", choices=layout.CONTAINERS, default=layout.DEFAULT_CONTAINER,
+            help="ts: MPEG-TS segments; fmp4: CMAF (init segment + .m4s, HLS version 7), "
+                 "audio as renditions of its own",
+        )
+        command.add_argument(
+            "--codec", choices=layout.VIDEO_CODECS, default=layout.DEFAULT_VIDEO_CODEC,
+            help="the default ladder's video codec (hevc: with --container fmp4)",
+        )
+        command.add_argument(
+            "--audio-only", action="store_true",
+            help="also offer an audio-only variant (for slow links and audio apps)",
         )
         command.add_argument("--json", action="store_true", help="print JSON on stdout")
     package.add_argument(

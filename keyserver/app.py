@@ -230,7 +230,8 @@ def create_app(
         Route(layout.OFFLINE_ROUTE, exports.offline),
     ]
     if settings.embedded and isinstance(origin, LocalStore):
-        mimetypes.add_type("video/mp2t", ".ts")
+        for suffix in (".ts", ".m4s", ".mp4"):
+            mimetypes.add_type(layout.segment_content_type(f"x{suffix}"), suffix)
         mimetypes.add_type(PLAYLIST_TYPE, ".m3u8")
         Path(origin.root).mkdir(parents=True, exist_ok=True)
         routes.append(

@@ -293,8 +293,13 @@ class KeyServer:
         def key_uri(index: int) -> str:
             return layout.key_url(base, asset, version, index, suffix)
 
+        def init_uri(init: str) -> str:
+            # Under the rendition's signed resource, like its segments.
+            return f"{layout.cdn_url(cdn, layout.segment_key(asset, version, name, init))}{signed}"
+
         return playlist_answer(
-            render_variant(described, rendition, segment_uri=segment_uri, key_uri=key_uri)
+            render_variant(described, rendition, segment_uri=segment_uri, key_uri=key_uri,
+                           init_uri=init_uri)
         )
 
     def _segment_query(
