@@ -19,7 +19,6 @@ from .packaging import Progress, no_progress, rate_limited
 from .playlists import static_playlists
 from .services import Services
 
-SEGMENT_CONTENT_TYPE = "video/mp2t"
 PLAYLIST_CONTENT_TYPE = "application/vnd.apple.mpegurl"
 #: Segment paths are versioned and never rewritten, so caches may keep them for a year.
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -36,9 +35,10 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = no_progress) ->
     described = svc.catalog.get_version(spec.asset, spec.version)
     report = rate_limited(on_progress)
     items = [
-        (rendition.name, seg.name)
+        (rendition.name, name)
         for rendition in described.renditions
-        for seg in rendition.segments
+        for name in ([rendition.init] if rendition.init else [])
+        + [seg.name for seg in rendition.segments]
     ]
     done = 0
 
@@ -46,7 +46,7 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = no_progress) ->
         rendition, name = item
         key = layout.segment_key(spec.asset, spec.version, rendition, name)
         work_key = layout.encrypted_key(spec.job_id, rendition, name)
-        headers = {"content_type": SEGMENT_CONTENT_TYPE, "cache_control": IMMUTABLE}
+        headers = {"content_type": layout.segment_content_type(name), "cache_control": IMMUTABLE}
         if svc.origin.copy_from(svc.work, work_key, key, **headers):
             return
         with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
