@@ -107,8 +107,6 @@ def run_stage(rt: Runtime, job_id: str, stage: str, work: Callable[[JobSpec], T]
         )
         fail(rt, job_id, stage, reason)
         return None
-    # Which process took it, too: chunks of one job run on many workers at once.
-    attempts = svc.jobs.stage_started(job_id, stage, worker=worker_name())
     started = time.monotonic()
     try:
         result = work(record.spec)
