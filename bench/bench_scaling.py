@@ -7,7 +7,7 @@ the Procfile's `upload` and `encrypt` processes, and either one or two `segment`
 --threads 1``, so one ffmpeg at a time per process), against a private redis-server and a
 moto server from tests/fleet.py, every store ``s3://``.
 
-Each batch is submitted at once (through `hlsvault submit`'s own code, see fleet_bench.py)
+Each batch is submitted at once (through the call a backend makes, see fleet_bench.py)
 and timed from the first job's ``created_at`` to the last job's ``finished_at``. Rounds run
 both configurations in an order that alternates; reported are the median throughputs and
 ``throughput(two) / throughput(one)``.
