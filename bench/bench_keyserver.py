@@ -603,10 +603,11 @@ def start_bare(port: int) -> tuple[subprocess.Popen[bytes], str]:
     """bare_asgi.py under granian with `hlsvault serve`'s options; the process and its URL."""
     code = (
         "from granian.constants import HTTPModes, Interfaces, Loops\n"
+        "from pathlib import Path\n"
         "from granian.server import Server\n"
         f"Server('bare_asgi:app', address='127.0.0.1', port={port}, interface=Interfaces.ASGI,"
         " workers=1, loop=Loops.uvloop, http=HTTPModes.http1, log_access=False,"
-        f" working_dir={str(Path(__file__).parent)!r}).serve()\n"
+        f" working_dir=Path({str(Path(__file__).parent)!r})).serve()\n"
     )
     log = (SCRATCH / "bare.log").open("wb")
     process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
