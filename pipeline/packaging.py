@@ -290,7 +290,7 @@ def segment(
     renditions = _job_renditions(svc, spec)
     info = _media(svc, spec)
     chunk = _chunk(svc, spec, chunk_name)
-    target, _ = ffmpeg_target(spec.source)
+    target, _ = ffmpeg_target(spec.source, probed=True)
     attempt = uuid.uuid4().hex[:12]
     prefix = layout.chunk_attempt_prefix(spec.job_id, chunk.name, attempt)
     copy = any(r.copy for r in renditions)
