@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ffmpeg
 
@@ -19,6 +19,9 @@ from .errors import StageTimeout, TransientError, UnsupportedMedia
 from .media import MediaInfo, ffmpeg_reason, probe
 from .plan import MAX_RATE_FACTOR, Chunk, Rendition
 from .sources import ffmpeg_input, shown_name, source_demuxer, work_input
+
+if TYPE_CHECKING:
+    from .sealing import SegmentSealer
 
 #: Progress callbacks are rate limited: the job record is not a firehose.
 PROGRESS_INTERVAL_S = 0.5
@@ -98,6 +101,7 @@ def chunk_args(
     has_audio: bool,
     demuxer: str,
     audio: Mapping[int, AudioPiece] | None = None,
+    temp_files: bool = False,
 ) -> list[str]:
     """The one ffmpeg command that writes ``chunk`` of every rendition as plain segments into
     ``out_dir/<rendition>/``, reading ``source`` with ``demuxer`` (the probe's) under the source
@@ -106,7 +110,8 @@ def chunk_args(
     The source is decoded once: its video goes through ``fps`` and then a ``split`` into one
     scaler and encoder per rendition. Audio is either copied from the chunk's pieces of the
     job's one audio encode (``audio``, by bitrate: a chunked job) or encoded here from the
-    decoded source audio (a job of one chunk). A remux copies both streams.
+    decoded source audio (a job of one chunk). A remux copies both streams. With
+    ``temp_files`` a segment appears under its name only once ffmpeg has closed it (sealing).
     """
     name, input_options = ffmpeg_input(source, demuxer=demuxer)
     seek: dict[str, str] = {}
@@ -148,6 +153,8 @@ def chunk_args(
             "start_number": chunk.first_segment,
             "map_metadata": -1,
         }
+        if temp_files:
+            options["hls_flags"] = "temp_file"
         if copy:
             options["c"] = "copy"
             if has_audio:
@@ -260,9 +267,12 @@ def run_ffmpeg(
         on_progress(1.0)
 
 
-def parse_plain_playlist(out_dir: Path, first_sequence: int = 0) -> list[Segment]:
+def parse_plain_playlist(
+    out_dir: Path, first_sequence: int = 0, plain_sizes: Mapping[str, int] | None = None
+) -> list[Segment]:
     """Read back the segment names and exact durations ffmpeg wrote into its playlist; the
-    first is media sequence number ``first_sequence``."""
+    first is media sequence number ``first_sequence``. Sizes are the files' own, or taken from
+    ``plain_sizes`` (segments sealed since ffmpeg wrote them)."""
     segments: list[Segment] = []
     duration: float | None = None
     for line in (out_dir / PLAIN_PLAYLIST).read_text().splitlines():
@@ -271,7 +281,11 @@ def parse_plain_playlist(out_dir: Path, first_sequence: int = 0) -> list[Segment
         elif line and not line.startswith("#") and duration is not None:
             name = line.strip().rsplit("/", 1)[-1]
             sequence = first_sequence + len(segments)
-            segments.append(Segment(sequence, name, duration, (out_dir / name).stat().st_size))
+            if plain_sizes is not None and name in plain_sizes:
+                size = plain_sizes[name]
+            else:
+                size = (out_dir / name).stat().st_size
+            segments.append(Segment(sequence, name, duration, size))
             duration = None
     if not segments:
         raise UnsupportedMedia("ffmpeg produced no segments: the source has no decodable frames")
@@ -289,9 +303,11 @@ def segment_chunk(
     timeout: float,
     audio: Mapping[int, AudioPiece] | None = None,
     on_progress: ProgressCallback | None = None,
+    seal: SegmentSealer | None = None,
 ) -> dict[str, SegmentedRendition]:
     """Cut ``chunk`` of every rendition of ``source`` (whose probe is ``info``) into
-    ``out_dir/<rendition>/`` with one ffmpeg, and describe what was produced, by rendition."""
+    ``out_dir/<rendition>/`` with one ffmpeg, and describe what was produced, by rendition.
+    With ``seal`` (one rendition), each segment is encrypted as soon as ffmpeg closes it."""
     for rendition in renditions:
         rendition_dir = out_dir / rendition.name
         rendition_dir.mkdir(parents=True, exist_ok=True)
@@ -301,19 +317,27 @@ def segment_chunk(
     args = chunk_args(
         source, renditions, chunk, out_dir, segment_seconds,
         has_audio=info.audio is not None, demuxer=demuxer, audio=audio,
+        temp_files=seal is not None,
     )
     length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
-    run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
+    if seal is None:
+        run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
+    else:
+        [rendition] = renditions
+        with seal.sealing(out_dir / rendition.name, chunk.first_segment):
+            run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
+    plain_sizes = seal.plain_sizes() if seal is not None else None
     return {
-        rendition.name: _describe(rendition, out_dir / rendition.name, chunk, info)
+        rendition.name: _describe(rendition, out_dir / rendition.name, chunk, info, plain_sizes)
         for rendition in renditions
     }
 
 
 def _describe(
-    rendition: Rendition, rendition_dir: Path, chunk: Chunk, info: MediaInfo
+    rendition: Rendition, rendition_dir: Path, chunk: Chunk, info: MediaInfo,
+    plain_sizes: Mapping[str, int] | None = None,
 ) -> SegmentedRendition:
-    segments = parse_plain_playlist(rendition_dir, chunk.first_segment)
+    segments = parse_plain_playlist(rendition_dir, chunk.first_segment, plain_sizes)
     if chunk.segments is not None and len(segments) != chunk.segments:
         # The next chunk's segments are numbered after this one's planned count; a different
         # count would break the media sequence (and with it every IV) at the join.
