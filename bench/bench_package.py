@@ -1,16 +1,20 @@
-"""Benchmark: `hlsvault package --ladder copy` against ffmpeg's own encrypted HLS, side by side.
+"""Benchmark: `hlsvault package --ladder copy` against ffmpeg's plain remux to HLS, side by side.
 
-Both package the same cached 120 s 1080p30 H.264/AAC clip into AES-128 HLS with 6 s segments:
+The same cached 120 s 1080p30 H.264/AAC clip (~15.5 Mbit/s, ~236 MB) cut into 6 s segments by:
 
-- ffmpeg:   ``ffmpeg -i clip -c copy -f hls -hls_time 6 -hls_playlist_type vod
-            -hls_key_info_file keyinfo -hls_segment_filename out/seg_%05d.ts out/index.m3u8``
+- ffmpeg-plain (the baseline): ``ffmpeg -i clip -c copy -f hls -hls_time 6
+            -hls_playlist_type vod -hls_segment_filename out/seg_%05d.ts out/index.m3u8``,
+            unencrypted: the floor under any packager that remuxes (it has to remux too).
+- ffmpeg:   ffmpeg's own encrypted HLS, ``ffmpeg -i clip -c copy -f hls -hls_time 6
+            -hls_playlist_type vod -hls_key_info_file keyinfo
+            -hls_segment_filename out/seg_%05d.ts out/index.m3u8``
 - hlsvault: ``hlsvault package clip --ladder copy --asset benchN --json`` in embedded mode
             (REDIS_URL unset, HLSVAULT_DATA_DIR in bench/.work), a fresh asset every round.
 
-The same ffmpeg command without the key info file is timed too, for context: it is the floor
-any remux-then-encrypt packager stands on. Each round runs the three commands back to back, in
-an order rotated every round, each from a clean page-cache writeback state (``sync``). Reported
-is the median wall clock of each whole command and ``median(hlsvault) / median(ffmpeg)``.
+Each round runs the three commands back to back, in an order rotated every round, each from a
+clean page-cache writeback state (``sync``). Reported is the median wall clock of each whole
+command, ``median(hlsvault) / median(ffmpeg-plain)`` (the target) and, for a user who would
+otherwise run ffmpeg's own encryption, ``median(hlsvault) / median(ffmpeg)``.
 
 For hlsvault the job record's stage timestamps split the wall clock into: process start and
 CLI imports, worker start and dispatch, each stage, the hops between stages, and the exit.
@@ -36,8 +40,10 @@ from typing import Any
 from machine import describe
 from sample_clip import CLIP_SECONDS, WORK_DIR, ensure_clip
 
-#: The brief: hlsvault should take at most 60 % of ffmpeg's single-command encrypted HLS.
-TARGET_RATIO = 0.6
+#: Issue 10: encrypted, published HLS in at most 1.3 times ffmpeg's unencrypted remux.
+TARGET_RATIO = 1.3
+#: The earlier brief: at most 60 % of ffmpeg's single-command encrypted HLS.
+TARGET_RATIO_AES = 0.6
 DEFAULT_ROUNDS = 5
 #: One untimed round fills the page cache and Python's bytecode cache for everyone.
 DEFAULT_WARMUP = 1
@@ -239,12 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     print("  " + "  ".join(f"{p} {m:.3f}" for p, m in phase_medians.items()))
     print(f"  (sum of phase medians {sum(phase_medians.values()):.3f} "
           f"vs median wall clock {medians[HLSVAULT]:.3f})")
-    print(f"context: unencrypted ffmpeg segmenting (same command, no key info file) "
-          f"median {medians[FFMPEG_PLAIN]:.3f} s")
-    ratio = medians[HLSVAULT] / medians[FFMPEG_AES]
+    per_round = [h / p for h, p in zip(timings.seconds[HLSVAULT], timings.seconds[FFMPEG_PLAIN],
+                                       strict=True)]
+    print(f"hlsvault / ffmpeg-plain per round: {', '.join(f'{r:.2f}' for r in per_round)}; "
+          f"load average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    aes_ratio = medians[HLSVAULT] / medians[FFMPEG_AES]
+    verdict = "met" if aes_ratio <= TARGET_RATIO_AES else "MISSED"
+    print(f"RESULT package vs ffmpeg encrypted HLS: hlsvault {medians[HLSVAULT]:.2f} s, "
+          f"ffmpeg {medians[FFMPEG_AES]:.2f} s, ratio {aes_ratio:.2f} "
+          f"(target <= {TARGET_RATIO_AES}: {verdict})")
+    ratio = medians[HLSVAULT] / medians[FFMPEG_PLAIN]
     verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
-    print(f"RESULT package: hlsvault {medians[HLSVAULT]:.2f} s, "
-          f"ffmpeg {medians[FFMPEG_AES]:.2f} s, ratio {ratio:.2f} "
+    print(f"RESULT package vs ffmpeg plain remux: hlsvault {medians[HLSVAULT]:.2f} s, "
+          f"ffmpeg-plain {medians[FFMPEG_PLAIN]:.2f} s, ratio {ratio:.2f} "
           f"(target <= {TARGET_RATIO}: {verdict})")
     return 0
 

@@ -62,7 +62,8 @@ class TestOverlappingSegmentAttempts:
         writing (its first segment torn) while encrypt runs, then encrypt reads only the
         finished attempt: every decrypted segment equals that attempt's plain bytes."""
         spec, rendition = probed
-        packaging.segment(services, spec, CHUNK)
+        # Plain segments, as a transcode leaves them (a remux is sealed: see test_sealing.py).
+        packaging.segment(services, spec, CHUNK, seal=False)
         produced = json.loads(services.work.get_bytes(layout.produced_key(spec.job_id, CHUNK)))
         finished = layout.chunk_rendition_prefix(
             spec.job_id, CHUNK, produced["attempt"], rendition
@@ -85,7 +86,7 @@ class TestOverlappingSegmentAttempts:
 
         def redelivered() -> None:
             with pytest.raises(TransientError):
-                packaging.segment(services, spec, CHUNK)
+                packaging.segment(services, spec, CHUNK, seal=False)
 
         monkeypatch.setattr(packaging, "segment_chunk", torn_attempt)
         second = threading.Thread(target=redelivered)
