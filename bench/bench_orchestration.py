@@ -103,6 +103,13 @@ PROCESS_STAGES = {
     "encrypt": ("encrypt",),
 }
 THREADS = procfile_threads()
+#: The five hops between stages on the fleet, split at their messages' stamps (epoch s):
+#: send = the previous stage's finish until the next message is made (the sender's record
+#: writes); fetch = until the consumer fetched it (the enqueue script, the BLMOVE wake-up,
+#: dramatiq's fetch script; message_timestamp is in whole ms); pickup = until a worker thread
+#: took it (dramatiq's work queue, middleware); start = until the stage started (the job
+#: record's read and the stage_started script).
+HOP_PARTS = ("hop-send", "hop-fetch", "hop-pickup", "hop-start")
 #: A request line of moto's (werkzeug's) access log, colours and all.
 _REQUEST = re.compile(r'\] "(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|HEAD|DELETE) (\S+)')
 
@@ -256,10 +263,20 @@ def job_times(record: dict[str, str], submitted_at: float, tools: list[ToolRun])
     parts = {"submit": submitted_at - created}
     hops = at("probe.started_at") - submitted_at
     previous_end = None
+    for name in HOP_PARTS:
+        parts[name] = 0.0
     for stage in stages:
         started, ended = at(f"{stage}.started_at"), at(f"{stage}.finished_at")
         if previous_end is not None:
             hops += started - previous_end
+            if f"{stage}.fetched_at" in record:
+                # The fleet's hop, split at its message's stamps (workers.flow.note_delivery).
+                enqueued, fetched = at(f"{stage}.enqueued_at"), at(f"{stage}.fetched_at")
+                picked = at(f"{stage}.picked_at")
+                parts["hop-send"] += enqueued - previous_end
+                parts["hop-fetch"] += fetched - enqueued
+                parts["hop-pickup"] += picked - fetched
+                parts["hop-start"] += started - picked
         previous_end = ended
         parts[stage.split(":")[0]] = ended - started
     parts["hops"] = hops
@@ -338,6 +355,11 @@ def report(batches: list[Batch], mode: str, redis_calls: dict[str, float] | None
     order = ("submit", "hops", "probe-rest", "ffprobe", "segment-rest", "ffmpeg", "encrypt",
              "playlist", "upload", "invalidate", "finish")
     print("  median parts, ms: " + "  ".join(f"{name} {ms(median[name])}" for name in order))
+    if any(j.parts["hop-fetch"] for j in jobs):
+        split = {name: statistics.median(j.parts[name] for j in jobs) for name in HOP_PARTS}
+        print("  the five hops between stages, median sums, ms: "
+              + "  ".join(f"{name.removeprefix('hop-')} {value * 1000:.1f}"
+                          for name, value in split.items()))
     if mode == DIRECT:
         return
     # How busy each Procfile process type's worker threads were over the batch: the one near

@@ -12,7 +12,9 @@ import pytest
 from dramatiq.broker import MessageProxy
 
 from pipeline.redisconn import connect
+from workers import flow
 from workers.broker import WakingConsumer, WakingRedisBroker
+from workers.middleware import DeliveryTimes
 
 from fleet import RedisServer
 
@@ -175,3 +177,32 @@ class TestWorker:
             until(lambda: seen == ["before", "after"], "the message sent after the restart")
         finally:
             worker.stop(timeout=10_000)
+
+    def test_a_handler_sees_when_its_message_was_enqueued_fetched_and_picked_up(
+        self, broker: WakingRedisBroker
+    ) -> None:
+        """The stamps run_stage keeps per stage (where a hop spends its time) are those of the
+        message being handled, in order, and no other thread sees them."""
+        broker.add_middleware(DeliveryTimes())
+        seen: list[dict[str, float]] = []
+        after: list[dict[str, float]] = []
+
+        def stamped(word: str) -> None:
+            seen.append(dict(flow.delivery()))
+
+        actor = dramatiq.actor(stamped, actor_name="stamped", queue_name="words", broker=broker)
+        worker = dramatiq.Worker(broker, worker_timeout=1000, worker_threads=1)
+        worker.start()
+        try:
+            sent_at = time.time()
+            actor.send("hello")
+            until(lambda: len(seen) == 1, "the message to be handled")
+            after.append(dict(flow.delivery()))  # another thread: nothing of the worker's
+        finally:
+            worker.stop(timeout=10_000)
+        times = seen[0]
+        assert set(times) == {"enqueued_at", "fetched_at", "picked_at"}
+        # message_timestamp is whole milliseconds
+        assert sent_at - 0.001 <= times["enqueued_at"] <= times["fetched_at"] + 0.001
+        assert times["fetched_at"] <= times["picked_at"] <= time.time()
+        assert after == [{}]

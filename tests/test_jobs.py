@@ -87,6 +87,17 @@ def test_deliveries_are_counted_per_stage(jobs: JobStore) -> None:
     assert jobs.get(spec.job_id).stage("upload").attempts == 3  # type: ignore[union-attr]
 
 
+
+def test_a_stage_keeps_when_its_message_was_delivered(jobs: JobStore) -> None:
+    """The delivery times a worker notes are kept next to the stage's start, as written."""
+    spec = new_job_spec("/videos/film.mp4", asset="film")
+    jobs.create(spec)
+    times = {"enqueued_at": 100.25, "fetched_at": 100.5, "picked_at": 100.75}
+    assert jobs.stage_started(spec.job_id, "playlist", delivery=times) == 1
+    fields = jobs.get(spec.job_id).fields
+    assert {name: float(fields[f"playlist.{name}"]) for name in times} == times
+    assert jobs.get(spec.job_id).stage("playlist").status == "running"  # type: ignore[union-attr]
+
 class TestStatusIndex:
     def test_each_status_change_moves_the_job_in_the_index(
         self, jobs: JobStore, clock: Clock

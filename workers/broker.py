@@ -26,6 +26,7 @@ prefetch is full waits for one of its messages to be acked instead of sleeping.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 
 import redis
@@ -45,6 +46,15 @@ MAX_WAIT_S = SOCKET_TIMEOUT_S / 2
 HEARTBEATS_PER_TIMEOUT = 4
 #: The shortest wait: BLMOVE takes 0 for "forever", and a delayed message due now needs none.
 MIN_WAIT_S = 0.001
+
+
+class FetchedMessage(MessageProxy):
+    """A message as the consumer hands it to the worker, stamped with when it was fetched
+    (epoch seconds): the job record keeps it per stage (see :func:`workers.flow.run_stage`)."""
+
+    def __init__(self, message: Message[object], fetched_at: float) -> None:
+        super().__init__(message)
+        self.fetched_at = fetched_at
 
 
 class WakingConsumer(_RedisConsumer):
@@ -113,7 +123,7 @@ class WakingConsumer(_RedisConsumer):
                     eta = message.options.get("eta")
                     if isinstance(eta, int | float):
                         self.etas[message.message_id] = int(eta)
-                    return MessageProxy(message)
+                    return FetchedMessage(message, time.time())
                 free = self.prefetch - self.outstanding_message_count
                 if free <= 0:
                     # Cleared before looking again, so that an ack in between is not missed.

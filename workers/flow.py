@@ -21,7 +21,9 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -68,6 +70,34 @@ def stage_of(actor_name: str, args: Sequence[Any]) -> str:
     return stage
 
 
+#: No delivery times: a stage called without a worker (the embedded runner, tests).
+NO_DELIVERY: Mapping[str, float] = MappingProxyType({})
+#: When the message this worker thread handles was enqueued, fetched by its consumer and
+#: picked up by the thread (epoch seconds; see :func:`note_delivery`).
+_delivery: ContextVar[Mapping[str, float]] = ContextVar("hlsvault_delivery", default=NO_DELIVERY)
+
+
+def note_delivery(message: Any) -> None:
+    """Keep, for :func:`run_stage` to write next to the stage's start, when ``message`` was
+    enqueued (dramatiq's ``message_timestamp``, ms), fetched (``fetched_at``, stamped by
+    :class:`workers.broker.WakingConsumer`) and picked up by this thread (now): where a hop
+    between two stages spends its time."""
+    times = {"enqueued_at": int(message.message_timestamp) / 1000, "picked_at": time.time()}
+    fetched = getattr(message, "fetched_at", None)
+    if isinstance(fetched, float):
+        times["fetched_at"] = fetched
+    _delivery.set(MappingProxyType(times))
+
+
+def delivery() -> Mapping[str, float]:
+    """The delivery times :func:`note_delivery` kept for this thread's message, if any."""
+    return _delivery.get()
+
+
+def forget_delivery() -> None:
+    _delivery.set(NO_DELIVERY)
+
+
 def worker_name() -> str:
     """Which process ran a stage, as the job record keeps it: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -97,7 +127,9 @@ def run_stage(rt: Runtime, job_id: str, stage: str, work: Callable[[JobSpec], T]
             discard_work(svc, job_id)
         return None
     # Which process took it, too: chunks of one job run on many workers at once.
-    attempts = svc.jobs.stage_started(job_id, stage, worker=worker_name())
+    attempts = svc.jobs.stage_started(
+        job_id, stage, worker=worker_name(), delivery=delivery()
+    )
     if attempts > svc.settings.max_deliveries:
         reason = str(
             PoisonJob(

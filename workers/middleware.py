@@ -46,6 +46,27 @@ class LogContext(Middleware):
         structlog.contextvars.clear_contextvars()
 
 
+class DeliveryTimes(Middleware):
+    """Note when the message a worker thread is about to handle was enqueued, fetched and
+    picked up (:func:`workers.flow.note_delivery`): the job record keeps them per stage."""
+
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        flow.note_delivery(message)
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        flow.forget_delivery()
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        flow.forget_delivery()
+
+
 def failure_reason(exception: BaseException) -> str:
     """What the job record and the CLI say about a failure: never a credential."""
     if isinstance(exception, HlsvaultError):

@@ -75,11 +75,12 @@ def build_runtime(
     actors declared on it. Touches no global state, so tests may build several; processes call
     :func:`install`."""
     from . import actors
-    from .middleware import JobOutcome, LogContext
+    from .middleware import DeliveryTimes, JobOutcome, LogContext
 
     broker = broker if broker is not None else build_broker(settings)
     runtime = Runtime(settings, broker, services or build_services(settings))
     broker.add_middleware(LogContext())
+    broker.add_middleware(DeliveryTimes())
     # emit_after runs middleware in reverse: placed before Retries, JobOutcome sees the
     # message after Retries has decided whether it failed for good.
     broker.add_middleware(JobOutcome(runtime), before=Retries)

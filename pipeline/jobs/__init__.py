@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -296,9 +296,17 @@ class JobStore:
     def set_json(self, job_id: str, name: str, value: Any) -> None:
         self.backend.write(job_id, {name: json.dumps(value)})
 
-    def stage_started(self, job_id: str, stage: str, *, worker: str | None = None) -> int:
+    def stage_started(
+        self,
+        job_id: str,
+        stage: str,
+        *,
+        worker: str | None = None,
+        delivery: Mapping[str, float] | None = None,
+    ) -> int:
         """Mark a stage running (on ``worker``, when given) and count this delivery, in one
-        step; returns the delivery count.
+        step; returns the delivery count. ``delivery`` (``enqueued_at``, ``fetched_at``,
+        ``picked_at``: when its message was) is kept as ``<stage>.<name>``.
 
         Counted here rather than by dramatiq because a worker killed by SIGKILL never tells
         dramatiq it failed: only this count sees a message that kills its worker every time.
@@ -306,6 +314,8 @@ class JobStore:
         fields = {f"{stage}.status": "running", f"{stage}.started_at": repr(self.clock())}
         if worker is not None:
             fields[f"{stage}.worker"] = json.dumps(worker)
+        for name, at in (delivery or {}).items():
+            fields[f"{stage}.{name}"] = repr(at)
         return self.backend.start_stage(job_id, f"{stage}.attempts", fields)
 
     def stage_queued(self, job_id: str, *stages: str) -> None:
