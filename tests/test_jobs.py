@@ -98,6 +98,15 @@ def test_a_stage_keeps_when_its_message_was_delivered(jobs: JobStore) -> None:
     assert {name: float(fields[f"playlist.{name}"]) for name in times} == times
     assert jobs.get(spec.job_id).stage("playlist").status == "running"  # type: ignore[union-attr]
 
+
+def test_queuing_a_stage_writes_its_json_fields_with_it(jobs: JobStore) -> None:
+    spec = new_job_spec("/videos/film.mp4", asset="film")
+    jobs.create(spec)
+    jobs.stage_queued(spec.job_id, "invalidate", json_fields={"published": {"version": "v1"}})
+    record = jobs.get(spec.job_id)
+    assert record.json_field("published") == {"version": "v1"}
+    assert record.stage("invalidate").status == "queued"  # type: ignore[union-attr]
+
 class TestStatusIndex:
     def test_each_status_change_moves_the_job_in_the_index(
         self, jobs: JobStore, clock: Clock

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import dramatiq
 
 from pipeline import cdn, downloads, lifecycle, packaging, publish
+from pipeline.jobs import JobSpec
 
 from . import flow
 from .queues import Queue
@@ -86,11 +87,13 @@ def declare(rt: Runtime) -> None:
 
     @stage_actor(flow.PLAYLIST, Queue.PUBLISH, SHORT_LIMIT_MS)
     def playlist(job_id: str) -> None:
-        done = flow.run_stage(
-            rt, job_id, "playlist", lambda spec: packaging.build_playlists(svc, spec)
-        )
-        if done is not None:
-            flow.after_playlist(rt, job_id)
+        def build(spec: JobSpec) -> JobSpec:
+            packaging.build_playlists(svc, spec)
+            return spec
+
+        ran = flow.run_stage(rt, job_id, "playlist", build)
+        if ran is not None:
+            flow.after_playlist(rt, ran)
 
     @stage_actor(flow.DOWNLOAD, Queue.SEGMENT, PUBLISH_LIMIT_MS)
     def download(job_id: str) -> None:
@@ -119,9 +122,13 @@ def declare(rt: Runtime) -> None:
 
     @stage_actor(flow.REKEY, Queue.ENCRYPT, PUBLISH_LIMIT_MS)
     def rekey(job_id: str) -> None:
-        done = flow.run_stage(rt, job_id, "rekey", lambda spec: lifecycle.rekey(svc, spec))
-        if done is not None:
-            flow.after_rekey(rt, job_id)
+        def rekeyed(spec: JobSpec) -> JobSpec:
+            lifecycle.rekey(svc, spec)
+            return spec
+
+        ran = flow.run_stage(rt, job_id, "rekey", rekeyed)
+        if ran is not None:
+            flow.after_rekey(rt, ran)
 
     @stage_actor(flow.SHRED, Queue.PUBLISH, SHORT_LIMIT_MS)
     def shred(asset: str) -> None:

@@ -209,19 +209,20 @@ def after_encrypt(rt: Runtime, job_id: str, chunk: str) -> None:
         rt.send(PLAYLIST, job_id)
 
 
-def after_rekey(rt: Runtime, job_id: str) -> None:
+def after_rekey(rt: Runtime, spec: JobSpec) -> None:
     # The rekey stage leaves what segment, encrypt and playlist would have: publish it.
-    after_playlist(rt, job_id)
+    after_playlist(rt, spec)
 
 
-def after_playlist(rt: Runtime, job_id: str) -> None:
+def after_playlist(rt: Runtime, spec: JobSpec) -> None:
     # A download is made from what encrypt left and the playlist stage described, before the
-    # upload publishes the version (so a published version's download is always there).
-    if rt.services.jobs.get(job_id).spec.download is not None:
-        rt.services.jobs.stage_queued(job_id, "download")
-        rt.send(DOWNLOAD, job_id)
+    # upload publishes the version (so a published version's download is always there). The
+    # spec is the one the stage ran with (run_stage read it): no second read of the record.
+    if spec.download is not None:
+        rt.services.jobs.stage_queued(spec.job_id, "download")
+        rt.send(DOWNLOAD, spec.job_id)
         return
-    after_download(rt, job_id)
+    after_download(rt, spec.job_id)
 
 
 def after_download(rt: Runtime, job_id: str) -> None:
@@ -230,8 +231,7 @@ def after_download(rt: Runtime, job_id: str) -> None:
 
 
 def after_upload(rt: Runtime, job_id: str, published: dict[str, Any]) -> None:
-    rt.services.jobs.set_json(job_id, "published", published)
-    rt.services.jobs.stage_queued(job_id, "invalidate")
+    rt.services.jobs.stage_queued(job_id, "invalidate", json_fields={"published": published})
     rt.send(INVALIDATE, job_id)
 
 

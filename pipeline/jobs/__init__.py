@@ -318,8 +318,14 @@ class JobStore:
             fields[f"{stage}.{name}"] = repr(at)
         return self.backend.start_stage(job_id, f"{stage}.attempts", fields)
 
-    def stage_queued(self, job_id: str, *stages: str) -> None:
-        self.backend.write(job_id, {f"{stage}.status": "queued" for stage in stages})
+    def stage_queued(
+        self, job_id: str, *stages: str, json_fields: Mapping[str, Any] | None = None
+    ) -> None:
+        """Mark ``stages`` queued, and write ``json_fields`` (as :meth:`set_json` would) in
+        the same round trip."""
+        fields = {f"{stage}.status": "queued" for stage in stages}
+        fields.update({name: json.dumps(value) for name, value in (json_fields or {}).items()})
+        self.backend.write(job_id, fields)
 
     def stage_progress(self, job_id: str, stage: str, fraction: float) -> None:
         self.backend.write(job_id, {f"{stage}.progress": f"{fraction:.3f}"})
