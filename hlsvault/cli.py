@@ -1,10 +1,12 @@
 """The `hlsvault` command line: translate arguments, delegate, report.
 
 hlsvault package SOURCE [--asset ID] [--ladder copy|default] [--segment-seconds S]
-                        [--key-rotation-segments N] [--download [RENDITION]] [--json]
+                        [--key-rotation-segments N] [--download [RENDITION]]
+                        [--container ts|fmp4] [--codec h264|hevc] [--audio-only] [--json]
 hlsvault submit SOURCE [same options as package]          (distributed mode)
 hlsvault status JOB [--wait] [--json]
-hlsvault serve [--host H] [--port P] [--certfile F --keyfile F]
+hlsvault serve [--host H] [--port P] [--certfile F --keyfile F] [--workers N]
+               [--server uvicorn|granian]
 hlsvault url ASSET [--ttl SECONDS] [--auth token|cookie] [--sid S] [--ip A] [--download]
                    [--offline]
 hlsvault token ASSET [--ttl SECONDS] [--sid S] [--ip A] [--offline]
@@ -22,7 +24,6 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline import layout
@@ -58,6 +59,9 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
         segment_seconds=args.segment_seconds,
         key_rotation_segments=args.key_rotation_segments,
         download=args.download,
+        container=args.container,
+        codec=args.codec,
+        audio_only=args.audio_only,
     )
     if settings.embedded or "://" in spec.source or not settings.work.startswith("s3://"):
         return spec
@@ -116,23 +120,13 @@ def cmd_submit(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
-    import uvicorn
+    from keyserver.serving import DEFAULT_SERVER, ServeOptions, serve
 
-    from keyserver import create_app
-
-    kwargs: dict[str, Any] = {}
-    if args.certfile:
-        kwargs.update(ssl_certfile=args.certfile, ssl_keyfile=args.keyfile)
     port = args.port if args.port is not None else urlsplit(ctx.settings.public_url).port or 8000
-    uvicorn.run(
-        create_app(ctx.settings),
-        host=args.host,
-        port=port,
-        access_log=False,
-        log_config=None,
-        timeout_keep_alive=5,
-        **kwargs,
-    )
+    serve(ServeOptions(
+        host=args.host, port=port, workers=args.workers, server=args.server or DEFAULT_SERVER,
+        certfile=args.certfile, keyfile=args.keyfile,
+    ))
     return 0
 
 
@@ -197,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
             help="also write a private MP4 download of RENDITION (default: the top one); put "
                  "it after SOURCE, or write --download=720p",
         )
+        command.add_argument(
+            "--container", choices=layout.CONTAINERS, default=layout.DEFAULT_CONTAINER,
+            help="ts: MPEG-TS segments; fmp4: CMAF (init segment + .m4s, HLS version 7), "
+                 "audio as renditions of its own",
+        )
+        command.add_argument(
+            "--codec", choices=layout.VIDEO_CODECS, default=layout.DEFAULT_VIDEO_CODEC,
+            help="the default ladder's video codec (hevc: with --container fmp4)",
+        )
+        command.add_argument(
+            "--audio-only", action="store_true",
+            help="also offer an audio-only variant (for slow links and audio apps)",
+        )
         command.add_argument("--json", action="store_true", help="print JSON on stdout")
     package.add_argument(
         "--timeout",
@@ -216,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--certfile", help="TLS certificate (PEM)")
     serve.add_argument("--keyfile", help="TLS private key (PEM)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes, one per core to use (default 1)")
+    serve.add_argument("--server", default=None,
+                       help="the ASGI server: granian (the default) or uvicorn")
     serve.set_defaults(handler=cmd_serve)
 
     add_commands(commands, wait_timeout=DEFAULT_WAIT_TIMEOUT_S)

@@ -95,7 +95,11 @@ class Exports:
             key = layout.segment_key(asset, version, rendition.name, segment.name)
             return layout.cdn_url(cdn, key) + queries[rendition.name]
 
-        bundle = offline_bundle(described, keys, segment_uri=segment_uri,
+        def init_uri(rendition: RenditionEntry, init: str) -> str:
+            key = layout.segment_key(asset, version, rendition.name, init)
+            return layout.cdn_url(cdn, key) + queries[rendition.name]
+
+        bundle = offline_bundle(described, keys, segment_uri=segment_uri, init_uri=init_uri,
                                 expires_at=claims.expires_at)
         await self.server._audit(asset, version, claims.sid, ip, "served", kind="offline")
         return JSONResponse(bundle, headers=NO_STORE)

@@ -41,6 +41,9 @@ REMUX_TIMEOUT_PER_MEDIA_S = 0.1
 
 def chosen_rendition(described: AssetVersion, wanted: str) -> RenditionEntry:
     """The rendition ``--download`` names: the top one for :data:`layout.DOWNLOAD_TOP`."""
+    if described.container != "ts" or any(r.media != "video" for r in described.renditions):
+        raise BadSpec("--download needs MPEG-TS segments with muxed audio; this version is "
+                      f"{described.container} with separate audio; package without --download")
     if wanted == layout.DOWNLOAD_TOP:
         return max(described.renditions, key=lambda r: r.bandwidth)
     found = described.rendition(wanted)

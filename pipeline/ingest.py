@@ -1,7 +1,8 @@
 """Ingest: jobs that arrive by themselves, from the webhook or from S3 event notifications.
 
 A request is either a job request, ``{"source": "s3://bucket/key", "asset": …, "ladder": …,
-"segment_seconds": …, "key_rotation_segments": …, "download": true | "720p"}``, or an S3 event
+"segment_seconds": …, "key_rotation_segments": …, "download": true | "720p", "container": "ts" |
+"fmp4", "codec": "h264" | "hevc", "audio_only": true}``, or an S3 event
 notification document
 (``{"Records": [{"eventName": "ObjectCreated:Put", "s3": {…}}]}``), as S3 sends it to SQS.
 
@@ -56,6 +57,7 @@ CLAIM_GRACE_S = 60
 _LEDGER_PREFIX = "hlsvault:ingest:"
 _OPTIONS = (
     "source", "asset", "ladder", "segment_seconds", "key_rotation_segments", "download",
+    "container", "codec", "audio_only",
 )
 
 # Replace a stale claim only if it still names the job we found missing.
@@ -88,6 +90,9 @@ class SourceRequest:
     key_rotation_segments: int = layout.DEFAULT_KEY_ROTATION_SEGMENTS
     #: The rendition of an MP4 download (layout.DOWNLOAD_TOP for the top one), or None.
     download: str | None = None
+    container: str = layout.DEFAULT_CONTAINER
+    codec: str = layout.DEFAULT_VIDEO_CODEC
+    audio_only: bool = False
 
     @property
     def source(self) -> str:
@@ -152,10 +157,17 @@ def parse_job_request(document: dict[str, Any]) -> SourceRequest:
         raise BadSpec('field "segment_seconds" is out of range; send a number of seconds such '
                       "as 6") from None
     check_segment_seconds(seconds)
+    audio_only = document.get("audio_only", False)
+    if not isinstance(audio_only, bool):
+        raise BadSpec('field "audio_only" must be true or false')
     return SourceRequest(bucket=bucket, key=key, asset=asset,
                          ladder=_optional_str(document, "ladder"),
                          segment_seconds=seconds, key_rotation_segments=rotation,
-                         download=_download(document))
+                         download=_download(document),
+                         container=_optional_str(document, "container")
+                         or layout.DEFAULT_CONTAINER,
+                         codec=_optional_str(document, "codec") or layout.DEFAULT_VIDEO_CODEC,
+                         audio_only=audio_only)
 
 
 def _download(document: dict[str, Any]) -> str | None:
@@ -285,6 +297,9 @@ class Ingest:
             segment_seconds=request.segment_seconds,
             key_rotation_segments=request.key_rotation_segments,
             download=request.download,
+            container=request.container,
+            codec=request.codec,
+            audio_only=request.audio_only,
         )
         ledger = ledger_key(request.bucket, request.key, str(revision), asset)
         try:

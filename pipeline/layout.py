@@ -9,12 +9,16 @@ Stores (keys are ``/``-separated, relative)::
             jobs/<job>/audio/produced.json                       names the audio attempt that won
             jobs/<job>/plain/c003/<attempt>/<rendition>/seg_00030.ts  a chunk attempt's output
             jobs/<job>/plain/c003/produced.json                  names the chunk attempt that won
+            jobs/<job>/audio/<attempt>/audio0-en/seg_00003.m4s   an audio rendition (separate audio)
+            jobs/<job>/audio/renditions.json                     names it, with its ciphertext sizes
             jobs/<job>/enc/<rendition>/seg_00030.ts              encrypted, awaiting upload
+            jobs/<job>/enc/<rendition>/init.mp4                  fMP4's init segment (clear)
             jobs/<job>/sizes/c003.json                           a chunk's ciphertext sizes
             sources/<job>/<file name>                            a local source sent to the fleet
     origin  assets/<asset>/master.m3u8                           cookie mode's stable master
             assets/<asset>/<version>/<rendition>.m3u8            cookie mode's static variant
-            assets/<asset>/<version>/<rendition>/seg_00000.ts    immutable segments
+            assets/<asset>/<version>/<rendition>/seg_00000.ts    immutable segments (.m4s: fMP4)
+            assets/<asset>/<version>/<rendition>/init.mp4        fMP4's init segment (EXT-X-MAP)
             downloads/<asset>/<version>/<asset>.mp4              a private download (never public)
     vault   keys/<asset>/<version>/000000.key                    wrapped content keys
             catalog/<asset>/current.json                         the asset's state document
@@ -61,6 +65,16 @@ MAX_GRACE_S = 7 * 24 * 3600.0
 #: ``--download`` without a rendition, and ``"download": true`` in a job request: the rendition
 #: with the highest bandwidth (no ladder names a rendition this way: they are ``<height>p``).
 DOWNLOAD_TOP = "top"
+#: Segment containers: MPEG-TS (every HLS player) or fragmented MP4 / CMAF (HLS version 7,
+#: what HEVC and one-track-per-file packaging need).
+CONTAINERS = ("ts", "fmp4")
+DEFAULT_CONTAINER = "ts"
+#: Video codecs of the default ladder; HEVC only in fMP4 (browsers that decode HEVC in HLS,
+#: Safari among them, take it tagged ``hvc1`` in fMP4, not in MPEG-TS).
+VIDEO_CODECS = ("h264", "hevc")
+DEFAULT_VIDEO_CODEC = "h264"
+#: The GROUP-ID of the audio renditions every video variant references with ``AUDIO=``.
+AUDIO_GROUP = "audio"
 #: Chunks are numbered in three digits (c000…): a 2-hour film in 60 s chunks is 120, and
 #: storage listings sort in time order up to this many.
 MAX_CHUNKS = 1000
@@ -140,6 +154,34 @@ def chunk_index(name: str) -> int:
     if not re.fullmatch(r"c[0-9]{3}", name):
         raise BadSpec(f"invalid chunk name {name[:40]!r}")
     return int(name[1:])
+
+
+def segment_pattern(container: str) -> str:
+    """ffmpeg's segment file name pattern for ``container``; the number is the media sequence."""
+    return "seg_%05d.m4s" if container == "fmp4" else "seg_%05d.ts"
+
+
+#: fMP4's init segment (``EXT-X-MAP``), one per rendition beside its media segments.
+INIT_SEGMENT = "init.mp4"
+#: Content types of what the origin serves, by file extension.
+_CONTENT_TYPES = {".ts": "video/mp2t", ".m4s": "video/iso.segment", ".mp4": "video/mp4"}
+
+
+def segment_content_type(name: str) -> str:
+    """The ``Content-Type`` a segment (or init segment) named ``name`` is served with."""
+    return _CONTENT_TYPES.get(PurePosixPath(name).suffix, "application/octet-stream")
+
+
+def audio_rendition_name(position: int, language: str | None) -> str:
+    """An audio rendition's id (in paths and URLs): ``audio0-en``, ``audio1`` without a
+    language. ``position`` is the source's audio stream order, so names never collide."""
+    tag = re.sub(r"[^a-z0-9-]", "", (language or "").lower())[:16]
+    return f"audio{position}-{tag}" if tag else f"audio{position}"
+
+
+def audio_renditions_key(job_id: str) -> str:
+    """Names the audio stage's attempt of separate audio renditions, with ciphertext sizes."""
+    return f"jobs/{job_id}/audio/renditions.json"
 
 
 def plain_segment_key(attempt_prefix: str, segment: str) -> str:
@@ -325,6 +367,9 @@ def revoked_key(asset: str) -> str:
 BROKER_NAMESPACE = "hlsvault"
 #: The hash where key servers count key requests by outcome, for the ops app's metrics.
 KEY_REQUESTS_HASH = "hlsvault:stats:key_requests"
+#: A counter: audit and access lines the key servers dropped because their log sink fell
+#: behind (keyserver/auditlog.py); the ops app exports it.
+LOG_LINES_DROPPED_KEY = "hlsvault:stats:log_lines_dropped"
 
 # -- key server URLs -----------------------------------------------------------------------------
 

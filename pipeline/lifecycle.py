@@ -93,9 +93,11 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
                     svc.work.put_file(out_key, out)
                 plain.unlink()
                 segments.append(replace(segment, size=size, key=index))
+            if rendition.init is not None:
+                _carry_init(svc, spec, old.version, rendition.name, rendition.init)
             renditions.append(replace(rendition, segments=tuple(segments)))
-    described = AssetVersion(
-        asset=spec.asset,
+    described = replace(
+        old,
         version=spec.version,
         job_id=spec.job_id,
         created_at=time.time(),
@@ -106,6 +108,15 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
     )
     svc.catalog.put_version(described)
     return described
+
+
+def _carry_init(
+    svc: Services, spec: JobSpec, old_version: str, rendition: str, init: str
+) -> None:
+    """An fMP4 rendition's init segment into the new version as it is: it is clear (it holds
+    no sample), so there is nothing to re-key."""
+    data = svc.origin.get_bytes(layout.segment_key(spec.asset, old_version, rendition, init))
+    svc.work.put_bytes(layout.encrypted_key(spec.job_id, rendition, init), data)
 
 
 def shred_due(svc: Services, asset: str, *, now: float | None = None) -> list[str]:

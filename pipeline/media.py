@@ -50,6 +50,12 @@ class AudioStream:
     channels: int
     sample_rate: int
     bit_rate: int | None
+    #: Which audio stream of the source this is (ffmpeg's ``a:<index>``), and what its
+    #: metadata says: language (as tagged, often ISO 639-2), title, default disposition.
+    index: int = 0
+    language: str | None = None
+    title: str | None = None
+    default: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,9 @@ class MediaInfo:
     size: int | None
     bit_rate: int | None
     video: VideoStream
-    audio: AudioStream | None
+    audio: AudioStream | None  # the first audio stream: what a muxed rendition carries
+    #: Every audio stream, in the source's order (separate audio renditions: one each).
+    audio_tracks: tuple[AudioStream, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +77,9 @@ class MediaInfo:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MediaInfo:
         audio = data.get("audio")
+        tracks = tuple(AudioStream(**track) for track in data.get("audio_tracks") or ())
+        if not tracks and audio:
+            tracks = (AudioStream(**audio),)  # probed before every track was kept
         return cls(
             format_name=data["format_name"],
             duration=data["duration"],
@@ -76,6 +87,7 @@ class MediaInfo:
             bit_rate=data.get("bit_rate"),
             video=VideoStream(**data["video"]),
             audio=AudioStream(**audio) if audio else None,
+            audio_tracks=tracks,
         )
 
 
@@ -254,16 +266,8 @@ def parse_probe(raw: dict[str, Any], shown: str) -> MediaInfo:
         rotation=_rotation(v),
         bit_rate=_int(v.get("bit_rate")),
     )
-    audio = None
-    if audios:
-        a = audios[0]
-        audio = AudioStream(
-            codec=str(a.get("codec_name")),
-            profile=a.get("profile"),
-            channels=int(a.get("channels") or 0),
-            sample_rate=int(a.get("sample_rate") or 0),
-            bit_rate=_int(a.get("bit_rate")),
-        )
+    tracks = tuple(audio_stream(position, a) for position, a in enumerate(audios))
+    audio = tracks[0] if tracks else None
     return MediaInfo(
         format_name=format_name,
         duration=duration,
@@ -271,6 +275,25 @@ def parse_probe(raw: dict[str, Any], shown: str) -> MediaInfo:
         bit_rate=_int(fmt.get("bit_rate")),
         video=video,
         audio=audio,
+        audio_tracks=tracks,
+    )
+
+
+def audio_stream(position: int, stream: dict[str, Any]) -> AudioStream:
+    """An audio stream of ffprobe's JSON, the ``position``-th of its source."""
+    tags = {str(k).lower(): v for k, v in (stream.get("tags") or {}).items()}
+    language = str(tags.get("language") or "").strip() or None
+    title = str(tags.get("title") or "").strip() or None
+    return AudioStream(
+        codec=str(stream.get("codec_name")),
+        profile=stream.get("profile"),
+        channels=int(stream.get("channels") or 0),
+        sample_rate=int(stream.get("sample_rate") or 0),
+        bit_rate=_int(stream.get("bit_rate")),
+        index=position,
+        language=None if language == "und" else language,
+        title=title,
+        default=bool((stream.get("disposition") or {}).get("default")),
     )
 
 

@@ -8,7 +8,11 @@ app's resource loader answers them from its own secure storage; segment URIs poi
 (signed when the deployment signs CDN access).
 
     {"asset", "version", "expires_at", "key_rotation_segments",
-     "renditions": [{"name", "width", "height", "bandwidth", "codecs", "playlist"}],
+     "renditions": [{"name", "media", "group", "language", "width", "height", "bandwidth",
+                     "codecs", "playlist"}],
+
+Every rendition of the version is there, the audio group's too (``media`` "audio", in the
+``group`` its video renditions name); an fMP4 playlist names its clear init segment on the CDN.
      "keys": {"<index>": "<base64 of the 16 key bytes>"}}
 """
 
@@ -23,11 +27,12 @@ from . import layout
 from .playlists import AssetVersion, PublishedSegment, RenditionEntry, render_variant
 
 SegmentUri = Callable[[RenditionEntry, PublishedSegment], str]
+InitUri = Callable[[RenditionEntry, str], str]
 
 
 def offline_bundle(
     described: AssetVersion, keys: dict[int, bytes], *, segment_uri: SegmentUri,
-    expires_at: int,
+    init_uri: InitUri, expires_at: int,
 ) -> dict[str, Any]:
     """The bundle of ``described`` with ``keys`` (index → key bytes, every index it uses)."""
     asset, version = described.asset, described.version
@@ -38,11 +43,14 @@ def offline_bundle(
 
     for rendition in described.renditions:
         text = render_variant(
-            described, rendition, segment_uri=partial(segment_uri, rendition), key_uri=key_uri
+            described, rendition, segment_uri=partial(segment_uri, rendition), key_uri=key_uri,
+            init_uri=partial(init_uri, rendition),
         )
         renditions.append({
-            "name": rendition.name, "width": rendition.width, "height": rendition.height,
-            "bandwidth": rendition.bandwidth, "codecs": rendition.codecs, "playlist": text,
+            "name": rendition.name, "media": rendition.media, "group": rendition.group,
+            "language": rendition.language, "width": rendition.width,
+            "height": rendition.height, "bandwidth": rendition.bandwidth,
+            "codecs": rendition.codecs, "playlist": text,
         })
     return {
         "asset": asset,

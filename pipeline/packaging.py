@@ -33,10 +33,18 @@ from typing import Any
 from . import layout
 from .audio import WHOLE_PATTERN, ChunkAudio, JobAudio, audio_args, cut_per_chunk
 from .crypto import encrypt_file, iv_for_sequence
-from .errors import InvalidSource, UnsupportedMedia
+from .errors import BadSpec, InvalidSource, UnsupportedMedia
 from .jobs import JobSpec
 from .media import MediaInfo, probe
-from .plan import Chunk, Rendition, plan_chunks, plan_renditions
+from .plan import (
+    AudioRendition,
+    Chunk,
+    Rendition,
+    plan_audio,
+    plan_chunks,
+    plan_renditions,
+    separate_audio,
+)
 from .playlists import AssetVersion, describe_rendition, key_index
 from .sealing import SegmentSealer, can_seal
 from .segment import (
@@ -46,6 +54,7 @@ from .segment import (
     Segment,
     SegmentedRendition,
     run_ffmpeg,
+    segment_audio_renditions,
     segment_chunk,
 )
 from .services import Services
@@ -96,39 +105,58 @@ def segment_timeout(duration: float, copy: bool, renditions: int = 1) -> float:
 @dataclass(frozen=True)
 class JobPlan:
     """What the probe decided: the renditions, the time chunks, and whether the job's audio is
-    encoded once before the chunks (a transcode of several chunks with audio)."""
+    encoded once before the chunks: a transcode of several chunks with muxed audio (pieces
+    by bitrate), or separate audio renditions (an audio group, cut whole)."""
 
     renditions: tuple[Rendition, ...]
     chunks: tuple[Chunk, ...]
     audio_bitrates: tuple[int, ...]
+    audio_renditions: tuple[AudioRendition, ...] = ()
 
     @property
     def audio_first(self) -> bool:
-        return bool(self.audio_bitrates)
+        return bool(self.audio_bitrates) or bool(self.audio_renditions)
 
 
 def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     """Probe the source and plan its renditions and chunks; all are kept in the job record."""
     target, shown = ffmpeg_target(spec.source)
     info = probe(target, shown=shown)
-    renditions = plan_renditions(info, spec.ladder, spec.segment_seconds)
+    renditions = plan_renditions(info, spec.ladder, spec.segment_seconds, spec.codec)
     copy = any(r.copy for r in renditions)
     chunks = plan_chunks(
         info.duration, spec.segment_seconds, svc.settings.chunk_seconds, copy=copy
     )
+    if spec.audio_only and not info.audio_tracks:
+        raise UnsupportedMedia("--audio-only: the source has no audio track to offer alone")
+    separate = separate_audio(info, spec.container, spec.audio_only)
+    if separate and spec.download is not None:
+        raise BadSpec(
+            f"--download: this source's {len(info.audio_tracks)} audio tracks become "
+            "renditions of their own, and downloads are made from muxed audio only; package "
+            "it without --download"
+        )
+    audio = tuple(plan_audio(info, spec.ladder)) if separate else ()
     bitrates: tuple[int, ...] = ()
-    if len(chunks) > 1 and info.audio is not None:
+    if len(chunks) > 1 and info.audio is not None and not separate:
         bitrates = tuple(sorted({r.audio_kbps or DEFAULT_AUDIO_KBPS for r in renditions}))
     svc.jobs.set_json(spec.job_id, "media", info.to_dict())
     svc.jobs.set_json(spec.job_id, "renditions", [r.to_dict() for r in renditions])
     svc.jobs.set_json(spec.job_id, "chunks", [c.to_dict() for c in chunks])
     svc.jobs.set_json(spec.job_id, "audio_bitrates", list(bitrates))
-    return JobPlan(tuple(renditions), tuple(chunks), bitrates)
+    svc.jobs.set_json(spec.job_id, "audio_renditions", [a.to_dict() for a in audio])
+    return JobPlan(tuple(renditions), tuple(chunks), bitrates, audio)
 
 
 def _job_renditions(svc: Services, spec: JobSpec) -> list[Rendition]:
     planned = svc.jobs.get(spec.job_id).json_field("renditions") or []
     return [Rendition.from_dict(item) for item in planned]
+
+
+def job_audio_renditions(svc: Services, spec: JobSpec) -> list[AudioRendition]:
+    """The separate audio renditions the probe planned (none: audio muxed, or no audio)."""
+    planned = svc.jobs.get(spec.job_id).json_field("audio_renditions") or []
+    return [AudioRendition.from_dict(item) for item in planned]
 
 
 def job_chunks(svc: Services, spec: JobSpec) -> list[Chunk]:
@@ -169,7 +197,10 @@ def _work_dir(svc: Services, prefix: str) -> Iterator[tuple[Path, bool]]:
 
 def encode_audio(svc: Services, spec: JobSpec, on_progress: Progress = no_progress) -> int:
     """Encode the source's audio once for the whole job, at every bitrate the ladder uses, and
-    cut it into each chunk's share (see :mod:`pipeline.audio`); returns the pieces written."""
+    cut it into each chunk's share (see :mod:`pipeline.audio`); returns the pieces written.
+    With separate audio renditions, cut and encrypt those instead (:func:`audio_group`)."""
+    if job_audio_renditions(svc, spec):
+        return audio_group(svc, spec, on_progress)
     info = _media(svc, spec)
     chunks = job_chunks(svc, spec)
     bitrates = svc.jobs.get(spec.job_id).json_field("audio_bitrates") or []
@@ -197,6 +228,40 @@ def encode_audio(svc: Services, spec: JobSpec, on_progress: Progress = no_progre
     svc.work.put_bytes(layout.audio_produced_key(spec.job_id),
                        json.dumps(produced.to_dict()).encode())
     return len(pieces)
+
+
+def audio_group(svc: Services, spec: JobSpec, on_progress: Progress = no_progress) -> int:
+    """Cut every separate audio rendition whole (one ffmpeg reading the source once), encrypt
+    its segments, and name the attempt with its sizes in ``audio/renditions.json``; returns
+    the segments written. Audio is a small share of a job's bytes and time, so it is neither
+    chunked nor encrypted by a stage of its own."""
+    info = _media(svc, spec)
+    planned = job_audio_renditions(svc, spec)
+    target, _ = ffmpeg_target(spec.source)
+    attempt = uuid.uuid4().hex[:12]
+    prefix = layout.audio_attempt_prefix(spec.job_id, attempt)
+    with _work_dir(svc, prefix) as (out_dir, is_local):
+        produced = segment_audio_renditions(
+            target, planned, out_dir, info=info, segment_seconds=spec.segment_seconds,
+            container=spec.container, timeout=audio_timeout(info.duration),
+            on_progress=lambda fraction: on_progress(fraction * 0.8),
+        )
+        if not is_local:
+            for name, rendition in produced.items():
+                for file_name in _files_of(rendition):
+                    svc.work.put_file(layout.plain_segment_key(f"{prefix}/{name}", file_name),
+                                      out_dir / name / file_name)
+    sizes = encrypt_renditions(svc, spec, prefix, produced, first_chunk=True)
+    on_progress(1.0)
+    record = {"attempt": attempt, "produced": {n: r.to_dict() for n, r in produced.items()},
+              "sizes": sizes}
+    svc.work.put_bytes(layout.audio_renditions_key(spec.job_id), json.dumps(record).encode())
+    return sum(len(r.segments) for r in produced.values())
+
+
+def _files_of(rendition: SegmentedRendition) -> list[str]:
+    """Every file of a rendition's output: its init segment (fMP4) and its media segments."""
+    return ([rendition.init] if rendition.init else []) + [s.name for s in rendition.segments]
 
 
 def audio_timeout(duration: float) -> float:
@@ -251,13 +316,14 @@ def segment(
     renditions = _job_renditions(svc, spec)
     info = _media(svc, spec)
     chunk = _chunk(svc, spec, chunk_name)
-    target, _ = ffmpeg_target(spec.source)
+    target, _ = ffmpeg_target(spec.source, probed=True)
     attempt = uuid.uuid4().hex[:12]
     prefix = layout.chunk_attempt_prefix(spec.job_id, chunk.name, attempt)
     copy = any(r.copy for r in renditions)
     length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
+    muxed_audio = not job_audio_renditions(svc, spec)
     sealer = None
-    if can_seal(renditions) if seal is None else seal:
+    if can_seal(renditions, spec.container, muxed_audio) if seal is None else seal:
         key_for = key_source(svc, spec)
         key_for(chunk.first_segment)  # the vault answers before ffmpeg starts, or the stage fails
         sealer = SegmentSealer(key_for)
@@ -273,6 +339,8 @@ def segment(
             timeout=segment_timeout(length, copy, len(renditions)),
             audio=_chunk_audio(svc, spec, chunk, Path(scratch)),
             on_progress=on_progress,
+            container=spec.container,
+            muxed_audio=muxed_audio,
             seal=sealer,
         )
         if not is_local:
@@ -280,9 +348,9 @@ def segment(
                 rendition_prefix = layout.chunk_rendition_prefix(
                     spec.job_id, chunk.name, attempt, name
                 )
-                for seg in rendition.segments:
-                    svc.work.put_file(layout.plain_segment_key(rendition_prefix, seg.name),
-                                      out_dir / name / seg.name)
+                for file_name in _files_of(rendition):
+                    svc.work.put_file(layout.plain_segment_key(rendition_prefix, file_name),
+                                      out_dir / name / file_name)
     # The switch: from here on, encrypt reads this attempt (whole) and no other.
     record: dict[str, Any] = {
         "attempt": attempt, "produced": {n: r.to_dict() for n, r in produced.items()},
@@ -321,6 +389,33 @@ def encrypt(svc: Services, spec: JobSpec, chunk: str, on_progress: Progress = no
     report = rate_limited(on_progress)
     if SEALED in record:
         return _place_sealed(svc, spec, chunk, attempt_prefix, produced, record[SEALED], report)
+    sizes = encrypt_renditions(
+        svc, spec, attempt_prefix, produced, first_chunk=layout.chunk_index(chunk) == 0,
+        on_progress=on_progress,
+    )
+    svc.work.put_bytes(layout.sizes_key(spec.job_id, chunk), json.dumps(sizes).encode())
+    return sum(sum(s) for s in sizes.values())
+
+
+def encrypt_renditions(
+    svc: Services,
+    spec: JobSpec,
+    attempt_prefix: str,
+    produced: dict[str, SegmentedRendition],
+    *,
+    first_chunk: bool,
+    on_progress: Progress = no_progress,
+) -> dict[str, list[int]]:
+    """Encrypt the segments of ``produced`` (an attempt's output under ``attempt_prefix``)
+    into the job's encrypted prefix, each whole (fMP4's ``.m4s`` as MPEG-TS's ``.ts``), IV =
+    media sequence number; returns the ciphertext sizes by rendition in segment order.
+
+    fMP4's init segment goes along clear: it holds the codec setup and no sample, and a clear
+    init segment declared before the first EXT-X-KEY is what every player reads (hls.js,
+    AVPlayer, ExoPlayer, ffmpeg), where an encrypted one needs an explicit IV and is not
+    read by all of them. Only the first chunk's is kept: every chunk's encoder writes the same
+    setup, and the playlist names one init segment per rendition."""
+    report = rate_limited(on_progress)
     work = [(name, seg) for name, rendition in produced.items() for seg in rendition.segments]
     # Every key the chunk needs, fetched or created before any thread starts, one at a time
     # (chunks encrypted at once on other machines race for a key: the vault keeps one).
@@ -329,6 +424,10 @@ def encrypt(svc: Services, spec: JobSpec, chunk: str, on_progress: Progress = no
         index = key_index(seg.sequence, spec.key_rotation_segments)
         if index not in keys:
             keys[index] = svc.keys.get_or_create(spec.asset, spec.version, index)
+    if first_chunk:
+        for name, rendition in produced.items():
+            if rendition.init is not None:
+                _copy_init(svc, spec, f"{attempt_prefix}/{name}", name, rendition.init)
 
     with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
 
@@ -365,8 +464,20 @@ def encrypt(svc: Services, spec: JobSpec, chunk: str, on_progress: Progress = no
             ):
                 sizes[name].append(written)
                 report(done / len(work))
-    svc.work.put_bytes(layout.sizes_key(spec.job_id, chunk), json.dumps(sizes).encode())
-    return sum(sum(s) for s in sizes.values())
+    return sizes
+
+
+def _copy_init(
+    svc: Services, spec: JobSpec, rendition_prefix: str, rendition: str, init: str
+) -> None:
+    """A rendition's init segment, clear, beside its encrypted segments."""
+    plain_key = layout.plain_segment_key(rendition_prefix, init)
+    target = layout.encrypted_key(spec.job_id, rendition, init)
+    local = svc.work.local_path(plain_key)
+    if local is not None:
+        svc.work.put_file(target, local)
+        return
+    svc.work.put_bytes(target, svc.work.get_bytes(plain_key))
 
 
 def _place_sealed(
@@ -424,6 +535,10 @@ def joined_renditions(
         result.append(
             (replace(first, segments=segments), [size for _, sizes in parts for size in sizes])
         )
+    if job_audio_renditions(svc, spec):
+        record = json.loads(svc.work.get_bytes(layout.audio_renditions_key(spec.job_id)))
+        for name, item in record["produced"].items():
+            result.append((SegmentedRendition.from_dict(item), record["sizes"][name]))
     return result
 
 
@@ -442,11 +557,16 @@ def rotation_warning(spec: JobSpec, segments: int) -> str | None:
 def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
     """Describe the version from every rendition's measured output and record it, privately,
     in the catalog. It is not visible to players until the upload stage flips it current."""
+    audio = {a.name: a for a in job_audio_renditions(svc, spec)}
     entries = [
-        describe_rendition(produced, sizes, spec.key_rotation_segments)
+        describe_rendition(produced, sizes, spec.key_rotation_segments,
+                           audio=audio.get(produced.rendition),
+                           group=layout.AUDIO_GROUP if audio else None)
         for produced, sizes in joined_renditions(svc, spec)
     ]
-    warning = rotation_warning(spec, min(len(e.segments) for e in entries))
+    warning = rotation_warning(
+        spec, min(len(e.segments) for e in entries if e.media == "video")
+    )
     if warning is not None:
         svc.jobs.set_json(spec.job_id, "warnings", [warning])
     described = AssetVersion(
@@ -455,8 +575,13 @@ def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
         job_id=spec.job_id,
         created_at=time.time(),
         key_rotation_segments=spec.key_rotation_segments,
-        renditions=tuple(sorted(entries, key=lambda e: e.bandwidth, reverse=True)),
+        # Video from the highest bandwidth down, then audio in the source's track order.
+        renditions=tuple(sorted(
+            entries, key=lambda e: (e.media != "video", -e.bandwidth if e.media == "video" else 0)
+        )),
         key_server=svc.settings.public_url,
+        container=spec.container,
+        audio_only=spec.audio_only,
     )
     svc.catalog.put_version(described)
     return described

@@ -30,6 +30,27 @@ MAX_FPS = 60.0
 PLAYABLE_PIX_FMTS = ("yuv420p", "yuvj420p")
 #: H.264 profiles browsers and devices decode (High 10 and 4:2:2/4:4:4 profiles are not).
 PLAYABLE_H264_PROFILES = ("Baseline", "Constrained Baseline", "Main", "High")
+#: HEVC reaches H.264's quality at about this share of its bitrate (the usual rule of thumb
+#: for x265 against x264 at the same preset), so an HEVC ladder's rungs are scaled by it.
+HEVC_RATE_FACTOR = 0.7
+#: Separate audio renditions of a transcode: stereo AAC at the top rung's audio rate (one
+#: rendition per source track; a player picks a language, not a bitrate).
+GROUP_AUDIO_KBPS = 128
+#: ISO 639-2 codes (what MP4 and Matroska tag) of common languages, as the RFC 5646 tags HLS
+#: wants (their ISO 639-1 two-letter form). Others pass as tagged: 639-2 codes are valid
+#: RFC 5646 tags too.
+_TWO_LETTER = {
+    "eng": "en", "deu": "de", "ger": "de", "fra": "fr", "fre": "fr", "spa": "es",
+    "ita": "it", "por": "pt", "nld": "nl", "dut": "nl", "jpn": "ja", "zho": "zh",
+    "chi": "zh", "kor": "ko", "rus": "ru", "pol": "pl", "swe": "sv", "nor": "no",
+    "dan": "da", "fin": "fi", "tur": "tr", "ara": "ar", "hin": "hi", "ces": "cs",
+    "cze": "cs", "ell": "el", "gre": "el", "heb": "he", "hun": "hu", "ukr": "uk",
+}
+_LANGUAGE_NAMES = {
+    "en": "English", "de": "Deutsch", "fr": "Français", "es": "Español", "it": "Italiano",
+    "pt": "Português", "nl": "Nederlands", "ja": "日本語", "zh": "中文", "ko": "한국어",
+    "ru": "Русский", "pl": "Polski", "sv": "Svenska",
+}
 MIN_SEGMENT_SECONDS = 1.0
 MAX_SEGMENT_SECONDS = 30.0
 
@@ -46,6 +67,7 @@ class Rendition:
     audio_kbps: int | None
     frame_rate: str
     gop_frames: int | None
+    codec: str = layout.DEFAULT_VIDEO_CODEC  # the encoder of a transcode: h264 or hevc
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +75,77 @@ class Rendition:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Rendition:
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class AudioRendition:
+    """One audio track of the source as an ``EXT-X-MEDIA TYPE=AUDIO`` rendition."""
+
+    name: str  # layout.audio_rendition_name
+    track: int  # the source's audio stream (ffmpeg's a:<track>)
+    copy: bool  # remuxed as it is (the copy ladder), else encoded to AAC at ``kbps``
+    kbps: int | None
+    language: str | None  # RFC 5646, or None when the source does not say
+    title: str  # the NAME players show
+    default: bool  # exactly one of a group
+    channels: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AudioRendition:
+        return cls(**data)
+
+
+def hls_language(tag: str | None) -> str | None:
+    """A stream's language tag as HLS's LANGUAGE (RFC 5646): ``eng`` → ``en``."""
+    if not tag:
+        return None
+    cleaned = tag.strip().replace("_", "-")
+    if not all(part.isalnum() and len(part) <= 8 for part in cleaned.split("-")):
+        return None
+    return _TWO_LETTER.get(cleaned.lower(), cleaned)
+
+
+def separate_audio(info: MediaInfo, container: str, audio_only: bool) -> bool:
+    """Whether the source's audio becomes renditions of its own (an audio group) instead of
+    being muxed into every video rendition: always in fMP4 (CMAF holds one track per file),
+    for a source with several audio tracks (a player switches between them), and for an
+    audio-only variant (which plays the group's rendition)."""
+    if not info.audio_tracks:
+        return False
+    return container == "fmp4" or audio_only or len(info.audio_tracks) > 1
+
+
+def plan_audio(info: MediaInfo, ladder: str) -> list[AudioRendition]:
+    """One audio rendition per audio track of the source, in its order; the default is the
+    track the source marks default, else the first."""
+    tracks = info.audio_tracks
+    chosen = next((t.index for t in tracks if t.default), tracks[0].index if tracks else 0)
+    planned: list[AudioRendition] = []
+    names: set[str] = set()
+    for track in tracks:
+        language = hls_language(track.language)
+        title = track.title or _LANGUAGE_NAMES.get(language or "", language or "") \
+            or f"Audio {track.index + 1}"
+        while title in names:  # NAME is unique within a group (RFC 8216 4.3.4.1.1)
+            title = f"{title} ({track.index + 1})"
+        names.add(title)
+        copy = ladder == "copy"
+        planned.append(
+            AudioRendition(
+                name=layout.audio_rendition_name(track.index, language),
+                track=track.index,
+                copy=copy,
+                kbps=None if copy else GROUP_AUDIO_KBPS,
+                language=language,
+                title=title,
+                default=track.index == chosen,
+                channels=track.channels if copy else min(2, track.channels or 2),
+            )
+        )
+    return planned
 
 
 def check_segment_seconds(seconds: float) -> float:
@@ -67,13 +160,16 @@ def check_segment_seconds(seconds: float) -> float:
     return seconds
 
 
-def plan_renditions(info: MediaInfo, ladder: str, segment_seconds: float) -> list[Rendition]:
+def plan_renditions(
+    info: MediaInfo, ladder: str, segment_seconds: float,
+    codec: str = layout.DEFAULT_VIDEO_CODEC,
+) -> list[Rendition]:
     """The renditions ``info`` becomes under ``ladder``, largest first."""
     check_segment_seconds(segment_seconds)
     if ladder == "copy":
         return [plan_copy(info)]
     if ladder == "default":
-        return plan_default(info, segment_seconds)
+        return plan_default(info, segment_seconds, codec)
     raise BadSpec(f"unknown ladder {ladder!r}; choose one of {', '.join(LADDERS)}")
 
 
@@ -90,6 +186,9 @@ def copy_obstacle(info: MediaInfo) -> str | None:
         return f"it is rotated {v.rotation} degrees, which MPEG-TS cannot carry"
     if a is not None and a.codec != "aac":
         return f"its audio is {a.codec}, not AAC"
+    for track in info.audio_tracks:
+        if track.codec != "aac":
+            return f"its audio track {track.index + 1} is {track.codec}, not AAC"
     return None
 
 
@@ -117,7 +216,9 @@ def _even(value: float) -> int:
     return max(2, round(value / 2.0) * 2)
 
 
-def plan_default(info: MediaInfo, segment_seconds: float) -> list[Rendition]:
+def plan_default(
+    info: MediaInfo, segment_seconds: float, codec: str = layout.DEFAULT_VIDEO_CODEC
+) -> list[Rendition]:
     width, height = info.video.display_size
     rate = Fraction(info.video.frame_rate) if info.video.fps else Fraction(30)
     if rate > MAX_FPS:
@@ -140,10 +241,12 @@ def plan_default(info: MediaInfo, segment_seconds: float) -> list[Rendition]:
                 width=rung_width,
                 height=_even(rung_height),
                 copy=False,
-                video_kbps=video_kbps,
+                video_kbps=round(video_kbps * HEVC_RATE_FACTOR) if codec == "hevc"
+                else video_kbps,
                 audio_kbps=audio_kbps if info.audio is not None else None,
                 frame_rate=frame_rate,
                 gop_frames=gop,
+                codec=codec,
             )
         )
     return renditions

@@ -14,10 +14,14 @@ from fractions import Fraction
 from typing import Any
 
 from . import layout
+from .plan import AudioRendition
 from .segment import SegmentedRendition
 
-#: EXT-X-VERSION 3: decimal EXTINF durations; everything else used here is version 1.
+#: EXT-X-VERSION 3: decimal EXTINF durations; everything else MPEG-TS uses is version 1.
 HLS_VERSION = 3
+#: EXT-X-VERSION of fMP4: EXT-X-MAP in a media playlist needs 6; 7 as the CMAF packaging
+#: of Apple's authoring specification declares.
+FMP4_HLS_VERSION = 7
 
 _H264_PROFILES = {
     # profile name → (profile_idc, constraint flags byte) as RFC 6381 avc1.PPCCLL wants them
@@ -74,6 +78,17 @@ class RenditionEntry:
     bandwidth: int
     average_bandwidth: int
     segments: tuple[PublishedSegment, ...]
+    #: fMP4's init segment (EXT-X-MAP), served clear beside the segments; None for MPEG-TS.
+    init: str | None = None
+    #: "video": a variant (EXT-X-STREAM-INF); "audio": a rendition of the audio group
+    #: (EXT-X-MEDIA TYPE=AUDIO). Video variants reference ``group`` with AUDIO=, audio
+    #: renditions belong to it.
+    media: str = "video"
+    group: str | None = None
+    language: str | None = None
+    title: str | None = None
+    default: bool = False
+    channels: int | None = None
 
     @property
     def target_duration(self) -> int:
@@ -110,6 +125,10 @@ class AssetVersion:
     key_server: str | None = None
     #: The MP4 download made with ``--download``, if any (None for versions without one).
     download: DownloadEntry | None = None
+    #: Segment container (layout.CONTAINERS).
+    container: str = "ts"
+    #: Whether the master offers an audio-only variant (the audio group without video).
+    audio_only: bool = False
 
     @property
     def key_count(self) -> int:
@@ -117,6 +136,15 @@ class AssetVersion:
 
     def rendition(self, name: str) -> RenditionEntry | None:
         return next((r for r in self.renditions if r.name == name), None)
+
+    @property
+    def variants(self) -> tuple[RenditionEntry, ...]:
+        """The video renditions: each an EXT-X-STREAM-INF of the master."""
+        return tuple(r for r in self.renditions if r.media == "video")
+
+    def audio_group(self, group: str | None) -> tuple[RenditionEntry, ...]:
+        """The audio renditions of ``group`` (none for None)."""
+        return tuple(r for r in self.renditions if r.media == "audio" and r.group == group)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,13 +167,18 @@ class AssetVersion:
             renditions=renditions,
             key_server=data.get("key_server"),
             download=DownloadEntry.from_dict(data["download"]) if data.get("download") else None,
+            container=data.get("container", "ts"),
+            audio_only=bool(data.get("audio_only", False)),
         )
 
 
 def describe_rendition(
-    produced: SegmentedRendition, encrypted_sizes: Sequence[int], rotation_segments: int
+    produced: SegmentedRendition, encrypted_sizes: Sequence[int], rotation_segments: int,
+    *, audio: AudioRendition | None = None, group: str | None = None,
 ) -> RenditionEntry:
-    """Measure one rendition's master-playlist attributes from what was produced."""
+    """Measure one rendition's master-playlist attributes from what was produced; ``audio``
+    is the plan of an audio rendition (its language, name and default), ``group`` the audio
+    group of the version (None when its audio is muxed)."""
     segments = tuple(
         PublishedSegment(
             s.sequence, s.name, s.duration, size, key_index(s.sequence, rotation_segments)
@@ -158,10 +191,14 @@ def describe_rendition(
     # second says little about the peak (its rate is mostly container overhead), so it is
     # measured over the whole segment time it would occupy.
     peak = max(s.size * 8 / max(s.duration, min(1.0, total_duration)) for s in segments)
-    codecs = [video_codec_tag(produced.video_profile, produced.video_level)]
-    audio = audio_codec_tag(produced.audio_codec, produced.audio_profile)
-    if audio:
-        codecs.append(audio)
+    codecs = []
+    if produced.media == "video":
+        codecs.append(
+            produced.video_tag or video_codec_tag(produced.video_profile, produced.video_level)
+        )
+    audio_tag = audio_codec_tag(produced.audio_codec, produced.audio_profile)
+    if audio_tag:
+        codecs.append(audio_tag)
     return RenditionEntry(
         name=produced.rendition,
         width=produced.width,
@@ -171,6 +208,13 @@ def describe_rendition(
         bandwidth=math.ceil(peak),
         average_bandwidth=math.ceil(total_bits / total_duration),
         segments=segments,
+        init=produced.init,
+        media=produced.media,
+        group=group,
+        language=audio.language if audio else None,
+        title=audio.title if audio else None,
+        default=audio.default if audio else False,
+        channels=produced.channels if produced.media == "audio" else None,
     )
 
 
@@ -180,16 +224,23 @@ def render_variant(
     *,
     segment_uri: Callable[[PublishedSegment], str],
     key_uri: Callable[[int], str],
+    init_uri: Callable[[str], str] | None = None,
 ) -> str:
-    """A VOD media playlist: one EXT-X-KEY wherever the key changes, IV = media sequence."""
+    """A VOD media playlist: one EXT-X-KEY wherever the key changes, IV = media sequence.
+    An fMP4 rendition's init segment (``init_uri`` of its name) is declared first, before any
+    EXT-X-KEY: it is clear, and a key tag before it would declare it encrypted."""
     lines = [
         "#EXTM3U",
-        f"#EXT-X-VERSION:{HLS_VERSION}",
+        f"#EXT-X-VERSION:{FMP4_HLS_VERSION if rendition.init else HLS_VERSION}",
         f"#EXT-X-TARGETDURATION:{rendition.target_duration}",
         "#EXT-X-MEDIA-SEQUENCE:0",
         "#EXT-X-PLAYLIST-TYPE:VOD",
         "#EXT-X-INDEPENDENT-SEGMENTS",
     ]
+    if rendition.init is not None:
+        if init_uri is None:
+            raise ValueError(f"rendition {rendition.name} is fMP4: its init segment needs a URI")
+        lines.append(f'#EXT-X-MAP:URI="{init_uri(rendition.init)}"')
     current_key: int | None = None
     for segment in rendition.segments:
         if segment.key != current_key:
@@ -204,21 +255,77 @@ def render_variant(
 
 
 def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntry], str]) -> str:
-    """The master playlist, renditions from the highest bandwidth down."""
-    lines = ["#EXTM3U", f"#EXT-X-VERSION:{HLS_VERSION}", "#EXT-X-INDEPENDENT-SEGMENTS"]
-    for rendition in sorted(version.renditions, key=lambda r: r.bandwidth, reverse=True):
+    """The master playlist: the audio group's renditions (EXT-X-MEDIA), then the video
+    variants from the highest bandwidth down, then the audio-only variant if asked for.
+
+    A variant's BANDWIDTH and AVERAGE-BANDWIDTH include its audio: the group's highest, as a
+    player may pick any of its renditions (RFC 8216 4.3.4.2); CODECS name both."""
+    fmp4 = any(r.init for r in version.renditions)
+    lines = ["#EXTM3U", f"#EXT-X-VERSION:{FMP4_HLS_VERSION if fmp4 else HLS_VERSION}",
+             "#EXT-X-INDEPENDENT-SEGMENTS"]
+    groups = sorted({r.group for r in version.renditions if r.media == "audio" and r.group})
+    for group in groups:
+        for audio in version.audio_group(group):
+            attributes = ["TYPE=AUDIO", f'GROUP-ID="{group}"']
+            if audio.language:
+                attributes.append(f'LANGUAGE="{audio.language}"')
+            attributes += [
+                f'NAME="{_quoted(audio.title or audio.name)}"',
+                f"DEFAULT={'YES' if audio.default else 'NO'}",
+                "AUTOSELECT=YES",
+            ]
+            if audio.channels:
+                attributes.append(f'CHANNELS="{audio.channels}"')
+            attributes.append(f'URI="{variant_uri(audio)}"')
+            lines.append(f"#EXT-X-MEDIA:{','.join(attributes)}")
+    for rendition in sorted(version.variants, key=lambda r: r.bandwidth, reverse=True):
+        members = version.audio_group(rendition.group)
         fps = float(Fraction(rendition.frame_rate)) if rendition.frame_rate != "0/0" else 0.0
+        peak = max((a.bandwidth for a in members), default=0)
+        average = max((a.average_bandwidth for a in members), default=0)
         attributes = [
-            f"BANDWIDTH={rendition.bandwidth}",
-            f"AVERAGE-BANDWIDTH={rendition.average_bandwidth}",
+            f"BANDWIDTH={rendition.bandwidth + peak}",
+            f"AVERAGE-BANDWIDTH={rendition.average_bandwidth + average}",
             f"RESOLUTION={rendition.width}x{rendition.height}",
         ]
         if fps:
             attributes.append(f"FRAME-RATE={fps:.3f}")
-        attributes.append(f'CODECS="{rendition.codecs}"')
+        attributes.append(f'CODECS="{_codecs(rendition, members)}"')
+        if members:
+            attributes.append(f'AUDIO="{rendition.group}"')
         lines.append(f"#EXT-X-STREAM-INF:{','.join(attributes)}")
         lines.append(variant_uri(rendition))
+    if version.audio_only:
+        for group in groups:
+            audios = version.audio_group(group)
+            chosen = next((a for a in audios if a.default), audios[0])
+            attributes = [
+                f"BANDWIDTH={max(a.bandwidth for a in audios)}",
+                f"AVERAGE-BANDWIDTH={max(a.average_bandwidth for a in audios)}",
+                f'CODECS="{_codecs(None, audios)}"',
+                f'AUDIO="{group}"',
+            ]
+            # The audio-only variant plays the group's default rendition; a player switches
+            # language within the group as for every other variant.
+            lines.append(f"#EXT-X-STREAM-INF:{','.join(attributes)}")
+            lines.append(variant_uri(chosen))
     return "\n".join(lines) + "\n"
+
+
+def _codecs(video: RenditionEntry | None, group: Sequence[RenditionEntry]) -> str:
+    """A variant's CODECS: its own (video, and muxed audio), then each distinct codec of its
+    audio group."""
+    tags: list[str] = video.codecs.split(",") if video is not None else []
+    for audio in group:
+        for tag in audio.codecs.split(","):
+            if tag and tag not in tags:
+                tags.append(tag)
+    return ",".join(tags)
+
+
+def _quoted(value: str) -> str:
+    """A quoted-string attribute value: no double quote, CR or LF (RFC 8216 4.2)."""
+    return value.replace('"', "'").replace("\r", " ").replace("\n", " ")
 
 
 def static_playlists(described: AssetVersion) -> dict[str, str]:
@@ -240,6 +347,9 @@ def static_playlists(described: AssetVersion) -> dict[str, str]:
     def segment_uri_under(prefix: str) -> Callable[[PublishedSegment], str]:
         return lambda segment: f"{prefix}/{segment.name}"
 
+    def init_uri_under(prefix: str) -> Callable[[str], str]:
+        return lambda init: f"{prefix}/{init}"
+
     files = {}
     for rendition in described.renditions:
         files[layout.static_variant_key(asset, version, rendition.name)] = render_variant(
@@ -247,6 +357,7 @@ def static_playlists(described: AssetVersion) -> dict[str, str]:
             rendition,
             segment_uri=segment_uri_under(rendition.name),
             key_uri=key_uri,
+            init_uri=init_uri_under(rendition.name),
         )
     files[layout.static_master_key(asset)] = render_master(
         described,

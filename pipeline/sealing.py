@@ -26,10 +26,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import layout
 from .crypto import encrypt_in_place, iv_for_sequence
 from .errors import TransientError
 from .plan import Rendition
-from .segment import SEGMENT_PATTERN, Segment
+from .segment import Segment
 
 #: How often the watcher looks for the next closed segment: a remux closes one every few tens
 #: of milliseconds at most, and each look is one stat(2).
@@ -41,11 +42,13 @@ JOIN_TIMEOUT_S = 300.0
 KeyFor = Callable[[int], bytes]
 
 
-def can_seal(renditions: Sequence[Rendition]) -> bool:
+def can_seal(renditions: Sequence[Rendition], container: str, muxed_audio: bool) -> bool:
     """Whether a segment stage can seal its output: one rendition remuxed into MPEG-TS with
     its audio muxed in (the copy ladder). A transcode's renditions are encrypted by the encrypt
-    stage, which runs while the next chunk transcodes."""
-    return len(renditions) == 1 and renditions[0].copy
+    stage, which runs while the next chunk transcodes; fMP4 (an init segment beside the
+    ``.m4s``) and audio in renditions of its own keep that two-stage path too."""
+    return (len(renditions) == 1 and renditions[0].copy and container == "ts"
+            and muxed_audio)
 
 
 class SegmentSealer:
@@ -55,7 +58,7 @@ class SegmentSealer:
     watcher thread, one segment at a time.
     """
 
-    def __init__(self, key_for: KeyFor, *, pattern: str = SEGMENT_PATTERN,
+    def __init__(self, key_for: KeyFor, *, pattern: str = layout.segment_pattern("ts"),
                  poll_s: float = POLL_S) -> None:
         self._key_for = key_for
         self._pattern = pattern

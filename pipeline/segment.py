@@ -1,5 +1,6 @@
 """Segmenting: one time chunk of the source cut, for every rendition at once, into plain MPEG-TS
-segments by one ffmpeg that decodes the source once."""
+or fMP4 segments by one ffmpeg that decodes the source once; and the separate audio renditions
+(an audio group) cut whole by one ffmpeg of their own."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ import selectors
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ffmpeg
 
+from . import layout
 from .errors import StageTimeout, TransientError, UnsupportedMedia
-from .media import MediaInfo, ffmpeg_reason, probe
-from .plan import MAX_RATE_FACTOR, Chunk, Rendition
+from .media import AudioStream, MediaInfo, audio_stream, ffmpeg_reason, probe, run_ffprobe
+from .plan import MAX_RATE_FACTOR, AudioRendition, Chunk, Rendition
 from .sources import ffmpeg_input, shown_name, source_demuxer, work_input
 
 if TYPE_CHECKING:
@@ -27,9 +30,11 @@ if TYPE_CHECKING:
 PROGRESS_INTERVAL_S = 0.5
 #: x264 preset: "veryfast" keeps a 1080p ladder near real time on two cores at a small size cost.
 X264_PRESET = "veryfast"
+#: x265 is several times slower than x264 at the same preset name; "ultrafast" keeps an HEVC
+#: ladder within a few times real time on small machines (still ~30 % below x264's rate).
+X265_PRESET = "ultrafast"
 #: Audio bitrate of a rendition whose plan names none (planned before audio rates were kept).
 DEFAULT_AUDIO_KBPS = 96
-SEGMENT_PATTERN = "seg_%05d.ts"
 PLAIN_PLAYLIST = "plain.m3u8"
 
 ProgressCallback = Callable[[float], None]
@@ -61,6 +66,14 @@ class SegmentedRendition:
     video_level: int | None
     audio_codec: str | None
     audio_profile: str | None
+    #: fMP4's init segment (layout.INIT_SEGMENT), None for MPEG-TS
+    init: str | None = None
+    #: "video" (audio muxed in or none), or "audio" (a rendition of the audio group)
+    media: str = "video"
+    #: The RFC 6381 video codec string measured from the init segment (HEVC), when the
+    #: profile and level alone do not make it
+    video_tag: str | None = None
+    channels: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -81,6 +94,10 @@ class SegmentedRendition:
 #: timestamp anyway, so none is negative in the segments.
 KEEP_TIMESTAMPS = "disabled"
 CHUNK_TS_OPTIONS = f"avoid_negative_ts={KEEP_TIMESTAMPS}"
+#: The MP4 muxer inside hls starts every output's fragment times (tfdt) at 0; with
+#: ``frag_discont`` it keeps the packets' own, so that chunk 3's fragments say where they are
+#: in the whole stream (the muxer adds its own flags after these).
+CHUNK_FMP4_OPTIONS = "movflags=+frag_discont"
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,7 @@ def chunk_args(
     has_audio: bool,
     demuxer: str,
     audio: Mapping[int, AudioPiece] | None = None,
+    container: str = layout.DEFAULT_CONTAINER,
     temp_files: bool = False,
 ) -> list[str]:
     """The one ffmpeg command that writes ``chunk`` of every rendition as plain segments into
@@ -110,8 +128,10 @@ def chunk_args(
     The source is decoded once: its video goes through ``fps`` and then a ``split`` into one
     scaler and encoder per rendition. Audio is either copied from the chunk's pieces of the
     job's one audio encode (``audio``, by bitrate: a chunked job) or encoded here from the
-    decoded source audio (a job of one chunk). A remux copies both streams. With
-    ``temp_files`` a segment appears under its name only once ffmpeg has closed it (sealing).
+    decoded source audio (a job of one chunk). A remux copies both streams. Without
+    ``has_audio`` (no audio, or audio in renditions of its own) the renditions are video only.
+    With ``temp_files`` a segment appears under its name only once ffmpeg has closed it
+    (sealing).
     """
     name, input_options = ffmpeg_input(source, demuxer=demuxer)
     seek: dict[str, str] = {}
@@ -143,16 +163,7 @@ def chunk_args(
     for rendition, branch in zip(renditions, branches, strict=True):
         rendition_dir = out_dir / rendition.name
         streams: list[Any] = [branch]
-        options: dict[str, Any] = {
-            "format": "hls",
-            "hls_time": f"{segment_seconds:g}",
-            "hls_playlist_type": "vod",
-            "hls_list_size": 0,
-            "hls_segment_type": "mpegts",
-            "hls_segment_filename": str(rendition_dir / SEGMENT_PATTERN),
-            "start_number": chunk.first_segment,
-            "map_metadata": -1,
-        }
+        options = hls_options(rendition_dir, segment_seconds, container, chunk.first_segment)
         if temp_files:
             options["hls_flags"] = "temp_file"
         if copy:
@@ -161,13 +172,20 @@ def chunk_args(
                 streams.append(stream["a:0"])
         else:
             streams[0] = branch.filter("scale", rendition.width, rendition.height)
-            options.update(_x264_options(rendition, segment_seconds))
+            if rendition.codec == "hevc":
+                options.update(_x265_options(rendition, segment_seconds))
+            else:
+                options.update(_x264_options(rendition, segment_seconds))
             # Where a single pass would have put this chunk's timestamps: continuous joins.
             options["output_ts_offset"] = f"{chunk.start:.6f}"
             options["avoid_negative_ts"] = KEEP_TIMESTAMPS
-            options["hls_ts_options"] = CHUNK_TS_OPTIONS
+            options["hls_segment_options"] = (
+                CHUNK_FMP4_OPTIONS if container == "fmp4" else CHUNK_TS_OPTIONS
+            )
             kbps = rendition.audio_kbps or DEFAULT_AUDIO_KBPS
-            if audio is not None:
+            if not has_audio:
+                pass
+            elif audio is not None:
                 streams.append(pieces[kbps]["a:0"])
                 options["c:a"] = "copy"
             elif has_audio:
@@ -183,6 +201,49 @@ def chunk_args(
         .compile()
     )
     return args
+
+
+def hls_options(
+    rendition_dir: Path, segment_seconds: float, container: str, first: int
+) -> dict[str, Any]:
+    """The hls muxer's options for one rendition: VOD, segments named by sequence number from
+    ``first`` (layout.segment_pattern), fMP4 with its init segment beside them."""
+    options: dict[str, Any] = {
+        "format": "hls",
+        "hls_time": f"{segment_seconds:g}",
+        "hls_playlist_type": "vod",
+        "hls_list_size": 0,
+        "hls_segment_filename": str(rendition_dir / layout.segment_pattern(container)),
+        "start_number": first,
+        "map_metadata": -1,
+    }
+    if container == "fmp4":
+        options["hls_segment_type"] = "fmp4"
+        options["hls_fmp4_init_filename"] = layout.INIT_SEGMENT
+    else:
+        options["hls_segment_type"] = "mpegts"
+    return options
+
+
+def _x265_options(rendition: Rendition, segment_seconds: float) -> dict[str, Any]:
+    if rendition.video_kbps is None or rendition.gop_frames is None:
+        raise ValueError(f"rendition {rendition.name} is a transcode without rate or GOP")
+    gop = rendition.gop_frames
+    return {
+        "c:v": "libx265",
+        "preset": X265_PRESET,
+        "profile:v": "main",
+        "pix_fmt": "yuv420p",
+        # hvc1 (parameter sets in the init segment only) is what Apple's players require.
+        "tag:v": "hvc1",
+        "b:v": f"{rendition.video_kbps}k",
+        "maxrate": f"{int(rendition.video_kbps * MAX_RATE_FACTOR)}k",
+        "bufsize": f"{rendition.video_kbps * 2}k",
+        # Closed GOPs with an IDR at every forced keyframe: each segment decodes on its own.
+        "x265-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:open-gop=0:forced-idr=1"
+                       ":log-level=error",
+        "force_key_frames": f"expr:gte(t,n_forced*{segment_seconds:g})",
+    }
 
 
 def _x264_options(rendition: Rendition, segment_seconds: float) -> dict[str, Any]:
@@ -210,6 +271,43 @@ def audio_input(path: Path, offset: float) -> Any:
     after the chunk's start, opened under the work-file allow-lists."""
     name, options = work_input(str(path), demuxer="aac")
     return ffmpeg.input(name, itsoffset=f"{offset:.6f}", **options)
+
+
+def audio_renditions_args(
+    source: str,
+    renditions: Sequence[AudioRendition],
+    out_dir: Path,
+    segment_seconds: float,
+    *,
+    demuxer: str,
+    container: str,
+) -> list[str]:
+    """One ffmpeg that reads the source once and writes every audio rendition (one per audio
+    track, copied or encoded to AAC) as plain segments into ``out_dir/<rendition>/``."""
+    name, input_options = ffmpeg_input(source, demuxer=demuxer)
+    stream = ffmpeg.input(name, **input_options)
+    outputs = []
+    for rendition in renditions:
+        rendition_dir = out_dir / rendition.name
+        options = hls_options(rendition_dir, segment_seconds, container, 0)
+        track = stream[f"a:{rendition.track}"]
+        if rendition.copy:
+            options["c:a"] = "copy"
+        else:
+            # Onto the source's own timeline, as the video's: a late start or a hole is
+            # filled with silence, so the rendition lines up with every video rendition.
+            track = track.filter("aresample", **{"async": 1, "first_pts": 0})
+            options.update({"c:a": "aac", "b:a": f"{rendition.kbps or DEFAULT_AUDIO_KBPS}k",
+                            "ac": rendition.channels or 2})
+        outputs.append(ffmpeg.output(track, str(rendition_dir / PLAIN_PLAYLIST), **options))
+    args: list[str] = (
+        ffmpeg.merge_outputs(*outputs)
+        .global_args("-nostdin", "-hide_banner", "-loglevel", "error", "-nostats",
+                     "-progress", "pipe:1")
+        .overwrite_output()
+        .compile()
+    )
+    return args
 
 
 def run_ffmpeg(
@@ -276,6 +374,8 @@ def parse_plain_playlist(
     segments: list[Segment] = []
     duration: float | None = None
     for line in (out_dir / PLAIN_PLAYLIST).read_text().splitlines():
+        if line.startswith("#EXT-X-MAP:") and layout.INIT_SEGMENT not in line:
+            raise UnsupportedMedia(f"ffmpeg named an unexpected init segment: {line[:80]}")
         if line.startswith("#EXTINF:"):
             duration = float(line[len("#EXTINF:") :].split(",", 1)[0])
         elif line and not line.startswith("#") and duration is not None:
@@ -303,21 +403,22 @@ def segment_chunk(
     timeout: float,
     audio: Mapping[int, AudioPiece] | None = None,
     on_progress: ProgressCallback | None = None,
+    container: str = layout.DEFAULT_CONTAINER,
+    muxed_audio: bool = True,
     seal: SegmentSealer | None = None,
 ) -> dict[str, SegmentedRendition]:
     """Cut ``chunk`` of every rendition of ``source`` (whose probe is ``info``) into
     ``out_dir/<rendition>/`` with one ffmpeg, and describe what was produced, by rendition.
+    Without ``muxed_audio`` the renditions are video only (the audio is a group of its own).
     With ``seal`` (one rendition), each segment is encrypted as soon as ffmpeg closes it."""
     for rendition in renditions:
-        rendition_dir = out_dir / rendition.name
-        rendition_dir.mkdir(parents=True, exist_ok=True)
-        for stale in rendition_dir.glob("seg_*.ts"):
-            stale.unlink()  # a previous, interrupted attempt: start from a clean directory
+        _clean(out_dir / rendition.name)
     demuxer = source_demuxer(info.format_name, shown_name(source))
+    has_audio = muxed_audio and info.audio is not None
     args = chunk_args(
         source, renditions, chunk, out_dir, segment_seconds,
-        has_audio=info.audio is not None, demuxer=demuxer, audio=audio,
-        temp_files=seal is not None,
+        has_audio=has_audio, demuxer=demuxer, audio=audio if has_audio else None,
+        container=container, temp_files=seal is not None,
     )
     length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
     if seal is None:
@@ -328,14 +429,116 @@ def segment_chunk(
             run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
     plain_sizes = seal.plain_sizes() if seal is not None else None
     return {
-        rendition.name: _describe(rendition, out_dir / rendition.name, chunk, info, plain_sizes)
+        rendition.name: _describe(rendition, out_dir / rendition.name, chunk, info,
+                                  container=container, has_audio=has_audio,
+                                  plain_sizes=plain_sizes)
         for rendition in renditions
     }
 
 
+def _clean(rendition_dir: Path) -> None:
+    """An empty directory for a rendition: a previous, interrupted attempt may have left
+    segments behind."""
+    rendition_dir.mkdir(parents=True, exist_ok=True)
+    for stale in rendition_dir.glob("seg_*"):
+        stale.unlink()
+    (rendition_dir / layout.INIT_SEGMENT).unlink(missing_ok=True)
+
+
+def segment_audio_renditions(
+    source: str,
+    renditions: Sequence[AudioRendition],
+    out_dir: Path,
+    *,
+    info: MediaInfo,
+    segment_seconds: float,
+    container: str,
+    timeout: float,
+    on_progress: ProgressCallback | None = None,
+) -> dict[str, SegmentedRendition]:
+    """Cut every audio rendition of ``source`` whole into ``out_dir/<rendition>/`` with one
+    ffmpeg, and describe each (codec measured from its output when encoded)."""
+    for rendition in renditions:
+        _clean(out_dir / rendition.name)
+    demuxer = source_demuxer(info.format_name, shown_name(source))
+    args = audio_renditions_args(source, renditions, out_dir, segment_seconds,
+                                 demuxer=demuxer, container=container)
+    run_ffmpeg(args, duration=info.duration, timeout=timeout, on_progress=on_progress)
+    produced = {}
+    for rendition in renditions:
+        rendition_dir = out_dir / rendition.name
+        segments = parse_plain_playlist(rendition_dir)
+        track = info.audio_tracks[rendition.track]
+        codec, profile, channels = track.codec, track.profile, track.channels
+        if not rendition.copy:
+            measured = _probe_audio(rendition_dir, segments[0], container)
+            codec, profile, channels = measured.codec, measured.profile, measured.channels
+        produced[rendition.name] = SegmentedRendition(
+            rendition=rendition.name, segments=tuple(segments), width=0, height=0,
+            frame_rate="0/0", video_profile=None, video_level=None, audio_codec=codec,
+            audio_profile=profile, init=_init_of(rendition_dir, container), media="audio",
+            channels=channels,
+        )
+    return produced
+
+
+def _init_of(rendition_dir: Path, container: str) -> str | None:
+    if container != "fmp4":
+        return None
+    if not (rendition_dir / layout.INIT_SEGMENT).is_file():
+        raise UnsupportedMedia("ffmpeg wrote fMP4 segments without their init segment")
+    return layout.INIT_SEGMENT
+
+
+def _probe_audio(rendition_dir: Path, first: Segment, container: str) -> AudioStream:
+    """The audio stream an audio rendition's output holds, as ffprobe reads it."""
+    with _first_segment(rendition_dir, first, container) as path:
+        raw = run_ffprobe(str(path), shown=f"segment {first.name}")
+    audios = [s for s in raw.get("streams", []) if s.get("codec_type") == "audio"]
+    if not audios:
+        raise UnsupportedMedia(f"audio segment {first.name} holds no audio")
+    return audio_stream(0, audios[0])
+
+
+@contextmanager
+def _first_segment(rendition_dir: Path, first: Segment, container: str) -> Iterator[Path]:
+    """The first segment as a file ffprobe reads: itself (MPEG-TS), or the init segment
+    followed by it (an fMP4 media segment does not parse alone; its init segment holds the
+    codec setup, and alone it holds no frame)."""
+    if container != "fmp4":
+        yield rendition_dir / first.name
+        return
+    with tempfile.NamedTemporaryFile(prefix="hlsvault-probe-", suffix=".mp4") as joined:
+        joined.write((rendition_dir / layout.INIT_SEGMENT).read_bytes())
+        joined.write((rendition_dir / first.name).read_bytes())
+        joined.flush()
+        yield Path(joined.name)
+
+
+def hevc_codec_tag(init: Path) -> str:
+    """The RFC 6381 string of the HEVC stream an init segment describes, from its ``hvcC``
+    record (ISO/IEC 14496-15, E.3): ``hvc1.1.6.L93.B0`` for Main, Main tier, level 3.1."""
+    data = init.read_bytes()
+    at = data.find(b"hvcC")
+    record = data[at + 4 : at + 4 + 13] if at >= 0 else b""
+    if len(record) < 13:
+        raise UnsupportedMedia(f"the HEVC init segment {init.name} has no hvcC record")
+    space = record[1] >> 6
+    tier = "H" if record[1] & 0x20 else "L"
+    profile = record[1] & 0x1F
+    compatibility = int.from_bytes(record[2:6], "big")
+    reversed_flags = int(f"{compatibility:032b}"[::-1], 2)
+    constraints = record[6:12].rstrip(b"\x00")
+    tag = f"hvc1.{'' if space == 0 else 'ABC'[space - 1]}{profile}.{reversed_flags:X}." \
+          f"{tier}{record[12]}"
+    if constraints:
+        tag += "." + ".".join(f"{byte:X}" for byte in constraints)
+    return tag
+
+
 def _describe(
-    rendition: Rendition, rendition_dir: Path, chunk: Chunk, info: MediaInfo,
-    plain_sizes: Mapping[str, int] | None = None,
+    rendition: Rendition, rendition_dir: Path, chunk: Chunk, info: MediaInfo, *,
+    container: str, has_audio: bool, plain_sizes: Mapping[str, int] | None = None,
 ) -> SegmentedRendition:
     segments = parse_plain_playlist(rendition_dir, chunk.first_segment, plain_sizes)
     if chunk.segments is not None and len(segments) != chunk.segments:
@@ -353,9 +556,17 @@ def _describe(
         video, audio = info.video, info.audio
     else:
         # A transcode's CODECS must be measured from what the encoder actually produced.
-        first = rendition_dir / segments[0].name
-        produced = probe(str(first), shown=f"segment {segments[0].name}")
+        with _first_segment(rendition_dir, segments[0], container) as first:
+            produced = probe(str(first), shown=f"segment {segments[0].name}")
         video, audio = produced.video, produced.audio
+    if not has_audio:
+        audio = None
+    init = _init_of(rendition_dir, container)
+    video_tag = None
+    if video.codec == "hevc":
+        if init is None:
+            raise UnsupportedMedia("HEVC is packaged in fMP4 only; use --container fmp4")
+        video_tag = hevc_codec_tag(rendition_dir / init)
     return SegmentedRendition(
         rendition=rendition.name,
         segments=tuple(segments),
@@ -366,4 +577,7 @@ def _describe(
         video_level=video.level,
         audio_codec=audio.codec if audio else None,
         audio_profile=audio.profile if audio else None,
+        init=init,
+        video_tag=video_tag,
+        channels=audio.channels if audio else None,
     )

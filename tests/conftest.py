@@ -18,7 +18,7 @@ import pytest
 
 from faultproxy import FaultProxy
 from fleet import Fleet, MotoServer, RedisServer, fleet_environment
-from support import ROOT, Hlsvault, free_port, lavfi_clip, serving
+from support import ROOT, Hlsvault, free_port, generate_media, lavfi_clip, serving
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -37,6 +37,23 @@ def copy_clip() -> Path:
 def hd_clip() -> Path:
     """4 s of 1280x720 H.264 + AAC: the default ladder makes 720p, 480p and 360p of it."""
     return lavfi_clip("hd.mp4", seconds=4, size="1280x720")
+
+
+@pytest.fixture(scope="session")
+def two_audio_clip() -> Path:
+    """6 s of 640x360 H.264 with two AAC tracks: English (440 Hz, default) and German (660 Hz,
+    titled "Deutsch"), remuxable as it is."""
+    return generate_media("two-audio.mp4", [
+        "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30",
+        "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
+        "-f", "lavfi", "-i", "sine=frequency=660:sample_rate=48000",
+        "-t", "6", "-map", "0:v", "-map", "1:a", "-map", "2:a",
+        "-c:v", "libx264", "-preset", "veryfast", "-g", "30", "-pix_fmt", "yuv420p",
+        "-c:a", "aac", "-b:a", "96k",
+        "-metadata:s:a:0", "language=eng", "-metadata:s:a:1", "language=deu",
+        "-metadata:s:a:1", "title=Deutsch", "-disposition:a:0", "default",
+        "-disposition:a:1", "0",
+    ])
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,11 @@ class JobSpec:
     #: Also write an MP4 download of this rendition (layout.DOWNLOAD_TOP: the top one); None:
     #: no download.
     download: str | None = None
+    #: Segment container (layout.CONTAINERS) and the default ladder's video codec.
+    container: str = layout.DEFAULT_CONTAINER
+    codec: str = layout.DEFAULT_VIDEO_CODEC
+    #: Also offer an audio-only variant (the audio group's rendition, no video).
+    audio_only: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +82,9 @@ def new_job_spec(
     segment_seconds: float = layout.DEFAULT_SEGMENT_SECONDS,
     key_rotation_segments: int = layout.DEFAULT_KEY_ROTATION_SEGMENTS,
     download: str | None = None,
+    container: str = layout.DEFAULT_CONTAINER,
+    codec: str = layout.DEFAULT_VIDEO_CODEC,
+    audio_only: bool = False,
 ) -> JobSpec:
     """Validate options and give the job an id and the version it will publish."""
     job_id = uuid.uuid4().hex
@@ -101,6 +109,8 @@ def new_job_spec(
             f"--download {download[:40]!r} is not a rendition name; name one like 720p, or "
             f"give none for the top rendition"
         )
+    check_shape(ladder=ladder, container=container, codec=codec, audio_only=audio_only,
+                download=download)
     now = time.time()
     version = layout.new_version(job_id, now=now)
     return JobSpec(
@@ -113,7 +123,32 @@ def new_job_spec(
         key_rotation_segments=key_rotation_segments,
         created_at=now,
         download=download,
+        container=container,
+        codec=codec,
+        audio_only=audio_only,
     )
+
+
+def check_shape(
+    *, ladder: str, container: str, codec: str, audio_only: bool, download: str | None
+) -> None:
+    """Refuse container, codec and audio options that do not go together, naming both the
+    CLI option and the job request field."""
+    if container not in layout.CONTAINERS:
+        raise BadSpec(f'unknown container (--container, "container") {container[:20]!r}; '
+                      f"choose one of {', '.join(layout.CONTAINERS)}")
+    if codec not in layout.VIDEO_CODECS:
+        raise BadSpec(f'unknown codec (--codec, "codec") {codec[:20]!r}; choose one of '
+                      f"{', '.join(layout.VIDEO_CODECS)}")
+    if codec == "hevc" and container != "fmp4":
+        raise BadSpec('--codec hevc ("codec": "hevc") needs --container fmp4: players take '
+                      "HEVC in fMP4 (tagged hvc1), not in MPEG-TS")
+    if codec == "hevc" and ladder != "default":
+        raise BadSpec('--codec hevc ("codec": "hevc") applies to --ladder default; the copy '
+                      "ladder keeps the source's codec")
+    if download is not None and (container != "ts" or audio_only):
+        raise BadSpec('--download ("download") makes its MP4 from MPEG-TS segments with muxed '
+                      "audio; package with --container ts and without --audio-only to get one")
 
 
 @dataclass(frozen=True)
@@ -220,6 +255,7 @@ class RecordBackend(Protocol):
     def read(self, job_id: str) -> dict[str, str]: ...
     def write(self, job_id: str, fields: dict[str, str]) -> None: ...
     def increment(self, job_id: str, name: str, amount: int) -> int: ...
+    def start_stage(self, job_id: str, counter: str, fields: dict[str, str]) -> int: ...
     def arrive(self, job_id: str, counter: str, marker: str) -> int: ...
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool: ...
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]: ...
@@ -260,19 +296,17 @@ class JobStore:
     def set_json(self, job_id: str, name: str, value: Any) -> None:
         self.backend.write(job_id, {name: json.dumps(value)})
 
-    def stage_started(self, job_id: str, stage: str) -> int:
-        """Mark a stage running and count this delivery; returns the delivery count.
+    def stage_started(self, job_id: str, stage: str, *, worker: str | None = None) -> int:
+        """Mark a stage running (on ``worker``, when given) and count this delivery, in one
+        step; returns the delivery count.
 
         Counted here rather than by dramatiq because a worker killed by SIGKILL never tells
         dramatiq it failed: only this count sees a message that kills its worker every time.
         """
-        attempts = self.backend.increment(job_id, f"{stage}.attempts", 1)
-        self.backend.write(
-            job_id, {f"{stage}.status": "running", f"{stage}.started_at": repr(self.clock())}
-        )
-        # A job an operator cancelled (or that failed elsewhere) stays ended.
-        self.backend.write_unless_ended(job_id, {"status": "running"})
-        return attempts
+        fields = {f"{stage}.status": "running", f"{stage}.started_at": repr(self.clock())}
+        if worker is not None:
+            fields[f"{stage}.worker"] = json.dumps(worker)
+        return self.backend.start_stage(job_id, f"{stage}.attempts", fields)
 
     def stage_queued(self, job_id: str, *stages: str) -> None:
         self.backend.write(job_id, {f"{stage}.status": "queued" for stage in stages})
