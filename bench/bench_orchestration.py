@@ -8,29 +8,31 @@ the job travels as it would between machines: ffprobe and ffmpeg read the source
 presigned URL, segments go to and from the work bucket, upload copies them into the origin
 bucket, and invalidate asks CloudFront.
 
-Each round runs two batches of ``--jobs`` jobs (default 50), in an order that alternates:
+Each round runs three batches of ``--jobs`` jobs (default 50), in an order that alternates:
 
-- sequential: one job at a time; the next is submitted as soon as the previous one ended.
-  Nothing queues behind anything, so the job's time is its own: this is the batch the
-  target is judged on.
-- concurrent: every job submitted back to back without waiting, then all awaited. This
-  gives throughput; a job's latency then includes waiting behind the others.
+- sequential: one job at a time on the fleet; the next is submitted as soon as the previous
+  one ended. Nothing queues behind anything, so the job's time is its own: this is the batch
+  the target is judged on.
+- direct (the baseline): the same jobs' stages called one after another in one process, the
+  actors' own bodies with their job records in the same Redis and their files in the same
+  buckets, but no queue, no worker process and no hop between them. What the fleet adds over
+  it is the price of running the stages as separate messages on separate machines.
+- concurrent: every job submitted back to back on the fleet without waiting, then all
+  awaited. This gives throughput; a job's latency then includes waiting behind the others.
 
 Each job's source is a copy of the clip already in the work bucket (put there untimed, as
-the S3-event ingest finds sources), submitted as ``s3://...`` through `hlsvault submit`'s own
-code (``hlsvault.cli.main(["submit", ...])``) called in one long-lived submitter process, the
-way a backend that enqueues jobs would: the CLI's interpreter start and imports, and the
-upload of a local source, are not counted against the fleet (see fleet_bench.py). Two
-untimed jobs warm the workers up first.
+the S3-event ingest finds sources), submitted as ``s3://...`` by one long-lived submitter
+process through the call a backend makes (see fleet_bench.py). Two untimed jobs warm the
+workers up first, and one the direct process.
 
 Per job, from its Redis record (epoch seconds):
 
-    wall      = finished_at - created_at (created_at is stamped by submit before it writes
-                the record and enqueues the probe)
+    wall      = finished_at - created_at (created_at is stamped when the job is made, before
+                its record is written and its probe enqueued)
     ffmpeg    = the wall time of the ffmpeg and ffprobe processes the job ran (ffprobe in the
                 probe stage, ffmpeg in the segment stage), timed by a wrapper on the fleet's
                 PATH that logs each process's start and end
-    encrypt   = the encrypt stage, encrypt:<rendition>.started_at -> finished_at, whole: AES
+    encrypt   = the encrypt stage, encrypt:<chunk>.started_at -> finished_at, whole: AES
                 and everything around it (fetching the plain segment, creating and wrapping
                 the key, putting the encrypted segment)
     outside   = wall - ffmpeg - encrypt: what the fleet adds around ffmpeg and crypto
@@ -38,28 +40,39 @@ Per job, from its Redis record (epoch seconds):
 ``outside`` is reported with its parts: the submit call (created_at until the submit call
 returned), the hops (from there to the probe starting, and from each stage's finished_at to
 the next one's started_at: queue pickup and the bookkeeping around it), each stage without
-its ffmpeg/ffprobe, and the end (invalidate finished to the job's finished_at); and S3 and
-CloudFront requests per job, counted in the moto server's request log.
+its ffmpeg/ffprobe, and the end (invalidate finished to the job's finished_at).
+
+Round trips per job: S3 and CloudFront requests of each batch from the moto server's request
+log (S3 split into the stages' own requests and ffmpeg's reads of the source, which are
+inside ffmpeg's time); Redis commands sent by clients (a Lua script is one, whatever it runs
+inside), seen through MONITOR over two untimed batches of 5 jobs before the timed ones (on
+the fleet, and direct), net of what the idle fleet sends on its own (its consumers' fallback
+polls, watched for a few seconds first) and of the submitter's reads of job statuses.
 
     python bench/bench_orchestration.py [--rounds N] [--jobs N] [--worker-timeout-ms MS]
 
 ``--worker-timeout-ms`` sets dramatiq's ``dramatiq_worker_timeout`` in the fleet's
-environment (unset: dramatiq's default, 1000 ms): how long an idle consumer may sleep
-between polls of its queue.
+environment (unset: dramatiq's default, 1000 ms): how long an idle consumer waits before it
+polls its queue anyway (it wakes as soon as a message arrives; see workers/broker.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 from fleet_bench import (
     CONCURRENT,
+    DIRECT,
     SEQUENTIAL,
     BenchFleet,
     ToolRun,
@@ -70,14 +83,18 @@ from fleet_bench import (
 from machine import describe
 from sample_clip import WORK_DIR
 
-#: The brief: the fleet should add at most 50 ms per job around ffmpeg and crypto.
-TARGET_OUTSIDE_MS = 50.0
+#: Issue 10: the fleet should add at most 20 ms per job around ffmpeg and crypto.
+TARGET_OUTSIDE_MS = 20.0
 DEFAULT_JOBS = 50
 DEFAULT_ROUNDS = 1
 WARMUP_JOBS = 2
 CLIP_SECONDS = 2
 CLIP = WORK_DIR / f"clip-{CLIP_SECONDS}s-640x360p30-g30.mp4"
 RUN_DIR = WORK_DIR / "orchestration"
+#: How long the idle fleet's own Redis traffic (fallback polls) is measured, before the batches.
+IDLE_WINDOW_S = 5.0
+#: Jobs per untimed batch whose Redis round trips are counted (fleet, and direct).
+COUNTED_JOBS = 5
 #: Which Procfile process type runs which stages (their queues: probe + publish, segment,
 #: encrypt), and how many worker threads each has, read from the Procfile itself.
 PROCESS_STAGES = {
@@ -86,6 +103,8 @@ PROCESS_STAGES = {
     "encrypt": ("encrypt",),
 }
 THREADS = procfile_threads()
+#: A request line of moto's (werkzeug's) access log, colours and all.
+_REQUEST = re.compile(r'\] "(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|HEAD|DELETE) (\S+)')
 
 
 @dataclass
@@ -105,24 +124,112 @@ class Batch:
     mode: str
     jobs: list[JobTimes] = field(default_factory=list)
     span: float = 0.0  # first created_at -> last finished_at
-    requests: int = 0  # S3 + CloudFront requests seen by moto
+    #: requests per kind over the batch: s3 (the stages'), source (ffmpeg's reads), cloudfront
+    requests: dict[str, int] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
         return len(self.jobs) / self.span
 
+    def per_job(self, kind: str) -> float:
+        return self.requests.get(kind, 0) / len(self.jobs)
+
+
+def moto_requests(bench: BenchFleet) -> list[tuple[str, str]]:
+    """(method, path) of every request the moto server has answered so far."""
+    text = (bench.run_dir / "moto.log").read_text(errors="replace")
+    return [(m.group(1), m.group(2)) for m in _REQUEST.finditer(text)]
+
+
+def request_kinds(requests: list[tuple[str, str]]) -> dict[str, int]:
+    kinds = {"s3": 0, "source": 0, "cloudfront": 0}
+    for method, path in requests:
+        if path.startswith("/2020-05-31/"):
+            kinds["cloudfront"] += 1
+        elif method == "GET" and "/bench-sources/" in path:
+            kinds["source"] += 1  # ffmpeg or ffprobe reading the presigned source
+        else:
+            kinds["s3"] += 1
+    return kinds
+
+
+class RedisRoundTrips:
+    """Counts the Redis commands clients send (one round trip each; a script's own commands
+    are not counted), by command, through MONITOR on a connection of its own. MONITOR slows
+    Redis down, so it watches only the untimed counting batches."""
+
+    def __init__(self, bench: BenchFleet) -> None:
+        self.url = bench.redis.url
+        self.counts: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        client = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=30)
+        with client.monitor() as monitor:
+            self._ready.set()
+            while not self._stop.is_set():
+                seen = monitor.next_command()
+                if seen["client_type"] != "lua":
+                    self.counts[seen["command"].split(" ", 1)[0].lower()] += 1
+
+    def __enter__(self) -> RedisRoundTrips:
+        self._ready = threading.Event()
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        redis.Redis.from_url(self.url, socket_timeout=5).ping()  # ends the watcher's wait
+        self._thread.join(10)
+
+
+def count_round_trips(bench: BenchFleet, clip: Path) -> dict[str, dict[str, float]]:
+    """Redis round trips per job, by command, on the fleet and in the direct baseline: small
+    untimed batches watched by :class:`RedisRoundTrips`, net of what the idle fleet sends by
+    itself (its consumers' fallback polls) and of the submitter's status reads."""
+    with RedisRoundTrips(bench) as idle:
+        time.sleep(IDLE_WINDOW_S)
+    idle_rate = {name: calls / IDLE_WINDOW_S for name, calls in idle.counts.items()}
+    counted: dict[str, dict[str, float]] = {}
+    for mode in (SEQUENTIAL, DIRECT):
+        warmup = 1 if mode == DIRECT else 0
+        sources = bench.stage_sources(clip, COUNTED_JOBS + warmup)
+        started = time.monotonic()
+        with RedisRoundTrips(bench) as watched:
+            bench.submit(mode, sources, "copy")
+        elapsed = time.monotonic() - started
+        net: dict[str, float] = {}
+        for name, calls in watched.counts.items():
+            made = calls - idle_rate.get(name, 0.0) * elapsed - (
+                bench.status_reads if name == "hget" else 0)
+            if made > 0.5:
+                # The direct batch's warm-up job sends what any other does: its share is out.
+                net[name] = made / (COUNTED_JOBS + warmup)
+        counted[mode] = net
+    counted["idle"] = idle_rate
+    return counted
+
 
 def measure(bench: BenchFleet, clip: Path, mode: str, count: int) -> Batch:
-    sources = bench.stage_sources(clip, count)
-    requests_before = bench.moto_requests()
+    # The direct baseline's process is new each batch: its first job (imports, clients) is
+    # a warm-up and is not counted.
+    warmup = 1 if mode == DIRECT else 0
+    sources = bench.stage_sources(clip, count + warmup)
+    requests_before = len(moto_requests(bench))
     submitted = bench.submit(mode, sources, "copy")
-    batch = Batch(mode, requests=bench.moto_requests() - requests_before)
+    requests = moto_requests(bench)[requests_before:]
+    batch = Batch(mode)
     tools: dict[str, list[ToolRun]] = {}
     for run in bench.tool_runs():
         tools.setdefault(run.tag, []).append(run)
+    records = [bench.record(job_id) for job_id, _ in submitted]
+    # The direct batch's warm-up job makes the same requests as any other: its share is out.
+    share = count / (count + warmup)
+    batch.requests = {k: round(v * share) for k, v in request_kinds(requests).items()}
     first, last = float("inf"), 0.0
-    for job_id, submitted_at in submitted:
-        record = bench.record(job_id)
+    for (_, submitted_at), record in list(zip(submitted, records, strict=True))[warmup:]:
         tag = source_tag(json.loads(record["spec"])["source"])
         batch.jobs.append(job_times(record, submitted_at, tools.get(tag, [])))
         first = min(first, float(record["created_at"]))
@@ -173,16 +280,36 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f}"
 
 
-def report(batches: list[Batch], mode: str) -> None:
+def chosen_jobs(batches: list[Batch], mode: str) -> list[JobTimes]:
+    return [job for batch in batches if batch.mode == mode for job in batch.jobs]
+
+
+def requests_per_job(batches: list[Batch]) -> tuple[float, float, float]:
+    """S3 requests of the stages, ffmpeg's S3 reads and CloudFront requests per job (mean over
+    the batches)."""
+    return (
+        statistics.mean(b.per_job("s3") for b in batches),
+        statistics.mean(b.per_job("source") for b in batches),
+        statistics.mean(b.per_job("cloudfront") for b in batches),
+    )
+
+
+def report(batches: list[Batch], mode: str, redis_calls: dict[str, float] | None) -> None:
     chosen = [b for b in batches if b.mode == mode]
-    jobs = [job for batch in chosen for job in batch.jobs]
+    jobs = chosen_jobs(batches, mode)
     median = {name: statistics.median(j.parts[name] for j in jobs) for name in jobs[0].parts}
     walls = [j.wall for j in jobs]
     outside = [j.outside for j in jobs]
+    s3, source, cloudfront = requests_per_job(chosen)
     print(f"{mode}: {len(jobs)} jobs; throughput "
-          + ", ".join(f"{b.throughput:.2f}" for b in chosen) + " jobs/s; "
-          f"{statistics.mean(b.requests / len(b.jobs) for b in chosen):.1f} S3/CloudFront "
-          "requests per job")
+          + ", ".join(f"{b.throughput:.2f}" for b in chosen) + " jobs/s")
+    redis_text = ""
+    if redis_calls is not None:
+        top = sorted(redis_calls.items(), key=lambda item: -item[1])[:7]
+        redis_text = (f"Redis {sum(redis_calls.values()):.0f} ("
+                      + ", ".join(f"{name} {calls:.1f}" for name, calls in top) + "); ")
+    print(f"  round trips per job: {redis_text}S3 {s3:.1f} (+ {source:.1f} reads of the "
+          f"source by ffmpeg/ffprobe); CloudFront {cloudfront:.1f}")
     print(f"  per job, ms: wall median {ms(statistics.median(walls))} (p10 "
           f"{ms(quantile(walls, 0.1))}, p90 {ms(quantile(walls, 0.9))}); ffmpeg+ffprobe "
           f"{ms(statistics.median(j.ffmpeg for j in jobs))}; encrypt stage "
@@ -192,6 +319,8 @@ def report(batches: list[Batch], mode: str) -> None:
     order = ("submit", "hops", "probe-rest", "ffprobe", "segment-rest", "ffmpeg", "encrypt",
              "playlist", "upload", "invalidate", "finish")
     print("  median parts, ms: " + "  ".join(f"{name} {ms(median[name])}" for name in order))
+    if mode == DIRECT:
+        return
     # How busy each Procfile process type's worker threads were over the batch: the one near
     # 100 % is the one the others queue behind.
     busy = []
@@ -210,7 +339,7 @@ def quantile(values: list[float], q: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                        help="rounds of one sequential and one concurrent batch")
+                        help="rounds of one sequential, one direct and one concurrent batch")
     parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="jobs per batch")
     parser.add_argument("--worker-timeout-ms", type=int, default=None,
                         help="dramatiq_worker_timeout for the fleet (default: dramatiq's)")
@@ -233,9 +362,12 @@ def main(argv: list[str] | None = None) -> int:
               f"--ladder copy; fleet: Procfile upload, segment, encrypt (one process each); "
               f"redis-server and moto server on 127.0.0.1; dramatiq_worker_timeout {timeout}")
         bench.submit(SEQUENTIAL, bench.stage_sources(clip, WARMUP_JOBS), "copy")
+        trips = count_round_trips(bench, clip)
+        print(f"idle fleet: {sum(trips['idle'].values()):.1f} Redis round trips/s by itself "
+              "(its consumers' fallback polls), left out of the counts below")
         for index in range(args.rounds):
-            modes = (SEQUENTIAL, CONCURRENT) if index % 2 == 0 else (CONCURRENT, SEQUENTIAL)
-            for mode in modes:
+            modes = (SEQUENTIAL, DIRECT, CONCURRENT)
+            for mode in modes if index % 2 == 0 else reversed(modes):
                 started = time.perf_counter()
                 batch = measure(bench, clip, mode, args.jobs)
                 batches.append(batch)
@@ -243,16 +375,24 @@ def main(argv: list[str] | None = None) -> int:
                       f"{time.perf_counter() - started:.1f} s", flush=True)
     finally:
         bench.stop()
-    for mode in (SEQUENTIAL, CONCURRENT):
-        report(batches, mode)
-    sequential = [job for b in batches if b.mode == SEQUENTIAL for job in b.jobs]
+    for mode in (SEQUENTIAL, DIRECT, CONCURRENT):
+        report(batches, mode, trips.get(mode))
+    sequential = chosen_jobs(batches, SEQUENTIAL)
+    baseline = chosen_jobs(batches, DIRECT)
     concurrent = [b for b in batches if b.mode == CONCURRENT]
     outside_ms = statistics.median(j.outside for j in sequential) * 1000
+    direct_ms = statistics.median(j.outside for j in baseline) * 1000
+    hops_ms = statistics.median(j.parts["hops"] for j in sequential) * 1000
+    s3, _, cloudfront = requests_per_job([b for b in batches if b.mode == SEQUENTIAL])
+    redis_calls = sum(trips[SEQUENTIAL].values())
     verdict = "met" if outside_ms <= TARGET_OUTSIDE_MS else "MISSED"
-    print(f"RESULT orchestration: outside ffmpeg and crypto {outside_ms:.0f} ms per job "
-          f"(median, sequential; target <= {TARGET_OUTSIDE_MS:.0f} ms: {verdict}); "
-          f"end-to-end latency {statistics.median(j.wall for j in sequential):.2f} s; "
-          f"throughput {statistics.median(b.throughput for b in concurrent):.2f} jobs/s "
+    print(f"RESULT orchestration: outside ffmpeg and crypto {outside_ms:.0f} ms per job on the "
+          f"fleet (median, sequential; target <= {TARGET_OUTSIDE_MS:.0f} ms: {verdict}) vs "
+          f"{direct_ms:.0f} ms with the same stages called in one process, no queue (ratio "
+          f"{outside_ms / direct_ms:.2f}); hops {hops_ms:.0f} ms; round trips per job: Redis "
+          f"{redis_calls:.0f}, S3 {s3:.1f}, CloudFront {cloudfront:.1f}; end-to-end latency "
+          f"{statistics.median(j.wall for j in sequential):.2f} s; throughput "
+          f"{statistics.median(b.throughput for b in concurrent):.2f} jobs/s "
           f"({len(concurrent[0].jobs)} submitted at once)")
     return 0
 

@@ -9,16 +9,20 @@ Procfile processes, run with the product's defaults, plus what a benchmark needs
   ``bench-sources/<tag>/`` (as sources arrive through the S3-event ingest), so a job is
   submitted with an ``s3://`` source: no upload by the submitter, and the tag in the
   presigned URL ffmpeg is given tells which job an ffmpeg process worked for.
-- Jobs are submitted by ``python bench/fleet_bench.py submit ...``: `hlsvault submit`'s own
-  code (``hlsvault.cli.main``) called in one long-lived process, the way a backend enqueues
-  jobs, so the CLI's interpreter start and imports are not counted against the fleet.
+- Jobs are submitted by ``python bench/fleet_bench.py submit ...``: one long-lived process
+  that enqueues them as a backend does, through :func:`workers.sending.submitter` (what the
+  ops app's job API and the S3-event ingest call; `hlsvault submit` does the same once per
+  command), so neither the CLI's interpreter start nor its per-command setup (stores, clients)
+  is counted against the fleet. It counts its own status reads, so that a benchmark can leave
+  them out of the Redis commands it counts.
+- ``python bench/fleet_bench.py direct ...`` is the baseline without a fleet: the same actors'
+  bodies called one after another in one process (:class:`InlineBroker` keeps what each
+  sends; nothing goes through a queue), against the same Redis and S3.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import re
@@ -27,8 +31,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from dramatiq import Message
+from dramatiq.brokers.stub import StubBroker
 
 # The fleet harness of the tests is reused as is; tests/ is a folder, not a package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -41,6 +50,8 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 _SOURCE_TAG = re.compile(r"sources/([0-9a-f]{32})/")
 SEQUENTIAL = "sequential"
 CONCURRENT = "concurrent"
+#: One job at a time, its stages called in one process without a queue (the baseline).
+DIRECT = "direct"
 #: How often the submitter looks whether a job ended (sequential) or all did (concurrent).
 SEQUENTIAL_POLL_S = 0.005
 CONCURRENT_POLL_S = 0.05
@@ -133,6 +144,7 @@ class BenchFleet:
         self.extra_env = extra_env or {}
         self._fleet: Fleet | None = None
         self.batches = 0
+        self.status_reads = 0
 
     @property
     def fleet(self) -> Fleet:
@@ -182,13 +194,16 @@ class BenchFleet:
         return sources
 
     def submit(self, mode: str, sources: list[str], ladder: str) -> list[tuple[str, float]]:
-        """Submit a job per source and wait for all of them to end; returns (job id, enqueued
-        at) of each."""
+        """Submit a job per source and wait for all of them to end (``mode`` SEQUENTIAL or
+        CONCURRENT), or run each in this process's child without the fleet (DIRECT); returns
+        (job id, enqueued at) of each. ``status_reads`` is then the submitter's Redis reads."""
         self.batches += 1
         listed = self.run_dir / f"sources-{self.batches}.json"
+        out = self.run_dir / f"submitted-{self.batches}.json"
         listed.write_text(json.dumps(sources))
+        command = (["direct"] if mode == DIRECT else ["submit", mode])
         done = subprocess.run(
-            [sys.executable, __file__, "submit", mode, "--sources", str(listed),
+            [sys.executable, __file__, *command, "--sources", str(listed), "--out", str(out),
              "--ladder", ladder, "--prefix", f"b{self.batches}j"],
             env=self.fleet.env, capture_output=True, text=True, timeout=BATCH_TIMEOUT_S,
             check=False,
@@ -196,8 +211,9 @@ class BenchFleet:
         if done.returncode != 0:
             sys.exit(f"fleet_bench: the submitter failed ({done.returncode}):\n"
                      f"{done.stderr[-3000:]}\n{self.fleet.log_text()[-3000:]}")
-        rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-        return [(row["job_id"], row["submitted_at"]) for row in rows]
+        result = json.loads(out.read_text())
+        self.status_reads = int(result["status_reads"])
+        return [(job_id, at) for job_id, at in result["jobs"]]
 
     def record(self, job_id: str) -> dict[str, str]:
         """The job's record; exits with its error unless it succeeded."""
@@ -208,48 +224,91 @@ class BenchFleet:
         return fields
 
 
-def submitter(mode: str, sources: list[str], ladder: str, prefix: str) -> int:
-    """Runs in the fleet's environment; prints one JSON line per job once all have ended."""
+def submitter(mode: str, sources: list[str], ladder: str, prefix: str) -> dict[str, Any]:
+    """Runs in the fleet's environment: enqueues a job per source as a backend would and waits
+    for them to end; returns the jobs (id, enqueued at) and how often it read a status."""
     import redis
 
-    from hlsvault.cli import main as hlsvault
+    from pipeline.jobs import new_job_spec
+    from pipeline.settings import load_settings
+    from workers.sending import submitter as fleet_submitter
 
+    submit = fleet_submitter(load_settings())
     client = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
     submitted: list[tuple[str, float]] = []
+    status_reads = 0
 
     def ended(job_id: str) -> bool:
+        nonlocal status_reads
+        status_reads += 1
         return client.hget(JOB_PREFIX + job_id, "status") in TERMINAL
 
     for index, source in enumerate(sources):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            code = hlsvault(["submit", source, "--asset", f"{prefix}{index}", "--ladder", ladder,
-                             "--json"])
-        if code != 0:
-            return code
-        job_id = json.loads(out.getvalue())["job_id"]
-        submitted.append((job_id, time.time()))
+        spec = new_job_spec(source, asset=f"{prefix}{index}", ladder=ladder)
+        submit(spec)
+        submitted.append((spec.job_id, time.time()))
         if mode == SEQUENTIAL:
-            while not ended(job_id):
+            while not ended(spec.job_id):
                 time.sleep(SEQUENTIAL_POLL_S)
     while not all(ended(job_id) for job_id, _ in submitted):
         time.sleep(CONCURRENT_POLL_S)
-    for job_id, at in submitted:
-        print(json.dumps({"job_id": job_id, "submitted_at": at}))
-    return 0
+    return {"jobs": submitted, "status_reads": status_reads}
+
+
+class InlineBroker(StubBroker):
+    """A broker that delivers nothing: it keeps what is sent, for :func:`direct` to run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: deque[Message[Any]] = deque()
+
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        self.sent.append(message)
+        return message
+
+
+def direct(sources: list[str], ladder: str, prefix: str) -> dict[str, Any]:
+    """The baseline: each job's stages called one after another in this process (the actors'
+    own bodies: run_stage and the flow, job records in Redis, stores on S3), no queue between
+    them and no worker process; jobs one at a time."""
+    from pipeline.jobs import new_job_spec
+    from pipeline.logs import configure_logging
+    from pipeline.settings import load_settings
+    from workers.runtime import build_runtime
+
+    configure_logging()
+    broker = InlineBroker()
+    runtime = build_runtime(load_settings(), broker=broker)
+    submitted: list[tuple[str, float]] = []
+    for index, source in enumerate(sources):
+        spec = new_job_spec(source, asset=f"{prefix}{index}", ladder=ladder)
+        runtime.enqueue(spec)
+        submitted.append((spec.job_id, time.time()))
+        while broker.sent:
+            message = broker.sent.popleft()
+            broker.get_actor(message.actor_name).fn(*message.args, **message.kwargs)
+    return {"jobs": submitted, "status_reads": 0}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="submit benchmark jobs to a running fleet")
     commands = parser.add_subparsers(dest="command", required=True)
-    submit = commands.add_parser("submit")
+    submit = commands.add_parser("submit", help="enqueue jobs on the fleet, wait for them")
     submit.add_argument("mode", choices=(SEQUENTIAL, CONCURRENT))
-    submit.add_argument("--sources", required=True, help="a JSON list of s3:// sources")
-    submit.add_argument("--ladder", required=True)
-    submit.add_argument("--prefix", required=True)
+    run = commands.add_parser("direct", help="run jobs' stages in this process, no fleet")
+    for command in (submit, run):
+        command.add_argument("--sources", required=True, help="a JSON list of s3:// sources")
+        command.add_argument("--out", required=True, help="where to write the jobs (JSON)")
+        command.add_argument("--ladder", required=True)
+        command.add_argument("--prefix", required=True)
     args = parser.parse_args(argv)
     sources = json.loads(Path(args.sources).read_text())
-    return submitter(args.mode, sources, args.ladder, args.prefix)
+    if args.command == "direct":
+        result = direct(sources, args.ladder, args.prefix)
+    else:
+        result = submitter(args.mode, sources, args.ladder, args.prefix)
+    Path(args.out).write_text(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ class Api:
             workers=fleet.workers,
             key_requests=self.reader.key_requests(),
             parked=self.reader.parked(),
+            log_lines_dropped=self.reader.log_lines_dropped(),
             now=self.reader.now(),
         )
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

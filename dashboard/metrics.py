@@ -128,6 +128,12 @@ def key_request_counts(client: redis.Redis) -> dict[str, int]:
     return {str(k): int(v) for k, v in client.hgetall(KEY_REQUESTS_HASH).items()}
 
 
+def log_lines_dropped(client: redis.Redis) -> int:
+    """Audit and access lines the key servers dropped because their log sink fell behind."""
+    value = client.get(layout.LOG_LINES_DROPPED_KEY)
+    return int(value) if value is not None else 0
+
+
 def job_progress(record: JobRecord) -> float:
     """The job's progress, 0..1: the mean over every stage it will run (done stages count
     whole, stages not yet queued count 0). Once the probe has planned the chunks, the count of
@@ -178,6 +184,7 @@ def render_metrics(
     workers: Sequence[Heartbeat] | None,
     key_requests: dict[str, int] | None,
     parked: ParkedStats | None,
+    log_lines_dropped: int | None = None,
     now: float | None = None,
 ) -> str:
     """The Prometheus text exposition (format 0.0.4) of the fleet's state."""
@@ -246,6 +253,11 @@ def render_metrics(
         family("hlsvault_key_requests_total", "counter", "Key server key requests by outcome.")
         for outcome in sorted(key_requests):
             sample("hlsvault_key_requests_total", key_requests[outcome], outcome=outcome)
+    if log_lines_dropped is not None:
+        family("hlsvault_keyserver_log_lines_dropped_total", "counter",
+               "Audit and access lines the key servers dropped because their log sink fell "
+               "behind (their queue was full).")
+        sample("hlsvault_keyserver_log_lines_dropped_total", log_lines_dropped)
     if parked is not None:
         family("hlsvault_ingest_parked", "gauge",
                f"Ingest messages parked for a human (at most {parked.cap}); "

@@ -111,5 +111,8 @@ class OpsReader:
     def key_requests(self) -> dict[str, int] | None:
         return None if self.redis is None else metrics.key_request_counts(self.redis)
 
+    def log_lines_dropped(self) -> int | None:
+        return None if self.redis is None else metrics.log_lines_dropped(self.redis)
+
     def parked(self) -> ParkedStats | None:
         return None if self.redis is None else ParkingLot(self.redis).stats()

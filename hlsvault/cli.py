@@ -5,7 +5,8 @@ hlsvault package SOURCE [--asset ID] [--ladder copy|default] [--segment-seconds 
                         [--container ts|fmp4] [--codec h264|hevc] [--audio-only] [--json]
 hlsvault submit SOURCE [same options as package]          (distributed mode)
 hlsvault status JOB [--wait] [--json]
-hlsvault serve [--host H] [--port P] [--certfile F --keyfile F]
+hlsvault serve [--host H] [--port P] [--certfile F --keyfile F] [--workers N]
+               [--server uvicorn|granian]
 hlsvault url ASSET [--ttl SECONDS] [--auth token|cookie] [--sid S] [--ip A] [--download]
                    [--offline]
 hlsvault token ASSET [--ttl SECONDS] [--sid S] [--ip A] [--offline]
@@ -23,7 +24,6 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline import layout
@@ -103,23 +103,13 @@ def cmd_submit(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
-    import uvicorn
+    from keyserver.serving import DEFAULT_SERVER, ServeOptions, serve
 
-    from keyserver import create_app
-
-    kwargs: dict[str, Any] = {}
-    if args.certfile:
-        kwargs.update(ssl_certfile=args.certfile, ssl_keyfile=args.keyfile)
     port = args.port if args.port is not None else urlsplit(ctx.settings.public_url).port or 8000
-    uvicorn.run(
-        create_app(ctx.settings),
-        host=args.host,
-        port=port,
-        access_log=False,
-        log_config=None,
-        timeout_keep_alive=5,
-        **kwargs,
-    )
+    serve(ServeOptions(
+        host=args.host, port=port, workers=args.workers, server=args.server or DEFAULT_SERVER,
+        certfile=args.certfile, keyfile=args.keyfile,
+    ))
     return 0
 
 
@@ -216,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--certfile", help="TLS certificate (PEM)")
     serve.add_argument("--keyfile", help="TLS private key (PEM)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes, one per core to use (default 1)")
+    serve.add_argument("--server", default=None,
+                       help="the ASGI server: granian (the default) or uvicorn")
     serve.set_defaults(handler=cmd_serve)
 
     add_commands(commands, wait_timeout=DEFAULT_WAIT_TIMEOUT_S)

@@ -62,17 +62,20 @@ from pipeline import layout
 from pipeline.catalog import Catalog
 from pipeline.cdnsign import signer_for
 from pipeline.errors import HlsvaultError
-from pipeline.http import AccessLog, status_for
+from pipeline.http import AccessLog
 from pipeline.keys import KeyVault
 from pipeline.settings import Settings
 from pipeline.storage import LocalStore, Store, open_store
 from pipeline.tokens import SID_HEADER, verifier_for
 
+from .auditlog import LineWriter
+from .credentials import Credentials
 from .downloads import DownloadLinks, EmbeddedDownloads, static_files
 from .exports import Exports
+from .fastpath import ViewerRoutes, failure_answer
 from .ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
-from .responses import PLAYLIST_TYPE, error
-from .server import KeyServer
+from .responses import PLAYLIST_TYPE, error, to_response
+from .server import ACCESS_LOGGER, KeyServer, QueuedLogger
 from .state import STATE_TTL_S, VaultView
 from .statesync import StateListener
 from .stats import KeyRequestStats
@@ -114,24 +117,62 @@ async def _error_answer(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         message = _HTTP_ERRORS.get(exc.status_code, str(exc.detail))
         return error(exc.status_code, message, dict(exc.headers or {}))
-    if isinstance(exc, HlsvaultError):
-        status = status_for(exc)
-        log.warning("request failed", path=request.url.path, status=status, error=str(exc))
-        return error(status, str(exc))
-    # Starlette's ServerErrorMiddleware logs the traceback after this answer.
-    return error(500, "internal error")
+    # Starlette's ServerErrorMiddleware logs the traceback of a 500 after this answer.
+    return to_response(failure_answer(exc, request.url.path))
 
 
-def _lifespan(listener: StateListener | None) -> Any:
+class ViewerEndpoints:
+    """The viewer routes as Starlette endpoints: the same KeyServer calls as the fast path's."""
+
+    def __init__(self, server: KeyServer) -> None:
+        self.server = server
+
+    async def master(self, request: Request) -> Response:
+        params = request.path_params
+        return to_response(await self.server.master(Credentials(request.scope), params["asset"]))
+
+    async def variant(self, request: Request) -> Response:
+        params = request.path_params
+        return to_response(await self.server.variant(
+            Credentials(request.scope), params["asset"], params["rendition"]))
+
+    async def key(self, request: Request) -> Response:
+        params = request.path_params
+        return to_response(await self.server.key(
+            Credentials(request.scope), params["asset"], params["version"], params["index"]))
+
+
+class KeyServerApp:
+    """The key server as uvicorn or granian runs it: access log and CORS around the fast path
+    (:class:`~keyserver.fastpath.ViewerRoutes`) around the Starlette app. ``router`` is the
+    Starlette app's, whose lifespan is the server's."""
+
+    def __init__(self, asgi: ASGIApp, starlette: Starlette, server: KeyServer) -> None:
+        self.asgi = asgi
+        self.starlette = starlette
+        self.router = starlette.router
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.asgi(scope, receive, send)
+
+
+def _lifespan(listener: StateListener | None, lines: LineWriter, stats: KeyRequestStats) -> Any:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        task = None if listener is None else asyncio.create_task(listener.run())
+        lines.start()
+        tasks = {asyncio.create_task(stats.report_dropped(lines))}
+        if listener is not None:
+            tasks.add(asyncio.create_task(listener.run()))
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
-                await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
+            await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+            # What is still queued is written before the process goes, and its drops counted.
+            await asyncio.to_thread(lines.close)
+            await stats.publish_dropped(lines.dropped)
 
     return lifespan
 
@@ -143,15 +184,19 @@ def create_app(
     origin: Store | None = None,
     limiter: RateLimiter | None = None,
     state_ttl_s: float = STATE_TTL_S,
-) -> Starlette:
-    """Build the key server for ``settings``; stores and the rate limiter may be passed in.
-    With ``settings.redis_url``, the app listens to the state bus while it runs (lifespan), and
-    ``state_ttl_s`` bounds staleness only when an announcement is lost."""
+    lines: LineWriter | None = None,
+    fast_path: bool = True,
+) -> KeyServerApp:
+    """Build the key server for ``settings``; stores, the rate limiter and the log line writer
+    may be passed in. With ``settings.redis_url``, the app listens to the state bus while it
+    runs (lifespan), and ``state_ttl_s`` bounds staleness only when an announcement is lost.
+    ``fast_path=False`` leaves the viewer routes to Starlette too (the tests compare both)."""
     vault = vault if vault is not None else open_store(settings.vault)
     if limiter is None:
         limiter = (
             RedisRateLimiter(settings.redis_url) if settings.redis_url else MemoryRateLimiter()
         )
+    lines = lines if lines is not None else LineWriter()
     view = VaultView(Catalog(vault), KeyVault(vault, settings.master_key), ttl_s=state_ttl_s)
     listener = StateListener(settings.redis_url, view) if settings.redis_url else None
     signer = signer_for(settings)
@@ -162,22 +207,25 @@ def create_app(
     ):
         origin = open_store(settings.origin)
     links = DownloadLinks(settings, signer=signer, origin=origin)
+    stats = KeyRequestStats(settings.redis_url)
     server = KeyServer(
         settings,
         view=view,
         verifier=verifier_for(settings),
         limiter=limiter,
-        stats=KeyRequestStats(settings.redis_url),
+        stats=stats,
+        lines=lines,
         listener=listener,
         signer=signer,
         links=links,
     )
     exports = Exports(server)
+    viewer = ViewerEndpoints(server)
     routes: list[Route | Mount] = [
         Route("/healthz", server.healthz),
-        Route(layout.MASTER_ROUTE, server.master),
-        Route(layout.VARIANT_ROUTE, server.variant),
-        Route(layout.KEY_ROUTE, server.key),
+        Route(layout.MASTER_ROUTE, viewer.master),
+        Route(layout.VARIANT_ROUTE, viewer.variant),
+        Route(layout.KEY_ROUTE, viewer.key),
         Route(layout.DOWNLOAD_ROUTE, exports.download),
         Route(layout.OFFLINE_ROUTE, exports.offline),
     ]
@@ -190,9 +238,11 @@ def create_app(
             Route(layout.EMBEDDED_DOWNLOAD_ROUTE, EmbeddedDownloads(origin, links.embedded).serve)
         )
         routes.append(Mount("/cdn", app=CdnHeaders(static_files(origin.root))))
+    # The access log and CORS wrap the whole server, fast path included, in this order.
     middleware = [
         # Key, download and offline requests each write an audit line of their own.
-        Middleware(AccessLog, logger=log, skip_prefixes=layout.AUDITED_PATH_PREFIXES),
+        Middleware(AccessLog, logger=QueuedLogger(lines, ACCESS_LOGGER),
+                   skip_prefixes=layout.AUDITED_PATH_PREFIXES),
     ]
     if settings.cors_origins:
         middleware.append(
@@ -206,9 +256,15 @@ def create_app(
                 max_age=600,
             )
         )
-    return Starlette(
+    starlette = Starlette(
         routes=routes,
-        middleware=middleware,
+        middleware=[] if fast_path else middleware,
         exception_handlers=dict.fromkeys((HTTPException, HlsvaultError, Exception), _error_answer),
-        lifespan=_lifespan(listener),
+        lifespan=_lifespan(listener, lines, stats),
     )
+    if not fast_path:
+        return KeyServerApp(starlette, starlette, server)
+    asgi: ASGIApp = ViewerRoutes(server, starlette)
+    for layer in reversed(middleware):
+        asgi = layer.cls(asgi, *layer.args, **layer.kwargs)
+    return KeyServerApp(asgi, starlette, server)

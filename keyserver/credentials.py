@@ -1,10 +1,20 @@
 """Where a request's credentials come from: the token (``?token=``, an ``Authorization: Bearer``
 header, or cookie mode's cookie), the session it presents (``?sid=`` or ``X-Hlsvault-Sid``) and
-the client address. Nothing here checks them; :mod:`pipeline.tokens` does."""
+the client address. Nothing here checks them; :mod:`pipeline.tokens` does.
+
+:class:`Credentials` reads them from an ASGI scope, the one place that does, so the fast path
+and the Starlette routes see the same values: the query parsed as Starlette parses it (the last
+of repeated names wins), the first ``Authorization`` and ``X-Hlsvault-Sid`` header, and the
+cookie from every ``Cookie`` header (the last of repeated names wins).
+"""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from http.cookies import _unquote  # the stdlib's cookie unquoting (what Starlette uses)
+from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
@@ -13,22 +23,73 @@ from pipeline.tokens import SID_HEADER
 #: Cookie mode: the token travels in this cookie, scoped to one asset's key (and, when the key
 #: server serves its variants, playlist) path.
 COOKIE_NAME = "hlsvault_token"
+_SID_HEADER = SID_HEADER.lower().encode("latin-1")
+
+
+def _cookie(headers: list[bytes], name: str) -> str:
+    """The value of cookie ``name`` across ``headers``, as browsers and Starlette read it."""
+    found = ""
+    for header in headers:
+        for chunk in header.decode("latin-1").split(";"):
+            key, equals, value = chunk.partition("=")
+            if equals and key.strip() == name:
+                found = _unquote(value.strip())
+    return found
+
+
+class Credentials:
+    """The query parameters, headers and client address a viewer route reads."""
+
+    __slots__ = ("_cookies", "authorization", "client_ip", "query", "sid_header")
+
+    def __init__(self, scope: Mapping[str, Any]) -> None:
+        raw_query: bytes = scope.get("query_string", b"")
+        self.query: dict[str, str] = (
+            dict(parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True))
+            if raw_query else {}
+        )
+        authorization = sid = None
+        cookies: list[bytes] = []
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                if authorization is None:
+                    authorization = value.decode("latin-1")
+            elif name == b"cookie":
+                cookies.append(value)
+            elif name == _SID_HEADER and sid is None:
+                sid = value.decode("latin-1")
+        self.authorization = authorization or ""
+        self.sid_header = sid
+        self._cookies = cookies
+        client = scope.get("client")
+        self.client_ip: str | None = client[0] if client else None
+
+    def token(self, *, cookie: bool = False) -> str:
+        """The token, in the order the docs promise: query, Bearer, cookie."""
+        token = self.query.get("token", "")
+        if not token:
+            auth = self.authorization
+            if auth[:7].lower() == "bearer ":
+                token = auth[7:].strip()
+        if not token and cookie and self._cookies:
+            token = _cookie(self._cookies, COOKIE_NAME)
+        return token
+
+    @property
+    def sid(self) -> str | None:
+        return self.query.get("sid") or self.sid_header or None
+
+
+def credentials(request: Request) -> Credentials:
+    return Credentials(request.scope)
 
 
 def request_token(request: Request, *, cookie: bool = False) -> str:
-    """The token of ``request``, in the order the docs promise: query, Bearer, cookie."""
-    token = request.query_params.get("token", "")
-    if not token:
-        auth = request.headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            token = auth[7:].strip()
-    if not token and cookie:
-        token = request.cookies.get(COOKIE_NAME, "")
-    return token
+    return credentials(request).token(cookie=cookie)
 
 
 def request_sid(request: Request) -> str | None:
-    return request.query_params.get("sid") or request.headers.get(SID_HEADER) or None
+    return credentials(request).sid
 
 
 def client_ip(request: Request) -> str | None:

@@ -1,5 +1,14 @@
 """The key server's route handlers over a cached view of the vault (see :mod:`keyserver.app`
-for the routes and status codes)."""
+for the routes and status codes).
+
+The three viewer routes (master playlist, variant playlist, key) take a request's
+:class:`~keyserver.credentials.Credentials` and path values and return an
+:class:`~keyserver.responses.Answer`, free of any web framework: the fast path
+(:mod:`keyserver.fastpath`) and the Starlette routes both call them, so their answers cannot
+drift apart. Nothing on the way formats a log line or blocks the event loop: audit and access
+lines are queued for :class:`~keyserver.auditlog.LineWriter`, and the vault is read on the
+thread pool only when the in-memory view misses.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +16,11 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import structlog
-from starlette.concurrency import run_in_threadpool
+from anyio.to_thread import run_sync
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -32,16 +42,26 @@ from pipeline.settings import Settings
 from pipeline.storage import ObjectNotFound
 from pipeline.tokens import TokenClaims, TokenVerifier
 
-from .credentials import COOKIE_NAME, client_ip, ip_bucket, request_sid, request_token, token_bucket
+from .auditlog import LineWriter
+from .credentials import COOKIE_NAME, Credentials, ip_bucket, token_bucket
 from .downloads import DownloadLinks
 from .ratelimit import RateLimiter
-from .responses import NO_STORE, error, playlist
+from .responses import (
+    Answer,
+    error_answer,
+    key_answer,
+    playlist_answer,
+    set_cookie_value,
+    to_response,
+)
 from .state import STALE, VaultView
 from .statesync import StateListener
 from .stats import KeyRequestStats
 
 log = structlog.get_logger("hlsvault.keyserver")
-audit = structlog.get_logger("hlsvault.audit")
+#: The logger names of the lines queued for the writer.
+AUDIT_LOGGER = "hlsvault.audit"
+ACCESS_LOGGER = "hlsvault.keyserver"
 
 #: A key index as a URL names it: decimal, no sign, no leading zero (int() accepts far more).
 _INDEX = re.compile(r"(0|[1-9][0-9]{0,6})")
@@ -55,6 +75,17 @@ def playlist_cookie_path(public_url: str, asset: str) -> str:
     return urlsplit(layout.variant_url(public_url, asset, "")).path.rsplit("/", 1)[0] + "/"
 
 
+class QueuedLogger:
+    """A logger whose ``info`` lines go through the writer (what :class:`AccessLog` calls)."""
+
+    def __init__(self, lines: LineWriter, name: str) -> None:
+        self.lines = lines
+        self.name = name
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.lines.write(self.name, event, fields)
+
+
 class KeyServer:
     """Route handlers: playlists and keys for the holders of a token, over the vault's view."""
 
@@ -66,6 +97,7 @@ class KeyServer:
         verifier: TokenVerifier,
         limiter: RateLimiter,
         stats: KeyRequestStats,
+        lines: LineWriter | None = None,
         listener: StateListener | None = None,
         signer: CdnSigner | None = None,
         links: DownloadLinks | None = None,
@@ -75,6 +107,7 @@ class KeyServer:
         self.verifier = verifier
         self.limiter = limiter
         self.stats = stats
+        self.lines = lines if lines is not None else LineWriter()
         self.listener = listener
         self.signer = signer
         self.links = links if links is not None else DownloadLinks(
@@ -82,54 +115,81 @@ class KeyServer:
         )
         self._warned: OrderedDict[tuple[str, str], None] = OrderedDict()
 
+    # -- what every route shares -------------------------------------------------------------
+
     def _authorise(
-        self, request: Request, asset: str, *, cookie: bool = False
-    ) -> TokenClaims | Response:
+        self, creds: Credentials, asset: str, *, cookie: bool = False
+    ) -> TokenClaims | Answer:
         try:
             return self.verifier.verify(
-                request_token(request, cookie=cookie),
-                asset=asset,
-                client_ip=client_ip(request),
-                sid=request_sid(request),
+                creds.token(cookie=cookie), asset=asset, client_ip=creds.client_ip,
+                sid=creds.sid,
             )
         except Refused as refused:
-            return error(status_for(refused), str(refused))
+            return error_answer(status_for(refused), str(refused))
 
     async def _state(self, asset: str) -> AssetState | None:
         state = self.view.fresh_state(asset)
         if state is STALE:
             # A vault read (file or S3) blocks: off the event loop, on the thread pool.
-            return await run_in_threadpool(self.view.state, asset)
+            return await run_sync(self.view.state, asset)
         return state if isinstance(state, AssetState) else None
 
-    async def _published(self, asset: str) -> tuple[AssetState, AssetVersion] | Response:
+    async def _version(self, asset: str, version: str) -> AssetVersion | None:
+        described = self.view.cached_version(asset, version)
+        if described is None:
+            described = await run_sync(self.view.version, asset, version)
+        return described
+
+    async def _published(self, asset: str) -> tuple[AssetState, AssetVersion] | Answer:
         state = await self._state(asset)
         if state is None or state.version is None:
-            return error(404, "unknown asset")
+            return error_answer(404, "unknown asset")
         if state.revoked:
-            return error(410, "asset revoked")
-        described = await run_in_threadpool(self.view.version, asset, state.version)
+            return error_answer(410, "asset revoked")
+        described = await self._version(asset, state.version)
         if described is None:
-            return error(404, "unknown asset")
+            return error_answer(404, "unknown asset")
         return state, described
 
-    def _suffix(self, request: Request, token: str) -> str:
+    async def _limited(self, bucket: Callable[[], str], limit: int) -> Answer | None:
+        if limit <= 0:  # the limit is off: not even the bucket's name is worth computing
+            return None
+        wait = await self.limiter.hit(bucket(), limit)
+        if wait is None:
+            return None
+        return error_answer(429, "too many key requests", {"Retry-After": str(int(wait + 0.999))})
+
+    async def _audit(
+        self, asset: str, key_id: str | None, sid: str | None, ip: str | None, outcome: str,
+        *, kind: str = "key",
+    ) -> None:
+        """One audit line per key, download or offline request (queued for the writer), and
+        its outcome counted for the ops metrics (per asset for the Assets page)."""
+        self.lines.write(AUDIT_LOGGER, f"{kind} request", {
+            "asset": asset, "key_id": key_id, "sid": sid, "client_ip": ip, "outcome": outcome,
+        })
+        await self.stats.count(outcome if kind == "key" else f"{kind} {outcome}", asset=asset)
+
+    # -- the viewer routes -------------------------------------------------------------------
+
+    def _suffix(self, creds: Credentials, token: str) -> str:
         """The query string a tokenized playlist passes on to the URIs it names."""
         suffix = f"?token={quote(token, safe='')}" if token else ""
-        sid = request_sid(request)
+        sid = creds.sid
         if sid:
             suffix += f"{'&' if suffix else '?'}sid={quote(sid, safe='')}"
         return suffix
 
     async def _playlist_access(
-        self, request: Request, asset: str, *, cookie: bool = False
-    ) -> tuple[TokenClaims, AssetVersion] | Response:
+        self, creds: Credentials, asset: str, *, cookie: bool = False
+    ) -> tuple[TokenClaims, AssetVersion] | Answer:
         """The viewer's claims and the asset's current version, or the refusal to send."""
-        claims = self._authorise(request, asset, cookie=cookie)
-        if isinstance(claims, Response):
+        claims = self._authorise(creds, asset, cookie=cookie)
+        if isinstance(claims, Answer):
             return claims
         published = await self._published(asset)
-        if isinstance(published, Response):
+        if isinstance(published, Answer):
             return published
         return claims, published[1]
 
@@ -147,12 +207,11 @@ class KeyServer:
             packaged_for=packaged_for, public_url=self.settings.public_url,
         )
 
-    async def master(self, request: Request) -> Response:
-        asset = request.path_params["asset"]
+    async def master(self, creds: Credentials, asset: str) -> Answer:
         if not layout.ASSET_ID_PATTERN.fullmatch(asset):
-            return error(400, "malformed asset id")
-        access = await self._playlist_access(request, asset)
-        if isinstance(access, Response):
+            return error_answer(400, "malformed asset id")
+        access = await self._playlist_access(creds, asset)
+        if isinstance(access, Answer):
             return access
         claims, described = access
         base, cdn, version = self.settings.public_url, self.settings.cdn_url, described.version
@@ -161,8 +220,8 @@ class KeyServer:
         packaged_for = described.key_server
         variant_uri: Callable[[RenditionEntry], str]
         cookie_paths: list[str] = []
-        if request.query_params.get("auth") != "cookie":
-            suffix = self._suffix(request, request_token(request))
+        if creds.query.get("auth") != "cookie":
+            suffix = self._suffix(creds, creds.token())
 
             def variant_uri(rendition: RenditionEntry) -> str:
                 return layout.variant_url(base, asset, rendition.name, suffix)
@@ -180,23 +239,17 @@ class KeyServer:
 
             cookie_paths = [layout.key_cookie_path(base, asset), playlist_cookie_path(base, asset)]
             self._fallback_logged(described, packaged_for)
-        response = playlist(render_master(described, variant_uri=variant_uri))
-        for path in cookie_paths:
-            # Browsers keep cookies by name and path: one per path, each sent only there.
-            response.set_cookie(
-                COOKIE_NAME,
-                request_token(request),
-                max_age=max(1, claims.expires_at - int(time.time())),
-                path=path,
-                secure=True,
-                httponly=True,
-                samesite="none",
-            )
+        # Browsers keep cookies by name and path: one per path, each sent only there.
+        cookies = [
+            set_cookie_value(COOKIE_NAME, creds.token(),
+                             max_age=max(1, claims.expires_at - int(time.time())), path=path)
+            for path in cookie_paths
+        ]
         if cookie_paths and self.signer is not None:
-            self._set_cdn_cookies(response, asset, claims)
-        return response
+            cookies.extend(self._cdn_cookies(asset, claims))
+        return playlist_answer(render_master(described, variant_uri=variant_uri), cookies)
 
-    def _set_cdn_cookies(self, response: Response, asset: str, claims: TokenClaims) -> None:
+    def _cdn_cookies(self, asset: str, claims: TokenClaims) -> list[bytes]:
         """Cookie mode's CloudFront cookies: the asset's whole CDN directory (static variant
         playlists and segments), for as long as the token (capped), from its address only when
         the token is bound to one."""
@@ -205,34 +258,29 @@ class KeyServer:
         signed = self.signer.asset_cookies(
             cdn, asset, token_expires_at=claims.expires_at, ip=_cidr(claims.ip)
         )
-        for name, value in signed.cookies().items():
-            response.set_cookie(
-                name, value,
-                max_age=max(1, signed.expires_at - int(time.time())),
-                path=layout.cdn_cookie_path(cdn, asset),
-                domain=self.settings.cdn_cookie_domain,
-                secure=True,
-                httponly=True,
-                samesite="none",
+        return [
+            set_cookie_value(
+                name, value, max_age=max(1, signed.expires_at - int(time.time())),
+                path=layout.cdn_cookie_path(cdn, asset), domain=self.settings.cdn_cookie_domain,
             )
+            for name, value in signed.cookies().items()
+        ]
 
-    async def variant(self, request: Request) -> Response:
-        asset = request.path_params["asset"]
-        name = request.path_params["rendition"]
+    async def variant(self, creds: Credentials, asset: str, name: str) -> Answer:
         if not layout.ASSET_ID_PATTERN.fullmatch(asset):
-            return error(400, "malformed asset id")
+            return error_answer(400, "malformed asset id")
         if not layout.RENDITION_PATTERN.fullmatch(name):
-            return error(400, "malformed rendition")
-        cookie_mode = request.query_params.get("auth") == "cookie"
-        access = await self._playlist_access(request, asset, cookie=cookie_mode)
-        if isinstance(access, Response):
+            return error_answer(400, "malformed rendition")
+        cookie_mode = creds.query.get("auth") == "cookie"
+        access = await self._playlist_access(creds, asset, cookie=cookie_mode)
+        if isinstance(access, Answer):
             return access
         claims, described = access
         rendition = described.rendition(name)
         if rendition is None:
-            return error(404, "unknown rendition")
+            return error_answer(404, "unknown rendition")
         # Cookie mode's key URIs carry no token, as the static playlists' do: the cookie is it.
-        suffix = "" if cookie_mode else self._suffix(request, request_token(request))
+        suffix = "" if cookie_mode else self._suffix(creds, creds.token())
         cdn, base, version = self.settings.cdn_url, self.settings.public_url, described.version
         # Tokenized mode: one signature for every segment of the rendition (cookie mode's
         # CloudFront cookies already cover them).
@@ -249,7 +297,7 @@ class KeyServer:
             # Under the rendition's signed resource, like its segments.
             return f"{layout.cdn_url(cdn, layout.segment_key(asset, version, name, init))}{signed}"
 
-        return playlist(
+        return playlist_answer(
             render_variant(described, rendition, segment_uri=segment_uri, key_uri=key_uri,
                            init_uri=init_uri)
         )
@@ -265,17 +313,8 @@ class KeyServer:
             token_expires_at=claims.expires_at, ip=_cidr(claims.ip),
         )
 
-    async def _limited(self, bucket: str, limit: int) -> Response | None:
-        wait = await self.limiter.hit(bucket, limit)
-        if wait is None:
-            return None
-        return error(429, "too many key requests", {"Retry-After": str(int(wait + 0.999))})
-
-    async def key(self, request: Request) -> Response:
-        asset = request.path_params["asset"]
-        version = request.path_params["version"]
-        raw_index = request.path_params["index"]
-        ip = client_ip(request)
+    async def key(self, creds: Credentials, asset: str, version: str, raw_index: str) -> Answer:
+        ip = creds.client_ip
         if (
             not layout.ASSET_ID_PATTERN.fullmatch(asset)
             or not layout.VERSION_PATTERN.fullmatch(version)
@@ -283,42 +322,58 @@ class KeyServer:
             or int(raw_index) > layout.MAX_KEY_INDEX
         ):
             await self._audit(asset[:128], None, None, ip, "malformed path")
-            return error(400, "malformed key path")
+            return error_answer(400, "malformed key path")
         index = int(raw_index)
         key_id = f"{version}/{index}"
         # The address is counted first, whatever the token: that bounds what one client can
         # make the server verify. A token is counted only once verified, so made-up tokens
         # never create buckets.
-        limited = await self._limited(ip_bucket(ip), self.settings.rate_limit_ip_per_min)
+        limited = await self._limited(lambda: ip_bucket(ip), self.settings.rate_limit_ip_per_min)
         if limited is not None:
             await self._audit(asset, key_id, None, ip, "rate limited")
             return limited
-        claims = self._authorise(request, asset, cookie=True)
-        if isinstance(claims, Response):
-            await self._audit(asset, key_id, None, ip, f"denied {claims.status_code}")
+        claims = self._authorise(creds, asset, cookie=True)
+        if isinstance(claims, Answer):
+            await self._audit(asset, key_id, None, ip, f"denied {claims.status}")
             return claims
         limited = await self._limited(
-            token_bucket(request_token(request, cookie=True)),
+            lambda: token_bucket(creds.token(cookie=True)),
             self.settings.rate_limit_token_per_min,
         )
         if limited is not None:
             await self._audit(asset, key_id, claims.sid, ip, "rate limited")
             return limited
         state = await self._state(asset)
-        outcome, response = await self._key_response(state, asset, version, index)
+        outcome, answer = await self._key_answer(state, asset, version, index)
         await self._audit(asset, key_id, claims.sid, ip, outcome)
-        return response
+        return answer
 
-    async def _audit(
-        self, asset: str, key_id: str | None, sid: str | None, ip: str | None, outcome: str,
-        *, kind: str = "key",
-    ) -> None:
-        """One audit line per key, download or offline request, and its outcome counted for
-        the ops metrics (per asset for the Assets page)."""
-        audit.info(
-            f"{kind} request", asset=asset, key_id=key_id, sid=sid, client_ip=ip, outcome=outcome
-        )
-        await self.stats.count(outcome if kind == "key" else f"{kind} {outcome}", asset=asset)
+    async def _key_answer(
+        self, state: AssetState | None, asset: str, version: str, index: int
+    ) -> tuple[str, Answer]:
+        if state is None:
+            return "unknown asset", error_answer(404, "unknown key")
+        if not state.key_servable(version):
+            self.view.forget_keys(asset, version)
+            if state.revoked or version in state.retired:
+                return "gone", error_answer(410, "key withdrawn: the asset was revoked or re-keyed")
+            known = await self._version(asset, version)
+            if known is None:
+                return "unknown key", error_answer(404, "unknown key")
+            return "gone", error_answer(410, "key withdrawn: the version was replaced")
+        key = self.view.cached_key(asset, version, index)
+        if key is None:
+            try:
+                key = await run_sync(self.view.key, asset, version, index)
+            except ObjectNotFound:
+                return "unknown key", error_answer(404, "unknown key")
+            except KeyUnwrapError:
+                log.error("wrapped key does not authenticate", asset=asset,
+                          key_id=f"{version}/{index}")
+                return "unwrap failed", error_answer(500, "key unavailable")
+        return "served", key_answer(key)
+
+    # -- downloads and offline bundles (keyserver.exports) ----------------------------------
 
     async def _entitled(
         self, request: Request, asset: str, kind: str
@@ -326,55 +381,31 @@ class KeyServer:
         """A download's or offline bundle's checks, in the key route's order and with its
         status codes: 400, 429 per address, 401/403, 429 per token, 404, 410; each refusal
         audited."""
-        ip = client_ip(request)
+        creds = Credentials(request.scope)
+        ip = creds.client_ip
         if not layout.ASSET_ID_PATTERN.fullmatch(asset):
             await self._audit(asset[:128], None, None, ip, "malformed path", kind=kind)
-            return error(400, "malformed asset id")
-        limited = await self._limited(ip_bucket(ip), self.settings.rate_limit_ip_per_min)
+            return to_response(error_answer(400, "malformed asset id"))
+        limited = await self._limited(lambda: ip_bucket(ip), self.settings.rate_limit_ip_per_min)
         if limited is not None:
             await self._audit(asset, None, None, ip, "rate limited", kind=kind)
-            return limited
-        claims = self._authorise(request, asset)
-        if isinstance(claims, Response):
-            await self._audit(asset, None, None, ip, f"denied {claims.status_code}", kind=kind)
-            return claims
+            return to_response(limited)
+        claims = self._authorise(creds, asset)
+        if isinstance(claims, Answer):
+            await self._audit(asset, None, None, ip, f"denied {claims.status}", kind=kind)
+            return to_response(claims)
         limited = await self._limited(
-            token_bucket(request_token(request)), self.settings.rate_limit_token_per_min
+            lambda: token_bucket(creds.token()), self.settings.rate_limit_token_per_min
         )
         if limited is not None:
             await self._audit(asset, None, claims.sid, ip, "rate limited", kind=kind)
-            return limited
+            return to_response(limited)
         published = await self._published(asset)
-        if isinstance(published, Response):
-            outcome = "gone" if published.status_code == 410 else "unknown asset"
+        if isinstance(published, Answer):
+            outcome = "gone" if published.status == 410 else "unknown asset"
             await self._audit(asset, None, claims.sid, ip, outcome, kind=kind)
-            return published
+            return to_response(published)
         return claims, published[1]
-
-    async def _key_response(
-        self, state: AssetState | None, asset: str, version: str, index: int
-    ) -> tuple[str, Response]:
-        if state is None:
-            return "unknown asset", error(404, "unknown key")
-        if not state.key_servable(version):
-            self.view.forget_keys(asset, version)
-            if state.revoked or version in state.retired:
-                return "gone", error(410, "key withdrawn: the asset was revoked or re-keyed")
-            known = await run_in_threadpool(self.view.version, asset, version)
-            if known is None:
-                return "unknown key", error(404, "unknown key")
-            return "gone", error(410, "key withdrawn: the version was replaced")
-        key = self.view.cached_key(asset, version, index)
-        if key is None:
-            try:
-                key = await run_in_threadpool(self.view.key, asset, version, index)
-            except ObjectNotFound:
-                return "unknown key", error(404, "unknown key")
-            except KeyUnwrapError:
-                log.error("wrapped key does not authenticate", asset=asset,
-                          key_id=f"{version}/{index}")
-                return "unwrap failed", error(500, "key unavailable")
-        return "served", Response(key, media_type="application/octet-stream", headers=NO_STORE)
 
     async def healthz(self, request: Request) -> Response:
         """200 while the process serves; says whether state changes reach it at once (the state

@@ -83,12 +83,18 @@ class VaultView:
             self._epoch += 1
             self._states.clear()
 
-    def version(self, asset: str, version: str) -> AssetVersion | None:
+    def cached_version(self, asset: str, version: str) -> AssetVersion | None:
+        """The version's description if it is in memory (cheap enough for the event loop)."""
         with self._lock:
             found = self._versions.get((asset, version))
             if found is not None:
                 self._versions.move_to_end((asset, version))
-                return found
+            return found
+
+    def version(self, asset: str, version: str) -> AssetVersion | None:
+        found = self.cached_version(asset, version)
+        if found is not None:
+            return found
         try:
             described = self.catalog.get_version(asset, version)
         except ObjectNotFound:

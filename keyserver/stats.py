@@ -3,16 +3,25 @@ window (:mod:`pipeline.keystats`), its Assets page (shared through Redis)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import TYPE_CHECKING
 
 import structlog
 
 from pipeline import keystats, layout
 
+if TYPE_CHECKING:
+    from .auditlog import LineWriter
+
 log = structlog.get_logger("hlsvault.keyserver")
 
 #: The Redis hash the ops app reads: outcome -> count.
 KEY_REQUESTS = layout.KEY_REQUESTS_HASH
+#: The Redis counter of log lines the key servers dropped (the ops app exports it).
+LOG_LINES_DROPPED = layout.LOG_LINES_DROPPED_KEY
+#: How often a key server adds its newly dropped log lines to that counter.
+DROPPED_REPORT_INTERVAL_S = 1.0
 #: Counting is best effort: a slow Redis never slows a key request down by more than this.
 REDIS_TIMEOUT_S = 0.25
 
@@ -22,6 +31,7 @@ class KeyRequestStats:
 
     def __init__(self, url: str | None) -> None:
         self.client = None
+        self._dropped_published = 0
         if url:
             import redis.asyncio
 
@@ -42,3 +52,23 @@ class KeyRequestStats:
             await pipe.execute()
         except Exception as error:  # any Redis failure: the key request matters more
             log.warning("key request not counted", error=type(error).__name__)
+
+    async def publish_dropped(self, dropped_total: int) -> None:
+        """Add the log lines dropped since the last call to the fleet's counter."""
+        delta = dropped_total - self._dropped_published
+        if self.client is None or delta <= 0:
+            return
+        try:
+            await self.client.incrby(LOG_LINES_DROPPED, delta)
+        except Exception as error:  # any Redis failure: counted at the next report
+            log.warning("dropped log lines not counted yet", error=type(error).__name__)
+            return
+        self._dropped_published += delta
+
+    async def report_dropped(self, lines: LineWriter) -> None:
+        """Publish ``lines``' drops every :data:`DROPPED_REPORT_INTERVAL_S` until cancelled."""
+        if self.client is None:
+            return
+        while True:
+            await asyncio.sleep(DROPPED_REPORT_INTERVAL_S)
+            await self.publish_dropped(lines.dropped)

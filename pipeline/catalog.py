@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -124,10 +125,15 @@ class Catalog:
 
     def _tagged_state(self, asset: str) -> tuple[AssetState | None, str | None]:
         """The state document (None when never written) and its tag, for a conditional write."""
-        revoked_at = self._revoked_at(asset)
-        try:
-            raw, tag = self.store.get_tagged(layout.state_key(asset))
-        except ObjectNotFound:
+        # The two documents are read at once: one round trip's wait instead of two.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            revoked = pool.submit(self._revoked_at, asset)
+            try:
+                raw, tag = self.store.get_tagged(layout.state_key(asset))
+            except ObjectNotFound:
+                raw, tag = None, None
+            revoked_at = revoked.result()
+        if raw is None or tag is None:
             state = None if revoked_at is None else AssetState(revoked_at=revoked_at)
             return state, None
         return AssetState.from_dict(json.loads(raw), revoked_at=revoked_at), tag
@@ -157,6 +163,7 @@ class Catalog:
     def publish(
         self, asset: str, version: str, *, job_id: str, started_at: float, grace_s: float,
         expected_previous: tuple[str | None, ...] | None = None,
+        on_replacing: Callable[[str], None] | None = None,
     ) -> str | None:
         """Make ``version`` the one players get, and retire the version it replaces (its keys
         served ``grace_s`` longer), in one conditional write: a reader sees the old state or
@@ -167,6 +174,9 @@ class Catalog:
         revocation is not undone by work that was already in flight. With
         ``expected_previous``, the publish is refused (:class:`~pipeline.errors.Conflict`)
         unless the current version is one of those (a re-key publishes over what it re-keyed).
+        ``on_replacing(version)`` is called before the write that would retire ``version``
+        (again if that write loses a race and is re-applied), so that a caller can remember
+        what it replaced before the flip: a retry after the flip no longer sees it.
         """
         layout.check_version(version)
 
@@ -192,6 +202,8 @@ class Catalog:
                     retired[replaced] = state.revoked_at
             elif replaced is not None:
                 retired[replaced] = now + grace_s
+            if replaced is not None and on_replacing is not None:
+                on_replacing(replaced)
             return replace(state, version=version, job_id=job_id, published_at=now,
                            retired=retired)
 

@@ -1,22 +1,30 @@
 """Segment encryption: AES-128-CBC with PKCS#7 padding, as RFC 8216 §5.2 asks for METHOD=AES-128.
 
-Segments are streamed through OpenSSL (via ``cryptography``) with ``update_into`` into buffers
-allocated once per call, so a segment of any size costs two fixed 1 MiB buffers and no copies.
+Encryption goes through :mod:`pipeline.aes` (the system libcrypto, in place, without the GIL)
+in pieces of :data:`CHUNK` bytes held in one buffer per thread, allocated once and reused by
+every segment the thread encrypts: a segment costs one read and one write per piece, and no
+memory the process has not touched before. Decryption (re-keying, downloads) streams through
+``cryptography``.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from . import aes
+from .aes import BLOCK, check_key_iv
 from .errors import PermanentError, TransientError
 
-BLOCK = 16
-#: Read size: large enough that per-call overhead vanishes next to AES, small enough for L2.
+#: Piece size: large enough that per-call overhead vanishes next to AES, small enough that a
+#: piece read, encrypted and written stays in the core's L2 cache. A multiple of 16.
 CHUNK = 1 << 20
+
+_buffers = threading.local()
 
 
 def iv_for_sequence(media_sequence: int) -> bytes:
@@ -25,38 +33,92 @@ def iv_for_sequence(media_sequence: int) -> bytes:
     return media_sequence.to_bytes(BLOCK, "big")
 
 
-def _check(key: bytes, iv: bytes) -> None:
-    if len(key) != BLOCK or len(iv) != BLOCK:
-        raise ValueError("AES-128 needs a 16-byte key and a 16-byte IV")
+def _piece_buffer() -> memoryview:
+    """This thread's piece buffer: CHUNK bytes plus room for the padding block."""
+    buf: memoryview | None = getattr(_buffers, "piece", None)
+    if buf is None:
+        buf = memoryview(bytearray(CHUNK + BLOCK))
+        _buffers.piece = buf
+    return buf
+
+
+def _read_exactly(fd: int, view: memoryview, offset: int | None = None) -> None:
+    """Fill ``view`` from ``fd`` (at ``offset``, or the current position)."""
+    done = 0
+    while done < len(view):
+        if offset is None:
+            read = os.readv(fd, [view[done:]])
+        else:
+            read = os.preadv(fd, [view[done:]], offset + done)
+        if not read:
+            raise TransientError("a segment shrank while it was being encrypted")
+        done += read
+
+
+def _encrypt_pieces(
+    fd_in: int, fd_out: int, size: int, key: bytes, iv: bytes, *, in_place: bool
+) -> int:
+    """Encrypt ``size`` bytes of ``fd_in`` into ``fd_out`` piece by piece; in place, each
+    piece is written back where it was read. Returns the ciphertext length."""
+    buf = _piece_buffer()
+    encryptor = aes.default_backend().encryptor(key, iv)
+    offset = 0
+    try:
+        while True:
+            length = min(CHUNK, size - offset)
+            piece = buf[:length]
+            _read_exactly(fd_in, piece, offset if in_place else None)
+            if offset + length < size:
+                encryptor.update(piece)
+            else:
+                length = encryptor.finish(buf, length)
+                piece = buf[:length]
+            _write_all_fd(fd_out, piece, offset if in_place else None)
+            offset += length
+            if offset >= size:
+                return offset
+    finally:
+        encryptor.close()
+
+
+def _write_all_fd(fd: int, view: memoryview, offset: int | None) -> None:
+    # Writes may be short; loop until the kernel has taken every byte.
+    done = 0
+    while done < len(view):
+        if offset is None:
+            done += os.write(fd, view[done:])
+        else:
+            done += os.pwrite(fd, view[done:], offset + done)
 
 
 def encrypt_file(src: Path, dst: Path, key: bytes, iv: bytes) -> int:
     """Encrypt ``src`` into ``dst`` (written atomically); returns the ciphertext length."""
-    _check(key, iv)
-    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
-    inbuf = bytearray(CHUNK)
-    outbuf = bytearray(CHUNK + BLOCK - 1)
-    inview, outview = memoryview(inbuf), memoryview(outbuf)
+    check_key_iv(key, iv)
     tmp = _tmp_for(dst)
-    total = 0
-    written = 0
     try:
         with src.open("rb", buffering=0) as fin, tmp.open("wb", buffering=0) as fout:
-            while True:
-                read = fin.readinto(inbuf)
-                if not read:
-                    break
-                total += read
-                produced = encryptor.update_into(inview[:read], outbuf)
-                written += _write_all(fout, outview[:produced])
-            pad = BLOCK - total % BLOCK
-            tail = encryptor.update(bytes([pad]) * pad) + encryptor.finalize()
-            written += _write_all(fout, memoryview(tail))
+            size = os.fstat(fin.fileno()).st_size
+            written = _encrypt_pieces(fin.fileno(), fout.fileno(), size, key, iv,
+                                      in_place=False)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, dst)
     return written
+
+
+def encrypt_in_place(path: Path, key: bytes, iv: bytes) -> int:
+    """Replace the plaintext in ``path`` with its ciphertext, in the same file; returns the
+    ciphertext length (the file grows by the 1-16 padding bytes).
+
+    Not atomic: a file interrupted half way is neither plaintext nor ciphertext, and encrypting
+    a file twice makes it unplayable. The caller must own the file and record that it is done
+    (the segment stage's sealing names sealed segments in its ``produced.json`` only after
+    every one of them is sealed)."""
+    check_key_iv(key, iv)
+    with path.open("r+b", buffering=0) as handle:
+        fd = handle.fileno()
+        return _encrypt_pieces(fd, fd, os.fstat(fd).st_size, key, iv, in_place=True)
 
 
 def _tmp_for(dst: Path) -> Path:
@@ -74,7 +136,7 @@ def _write_all(fout: object, view: memoryview) -> int:
 
 def decrypt_file(src: Path, dst: Path, key: bytes, iv: bytes) -> int:
     """Decrypt ``src`` into ``dst`` (atomically), streaming; returns the plaintext length."""
-    _check(key, iv)
+    check_key_iv(key, iv)
     size = src.stat().st_size
     if size == 0 or size % BLOCK:
         raise PermanentError(

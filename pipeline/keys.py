@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigurationError
 from .layout import asset_keys_prefix, key_path, version_keys_prefix
-from .storage import ObjectNotFound, Store
+from .storage import Store
 
 KEY_BYTES = 16
 #: Blob layout: format byte, 12-byte nonce, ciphertext + 16-byte tag.
@@ -60,14 +60,12 @@ class KeyVault:
     def get_or_create(self, asset: str, version: str, index: int) -> bytes:
         """The content key for ``(asset, version, index)``, creating it if it does not exist.
 
-        Creation is a conditional write: when two workers race, the loser re-reads the
-        winner's key, so every segment of the index is encrypted under the same key.
+        Creation is a conditional write, tried first (a version's keys are new when its first
+        chunk is encrypted, so a read first would be one more round trip that finds nothing):
+        when it loses, to a racing worker or to this stage's own earlier attempt, the key that
+        won is read, so every segment of the index is encrypted under the same key.
         """
         path = key_path(asset, version, index)
-        try:
-            return self.unwrap(self.store.get_bytes(path), asset, version, index)
-        except ObjectNotFound:
-            pass
         key = os.urandom(KEY_BYTES)
         if self.store.put_bytes_if(path, self.wrap(key, asset, version, index), match=None):
             return key

@@ -367,6 +367,9 @@ def revoked_key(asset: str) -> str:
 BROKER_NAMESPACE = "hlsvault"
 #: The hash where key servers count key requests by outcome, for the ops app's metrics.
 KEY_REQUESTS_HASH = "hlsvault:stats:key_requests"
+#: A counter: audit and access lines the key servers dropped because their log sink fell
+#: behind (keyserver/auditlog.py); the ops app exports it.
+LOG_LINES_DROPPED_KEY = "hlsvault:stats:log_lines_dropped"
 
 # -- key server URLs -----------------------------------------------------------------------------
 

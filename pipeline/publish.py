@@ -54,28 +54,38 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = no_progress) ->
             svc.work.get_file(work_key, local)
             svc.origin.put_file(key, local, **headers)
 
-    with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY) as pool:
-        for _ in pool.map(put, items):
-            done += 1
-            report(done / len(items))
-    # Cookie mode's static playlists: the versioned variants, then the stable master.
-    for key, text in static_playlists(described).items():
+    def put_playlist(key: str, text: str) -> None:
         svc.origin.put_bytes(
             key, text.encode(), content_type=PLAYLIST_CONTENT_TYPE,
             cache_control=STABLE_PLAYLIST if layout.is_stable_key(key) else IMMUTABLE,
         )
-    previous = svc.catalog.current_version(spec.asset)
-    # Remembered before the flip, so that a retry after it still knows what it replaced.
-    if previous is not None and previous != spec.version:
-        svc.jobs.set_json(spec.job_id, "replaced", previous)
-    replaced = svc.catalog.publish(
+
+    # Cookie mode's static playlists: the versioned variants go up beside the segments (nothing
+    # names them until the stable master does), the master after both.
+    playlists = static_playlists(described)
+    stable = {key: text for key, text in playlists.items() if layout.is_stable_key(key)}
+    with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY) as pool:
+        variants = [pool.submit(put_playlist, key, text)
+                    for key, text in playlists.items() if key not in stable]
+        for _ in pool.map(put, items):
+            done += 1
+            report(done / len(items))
+        for variant in variants:
+            variant.result()
+    for key, text in stable.items():
+        put_playlist(key, text)
+
+    def remember(replaced: str) -> None:
+        # Before the flip, so that a retry after it still knows what it replaced.
+        svc.jobs.set_json(spec.job_id, "replaced", replaced)
+
+    svc.catalog.publish(
         spec.asset, spec.version, job_id=spec.job_id, started_at=spec.created_at,
         grace_s=replaced_grace(spec),
         # A re-key publishes over the version it re-keyed, or not at all.
         expected_previous=(spec.previous_version, spec.version) if spec.kind == "rekey" else None,
+        on_replacing=remember,
     )
-    if replaced is not None and replaced != previous:
-        svc.jobs.set_json(spec.job_id, "replaced", replaced)  # a racing publish came between
     return {
         "asset": spec.asset,
         "version": spec.version,

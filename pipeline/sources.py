@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .aws import Outcome, botocore_errors, classify, describe, make_client
+from .aws import Outcome, botocore_errors, classify, describe, shared_client
 from .errors import InvalidSource, TransientError
 
 #: A presigned source URL must outlive the longest ffmpeg run of the segment stage.
@@ -67,7 +67,7 @@ def split_s3_url(url: str) -> tuple[str, str]:
 def s3_source_url(source: str, *, client: Any | None = None) -> str:
     """Check an ``s3://`` source exists and is readable; return a presigned GET URL for it."""
     bucket, key = split_s3_url(source)
-    client = client if client is not None else make_client()
+    client = client if client is not None else shared_client()
     try:
         head = client.head_object(Bucket=bucket, Key=key)
     except botocore_errors() as error:

@@ -88,7 +88,10 @@ class TokenVerifier:
         if len(token) > MAX_TOKEN_LENGTH:
             raise TokenRejected("invalid token: too long")
         now = time.time()
-        claims = self._verified.get(token)
+        with self._lock:
+            claims = self._verified.get(token)
+            if claims is not None:
+                self._verified.move_to_end(token)  # least recently used is evicted first
         if claims is None:
             claims = self._decode(token)
             self._check_lifetime(claims, now)

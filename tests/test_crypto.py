@@ -4,12 +4,20 @@ independent reference, and the RFC 8216 IV derivation."""
 from __future__ import annotations
 
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from pipeline.crypto import BLOCK, CHUNK, decrypt_file, encrypt_file, iv_for_sequence
+from pipeline.crypto import (
+    BLOCK,
+    CHUNK,
+    decrypt_file,
+    encrypt_file,
+    encrypt_in_place,
+    iv_for_sequence,
+)
 from pipeline.errors import PermanentError
 
 from support import decrypt_bytes, encrypt_bytes
@@ -93,6 +101,42 @@ class TestRoundTrip:
         encrypt_via_file(tmp_path, plaintext(CHUNK + 5))
         decrypt_file(tmp_path / "enc.ts", tmp_path / "out.ts", KEY, IV)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.ts", "out.ts", "plain.ts"]
+
+
+class TestInPlace:
+    @pytest.mark.parametrize("size", SIZES)
+    def test_in_place_leaves_what_encrypt_file_writes(self, tmp_path: Path, size: int) -> None:
+        """A file encrypted in place holds exactly the bytes encrypt_file writes to a new file,
+        grown by its padding, and nothing else is left in the directory."""
+        data = plaintext(size)
+        expected = encrypt_via_file(tmp_path, data)
+        (tmp_path / "sealed.ts").write_bytes(data)
+
+        written = encrypt_in_place(tmp_path / "sealed.ts", KEY, IV)
+
+        assert (tmp_path / "sealed.ts").read_bytes() == expected
+        assert written == len(expected)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.ts", "plain.ts", "sealed.ts"]
+
+    def test_many_files_on_many_threads(self, tmp_path: Path) -> None:
+        """Each thread reuses one buffer of its own: 24 files of different sizes, each under its
+        own IV, encrypted by 4 threads at once (new files and in place) are each exactly the
+        reference ciphertext."""
+        sizes = [CHUNK * (n % 3) + 977 * n for n in range(24)]
+        for n, size in enumerate(sizes):
+            (tmp_path / f"p{n}").write_bytes(plaintext(size))
+            (tmp_path / f"s{n}").write_bytes(plaintext(size))
+
+        def encrypt(n: int) -> None:
+            encrypt_file(tmp_path / f"p{n}", tmp_path / f"e{n}", KEY, iv_for_sequence(n))
+            encrypt_in_place(tmp_path / f"s{n}", KEY, iv_for_sequence(n))
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(encrypt, range(len(sizes))))
+        for n, size in enumerate(sizes):
+            expected = encrypt_bytes(plaintext(size), KEY, iv_for_sequence(n))
+            assert (tmp_path / f"e{n}").read_bytes() == expected, n
+            assert (tmp_path / f"s{n}").read_bytes() == expected, n
 
 
 class TestCiphertext:

@@ -96,7 +96,8 @@ def run_stage(rt: Runtime, job_id: str, stage: str, work: Callable[[JobSpec], T]
         if record.status == "cancelled":
             discard_work(svc, job_id)
         return None
-    attempts = svc.jobs.stage_started(job_id, stage)
+    # Which process took it, too: chunks of one job run on many workers at once.
+    attempts = svc.jobs.stage_started(job_id, stage, worker=worker_name())
     if attempts > svc.settings.max_deliveries:
         reason = str(
             PoisonJob(
@@ -106,8 +107,8 @@ def run_stage(rt: Runtime, job_id: str, stage: str, work: Callable[[JobSpec], T]
         )
         fail(rt, job_id, stage, reason)
         return None
-    # Which process took it: chunks of one job run on many workers at once.
-    svc.jobs.set_json(job_id, f"{stage}.worker", worker_name())
+    # Which process took it, too: chunks of one job run on many workers at once.
+    attempts = svc.jobs.stage_started(job_id, stage, worker=worker_name())
     started = time.monotonic()
     try:
         result = work(record.spec)

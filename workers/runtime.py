@@ -50,15 +50,16 @@ class Runtime:
 
 
 def build_broker(settings: Settings) -> dramatiq.Broker:
-    """Dramatiq's Redis broker when ``REDIS_URL`` is set, else its in-memory broker."""
+    """The Redis broker whose idle consumers wake when a message arrives
+    (:mod:`workers.broker`) when ``REDIS_URL`` is set, else dramatiq's in-memory broker."""
     if settings.redis_url is None:
         return StubBroker()
-    from dramatiq.brokers.redis import RedisBroker
-
     from pipeline.redisconn import connect
 
+    from .broker import WakingRedisBroker
+
     # dramatiq's RedisBroker constructor carries no annotations.
-    broker: dramatiq.Broker = RedisBroker(  # type: ignore[no-untyped-call]
+    broker: dramatiq.Broker = WakingRedisBroker(  # type: ignore[no-untyped-call]
         client=connect(settings.redis_url, decode_responses=False),
         namespace=layout.BROKER_NAMESPACE,
         heartbeat_timeout=settings.heartbeat_timeout_ms,
@@ -67,13 +68,16 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     return broker
 
 
-def build_runtime(settings: Settings, *, services: Services | None = None) -> Runtime:
-    """A runtime of its own: a new broker with the actors declared on it. Touches no global
-    state, so tests may build several; processes call :func:`install`."""
+def build_runtime(
+    settings: Settings, *, services: Services | None = None, broker: dramatiq.Broker | None = None
+) -> Runtime:
+    """A runtime of its own: a new broker (``broker``, else :func:`build_broker`'s) with the
+    actors declared on it. Touches no global state, so tests may build several; processes call
+    :func:`install`."""
     from . import actors
     from .middleware import JobOutcome, LogContext
 
-    broker = build_broker(settings)
+    broker = broker if broker is not None else build_broker(settings)
     runtime = Runtime(settings, broker, services or build_services(settings))
     broker.add_middleware(LogContext())
     # emit_after runs middleware in reverse: placed before Retries, JobOutcome sees the

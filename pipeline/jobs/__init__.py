@@ -255,6 +255,7 @@ class RecordBackend(Protocol):
     def read(self, job_id: str) -> dict[str, str]: ...
     def write(self, job_id: str, fields: dict[str, str]) -> None: ...
     def increment(self, job_id: str, name: str, amount: int) -> int: ...
+    def start_stage(self, job_id: str, counter: str, fields: dict[str, str]) -> int: ...
     def arrive(self, job_id: str, counter: str, marker: str) -> int: ...
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool: ...
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]: ...
@@ -295,19 +296,17 @@ class JobStore:
     def set_json(self, job_id: str, name: str, value: Any) -> None:
         self.backend.write(job_id, {name: json.dumps(value)})
 
-    def stage_started(self, job_id: str, stage: str) -> int:
-        """Mark a stage running and count this delivery; returns the delivery count.
+    def stage_started(self, job_id: str, stage: str, *, worker: str | None = None) -> int:
+        """Mark a stage running (on ``worker``, when given) and count this delivery, in one
+        step; returns the delivery count.
 
         Counted here rather than by dramatiq because a worker killed by SIGKILL never tells
         dramatiq it failed: only this count sees a message that kills its worker every time.
         """
-        attempts = self.backend.increment(job_id, f"{stage}.attempts", 1)
-        self.backend.write(
-            job_id, {f"{stage}.status": "running", f"{stage}.started_at": repr(self.clock())}
-        )
-        # A job an operator cancelled (or that failed elsewhere) stays ended.
-        self.backend.write_unless_ended(job_id, {"status": "running"})
-        return attempts
+        fields = {f"{stage}.status": "running", f"{stage}.started_at": repr(self.clock())}
+        if worker is not None:
+            fields[f"{stage}.worker"] = json.dumps(worker)
+        return self.backend.start_stage(job_id, f"{stage}.attempts", fields)
 
     def stage_queued(self, job_id: str, *stages: str) -> None:
         self.backend.write(job_id, {f"{stage}.status": "queued" for stage in stages})

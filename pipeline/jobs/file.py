@@ -166,6 +166,17 @@ class FileRecordBackend:
             record[name] = str(value)
             return value
 
+    def start_stage(self, job_id: str, counter: str, fields: dict[str, str]) -> int:
+        with self._locked(job_id) as record:
+            attempts = int(record.get(counter, "0")) + 1
+            record[counter] = str(attempts)
+            record.update(fields)
+            # A job an operator cancelled (or that failed elsewhere) stays ended.
+            if "spec" in record and record.get("status") not in (*TERMINAL, "running"):
+                record["status"] = "running"
+                self.index.place(job_id, record)
+            return attempts
+
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool:
         with self._locked(job_id) as record:
             if "spec" not in record or record.get("status") in TERMINAL:

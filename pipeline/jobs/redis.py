@@ -77,6 +77,24 @@ return 1
 """
 
 
+# A stage starts: count the delivery, write the stage's fields, and mark the job running (moving
+# it between the status sets) unless it ended, in one round trip. KEYS: the record, then the
+# status sets; ARGV: job id, the delivery counter's field, then field, value, field, value…
+_START_STAGE = _STATUS_TABLES + """
+local attempts = redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+local old = redis.call('HGET', KEYS[1], 'status')
+if old and not ended[old] and old ~= 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'running')
+  if slot[old] then
+    redis.call('ZREM', KEYS[slot[old]], ARGV[1])
+  end
+  redis.call('ZADD', KEYS[slot['running']], redis.call('HGET', KEYS[1], 'created_at') or 0, ARGV[1])
+end
+return attempts
+"""
+
+
 # Place a job written before the status sets existed in the set of its status, unless a status
 # write placed it already: atomic with _WRITE_UNLESS_ENDED, so that the two never leave a job in
 # two sets. KEYS: the record, then the status sets; ARGV: the job id.
@@ -107,6 +125,7 @@ class RedisRecordBackend:
         self.client = client
         self._arrive = client.register_script(_ARRIVE)
         self._write_unless_ended = client.register_script(_WRITE_UNLESS_ENDED)
+        self._start_stage = client.register_script(_START_STAGE)
         self._place_existing = client.register_script(_PLACE_EXISTING)
         self._indexed = False
 
@@ -134,6 +153,10 @@ class RedisRecordBackend:
 
     def increment(self, job_id: str, name: str, amount: int) -> int:
         return int(self.client.hincrby(_PREFIX + job_id, name, amount))
+
+    def start_stage(self, job_id: str, counter: str, fields: dict[str, str]) -> int:
+        args = [job_id, counter, *(item for pair in fields.items() for item in pair)]
+        return int(self._start_stage(keys=[_PREFIX + job_id, *_STATUS_KEYS], args=args))
 
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool:
         args: list[str | int] = [job_id, RECORD_TTL_S]

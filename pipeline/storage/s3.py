@@ -9,6 +9,8 @@ store, never as a fault of the job's source.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from ..errors import HlsvaultError
 from . import ObjectNotFound, Store, check_key
 
 _BOTO_ERRORS = (ClientError, BotoCoreError)
+#: Bytes copied at a time from a GET's body to a file.
+_STREAM_CHUNK = 1024 * 1024
 
 
 def translate(error: Exception, store: str, key: str) -> HlsvaultError:
@@ -141,10 +145,18 @@ class S3Store:
             raise self._translate(error, key) from None
 
     def get_file(self, key: str, path: Path) -> None:
+        # One GET, streamed to a file beside ``path`` and renamed: boto3's download_file would
+        # send a HEAD first (to choose between one GET and ranged ones), doubling the round
+        # trips of every segment a stage fetches.
+        partial = path.with_name(f".{path.name}.part")
         try:
-            self.client.download_file(self.bucket, self._key(key), str(path))
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            with partial.open("wb") as out:
+                shutil.copyfileobj(response["Body"], out, _STREAM_CHUNK)
         except _BOTO_ERRORS as error:
+            partial.unlink(missing_ok=True)
             raise self._translate(error, key) from None
+        os.replace(partial, path)
 
     def exists(self, key: str) -> bool:
         try:

@@ -1,0 +1,146 @@
+"""Audit and access lines written off the event loop, by a background thread.
+
+A request only appends a tuple (logger, event, fields, time) to a bounded queue: no
+formatting, no lock held by a writer, no system call. A thread wakes every
+:data:`FLUSH_INTERVAL_S`, takes what is queued and hands it, in order, to the sink: by default
+structlog (what tests capture), or, where the process writes JSON lines (`hlsvault serve`
+with stderr not a terminal), :class:`JsonLinesSink`, which renders the same JSON lines with
+the same redaction and writes a whole batch at once. When the sink falls so far
+behind that the queue is full, a new line is dropped rather than make a request wait: it is
+counted (:attr:`LineWriter.dropped`, exported by the ops app's ``/metrics`` as
+``hlsvault_audit_lines_dropped_total``) and the writer logs how many were dropped as soon as
+it catches up. Closing the writer (the app's shutdown) writes everything still queued.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import structlog
+
+from pipeline.logs import redact_processor
+
+#: Lines queued at most: a few seconds of a busy key server's lines (~300 bytes each, ~20 MB),
+#: enough to ride out a log sink that stalls briefly; beyond it lines are dropped and counted.
+MAX_QUEUED = 65_536
+#: How often the writer looks for lines: the most a line waits before it is written.
+FLUSH_INTERVAL_S = 0.05
+#: Lines handed to the sink at once.
+BATCH = 1024
+#: Shutting down, the writer gets this long to write what is queued.
+CLOSE_TIMEOUT_S = 5.0
+
+#: One line: logger name, event, fields, when it was written (time.time()).
+Line = tuple[str, str, dict[str, Any], float]
+Sink = Callable[[Sequence[Line]], None]
+
+
+def structlog_sink(lines: Sequence[Line]) -> None:
+    """Each line through structlog at level info, as a direct call would have written it."""
+    for logger, event, fields, _ in lines:
+        structlog.get_logger(logger).info(event, **fields)
+
+
+class JsonLinesSink:
+    """The JSON lines :func:`pipeline.logs.configure_logging` writes (fields, event, level,
+    logger, timestamp; every value redacted), a batch in one write to ``stream``."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def __call__(self, lines: Sequence[Line]) -> None:
+        rendered = []
+        for logger, event, fields, when in lines:
+            record = redact_processor(None, "info", dict(fields))
+            record["event"] = event
+            record["level"] = "info"
+            record["logger"] = logger
+            stamp = datetime.fromtimestamp(when, UTC).isoformat()
+            record["timestamp"] = stamp.replace("+00:00", "Z")
+            rendered.append(json.dumps(record))
+        rendered.append("")
+        self.stream.write("\n".join(rendered))
+        self.stream.flush()
+
+
+class LineWriter:
+    """A bounded queue of log lines and the thread that writes them to ``sink``."""
+
+    def __init__(
+        self, *, sink: Sink = structlog_sink, max_queued: int = MAX_QUEUED,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
+    ) -> None:
+        if max_queued < 1:
+            raise ValueError("max_queued must be at least 1")
+        self.sink = sink
+        self.max_queued = max_queued
+        self.flush_interval_s = flush_interval_s
+        self._queue: deque[Line] = deque()
+        #: Lines accepted, lines the sink has taken, lines dropped because the queue was full.
+        self.accepted = 0
+        self.written = 0
+        self.dropped = 0
+        self._dropped_reported = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def write(self, logger: str, event: str, fields: dict[str, Any]) -> None:
+        """Queue one line; never blocks. Safe from any thread (deque appends are atomic)."""
+        if len(self._queue) >= self.max_queued:
+            self.dropped += 1
+            return
+        self.accepted += 1
+        self._queue.append((logger, event, fields, time.time()))
+        if self._thread is None:
+            self.start()
+
+    def start(self) -> None:
+        with self._start_lock:
+            if self._thread is not None:
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run, name="hlsvault-log-writer", daemon=True
+            )
+            self._thread.start()
+
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Write what is queued and stop the thread (a later line starts it again)."""
+        with self._start_lock:
+            thread, self._thread = self._thread, None
+        if thread is None:
+            self._drain()
+            return
+        self._stop.set()
+        thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            self._drain()
+        self._drain()
+
+    def _drain(self) -> None:
+        queue = self._queue
+        while queue:
+            batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
+            try:
+                self.sink(batch)
+            except Exception as error:  # a broken sink must not kill the writer
+                structlog.get_logger("hlsvault.keyserver").error(
+                    "log lines not written", lines=len(batch), error=type(error).__name__
+                )
+            self.written += len(batch)
+        dropped = self.dropped
+        if dropped != self._dropped_reported:
+            self._dropped_reported = dropped
+            structlog.get_logger("hlsvault.keyserver").warning(
+                "log lines dropped: the log sink fell behind and the queue was full",
+                dropped_total=dropped, max_queued=self.max_queued,
+            )

@@ -1,0 +1,98 @@
+"""Running the key server: `hlsvault serve` hands one of two ASGI servers the app factory
+below, which each worker process calls to build its own app from the environment.
+
+- **granian** (HTTP/1.1 and TLS in Rust, the ASGI interface, uvloop), the default: on the
+  key route it answers about twice uvicorn's requests per second on one core
+  (``docs/benchmarks.md``, bench_keyserver, which compares the two in every run).
+- **uvicorn** (httptools and uvloop), ``--server uvicorn``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigurationError
+
+#: What the worker processes import and call to build their app.
+APP_FACTORY = "keyserver.serving:app_from_environment"
+SERVERS = ("uvicorn", "granian")
+DEFAULT_SERVER = "granian"
+#: An idle keep-alive connection is closed after this long (a player asks again in seconds).
+KEEP_ALIVE_S = 5
+
+
+#: granian's own lines (start, stop, errors) go to the root logger, which
+#: :func:`pipeline.logs.configure_logging` set up: JSON lines like every other.
+_GRANIAN_LOGGING: dict[str, Any] = {
+    "handlers": {},
+    "loggers": {"_granian": {"propagate": True}, "granian.access": {"propagate": True}},
+}
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str
+    port: int
+    workers: int = 1
+    server: str = DEFAULT_SERVER
+    certfile: str | None = None
+    keyfile: str | None = None
+
+
+def app_from_environment() -> Any:
+    """The key server of this process's settings (each worker process calls this)."""
+    from pipeline.logs import configure_logging
+    from pipeline.settings import load_settings
+
+    from .app import create_app
+    from .auditlog import JsonLinesSink, LineWriter
+
+    json_lines = not sys.stderr.isatty()
+    configure_logging(json=json_lines, level=logging.INFO)
+    # JSON lines (what a log shipper reads): the writer renders and writes them in batches;
+    # on a terminal, structlog's coloured lines, one by one.
+    lines = LineWriter(sink=JsonLinesSink(sys.stderr)) if json_lines else LineWriter()
+    return create_app(load_settings(create=True), lines=lines)
+
+
+def serve(options: ServeOptions) -> None:
+    """Serve until interrupted."""
+    if options.workers < 1:
+        raise ConfigurationError("--workers must be at least 1")
+    if options.server == "granian":
+        _serve_granian(options)
+    elif options.server == "uvicorn":
+        _serve_uvicorn(options)
+    else:
+        raise ConfigurationError(f"unknown server {options.server!r}: use one of {SERVERS}")
+
+
+def _serve_uvicorn(options: ServeOptions) -> None:
+    import uvicorn
+
+    tls: dict[str, Any] = {}
+    if options.certfile:
+        tls.update(ssl_certfile=options.certfile, ssl_keyfile=options.keyfile)
+    uvicorn.run(
+        APP_FACTORY, factory=True, host=options.host, port=options.port,
+        workers=options.workers, loop="uvloop", http="httptools",
+        access_log=False, log_config=None, timeout_keep_alive=KEEP_ALIVE_S, **tls,
+    )
+
+
+def _serve_granian(options: ServeOptions) -> None:
+    from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.server import Server
+
+    tls: dict[str, Any] = {}
+    if options.certfile and options.keyfile:
+        tls.update(ssl_cert=Path(options.certfile), ssl_key=Path(options.keyfile))
+    Server(
+        APP_FACTORY, factory=True, address=options.host, port=options.port,
+        interface=Interfaces.ASGI, workers=options.workers, loop=Loops.uvloop,
+        http=HTTPModes.http1, log_access=False, log_dictconfig=_GRANIAN_LOGGING, **tls,
+    ).serve()

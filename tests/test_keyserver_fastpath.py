@@ -1,0 +1,230 @@
+"""The fast path gives exactly the answers of the Starlette routes: one request matrix (every
+status code the viewer routes give, token in the query, a Bearer header or the cookie,
+sessions, addresses, CORS, CDN signing, revocation, rate limits) sent to a key server built
+with the fast path and to one built without, each answer compared byte for byte (status, the
+header list in order, body)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from keyserver import create_app
+from pipeline.catalog import Catalog
+from pipeline.settings import load_settings
+from pipeline.tokens import SID_HEADER, mint_token
+
+from keyserver_support import (
+    ASSET,
+    OTHER,
+    OTHER_IP,
+    VIEWER_IP,
+    Library,
+    shared_library,
+    tamper,
+    wait_for_fresh_window,
+)
+
+APP_ORIGIN = "https://app.example"
+CDN_URL = "https://cdn.fastpath.test"
+#: The per-token limit of the matrix: its key requests with one token pass it.
+TOKEN_LIMIT = 12
+
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+async def call(
+    app: Any, method: str, path: str, *, query: str = "", client_ip: str = VIEWER_IP,
+    headers: Sequence[tuple[str, str]] = (),
+) -> Answer:
+    """One request straight into the ASGI app: status, the raw header list, the body."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "scheme": "https", "path": path, "raw_path": path.encode(), "root_path": "",
+        "query_string": query.encode(),
+        "headers": [(b"host", b"keys.test")]
+        + [(name.lower().encode(), value.encode()) for name, value in headers],
+        "client": (client_ip, 50000), "server": ("keys.test", 443),
+    }
+    status, answer_headers, body = 0, [], bytearray()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        nonlocal status, answer_headers
+        if message["type"] == "http.response.start":
+            status, answer_headers = message["status"], list(message["headers"])
+        elif message["type"] == "http.response.body":
+            body.extend(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, answer_headers, bytes(body)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory, copy_clip: Path) -> Library:
+    """A copy of the shared library: ``film``'s old version retired, ``film-b`` revoked, one
+    of ``film``'s wrapped keys broken (a 500), and a CloudFront key pair to sign with."""
+    directory = tmp_path_factory.mktemp("fastpath")
+    library = shared_library(tmp_path_factory, copy_clip).copy(directory)
+    library.retire_until(library.old_version, 1.0)
+    Catalog(library.vault).revoke(OTHER)
+    wrapped = library.data_dir / "vault" / "keys" / ASSET / library.version / "000001.key"
+    blob = bytearray(wrapped.read_bytes())
+    blob[-1] ^= 1
+    wrapped.write_bytes(bytes(blob))
+    key_file = directory / "cloudfront.pem"
+    key_file.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                         .private_bytes(serialization.Encoding.PEM,
+                                        serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+    env = {**library.env, "HLSVAULT_CDN_URL": CDN_URL, "HLSVAULT_CORS_ORIGINS": APP_ORIGIN,
+           "HLSVAULT_CLOUDFRONT_KEY_PAIR_ID": "KFASTPATH",
+           "HLSVAULT_CLOUDFRONT_PRIVATE_KEY": str(key_file),
+           "HLSVAULT_RATE_LIMIT_TOKEN": str(TOKEN_LIMIT), "HLSVAULT_RATE_LIMIT_IP": "0"}
+    return Library(env=env, data_dir=library.data_dir, old_version=library.old_version,
+                   version=library.version, other_version=library.other_version,
+                   rendition=library.rendition, keys=library.keys)
+
+
+def matrix(library: Library) -> list[tuple[str, str, str, str, list[tuple[str, str]]]]:
+    """(method, path, query, client address, headers) of every request compared."""
+    token = library.token()
+    bound = library.token(sid="sess-1", ip=VIEWER_IP)
+    expired = mint_token(library.settings.token_secret, ASSET, -120)
+    for_other = library.token(OTHER)
+    limited = library.token()  # spent on key requests past its limit
+    master, variant = library.master_path(), library.variant_path()
+    key0, key1, key7 = library.key_path(0), library.key_path(1), library.key_path(7)
+    old_key = library.key_path(0, version=library.old_version)
+    q = f"token={token}"
+    bearer = [("Authorization", f"Bearer {token}")]
+    cookie = [("Cookie", f"other=1; hlsvault_token={token}")]
+    origin = [("Origin", APP_ORIGIN)]
+    requests: list[tuple[str, str, str, str, list[tuple[str, str]]]] = [
+        # master: tokenized, Bearer, sessions, cookie mode (cookies and CloudFront cookies)
+        ("GET", master, q, VIEWER_IP, []),
+        ("GET", master, "", VIEWER_IP, bearer),
+        ("GET", master, f"token={bound}&sid=sess-1", VIEWER_IP, []),
+        ("GET", master, f"token={bound}", VIEWER_IP, [(SID_HEADER, "sess-1")]),
+        ("GET", master, f"token={bound}", VIEWER_IP, []),  # 403: no session
+        ("GET", master, f"token={bound}&sid=sess-2", VIEWER_IP, []),  # 403: another session
+        ("GET", master, f"token={bound}&sid=sess-1", OTHER_IP, []),  # 403: another address
+        ("GET", master, f"{q}&auth=cookie", VIEWER_IP, []),
+        ("GET", master, "", VIEWER_IP, []),  # 401: no token
+        ("GET", master, f"token={tamper(token)}", VIEWER_IP, []),  # 401: forged
+        ("GET", master, f"token={expired}", VIEWER_IP, []),  # 401: expired
+        ("GET", master, f"token={for_other}", VIEWER_IP, []),  # 403: another asset
+        ("GET", master, "token=not-a-jwt&token=" + token, VIEWER_IP, []),  # the last one wins
+        ("GET", library.master_path(OTHER), f"token={for_other}", VIEWER_IP, []),  # 410
+        ("GET", library.master_path("nosuch"), f"token={library.token('nosuch')}", VIEWER_IP,
+         []),  # 404
+        ("GET", "/v1/assets/bad!id/master.m3u8", q, VIEWER_IP, []),  # 400
+        ("GET", master, q, VIEWER_IP, origin),  # CORS on a simple request
+        # variant: signed segment URIs, cookie mode, unknown and malformed renditions
+        ("GET", variant, q, VIEWER_IP, []),
+        ("GET", variant, "", VIEWER_IP, bearer),
+        ("GET", variant, "auth=cookie", VIEWER_IP, cookie),
+        ("GET", variant, "auth=cookie", VIEWER_IP, []),  # 401: no cookie
+        ("GET", variant, "", VIEWER_IP, cookie),  # 401: the cookie counts in cookie mode only
+        ("GET", f"/v1/assets/{ASSET}/nosuch.m3u8", q, VIEWER_IP, []),  # 404
+        ("GET", f"/v1/assets/{ASSET}/a.b.m3u8", q, VIEWER_IP, []),  # 400
+        # keys: query, Bearer, cookie; 400, 401, 403, 404, 410, 500, 429
+        ("GET", key0, q, VIEWER_IP, []),
+        ("GET", key0, "", VIEWER_IP, bearer),
+        ("GET", key0, "", VIEWER_IP, cookie),
+        ("GET", key0, f"token={bound}&sid=sess-1", VIEWER_IP, []),
+        ("GET", key0, f"token={bound}&sid=sess-1", OTHER_IP, []),  # 403
+        ("GET", key0, f"token={expired}", VIEWER_IP, []),  # 401
+        ("GET", key0, f"token={tamper(token)}", VIEWER_IP, []),  # 401
+        ("GET", key0, "", VIEWER_IP, []),  # 401
+        ("GET", f"/v1/keys/{ASSET}/{library.version}/01", q, VIEWER_IP, []),  # 400
+        ("GET", f"/v1/keys/{ASSET}/{library.version}/x", q, VIEWER_IP, []),  # 400
+        ("GET", key7, q, VIEWER_IP, []),  # 404
+        ("GET", old_key, q, VIEWER_IP, []),  # 410: retired
+        ("GET", library.key_path(0, asset=OTHER), f"token={for_other}", VIEWER_IP, []),  # 410
+        ("GET", key1, q, VIEWER_IP, []),  # 500: the wrapped key does not authenticate
+        ("GET", key0, q, VIEWER_IP, origin),
+        *[("GET", key0, f"token={limited}", VIEWER_IP, []) for _ in range(TOKEN_LIMIT + 2)],
+        # what the fast path leaves to Starlette
+        ("OPTIONS", key0, "", VIEWER_IP,
+         [*origin, ("Access-Control-Request-Method", "GET"),
+          ("Access-Control-Request-Headers", "authorization")]),  # CORS preflight
+        ("OPTIONS", key0, "", VIEWER_IP,
+         [("Origin", "https://evil.example"), ("Access-Control-Request-Method", "GET")]),
+        ("HEAD", key0, q, VIEWER_IP, []),
+        ("POST", key0, q, VIEWER_IP, []),  # 405
+        ("GET", f"{key0}/", q, VIEWER_IP, []),
+        ("GET", f"/v1/keys/{ASSET}", q, VIEWER_IP, []),  # 404
+        ("GET", "/healthz", "", VIEWER_IP, []),
+        ("GET", f"/v1/downloads/{ASSET}", q, VIEWER_IP, []),
+    ]
+    return requests
+
+
+class TestFastPathEquivalence:
+    def test_the_fast_path_answers_every_request_as_the_starlette_routes_do(
+        self, library: Library
+    ) -> None:
+        """Each request of the matrix, sent to both servers in turn, gets the same status,
+        header list and body. Max-Age, Retry-After and signature expiries follow the clock, so
+        a pair that differs is asked once more: only a second boundary in between may excuse
+        a difference, and it cannot happen twice in a row."""
+        settings = load_settings(library.env)
+        fast = create_app(settings, vault=library.vault)
+        plain = create_app(settings, vault=library.vault, fast_path=False)
+        requests = matrix(library)
+        wait_for_fresh_window()
+
+        async def compare() -> tuple[list[Any], set[int]]:
+            differences, statuses = [], set()
+            for method, path, query, ip, headers in requests:
+                for attempt in range(2):
+                    kwargs: dict[str, Any] = {"query": query, "client_ip": ip,
+                                              "headers": headers}
+                    ours = await call(fast, method, path, **kwargs)
+                    theirs = await call(plain, method, path, **kwargs)
+                    if ours == theirs:
+                        break
+                    if attempt == 1:
+                        differences.append((method, path, ours, theirs))
+                statuses.add(ours[0])
+            return differences, statuses
+
+        differences, statuses = asyncio.run(compare())
+        assert differences == []
+        assert {200, 307, 400, 401, 403, 404, 405, 410, 429, 500} <= statuses, statuses
+
+    def test_the_matrix_tells_answers_apart(self, library: Library) -> None:
+        """Positive control: the comparison sees a difference when there is one (a key server
+        with another public URL names other URIs in its playlists)."""
+        settings = load_settings(library.env)
+        moved = load_settings({**library.env, "HLSVAULT_PUBLIC_URL": "https://moved.example"})
+        fast = create_app(settings, vault=library.vault)
+        other = create_app(moved, vault=library.vault, fast_path=False)
+        query = f"token={library.token()}"
+
+        async def both() -> tuple[Answer, Answer]:
+            return (await call(fast, "GET", library.master_path(), query=query),
+                    await call(other, "GET", library.master_path(), query=query))
+
+        ours, theirs = asyncio.run(both())
+        assert ours[0] == theirs[0] == 200
+        assert ours != theirs
+
+    def test_errors_are_the_documented_json(self, library: Library) -> None:
+        """The fast path's refusals are JSON errors, never cached, as the docs promise."""
+        fast = create_app(load_settings(library.env), vault=library.vault)
+        status, headers, body = asyncio.run(call(fast, "GET", library.key_path()))
+        assert status == 401
+        assert (b"cache-control", b"no-store") in headers
+        assert (b"content-type", b"application/json") in headers
+        assert json.loads(body)["error"] == "missing token"
