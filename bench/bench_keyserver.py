@@ -83,6 +83,7 @@ WRK_THREADS = 1
 START_TIMEOUT_S = 20.0
 
 NGINX_NAME = "nginx"
+BARE_NAME = "bare-asgi"
 #: The ASGI servers `hlsvault serve --server` offers, compared side by side.
 SERVERS = ("uvicorn", "granian")
 #: The routes loaded: the key, and the two playlists a player fetches first.
@@ -474,10 +475,12 @@ def run_signing(args: argparse.Namespace) -> float:
 
 #: Functions worth naming in the profile summary: the request path, logging and the thread hop.
 _PROFILE_FOCUS = (
-    "KeyServer.", "TokenVerifier.verify", "PyJWT.decode", "AccessLog.", "BoundLogger.",
-    "redact_processor", "StreamHandler.emit", "run_in_threadpool", "MemoryRateLimiter.hit",
-    "VaultView.", "RequestResponseCycle.send", "Starlette.__call__", "Router.",
-    "ProxyHeadersMiddleware", "ProcessorFormatter.format", "JSONRenderer",
+    "KeyServer.", "ViewerRoutes.", "Credentials.", "TokenVerifier.", "PyJWT.decode",
+    "AccessLog.", "CORSMiddleware.", "LineWriter.", "JsonLinesSink.", "structlog_sink",
+    "redact_processor", "StreamHandler.emit", "run_sync", "MemoryRateLimiter.hit",
+    "VaultView.", "KeyRequestStats.", "send_answer", "parse_qsl", "Starlette.__call__",
+    "Router.", "RequestResponseCycle.send", "ProxyHeadersMiddleware", "BoundLogger.",
+    "ProcessorFormatter.format", "JSONRenderer", "dumps",
 )
 
 
@@ -493,7 +496,7 @@ def profile(key_url: str, pid: int, seconds: int, connections: int) -> None:
     time.sleep(1)
     subprocess.run(
         [str(PY_SPY), "record", "-p", str(pid), "-d", str(seconds), "-r", "250", "-f", "raw",
-         "--nonblocking", "-o", str(out)],
+         "--nonblocking", "--subprocesses", "-o", str(out)],
         check=True, capture_output=True, timeout=seconds + 60,
     )
     wrk.wait()
@@ -531,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the variant playlists with and without CDN signing")
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help="ASGI servers to compare, comma-separated (default: both)")
+    parser.add_argument("--bare", action="store_true",
+                        help="also load a bare ASGI app under granian on the key route")
     parser.add_argument("--routes", default=",".join(ROUTES),
                         help="routes to load, comma-separated (default: key,variant,master)")
     args = parser.parse_args(argv)
@@ -572,7 +577,14 @@ def run(args: argparse.Namespace) -> int:
         for route in routes:
             path = "/key" if route == "key" else f"/{route}.m3u8"
             urls[route][NGINX_NAME] = (nginx.pid, f"{nginx_base}{path}")
-        print_setup(args, servers, processes, log_paths)
+        if args.bare and "key" in urls:
+            bare, bare_url = start_bare(free_port())
+            processes.insert(0, bare)
+            urls["key"][BARE_NAME] = (bare.pid, bare_url)
+        print_setup(args, servers, processes[1 if args.bare else 0:], log_paths)
+        if args.bare:
+            print(f"{BARE_NAME}: bench/bare_asgi.py (16 bytes, no checks) under granian, "
+                  "one worker: the ceiling of an ASGI app on one core")
         code = 0
         for route in routes:
             code |= run_route(args, route, urls[route], servers)
@@ -585,6 +597,24 @@ def run(args: argparse.Namespace) -> int:
             stop(process)
         if processes:
             stop(processes[-1], signal.SIGQUIT)
+
+
+def start_bare(port: int) -> tuple[subprocess.Popen[bytes], str]:
+    """bare_asgi.py under granian with `hlsvault serve`'s options; the process and its URL."""
+    code = (
+        "from granian.constants import HTTPModes, Interfaces, Loops\n"
+        "from pathlib import Path\n"
+        "from granian.server import Server\n"
+        f"Server('bare_asgi:app', address='127.0.0.1', port={port}, interface=Interfaces.ASGI,"
+        " workers=1, loop=Loops.uvloop, http=HTTPModes.http1, log_access=False,"
+        f" working_dir=Path({str(Path(__file__).parent)!r})).serve()\n"
+    )
+    log = (SCRATCH / "bare.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                               stdout=log, stderr=log, cwd=Path(__file__).parent)
+    url = f"http://127.0.0.1:{port}/key"
+    wait_for(url, process, "bare ASGI app")
+    return process, url
 
 
 def print_setup(
@@ -616,13 +646,13 @@ def run_route(
     servers: list[str],
 ) -> int:
     """wrk on one route of every server and of nginx, alternating; a RESULT line per server."""
-    names = [*servers, NGINX_NAME]
+    names = [*servers, *([BARE_NAME] if BARE_NAME in targets else []), NGINX_NAME]
     print(f"\n{route}: GET {redact(targets[servers[0]][1])} (HS256 token in the query string)")
     for name in names:
         pid, url = targets[name]
         run_wrk(url, args.warmup, args.connections, pid)
     results: dict[str, list[WrkRun]] = {name: [] for name in names}
-    ratios: dict[str, list[float]] = {name: [] for name in servers}
+    ratios: dict[str, list[float]] = {name: [] for name in names if name != NGINX_NAME}
     print(f"{'round':<7}" + "".join(f"{name + ' rps':>14}{'p99 ms':>8}{'CPU us':>8}"
                                      for name in names) + "   ratios")
     for index in range(args.rounds):
@@ -631,12 +661,12 @@ def run_route(
             pid, url = targets[name]
             results[name].append(run_wrk(url, args.duration, args.connections, pid))
         nginx = results[NGINX_NAME][-1]
-        for server in servers:
+        for server in ratios:
             ratios[server].append(results[server][-1].rps / nginx.rps)
         print(f"{index + 1:<7}" + "".join(
             f"{results[n][-1].rps:>14.0f}{results[n][-1].p99_ms:>8.2f}"
             f"{results[n][-1].cpu_us_per_request:>8.0f}" for n in names)
-            + "   " + " ".join(f"{ratios[s][-1]:.3f}" for s in servers))
+            + "   " + " ".join(f"{ratios[s][-1]:.3f}" for s in ratios))
 
     def median(name: str, field: str) -> float:
         return statistics.median(getattr(run, field) for run in results[name])
@@ -645,6 +675,10 @@ def run_route(
         f"{median(n, 'rps'):>14.0f}{median(n, 'p99_ms'):>8.2f}"
         f"{median(n, 'cpu_us_per_request'):>8.0f}" for n in names))
     target = TARGET_RATIOS[route]
+    if BARE_NAME in ratios:
+        bare = statistics.median(ratios[BARE_NAME])
+        print(f"RESULT keyserver {route} (bare ASGI app under granian, the ceiling): "
+              f"{median(BARE_NAME, 'rps'):.0f} rps, ratio {bare:.3f}")
     for server in servers:
         ratio = statistics.median(ratios[server])
         p99 = median(server, "p99_ms")

@@ -1,9 +1,13 @@
-"""Benchmark: `hlsvault package --ladder copy` against ffmpeg's own encrypted HLS, side by side.
+"""Benchmark: `hlsvault package --ladder copy` against ffmpeg's plain remux to HLS, side by side.
 
-Both package the same cached 120 s 1080p30 H.264/AAC clip into AES-128 HLS with 6 s segments:
+The same cached 120 s 1080p30 H.264/AAC clip (~15.5 Mbit/s, ~236 MB) cut into 6 s segments by:
 
-- ffmpeg:   ``ffmpeg -i clip -c copy -f hls -hls_time 6 -hls_playlist_type vod
-            -hls_key_info_file keyinfo -hls_segment_filename out/seg_%05d.ts out/index.m3u8``
+- ffmpeg-plain (the baseline): ``ffmpeg -i clip -c copy -f hls -hls_time 6
+            -hls_playlist_type vod -hls_segment_filename out/seg_%05d.ts out/index.m3u8``,
+            unencrypted: the floor under any packager that remuxes (it has to remux too).
+- ffmpeg:   ffmpeg's own encrypted HLS, ``ffmpeg -i clip -c copy -f hls -hls_time 6
+            -hls_playlist_type vod -hls_key_info_file keyinfo
+            -hls_segment_filename out/seg_%05d.ts out/index.m3u8``
 - hlsvault: ``hlsvault package clip --ladder copy --asset benchN --json`` in embedded mode
             (REDIS_URL unset, HLSVAULT_DATA_DIR in bench/.work), a fresh asset every round.
 
@@ -22,9 +26,11 @@ media sequence number, as hlsvault's), one process per segment as a shell loop r
 - hlsvault: ``hlsvault package clip --ladder copy --container fmp4 --asset benchN --json``
 - ffmpeg-plain (context): the ffmpeg command alone
 
-Each round runs the three commands back to back, in
-an order rotated every round, each from a clean page-cache writeback state (``sync``). Reported
-is the median wall clock of each whole command and ``median(hlsvault) / median(ffmpeg)``.
+Each round runs the three commands back to back, in an order rotated every round, each from a
+clean page-cache writeback state (``sync``). Reported is the median wall clock of each whole
+command, ``median(hlsvault) / median(ffmpeg-plain)`` (the target) and, for a user who would
+otherwise run ffmpeg's own encryption, ``median(hlsvault) / median(ffmpeg)``; with ``--container
+fmp4``, ``median(hlsvault) / median(ffmpeg+openssl)`` (issue 11's target).
 
 For hlsvault the job record's stage timestamps split the wall clock into: process start and
 CLI imports, worker start and dispatch, each stage, the hops between stages, and the exit.
@@ -50,9 +56,12 @@ from typing import Any
 from machine import describe
 from sample_clip import CLIP_SECONDS, WORK_DIR, ensure_clip
 
-#: The brief: hlsvault should take at most 60 % of ffmpeg's single-command encrypted HLS, and
-#: 80 % of ffmpeg's fMP4 plus openssl's encryption of it (issue 11).
-TARGET_RATIO = {"ts": 0.6, "fmp4": 0.8}
+#: Issue 10: encrypted, published HLS in at most 1.3 times ffmpeg's unencrypted remux.
+TARGET_RATIO = 1.3
+#: The earlier brief: at most 60 % of ffmpeg's single-command encrypted HLS.
+TARGET_RATIO_AES = 0.6
+#: Issue 11: fMP4 in at most 80 % of ffmpeg's unencrypted fMP4 plus openssl over its segments.
+TARGET_RATIO_FMP4 = 0.8
 #: One openssl process encrypts one segment of a few MB: a second is a hang.
 OPENSSL_TIMEOUT_S = 60
 DEFAULT_ROUNDS = 5
@@ -302,16 +311,27 @@ def main(argv: list[str] | None = None) -> int:
     print("  " + "  ".join(f"{p} {m:.3f}" for p, m in phase_medians.items()))
     print(f"  (sum of phase medians {sum(phase_medians.values()):.3f} "
           f"vs median wall clock {medians[HLSVAULT]:.3f})")
-    print(f"context: unencrypted ffmpeg segmenting (same command, no encryption) "
-          f"median {medians[FFMPEG_PLAIN]:.3f} s")
-    ratio = medians[HLSVAULT] / medians[FFMPEG_AES]
-    target = TARGET_RATIO[args.container]
-    verdict = "met" if ratio <= target else "MISSED"
-    label = "package" if args.container == "ts" else "package fmp4"
-    baseline = "ffmpeg" if args.container == "ts" else "ffmpeg+openssl"
-    print(f"RESULT {label}: hlsvault {medians[HLSVAULT]:.2f} s, "
-          f"{baseline} {medians[FFMPEG_AES]:.2f} s, ratio {ratio:.2f} "
-          f"(target <= {target}: {verdict})")
+    per_round = [h / p for h, p in zip(timings.seconds[HLSVAULT], timings.seconds[FFMPEG_PLAIN],
+                                       strict=True)]
+    print(f"hlsvault / ffmpeg-plain per round: {', '.join(f'{r:.2f}' for r in per_round)}; "
+          f"load average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if args.container == "fmp4":
+        ratio = medians[HLSVAULT] / medians[FFMPEG_AES]
+        verdict = "met" if ratio <= TARGET_RATIO_FMP4 else "MISSED"
+        print(f"RESULT package fmp4: hlsvault {medians[HLSVAULT]:.2f} s, "
+              f"ffmpeg+openssl {medians[FFMPEG_AES]:.2f} s, ratio {ratio:.2f} "
+              f"(target <= {TARGET_RATIO_FMP4}: {verdict})")
+        return 0
+    aes_ratio = medians[HLSVAULT] / medians[FFMPEG_AES]
+    verdict = "met" if aes_ratio <= TARGET_RATIO_AES else "MISSED"
+    print(f"RESULT package vs ffmpeg encrypted HLS: hlsvault {medians[HLSVAULT]:.2f} s, "
+          f"ffmpeg {medians[FFMPEG_AES]:.2f} s, ratio {aes_ratio:.2f} "
+          f"(target <= {TARGET_RATIO_AES}: {verdict})")
+    ratio = medians[HLSVAULT] / medians[FFMPEG_PLAIN]
+    verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
+    print(f"RESULT package vs ffmpeg plain remux: hlsvault {medians[HLSVAULT]:.2f} s, "
+          f"ffmpeg-plain {medians[FFMPEG_PLAIN]:.2f} s, ratio {ratio:.2f} "
+          f"(target <= {TARGET_RATIO}: {verdict})")
     return 0
 
 

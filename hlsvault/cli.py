@@ -77,6 +77,23 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
     return replace(spec, source=f"{work.url.rstrip('/')}/{key}")
 
 
+def _prefetch_probe(source: str) -> None:
+    """Start the probe's ffprobe of a local source now: it runs while this process imports and
+    starts its worker, and the probe stage collects its answer (see
+    :func:`pipeline.media.prefetch_probe`). Anything wrong with the source is left for the
+    probe stage to report."""
+    if "://" in source:
+        return  # a URL or s3:// source: opening it is the probe stage's business
+    from pipeline.media import prefetch_probe
+    from pipeline.sources import ffmpeg_target
+
+    try:
+        target, _ = ffmpeg_target(_source_argument(source))
+        prefetch_probe(target)
+    except (HlsvaultError, OSError):
+        pass
+
+
 def _show_progress(args: argparse.Namespace) -> bool:
     return sys.stderr.isatty() and not getattr(args, "json", False)
 
@@ -248,6 +265,8 @@ def _run(argv: list[str] | None) -> int:
         )
     except HlsvaultError as error:
         return fail(str(error), exit_code(error))
+    if args.command == "package" and settings.embedded:
+        _prefetch_probe(args.source)
     from pipeline.logs import configure_logging
 
     quiet = args.command != "serve" and not args.verbose

@@ -169,7 +169,8 @@ class KeyServer:
         self.lines.write(AUDIT_LOGGER, f"{kind} request", {
             "asset": asset, "key_id": key_id, "sid": sid, "client_ip": ip, "outcome": outcome,
         })
-        await self.stats.count(outcome if kind == "key" else f"{kind} {outcome}", asset=asset)
+        if self.stats.client is not None:  # embedded mode counts nothing: no coroutine either
+            await self.stats.count(outcome if kind == "key" else f"{kind} {outcome}", asset=asset)
 
     # -- the viewer routes -------------------------------------------------------------------
 

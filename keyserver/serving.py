@@ -10,6 +10,7 @@ below, which each worker process calls to build its own app from the environment
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from pipeline.errors import ConfigurationError
 APP_FACTORY = "keyserver.serving:app_from_environment"
 SERVERS = ("uvicorn", "granian")
 DEFAULT_SERVER = "granian"
+#: The proxies whose X-Forwarded-For is believed unless FORWARDED_ALLOW_IPS says otherwise
+#: (uvicorn's default).
+DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"
 #: An idle keep-alive connection is closed after this long (a player asks again in seconds).
 KEEP_ALIVE_S = 5
 
@@ -45,6 +49,8 @@ class ServeOptions:
 
 def app_from_environment() -> Any:
     """The key server of this process's settings (each worker process calls this)."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
     from pipeline.logs import configure_logging
     from pipeline.settings import load_settings
 
@@ -56,7 +62,11 @@ def app_from_environment() -> Any:
     # JSON lines (what a log shipper reads): the writer renders and writes them in batches;
     # on a terminal, structlog's coloured lines, one by one.
     lines = LineWriter(sink=JsonLinesSink(sys.stderr)) if json_lines else LineWriter()
-    return create_app(load_settings(create=True), lines=lines)
+    app = create_app(load_settings(create=True), lines=lines)
+    # The client address behind a trusted proxy, the same way under either server: uvicorn's
+    # own middleware (its FORWARDED_ALLOW_IPS rule, README "Behind a proxy").
+    trusted = os.environ.get("FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)
+    return ProxyHeadersMiddleware(app, trusted_hosts=trusted)  # type: ignore[arg-type]  # uvicorn types ASGI scopes more narrowly than Starlette
 
 
 def serve(options: ServeOptions) -> None:
@@ -80,7 +90,9 @@ def _serve_uvicorn(options: ServeOptions) -> None:
     uvicorn.run(
         APP_FACTORY, factory=True, host=options.host, port=options.port,
         workers=options.workers, loop="uvloop", http="httptools",
-        access_log=False, log_config=None, timeout_keep_alive=KEEP_ALIVE_S, **tls,
+        access_log=False, log_config=None, timeout_keep_alive=KEEP_ALIVE_S,
+        proxy_headers=False,  # the app applies them itself (app_from_environment)
+        **tls,
     )
 
 

@@ -111,6 +111,12 @@ def encrypt_in_place(path: Path, key: bytes, iv: bytes) -> int:
     """Replace the plaintext in ``path`` with its ciphertext, in the same file; returns the
     ciphertext length (the file grows by the 1-16 padding bytes).
 
+    Each piece is read into this thread's buffer, encrypted there and written back where it
+    was: the file keeps its page-cache pages, so no new page is written (which, on a VM that
+    hands freed memory back to its host, is what makes writing new files slow). Mapping the
+    file instead was measured too: faster on tmpfs (1.1 against 0.95 GB/s), slower on ext4
+    (0.88 against 1.1 GB/s, a page_mkwrite per page), where work stores live.
+
     Not atomic: a file interrupted half way is neither plaintext nor ciphertext, and encrypting
     a file twice makes it unplayable. The caller must own the file and record that it is done
     (the segment stage's sealing names sealed segments in its ``produced.json`` only after

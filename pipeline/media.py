@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import re
 import subprocess
+import threading
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any
@@ -99,8 +101,36 @@ def run_ffprobe(
     ffmpeg-python's ``probe`` offers no timeout, so the same command is run here with one.
     """
     shown = shown or shown_name(target)
+    args = _ffprobe_args(target)
+    with _prefetch_lock:
+        started = _prefetched.pop(tuple(args), None)
+    try:
+        if started is not None:
+            stdout, stderr = started.communicate(timeout=timeout)
+            returncode = started.returncode
+        else:
+            done = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+            stdout, stderr, returncode = done.stdout, done.stderr, done.returncode
+    except subprocess.TimeoutExpired:
+        if started is not None:
+            started.kill()
+            started.wait()
+        raise StageTimeout(f"ffprobe did not answer within {timeout:.0f} s") from None
+    if returncode != 0:
+        refused = _refused_format(stderr)
+        if refused is not None:
+            raise InvalidSource(format_refusal(refused, shown))
+        raise InvalidSource(
+            f"source {shown} is {_unreadable(target, stderr)}; check it is a complete "
+            "video file"
+        )
+    result: dict[str, Any] = json.loads(stdout or b"{}")
+    return result
+
+
+def _ffprobe_args(target: str) -> list[str]:
     name, options = ffmpeg_input(target)
-    args = [
+    return [
         "ffprobe",
         "-v",
         "error",
@@ -111,20 +141,37 @@ def run_ffprobe(
         "json",
         name,
     ]
-    try:
-        done = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise StageTimeout(f"ffprobe did not answer within {timeout:.0f} s") from None
-    if done.returncode != 0:
-        refused = _refused_format(done.stderr)
-        if refused is not None:
-            raise InvalidSource(format_refusal(refused, shown))
-        raise InvalidSource(
-            f"source {shown} is {_unreadable(target, done.stderr)}; check it is a complete "
-            "video file"
-        )
-    result: dict[str, Any] = json.loads(done.stdout or b"{}")
-    return result
+
+
+#: ffprobe processes started ahead of their probe, by command line: at most one is kept.
+_prefetched: dict[tuple[str, ...], subprocess.Popen[bytes]] = {}
+_prefetch_lock = threading.Lock()
+
+
+def prefetch_probe(target: str) -> None:
+    """Start ffprobe on ``target`` now, for a :func:`run_ffprobe` of the same target later in
+    this process to collect: its ~0.1 s of process start and library loading then overlaps
+    whatever the process does meanwhile (the CLI imports and starts its in-process worker).
+    The command is the one run_ffprobe would run, under the same allow-lists."""
+    args = _ffprobe_args(target)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL)
+    with _prefetch_lock:
+        for stale in _prefetched.values():
+            stale.kill()
+            stale.communicate()
+        _prefetched.clear()
+        _prefetched[tuple(args)] = process
+
+
+@atexit.register
+def _discard_prefetched() -> None:
+    # A prefetch nobody collected (the command failed before probing) ends with the process.
+    with _prefetch_lock:
+        for process in _prefetched.values():
+            process.kill()
+            process.communicate()
+        _prefetched.clear()
 
 
 def _refused_format(stderr: bytes) -> str | None:

@@ -11,6 +11,9 @@ encrypt of the same chunk can never hand it a half-written segment: encrypt read
 attempt that ``produced.json`` names, and that attempt is complete. A chunk's segments carry
 their media sequence numbers in their names, so a redelivered chunk rewrites exactly its own.
 The audio stage's pieces are switched in the same way.
+
+A copy remux seals its segments while ffmpeg writes them (:mod:`pipeline.sealing`): its
+``produced.json`` then says so, and encrypt only links them into place.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from . import layout
 from .audio import WHOLE_PATTERN, ChunkAudio, JobAudio, audio_args, cut_per_chunk
@@ -42,6 +46,7 @@ from .plan import (
     separate_audio,
 )
 from .playlists import AssetVersion, describe_rendition, key_index
+from .sealing import SegmentSealer, can_seal
 from .segment import (
     DEFAULT_AUDIO_KBPS,
     PROGRESS_INTERVAL_S,
@@ -58,6 +63,11 @@ from .sources import ffmpeg_target, source_demuxer
 #: Segments of one rendition encrypted at once. OpenSSL releases the GIL while it encrypts, so
 #: each thread keeps a core busy; capped because renditions are encrypted side by side too.
 ENCRYPT_THREADS = min(os.cpu_count() or 1, 4)
+
+#: Server-side copies of sealed segments at once: round trips to S3, not work for this host.
+PLACE_CONCURRENCY = 16
+#: The key of ``produced.json`` that marks a chunk sealed (and holds its ciphertext sizes).
+SEALED = "sealed"
 
 #: No ffmpeg of a stage runs longer: below the segment actor's 12 h time limit, which cannot
 #: interrupt a thread waiting on a process.
@@ -284,20 +294,42 @@ def _chunk_audio(
     return pieces
 
 
+def key_source(svc: Services, spec: JobSpec) -> Callable[[int], bytes]:
+    """The content key of a media sequence number, got or created in the vault once per key
+    index (the rotation rule of :func:`~pipeline.playlists.key_index`)."""
+    keys: dict[int, bytes] = {}
+
+    def key_for(sequence: int) -> bytes:
+        index = key_index(sequence, spec.key_rotation_segments)
+        if index not in keys:
+            keys[index] = svc.keys.get_or_create(spec.asset, spec.version, index)
+        return keys[index]
+
+    return key_for
+
+
 def segment(
-    svc: Services, spec: JobSpec, chunk_name: str, on_progress: Progress = no_progress
+    svc: Services, spec: JobSpec, chunk_name: str, on_progress: Progress = no_progress,
+    *, seal: bool | None = None,
 ) -> int:
-    """Cut one chunk of every rendition into plain segments with one ffmpeg; returns how many
-    segments were produced."""
+    """Cut one chunk of every rendition into segments with one ffmpeg; returns how many
+    segments were produced. They are plain, or sealed (encrypted as ffmpeg closes them) when
+    ``seal`` says so; None seals whatever :func:`~pipeline.sealing.can_seal` allows."""
     renditions = _job_renditions(svc, spec)
     info = _media(svc, spec)
     chunk = _chunk(svc, spec, chunk_name)
-    target, _ = ffmpeg_target(spec.source)
+    target, _ = ffmpeg_target(spec.source, probed=True)
     attempt = uuid.uuid4().hex[:12]
     prefix = layout.chunk_attempt_prefix(spec.job_id, chunk.name, attempt)
     copy = any(r.copy for r in renditions)
     audio_group = job_audio_renditions(svc, spec)
     length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
+    muxed_audio = not audio_group
+    sealer = None
+    if can_seal(renditions, spec.container, muxed_audio) if seal is None else seal:
+        key_for = key_source(svc, spec)
+        key_for(chunk.first_segment)  # the vault answers before ffmpeg starts, or the stage fails
+        sealer = SegmentSealer(key_for)
     with _work_dir(svc, prefix) as (out_dir, is_local), \
             tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
         produced = segment_chunk(
@@ -311,8 +343,9 @@ def segment(
             audio=_chunk_audio(svc, spec, chunk, Path(scratch)),
             on_progress=on_progress,
             container=spec.container,
-            muxed_audio=not audio_group,
+            muxed_audio=muxed_audio,
             audio_renditions=audio_group if len(job_chunks(svc, spec)) == 1 else (),
+            seal=sealer,
         )
         if not is_local:
             for name, rendition in produced.items():
@@ -323,26 +356,43 @@ def segment(
                     svc.work.put_file(layout.plain_segment_key(rendition_prefix, file_name),
                                       out_dir / name / file_name)
     # The switch: from here on, encrypt reads this attempt (whole) and no other.
-    record = {"attempt": attempt, "produced": {n: r.to_dict() for n, r in produced.items()}}
+    record: dict[str, Any] = {
+        "attempt": attempt, "produced": {n: r.to_dict() for n, r in produced.items()},
+    }
+    if sealer is not None:
+        # Sealed sizes, by rendition: encrypt links these segments and encrypts none of them.
+        record[SEALED] = {n: sealer.sealed_sizes(r.segments) for n, r in produced.items()}
     svc.work.put_bytes(layout.produced_key(spec.job_id, chunk.name), json.dumps(record).encode())
     return sum(len(r.segments) for r in produced.values())
 
 
 def _produced(
-    svc: Services, spec: JobSpec, chunk: str
+    svc: Services, spec: JobSpec, chunk: str, record: dict[str, Any] | None = None
 ) -> tuple[str, dict[str, SegmentedRendition]]:
     """The segment attempt that won for ``chunk``: its work-store prefix and its output."""
-    record = json.loads(svc.work.get_bytes(layout.produced_key(spec.job_id, chunk)))
+    if record is None:
+        record = _produced_record(svc, spec, chunk)
     prefix = layout.chunk_attempt_prefix(spec.job_id, chunk, record["attempt"])
     return prefix, {
         name: SegmentedRendition.from_dict(item) for name, item in record["produced"].items()
     }
 
 
+def _produced_record(svc: Services, spec: JobSpec, chunk: str) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads(
+        svc.work.get_bytes(layout.produced_key(spec.job_id, chunk))
+    )
+    return record
+
+
 def encrypt(svc: Services, spec: JobSpec, chunk: str, on_progress: Progress = no_progress) -> int:
     """Encrypt one chunk's segments of every rendition with the version's keys; returns bytes
     written."""
-    attempt_prefix, produced = _produced(svc, spec, chunk)
+    record = _produced_record(svc, spec, chunk)
+    attempt_prefix, produced = _produced(svc, spec, chunk, record)
+    report = rate_limited(on_progress)
+    if SEALED in record:
+        return _place_sealed(svc, spec, chunk, attempt_prefix, produced, record[SEALED], report)
     sizes = encrypt_renditions(
         svc, spec, attempt_prefix, produced, first_chunk=layout.chunk_index(chunk) == 0,
         on_progress=on_progress,
@@ -432,6 +482,38 @@ def _copy_init(
         svc.work.put_file(target, local)
         return
     svc.work.put_bytes(target, svc.work.get_bytes(plain_key))
+
+
+def _place_sealed(
+    svc: Services, spec: JobSpec, chunk: str, attempt_prefix: str,
+    produced: dict[str, SegmentedRendition], sizes: dict[str, list[int]], report: Progress,
+) -> int:
+    """Encrypt for a sealed chunk: its segments already hold their ciphertext, so each is put
+    where encrypt puts its output by a hard link (a local work store) or a server-side copy
+    (S3), and never encrypted again, however often this stage is delivered."""
+    work = [(name, seg) for name, rendition in produced.items() for seg in rendition.segments]
+
+    def place(item: tuple[str, Segment]) -> None:
+        name, seg = item
+        source = layout.plain_segment_key(f"{attempt_prefix}/{name}", seg.name)
+        target = layout.encrypted_key(spec.job_id, name, seg.name)
+        if svc.work.copy_from(svc.work, source, target):
+            return
+        with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
+            local = Path(scratch) / seg.name
+            svc.work.get_file(source, local)
+            svc.work.put_file(target, local)
+
+    if svc.work.local_path(layout.produced_key(spec.job_id, chunk)) is not None:
+        for done, item in enumerate(work, start=1):  # links: no round trips to overlap
+            place(item)
+            report(done / len(work))
+    else:
+        with ThreadPoolExecutor(max_workers=PLACE_CONCURRENCY) as pool:
+            for done, _ in enumerate(pool.map(place, work), start=1):
+                report(done / len(work))
+    svc.work.put_bytes(layout.sizes_key(spec.job_id, chunk), json.dumps(sizes).encode())
+    return sum(sum(s) for s in sizes.values())
 
 
 def joined_renditions(

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ffmpeg
 
@@ -22,6 +22,9 @@ from .errors import StageTimeout, TransientError, UnsupportedMedia
 from .media import AudioStream, MediaInfo, audio_stream, ffmpeg_reason, probe, run_ffprobe
 from .plan import MAX_RATE_FACTOR, AudioRendition, Chunk, Rendition
 from .sources import ffmpeg_input, shown_name, source_demuxer, work_input
+
+if TYPE_CHECKING:
+    from .sealing import SegmentSealer
 
 #: Progress callbacks are rate limited: the job record is not a firehose.
 PROGRESS_INTERVAL_S = 0.5
@@ -117,6 +120,7 @@ def chunk_args(
     audio: Mapping[int, AudioPiece] | None = None,
     container: str = layout.DEFAULT_CONTAINER,
     audio_renditions: Sequence[AudioRendition] = (),
+    temp_files: bool = False,
 ) -> list[str]:
     """The one ffmpeg command that writes ``chunk`` of every rendition as plain segments into
     ``out_dir/<rendition>/``, reading ``source`` with ``demuxer`` (the probe's) under the source
@@ -128,7 +132,8 @@ def chunk_args(
     decoded source audio (a job of one chunk). A remux copies both streams. Without
     ``has_audio`` (no audio, or audio in renditions of its own) the renditions are video only;
     ``audio_renditions`` (a job of one chunk: the whole source) are written by the same ffmpeg,
-    so the source is read once.
+    so the source is read once. With ``temp_files`` a segment appears under its name only once
+    ffmpeg has closed it (sealing).
     """
     if audio_renditions and (chunk.start > 0 or chunk.duration is not None):
         raise ValueError("audio renditions are cut whole: only a chunk of the whole source")
@@ -163,6 +168,8 @@ def chunk_args(
         rendition_dir = out_dir / rendition.name
         streams: list[Any] = [branch]
         options = hls_options(rendition_dir, segment_seconds, container, chunk.first_segment)
+        if temp_files:
+            options["hls_flags"] = "temp_file"
         if copy:
             options["c"] = "copy"
             if has_audio:
@@ -373,9 +380,12 @@ def run_ffmpeg(
         on_progress(1.0)
 
 
-def parse_plain_playlist(out_dir: Path, first_sequence: int = 0) -> list[Segment]:
+def parse_plain_playlist(
+    out_dir: Path, first_sequence: int = 0, plain_sizes: Mapping[str, int] | None = None
+) -> list[Segment]:
     """Read back the segment names and exact durations ffmpeg wrote into its playlist; the
-    first is media sequence number ``first_sequence``."""
+    first is media sequence number ``first_sequence``. Sizes are the files' own, or taken from
+    ``plain_sizes`` (segments sealed since ffmpeg wrote them)."""
     segments: list[Segment] = []
     duration: float | None = None
     for line in (out_dir / PLAIN_PLAYLIST).read_text().splitlines():
@@ -386,7 +396,11 @@ def parse_plain_playlist(out_dir: Path, first_sequence: int = 0) -> list[Segment
         elif line and not line.startswith("#") and duration is not None:
             name = line.strip().rsplit("/", 1)[-1]
             sequence = first_sequence + len(segments)
-            segments.append(Segment(sequence, name, duration, (out_dir / name).stat().st_size))
+            if plain_sizes is not None and name in plain_sizes:
+                size = plain_sizes[name]
+            else:
+                size = (out_dir / name).stat().st_size
+            segments.append(Segment(sequence, name, duration, size))
             duration = None
     if not segments:
         raise UnsupportedMedia("ffmpeg produced no segments: the source has no decodable frames")
@@ -407,11 +421,15 @@ def segment_chunk(
     container: str = layout.DEFAULT_CONTAINER,
     muxed_audio: bool = True,
     audio_renditions: Sequence[AudioRendition] = (),
+    seal: SegmentSealer | None = None,
 ) -> dict[str, SegmentedRendition]:
     """Cut ``chunk`` of every rendition of ``source`` (whose probe is ``info``) into
     ``out_dir/<rendition>/`` with one ffmpeg, and describe what was produced, by rendition.
     Without ``muxed_audio`` the renditions are video only (the audio is a group of its own,
-    whose ``audio_renditions`` this ffmpeg writes too when given)."""
+    whose ``audio_renditions`` this ffmpeg writes too when given). With ``seal`` (one
+    rendition, muxed audio), each segment is encrypted as soon as ffmpeg closes it."""
+    if seal is not None and audio_renditions:
+        raise ValueError("sealing covers one rendition with muxed audio only")
     for name in [r.name for r in renditions] + [a.name for a in audio_renditions]:
         _clean(out_dir / name)
     demuxer = source_demuxer(info.format_name, shown_name(source))
@@ -419,13 +437,20 @@ def segment_chunk(
     args = chunk_args(
         source, renditions, chunk, out_dir, segment_seconds,
         has_audio=has_audio, demuxer=demuxer, audio=audio if has_audio else None,
-        container=container, audio_renditions=audio_renditions,
+        container=container, audio_renditions=audio_renditions, temp_files=seal is not None,
     )
     length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
-    run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
+    if seal is None:
+        run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
+    else:
+        [rendition] = renditions
+        with seal.sealing(out_dir / rendition.name, chunk.first_segment):
+            run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
+    plain_sizes = seal.plain_sizes() if seal is not None else None
     produced = {
         rendition.name: _describe(rendition, out_dir / rendition.name, chunk, info,
-                                  container=container, has_audio=has_audio)
+                                  container=container, has_audio=has_audio,
+                                  plain_sizes=plain_sizes)
         for rendition in renditions
     }
     for audio_rendition in audio_renditions:
@@ -541,9 +566,9 @@ def hevc_codec_tag(init: Path) -> str:
 
 def _describe(
     rendition: Rendition, rendition_dir: Path, chunk: Chunk, info: MediaInfo, *,
-    container: str, has_audio: bool,
+    container: str, has_audio: bool, plain_sizes: Mapping[str, int] | None = None,
 ) -> SegmentedRendition:
-    segments = parse_plain_playlist(rendition_dir, chunk.first_segment)
+    segments = parse_plain_playlist(rendition_dir, chunk.first_segment, plain_sizes)
     if chunk.segments is not None and len(segments) != chunk.segments:
         # The next chunk's segments are numbered after this one's planned count; a different
         # count would break the media sequence (and with it every IV) at the join.

@@ -64,10 +64,13 @@ def split_s3_url(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def s3_source_url(source: str, *, client: Any | None = None) -> str:
-    """Check an ``s3://`` source exists and is readable; return a presigned GET URL for it."""
+def s3_source_url(source: str, *, client: Any | None = None, check: bool = True) -> str:
+    """Check an ``s3://`` source exists and is readable (unless ``check`` is False: a stage
+    after the probe, which checked it); return a presigned GET URL for it."""
     bucket, key = split_s3_url(source)
     client = client if client is not None else shared_client()
+    if not check:
+        return _presigned(client, bucket, key)
     try:
         head = client.head_object(Bucket=bucket, Key=key)
     except botocore_errors() as error:
@@ -84,6 +87,10 @@ def s3_source_url(source: str, *, client: Any | None = None) -> str:
         raise TransientError(f"S3 error reading source {source}: {describe(error)}") from None
     if int(head.get("ContentLength", 0)) == 0:
         raise InvalidSource(f"source {source} is empty (0 bytes); upload it again")
+    return _presigned(client, bucket, key)
+
+
+def _presigned(client: Any, bucket: str, key: str) -> str:
     url: str = client.generate_presigned_url(
         "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_EXPIRY_S
     )
@@ -107,11 +114,13 @@ def check_local_source(path: Path, shown: str) -> None:
         )
 
 
-def ffmpeg_target(source: str) -> tuple[str, str]:
+def ffmpeg_target(source: str, *, probed: bool = False) -> tuple[str, str]:
     """What ffmpeg should open for ``source``, and how to name it in messages (a presigned
-    URL's query string is a credential and is never shown)."""
+    URL's query string is a credential and is never shown). ``probed``: the job's probe found
+    the source already, so an ``s3://`` one is not checked again (one round trip fewer; if it
+    vanished since, ffmpeg's own error says so)."""
     if source.startswith("s3://"):
-        return s3_source_url(source), source
+        return s3_source_url(source, check=not probed), source
     if _is_url(source):
         return source, shown_name(source)
     check_local_source(Path(source), source)

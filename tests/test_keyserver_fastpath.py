@@ -228,3 +228,19 @@ class TestFastPathEquivalence:
         assert (b"cache-control", b"no-store") in headers
         assert (b"content-type", b"application/json") in headers
         assert json.loads(body)["error"] == "missing token"
+
+
+class TestQueryParsing:
+    @pytest.mark.parametrize("query", [
+        "token=a.b.c", "token=a&token=b", "a&b=&=c&&token=x=y", "token=%41%2B+b&sid=s%20t",
+        "sid=é&token=ü", "", "&", "token", "=", "token==",
+    ])
+    def test_queries_are_read_as_starlette_reads_them(self, query: str) -> None:
+        """The hand split gives what parse_qsl (Starlette's parser) gives, quoted or not."""
+        from starlette.datastructures import QueryParams
+
+        from keyserver.credentials import Credentials
+
+        ours = Credentials({"query_string": query.encode("latin-1"), "headers": []}).query
+        theirs = QueryParams(query.encode("latin-1"))
+        assert ours == {name: theirs[name] for name in theirs}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -69,3 +70,33 @@ def test_two_workers_serve_the_master_playlist(
         process.wait(timeout=20)
     assert len(bodies) == 1 and next(iter(bodies)).startswith(b"#EXTM3U")
     assert len(workers) == 2, workers
+
+
+@pytest.mark.parametrize("server", ["granian", "uvicorn"])
+def test_a_trusted_proxys_forwarded_address_is_the_client(
+    server: str, hlsvault: Hlsvault, copy_clip: Path
+) -> None:
+    """Behind a proxy on the same host (a trusted address by default), the client address is
+    the one X-Forwarded-For names, under either server: a token bound to it is served with
+    the header and refused (403) without."""
+    done = hlsvault.package(str(copy_clip), "--asset", "proxied", "--ladder", "copy")
+    assert done.returncode == 0, done.stderr
+    url = hlsvault.url("proxied", "--ip", "203.0.113.7")
+    process = subprocess.Popen(
+        [*HLSVAULT, "serve", "--port", str(hlsvault.port), "--server", server],
+        env=hlsvault.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    statuses = []
+    try:
+        wait_for_http(f"{hlsvault.public_url}/healthz", timeout=START_TIMEOUT_S)
+        for headers in ({"X-Forwarded-For": "203.0.113.7"}, {}):
+            request = urllib.request.Request(url, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    statuses.append(response.status)
+            except urllib.error.HTTPError as error:
+                statuses.append(error.code)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    assert statuses == [200, 403]

@@ -62,7 +62,8 @@ class TestOverlappingSegmentAttempts:
         writing (its first segment torn) while encrypt runs, then encrypt reads only the
         finished attempt: every decrypted segment equals that attempt's plain bytes."""
         spec, rendition = probed
-        packaging.segment(services, spec, CHUNK)
+        # Plain segments, as a transcode leaves them (a remux is sealed: see test_sealing.py).
+        packaging.segment(services, spec, CHUNK, seal=False)
         produced = json.loads(services.work.get_bytes(layout.produced_key(spec.job_id, CHUNK)))
         finished = layout.chunk_rendition_prefix(
             spec.job_id, CHUNK, produced["attempt"], rendition
@@ -85,7 +86,7 @@ class TestOverlappingSegmentAttempts:
 
         def redelivered() -> None:
             with pytest.raises(TransientError):
-                packaging.segment(services, spec, CHUNK)
+                packaging.segment(services, spec, CHUNK, seal=False)
 
         monkeypatch.setattr(packaging, "segment_chunk", torn_attempt)
         second = threading.Thread(target=redelivered)
@@ -144,3 +145,21 @@ class TestOneFailurePath:
         record = runtime.services.jobs.get(spec.job_id)
         assert ran is None and record.status == "failed" and record.failed_stage == "probe"
         assert "delivered" in (record.error or "") and "resubmit" in (record.error or "")
+
+    def test_each_delivery_is_counted_once_so_the_last_one_allowed_still_runs(
+        self, runtime: Runtime, copy_clip: Path
+    ) -> None:
+        """A stage's start counts its delivery once: the last delivery the bound allows runs."""
+        from workers import flow
+
+        spec = new_job_spec(str(copy_clip), asset="counted", ladder="copy")
+        runtime.services.jobs.create(spec)
+        for _ in range(runtime.settings.max_deliveries - 1):
+            runtime.services.jobs.stage_started(spec.job_id, "probe")
+
+        ran = flow.run_stage(runtime, spec.job_id, "probe", lambda _: "ran")
+
+        stage = runtime.services.jobs.get(spec.job_id).stage("probe")
+        assert ran == "ran"
+        assert stage is not None and stage.status == "done"
+        assert stage.attempts == runtime.settings.max_deliveries

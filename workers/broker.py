@@ -101,6 +101,7 @@ class WakingConsumer(_RedisConsumer):
             self._settled(messages)
 
     def __next__(self) -> MessageProxy | None:
+        woken = False
         try:
             while True:
                 if self.message_cache:
@@ -122,22 +123,28 @@ class WakingConsumer(_RedisConsumer):
                     self.freed.wait(self.wait_s())
                     return None
                 self.message_cache = self.broker.do_fetch(self.queue_name, free)
-                if not self.message_cache:
-                    self.wait_for_message()
+                if self.message_cache:
+                    continue
+                # Woken, the consumer fetches at once, once (another consumer may have taken
+                # the message); otherwise the consumer thread looks at shutdown and delayed
+                # messages before the next fetch.
+                if woken or not self.wait_for_message():
                     return None
+                woken = True
         except redis.ConnectionError as error:
             raise ConnectionClosed(error) from None  # type: ignore[no-untyped-call]
 
-    def wait_for_message(self) -> None:
-        """Block until the queue's list holds a message id, or the wait runs out."""
+    def wait_for_message(self) -> bool:
+        """Block until the queue's list holds a message id (True), or the wait runs out."""
         # Redis takes a decimal timeout (since 6.0); redis-py's stubs say int.
         woken = self.broker.client.blmove(
             self.queue_key, self.queue_key, self.wait_s(), "LEFT", "RIGHT"  # type: ignore[arg-type]
         )
         if woken is None:
             self.idle_timeouts += 1
-        else:
-            self.wakeups += 1
+            return False
+        self.wakeups += 1
+        return True
 
 
 class WakingRedisBroker(RedisBroker):

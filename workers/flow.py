@@ -107,8 +107,6 @@ def run_stage(rt: Runtime, job_id: str, stage: str, work: Callable[[JobSpec], T]
         )
         fail(rt, job_id, stage, reason)
         return None
-    # Which process took it, too: chunks of one job run on many workers at once.
-    attempts = svc.jobs.stage_started(job_id, stage, worker=worker_name())
     started = time.monotonic()
     try:
         result = work(record.spec)
@@ -135,7 +133,9 @@ def fail(rt: Runtime, job_id: str, stage: str, reason: str) -> None:
 
 def progress(rt: Runtime, job_id: str, stage: str) -> Callable[[float], None]:
     def report(fraction: float) -> None:
-        rt.services.jobs.stage_progress(job_id, stage, fraction)
+        # The end is written with the stage's finish (stage_finished), in the same round trip.
+        if fraction < 1.0:
+            rt.services.jobs.stage_progress(job_id, stage, fraction)
 
     return report
 

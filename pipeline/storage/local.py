@@ -161,10 +161,11 @@ class LocalStore:
         tmp = self._tmp_for(dest)
         try:
             # A hard link shares the source's inode instead of writing the bytes again. That is
-            # safe because no stage modifies a file in place: every write goes to a temporary
-            # name and is renamed over the key, which gives the key a new inode and leaves the
-            # one shared here untouched (the published segment keeps its bytes even when the
-            # job's work files are deleted or rewritten by a retried stage).
+            # safe because no stage modifies a stored object in place: every write goes to a
+            # temporary name and is renamed over the key, which gives the key a new inode and
+            # leaves the one shared here untouched (the published segment keeps its bytes even
+            # when the job's work files are deleted or rewritten by a retried stage). Sealing
+            # encrypts segments in place, but only in an attempt no record names yet.
             os.link(path, tmp)
         except OSError as error:
             if error.errno not in _NO_HARD_LINK:
