@@ -1,4 +1,5 @@
-"""Benchmark: the key server's key endpoint against nginx serving a 16-byte static file.
+"""Benchmark: the key server's key, variant and master routes against nginx serving the same
+bytes (a 16-byte key, the playlists) as static files; ``--bare`` adds a bare ASGI app.
 
 Both servers run on this machine with one worker each, and `wrk` (one thread, 50 connections
 by default) loads them in turn, alternating round by round after an untimed warm-up of each:
@@ -6,7 +7,8 @@ by default) loads them in turn, alternating round by round after an untimed warm
 - nginx:    `nginx` with a generated minimal config in ``bench/.work/keyserver/nginx/``
             (worker_processes 1, access_log off, daemon off, listen 127.0.0.1:<free port>),
             serving a 16-byte file: the floor for answering a small GET over HTTP/1.1.
-- hlsvault: `hlsvault serve --port P` (one uvicorn process, as the CLI starts it) over a short
+- hlsvault: `hlsvault serve --port P --server S`, once with granian and once with uvicorn
+            (``--servers``), one worker each, over a short
             generated clip packaged with `hlsvault package clip.mp4 --asset bench --ladder copy`
             in ``HLSVAULT_DATA_DIR=bench/.work/ks-data``. wrk fetches the key URL named by the
             variant playlist, token in the query string: every request verifies the JWT (HS256),

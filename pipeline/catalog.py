@@ -24,6 +24,10 @@ from .playlists import AssetVersion
 from .statebus import NullStateBus, StateBus
 from .storage import ObjectNotFound, Store
 
+#: Reads the revocation document beside the state document (one round trip's wait, not two);
+#: shared by every catalog of the process, bounded.
+_READS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hlsvault-catalog")
+
 #: How long a key server may answer from an asset state it cached: the longest a change takes
 #: to reach one that missed its announcement.
 STATE_CACHE_TTL_S = 2.0
@@ -126,13 +130,12 @@ class Catalog:
     def _tagged_state(self, asset: str) -> tuple[AssetState | None, str | None]:
         """The state document (None when never written) and its tag, for a conditional write."""
         # The two documents are read at once: one round trip's wait instead of two.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            revoked = pool.submit(self._revoked_at, asset)
-            try:
-                raw, tag = self.store.get_tagged(layout.state_key(asset))
-            except ObjectNotFound:
-                raw, tag = None, None
-            revoked_at = revoked.result()
+        revoked = _READS.submit(self._revoked_at, asset)
+        try:
+            raw, tag = self.store.get_tagged(layout.state_key(asset))
+        except ObjectNotFound:
+            raw, tag = None, None
+        revoked_at = revoked.result()
         if raw is None or tag is None:
             state = None if revoked_at is None else AssetState(revoked_at=revoked_at)
             return state, None

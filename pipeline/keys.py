@@ -12,9 +12,9 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, TransientError
 from .layout import asset_keys_prefix, key_path, version_keys_prefix
-from .storage import Store
+from .storage import ObjectNotFound, Store
 
 KEY_BYTES = 16
 #: Blob layout: format byte, 12-byte nonce, ciphertext + 16-byte tag.
@@ -69,7 +69,15 @@ class KeyVault:
         key = os.urandom(KEY_BYTES)
         if self.store.put_bytes_if(path, self.wrap(key, asset, version, index), match=None):
             return key
-        return self.unwrap(self.store.get_bytes(path), asset, version, index)
+        try:
+            won = self.store.get_bytes(path)
+        except ObjectNotFound:
+            # S3 answers 409 ConditionalRequestConflict while the racing write is still in
+            # flight, so the winner may not be readable yet: a redelivery will find it.
+            raise TransientError(
+                f"key {asset}/{version}/{index} is being created by another worker; try again"
+            ) from None
+        return self.unwrap(won, asset, version, index)
 
     def get(self, asset: str, version: str, index: int) -> bytes:
         """An existing key; :class:`~pipeline.storage.ObjectNotFound` when there is none."""

@@ -115,7 +115,9 @@ class JobPlan:
 
     @property
     def audio_first(self) -> bool:
-        return bool(self.audio_bitrates) or bool(self.audio_renditions)
+        # A job of one chunk cuts its audio renditions in the chunk's own ffmpeg (one read of
+        # the source); a chunked one cuts them whole, once, before the chunks.
+        return bool(self.audio_bitrates) or (bool(self.audio_renditions) and len(self.chunks) > 1)
 
 
 def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
@@ -320,8 +322,9 @@ def segment(
     attempt = uuid.uuid4().hex[:12]
     prefix = layout.chunk_attempt_prefix(spec.job_id, chunk.name, attempt)
     copy = any(r.copy for r in renditions)
+    audio_group = job_audio_renditions(svc, spec)
     length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
-    muxed_audio = not job_audio_renditions(svc, spec)
+    muxed_audio = not audio_group
     sealer = None
     if can_seal(renditions, spec.container, muxed_audio) if seal is None else seal:
         key_for = key_source(svc, spec)
@@ -341,6 +344,7 @@ def segment(
             on_progress=on_progress,
             container=spec.container,
             muxed_audio=muxed_audio,
+            audio_renditions=audio_group if len(job_chunks(svc, spec)) == 1 else (),
             seal=sealer,
         )
         if not is_local:
@@ -535,7 +539,8 @@ def joined_renditions(
         result.append(
             (replace(first, segments=segments), [size for _, sizes in parts for size in sizes])
         )
-    if job_audio_renditions(svc, spec):
+    if job_audio_renditions(svc, spec) and len(job_chunks(svc, spec)) > 1:
+        # Cut whole by the audio stage (a job of one chunk cut them with its video).
         record = json.loads(svc.work.get_bytes(layout.audio_renditions_key(spec.job_id)))
         for name, item in record["produced"].items():
             result.append((SegmentedRendition.from_dict(item), record["sizes"][name]))

@@ -103,9 +103,23 @@ def hls_language(tag: str | None) -> str | None:
     if not tag:
         return None
     cleaned = tag.strip().replace("_", "-")
-    if not all(part.isalnum() and len(part) <= 8 for part in cleaned.split("-")):
+    if not all(part.isascii() and part.isalnum() and len(part) <= 8
+               for part in cleaned.split("-")):
         return None
     return _TWO_LETTER.get(cleaned.lower(), cleaned)
+
+
+#: The longest NAME taken from a source's track title (the rest is cut).
+MAX_TITLE_CHARS = 64
+
+
+def _shown_title(title: str | None) -> str:
+    """A source track's title as a NAME players show: printable characters only, whitespace
+    collapsed, at most :data:`MAX_TITLE_CHARS` (the source is not trusted)."""
+    if not title:
+        return ""
+    printable = "".join(ch if ch.isprintable() else " " for ch in title)
+    return " ".join(printable.split())[:MAX_TITLE_CHARS].strip()
 
 
 def separate_audio(info: MediaInfo, container: str, audio_only: bool) -> bool:
@@ -127,7 +141,7 @@ def plan_audio(info: MediaInfo, ladder: str) -> list[AudioRendition]:
     names: set[str] = set()
     for track in tracks:
         language = hls_language(track.language)
-        title = track.title or _LANGUAGE_NAMES.get(language or "", language or "") \
+        title = _shown_title(track.title) or _LANGUAGE_NAMES.get(language or "", language or "") \
             or f"Audio {track.index + 1}"
         while title in names:  # NAME is unique within a group (RFC 8216 4.3.4.1.1)
             title = f"{title} ({track.index + 1})"

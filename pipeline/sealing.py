@@ -102,6 +102,23 @@ class SegmentSealer:
             raise TransientError(f"sealing did not finish within {JOIN_TIMEOUT_S:.0f} s")
         if errors:
             raise errors[0]
+        self._check_untouched(rendition_dir)
+
+    def _check_untouched(self, rendition_dir: Path) -> None:
+        """A segment ffmpeg kept writing after it appeared would hold a plaintext tail: every
+        sealed file must be exactly its PKCS#7-padded ciphertext, and no half-written segment
+        (``*.tmp``) may be left beside them."""
+        for name, (_, plain, sealed) in self.sealed.items():
+            if sealed != (plain // 16 + 1) * 16 or (rendition_dir / name).stat().st_size != sealed:
+                raise TransientError(
+                    f"segment {name} changed after it was sealed; the stage will be retried"
+                )
+        leftovers = sorted(p.name for p in rendition_dir.glob("*.tmp"))
+        if leftovers:
+            raise TransientError(
+                f"ffmpeg left unfinished segments ({', '.join(leftovers[:3])}); the stage will "
+                "be retried"
+            )
 
     def _seal(self, path: Path, sequence: int) -> None:
         plain = path.stat().st_size

@@ -119,6 +119,7 @@ def chunk_args(
     demuxer: str,
     audio: Mapping[int, AudioPiece] | None = None,
     container: str = layout.DEFAULT_CONTAINER,
+    audio_renditions: Sequence[AudioRendition] = (),
     temp_files: bool = False,
 ) -> list[str]:
     """The one ffmpeg command that writes ``chunk`` of every rendition as plain segments into
@@ -129,10 +130,13 @@ def chunk_args(
     scaler and encoder per rendition. Audio is either copied from the chunk's pieces of the
     job's one audio encode (``audio``, by bitrate: a chunked job) or encoded here from the
     decoded source audio (a job of one chunk). A remux copies both streams. Without
-    ``has_audio`` (no audio, or audio in renditions of its own) the renditions are video only.
-    With ``temp_files`` a segment appears under its name only once ffmpeg has closed it
-    (sealing).
+    ``has_audio`` (no audio, or audio in renditions of its own) the renditions are video only;
+    ``audio_renditions`` (a job of one chunk: the whole source) are written by the same ffmpeg,
+    so the source is read once. With ``temp_files`` a segment appears under its name only once
+    ffmpeg has closed it (sealing).
     """
+    if audio_renditions and (chunk.start > 0 or chunk.duration is not None):
+        raise ValueError("audio renditions are cut whole: only a chunk of the whole source")
     name, input_options = ffmpeg_input(source, demuxer=demuxer)
     seek: dict[str, str] = {}
     if chunk.start > 0:
@@ -192,6 +196,8 @@ def chunk_args(
                 streams.append(stream["a:0"])
                 options.update({"c:a": "aac", "b:a": f"{kbps}k", "ac": 2})
         outputs.append(ffmpeg.output(*streams, str(rendition_dir / PLAIN_PLAYLIST), **options))
+    outputs += audio_rendition_outputs(stream, audio_renditions, out_dir, segment_seconds,
+                                       container)
     args: list[str] = (
         ffmpeg.merge_outputs(*outputs)
         .global_args(
@@ -286,6 +292,22 @@ def audio_renditions_args(
     track, copied or encoded to AAC) as plain segments into ``out_dir/<rendition>/``."""
     name, input_options = ffmpeg_input(source, demuxer=demuxer)
     stream = ffmpeg.input(name, **input_options)
+    outputs = audio_rendition_outputs(stream, renditions, out_dir, segment_seconds, container)
+    args: list[str] = (
+        ffmpeg.merge_outputs(*outputs)
+        .global_args("-nostdin", "-hide_banner", "-loglevel", "error", "-nostats",
+                     "-progress", "pipe:1")
+        .overwrite_output()
+        .compile()
+    )
+    return args
+
+
+def audio_rendition_outputs(
+    stream: Any, renditions: Sequence[AudioRendition], out_dir: Path, segment_seconds: float,
+    container: str,
+) -> list[Any]:
+    """The hls outputs of the audio renditions, from the input ``stream`` (the whole source)."""
     outputs = []
     for rendition in renditions:
         rendition_dir = out_dir / rendition.name
@@ -300,14 +322,7 @@ def audio_renditions_args(
             options.update({"c:a": "aac", "b:a": f"{rendition.kbps or DEFAULT_AUDIO_KBPS}k",
                             "ac": rendition.channels or 2})
         outputs.append(ffmpeg.output(track, str(rendition_dir / PLAIN_PLAYLIST), **options))
-    args: list[str] = (
-        ffmpeg.merge_outputs(*outputs)
-        .global_args("-nostdin", "-hide_banner", "-loglevel", "error", "-nostats",
-                     "-progress", "pipe:1")
-        .overwrite_output()
-        .compile()
-    )
-    return args
+    return outputs
 
 
 def run_ffmpeg(
@@ -405,20 +420,24 @@ def segment_chunk(
     on_progress: ProgressCallback | None = None,
     container: str = layout.DEFAULT_CONTAINER,
     muxed_audio: bool = True,
+    audio_renditions: Sequence[AudioRendition] = (),
     seal: SegmentSealer | None = None,
 ) -> dict[str, SegmentedRendition]:
     """Cut ``chunk`` of every rendition of ``source`` (whose probe is ``info``) into
     ``out_dir/<rendition>/`` with one ffmpeg, and describe what was produced, by rendition.
-    Without ``muxed_audio`` the renditions are video only (the audio is a group of its own).
-    With ``seal`` (one rendition), each segment is encrypted as soon as ffmpeg closes it."""
-    for rendition in renditions:
-        _clean(out_dir / rendition.name)
+    Without ``muxed_audio`` the renditions are video only (the audio is a group of its own,
+    whose ``audio_renditions`` this ffmpeg writes too when given). With ``seal`` (one
+    rendition, muxed audio), each segment is encrypted as soon as ffmpeg closes it."""
+    if seal is not None and audio_renditions:
+        raise ValueError("sealing covers one rendition with muxed audio only")
+    for name in [r.name for r in renditions] + [a.name for a in audio_renditions]:
+        _clean(out_dir / name)
     demuxer = source_demuxer(info.format_name, shown_name(source))
     has_audio = muxed_audio and info.audio is not None
     args = chunk_args(
         source, renditions, chunk, out_dir, segment_seconds,
         has_audio=has_audio, demuxer=demuxer, audio=audio if has_audio else None,
-        container=container, temp_files=seal is not None,
+        container=container, audio_renditions=audio_renditions, temp_files=seal is not None,
     )
     length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
     if seal is None:
@@ -428,12 +447,16 @@ def segment_chunk(
         with seal.sealing(out_dir / rendition.name, chunk.first_segment):
             run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
     plain_sizes = seal.plain_sizes() if seal is not None else None
-    return {
+    produced = {
         rendition.name: _describe(rendition, out_dir / rendition.name, chunk, info,
                                   container=container, has_audio=has_audio,
                                   plain_sizes=plain_sizes)
         for rendition in renditions
     }
+    for audio_rendition in audio_renditions:
+        produced[audio_rendition.name] = _describe_audio(audio_rendition, out_dir, info,
+                                                         container)
+    return produced
 
 
 def _clean(rendition_dir: Path) -> None:
@@ -464,22 +487,27 @@ def segment_audio_renditions(
     args = audio_renditions_args(source, renditions, out_dir, segment_seconds,
                                  demuxer=demuxer, container=container)
     run_ffmpeg(args, duration=info.duration, timeout=timeout, on_progress=on_progress)
-    produced = {}
-    for rendition in renditions:
-        rendition_dir = out_dir / rendition.name
-        segments = parse_plain_playlist(rendition_dir)
-        track = info.audio_tracks[rendition.track]
-        codec, profile, channels = track.codec, track.profile, track.channels
-        if not rendition.copy:
-            measured = _probe_audio(rendition_dir, segments[0], container)
-            codec, profile, channels = measured.codec, measured.profile, measured.channels
-        produced[rendition.name] = SegmentedRendition(
-            rendition=rendition.name, segments=tuple(segments), width=0, height=0,
-            frame_rate="0/0", video_profile=None, video_level=None, audio_codec=codec,
-            audio_profile=profile, init=_init_of(rendition_dir, container), media="audio",
-            channels=channels,
-        )
-    return produced
+    return {r.name: _describe_audio(r, out_dir, info, container) for r in renditions}
+
+
+def _describe_audio(
+    rendition: AudioRendition, out_dir: Path, info: MediaInfo, container: str
+) -> SegmentedRendition:
+    """What was produced for an audio rendition: the source track's codec for a copy,
+    measured from the output for an encode."""
+    rendition_dir = out_dir / rendition.name
+    segments = parse_plain_playlist(rendition_dir)
+    track = info.audio_tracks[rendition.track]
+    codec, profile, channels = track.codec, track.profile, track.channels
+    if not rendition.copy:
+        measured = _probe_audio(rendition_dir, segments[0], container)
+        codec, profile, channels = measured.codec, measured.profile, measured.channels
+    return SegmentedRendition(
+        rendition=rendition.name, segments=tuple(segments), width=0, height=0,
+        frame_rate="0/0", video_profile=None, video_level=None, audio_codec=codec,
+        audio_profile=profile, init=_init_of(rendition_dir, container), media="audio",
+        channels=channels,
+    )
 
 
 def _init_of(rendition_dir: Path, container: str) -> str | None:

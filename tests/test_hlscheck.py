@@ -202,3 +202,4 @@ class TestEachRuleIsEnforced:
         assert check_playlist(mended) == []
         mended = BROKEN["EXT-X-MAP below version 6"].replace("VERSION:3", "VERSION:7")
         assert check_playlist(mended) == []
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,35 @@ class TestNeverEncryptedTwice:
             data = services.work.get_bytes(f"{prefix}/{seg['name']}")
             assert len(data) == sealed_size == seg["size"] + 16 - seg["size"] % 16
             assert data[0:1] != b"\x47" or data[188:189] != b"\x47"
+
+
+class TestSealedFilesMustStaySealed:
+    """Sealing trusts ffmpeg to show a segment under its name only once closed; if anything
+    appended to a sealed file (a plaintext tail), or a half-written one was left, the stage
+    refuses its output rather than publish it."""
+
+    @staticmethod
+    def _seal_two(tmp_path: Path, *, after: str) -> None:
+        from pipeline.errors import TransientError
+        from pipeline.sealing import SegmentSealer
+
+        sealer = SegmentSealer(lambda sequence: bytes(16), poll_s=0.01)
+        with pytest.raises(TransientError, match=after), sealer.sealing(tmp_path, 0):
+            (tmp_path / "seg_00000.ts").write_bytes(b"\x47" * 1000)
+            (tmp_path / "seg_00001.ts").write_bytes(b"\x47" * 500)
+            if after == "changed":
+                # the watcher seals seg_00000 within its poll; then a plaintext tail lands
+                for _ in range(200):
+                    if "seg_00000.ts" in sealer.sealed:
+                        break
+                    time.sleep(0.01)
+                with (tmp_path / "seg_00000.ts").open("ab") as tail:
+                    tail.write(b"\x47" * 188)
+            else:
+                (tmp_path / "seg_00002.ts.tmp").write_bytes(b"\x47" * 188)
+
+    def test_a_plaintext_tail_after_sealing_fails_the_stage(self, tmp_path: Path) -> None:
+        self._seal_two(tmp_path, after="changed")
+
+    def test_a_half_written_segment_left_behind_fails_the_stage(self, tmp_path: Path) -> None:
+        self._seal_two(tmp_path, after="unfinished")

@@ -9,8 +9,10 @@ default. Here an idle consumer blocks instead, on its queue's own Redis list::
     fetch (dramatiq's script) ─► empty ─► BLMOVE queue queue (bounded) ─► fetch ─► …
 
 ``BLMOVE`` from a list to itself answers as soon as the list holds a message id, and moves it
-from the head to the tail: on the one-message list an idle queue gets, that leaves it as it
-was. Every consumer blocked on the list is answered, each fetches, one gets the message.
+from the head back to the head (``LEFT LEFT``): the list is left exactly as it was, so
+dramatiq's first-in, first-out order (it pushes on the right, pops on the left) holds even when
+several messages land during the wait. Every consumer blocked on the list is answered, each
+fetches, one gets the message.
 Waiting on the list itself rather than on a doorbell the sender rings means that nothing can
 be missed: a message pushed between the empty fetch and the wait is already in the list the
 wait looks at, and messages enqueued by any dramatiq Redis broker, requeued on shutdown or by
@@ -148,7 +150,7 @@ class WakingConsumer(_RedisConsumer):
         """Block until the queue's list holds a message id (True), or the wait runs out."""
         # Redis takes a decimal timeout (since 6.0); redis-py's stubs say int.
         woken = self.broker.client.blmove(
-            self.queue_key, self.queue_key, self.wait_s(), "LEFT", "RIGHT"  # type: ignore[arg-type]
+            self.queue_key, self.queue_key, self.wait_s(), "LEFT", "LEFT"  # type: ignore[arg-type]
         )
         if woken is None:
             self.idle_timeouts += 1

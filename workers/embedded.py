@@ -11,7 +11,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from pipeline.errors import ConfigurationError
+from pipeline.errors import ConfigurationError, TransientError
 from pipeline.jobs import JobRecord, JobSpec
 
 from .runtime import Runtime
@@ -38,6 +38,8 @@ class _Doorbell(Middleware):
 
     def __init__(self) -> None:
         self.rung = threading.Event()
+        #: Threads of a worker let go by the last run, which end at their next idle wake-up.
+        self.released: list[threading.Thread] = []
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None,
@@ -74,13 +76,25 @@ def _drained(broker: dramatiq.Broker, timeout_s: float) -> bool:
     return True
 
 
-def _let_go(worker: dramatiq.Worker) -> None:
+def _let_go(worker: dramatiq.Worker, bell: _Doorbell) -> None:
     """Stop a drained worker without joining its threads: each ends at its next idle wake-up
-    (daemon threads, holding no message), so the command exits without waiting for them."""
+    (daemon threads, holding no message), so the command exits without waiting for them. A
+    next run on the same broker waits for them first (:func:`_join_released`): until they end,
+    a let-go consumer could still take its message."""
     for thread in worker.workers:
         thread.stop()
     for consumer in worker.consumers.values():
         consumer.stop()
+    bell.released = [*worker.workers, *worker.consumers.values()]
+
+
+def _join_released(bell: _Doorbell) -> None:
+    deadline = time.monotonic() + 2 * WORKER_IDLE_MS / 1000 + 1
+    for thread in bell.released:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    bell.released = [t for t in bell.released if t.is_alive()]
+    if bell.released:
+        raise TransientError("the embedded worker of the previous job has not stopped yet")
 
 
 def run_embedded(
@@ -91,6 +105,7 @@ def run_embedded(
         raise ConfigurationError("run_embedded needs embedded mode (REDIS_URL unset)")
     svc = rt.services
     bell = _doorbell(rt.broker)
+    _join_released(bell)
     worker = dramatiq.Worker(
         rt.broker, worker_threads=WORKER_THREADS, worker_timeout=WORKER_IDLE_MS
     )
@@ -107,6 +122,6 @@ def run_embedded(
             bell.rung.wait(PROGRESS_INTERVAL_S)
     finally:
         if _drained(rt.broker, DRAIN_TIMEOUT_S):
-            _let_go(worker)
+            _let_go(worker, bell)
         else:
             worker.stop(timeout=10_000)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -148,15 +149,22 @@ class S3Store:
         # One GET, streamed to a file beside ``path`` and renamed: boto3's download_file would
         # send a HEAD first (to choose between one GET and ranged ones), doubling the round
         # trips of every segment a stage fetches.
-        partial = path.with_name(f".{path.name}.part")
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            with partial.open("wb") as out:
-                shutil.copyfileobj(response["Body"], out, _STREAM_CHUNK)
+            body = response["Body"]
+            try:
+                with partial.open("wb") as out:
+                    shutil.copyfileobj(body, out, _STREAM_CHUNK)
+            finally:
+                body.close()
+            os.replace(partial, path)
         except _BOTO_ERRORS as error:
             partial.unlink(missing_ok=True)
             raise self._translate(error, key) from None
-        os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # a full disk, an interrupt: no partial left behind
+            raise
 
     def exists(self, key: str) -> bool:
         try:
