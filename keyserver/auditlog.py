@@ -10,6 +10,10 @@ behind that the queue is full, a new line is dropped rather than make a request 
 counted (:attr:`LineWriter.dropped`, exported by the ops app's ``/metrics`` as
 ``hlsvault_audit_lines_dropped_total``) and the writer logs how many were dropped as soon as
 it catches up. Closing the writer (the app's shutdown) writes everything still queued.
+
+The key server's writer (``autostart=False``) runs its thread only between the app's startup
+and shutdown (lifespan); an app called without a lifespan (a test calling it directly) has its
+lines written as they come, in the request, so none is written after the test is over.
 """
 
 from __future__ import annotations
@@ -76,13 +80,14 @@ class LineWriter:
 
     def __init__(
         self, *, sink: Sink = structlog_sink, max_queued: int = MAX_QUEUED,
-        flush_interval_s: float = FLUSH_INTERVAL_S,
+        flush_interval_s: float = FLUSH_INTERVAL_S, autostart: bool = True,
     ) -> None:
         if max_queued < 1:
             raise ValueError("max_queued must be at least 1")
         self.sink = sink
         self.max_queued = max_queued
         self.flush_interval_s = flush_interval_s
+        self.autostart = autostart
         self._queue: deque[Line] = deque()
         #: Lines accepted, lines the sink has taken, lines dropped because the queue was full.
         self.accepted = 0
@@ -99,7 +104,12 @@ class LineWriter:
             self.dropped += 1
             return
         self.accepted += 1
-        self._queue.append((logger, event, fields, time.time()))
+        line = (logger, event, fields, time.time())
+        if self._thread is None and not self.autostart:
+            self._queue.append(line)
+            self._drain()  # no thread running: written now, in order after what was queued
+            return
+        self._queue.append(line)
         if self._thread is None:
             self.start()
 
