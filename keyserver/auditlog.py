@@ -59,17 +59,32 @@ class JsonLinesSink:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
+        self._second = -1.0
+        self._second_text = ""
+        self._encode = json.JSONEncoder().encode
+
+    def timestamp(self, when: float) -> str:
+        """``datetime.fromtimestamp(when, UTC).isoformat()`` with ``Z`` for ``+00:00``; the
+        date and time of day formatted once a second, not once a line."""
+        second, fraction = divmod(when, 1.0)
+        micros = round(fraction * 1e6)
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        if second != self._second:
+            self._second = second
+            self._second_text = datetime.fromtimestamp(second, UTC).isoformat()[:19]
+        return f"{self._second_text}.{micros:06d}Z" if micros else f"{self._second_text}Z"
 
     def __call__(self, lines: Sequence[Line]) -> None:
         rendered = []
+        encode, timestamp = self._encode, self.timestamp
         for logger, event, fields, when in lines:
             record = redact_processor(None, "info", dict(fields))
             record["event"] = event
             record["level"] = "info"
             record["logger"] = logger
-            stamp = datetime.fromtimestamp(when, UTC).isoformat()
-            record["timestamp"] = stamp.replace("+00:00", "Z")
-            rendered.append(json.dumps(record))
+            record["timestamp"] = timestamp(when)
+            rendered.append(encode(record))
         rendered.append("")
         self.stream.write("\n".join(rendered))
         self.stream.flush()
