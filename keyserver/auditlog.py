@@ -122,7 +122,7 @@ class LineWriter:
         line = (logger, event, fields, time.time())
         if self._thread is None and not self.autostart:
             self._queue.append(line)
-            self._drain()  # no thread running: written now, in order after what was queued
+            self._drain(pause=False)  # no thread: written now, in order after what was queued
             return
         self._queue.append(line)
         if self._thread is None:
@@ -153,7 +153,7 @@ class LineWriter:
             self._drain()
         self._drain()
 
-    def _drain(self) -> None:
+    def _drain(self, *, pause: bool = True) -> None:
         queue = self._queue
         while queue:
             batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
@@ -164,7 +164,8 @@ class LineWriter:
                     "log lines not written", lines=len(batch), error=type(error).__name__
                 )
             self.written += len(batch)
-            time.sleep(0)  # the event loop first, if it waits for the interpreter
+            if pause:
+                time.sleep(0)  # the event loop first, if it waits for the interpreter
         dropped = self.dropped
         if dropped != self._dropped_reported:
             self._dropped_reported = dropped
