@@ -57,6 +57,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from pipeline import layout
 from pipeline.catalog import Catalog
@@ -186,17 +187,22 @@ def create_app(
     state_ttl_s: float = STATE_TTL_S,
     lines: LineWriter | None = None,
     fast_path: bool = True,
+    forwarded_allow_ips: str | None = None,
 ) -> KeyServerApp:
     """Build the key server for ``settings``; stores, the rate limiter and the log line writer
     may be passed in. With ``settings.redis_url``, the app listens to the state bus while it
     runs (lifespan), and ``state_ttl_s`` bounds staleness only when an announcement is lost.
-    ``fast_path=False`` leaves the viewer routes to Starlette too (the tests compare both)."""
+    ``fast_path=False`` leaves the viewer routes to Starlette too (the tests compare both).
+    With ``forwarded_allow_ips`` (uvicorn's FORWARDED_ALLOW_IPS syntax), the client address
+    of a request from one of those peers is the one its X-Forwarded-For names (README "Behind
+    a proxy"): the fast path reads it with the other headers, the rest of the app through
+    uvicorn's ProxyHeadersMiddleware, both by uvicorn's rule."""
     vault = vault if vault is not None else open_store(settings.vault)
     if limiter is None:
         limiter = (
             RedisRateLimiter(settings.redis_url) if settings.redis_url else MemoryRateLimiter()
         )
-    lines = lines if lines is not None else LineWriter()
+    lines = lines if lines is not None else LineWriter(autostart=False)
     view = VaultView(Catalog(vault), KeyVault(vault, settings.master_key), ttl_s=state_ttl_s)
     listener = StateListener(settings.redis_url, view) if settings.redis_url else None
     signer = signer_for(settings)
@@ -262,9 +268,14 @@ def create_app(
         exception_handlers=dict.fromkeys((HTTPException, HlsvaultError, Exception), _error_answer),
         lifespan=_lifespan(listener, lines, stats),
     )
+    proxied: ASGIApp = starlette
+    trusted = None
+    if forwarded_allow_ips is not None:
+        proxy_layer = ProxyHeadersMiddleware(starlette, trusted_hosts=forwarded_allow_ips)  # type: ignore[arg-type]  # uvicorn types ASGI scopes more narrowly than Starlette
+        proxied, trusted = proxy_layer, proxy_layer.trusted_hosts  # type: ignore[assignment]
     if not fast_path:
-        return KeyServerApp(starlette, starlette, server)
-    asgi: ASGIApp = ViewerRoutes(server, starlette)
+        return KeyServerApp(proxied, starlette, server)
+    asgi: ASGIApp = ViewerRoutes(server, proxied, trusted)
     for layer in reversed(middleware):
         asgi = layer.cls(asgi, *layer.args, **layer.kwargs)
     return KeyServerApp(asgi, starlette, server)

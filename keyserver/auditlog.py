@@ -10,6 +10,10 @@ behind that the queue is full, a new line is dropped rather than make a request 
 counted (:attr:`LineWriter.dropped`, exported by the ops app's ``/metrics`` as
 ``hlsvault_audit_lines_dropped_total``) and the writer logs how many were dropped as soon as
 it catches up. Closing the writer (the app's shutdown) writes everything still queued.
+
+The key server's writer (``autostart=False``) runs its thread only between the app's startup
+and shutdown (lifespan); an app called without a lifespan (a test calling it directly) has its
+lines written as they come, in the request, so none is written after the test is over.
 """
 
 from __future__ import annotations
@@ -55,17 +59,32 @@ class JsonLinesSink:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
+        self._second = -1.0
+        self._second_text = ""
+        self._encode = json.JSONEncoder().encode
+
+    def timestamp(self, when: float) -> str:
+        """``datetime.fromtimestamp(when, UTC).isoformat()`` with ``Z`` for ``+00:00``; the
+        date and time of day formatted once a second, not once a line."""
+        second, fraction = divmod(when, 1.0)
+        micros = round(fraction * 1e6)
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        if second != self._second:
+            self._second = second
+            self._second_text = datetime.fromtimestamp(second, UTC).isoformat()[:19]
+        return f"{self._second_text}.{micros:06d}Z" if micros else f"{self._second_text}Z"
 
     def __call__(self, lines: Sequence[Line]) -> None:
         rendered = []
+        encode, timestamp = self._encode, self.timestamp
         for logger, event, fields, when in lines:
             record = redact_processor(None, "info", dict(fields))
             record["event"] = event
             record["level"] = "info"
             record["logger"] = logger
-            stamp = datetime.fromtimestamp(when, UTC).isoformat()
-            record["timestamp"] = stamp.replace("+00:00", "Z")
-            rendered.append(json.dumps(record))
+            record["timestamp"] = timestamp(when)
+            rendered.append(encode(record))
         rendered.append("")
         self.stream.write("\n".join(rendered))
         self.stream.flush()
@@ -76,13 +95,14 @@ class LineWriter:
 
     def __init__(
         self, *, sink: Sink = structlog_sink, max_queued: int = MAX_QUEUED,
-        flush_interval_s: float = FLUSH_INTERVAL_S,
+        flush_interval_s: float = FLUSH_INTERVAL_S, autostart: bool = True,
     ) -> None:
         if max_queued < 1:
             raise ValueError("max_queued must be at least 1")
         self.sink = sink
         self.max_queued = max_queued
         self.flush_interval_s = flush_interval_s
+        self.autostart = autostart
         self._queue: deque[Line] = deque()
         #: Lines accepted, lines the sink has taken, lines dropped because the queue was full.
         self.accepted = 0
@@ -99,7 +119,12 @@ class LineWriter:
             self.dropped += 1
             return
         self.accepted += 1
-        self._queue.append((logger, event, fields, time.time()))
+        line = (logger, event, fields, time.time())
+        if self._thread is None and not self.autostart:
+            self._queue.append(line)
+            self._drain(pause=False)  # no thread: written now, in order after what was queued
+            return
+        self._queue.append(line)
         if self._thread is None:
             self.start()
 
@@ -128,7 +153,7 @@ class LineWriter:
             self._drain()
         self._drain()
 
-    def _drain(self) -> None:
+    def _drain(self, *, pause: bool = True) -> None:
         queue = self._queue
         while queue:
             batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
@@ -139,7 +164,8 @@ class LineWriter:
                     "log lines not written", lines=len(batch), error=type(error).__name__
                 )
             self.written += len(batch)
-            time.sleep(0)  # the event loop first, if it waits for the interpreter
+            if pause:
+                time.sleep(0)  # the event loop first, if it waits for the interpreter
         dropped = self.dropped
         if dropped != self._dropped_reported:
             self._dropped_reported = dropped

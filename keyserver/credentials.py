@@ -13,12 +13,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from http.cookies import _unquote  # the stdlib's cookie unquoting (what Starlette uses)
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
 from pipeline.tokens import SID_HEADER
+
+if TYPE_CHECKING:
+    from uvicorn.middleware.proxy_headers import _TrustedHosts
 
 #: Cookie mode: the token travels in this cookie, scoped to one asset's key (and, when the key
 #: server serves its variants, playlist) path.
@@ -53,13 +56,14 @@ def _parse_query(text: str) -> dict[str, str]:
 class Credentials:
     """The query parameters, headers and client address a viewer route reads."""
 
-    __slots__ = ("_cookies", "authorization", "client_ip", "query", "sid_header")
+    __slots__ = ("_cookies", "_forwarded_for", "authorization", "client_ip", "query", "sid_header")
 
     def __init__(self, scope: Mapping[str, Any]) -> None:
         raw_query: bytes = scope.get("query_string", b"")
         self.query: dict[str, str] = _parse_query(raw_query.decode("latin-1")) if raw_query else {}
         authorization = sid = None
         cookies: list[bytes] = []
+        forwarded_for: list[bytes] = []
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if authorization is None:
@@ -68,11 +72,25 @@ class Credentials:
                 cookies.append(value)
             elif name == _SID_HEADER and sid is None:
                 sid = value.decode("latin-1")
+            elif name == b"x-forwarded-for":
+                forwarded_for.append(value)
         self.authorization = authorization or ""
         self.sid_header = sid
         self._cookies = cookies
+        self._forwarded_for = forwarded_for
         client = scope.get("client")
         self.client_ip: str | None = client[0] if client else None
+
+    def trust_proxies(self, trusted: _TrustedHosts) -> None:
+        """The client address behind a trusted proxy: uvicorn's FORWARDED_ALLOW_IPS rule (its
+        ProxyHeadersMiddleware's, README "Behind a proxy"), read here, where the headers are
+        read anyway, rather than by a middleware in front of every request. A no-op without an
+        X-Forwarded-For header or from a peer outside ``trusted``."""
+        if self._forwarded_for and self.client_ip in trusted:
+            forwarded = b", ".join(self._forwarded_for).decode("latin-1")
+            host, _ = trusted.get_trusted_client_address(forwarded)
+            if host:  # an empty header leaves the peer's address, as uvicorn does
+                self.client_ip = host
 
     def token(self, *, cookie: bool = False) -> str:
         """The token, in the order the docs promise: query, Bearer, cookie."""

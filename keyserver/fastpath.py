@@ -13,12 +13,11 @@ runs one request matrix through both and compares).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from starlette.applications import Starlette
 from starlette.routing import compile_path
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipeline import layout
 from pipeline.errors import HlsvaultError
@@ -27,6 +26,9 @@ from pipeline.http import status_for
 from .credentials import Credentials
 from .responses import Answer, error_answer
 from .server import KeyServer
+
+if TYPE_CHECKING:
+    from uvicorn.middleware.proxy_headers import _TrustedHosts
 
 log = structlog.get_logger("hlsvault.keyserver")
 
@@ -55,11 +57,17 @@ async def send_answer(send: Send, answer: Answer) -> None:
 
 
 class ViewerRoutes:
-    """The viewer routes of ``server``, in front of ``app`` (the rest of the key server)."""
+    """The viewer routes of ``server``, in front of ``app`` (the rest of the key server).
+    With ``trusted`` (FORWARDED_ALLOW_IPS), a viewer route's client address is the one a
+    trusted proxy forwarded (:meth:`Credentials.trust_proxies`); ``app`` applies the same rule
+    itself (uvicorn's ProxyHeadersMiddleware, see :func:`keyserver.app.create_app`)."""
 
-    def __init__(self, server: KeyServer, app: Starlette) -> None:
+    def __init__(
+        self, server: KeyServer, app: ASGIApp, trusted: _TrustedHosts | None = None
+    ) -> None:
         self.server = server
         self.app = app
+        self.trusted = trusted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "GET" or scope.get("root_path"):
@@ -67,16 +75,20 @@ class ViewerRoutes:
             return
         path: str = scope["path"]
         server = self.server
-        call: Any
+        route: Any
         if path.startswith(_KEYS_PREFIX) and (match := _KEY.match(path)):
-            call = server.key(Credentials(scope), *match.groups())
+            route, args = server.key, match.groups()
         elif path.startswith(_ASSETS_PREFIX) and (match := _MASTER.match(path)):
-            call = server.master(Credentials(scope), match.group(1))
+            route, args = server.master, (match.group(1),)
         elif path.startswith(_ASSETS_PREFIX) and (match := _VARIANT.match(path)):
-            call = server.variant(Credentials(scope), *match.groups())
+            route, args = server.variant, match.groups()
         else:
             await self.app(scope, receive, send)
             return
+        creds = Credentials(scope)
+        if self.trusted is not None:
+            creds.trust_proxies(self.trusted)
+        call = route(creds, *args)
         try:
             answer = await call
         except Exception as exc:

@@ -49,8 +49,6 @@ class ServeOptions:
 
 def app_from_environment() -> Any:
     """The key server of this process's settings (each worker process calls this)."""
-    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
-
     from pipeline.logs import configure_logging
     from pipeline.settings import load_settings
 
@@ -61,12 +59,13 @@ def app_from_environment() -> Any:
     configure_logging(json=json_lines, level=logging.INFO)
     # JSON lines (what a log shipper reads): the writer renders and writes them in batches;
     # on a terminal, structlog's coloured lines, one by one.
-    lines = LineWriter(sink=JsonLinesSink(sys.stderr)) if json_lines else LineWriter()
-    app = create_app(load_settings(create=True), lines=lines)
+    lines = LineWriter(sink=JsonLinesSink(sys.stderr), autostart=False) if json_lines else (
+        LineWriter(autostart=False)
+    )
     # The client address behind a trusted proxy, the same way under either server: uvicorn's
-    # own middleware (its FORWARDED_ALLOW_IPS rule, README "Behind a proxy").
+    # FORWARDED_ALLOW_IPS rule (README "Behind a proxy"), applied by the app itself.
     trusted = os.environ.get("FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)
-    return ProxyHeadersMiddleware(app, trusted_hosts=trusted)  # type: ignore[arg-type]  # uvicorn types ASGI scopes more narrowly than Starlette
+    return create_app(load_settings(create=True), lines=lines, forwarded_allow_ips=trusted)
 
 
 def serve(options: ServeOptions) -> None:

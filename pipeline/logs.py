@@ -7,6 +7,7 @@ processors, so their lines are redacted and formatted alike.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -27,6 +28,22 @@ _SECRET_KEYS = ("token", "secret", "password", "authorization", "cookie", "key_b
 
 def redact_text(text: str) -> str:
     """Replace tokens in query strings, bare JWTs and bearer credentials."""
+    if len(text) <= _CACHED_TEXT_CHARS:
+        return _redact_short(text)
+    return _redact(text)
+
+
+#: Short values (an asset, a key id, an address, an outcome) recur line after line: their
+#: redaction is remembered, in a bounded cache, rather than searched for again.
+_CACHED_TEXT_CHARS = 64
+
+
+@functools.lru_cache(maxsize=4096)
+def _redact_short(text: str) -> str:
+    return _redact(text)
+
+
+def _redact(text: str) -> str:
     if not _MAY_HOLD_SECRET.search(text):
         return text
     text = _QUERY_TOKEN.sub(lambda m: m.group(1) + REDACTED, text)
@@ -46,12 +63,17 @@ def _redact_value(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=1024)  # field names come from the code: a few dozen
+def _secret_name(name: str) -> bool:
+    return name != "event" and any(secret in name.lower() for secret in _SECRET_KEYS)
+
+
 def redact_processor(
     _: Any, __: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """structlog processor: no token, secret or key bytes survive into a log line."""
     for name in list(event_dict):
-        if any(secret in name.lower() for secret in _SECRET_KEYS) and name != "event":
+        if _secret_name(name):
             event_dict[name] = REDACTED
         else:
             event_dict[name] = _redact_value(event_dict[name])

@@ -8,8 +8,10 @@ import asyncio
 import base64
 import io
 import json
+import random
 import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -144,6 +146,23 @@ class TestSlowSink:
                 if event == "key request"] == ["served"] * 20
 
 
+    def test_without_a_lifespan_the_servers_writer_writes_in_the_request(
+        self, pristine: Library
+    ) -> None:
+        """The key server's own writer (``autostart=False``) with no lifespan to run its
+        thread: a request's audit line is in the sink when the request returns, and no thread
+        is left to write lines after the caller (a test) is done."""
+        sink = RecordingSink()
+        writer = LineWriter(sink=sink, autostart=False)
+        app = create_app(pristine.settings, vault=pristine.vault, lines=writer)
+        token = pristine.token()
+        for n in range(3):
+            answer = asyncio.run(get(app, pristine.key_path(0), query=f"token={token}"))
+            assert answer.status == 200
+            assert [event for _, event, _, _ in sink.lines].count("key request") == n + 1
+        assert writer._thread is None
+
+
 class TestJsonLines:
     def test_a_batch_is_json_lines_with_every_token_redacted(self) -> None:
         """The serving sink writes one JSON object per line (fields, event, level, logger, an
@@ -162,3 +181,13 @@ class TestJsonLines:
         assert second["sid"] == "[REDACTED]"
         assert second["timestamp"] == "1970-01-01T00:00:01.500000Z"
         assert token not in stream.getvalue()
+
+    def test_timestamps_are_those_datetime_writes(self) -> None:
+        """The timestamp (formatted once a second) is ``datetime.isoformat``'s in UTC, to the
+        microsecond, whole seconds and rounding up into the next second included."""
+        sink = JsonLinesSink(io.StringIO())
+        times = [1_765_000_000.0, 1_765_000_000.9999996, 1_765_000_001.0000004, 1_765_000_001.25]
+        times += [random.uniform(0, 4e9) for _ in range(1000)]
+        for when in times:
+            expected = datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z")
+            assert sink.timestamp(when) == expected

@@ -203,6 +203,45 @@ class TestFastPathEquivalence:
         assert differences == []
         assert {200, 307, 400, 401, 403, 404, 405, 410, 429, 500} <= statuses, statuses
 
+    def test_a_trusted_proxys_forwarded_address_counts_on_both_paths(
+        self, library: Library
+    ) -> None:
+        """With FORWARDED_ALLOW_IPS naming a proxy, a token bound to the viewer's address is
+        honoured when that proxy forwards the viewer's address (the rightmost untrusted one),
+        and refused when an untrusted peer claims it, or the proxy forwards another address
+        or nothing: the same answers on the fast path as through uvicorn's middleware."""
+        proxy = "10.9.9.9"
+        settings = load_settings(library.env)
+        fast = create_app(settings, vault=library.vault, forwarded_allow_ips=proxy)
+        plain = create_app(settings, vault=library.vault, fast_path=False,
+                           forwarded_allow_ips=proxy)
+        query = f"token={library.token(sid='sess-1', ip=VIEWER_IP)}&sid=sess-1"
+        cases = [  # (peer, X-Forwarded-For values, expected status)
+            (proxy, [VIEWER_IP], 200),
+            (proxy, [f"{OTHER_IP}, {VIEWER_IP}"], 200),
+            (proxy, [OTHER_IP, VIEWER_IP], 200),
+            (proxy, [OTHER_IP], 403),
+            (proxy, [VIEWER_IP, OTHER_IP], 403),
+            (proxy, [], 403),
+            (OTHER_IP, [VIEWER_IP], 403),
+            (VIEWER_IP, [OTHER_IP], 200),
+        ]
+
+        async def answers() -> list[tuple[int, int, bool]]:
+            seen = []
+            for peer, forwarded, _ in cases:
+                headers = [("X-Forwarded-For", value) for value in forwarded]
+                for path in (library.master_path(), library.key_path(0)):
+                    kwargs: dict[str, Any] = {"query": query, "client_ip": peer,
+                                              "headers": headers}
+                    ours = await call(fast, "GET", path, **kwargs)
+                    theirs = await call(plain, "GET", path, **kwargs)
+                    seen.append((ours[0], theirs[0], ours == theirs))
+            return seen
+
+        expected = [(status, status, True) for _, _, status in cases for _ in range(2)]
+        assert asyncio.run(answers()) == expected
+
     def test_the_matrix_tells_answers_apart(self, library: Library) -> None:
         """Positive control: the comparison sees a difference when there is one (a key server
         with another public URL names other URIs in its playlists)."""
