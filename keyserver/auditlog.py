@@ -61,7 +61,8 @@ class JsonLinesSink:
         self.stream = stream
         self._second = -1.0
         self._second_text = ""
-        self._encode = json.JSONEncoder().encode
+        # default=repr: a field JSON cannot encode is shown, not the cause of a lost batch.
+        self._encode = json.JSONEncoder(default=repr).encode
 
     def timestamp(self, when: float) -> str:
         """``datetime.fromtimestamp(when, UTC).isoformat()`` with ``Z`` for ``+00:00``; the
