@@ -7,17 +7,20 @@ so a unit test importing it pulls in nothing heavy.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -188,3 +191,27 @@ def serving(env: dict[str, str], port: int, log: Path) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+
+
+T = TypeVar("T")
+
+
+def run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on a thread of its own: Playwright's sync API keeps an event loop
+    running on the main thread while a browser fixture lives, where ``asyncio.run`` refuses."""
+    outcome: dict[str, Any] = {}
+
+    def main() -> None:
+        try:
+            outcome["result"] = asyncio.run(coroutine)
+        except BaseException as error:  # handed back to the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=main, name="test-coroutine")
+    thread.start()
+    thread.join(120)
+    if thread.is_alive():
+        raise TimeoutError("the coroutine did not finish within 120 s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return cast(T, outcome["result"])

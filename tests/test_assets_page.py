@@ -4,7 +4,6 @@ keys answer 410."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 import subprocess
@@ -24,7 +23,7 @@ from pipeline.settings import load_settings
 
 from fleet import RedisServer, stop_process
 from keyserver_support import ASSET, OTHER, VIEWER_IP, AppClient, Library, shared_library
-from support import HLSVAULT, free_port, wait_for_http
+from support import HLSVAULT, free_port, run_coroutine, wait_for_http
 
 PASSWORD = "assets-page-password-0123456789"
 
@@ -118,7 +117,7 @@ class TestRequestCounts:
                 await stats.count(outcome, asset="film")
             await stats.count("served", asset="not an id")
 
-        asyncio.run(count())
+        run_coroutine(count())
         client = redis_server.client()
         assert keystats.last_hour(client, ["film", "film-b"]) == {
             "film": {"served": 2, "gone": 1}, "film-b": {}}

@@ -4,7 +4,6 @@ up by a slow sink, and the lines it had to drop counted, logged and exported by 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -28,6 +27,7 @@ from pipeline.tokens import mint_token
 from fleet import RedisServer
 from keyserver_support import VIEWER_IP, AppClient, Library, shared_library
 from ops_support import PASSWORD, basic, series
+from support import run_coroutine
 
 #: How long a test's stuck sink waits at most for the test to release it.
 SINK_STUCK_S = 30.0
@@ -140,7 +140,7 @@ class TestSlowSink:
             return [(await get(app, pristine.key_path(n % 2), query=f"token={token}")).status
                     for n in range(20)]
 
-        assert asyncio.run(requests()) == [200] * 20
+        assert run_coroutine(requests()) == [200] * 20
         writer.close()
         assert [fields["outcome"] for _, event, fields, _ in sink.lines
                 if event == "key request"] == ["served"] * 20
@@ -157,7 +157,7 @@ class TestSlowSink:
         app = create_app(pristine.settings, vault=pristine.vault, lines=writer)
         token = pristine.token()
         for n in range(3):
-            answer = asyncio.run(get(app, pristine.key_path(0), query=f"token={token}"))
+            answer = run_coroutine(get(app, pristine.key_path(0), query=f"token={token}"))
             assert answer.status == 200
             assert [event for _, event, _, _ in sink.lines].count("key request") == n + 1
         assert writer._thread is None

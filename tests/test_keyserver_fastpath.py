@@ -6,7 +6,6 @@ header list in order, body)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from keyserver_support import (
     tamper,
     wait_for_fresh_window,
 )
+from support import run_coroutine
 
 APP_ORIGIN = "https://app.example"
 CDN_URL = "https://cdn.fastpath.test"
@@ -199,7 +199,7 @@ class TestFastPathEquivalence:
                 statuses.add(ours[0])
             return differences, statuses
 
-        differences, statuses = asyncio.run(compare())
+        differences, statuses = run_coroutine(compare())
         assert differences == []
         assert {200, 307, 400, 401, 403, 404, 405, 410, 429, 500} <= statuses, statuses
 
@@ -240,7 +240,7 @@ class TestFastPathEquivalence:
             return seen
 
         expected = [(status, status, True) for _, _, status in cases for _ in range(2)]
-        assert asyncio.run(answers()) == expected
+        assert run_coroutine(answers()) == expected
 
     def test_the_matrix_tells_answers_apart(self, library: Library) -> None:
         """Positive control: the comparison sees a difference when there is one (a key server
@@ -255,14 +255,14 @@ class TestFastPathEquivalence:
             return (await call(fast, "GET", library.master_path(), query=query),
                     await call(other, "GET", library.master_path(), query=query))
 
-        ours, theirs = asyncio.run(both())
+        ours, theirs = run_coroutine(both())
         assert ours[0] == theirs[0] == 200
         assert ours != theirs
 
     def test_errors_are_the_documented_json(self, library: Library) -> None:
         """The fast path's refusals are JSON errors, never cached, as the docs promise."""
         fast = create_app(load_settings(library.env), vault=library.vault)
-        status, headers, body = asyncio.run(call(fast, "GET", library.key_path()))
+        status, headers, body = run_coroutine(call(fast, "GET", library.key_path()))
         assert status == 401
         assert (b"cache-control", b"no-store") in headers
         assert (b"content-type", b"application/json") in headers
