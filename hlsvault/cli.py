@@ -120,11 +120,11 @@ def cmd_submit(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
-    from keyserver.serving import DEFAULT_SERVER, ServeOptions, serve
+    from keyserver.serving import ServeOptions, serve
 
     port = args.port if args.port is not None else urlsplit(ctx.settings.public_url).port or 8000
     serve(ServeOptions(
-        host=args.host, port=port, workers=args.workers, server=args.server or DEFAULT_SERVER,
+        host=args.host, port=port, workers=args.workers, server=args.server,
         certfile=args.certfile, keyfile=args.keyfile,
     ))
     return 0
@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keyfile", help="TLS private key (PEM)")
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes, one per core to use (default 1)")
-    serve.add_argument("--server", default=None,
-                       help="the ASGI server: granian (the default) or uvicorn")
+    serve.add_argument("--server", default=layout.DEFAULT_SERVER, choices=layout.SERVERS,
+                       help=f"the ASGI server (default {layout.DEFAULT_SERVER})")
     serve.set_defaults(handler=cmd_serve)
 
     add_commands(commands, wait_timeout=DEFAULT_WAIT_TIMEOUT_S)

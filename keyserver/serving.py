@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import layout
 from pipeline.errors import ConfigurationError
 
 #: What the worker processes import and call to build their app.
 APP_FACTORY = "keyserver.serving:app_from_environment"
-SERVERS = ("uvicorn", "granian")
-DEFAULT_SERVER = "granian"
+SERVERS, DEFAULT_SERVER = layout.SERVERS, layout.DEFAULT_SERVER
 #: The proxies whose X-Forwarded-For is believed unless FORWARDED_ALLOW_IPS says otherwise
 #: (uvicorn's default).
 DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"

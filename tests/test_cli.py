@@ -148,3 +148,23 @@ class TestTransientFailures:
             "hlsvault: Redis did not answer (ConnectionError); check REDIS_URL and that Redis "
             "is up, then try again"
         ]
+
+
+class TestServeOptions:
+    """`hlsvault serve` refuses worker counts and servers it cannot run, saying what to do,
+    before anything listens."""
+
+    @pytest.mark.parametrize("args, code, says", [
+        (["--workers", "0"], 78, "--workers must be at least 1"),
+        (["--workers", "-3"], 78, "--workers must be at least 1"),
+        (["--workers", "many"], 2, "invalid int value"),
+        (["--server", "nginx"], 2, "invalid choice"),
+        (["--server", "x" * 5000], 2, "invalid choice"),
+    ])
+    def test_bad_options_are_refused(
+        self, hlsvault: Hlsvault, args: list[str], code: int, says: str
+    ) -> None:
+        done = hlsvault.run("serve", "--port", "1", *args, timeout=30)
+        assert done.returncode == code, done.stderr
+        assert says in done.stderr
+        assert "Traceback" not in done.stderr

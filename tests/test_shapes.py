@@ -17,7 +17,10 @@ class TestShapeOptions:
 
     @pytest.mark.parametrize("document, field", [
         ({"audio_only": "yes"}, "audio_only"),
+        ({"audio_only": {"nested": True}}, "audio_only"),
         ({"container": 3}, "container"),
+        ({"container": ["ts"]}, "container"),
+        ({"codec": {"name": "hevc"}}, "codec"),
     ])
     def test_malformed_webhook_fields_are_refused(
         self, document: dict[str, object], field: str
@@ -31,6 +34,8 @@ class TestShapeOptions:
     @pytest.mark.parametrize("options, needs", [
         ({"container": "mkv"}, "unknown container"),
         ({"codec": "av1"}, "unknown codec"),
+        ({"codec": "h264; rm -rf /"}, "unknown codec"),
+        ({"container": "ts" * 10_000}, "unknown container"),
         ({"codec": "hevc"}, "--container fmp4"),
         ({"codec": "hevc", "container": "fmp4", "ladder": "copy"}, "--ladder default"),
         ({"container": "fmp4", "download": "top"}, "--container ts"),
@@ -42,8 +47,9 @@ class TestShapeOptions:
         from pipeline.errors import BadSpec
         from pipeline.jobs import new_job_spec
 
-        with pytest.raises(BadSpec, match=needs):
+        with pytest.raises(BadSpec, match=needs) as refused:
             new_job_spec("/media/talk.mp4", **options)  # type: ignore[arg-type]
+        assert len(str(refused.value)) < 300  # the refusal quotes at most a bit of the value
 
     def test_a_valid_shape_is_kept_in_the_spec(self) -> None:
         from pipeline.jobs import JobSpec, new_job_spec
@@ -51,3 +57,25 @@ class TestShapeOptions:
         spec = new_job_spec("/media/talk.mp4", container="fmp4", codec="hevc", audio_only=True)
         again = JobSpec.from_dict(spec.to_dict())
         assert (again.container, again.codec, again.audio_only) == ("fmp4", "hevc", True)
+
+
+class TestSourceTrackMetadata:
+    """A source's track tags reach every master playlist (LANGUAGE, NAME): hostile ones are
+    dropped or cleaned, never written as they came."""
+
+    @pytest.mark.parametrize("tag, expected", [
+        ("eng", "en"), ("de-CH", "de-CH"), ("", None), (None, None),
+        ("日本", None),  # not ASCII: not an RFC 5646 tag
+        ('en",URI="http://evil', None), ("en\nEXT-X-KEY", None), ("a" * 9, None),
+    ])
+    def test_languages_are_tags_or_nothing(self, tag: str | None, expected: str | None) -> None:
+        from pipeline.plan import hls_language
+
+        assert hls_language(tag) == expected
+
+    def test_titles_are_printable_and_capped(self) -> None:
+        from pipeline.plan import MAX_TITLE_CHARS, _shown_title
+
+        assert _shown_title("Director's\ncut\x00\t  (5.1)") == "Director's cut (5.1)"
+        assert len(_shown_title("x" * 10_000)) == MAX_TITLE_CHARS
+        assert _shown_title("\n\r\x00") == ""
