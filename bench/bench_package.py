@@ -315,23 +315,17 @@ def main(argv: list[str] | None = None) -> int:
                                        strict=True)]
     print(f"hlsvault / ffmpeg-plain per round: {', '.join(f'{r:.2f}' for r in per_round)}; "
           f"load average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    def result(label: str, baseline: str, shown: str, target: float) -> None:
+        ratio = medians[HLSVAULT] / medians[baseline]
+        verdict = "met" if ratio <= target else "MISSED"
+        print(f"RESULT {label}: hlsvault {medians[HLSVAULT]:.2f} s, {shown} "
+              f"{medians[baseline]:.2f} s, ratio {ratio:.2f} (target <= {target}: {verdict})")
+
     if args.container == "fmp4":
-        ratio = medians[HLSVAULT] / medians[FFMPEG_AES]
-        verdict = "met" if ratio <= TARGET_RATIO_FMP4 else "MISSED"
-        print(f"RESULT package fmp4: hlsvault {medians[HLSVAULT]:.2f} s, "
-              f"ffmpeg+openssl {medians[FFMPEG_AES]:.2f} s, ratio {ratio:.2f} "
-              f"(target <= {TARGET_RATIO_FMP4}: {verdict})")
-        return 0
-    aes_ratio = medians[HLSVAULT] / medians[FFMPEG_AES]
-    verdict = "met" if aes_ratio <= TARGET_RATIO_AES else "MISSED"
-    print(f"RESULT package vs ffmpeg encrypted HLS: hlsvault {medians[HLSVAULT]:.2f} s, "
-          f"ffmpeg {medians[FFMPEG_AES]:.2f} s, ratio {aes_ratio:.2f} "
-          f"(target <= {TARGET_RATIO_AES}: {verdict})")
-    ratio = medians[HLSVAULT] / medians[FFMPEG_PLAIN]
-    verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
-    print(f"RESULT package vs ffmpeg plain remux: hlsvault {medians[HLSVAULT]:.2f} s, "
-          f"ffmpeg-plain {medians[FFMPEG_PLAIN]:.2f} s, ratio {ratio:.2f} "
-          f"(target <= {TARGET_RATIO}: {verdict})")
+        result("package fmp4", FFMPEG_AES, "ffmpeg+openssl", TARGET_RATIO_FMP4)
+    else:
+        result("package vs ffmpeg encrypted HLS", FFMPEG_AES, "ffmpeg", TARGET_RATIO_AES)
+        result("package vs ffmpeg plain remux", FFMPEG_PLAIN, "ffmpeg-plain", TARGET_RATIO)
     return 0
 
 

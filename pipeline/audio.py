@@ -34,7 +34,7 @@ import ffmpeg
 from . import layout
 from .errors import UnsupportedMedia
 from .plan import Chunk
-from .sources import ffmpeg_input
+from .sources import ffmpeg_command, ffmpeg_input
 
 #: ffmpeg's native AAC encoder delays its output by one frame (its ``initial_padding``); ADTS
 #: cannot say so, so the first frame of the encoded stream holds these samples of priming.
@@ -97,14 +97,7 @@ def audio_args(source: str, bitrates: Sequence[int], out_dir: Path, *, demuxer: 
         )
         for index, kbps in enumerate(bitrates)
     ]
-    args: list[str] = (
-        ffmpeg.merge_outputs(*outputs)
-        .global_args("-nostdin", "-hide_banner", "-loglevel", "error", "-nostats",
-                     "-progress", "pipe:1")
-        .overwrite_output()
-        .compile()
-    )
-    return args
+    return ffmpeg_command(outputs)
 
 
 def adts_frames(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:

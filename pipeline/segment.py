@@ -21,7 +21,7 @@ from . import layout
 from .errors import StageTimeout, TransientError, UnsupportedMedia
 from .media import AudioStream, MediaInfo, audio_stream, ffmpeg_reason, probe, run_ffprobe
 from .plan import MAX_RATE_FACTOR, AudioRendition, Chunk, Rendition
-from .sources import ffmpeg_input, shown_name, source_demuxer, work_input
+from .sources import ffmpeg_command, ffmpeg_input, shown_name, source_demuxer, work_input
 
 if TYPE_CHECKING:
     from .sealing import SegmentSealer
@@ -198,15 +198,7 @@ def chunk_args(
         outputs.append(ffmpeg.output(*streams, str(rendition_dir / PLAIN_PLAYLIST), **options))
     outputs += audio_rendition_outputs(stream, audio_renditions, out_dir, segment_seconds,
                                        container)
-    args: list[str] = (
-        ffmpeg.merge_outputs(*outputs)
-        .global_args(
-            "-nostdin", "-hide_banner", "-loglevel", "error", "-nostats", "-progress", "pipe:1"
-        )
-        .overwrite_output()
-        .compile()
-    )
-    return args
+    return ffmpeg_command(outputs)
 
 
 def hls_options(
@@ -293,14 +285,7 @@ def audio_renditions_args(
     name, input_options = ffmpeg_input(source, demuxer=demuxer)
     stream = ffmpeg.input(name, **input_options)
     outputs = audio_rendition_outputs(stream, renditions, out_dir, segment_seconds, container)
-    args: list[str] = (
-        ffmpeg.merge_outputs(*outputs)
-        .global_args("-nostdin", "-hide_banner", "-loglevel", "error", "-nostats",
-                     "-progress", "pipe:1")
-        .overwrite_output()
-        .compile()
-    )
-    return args
+    return ffmpeg_command(outputs)
 
 
 def audio_rendition_outputs(

@@ -133,6 +133,21 @@ def shown_name(target: str) -> str:
     return target.split("?", 1)[0] if _is_url(target) else target
 
 
+def ffmpeg_command(outputs: list[Any]) -> list[str]:
+    """The argument list of one ffmpeg writing every one of ``outputs`` (ffmpeg-python nodes):
+    quiet, no stdin, progress as key=value lines on stdout (what run_ffmpeg reads)."""
+    import ffmpeg
+
+    args: list[str] = (
+        ffmpeg.merge_outputs(*outputs)
+        .global_args("-nostdin", "-hide_banner", "-loglevel", "error", "-nostats",
+                     "-progress", "pipe:1")
+        .overwrite_output()
+        .compile()
+    )
+    return args
+
+
 def ffmpeg_input(target: str, *, demuxer: str | None = None) -> tuple[str, dict[str, str]]:
     """The name and input options under which ffmpeg or ffprobe may open ``target`` (what
     :func:`ffmpeg_target` returned): the protocol and demuxer allow-lists, and ``-f demuxer``

@@ -31,6 +31,17 @@ SEGMENT_LIMIT_MS = 12 * 3600_000
 PUBLISH_LIMIT_MS = 60 * 60_000
 
 
+def _handing_on(work: Callable[[JobSpec], object]) -> Callable[[JobSpec], JobSpec]:
+    """A stage's work that returns the spec it ran on, so the next stage is sent from it
+    without reading the job record again."""
+
+    def run(spec: JobSpec) -> JobSpec:
+        work(spec)
+        return spec
+
+    return run
+
+
 def declare(rt: Runtime) -> None:
     """Declare every stage's actor on ``rt.broker``, each bound to ``rt``."""
 
@@ -87,10 +98,7 @@ def declare(rt: Runtime) -> None:
 
     @stage_actor(flow.PLAYLIST, Queue.PUBLISH, SHORT_LIMIT_MS)
     def playlist(job_id: str) -> None:
-        def build(spec: JobSpec) -> JobSpec:
-            packaging.build_playlists(svc, spec)
-            return spec
-
+        build = _handing_on(lambda spec: packaging.build_playlists(svc, spec))
         ran = flow.run_stage(rt, job_id, "playlist", build)
         if ran is not None:
             flow.after_playlist(rt, ran)
@@ -122,11 +130,9 @@ def declare(rt: Runtime) -> None:
 
     @stage_actor(flow.REKEY, Queue.ENCRYPT, PUBLISH_LIMIT_MS)
     def rekey(job_id: str) -> None:
-        def rekeyed(spec: JobSpec) -> JobSpec:
-            lifecycle.rekey(svc, spec)
-            return spec
-
-        ran = flow.run_stage(rt, job_id, "rekey", rekeyed)
+        ran = flow.run_stage(
+            rt, job_id, "rekey", _handing_on(lambda spec: lifecycle.rekey(svc, spec))
+        )
         if ran is not None:
             flow.after_rekey(rt, ran)
 

@@ -9,11 +9,11 @@ from queue import Queue
 from typing import Any
 
 import dramatiq
-from dramatiq.middleware import Middleware
 
 from pipeline.errors import ConfigurationError, TransientError
 from pipeline.jobs import JobRecord, JobSpec
 
+from .middleware import MessageScope
 from .runtime import Runtime
 
 #: Worker threads: renditions segment in parallel; ffmpeg spreads each over the cores itself.
@@ -32,7 +32,7 @@ PROGRESS_INTERVAL_S = 0.25
 DRAIN_TIMEOUT_S = 2.0
 
 
-class _Doorbell(Middleware):
+class _Doorbell(MessageScope):
     """Rings when any message ends, so :func:`run_embedded` reads the job record then
     instead of polling it."""
 
@@ -41,13 +41,7 @@ class _Doorbell(Middleware):
         #: Threads of a worker let go by the last run, which end at their next idle wake-up.
         self.released: list[threading.Thread] = []
 
-    def after_process_message(
-        self, broker: dramatiq.Broker, message: Any, *, result: Any = None,
-        exception: BaseException | None = None,
-    ) -> None:
-        self.rung.set()
-
-    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+    def end(self) -> None:
         self.rung.set()
 
 

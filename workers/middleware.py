@@ -20,10 +20,37 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-class LogContext(Middleware):
-    """Bind ``job_id``, actor and message id to every log line a message's handler writes."""
+class MessageScope(Middleware):
+    """Something begun as a worker thread takes a message and ended once the message is done
+    with, processed or skipped: subclasses say what in :meth:`begin` and :meth:`end`."""
+
+    def begin(self, message: MessageProxy) -> None:
+        """Before the message's handler runs."""
+
+    def end(self) -> None:
+        """After it ran, or was skipped."""
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        self.begin(message)
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        self.end()
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        self.end()
+
+
+class LogContext(MessageScope):
+    """Bind ``job_id``, actor and message id to every log line a message's handler writes."""
+
+    def begin(self, message: MessageProxy) -> None:
         structlog.contextvars.clear_contextvars()
         subject = "job_id" if message.actor_name in flow.JOB_ACTORS else "asset"
         structlog.contextvars.bind_contextvars(
@@ -32,38 +59,18 @@ class LogContext(Middleware):
             message_id=message.message_id,
         )
 
-    def after_process_message(
-        self,
-        broker: dramatiq.Broker,
-        message: MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
-    ) -> None:
-        structlog.contextvars.clear_contextvars()
-
-    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+    def end(self) -> None:
         structlog.contextvars.clear_contextvars()
 
 
-class DeliveryTimes(Middleware):
+class DeliveryTimes(MessageScope):
     """Note when the message a worker thread is about to handle was enqueued, fetched and
     picked up (:func:`workers.flow.note_delivery`): the job record keeps them per stage."""
 
-    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+    def begin(self, message: MessageProxy) -> None:
         flow.note_delivery(message)
 
-    def after_process_message(
-        self,
-        broker: dramatiq.Broker,
-        message: MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
-    ) -> None:
-        flow.forget_delivery()
-
-    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+    def end(self) -> None:
         flow.forget_delivery()
 
 
