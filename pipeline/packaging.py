@@ -34,7 +34,7 @@ from . import layout
 from .audio import WHOLE_PATTERN, ChunkAudio, JobAudio, audio_args, cut_per_chunk
 from .crypto import encrypt_file, iv_for_sequence
 from .errors import BadSpec, InvalidSource, UnsupportedMedia
-from .jobs import JobSpec
+from .jobs import JobRecord, JobSpec
 from .media import MediaInfo, probe
 from .plan import (
     AudioRendition,
@@ -150,35 +150,34 @@ def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     return JobPlan(tuple(renditions), tuple(chunks), bitrates, audio)
 
 
-def _job_renditions(svc: Services, spec: JobSpec) -> list[Rendition]:
-    planned = svc.jobs.get(spec.job_id).json_field("renditions") or []
-    return [Rendition.from_dict(item) for item in planned]
+def _job_renditions(record: JobRecord) -> list[Rendition]:
+    return [Rendition.from_dict(item) for item in record.json_field("renditions") or []]
 
 
-def job_audio_renditions(svc: Services, spec: JobSpec) -> list[AudioRendition]:
+def job_audio_renditions(record: JobRecord) -> list[AudioRendition]:
     """The separate audio renditions the probe planned (none: audio muxed, or no audio)."""
-    planned = svc.jobs.get(spec.job_id).json_field("audio_renditions") or []
+    planned = record.json_field("audio_renditions") or []
     return [AudioRendition.from_dict(item) for item in planned]
 
 
-def job_chunks(svc: Services, spec: JobSpec) -> list[Chunk]:
+def job_chunks(record: JobRecord) -> list[Chunk]:
     """The chunks the probe planned (one covering the whole source for older records)."""
-    planned = svc.jobs.get(spec.job_id).json_field("chunks")
+    planned = record.json_field("chunks")
     if planned is None:
         return [Chunk(0, 0.0, None, 0, None)]
     return [Chunk.from_dict(item) for item in planned]
 
 
-def _chunk(svc: Services, spec: JobSpec, name: str) -> Chunk:
+def _chunk(record: JobRecord, name: str) -> Chunk:
     index = layout.chunk_index(name)
-    chunks = job_chunks(svc, spec)
+    chunks = job_chunks(record)
     if index >= len(chunks):
         raise InvalidSource(f"the job has no chunk {name}; it was planned with {len(chunks)}")
     return chunks[index]
 
 
-def _media(svc: Services, spec: JobSpec) -> MediaInfo:
-    data = svc.jobs.get(spec.job_id).json_field("media")
+def _media(record: JobRecord) -> MediaInfo:
+    data = record.json_field("media")
     if data is None:
         raise InvalidSource("the job has no probe result; it must be probed before segmenting")
     return MediaInfo.from_dict(data)
@@ -201,11 +200,12 @@ def encode_audio(svc: Services, spec: JobSpec, on_progress: Progress = no_progre
     """Encode the source's audio once for the whole job, at every bitrate the ladder uses, and
     cut it into each chunk's share (see :mod:`pipeline.audio`); returns the pieces written.
     With separate audio renditions, cut and encrypt those instead (:func:`audio_group`)."""
-    if job_audio_renditions(svc, spec):
-        return audio_group(svc, spec, on_progress)
-    info = _media(svc, spec)
-    chunks = job_chunks(svc, spec)
-    bitrates = svc.jobs.get(spec.job_id).json_field("audio_bitrates") or []
+    job = svc.jobs.get(spec.job_id)
+    if job_audio_renditions(job):
+        return audio_group(svc, spec, job, on_progress)
+    info = _media(job)
+    chunks = job_chunks(job)
+    bitrates = job.json_field("audio_bitrates") or []
     target, shown = ffmpeg_target(spec.source)
     attempt = uuid.uuid4().hex[:12]
     prefix = layout.audio_attempt_prefix(spec.job_id, attempt)
@@ -232,13 +232,15 @@ def encode_audio(svc: Services, spec: JobSpec, on_progress: Progress = no_progre
     return len(pieces)
 
 
-def audio_group(svc: Services, spec: JobSpec, on_progress: Progress = no_progress) -> int:
+def audio_group(
+    svc: Services, spec: JobSpec, job: JobRecord, on_progress: Progress = no_progress
+) -> int:
     """Cut every separate audio rendition whole (one ffmpeg reading the source once), encrypt
     its segments, and name the attempt with its sizes in ``audio/renditions.json``; returns
     the segments written. Audio is a small share of a job's bytes and time, so it is neither
     chunked nor encrypted by a stage of its own."""
-    info = _media(svc, spec)
-    planned = job_audio_renditions(svc, spec)
+    info = _media(job)
+    planned = job_audio_renditions(job)
     target, _ = ffmpeg_target(spec.source)
     attempt = uuid.uuid4().hex[:12]
     prefix = layout.audio_attempt_prefix(spec.job_id, attempt)
@@ -272,11 +274,11 @@ def audio_timeout(duration: float) -> float:
 
 
 def _chunk_audio(
-    svc: Services, spec: JobSpec, chunk: Chunk, scratch: Path
+    svc: Services, spec: JobSpec, job: JobRecord, chunk: Chunk, scratch: Path
 ) -> dict[int, AudioPiece] | None:
     """The chunk's pieces of the job's audio, by bitrate, fetched into ``scratch`` when the
     work store is not local; None when the chunk encodes its own audio (or has none)."""
-    if not svc.jobs.get(spec.job_id).json_field("audio_bitrates"):
+    if not job.json_field("audio_bitrates"):
         return None
     produced = JobAudio.from_dict(
         json.loads(svc.work.get_bytes(layout.audio_produced_key(spec.job_id)))
@@ -315,14 +317,15 @@ def segment(
     """Cut one chunk of every rendition into segments with one ffmpeg; returns how many
     segments were produced. They are plain, or sealed (encrypted as ffmpeg closes them) when
     ``seal`` says so; None seals whatever :func:`~pipeline.sealing.can_seal` allows."""
-    renditions = _job_renditions(svc, spec)
-    info = _media(svc, spec)
-    chunk = _chunk(svc, spec, chunk_name)
+    job = svc.jobs.get(spec.job_id)  # what the probe planned: one read for the whole stage
+    renditions = _job_renditions(job)
+    info = _media(job)
+    chunk = _chunk(job, chunk_name)
     target, _ = ffmpeg_target(spec.source, probed=True)
     attempt = uuid.uuid4().hex[:12]
     prefix = layout.chunk_attempt_prefix(spec.job_id, chunk.name, attempt)
     copy = any(r.copy for r in renditions)
-    audio_group = job_audio_renditions(svc, spec)
+    audio_group = job_audio_renditions(job)
     length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
     muxed_audio = not audio_group
     sealer = None
@@ -340,11 +343,11 @@ def segment(
             info=info,
             segment_seconds=spec.segment_seconds,
             timeout=segment_timeout(length, copy, len(renditions)),
-            audio=_chunk_audio(svc, spec, chunk, Path(scratch)),
+            audio=_chunk_audio(svc, spec, job, chunk, Path(scratch)),
             on_progress=on_progress,
             container=spec.container,
             muxed_audio=muxed_audio,
-            audio_renditions=audio_group if len(job_chunks(svc, spec)) == 1 else (),
+            audio_renditions=audio_group if len(job_chunks(job)) == 1 else (),
             seal=sealer,
         )
         if not is_local:
@@ -517,12 +520,13 @@ def _place_sealed(
 
 
 def joined_renditions(
-    svc: Services, spec: JobSpec
+    svc: Services, spec: JobSpec, job: JobRecord
 ) -> list[tuple[SegmentedRendition, list[int]]]:
     """Every rendition's chunks joined in time order, with their ciphertext sizes: one
     continuous stream each, its media sequence unbroken (every IV depends on it)."""
     joined: dict[str, list[tuple[SegmentedRendition, list[int]]]] = {}
-    for chunk in job_chunks(svc, spec):
+    chunks = job_chunks(job)
+    for chunk in chunks:
         _, produced = _produced(svc, spec, chunk.name)
         sizes = json.loads(svc.work.get_bytes(layout.sizes_key(spec.job_id, chunk.name)))
         for name, rendition in produced.items():
@@ -539,7 +543,7 @@ def joined_renditions(
         result.append(
             (replace(first, segments=segments), [size for _, sizes in parts for size in sizes])
         )
-    if job_audio_renditions(svc, spec) and len(job_chunks(svc, spec)) > 1:
+    if job_audio_renditions(job) and len(chunks) > 1:
         # Cut whole by the audio stage (a job of one chunk cut them with its video).
         record = json.loads(svc.work.get_bytes(layout.audio_renditions_key(spec.job_id)))
         for name, item in record["produced"].items():
@@ -562,12 +566,13 @@ def rotation_warning(spec: JobSpec, segments: int) -> str | None:
 def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
     """Describe the version from every rendition's measured output and record it, privately,
     in the catalog. It is not visible to players until the upload stage flips it current."""
-    audio = {a.name: a for a in job_audio_renditions(svc, spec)}
+    job = svc.jobs.get(spec.job_id)
+    audio = {a.name: a for a in job_audio_renditions(job)}
     entries = [
         describe_rendition(produced, sizes, spec.key_rotation_segments,
                            audio=audio.get(produced.rendition),
                            group=layout.AUDIO_GROUP if audio else None)
-        for produced, sizes in joined_renditions(svc, spec)
+        for produced, sizes in joined_renditions(svc, spec, job)
     ]
     warning = rotation_warning(
         spec, min(len(e.segments) for e in entries if e.media == "video")

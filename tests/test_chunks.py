@@ -357,7 +357,7 @@ class TestRedeliveredChunk:
         # and the earlier attempt is left as it was (an encrypt may still be reading it)
         assert all(after[k] == before[k] for k in before if k not in own)
         # and the joined playlist is as before: same names, same sequence, chunks in order
-        joined = packaging.joined_renditions(svc, spec)
+        joined = packaging.joined_renditions(svc, spec, svc.jobs.get(spec.job_id))
         for produced, sizes in joined:
             assert [s.sequence for s in produced.segments] == list(range(4))
             assert len(sizes) == 4
