@@ -2,13 +2,14 @@
 
 hlsvault package SOURCE [--asset ID] [--ladder copy|default] [--segment-seconds S]
                         [--key-rotation-segments N] [--download [RENDITION]]
-                        [--container ts|fmp4] [--codec h264|hevc] [--audio-only] [--json]
+                        [--container ts|fmp4] [--codec h264|hevc] [--audio-only]
+                        [--trick-play] [--json]
 hlsvault submit SOURCE [same options as package]          (distributed mode)
 hlsvault status JOB [--wait] [--json]
 hlsvault serve [--host H] [--port P] [--certfile F --keyfile F] [--workers N]
                [--server uvicorn|granian]
 hlsvault url ASSET [--ttl SECONDS] [--auth token|cookie] [--sid S] [--ip A] [--download]
-                   [--offline]
+                   [--offline] [--thumbnails]
 hlsvault token ASSET [--ttl SECONDS] [--sid S] [--ip A] [--offline]
 hlsvault rekey ASSET [--grace SECONDS] [--json]
 hlsvault revoke ASSET [--json]
@@ -62,6 +63,7 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
         container=args.container,
         codec=args.codec,
         audio_only=args.audio_only,
+        trick_play=args.trick_play,
     )
     if settings.embedded or "://" in spec.source or not settings.work.startswith("s3://"):
         return spec
@@ -203,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--audio-only", action="store_true",
             help="also offer an audio-only variant (for slow links and audio apps)",
+        )
+        command.add_argument(
+            "--trick-play", action="store_true", default=layout.DEFAULT_TRICK_PLAY,
+            help="also make an I-frame playlist (scrubbing in AVPlayer, ExoPlayer) and "
+                 "thumbnail sprites with a WebVTT track (web players)",
         )
         command.add_argument("--json", action="store_true", help="print JSON on stdout")
     package.add_argument(

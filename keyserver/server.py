@@ -40,6 +40,7 @@ from pipeline.playlists import (
 )
 from pipeline.settings import Settings
 from pipeline.storage import ObjectNotFound
+from pipeline.thumbnails import render_vtt
 from pipeline.tokens import TokenClaims, TokenVerifier
 
 from .auditlog import LineWriter
@@ -53,6 +54,7 @@ from .responses import (
     playlist_answer,
     set_cookie_value,
     to_response,
+    webvtt_answer,
 )
 from .state import STALE, VaultView
 from .statesync import StateListener
@@ -302,6 +304,28 @@ class KeyServer:
             render_variant(described, rendition, segment_uri=segment_uri, key_uri=key_uri,
                            init_uri=init_uri)
         )
+
+    async def thumbnails(self, creds: Credentials, asset: str) -> Answer:
+        """Trick play's thumbnail track, under the variant playlists' token rules: its sheet
+        URIs point at the CDN, signed for the thumbnails' directory like a rendition's
+        segments (cookie mode: the CloudFront cookies cover them)."""
+        if not layout.ASSET_ID_PATTERN.fullmatch(asset):
+            return error_answer(400, "malformed asset id")
+        cookie_mode = creds.query.get("auth") == "cookie"
+        access = await self._playlist_access(creds, asset, cookie=cookie_mode)
+        if isinstance(access, Answer):
+            return access
+        claims, described = access
+        if described.thumbnails is None:
+            return error_answer(404, "no thumbnails: package the asset with --trick-play")
+        cdn, version, directory = self.settings.cdn_url, described.version, layout.THUMBNAILS_DIR
+        signed = "" if cookie_mode else self._segment_query(asset, version, directory, claims)
+
+        def sheet_uri(sheet: str) -> str:
+            return f"{layout.cdn_url(cdn, layout.segment_key(asset, version, directory, sheet))}" \
+                   f"{signed}"
+
+        return webvtt_answer(render_vtt(described.thumbnails, sheet_uri=sheet_uri))
 
     def _segment_query(
         self, asset: str, version: str, rendition: str, claims: TokenClaims

@@ -2,7 +2,7 @@
 
 A request is either a job request, ``{"source": "s3://bucket/key", "asset": …, "ladder": …,
 "segment_seconds": …, "key_rotation_segments": …, "download": true | "720p", "container": "ts" |
-"fmp4", "codec": "h264" | "hevc", "audio_only": true}``, or an S3 event
+"fmp4", "codec": "h264" | "hevc", "audio_only": true, "trick_play": true}``, or an S3 event
 notification document
 (``{"Records": [{"eventName": "ObjectCreated:Put", "s3": {…}}]}``), as S3 sends it to SQS.
 
@@ -57,7 +57,7 @@ CLAIM_GRACE_S = 60
 _LEDGER_PREFIX = "hlsvault:ingest:"
 _OPTIONS = (
     "source", "asset", "ladder", "segment_seconds", "key_rotation_segments", "download",
-    "container", "codec", "audio_only",
+    "container", "codec", "audio_only", "trick_play",
 )
 
 # Replace a stale claim only if it still names the job we found missing.
@@ -93,6 +93,7 @@ class SourceRequest:
     container: str = layout.DEFAULT_CONTAINER
     codec: str = layout.DEFAULT_VIDEO_CODEC
     audio_only: bool = False
+    trick_play: bool = layout.DEFAULT_TRICK_PLAY
 
     @property
     def source(self) -> str:
@@ -160,6 +161,9 @@ def parse_job_request(document: dict[str, Any]) -> SourceRequest:
     audio_only = document.get("audio_only", False)
     if not isinstance(audio_only, bool):
         raise BadSpec('field "audio_only" must be true or false')
+    trick_play = document.get("trick_play", layout.DEFAULT_TRICK_PLAY)
+    if not isinstance(trick_play, bool):
+        raise BadSpec('field "trick_play" must be true or false')
     return SourceRequest(bucket=bucket, key=key, asset=asset,
                          ladder=_optional_str(document, "ladder"),
                          segment_seconds=seconds, key_rotation_segments=rotation,
@@ -167,7 +171,7 @@ def parse_job_request(document: dict[str, Any]) -> SourceRequest:
                          container=_optional_str(document, "container")
                          or layout.DEFAULT_CONTAINER,
                          codec=_optional_str(document, "codec") or layout.DEFAULT_VIDEO_CODEC,
-                         audio_only=audio_only)
+                         audio_only=audio_only, trick_play=trick_play)
 
 
 def _download(document: dict[str, Any]) -> str | None:
@@ -300,6 +304,7 @@ class Ingest:
             container=request.container,
             codec=request.codec,
             audio_only=request.audio_only,
+            trick_play=request.trick_play,
         )
         ledger = ledger_key(request.bucket, request.key, str(revision), asset)
         try:

@@ -94,8 +94,10 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
                 plain.unlink()
                 segments.append(replace(segment, size=size, key=index))
             if rendition.init is not None:
-                _carry_init(svc, spec, old.version, rendition.name, rendition.init)
+                _carry(svc, spec, old.version, rendition.name, rendition.init)
             renditions.append(replace(rendition, segments=tuple(segments)))
+        for sheet in old.thumbnails.sheets if old.thumbnails else ():
+            _carry(svc, spec, old.version, layout.THUMBNAILS_DIR, sheet)
     described = replace(
         old,
         version=spec.version,
@@ -110,13 +112,12 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
     return described
 
 
-def _carry_init(
-    svc: Services, spec: JobSpec, old_version: str, rendition: str, init: str
-) -> None:
-    """An fMP4 rendition's init segment into the new version as it is: it is clear (it holds
-    no sample), so there is nothing to re-key."""
-    data = svc.origin.get_bytes(layout.segment_key(spec.asset, old_version, rendition, init))
-    svc.work.put_bytes(layout.encrypted_key(spec.job_id, rendition, init), data)
+def _carry(svc: Services, spec: JobSpec, old_version: str, directory: str, name: str) -> None:
+    """A clear file into the new version as it is: an fMP4 rendition's init segment (it holds
+    no sample) or a thumbnail sheet (an image, see pipeline.thumbnails), so there is nothing
+    to re-key."""
+    data = svc.origin.get_bytes(layout.segment_key(spec.asset, old_version, directory, name))
+    svc.work.put_bytes(layout.encrypted_key(spec.job_id, directory, name), data)
 
 
 def shred_due(svc: Services, asset: str, *, now: float | None = None) -> list[str]:

@@ -16,12 +16,15 @@ from typing import Any
 from . import layout
 from .plan import AudioRendition
 from .segment import SegmentedRendition
+from .thumbnails import Thumbnails
 
 #: EXT-X-VERSION 3: decimal EXTINF durations; everything else MPEG-TS uses is version 1.
 HLS_VERSION = 3
 #: EXT-X-VERSION of fMP4: EXT-X-MAP in a media playlist needs 6; 7 as the CMAF packaging
 #: of Apple's authoring specification declares.
 FMP4_HLS_VERSION = 7
+#: EXT-X-I-FRAMES-ONLY needs EXT-X-VERSION 4 (RFC 8216 4.3.3.6).
+IFRAMES_HLS_VERSION = 4
 
 _H264_PROFILES = {
     # profile name → (profile_idc, constraint flags byte) as RFC 6381 avc1.PPCCLL wants them
@@ -82,7 +85,8 @@ class RenditionEntry:
     init: str | None = None
     #: "video": a variant (EXT-X-STREAM-INF); "audio": a rendition of the audio group
     #: (EXT-X-MEDIA TYPE=AUDIO). Video variants reference ``group`` with AUDIO=, audio
-    #: renditions belong to it.
+    #: renditions belong to it. "iframes": trick play's I-frame rendition
+    #: (EXT-X-I-FRAME-STREAM-INF, :mod:`pipeline.trickplay`).
     media: str = "video"
     group: str | None = None
     language: str | None = None
@@ -129,6 +133,8 @@ class AssetVersion:
     container: str = "ts"
     #: Whether the master offers an audio-only variant (the audio group without video).
     audio_only: bool = False
+    #: Trick play's thumbnail track (None without trick play).
+    thumbnails: Thumbnails | None = None
 
     @property
     def key_count(self) -> int:
@@ -146,8 +152,15 @@ class AssetVersion:
         """The audio renditions of ``group`` (none for None)."""
         return tuple(r for r in self.renditions if r.media == "audio" and r.group == group)
 
+    @property
+    def iframes(self) -> tuple[RenditionEntry, ...]:
+        """The I-frame renditions: each an EXT-X-I-FRAME-STREAM-INF of the master."""
+        return tuple(r for r in self.renditions if r.media == "iframes")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["thumbnails"] = self.thumbnails.to_dict() if self.thumbnails else None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AssetVersion:
@@ -169,6 +182,8 @@ class AssetVersion:
             download=DownloadEntry.from_dict(data["download"]) if data.get("download") else None,
             container=data.get("container", "ts"),
             audio_only=bool(data.get("audio_only", False)),
+            thumbnails=Thumbnails.from_dict(data["thumbnails"]) if data.get("thumbnails")
+            else None,
         )
 
 
@@ -192,7 +207,7 @@ def describe_rendition(
     # measured over the whole segment time it would occupy.
     peak = max(s.size * 8 / max(s.duration, min(1.0, total_duration)) for s in segments)
     codecs = []
-    if produced.media == "video":
+    if produced.media in ("video", "iframes"):
         codecs.append(
             produced.video_tag or video_codec_tag(produced.video_profile, produced.video_level)
         )
@@ -228,15 +243,22 @@ def render_variant(
 ) -> str:
     """A VOD media playlist: one EXT-X-KEY wherever the key changes, IV = media sequence.
     An fMP4 rendition's init segment (``init_uri`` of its name) is declared first, before any
-    EXT-X-KEY: it is clear, and a key tag before it would declare it encrypted."""
+    EXT-X-KEY: it is clear, and a key tag before it would declare it encrypted. An I-frame
+    rendition's is marked EXT-X-I-FRAMES-ONLY: each of its segments is one picture."""
+    iframes = rendition.media == "iframes"
+    version_number = FMP4_HLS_VERSION if rendition.init else HLS_VERSION
+    if iframes:
+        version_number = max(version_number, IFRAMES_HLS_VERSION)
     lines = [
         "#EXTM3U",
-        f"#EXT-X-VERSION:{FMP4_HLS_VERSION if rendition.init else HLS_VERSION}",
+        f"#EXT-X-VERSION:{version_number}",
         f"#EXT-X-TARGETDURATION:{rendition.target_duration}",
         "#EXT-X-MEDIA-SEQUENCE:0",
         "#EXT-X-PLAYLIST-TYPE:VOD",
         "#EXT-X-INDEPENDENT-SEGMENTS",
     ]
+    if iframes:
+        lines.append("#EXT-X-I-FRAMES-ONLY")
     if rendition.init is not None:
         if init_uri is None:
             raise ValueError(f"rendition {rendition.name} is fMP4: its init segment needs a URI")
@@ -309,7 +331,21 @@ def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntr
             # language within the group as for every other variant.
             lines.append(f"#EXT-X-STREAM-INF:{','.join(attributes)}")
             lines.append(variant_uri(chosen))
+    lines += [_iframe_stream(iframes, variant_uri(iframes)) for iframes in version.iframes]
     return "\n".join(lines) + "\n"
+
+
+def _iframe_stream(iframes: RenditionEntry, uri: str) -> str:
+    """The master's EXT-X-I-FRAME-STREAM-INF of an I-frame rendition: its URI an attribute,
+    BANDWIDTH the peak rate of its I-frame segments over their EXTINF (RFC 8216 4.3.4.3)."""
+    attributes = [
+        f"BANDWIDTH={iframes.bandwidth}",
+        f"AVERAGE-BANDWIDTH={iframes.average_bandwidth}",
+        f"RESOLUTION={iframes.width}x{iframes.height}",
+        f'CODECS="{iframes.codecs}"',
+        f'URI="{uri}"',
+    ]
+    return f"#EXT-X-I-FRAME-STREAM-INF:{','.join(attributes)}"
 
 
 def _codecs(video: RenditionEntry | None, group: Sequence[RenditionEntry]) -> str:

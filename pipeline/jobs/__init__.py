@@ -30,8 +30,8 @@ from ..errors import BadSpec, NotFound
 from ..plan import LADDERS, check_segment_seconds
 
 STAGES = (
-    "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "upload",
-    "invalidate",
+    "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "trickplay",
+    "upload", "invalidate",
 )
 TERMINAL = ("succeeded", "failed", "cancelled")
 #: Every status a job has, in the order it passes through them.
@@ -65,6 +65,8 @@ class JobSpec:
     codec: str = layout.DEFAULT_VIDEO_CODEC
     #: Also offer an audio-only variant (the audio group's rendition, no video).
     audio_only: bool = False
+    #: Also make an I-frame rendition and thumbnail sprites (pipeline.trickplay).
+    trick_play: bool = layout.DEFAULT_TRICK_PLAY
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +87,7 @@ def new_job_spec(
     container: str = layout.DEFAULT_CONTAINER,
     codec: str = layout.DEFAULT_VIDEO_CODEC,
     audio_only: bool = False,
+    trick_play: bool = layout.DEFAULT_TRICK_PLAY,
 ) -> JobSpec:
     """Validate options and give the job an id and the version it will publish."""
     job_id = uuid.uuid4().hex
@@ -126,6 +129,7 @@ def new_job_spec(
         container=container,
         codec=codec,
         audio_only=audio_only,
+        trick_play=trick_play,
     )
 
 
