@@ -15,6 +15,7 @@ Stores (keys are ``/``-separated, relative)::
             jobs/<job>/enc/<rendition>/init.mp4                  fMP4's init segment (clear)
             jobs/<job>/sizes/c003.json                           a chunk's ciphertext sizes
             jobs/<job>/trickplay/<attempt>/iframes/seg_00003.ts  a plain I-frame segment
+            jobs/<job>/enc/thumbnails/sheet_000.jpg              a thumbnail sheet, awaiting upload
             sources/<job>/<file name>                            a local source sent to the fleet
     origin  assets/<asset>/master.m3u8                           cookie mode's stable master
             assets/<asset>/<version>/<rendition>.m3u8            cookie mode's static variant
