@@ -195,6 +195,11 @@ def segment_content_type(name: str) -> str:
     return _CONTENT_TYPES.get(PurePosixPath(name).suffix, "application/octet-stream")
 
 
+def thumbnails_prefix(asset: str, version: str) -> str:
+    """Where a version's thumbnail sheets live in the origin."""
+    return f"{asset_prefix(asset)}/{check_version(version)}/{THUMBNAILS_DIR}"
+
+
 def thumbnail_sheet_name(index: int) -> str:
     """The ``index``-th thumbnail sprite sheet of a version: ``sheet_000.jpg``."""
     return f"sheet_{index:03d}.jpg"

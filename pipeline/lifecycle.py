@@ -5,8 +5,10 @@ new keys; nothing is transcoded again. Its flow is ``rekey → upload → invali
 stage leaves the work store and the catalog exactly as segment, encrypt and playlist would
 have, so publishing is the same code. The old version is then retired: its keys are served
 for a grace period (players mid-film finish), then refused with 410 and deleted. A version's
-MP4 download (:mod:`.downloads`) lives and goes with its keys: a re-key copies it to the new
-version, a shred deletes the retired version's, a revocation every one of the asset.
+MP4 download (:mod:`.downloads`) and its thumbnail sheets (:mod:`.thumbnails`), both clear,
+live and go with its keys: a re-key copies them to the new version, a shred deletes the
+retired version's, a revocation every one of the asset. A re-key re-encrypts every segment
+kind the same way: video, audio and I-frame renditions alike.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .errors import BadSpec, NotFound
 from .jobs import JobSpec
 from .playlists import AssetVersion, RenditionEntry, key_index
 from .services import Services
+from .thumbnails import delete_thumbnails
 
 
 def new_rekey_spec(
@@ -132,6 +135,7 @@ def shred_due(svc: Services, asset: str, *, now: float | None = None) -> list[st
         # (not 404) for the shredded version; deleting nothing again is cheap.
         if deadline <= moment:
             downloads = delete_version_download(svc, asset, version)
+            downloads += delete_thumbnails(svc, asset, [version])
             if svc.keys.delete_version(asset, version) or downloads:
                 shredded.append(version)
     return shredded
@@ -144,12 +148,16 @@ def revoke(svc: Services, asset: str, *, cloudfront: Any | None = None) -> dict[
     from .cdn import purge_asset
 
     layout.check_asset_id(asset)
-    if svc.catalog.state(asset) is None:
+    state = svc.catalog.state(asset)
+    if state is None:
         raise NotFound(f"asset {asset} was never published; nothing to revoke")
     in_effect_at = svc.catalog.revoke(asset)
     deleted = svc.keys.delete_asset(asset)
     downloads = delete_asset_downloads(svc, asset)
+    published = [v for v in (state.version, *state.retired) if v is not None]
+    thumbnails = delete_thumbnails(svc, asset, published)
     invalidation = purge_asset(svc, asset, client=cloudfront)
     return {"asset": asset, "status": "revoked", "keys_deleted": deleted,
-            "downloads_deleted": downloads, "invalidation": invalidation,
+            "downloads_deleted": downloads, "thumbnails_deleted": thumbnails,
+            "invalidation": invalidation,
             "in_effect_at": in_effect_at}

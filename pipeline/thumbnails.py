@@ -15,15 +15,18 @@ names them is served per viewer by the key server, under the token rules of the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ffmpeg
 
 from . import layout
 from .sources import ffmpeg_command, work_input
+
+if TYPE_CHECKING:
+    from .services import Services
 
 #: JPEG quality of the sheets (ffmpeg's mjpeg -q:v, 2 best to 31 worst): tiles are small and
 #: looked at for a moment while seeking.
@@ -123,6 +126,14 @@ def render_vtt(thumbnails: Thumbnails, *, sheet_uri: Callable[[str], str]) -> st
             "",
         ]
     return "\n".join(lines)
+
+
+def delete_thumbnails(svc: Services, asset: str, versions: Iterable[str]) -> int:
+    """Delete the thumbnail sheets of ``versions`` of ``asset`` from the origin; returns how
+    many objects went. Sheets are clear pictures: deleting the keys (crypto-shredding) leaves
+    them readable, so a shred or a revocation deletes them, as it deletes downloads."""
+    return sum(svc.origin.delete_prefix(layout.thumbnails_prefix(asset, version))
+               for version in versions)
 
 
 def _timestamp(seconds: float) -> str:

@@ -26,10 +26,14 @@ import m3u8
 import pytest
 
 from pipeline import layout
+from pipeline.errors import BadSpec
+from pipeline.ingest import parse_job_request
 from pipeline.playlists import AssetVersion, describe_rendition, render_master, render_variant
 from pipeline.segment import Segment, SegmentedRendition
 from pipeline.thumbnails import Thumbnails, plan_thumbnails, render_vtt
 
+from browser import Player, PlayerPageServer
+from cdn_support import policy_of, rsa_key_pair
 from fleet import Fleet, MotoServer
 from hlscheck import assert_valid_hls, check_playlist, fetch
 from support import Hlsvault, decrypt_bytes, frame_hashes, framemd5
@@ -188,6 +192,15 @@ class TestThumbnailTrack:
             "https://cdn/sheet_000.jpg?Signature=s#xywh=160,0,160,90", "",
             "01:00:00.000 --> 01:00:06.500", "https://cdn/sheet_001.jpg?Signature=s#xywh=0,0,160,90",
         ]
+
+
+class TestJobRequests:
+    def test_trick_play_is_a_boolean_field_off_by_default(self) -> None:
+        source = {"source": "s3://uploads/talk.mp4"}
+        assert parse_job_request(source).trick_play is False
+        assert parse_job_request({**source, "trick_play": True}).trick_play is True
+        with pytest.raises(BadSpec, match="trick_play"):
+            parse_job_request({**source, "trick_play": "yes"})
 
 
 # -- end to end -------------------------------------------------------------------------------
@@ -453,11 +466,15 @@ class TestLifecycle:
         iframes_url = keyserver.url("keyed").replace("master.m3u8", "iframes.m3u8")
         track_url = keyserver.url("keyed", "--thumbnails")
         key_url = playlist.keys[-1].absolute_uri
+        sheet_url = cues[0][2].split("#")[0]
         done = keyserver.run("revoke", "keyed", "--json")
         assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["thumbnails_deleted"] >= 1
         assert status_of(iframes_url) == 410
         assert status_of(track_url) == 410
         assert status_of(key_url) == 410
+        # The sheets are clear pictures: a revocation deletes them, as it deletes downloads.
+        assert status_of(sheet_url) == 404
 
 
 class TestFleet:
@@ -491,3 +508,56 @@ class TestFleet:
             assert [p["pict_type"] for p in pictures(frame.plain(), tmp_path, True)] == ["I"]
         track = fleet.cli("url", "fleettrick", "--thumbnails").stdout.strip()
         assert re.search(r"#xywh=0,0,160,90$", vtt_cues(fetch(track))[0][2])
+
+
+class TestSigning:
+    def test_iframe_segments_and_sheets_are_signed_for_their_own_directories(
+        self, hlsvault: Hlsvault, copy_clip: Path, request: pytest.FixtureRequest
+    ) -> None:
+        """With CloudFront signing on, each I-frame segment URI carries a policy for the
+        I-frame rendition's directory and each sheet URI one for the thumbnails' directory,
+        never wider; the signed URLs still fetch."""
+        keys = rsa_key_pair()
+        hlsvault.env["HLSVAULT_CLOUDFRONT_KEY_PAIR_ID"] = "K2TRICKPLAY"
+        hlsvault.env["HLSVAULT_CLOUDFRONT_PRIVATE_KEY"] = keys.private_pem
+        summary = package(hlsvault, copy_clip, "signed", "--ladder", "copy", "--trick-play")
+        served: Hlsvault = request.getfixturevalue("keyserver")
+        cdn = f"{served.public_url}/cdn/assets/signed/{summary['version']}"
+
+        _, playlist, _ = iframes_of(served.url("signed"))
+        for segment in playlist.segments:
+            (statement,) = policy_of(segment.absolute_uri)["Statement"]
+            assert statement["Resource"] == f"{cdn}/{layout.IFRAME_RENDITION}/*"
+        for _, _, text in vtt_cues(fetch(served.url("signed", "--thumbnails"))):
+            uri = text.split("#", 1)[0]
+            (statement,) = policy_of(uri)["Statement"]
+            assert statement["Resource"] == f"{cdn}/{layout.THUMBNAILS_DIR}/*"
+            assert status_of(uri) == 200
+
+
+class TestHlsJs:
+    def test_hls_js_plays_past_the_iframe_stream_and_a_page_loads_a_thumbnail(
+        self, hlsvault: Hlsvault, page_server: PlayerPageServer, player: Player,
+        copy_clip: Path, request: pytest.FixtureRequest,
+    ) -> None:
+        """hls.js plays a trick-play asset past 5 s (it has no use for the I-frame stream and
+        fetches none of it); the page, from another origin, reads the thumbnail track (CORS)
+        and loads a sheet as an image, of the size the track's tiles need."""
+        hlsvault.env["HLSVAULT_CORS_ORIGINS"] = page_server.origin
+        package(hlsvault, copy_clip, "scrub", "--ladder", "copy", "--trick-play")
+        served: Hlsvault = request.getfixturevalue("keyserver")
+        player.open(page_server.player_url(served.url("scrub"), rate=2.0))
+        state = player.wait_until_played(5.0, timeout_s=30.0)
+        assert state.fatal is None and state.current_time > 5.0, player.describe()
+        assert player.fetched(f"/{layout.IFRAME_RENDITION}/") == [], player.describe()
+
+        loaded = player.page.evaluate("""async (track) => {
+            const text = await (await fetch(track)).text();
+            const cue = text.split("\\n").find(line => line.includes("#xywh="));
+            const [uri, xywh] = cue.split("#xywh=");
+            const sheet = new Image();
+            sheet.src = uri;
+            await sheet.decode();
+            return [text.slice(0, 6), sheet.naturalWidth, sheet.naturalHeight, xywh];
+        }""", served.url("scrub", "--thumbnails"))
+        assert loaded == ["WEBVTT", 3 * 160, 90, "0,0,160,90"], player.describe()
