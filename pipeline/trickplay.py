@@ -22,11 +22,11 @@ one-sample ``.m4s`` under its own clear init segment for fMP4), encrypted whole 
 IV = its media sequence number, under the key of the media segment it was taken from: any
 player that plays the variants decrypts it the same way.
 
-The keyframe's packet is copied, not re-encoded (one ffmpeg per segment reading a few KB of
-it, on the decrypted bytes of the published segment: sealed and unsealed chunks alike), so the
-rendition's CODECS and RESOLUTION are the source rendition's, measured when it was cut. The
-thumbnails are those pictures, decoded once more and tiled (:mod:`pipeline.thumbnails`): tile
-``i`` shows the first picture of media segment ``i``.
+The keyframe's packet is copied, not re-encoded (one ffmpeg per 10 segments, reading the start
+of each, on the decrypted bytes of the published segments: sealed and unsealed chunks alike),
+so the rendition's CODECS and RESOLUTION are the source rendition's, measured when it was
+cut. The thumbnails are those pictures, decoded once more and tiled
+(:mod:`pipeline.thumbnails`): tile ``i`` shows the first picture of media segment ``i``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -46,7 +47,7 @@ from .crypto import decrypt_file, iv_for_sequence
 from .errors import UnsupportedMedia
 from .jobs import JobSpec
 from .packaging import encrypt_renditions
-from .playlists import AssetVersion, RenditionEntry, describe_rendition
+from .playlists import AssetVersion, PublishedSegment, RenditionEntry, describe_rendition
 from .segment import (
     PLAIN_PLAYLIST,
     Segment,
@@ -59,10 +60,15 @@ from .services import Services
 from .sources import ffmpeg_command, work_input
 from .thumbnails import Thumbnails, plan_thumbnails, sprite_args
 
-#: I-frames extracted at once: each is an ffmpeg that starts, copies one packet and exits.
+#: ffmpegs copying I-frames at once: each is mostly process start and reading headers.
 IFRAME_THREADS = min(os.cpu_count() or 1, 4)
-#: One I-frame's ffmpeg reads the start of one segment on local disk: seconds at most.
-IFRAME_TIMEOUT_S = 60.0
+#: Segments per ffmpeg: one process copies the first picture of each of them (one input and
+#: one output each), so a film of 1200 segments starts 120 processes, not 1200; and at most
+#: this many decrypted segments per thread sit in scratch at once (a 6 s segment of a
+#: 15 Mbit/s remux is 11 MB).
+IFRAMES_PER_FFMPEG = 10
+#: One such ffmpeg reads the start of each of its segments on local disk: seconds at most.
+IFRAME_TIMEOUT_S = 120.0
 #: The sprite ffmpeg decodes one small picture per segment: this plus a second per 100.
 SPRITE_BASE_TIMEOUT_S = 60.0
 _DEMUXERS = {"ts": "mpegts", "fmp4": "mov"}
@@ -73,19 +79,22 @@ def iframe_source(described: AssetVersion) -> RenditionEntry:
     return min(described.variants, key=lambda r: (r.width * r.height, r.bandwidth))
 
 
-def iframe_args(segment: Path, container: str, sequence: int, out_dir: Path) -> list[str]:
-    """The ffmpeg command that copies the first video packet of ``segment`` (a plain media
-    segment; fMP4: preceded by its init segment) into ``out_dir`` as a one-picture segment of
-    media sequence ``sequence``, its timestamps kept (``-copyts``)."""
-    name, options = work_input(str(segment), demuxer=_DEMUXERS[container])
-    video = ffmpeg.input(name, **options)["v:0"]
-    hls = hls_options(out_dir, 1.0, container, sequence)
-    if container == "fmp4":
-        # The MP4 muxer would start the fragment's time at 0; keep the picture's own.
-        hls["hls_segment_options"] = "movflags=+frag_discont"
-    output = ffmpeg.output(video, str(out_dir / PLAIN_PLAYLIST), c="copy", copyts=None,
-                           **{"frames:v": 1}, **hls)
-    return ffmpeg_command([output])
+def iframe_args(segments: Sequence[tuple[Path, int, Path]], container: str) -> list[str]:
+    """The one ffmpeg command that copies, for each ``(segment, sequence, out_dir)``, the
+    first video packet of ``segment`` (a plain media segment; fMP4: preceded by its init
+    segment) into ``out_dir`` as a one-picture segment of media sequence ``sequence``, its
+    timestamps kept (``-copyts``)."""
+    outputs = []
+    for segment, sequence, out_dir in segments:
+        name, options = work_input(str(segment), demuxer=_DEMUXERS[container])
+        video = ffmpeg.input(name, **options)["v:0"]
+        hls = hls_options(out_dir, 1.0, container, sequence)
+        if container == "fmp4":
+            # The MP4 muxer would start the fragment's time at 0; keep the picture's own.
+            hls["hls_segment_options"] = "movflags=+frag_discont"
+        outputs.append(ffmpeg.output(video, str(out_dir / PLAIN_PLAYLIST), c="copy",
+                                     copyts=None, **{"frames:v": 1}, **hls))
+    return ffmpeg_command(outputs)
 
 
 def make_trick_play(svc: Services, spec: JobSpec) -> AssetVersion:
@@ -141,10 +150,8 @@ def _extract_iframes(
         if segment.key not in keys:
             keys[segment.key] = svc.keys.get(spec.asset, spec.version, segment.key)
 
-    def extract(index: int) -> Segment:
-        segment = source.segments[index]
-        own = work / f"x{segment.sequence}"
-        own.mkdir()
+    def plain_segment(segment: PublishedSegment, own: Path) -> Path:
+        """The media segment decrypted into ``own`` (fMP4: after its init segment)."""
         work_key = layout.encrypted_key(spec.job_id, source.name, segment.name)
         encrypted = svc.work.local_path(work_key)
         if encrypted is None:
@@ -152,32 +159,45 @@ def _extract_iframes(
             svc.work.get_file(work_key, encrypted)
         plain = own / f"plain-{segment.name}"
         decrypt_file(encrypted, plain, keys[segment.key], iv_for_sequence(segment.sequence))
-        if init is not None:
-            # An fMP4 media segment parses only after its init segment.
-            joined = own / "joined.mp4"
-            with joined.open("wb") as out:
-                out.write(init)
-                with plain.open("rb") as body:
-                    shutil.copyfileobj(body, out)
-            plain = joined
-        out_dir = own / "out"
-        out_dir.mkdir()
-        run_ffmpeg(iframe_args(plain, container, segment.sequence, out_dir),
-                   duration=0.0, timeout=IFRAME_TIMEOUT_S, on_progress=None)
-        made = parse_plain_playlist(out_dir, segment.sequence)
-        if len(made) != 1:
-            raise UnsupportedMedia(
-                f"the I-frame of {source.name}/{segment.name} came out as {len(made)} segments"
-            )
-        os.replace(out_dir / made[0].name, iframes_dir / made[0].name)
-        if index == 0 and init is not None:
-            os.replace(out_dir / layout.INIT_SEGMENT, iframes_dir / layout.INIT_SEGMENT)
-        shutil.rmtree(own)
-        # EXTINF of an I-frame: the time until the next one, the media segment's duration.
-        return replace(made[0], duration=segment.duration)
+        if init is None:
+            return plain
+        # An fMP4 media segment parses only after its init segment.
+        joined = own / "joined.mp4"
+        with joined.open("wb") as out:
+            out.write(init)
+            with plain.open("rb") as body:
+                shutil.copyfileobj(body, out)
+        return joined
 
+    def extract(batch: Sequence[int]) -> list[Segment]:
+        items = []
+        for index in batch:
+            segment = source.segments[index]
+            own = work / f"x{segment.sequence}"
+            (own / "out").mkdir(parents=True)
+            items.append((plain_segment(segment, own), segment.sequence, own / "out"))
+        run_ffmpeg(iframe_args(items, container), duration=0.0, timeout=IFRAME_TIMEOUT_S,
+                   on_progress=None)
+        found = []
+        for index, (_, sequence, out_dir) in zip(batch, items, strict=True):
+            segment = source.segments[index]
+            made = parse_plain_playlist(out_dir, sequence)
+            if len(made) != 1:
+                raise UnsupportedMedia(f"the I-frame of {source.name}/{segment.name} came out "
+                                       f"as {len(made)} segments")
+            os.replace(out_dir / made[0].name, iframes_dir / made[0].name)
+            if index == 0 and init is not None:
+                os.replace(out_dir / layout.INIT_SEGMENT, iframes_dir / layout.INIT_SEGMENT)
+            shutil.rmtree(out_dir.parent)
+            # EXTINF of an I-frame: the time until the next one, the media segment's.
+            found.append(replace(made[0], duration=segment.duration))
+        return found
+
+    indices = range(len(source.segments))
+    batches = [indices[at:at + IFRAMES_PER_FFMPEG]
+               for at in range(0, len(indices), IFRAMES_PER_FFMPEG)]
     with ThreadPoolExecutor(max_workers=IFRAME_THREADS) as pool:
-        return list(pool.map(extract, range(len(source.segments))))
+        return [segment for done in pool.map(extract, batches) for segment in done]
 
 
 def _make_sprites(
