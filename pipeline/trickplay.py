@@ -43,10 +43,9 @@ from pathlib import Path
 import ffmpeg
 
 from . import layout
-from .crypto import decrypt_file, iv_for_sequence
 from .errors import UnsupportedMedia
 from .jobs import JobSpec
-from .packaging import encrypt_renditions
+from .packaging import decrypt_work_segment, encrypt_renditions
 from .playlists import AssetVersion, PublishedSegment, RenditionEntry, describe_rendition
 from .segment import (
     PLAIN_PLAYLIST,
@@ -152,13 +151,8 @@ def _extract_iframes(
 
     def plain_segment(segment: PublishedSegment, own: Path) -> Path:
         """The media segment decrypted into ``own`` (fMP4: after its init segment)."""
-        work_key = layout.encrypted_key(spec.job_id, source.name, segment.name)
-        encrypted = svc.work.local_path(work_key)
-        if encrypted is None:
-            encrypted = own / f"enc-{segment.name}"
-            svc.work.get_file(work_key, encrypted)
-        plain = own / f"plain-{segment.name}"
-        decrypt_file(encrypted, plain, keys[segment.key], iv_for_sequence(segment.sequence))
+        plain = decrypt_work_segment(svc, spec.job_id, source.name, segment, keys[segment.key],
+                                     own)
         if init is None:
             return plain
         # An fMP4 media segment parses only after its init segment.

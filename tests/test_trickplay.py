@@ -16,7 +16,6 @@ import math
 import re
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from cdn_support import policy_of, rsa_key_pair
 from fleet import Fleet, MotoServer
 from hlscheck import assert_valid_hls, check_playlist, fetch
 from support import Hlsvault, decrypt_bytes, frame_hashes, framemd5
+from test_lifecycle import status_of
 
 #: copy_clip: 6 s at 30 fps with a keyframe every second, cut into 2 s segments.
 SEGMENT_SECONDS = 2
@@ -219,14 +219,6 @@ def get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as response:
         body: bytes = response.read()
         return body
-
-
-def status_of(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as refused:
-        return refused.code
 
 
 def without_query(url: str) -> str:
