@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from machine import describe
 from sample_clip import WORK_DIR, ensure_clip
@@ -34,7 +35,7 @@ RUN_DIR = WORK_DIR / "trickplay"
 HLSVAULT = [sys.executable, "-m", "hlsvault"]
 
 
-def run(args: list[str], env: dict[str, str]) -> tuple[float, float, dict[str, object]]:
+def run(args: list[str], env: dict[str, str]) -> tuple[float, float, dict[str, Any]]:
     """Wall seconds, CPU seconds (this command and its children) and the parsed JSON."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
@@ -45,7 +46,7 @@ def run(args: list[str], env: dict[str, str]) -> tuple[float, float, dict[str, o
     if done.returncode != 0:
         sys.exit(f"bench_trickplay: {' '.join(args[:4])} failed:\n{done.stderr[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    parsed: dict[str, object] = json.loads(done.stdout)
+    parsed: dict[str, Any] = json.loads(done.stdout)
     return wall, cpu, parsed
 
 
@@ -85,7 +86,7 @@ def main() -> None:
             cpus[kind].append(cpu)
             if kind == "trick":
                 stage.append(stage_seconds(str(summary["job_id"]), env, "trickplay"))
-                renditions = {r["name"]: r for r in summary["renditions"]}  # type: ignore[attr-defined]
+                renditions = {r["name"]: r for r in summary["renditions"]}
                 iframes = int(renditions["iframes"]["segments"])
                 segments = max(int(r["segments"]) for name, r in renditions.items()
                                if name != "iframes")
