@@ -145,7 +145,8 @@ def _check_iframe_streams(lines: list[str]) -> list[str]:
         stream = attributes(line)
         if not stream.get("BANDWIDTH", "").isdigit():
             problems.append(f"EXT-X-I-FRAME-STREAM-INF without a decimal BANDWIDTH: {line[:80]}")
-        elif int(stream.get("AVERAGE-BANDWIDTH", "0") or "0") > int(stream["BANDWIDTH"]):
+        elif stream.get("AVERAGE-BANDWIDTH", "0").isdigit() and \
+                int(stream.get("AVERAGE-BANDWIDTH", "0")) > int(stream["BANDWIDTH"]):
             problems.append(f"I-frame AVERAGE-BANDWIDTH above BANDWIDTH: {line[:80]}")
         for required in ("URI", "CODECS", "RESOLUTION"):
             if not stream.get(required):
