@@ -11,6 +11,7 @@ embedded mode and on the fleet."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -23,6 +24,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import m3u8
 import pytest
+from test_lifecycle import status_of
 
 from pipeline import layout
 from pipeline.errors import BadSpec
@@ -36,7 +38,6 @@ from cdn_support import policy_of, rsa_key_pair
 from fleet import Fleet, MotoServer
 from hlscheck import assert_valid_hls, check_playlist, fetch
 from support import Hlsvault, decrypt_bytes, frame_hashes, framemd5
-from test_lifecycle import status_of
 
 #: copy_clip: 6 s at 30 fps with a keyframe every second, cut into 2 s segments.
 SEGMENT_SECONDS = 2
@@ -333,7 +334,7 @@ class TestIFramesEndToEnd:
         url = keyserver.url("trick")
         playlists = assert_valid_hls(url)
         assert any("#EXT-X-I-FRAMES-ONLY" in text for text in playlists.values())
-        master, playlist, frames = iframes_of(url)
+        master, _, frames = iframes_of(url)
 
         # Then there is one per media segment, each one picture of the source
         video = m3u8.loads(fetch(master.playlists[0].absolute_uri))
@@ -383,7 +384,7 @@ class TestThumbnailsEndToEnd:
 
         assert len(cues) == SEGMENTS
         assert cues[0][0] == 0.0
-        assert all(a[1] == b[0] for a, b in zip(cues, cues[1:], strict=False))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(cues))
         assert cues[-1][1] == pytest.approx(6.0, abs=0.05)
         tiles = []
         for start, _, text in cues:
@@ -396,7 +397,8 @@ class TestThumbnailsEndToEnd:
             probed = json.loads(subprocess.run(
                 ["ffprobe", "-v", "error", "-show_streams", "-of", "json", str(path)],
                 capture_output=True, timeout=30, check=True).stdout)["streams"][0]
-            assert 0 <= x and x + w <= probed["width"] and 0 <= y and y + h <= probed["height"]
+            assert x >= 0 and y >= 0
+            assert x + w <= probed["width"] and y + h <= probed["height"]
             tile = grey(["-i", str(path), "-vf", f"crop={w}:{h}:{x}:{y}"])
             at = grey(["-ss", f"{start:.3f}", "-i", str(copy_clip), "-vf", f"scale={w}:{h}"])
             tiles.append((tile, at))
