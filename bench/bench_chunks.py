@@ -100,9 +100,11 @@ def start_segments(bench: BenchFleet, count: int) -> list[str]:
     return kinds
 
 
-def within(runs: list[ToolRun], tool: str, start: float, end: float) -> float:
-    return sum(r.end - r.start for r in runs if r.tool == tool and r.start >= start - 0.05
-               and r.end <= end + 0.05)
+def within(runs: list[ToolRun], tool: str, start: float, end: float, worker: int) -> float:
+    """Wall seconds of ``tool`` that ``worker`` (a pid) ran between ``start`` and ``end``: with
+    two segment processes their chunks overlap in time, so the time alone cannot tell."""
+    return sum(r.end - r.start for r in runs if r.tool == tool and r.parent == worker
+               and r.start >= start - 0.05 and r.end <= end + 0.05)
 
 
 def chunk_times(fields: dict[str, str], runs: list[ToolRun]) -> tuple[ChunkTimes, ...]:
@@ -114,9 +116,11 @@ def chunk_times(fields: dict[str, str], runs: list[ToolRun]) -> tuple[ChunkTimes
         seg_end = float(fields[f"segment:{name}.finished_at"])
         enc_start = float(fields[f"encrypt:{name}.started_at"])
         enc_end = float(fields[f"encrypt:{name}.finished_at"])
+        # workers.flow.worker_name: "host:pid" of the process that ran the stage.
+        worker = int(json.loads(fields[f"segment:{name}.worker"]).rsplit(":", 1)[1])
         times.append(ChunkTimes(
-            name, seg_end - seg_start, within(runs, "ffmpeg", seg_start, seg_end),
-            within(runs, "ffprobe", seg_start, seg_end), enc_end - enc_start,
+            name, seg_end - seg_start, within(runs, "ffmpeg", seg_start, seg_end, worker),
+            within(runs, "ffprobe", seg_start, seg_end, worker), enc_end - enc_start,
             enc_start - seg_end,
         ))
     return tuple(times)

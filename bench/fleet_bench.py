@@ -61,7 +61,8 @@ CONCURRENT_POLL_S = 0.05
 BATCH_TIMEOUT_S = 1800
 
 #: Logs each ffmpeg/ffprobe process: tool, start, end (epoch s), source tag (from the presigned
-#: source URL, ``.../sources/<tag>/...``), user and system CPU seconds. EPOCHREALTIME and
+#: source URL, ``.../sources/<tag>/...``), user and system CPU seconds, and the pid of the
+#: worker process that ran it (the wrapper's parent). EPOCHREALTIME and
 #: the `time` keyword are bash's own; the tool keeps the wrapper's stdout and stderr (fds 4, 3).
 WRAPPER = """#!/bin/bash
 exec 3>&2 4>&1
@@ -72,7 +73,7 @@ rc=$?
 end=$EPOCHREALTIME
 tag=-
 [[ "$*" =~ sources/([0-9a-f]{{32}})/ ]] && tag=${{BASH_REMATCH[1]}}
-echo "{tool} $start $end $tag $cpu" >> {log}
+echo "{tool} $start $end $tag $cpu $PPID" >> {log}
 exit $rc
 """
 
@@ -123,6 +124,7 @@ class ToolRun:
     end: float
     cpu: float
     tag: str  # the job's source tag; see `source_tag`
+    parent: int  # the pid of the worker process that ran it
 
 
 def source_tag(source: str) -> str:
@@ -180,8 +182,9 @@ class BenchFleet:
     def tool_runs(self) -> list[ToolRun]:
         runs = []
         for line in self.tool_log.read_text().splitlines():
-            tool, start, end, tag, user, system = line.split()
-            runs.append(ToolRun(tool, float(start), float(end), float(user) + float(system), tag))
+            tool, start, end, tag, user, system, parent = line.split()
+            runs.append(ToolRun(tool, float(start), float(end), float(user) + float(system), tag,
+                                int(parent)))
         return runs
 
     def stage_sources(self, clip: Path, count: int) -> list[str]:
