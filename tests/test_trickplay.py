@@ -435,11 +435,15 @@ class TestLifecycle:
         self, keyserver: Hlsvault, copy_clip: Path, tmp_path: Path
     ) -> None:
         """After a re-key every I-frame decodes under the new key and is no picture under the
-        old one, and the thumbnail track names the new version's sheets; after a revocation
-        the I-frame playlist, the track and the keys are gone (410)."""
-        package(keyserver, copy_clip, "keyed", "--ladder", "copy", "--trick-play")
+        old one, and the thumbnail track names the new version's sheets; the old version's
+        sheets go when its keys are shredded; after a revocation the I-frame playlist, the
+        track and the keys are gone (410), and the sheets deleted."""
+        old_version = package(keyserver, copy_clip, "keyed", "--ladder", "copy",
+                              "--trick-play")["version"]
         _, _, before = iframes_of(keyserver.url("keyed"))
         old_key = before[0].key
+        old_sheets = keyserver.origin / layout.thumbnails_prefix("keyed", str(old_version))
+        assert [p.name for p in old_sheets.glob("*.jpg")] == ["sheet_000.jpg"]
         done = keyserver.run("rekey", "keyed", "--grace", "0", "--json")
         assert done.returncode == 0, done.stderr
         version = json.loads(done.stdout)["version"]
@@ -462,6 +466,11 @@ class TestLifecycle:
         cues = vtt_cues(fetch(keyserver.url("keyed", "--thumbnails")))
         assert all(f"/{version}/{layout.THUMBNAILS_DIR}/" in text for _, _, text in cues)
         assert all(status_of(text.split("#")[0]) == 200 for _, _, text in cues)
+        # The retired version's sheets went with its keys: its grace (0) was over, and an
+        # embedded re-key shreds what is due before it returns.
+        new_sheets = keyserver.origin / layout.thumbnails_prefix("keyed", version)
+        assert not list(old_sheets.glob("*.jpg"))
+        assert [p.name for p in new_sheets.glob("*.jpg")] == ["sheet_000.jpg"]
 
         iframes_url = keyserver.url("keyed").replace("master.m3u8", "iframes.m3u8")
         track_url = keyserver.url("keyed", "--thumbnails")
