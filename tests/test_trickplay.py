@@ -18,7 +18,7 @@ import re
 import subprocess
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -29,7 +29,13 @@ from test_lifecycle import status_of
 from pipeline import layout
 from pipeline.errors import BadSpec
 from pipeline.ingest import parse_job_request
-from pipeline.playlists import AssetVersion, describe_rendition, render_master, render_variant
+from pipeline.playlists import (
+    AssetVersion,
+    describe_rendition,
+    render_master,
+    render_variant,
+    static_playlists,
+)
 from pipeline.segment import Segment, SegmentedRendition
 from pipeline.thumbnails import Thumbnails, plan_thumbnails, render_vtt
 
@@ -114,6 +120,17 @@ class TestIFramePlaylists:
         parsed = m3u8.loads(text)
         assert parsed.is_i_frames_only
         assert [s.duration for s in parsed.segments] == [6.0, 6.0, 6.0]
+
+    def test_cookie_modes_static_playlists_name_the_iframe_stream_too(self) -> None:
+        """The CDN's static master names the static I-frame playlist beside the variants; every
+        static playlist keeps the rules."""
+        described = replace(version_with_iframes(None), key_server="https://keys.test")
+        files = static_playlists(described)
+        for text in files.values():
+            assert check_playlist(text) == [], text
+        master = m3u8.loads(files[layout.static_master_key("a")])
+        assert [p.uri for p in master.iframe_playlists] == ["v1/iframes.m3u8"]
+        assert "#EXT-X-I-FRAMES-ONLY" in files[layout.static_variant_key("a", "v1", "iframes")]
 
     def test_description_round_trips_with_its_thumbnails(self) -> None:
         described = version_with_iframes("init.mp4")
