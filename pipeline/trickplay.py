@@ -112,7 +112,13 @@ def make_trick_play(svc: Services, spec: JobSpec) -> AssetVersion:
         work = Path(scratch)
         iframes_dir = work / layout.IFRAME_RENDITION
         iframes_dir.mkdir()
-        segments = _extract_iframes(svc, spec, base, source, work, iframes_dir)
+        try:
+            segments = _extract_iframes(svc, spec, base, source, work, iframes_dir)
+        except UnsupportedMedia as error:
+            raise UnsupportedMedia(
+                f"trick play: the I-frames of {source.name} could not be copied ({error}); "
+                "package without --trick-play"
+            ) from None
         produced = SegmentedRendition(
             rendition=layout.IFRAME_RENDITION, segments=tuple(segments), width=source.width,
             height=source.height, frame_rate=source.frame_rate, video_profile=None,
@@ -126,7 +132,13 @@ def make_trick_play(svc: Services, spec: JobSpec) -> AssetVersion:
                               iframes_dir / file_name)
         sizes = encrypt_renditions(svc, spec, prefix, {produced.rendition: produced},
                                    first_chunk=True)
-        thumbnails = _make_sprites(svc, spec, produced, iframes_dir, work)
+        try:
+            thumbnails = _make_sprites(svc, spec, produced, iframes_dir, work)
+        except UnsupportedMedia as error:
+            raise UnsupportedMedia(
+                f"trick play: the thumbnails could not be made ({error}); package without "
+                "--trick-play"
+            ) from None
     entry = describe_rendition(produced, sizes[produced.rendition], spec.key_rotation_segments)
     with_trick_play = replace(base, renditions=(*base.renditions, entry), thumbnails=thumbnails)
     svc.catalog.put_version(with_trick_play)
