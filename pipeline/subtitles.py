@@ -350,10 +350,15 @@ def plan_subtitles(
     return planned, warnings
 
 
+#: The probe stage's actor has 10 minutes (workers.actors.SHORT_LIMIT_MS); reading the text
+#: tracks stops before, so that the job fails with a reason rather than a killed worker.
+MAX_EXTRACTION_S = 9 * 60.0
+
+
 def extraction_timeout(duration: float) -> float:
-    """ffmpeg's limit for reading the text tracks: it reads the whole source, decodes none of
-    its audio or video."""
-    return 120 + duration * 0.5
+    """ffmpeg's limit for reading the text tracks: it demuxes the source (MP4: only the text
+    samples; Matroska: every cluster) and decodes none of its audio or video."""
+    return min(MAX_EXTRACTION_S, 120 + duration * 0.5)
 
 
 def extract_text_tracks(

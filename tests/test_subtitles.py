@@ -17,7 +17,7 @@ from pipeline.errors import BadSpec, InvalidSource
 from pipeline.ingest import parse_job_request
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import MediaInfo, SubtitleStream, VideoStream, probe
-from pipeline.playlists import AssetVersion, describe_rendition, render_master
+from pipeline.playlists import AssetVersion, RenditionEntry, describe_rendition, render_master
 from pipeline.segment import Segment, SegmentedRendition
 from pipeline.subtitles import (
     MAX_CUE_CHARS,
@@ -213,7 +213,7 @@ class TestSegmentedWebvtt:
         assert timestamp(3661.5) == "01:01:01.500"
 
 
-def subtitle_entry(name: str, language: str, default: bool, forced: bool) -> object:
+def subtitle_entry(name: str, language: str, default: bool, forced: bool) -> RenditionEntry:
     produced = SegmentedRendition(
         rendition=name, segments=tuple(Segment(i, f"seg_{i:05d}.vtt", 6.0, 300)
                                        for i in range(3)),
@@ -237,7 +237,7 @@ class TestMaster:
         entries = (describe_rendition(video, [100_016] * 3, 0),
                    subtitle_entry("subs0-en", "en", True, False),
                    subtitle_entry("subs1-de", "de", False, True))
-        described = AssetVersion("a", "v1", "job", 0.0, 0, entries)  # type: ignore[arg-type]
+        described = AssetVersion("a", "v1", "job", 0.0, 0, entries)
         text = render_master(described, variant_uri=lambda r: f"{r.name}.m3u8")
         assert check_playlist(text) == []
         media = [attributes(line) for line in text.splitlines()
