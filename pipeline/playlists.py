@@ -275,19 +275,15 @@ def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntr
     groups = sorted({r.group for r in version.renditions if r.media == "audio" and r.group})
     for group in groups:
         for audio in version.audio_group(group):
-            attributes = ["TYPE=AUDIO", f'GROUP-ID="{group}"']
-            if audio.language:
-                attributes.append(f'LANGUAGE="{audio.language}"')
-            attributes += [
-                f'NAME="{_quoted(audio.title or audio.name)}"',
-                f"DEFAULT={'YES' if audio.default else 'NO'}",
-                "AUTOSELECT=YES",
-            ]
-            if audio.channels:
-                attributes.append(f'CHANNELS="{audio.channels}"')
-            attributes.append(f'URI="{variant_uri(audio)}"')
-            lines.append(f"#EXT-X-MEDIA:{','.join(attributes)}")
-    lines += _subtitle_media(version, variant_uri)
+            channels = [f'CHANNELS="{audio.channels}"'] if audio.channels else []
+            lines.append(_media_tag("AUDIO", audio, variant_uri(audio), channels))
+    # Subtitles: DEFAULT only for the track the source marks default (else they are off
+    # until the viewer picks one), FORCED from its disposition.
+    lines += [
+        _media_tag("SUBTITLES", track, variant_uri(track),
+                   [f"FORCED={'YES' if track.forced else 'NO'}"])
+        for track in version.subtitles
+    ]
     for rendition in sorted(version.variants, key=lambda r: r.bandwidth, reverse=True):
         members = version.audio_group(rendition.group)
         fps = float(Fraction(rendition.frame_rate)) if rendition.frame_rate != "0/0" else 0.0
@@ -324,26 +320,20 @@ def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntr
     return "\n".join(lines) + "\n"
 
 
-def _subtitle_media(
-    version: AssetVersion, variant_uri: Callable[[RenditionEntry], str]
-) -> list[str]:
-    """The EXT-X-MEDIA TYPE=SUBTITLES lines: LANGUAGE, NAME, DEFAULT (the track the source
-    marks default, if any: subtitles are otherwise off until the viewer picks one),
-    AUTOSELECT=YES (a player may pick by the viewer's language) and FORCED."""
-    lines = []
-    for track in version.subtitles:
-        attributes = ["TYPE=SUBTITLES", f'GROUP-ID="{track.group}"']
-        if track.language:
-            attributes.append(f'LANGUAGE="{track.language}"')
-        attributes += [
-            f'NAME="{_quoted(track.title or track.name)}"',
-            f"DEFAULT={'YES' if track.default else 'NO'}",
-            "AUTOSELECT=YES",
-            f"FORCED={'YES' if track.forced else 'NO'}",
-            f'URI="{variant_uri(track)}"',
-        ]
-        lines.append(f"#EXT-X-MEDIA:{','.join(attributes)}")
-    return lines
+def _media_tag(kind: str, rendition: RenditionEntry, uri: str, extra: Sequence[str]) -> str:
+    """An EXT-X-MEDIA line: TYPE, GROUP-ID, LANGUAGE (when known), NAME, DEFAULT,
+    AUTOSELECT=YES (a player may pick by the viewer's language), ``extra``, URI."""
+    attributes = [f"TYPE={kind}", f'GROUP-ID="{rendition.group}"']
+    if rendition.language:
+        attributes.append(f'LANGUAGE="{rendition.language}"')
+    attributes += [
+        f'NAME="{_quoted(rendition.title or rendition.name)}"',
+        f"DEFAULT={'YES' if rendition.default else 'NO'}",
+        "AUTOSELECT=YES",
+        *extra,
+        f'URI="{uri}"',
+    ]
+    return f"#EXT-X-MEDIA:{','.join(attributes)}"
 
 
 def _codecs(video: RenditionEntry | None, group: Sequence[RenditionEntry]) -> str:

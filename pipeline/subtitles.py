@@ -46,7 +46,7 @@ import ffmpeg
 from . import layout
 from .aws import botocore_errors, shared_client, translate
 from .crypto import decrypt_file, iv_for_sequence
-from .errors import BadSpec, InvalidSource, NotFound
+from .errors import BadSpec, InvalidSource, NotFound, UnsupportedMedia
 from .media import MediaInfo, run_ffprobe
 from .plan import hls_language, track_name
 from .playlists import RenditionEntry
@@ -378,8 +378,14 @@ def extract_text_tracks(
                       fs=MAX_SUBTITLE_BYTES + 1, **{"c:s": "webvtt"})
         for t in embedded
     ]
-    run_ffmpeg(ffmpeg_command(outputs), duration=info.duration,
-               timeout=extraction_timeout(info.duration), on_progress=None)
+    try:
+        run_ffmpeg(ffmpeg_command(outputs), duration=info.duration,
+                   timeout=extraction_timeout(info.duration), on_progress=None)
+    except UnsupportedMedia as error:
+        raise UnsupportedMedia(
+            f"the source's text tracks could not be converted to WebVTT ({error}); package a "
+            "copy of the source without them, and give them as --subtitles files"
+        ) from None
     return {t.name: (out_dir / f"{t.name}.vtt").read_bytes() for t in embedded}
 
 

@@ -11,12 +11,12 @@ import json
 import re
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import m3u8
 import pytest
+from test_lifecycle import status_of
 from test_media_shapes import (
     DURATION_TOLERANCE_S,
     TRACKS,
@@ -90,14 +90,6 @@ def get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as response:
         body: bytes = response.read()
         return body
-
-
-def status_of(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return error.code
 
 
 def played_cues(playlist_url: str) -> tuple[list[tuple[float, float, str]], int, list[float]]:
