@@ -61,7 +61,7 @@ def vtt(cues: list[tuple[float, float, str]]) -> str:
 @pytest.fixture(scope="session")
 def talk_clip() -> Path:
     """6 s of 640x360 H.264, English (440 Hz, default) and German (660 Hz) AAC, and an English
-    mov_text track made by ffmpeg from a SubRip file written here."""
+    mov_text track (default) made by ffmpeg from a SubRip file written here."""
     MEDIA_CACHE.mkdir(parents=True, exist_ok=True)
     english = MEDIA_CACHE / "talk.en.srt"
     english.write_text(srt(ENGLISH))
@@ -76,6 +76,7 @@ def talk_clip() -> Path:
         "-metadata:s:a:0", "language=eng", "-metadata:s:a:1", "language=deu",
         "-metadata:s:a:1", "title=Deutsch", "-disposition:a:0", "default",
         "-disposition:a:1", "0", "-metadata:s:s:0", "language=eng",
+        "-disposition:s:0", "default",
     ])
 
 
@@ -169,7 +170,7 @@ class TestPackagedSubtitles:
         assert [(m["TYPE"], m["GROUP-ID"], m["LANGUAGE"], m["NAME"], m["DEFAULT"])
                 for m in media] == [
             ("AUDIO", "audio", "en", "English", "YES"), ("AUDIO", "audio", "de", "Deutsch", "NO"),
-            ("SUBTITLES", "subs", "en", "English", "NO"),
+            ("SUBTITLES", "subs", "en", "English", "YES"),  # the source's default track
             ("SUBTITLES", "subs", "de", "Deutsch", "NO"),
         ]
         assert all(m["FORCED"] == "NO" and m["AUTOSELECT"] == "YES"
@@ -194,7 +195,7 @@ class TestPackagedSubtitles:
             assert durations == [s.duration for s in video_segments]
             assert_cues_match(cues, start, authored)
         if container == "ts":
-            assert mpegts == 126000 == round(start * 90000)  # ffmpeg's MPEG-TS starts at 1.4 s
+            assert mpegts == round(start * 90000)  # the source's video starts at its 0
 
     def test_subtitle_playlists_follow_the_token_rules_rekey_and_revoke(
         self, keyserver: Hlsvault, talk_clip: Path, german: Path
