@@ -14,10 +14,12 @@ numbers, same durations), each opening with::
 Cue times stay the source's own (seconds from its start, as ffmpeg reads it; a sidecar's
 times are taken the same way), and ``<n>`` is where that start lies on the video's
 timeline, in 90 kHz units: measured from the first video segment as produced (its first
-frame's presentation time, less where the first frame lay in the source). MPEG-TS from
-ffmpeg's muxer puts it at 1.4 s (126000); fMP4 at the first frame's composition time in the
-init segment's timeline (RFC 8216 3.5 maps MPEGTS onto fMP4's presentation time the same
-way). Whatever the muxer does, the map follows what was produced.
+frame's presentation time, less where the first frame lay in the source). Measured on the
+test clip (30 fps H.264 with B-frames): MPEG-TS 126000 for a transcode (ffmpeg's muxer starts
+at 1.4 s) and 132000 for a copy (the source's two-frame B-frame delay kept); fMP4 0 for a
+transcode and 5941 (66 ms) for a copy, in the track's presentation time scaled to 90 kHz
+(RFC 8216 3.5 maps MPEGTS onto fMP4's timeline the same way). Whatever the muxers do, the map
+follows what was produced.
 
 Segments are encrypted like every other segment (AES-128, IV = media sequence number, the
 video's keys): subtitles of a private video are private too. hls.js decrypts AES-128 WebVTT

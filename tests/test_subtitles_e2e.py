@@ -266,15 +266,16 @@ class TestHostileSidecars:
 
 
 class TestHlsJs:
+    @pytest.mark.parametrize("container", ["fmp4", "ts"])
     def test_hls_js_lists_both_groups_switches_audio_and_shows_cues(
         self, hlsvault: Hlsvault, page_server: PlayerPageServer, player: Player,
-        talk_clip: Path, german: Path, request: pytest.FixtureRequest,
+        talk_clip: Path, german: Path, request: pytest.FixtureRequest, container: str,
     ) -> None:
         """hls.js in Chromium lists two audio and two subtitle tracks with their languages,
         switches to German audio without a fatal error, and the German cues it decrypts and
         shows sit at the sidecar's times within 100 ms."""
         hlsvault.env["HLSVAULT_CORS_ORIGINS"] = page_server.origin
-        package(hlsvault, talk_clip, "browser", "--ladder", "copy", "--container", "fmp4",
+        package(hlsvault, talk_clip, "browser", "--ladder", "copy", "--container", container,
                 "--subtitles", f"de={german}")
         served: Hlsvault = request.getfixturevalue("keyserver")
         player.open(page_server.player_url(served.url("browser"), rate=2.0))
