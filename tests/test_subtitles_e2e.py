@@ -26,8 +26,10 @@ from test_media_shapes import (
     source_duration,
 )
 
+from pipeline.errors import InvalidSource
+
 from browser import Player, PlayerPageServer
-from fleet import Fleet, MotoServer
+from fleet import Fleet, MotoServer, RedisServer
 from hlscheck import assert_valid_hls, fetch
 from support import MEDIA_CACHE, Hlsvault, decrypt_bytes, generate_media
 
@@ -332,3 +334,28 @@ class TestFleet:
         subtitles = [m for m in master.media if m.type == "SUBTITLES"]
         for rendition, authored in zip(subtitles, (ENGLISH, GERMAN), strict=True):
             assert_cues_match(played_cues(rendition.absolute_uri)[0], start, authored)
+
+
+class TestJobRequests:
+    def test_a_sidecar_is_an_object_of_an_allowed_bucket(
+        self, tmp_path: Path, redis_server: RedisServer, moto_server: MotoServer
+    ) -> None:
+        """A job request's sidecar in a bucket jobs may not read is refused with the reason
+        and makes no job; the same request naming an allowed bucket's object makes one whose
+        spec carries the sidecar."""
+        from test_ingest import make_rig
+
+        rig = make_rig(tmp_path, redis_server, moto_server)
+        ingest = rig.poller.ingest
+        source = f"s3://{rig.bucket}/incoming/clip.mp4"
+        foreign = {"source": source, "subtitles": [
+            {"language": "de", "source": "s3://someone-elses-bucket/talk.de.vtt"}]}
+        with pytest.raises(InvalidSource, match="not an allowed source bucket"):
+            ingest.accept_body(json.dumps(foreign))
+        assert rig.job_ids() == []
+
+        allowed = {"source": source, "subtitles": [
+            {"language": "de", "source": f"s3://{rig.bucket}/incoming/talk.de.vtt"}]}
+        (accepted,) = ingest.accept_body(json.dumps(allowed))
+        assert rig.jobs.get(accepted.job_id).spec.subtitles == (
+            ("de", f"s3://{rig.bucket}/incoming/talk.de.vtt"),)
