@@ -26,9 +26,11 @@ from test_media_shapes import (
     source_duration,
 )
 
+from pipeline import layout
 from pipeline.errors import InvalidSource
 
 from browser import Player, PlayerPageServer
+from cdn_support import CdnLibrary
 from fleet import Fleet, MotoServer, RedisServer
 from hlscheck import assert_valid_hls, fetch
 from support import MEDIA_CACHE, Hlsvault, decrypt_bytes, generate_media
@@ -360,3 +362,34 @@ class TestJobRequests:
         (accepted,) = ingest.accept_body(json.dumps(allowed))
         assert rig.jobs.get(accepted.job_id).spec.subtitles == (
             ("de", f"s3://{rig.bucket}/incoming/talk.de.vtt"),)
+
+
+class TestSignedCdn:
+    def test_subtitle_segments_carry_the_renditions_cdn_signature(
+        self, cdn_library: CdnLibrary, talk_clip: Path, german: Path
+    ) -> None:
+        """With CloudFront signing on, a subtitle playlist's segment URIs carry one signature
+        of their rendition: the CloudFront stand-in serves them signed and refuses them
+        unsigned."""
+        from keyserver import create_app
+        from pipeline.settings import load_settings
+        from pipeline.tokens import mint_token
+
+        from cdn_support import package as package_to_s3
+        from cdn_support import policy_of, signing_query
+        from keyserver_support import AppClient, uris
+
+        package_to_s3(cdn_library.env, talk_clip, "cdnsubs", "--ladder", "copy",
+                      "--segment-seconds", "2", "--subtitles", f"de={german}")
+        token = mint_token(cdn_library.env["HLSVAULT_TOKEN_SECRET"], "cdnsubs", 600)
+        with AppClient(create_app(load_settings(cdn_library.env)), client_ip="127.0.0.1",
+                       base_url=cdn_library.public_url) as client:
+            answer = client.get(layout.variant_url("", "cdnsubs", "subs1-de", f"?token={token}"))
+        assert answer.status_code == 200, answer.text
+        urls = uris(answer.text)
+        assert len(urls) == 3 and len({signing_query(url) for url in urls}) == 1
+        (statement,) = policy_of(urls[0])["Statement"]
+        assert statement["Resource"].endswith("/subs1-de/*")
+        for url in urls:
+            assert status_of(url) == 200
+        assert status_of(urls[0].split("?", 1)[0]) == 403
