@@ -2,8 +2,9 @@
 
 A request is either a job request, ``{"source": "s3://bucket/key", "asset": …, "ladder": …,
 "segment_seconds": …, "key_rotation_segments": …, "download": true | "720p", "container": "ts" |
-"fmp4", "codec": "h264" | "hevc", "audio_only": true, "trick_play": true}``, or an S3 event
-notification document
+"fmp4", "codec": "h264" | "hevc", "audio_only": true, "subtitles": [{"language": "en",
+"source": "s3://bucket/talk.en.vtt"}], "trick_play": true}``, or an S3 event notification
+document
 (``{"Records": [{"eventName": "ObjectCreated:Put", "s3": {…}}]}``), as S3 sends it to SQS.
 
 Every source is an object in one of ``settings.source_buckets``; anything else is refused.
@@ -45,6 +46,8 @@ from .errors import BadSpec, InvalidSource, TransientError
 from .jobs import JobSpec, JobStore, UnknownJob, new_job_spec
 from .plan import LADDERS, check_segment_seconds
 from .settings import Settings
+from .sources import split_s3_url
+from .subtitles import MAX_SIDECARS, check_language, check_sidecar_source
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +60,7 @@ CLAIM_GRACE_S = 60
 _LEDGER_PREFIX = "hlsvault:ingest:"
 _OPTIONS = (
     "source", "asset", "ladder", "segment_seconds", "key_rotation_segments", "download",
-    "container", "codec", "audio_only", "trick_play",
+    "container", "codec", "audio_only", "subtitles", "trick_play",
 )
 
 # Replace a stale claim only if it still names the job we found missing.
@@ -93,6 +96,8 @@ class SourceRequest:
     container: str = layout.DEFAULT_CONTAINER
     codec: str = layout.DEFAULT_VIDEO_CODEC
     audio_only: bool = False
+    #: Sidecar subtitle files, ``(language, "s3://bucket/key")``, each in an allowed bucket.
+    subtitles: tuple[tuple[str, str], ...] = ()
     trick_play: bool = layout.DEFAULT_TRICK_PLAY
 
     @property
@@ -171,7 +176,26 @@ def parse_job_request(document: dict[str, Any]) -> SourceRequest:
                          container=_optional_str(document, "container")
                          or layout.DEFAULT_CONTAINER,
                          codec=_optional_str(document, "codec") or layout.DEFAULT_VIDEO_CODEC,
-                         audio_only=audio_only, trick_play=trick_play)
+                         audio_only=audio_only, subtitles=_subtitles(document),
+                         trick_play=trick_play)
+
+
+def _subtitles(document: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """``"subtitles"``: a list of ``{"language": "en", "source": "s3://bucket/key"}``."""
+    value = document.get("subtitles", [])
+    shape = ('field "subtitles" must be a list of {"language": "en", "source": '
+             '"s3://bucket/key"} objects')
+    if not isinstance(value, list) or len(value) > MAX_SIDECARS:
+        raise BadSpec(f"{shape}, at most {MAX_SIDECARS}")
+    sidecars = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {"language", "source"}:
+            raise BadSpec(shape)
+        language, source = item["language"], item["source"]
+        if not isinstance(source, str) or not source.startswith("s3://"):
+            raise BadSpec(f"{shape}: a subtitle file is an S3 object like the source")
+        sidecars.append((check_language(language), check_sidecar_source(source)))
+    return tuple(sidecars)
 
 
 def _download(document: dict[str, Any]) -> str | None:
@@ -289,6 +313,8 @@ class Ingest:
     def accept(self, request: SourceRequest) -> Accepted:
         """The job for ``request``'s object: the existing one, or a new one just enqueued."""
         self.check_bucket(request.bucket)
+        for _, sidecar in request.subtitles:
+            self.check_bucket(split_s3_url(sidecar)[0])
         head = self._head(request)
         meta_asset, meta_ladder = _from_metadata(head.get("Metadata") or {})
         asset = request.asset or meta_asset or asset_for_key(request.key)
@@ -304,6 +330,7 @@ class Ingest:
             container=request.container,
             codec=request.codec,
             audio_only=request.audio_only,
+            subtitles=request.subtitles,
             trick_play=request.trick_play,
         )
         ledger = ledger_key(request.bucket, request.key, str(revision), asset)
