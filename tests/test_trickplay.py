@@ -373,6 +373,23 @@ class TestIFramesEndToEnd:
         assert info.resolution == (640, 360)
         assert info.codecs == master.playlists[0].stream_info.codecs.split(",")[0]
 
+    def test_with_subtitles_the_master_names_both_and_keeps_the_rules(
+        self, keyserver: Hlsvault, copy_clip: Path, tmp_path: Path
+    ) -> None:
+        """Trick play beside a subtitle track: the master has the SUBTITLES group and the
+        I-frame stream, every playlist keeps the rules, and there is still one I-frame per
+        video segment."""
+        sidecar = tmp_path / "talk.en.vtt"
+        sidecar.write_text("WEBVTT\n\n00:00:01.000 --> 00:00:02.500\nHello\n")
+        package(keyserver, copy_clip, "both", "--ladder", "copy", "--trick-play",
+                "--subtitles", f"en={sidecar}")
+        url = keyserver.url("both")
+        assert_valid_hls(url)
+        master, _, frames = iframes_of(url)
+        assert [m.type for m in master.media] == ["SUBTITLES"]
+        assert len(frames) == SEGMENTS
+        assert all(f.plain() for f in frames)
+
     def test_default_ladder_iframes_come_from_its_smallest_rendition(
         self, keyserver: Hlsvault, hd_clip: Path, tmp_path: Path
     ) -> None:
