@@ -393,9 +393,13 @@ class TestIFramesEndToEnd:
     def test_default_ladder_iframes_come_from_its_smallest_rendition(
         self, keyserver: Hlsvault, hd_clip: Path, tmp_path: Path
     ) -> None:
-        """A transcoded ladder: the I-frame stream is the 360p rendition's, one per segment,
-        each one I-frame picture of 640x360."""
-        package(keyserver, hd_clip, "ladder", "--trick-play")
+        """A transcoded ladder cut in two chunks: the I-frame stream is the 360p rendition's,
+        one per segment, each one I-frame picture of 640x360."""
+        keyserver.env["HLSVAULT_CHUNK_SECONDS"] = str(SEGMENT_SECONDS)
+        summary = package(keyserver, hd_clip, "ladder", "--trick-play")
+        record = json.loads(keyserver.run("status", str(summary["job_id"]), "--json").stdout)
+        assert {s["name"] for s in record["stages"]} >= {"segment:c000", "segment:c001",
+                                                           "trickplay"}
         url = keyserver.url("ladder")
         assert_valid_hls(url)
         master, _, frames = iframes_of(url)
