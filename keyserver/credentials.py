@@ -10,6 +10,7 @@ cookie from every ``Cookie`` header (the last of repeated names wins).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from http.cookies import _unquote  # the stdlib's cookie unquoting (what Starlette uses)
@@ -18,7 +19,7 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
-from pipeline.tokens import SID_HEADER
+from pipeline.tokens import SID_HEADER, VERIFIED_CACHE_SIZE
 
 if TYPE_CHECKING:
     from uvicorn.middleware.proxy_headers import _TrustedHosts
@@ -124,10 +125,12 @@ def client_ip(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
+@functools.lru_cache(maxsize=VERIFIED_CACHE_SIZE)  # as many as verified tokens are kept
 def token_bucket(token: str) -> str:
     """The rate-limit bucket of a (verified) token. PyJWT accepts a '='-padded signature as the
     same token: the canonical form is counted, or padding would buy a fresh allowance. Hashed,
-    so that no limiter (or Redis key) ever holds a token."""
+    so that no limiter (or Redis key) ever holds a token; remembered, since a player presents
+    one token for every request."""
     head, dot, signature = token.rpartition(".")
     canonical = f"{head}{dot}{signature.rstrip('=')}" if dot else token
     return "token:" + hashlib.sha256(canonical.encode()).hexdigest()[:24]
