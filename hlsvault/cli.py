@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes, one per core to use (default 1)")
     serve.add_argument("--server", default=layout.DEFAULT_SERVER, choices=layout.SERVERS,
-                       help=f"the ASGI server (default {layout.DEFAULT_SERVER})")
+                       help=f"the HTTP server (default {layout.DEFAULT_SERVER})")
     serve.set_defaults(handler=cmd_serve)
 
     add_commands(commands, wait_timeout=DEFAULT_WAIT_TIMEOUT_S)

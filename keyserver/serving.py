@@ -1,10 +1,16 @@
-"""Running the key server: `hlsvault serve` hands one of two ASGI servers the app factory
-below, which each worker process calls to build its own app from the environment.
+"""Running the key server: `hlsvault serve` hands a server one of the app factories below,
+which each worker process calls to build its own app from the environment.
 
 - **granian** (HTTP/1.1 and TLS in Rust, the ASGI interface, uvloop), the default: on the
   key route it answers about twice uvicorn's requests per second on one core
-  (``docs/benchmarks.md``, bench_keyserver, which compares the two in every run).
+  (``docs/benchmarks.md``, bench_keyserver, which compares them in every run).
+- **granian-rsgi**: granian's RSGI interface, the viewer routes answered without ASGI
+  (:mod:`keyserver.rsgi`), every other route through the same ASGI app.
 - **uvicorn** (httptools and uvloop), ``--server uvicorn``.
+
+Both close a keep-alive connection left idle for :data:`KEEP_ALIVE_S`; granian also closes
+one that has not sent a whole request head by then (hyper's header read timeout, which bounds
+both waits; uvicorn has no such timeout).
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ from typing import Any
 from pipeline import layout
 from pipeline.errors import ConfigurationError
 
-#: What the worker processes import and call to build their app.
+#: What the worker processes import and call to build their app (ASGI, RSGI).
 APP_FACTORY = "keyserver.serving:app_from_environment"
+RSGI_APP_FACTORY = "keyserver.serving:rsgi_app_from_environment"
 SERVERS, DEFAULT_SERVER = layout.SERVERS, layout.DEFAULT_SERVER
 #: The proxies whose X-Forwarded-For is believed unless FORWARDED_ALLOW_IPS says otherwise
 #: (uvicorn's default).
 DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"
-#: An idle keep-alive connection is closed after this long (a player asks again in seconds).
+#: An idle keep-alive connection is closed after this long (a player asks again in seconds),
+#: and so is one that has not sent a whole request head by then (slow clients, slowloris).
 KEEP_ALIVE_S = 5
 
 
@@ -68,11 +76,18 @@ def app_from_environment() -> Any:
     return create_app(load_settings(create=True), lines=lines, forwarded_allow_ips=trusted)
 
 
+def rsgi_app_from_environment() -> Any:
+    """The same key server for granian's RSGI interface (each worker process calls this)."""
+    from .rsgi import RsgiKeyServer
+
+    return RsgiKeyServer(app_from_environment())
+
+
 def serve(options: ServeOptions) -> None:
     """Serve until interrupted."""
     if options.workers < 1:
         raise ConfigurationError("--workers must be at least 1")
-    if options.server == "granian":
+    if options.server in ("granian", "granian-rsgi"):
         _serve_granian(options)
     elif options.server == "uvicorn":
         _serve_uvicorn(options)
@@ -97,13 +112,17 @@ def _serve_uvicorn(options: ServeOptions) -> None:
 
 def _serve_granian(options: ServeOptions) -> None:
     from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.http import HTTP1Settings
     from granian.server import Server
 
     tls: dict[str, Any] = {}
     if options.certfile and options.keyfile:
         tls.update(ssl_cert=Path(options.certfile), ssl_key=Path(options.keyfile))
+    rsgi = options.server == "granian-rsgi"
     Server(
-        APP_FACTORY, factory=True, address=options.host, port=options.port,
-        interface=Interfaces.ASGI, workers=options.workers, loop=Loops.uvloop,
-        http=HTTPModes.http1, log_access=False, log_dictconfig=_GRANIAN_LOGGING, **tls,
+        RSGI_APP_FACTORY if rsgi else APP_FACTORY, factory=True, address=options.host,
+        port=options.port, interface=Interfaces.RSGI if rsgi else Interfaces.ASGI,
+        workers=options.workers, loop=Loops.uvloop, http=HTTPModes.http1, websockets=False,
+        http1_settings=HTTP1Settings(header_read_timeout=KEEP_ALIVE_S * 1000, keep_alive=True),
+        log_access=False, log_dictconfig=_GRANIAN_LOGGING, **tls,
     ).serve()
