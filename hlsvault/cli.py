@@ -126,7 +126,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
     serve(ServeOptions(
         host=args.host, port=port, workers=args.workers, server=args.server,
         certfile=args.certfile, keyfile=args.keyfile,
-    ))
+    ), settings=ctx.settings)
     return 0
 
 
