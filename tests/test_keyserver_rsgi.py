@@ -78,10 +78,13 @@ def servers(library: Library, tmp_path: Path) -> Iterator[dict[str, tuple[int, P
     """`hlsvault serve` under granian's ASGI and RSGI interfaces over the same library:
     server name -> (port, log file)."""
     started = {}
+    # One hash seed for both: Starlette joins a 405's Allow header from a set, whose order
+    # follows the process's string hashing.
+    env = {**library.env, "PYTHONHASHSEED": "0"}
     with ExitStack() as stack:
         for server in ("granian", "granian-rsgi"):
             port, log = free_port(), tmp_path / f"{server}.log"
-            stack.enter_context(serving(library.env, port, log, "--server", server))
+            stack.enter_context(serving(env, port, log, "--server", server))
             started[server] = (port, log)
         yield started
 
