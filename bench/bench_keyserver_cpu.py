@@ -208,7 +208,7 @@ async def run(args: argparse.Namespace) -> None:
     frozen = full_collection_ms()
     gc.unfreeze()
     print(f"RESULT keyserver gc: a full collection takes {unfrozen:.2f} ms over this process's "
-          f"objects, {frozen:.2f} ms once those alive at startup are frozen")
+          f"objects, {frozen:.3f} ms once those alive at startup are frozen")
     if args.profile:
         profile = cProfile.Profile()
         call = calls[(args.profile, "asgi")]
