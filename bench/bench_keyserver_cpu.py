@@ -43,6 +43,7 @@ from machine import describe
 
 from keyserver import create_app
 from keyserver.auditlog import JsonLinesSink, LineWriter
+from keyserver.testing import get_scope, no_body
 from pipeline.catalog import Catalog
 from pipeline.logs import configure_logging
 from pipeline.settings import load_settings
@@ -98,17 +99,8 @@ class RsgiProto:
 
 
 def asgi_call(app: Any, path: str, query: str) -> Callable[[], Awaitable[int]]:
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-        "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
-        "root_path": "", "query_string": query.encode(),
-        "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk")],
-        "client": CLIENT, "server": ("127.0.0.1", 8000),
-    }
+    scope = get_scope(path, query=query, client_ip=CLIENT[0], headers=[("user-agent", "wrk")])
     status = 0
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: Any) -> None:
         nonlocal status
@@ -117,7 +109,7 @@ def asgi_call(app: Any, path: str, query: str) -> Callable[[], Awaitable[int]]:
 
     async def call() -> int:
         # A fresh scope per request, as a server builds one (the app may write into it).
-        await app(dict(scope), receive, send)
+        await app(dict(scope), no_body, send)
         return status
 
     return call

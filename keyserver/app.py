@@ -288,8 +288,12 @@ def create_app(
     if not fast_path:
         return KeyServerApp(proxied, starlette, server)
     asgi: ASGIApp = ViewerRoutes(server, proxied, trusted)
-    layers: dict[type, Any] = {}
+    access_log = cors = None
     for layer in reversed(middleware):
-        asgi = layers[layer.cls] = layer.cls(asgi, *layer.args, **layer.kwargs)
-    return KeyServerApp(asgi, starlette, server, access_log=layers[AccessLog],
-                        cors=layers.get(CORSMiddleware), trusted=trusted)
+        asgi = layer.cls(asgi, *layer.args, **layer.kwargs)
+        if isinstance(asgi, AccessLog):
+            access_log = asgi
+        elif isinstance(asgi, CORSMiddleware):
+            cors = asgi
+    return KeyServerApp(asgi, starlette, server, access_log=access_log, cors=cors,
+                        trusted=trusted)
