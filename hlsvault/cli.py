@@ -150,7 +150,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
     serve(ServeOptions(
         host=args.host, port=port, workers=args.workers, server=args.server,
         certfile=args.certfile, keyfile=args.keyfile,
-    ))
+    ), settings=ctx.settings)
     return 0
 
 
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes, one per core to use (default 1)")
     serve.add_argument("--server", default=layout.DEFAULT_SERVER, choices=layout.SERVERS,
-                       help=f"the ASGI server (default {layout.DEFAULT_SERVER})")
+                       help=f"the HTTP server (default {layout.DEFAULT_SERVER})")
     serve.set_defaults(handler=cmd_serve)
 
     add_commands(commands, wait_timeout=DEFAULT_WAIT_TIMEOUT_S)

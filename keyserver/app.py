@@ -51,7 +51,7 @@ import mimetypes
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from starlette.applications import Starlette
@@ -85,6 +85,9 @@ from .server import ACCESS_LOGGER, KeyServer, QueuedLogger
 from .state import STATE_TTL_S, VaultView
 from .statesync import StateListener
 from .stats import KeyRequestStats
+
+if TYPE_CHECKING:
+    from uvicorn.middleware.proxy_headers import _TrustedHosts
 
 log = structlog.get_logger("hlsvault.keyserver")
 
@@ -155,13 +158,22 @@ class ViewerEndpoints:
 class KeyServerApp:
     """The key server as uvicorn or granian runs it: access log and CORS around the fast path
     (:class:`~keyserver.fastpath.ViewerRoutes`) around the Starlette app. ``router`` is the
-    Starlette app's, whose lifespan is the server's."""
+    Starlette app's, whose lifespan is the server's. ``access_log``, ``cors`` and ``trusted``
+    are the layers the fast path runs under, for an edge that answers the viewer routes
+    without ASGI (:class:`keyserver.rsgi.RsgiKeyServer`) to apply as they are."""
 
-    def __init__(self, asgi: ASGIApp, starlette: Starlette, server: KeyServer) -> None:
+    def __init__(
+        self, asgi: ASGIApp, starlette: Starlette, server: KeyServer, *,
+        access_log: AccessLog | None = None, cors: CORSMiddleware | None = None,
+        trusted: _TrustedHosts | None = None,
+    ) -> None:
         self.asgi = asgi
         self.starlette = starlette
         self.router = starlette.router
         self.server = server
+        self.access_log = access_log
+        self.cors = cors
+        self.trusted = trusted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.asgi(scope, receive, send)
@@ -286,6 +298,12 @@ def create_app(
     if not fast_path:
         return KeyServerApp(proxied, starlette, server)
     asgi: ASGIApp = ViewerRoutes(server, proxied, trusted)
+    access_log = cors = None
     for layer in reversed(middleware):
         asgi = layer.cls(asgi, *layer.args, **layer.kwargs)
-    return KeyServerApp(asgi, starlette, server)
+        if isinstance(asgi, AccessLog):
+            access_log = asgi
+        elif isinstance(asgi, CORSMiddleware):
+            cors = asgi
+    return KeyServerApp(asgi, starlette, server, access_log=access_log, cors=cors,
+                        trusted=trusted)

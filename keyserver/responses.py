@@ -61,12 +61,12 @@ def webvtt_answer(text: str) -> Answer:
 
 
 #: Every key is 16 bytes: its headers are built once (senders copy the list, never change it).
-_KEY_HEADERS = _headers(NO_STORE, bytes(16), b"application/octet-stream")
+KEY_HEADERS = _headers(NO_STORE, bytes(16), b"application/octet-stream")
 
 
 def key_answer(key: bytes) -> Answer:
     if len(key) == 16:
-        return Answer(200, _KEY_HEADERS, key)
+        return Answer(200, KEY_HEADERS, key)
     return Answer(200, _headers(NO_STORE, key, b"application/octet-stream"), key)
 
 

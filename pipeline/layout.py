@@ -62,9 +62,10 @@ from .errors import BadSpec
 #: S3 events): the adaptive ladder, since a single remuxed rendition only suits sources that
 #: already are what every player decodes.
 DEFAULT_LADDER = "default"
-#: ASGI servers `hlsvault serve --server` can run the key server under; granian answered
+#: Servers `hlsvault serve --server` can run the key server under (granian-rsgi: granian's RSGI
+#: interface for the viewer routes, keyserver/rsgi.py); granian answered
 #: about 1.25–1.9x uvicorn's requests per core in bench_keyserver.
-SERVERS = ("uvicorn", "granian")
+SERVERS = ("uvicorn", "granian", "granian-rsgi")
 DEFAULT_SERVER = "granian"
 #: Apple's recommended segment length (HLS authoring specification).
 DEFAULT_SEGMENT_SECONDS = 6.0
