@@ -76,7 +76,7 @@ from pipeline.tokens import SID_HEADER, verifier_for
 
 from .auditlog import LineWriter
 from .credentials import Credentials
-from .downloads import DownloadLinks, EmbeddedDownloads, static_files
+from .downloads import DownloadLinks, EmbeddedDownloads, EmbeddedThumbnails, static_files
 from .exports import Exports
 from .fastpath import ViewerRoutes, failure_answer
 from .ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
@@ -265,6 +265,8 @@ def create_app(
         routes.append(
             Route(layout.EMBEDDED_DOWNLOAD_ROUTE, EmbeddedDownloads(origin, links.embedded).serve)
         )
+        routes.append(Route(layout.EMBEDDED_THUMBNAIL_ROUTE,
+                            EmbeddedThumbnails(origin, links.embedded).serve))
         routes.append(Mount("/cdn", app=CdnHeaders(static_files(origin.root))))
     # The access log and CORS wrap the whole server, fast path included, in this order.
     middleware = [

@@ -1,11 +1,14 @@
-"""Where a download's 302 points: a short-lived signed URL of the version's MP4.
+"""Where a download's 302 points: a short-lived signed URL of the version's MP4; and the URL
+of each thumbnail sheet a thumbnail track names, made the same way (both are clear files in the
+origin's private prefixes, ``layout.PRIVATE_ORIGIN_DIRS``).
 
 - With CloudFront signing configured: a canned-policy signed URL on the CDN (one exact URL,
   one expiry), which CloudFront checks before it reads the private origin.
 - Else, with an ``s3://`` origin: an S3 presigned GET (computed locally, no request).
 - Else, in embedded mode: ``/cdn/downloads/…?expires=…&signature=…``, an HMAC under a key
-  derived from the master key, which the embedded server checks (:class:`EmbeddedDownloads`);
-  the rest of ``/cdn/`` never serves ``downloads/``.
+  derived from the master key, which the embedded server checks (:class:`EmbeddedDownloads`,
+  :class:`EmbeddedThumbnails`); the rest of ``/cdn/`` never serves ``downloads/`` or
+  ``thumbnails/``.
 
 Every one of them answers with ``Content-Disposition: attachment`` and serves ``Range``
 requests, so a download can be resumed (with a fresh 302 once the URL has expired).
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,8 @@ DOWNLOAD_URL_TTL_S = 3600
 #: The embedded signature's query parameters.
 EXPIRES_PARAM, SIGNATURE_PARAM = "expires", "signature"
 _EMBEDDED_KEY_LABEL = b"hlsvault-embedded-downloads"
+#: A thumbnail sheet's file name (``layout.thumbnail_sheet_name``).
+_SHEET = re.compile(r"sheet_[0-9]{3,6}\.jpg")
 
 
 def download_expiry(token_expires_at: int, *, now: float | None = None) -> int:
@@ -86,6 +92,18 @@ class DownloadLinks:
     def url(self, asset: str, version: str, key: str, *, expires_at: int) -> str:
         """The signed URL of the download at origin ``key``; ConfigurationError (503) when
         this deployment has no way to sign one."""
+        return self.signed(key, expires_at=expires_at, what="downloads",
+                           disposition=layout.download_disposition(asset))
+
+    def sheet_url(self, asset: str, version: str, sheet: str, *, expires_at: int) -> str:
+        """The signed URL of a thumbnail sheet; ConfigurationError (503) likewise."""
+        return self.signed(layout.thumbnail_sheet_key(asset, version, sheet),
+                           expires_at=expires_at, what="thumbnails")
+
+    def signed(self, key: str, *, expires_at: int, what: str,
+               disposition: str | None = None) -> str:
+        """A signed URL of the private origin file ``key``, valid until ``expires_at``, the
+        one way this deployment allows."""
         method = self.method
         if method == "cloudfront":
             assert self.signer is not None  # noqa: S101 - method says so
@@ -98,14 +116,14 @@ class DownloadLinks:
             assert isinstance(self.origin, S3Store)  # noqa: S101 - method says so
             return self.origin.presigned_get(
                 key, expires_in=max(1, expires_at - int(time.time())),
-                content_disposition=layout.download_disposition(asset),
+                content_disposition=disposition,
             )
         if method == "embedded":
             query = (f"?{EXPIRES_PARAM}={expires_at}"
                      f"&{SIGNATURE_PARAM}={self.embedded.sign(key, expires_at)}")
-            return layout.embedded_download_url(self.settings.public_url, asset, version, query)
+            return layout.embedded_origin_url(self.settings.public_url, key, query)
         raise ConfigurationError(
-            "downloads need a way to sign their URL: set HLSVAULT_CLOUDFRONT_KEY_PAIR_ID and "
+            f"{what} need a way to sign their URL: set HLSVAULT_CLOUDFRONT_KEY_PAIR_ID and "
             "HLSVAULT_CLOUDFRONT_PRIVATE_KEY, or use an s3:// HLSVAULT_ORIGIN"
         )
 
@@ -114,39 +132,67 @@ class EmbeddedDownloads:
     """Embedded mode's ``/cdn/downloads/…``: served only with a valid, unexpired signature;
     ``Range`` requests answered 206 (Starlette's FileResponse)."""
 
+    #: What a refused request is told to do.
+    ask_again = "download link missing, expired or not signed by this server; ask " \
+                "/v1/downloads/{asset} for a new one"
+
     def __init__(self, origin: LocalStore, signatures: EmbeddedSignatures) -> None:
         self.origin = origin
         self.signatures = signatures
 
-    async def serve(self, request: Request) -> Response:
-        asset = request.path_params["asset"]
-        version = request.path_params["version"]
-        name = request.path_params["name"]
-        if (
-            not layout.ASSET_ID_PATTERN.fullmatch(asset)
-            or not layout.VERSION_PATTERN.fullmatch(version)
-            or name != layout.download_file_name(asset)
-        ):
-            return error(404, "not found")
-        key = layout.download_key(asset, version)
-        query = request.query_params
-        if not self.signatures.valid(
-            key, query.get(EXPIRES_PARAM, ""), query.get(SIGNATURE_PARAM, "")
-        ):
-            return error(403, "download link missing, expired or not signed by this server; "
-                              "ask /v1/downloads/{asset} for a new one")
-        path = self.origin.local_path(key)
-        if path is None or not Path(path).is_file():
-            return error(404, "not found")
+    def origin_key(self, asset: str, version: str, name: str) -> str | None:
+        """The origin key a path names, or None when it names no file of this kind."""
+        if name != layout.download_file_name(asset):
+            return None
+        return layout.download_key(asset, version)
+
+    def answer(self, path: str, asset: str) -> Response:
         return FileResponse(
             path, media_type="video/mp4", filename=layout.download_file_name(asset),
             content_disposition_type="attachment", headers={"Cache-Control": "private, no-store"},
         )
 
+    async def serve(self, request: Request) -> Response:
+        asset = request.path_params["asset"]
+        version = request.path_params["version"]
+        name = request.path_params["name"]
+        key = None
+        if layout.ASSET_ID_PATTERN.fullmatch(asset) and layout.VERSION_PATTERN.fullmatch(version):
+            key = self.origin_key(asset, version, name)
+        if key is None:
+            return error(404, "not found")
+        query = request.query_params
+        if not self.signatures.valid(
+            key, query.get(EXPIRES_PARAM, ""), query.get(SIGNATURE_PARAM, "")
+        ):
+            return error(403, self.ask_again)
+        path = self.origin.local_path(key)
+        if path is None or not Path(path).is_file():
+            return error(404, "not found")
+        return self.answer(path, asset)
+
+
+class EmbeddedThumbnails(EmbeddedDownloads):
+    """Embedded mode's ``/cdn/thumbnails/…``: a thumbnail sheet, served only with a valid,
+    unexpired signature, as downloads are."""
+
+    ask_again = "thumbnail sheet link missing, expired or not signed by this server; fetch " \
+                "the thumbnail track again for new ones"
+
+    def origin_key(self, asset: str, version: str, name: str) -> str | None:
+        if not _SHEET.fullmatch(name):
+            return None
+        return layout.thumbnail_sheet_key(asset, version, name)
+
+    def answer(self, path: str, asset: str) -> Response:
+        return FileResponse(path, media_type="image/jpeg",
+                            headers={"Cache-Control": "private, no-store"})
+
 
 class NoDownloadsInStatic:
-    """The embedded /cdn/ static files, minus ``downloads/``: those are private, and only the
-    signed route above serves them (whatever path spelling reaches this mount)."""
+    """The embedded /cdn/ static files, minus ``downloads/`` and ``thumbnails/``: those are
+    private, and only the signed routes above serve them (whatever path spelling reaches this
+    mount)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -156,7 +202,7 @@ class NoDownloadsInStatic:
         root: str = scope.get("root_path", "")
         inner = path[len(root):] if root and path.startswith(root) else path
         parts = [part for part in inner.split("/") if part not in ("", ".")]
-        if parts and parts[0].lower().startswith("downloads"):
+        if parts and parts[0].lower().startswith(layout.PRIVATE_ORIGIN_DIRS):
             await error(404, "not found")(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -28,7 +28,7 @@ from pipeline import layout
 from pipeline.catalog import AssetState
 from pipeline.cdnsign import CdnSigner
 from pipeline.cdnsign import describe as describe_signing
-from pipeline.errors import Refused
+from pipeline.errors import HlsvaultError, Refused
 from pipeline.http import status_for
 from pipeline.keys import KeyUnwrapError
 from pipeline.playlists import (
@@ -45,7 +45,7 @@ from pipeline.tokens import TokenClaims, TokenVerifier
 
 from .auditlog import LineWriter
 from .credentials import COOKIE_NAME, Credentials, ip_bucket, token_bucket
-from .downloads import DownloadLinks
+from .downloads import DownloadLinks, download_expiry
 from .ratelimit import RateLimiter
 from .responses import (
     Answer,
@@ -327,23 +327,26 @@ class KeyServer:
         return playlist_answer(self.templates.render(key, render, suffix, signed))
 
     async def thumbnails(self, creds: Credentials, asset: str) -> Answer:
-        """Trick play's thumbnail track, under the variant playlists' token rules: its sheet
-        URIs point at the CDN, signed for the thumbnails' directory like a rendition's
-        segments (cookie mode: the CloudFront cookies cover them)."""
+        """Trick play's thumbnail track, under the variant playlists' token rules. The sheets
+        are clear pictures in the origin's private ``thumbnails/`` prefix: each URI is a
+        short-lived signed URL made as a download's is (:class:`DownloadLinks`), in cookie
+        mode too; 503 when this deployment cannot sign one."""
         access = await self._per_viewer(creds, asset)
         if isinstance(access, Answer):
             return access
-        claims, described, cookie_mode = access
+        claims, described, _ = access
         if described.thumbnails is None:
             return error_answer(404, "no thumbnails: package the asset with --trick-play")
-        cdn, version, directory = self.settings.cdn_url, described.version, layout.THUMBNAILS_DIR
-        signed = "" if cookie_mode else self._segment_query(asset, version, directory, claims)
+        expires_at = download_expiry(claims.expires_at)
 
         def sheet_uri(sheet: str) -> str:
-            return f"{layout.cdn_url(cdn, layout.segment_key(asset, version, directory, sheet))}" \
-                   f"{signed}"
+            return self.links.sheet_url(asset, described.version, sheet, expires_at=expires_at)
 
-        return webvtt_answer(render_vtt(described.thumbnails, sheet_uri=sheet_uri))
+        try:
+            text = render_vtt(described.thumbnails, sheet_uri=sheet_uri)
+        except HlsvaultError as refused:  # no way to sign (503), as a download's 302
+            return error_answer(status_for(refused), str(refused))
+        return webvtt_answer(text)
 
     def _segment_query(
         self, asset: str, version: str, rendition: str, claims: TokenClaims

@@ -26,8 +26,8 @@ Stores (keys are ``/``-separated, relative)::
             assets/<asset>/<version>/<rendition>/init.mp4        fMP4's init segment (EXT-X-MAP)
             assets/<asset>/<version>/subs0-en/seg_00000.vtt      WebVTT segments (encrypted)
             assets/<asset>/<version>/iframes/seg_00000.ts        trick play: one I-frame each
-            assets/<asset>/<version>/thumbnails/sheet_000.jpg    trick play: thumbnail sprites
             downloads/<asset>/<version>/<asset>.mp4              a private download (never public)
+            thumbnails/<asset>/<version>/sheet_000.jpg           trick play's sprites (never public)
     vault   keys/<asset>/<version>/000000.key                    wrapped content keys
             catalog/<asset>/current.json                         the asset's state document
             catalog/<asset>/revoked.json                         its revocation, if any
@@ -36,14 +36,17 @@ Stores (keys are ``/``-separated, relative)::
 Key server URLs (under ``HLSVAULT_PUBLIC_URL``)::
 
     /v1/assets/<asset>/master.m3u8   /v1/assets/<asset>/<rendition>.m3u8
-    /v1/assets/<asset>/thumbnails.vtt   the thumbnail track (trick play), sprite URIs on the CDN
+    /v1/assets/<asset>/thumbnails.vtt   the thumbnail track (trick play), short-lived signed
+                                        sprite URLs (as downloads are signed)
     /v1/keys/<asset>/<version>/<index>
     /v1/downloads/<asset>            302 to a signed URL of the current version's MP4
     /v1/offline/<asset>              the current version's playlists and keys, for offline HLS
 
 Signed CDN access (CloudFront policies and cookies) covers a rendition's segments
 (``<cdn>/assets/<asset>/<version>/<rendition>/*``) in tokenized mode, the whole asset
-(``<cdn>/assets/<asset>/*``) in cookie mode, and one download URL (canned policy).
+(``<cdn>/assets/<asset>/*``) in cookie mode, and one download URL or one thumbnail sheet URL
+(canned policy). ``downloads/`` and ``thumbnails/`` are the origin's private prefixes: clear
+files served only through signed URLs, never by the public CDN path.
 """
 
 from __future__ import annotations
@@ -202,9 +205,20 @@ def segment_content_type(name: str) -> str:
     return _CONTENT_TYPES.get(PurePosixPath(name).suffix, "application/octet-stream")
 
 
+def asset_thumbnails_prefix(asset: str) -> str:
+    """Where every thumbnail sheet of an asset lives in the origin: private, like downloads
+    (clear pictures, served only through short-lived signed URLs)."""
+    return f"{THUMBNAILS_DIR}/{check_asset_id(asset)}"
+
+
 def thumbnails_prefix(asset: str, version: str) -> str:
     """Where a version's thumbnail sheets live in the origin."""
-    return f"{asset_prefix(asset)}/{check_version(version)}/{THUMBNAILS_DIR}"
+    return f"{asset_thumbnails_prefix(asset)}/{check_version(version)}"
+
+
+def thumbnail_sheet_key(asset: str, version: str, sheet: str) -> str:
+    """The origin key of one of a version's thumbnail sheets."""
+    return f"{thumbnails_prefix(asset, version)}/{sheet}"
 
 
 def thumbnail_sheet_name(index: int) -> str:
@@ -353,8 +367,10 @@ def stable_cdn_paths(asset: str) -> list[str]:
 
 
 def asset_cdn_paths(asset: str) -> list[str]:
-    """Every CDN path of an asset: what a revocation purges (its downloads too)."""
-    return [f"/{asset_prefix(asset)}/*", f"/{downloads_prefix(asset)}/*"]
+    """Every CDN path of an asset: what a revocation purges (its downloads and thumbnail
+    sheets too)."""
+    return [f"/{asset_prefix(asset)}/*", f"/{downloads_prefix(asset)}/*",
+            f"/{asset_thumbnails_prefix(asset)}/*"]
 
 
 def downloads_prefix(asset: str) -> str:
@@ -383,6 +399,11 @@ def download_disposition(asset: str) -> str:
 
 def is_download_key(key: str) -> bool:
     return key.startswith("downloads/")
+
+
+#: The origin's private top-level directories: served only through signed URLs, never by the
+#: public CDN path (the embedded /cdn/ static files refuse them).
+PRIVATE_ORIGIN_DIRS = ("downloads", THUMBNAILS_DIR)
 
 
 def rendition_resource(cdn: str, asset: str, version: str, rendition: str) -> str:
@@ -460,6 +481,8 @@ OFFLINE_ROUTE = "/v1/offline/{asset}"
 #: Embedded mode only: the origin's downloads, each request checked against a signature the
 #: key server made (the rest of /cdn/ is public, as a CDN is).
 EMBEDDED_DOWNLOAD_ROUTE = "/cdn/downloads/{asset}/{version}/{name}"
+#: ...and its thumbnail sheets, the same way.
+EMBEDDED_THUMBNAIL_ROUTE = "/cdn/thumbnails/{asset}/{version}/{name}"
 #: Every request under this prefix writes an audit line of its own.
 KEYS_PATH_PREFIX = "/v1/keys/"
 #: ...and under these: key, download and offline requests.
@@ -490,9 +513,10 @@ def offline_url(public_url: str, asset: str, query: str = "") -> str:
     return f"{public_url}/v1/offline/{asset}{query}"
 
 
-def embedded_download_url(public_url: str, asset: str, version: str, query: str) -> str:
-    """The embedded server's URL of a download, with the signature query it checks."""
-    return f"{public_url}/cdn/{download_key(asset, version)}{query}"
+def embedded_origin_url(public_url: str, key: str, query: str) -> str:
+    """The embedded server's URL of a private origin file (a download, a thumbnail sheet),
+    with the signature query it checks."""
+    return f"{public_url}/cdn/{key}{query}"
 
 
 #: Offline bundles name their keys with this scheme, which no player fetches by itself: an

@@ -27,7 +27,7 @@ from .errors import BadSpec, NotFound
 from .jobs import JobSpec
 from .playlists import AssetVersion, RenditionEntry, key_index
 from .services import Services
-from .thumbnails import delete_thumbnails
+from .thumbnails import delete_asset_thumbnails, delete_thumbnails
 
 
 def new_rekey_spec(
@@ -97,10 +97,13 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
                 plain.unlink()
                 segments.append(replace(segment, size=size, key=index))
             if rendition.init is not None:
-                _carry(svc, spec, old.version, rendition.name, rendition.init)
+                _carry(svc, spec, layout.segment_key(spec.asset, old.version, rendition.name,
+                                                     rendition.init),
+                       rendition.name, rendition.init)
             renditions.append(replace(rendition, segments=tuple(segments)))
         for sheet in old.thumbnails.sheets if old.thumbnails else ():
-            _carry(svc, spec, old.version, layout.THUMBNAILS_DIR, sheet)
+            _carry(svc, spec, layout.thumbnail_sheet_key(spec.asset, old.version, sheet),
+                   layout.THUMBNAILS_DIR, sheet)
     described = replace(
         old,
         version=spec.version,
@@ -115,11 +118,11 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
     return described
 
 
-def _carry(svc: Services, spec: JobSpec, old_version: str, directory: str, name: str) -> None:
-    """A clear file into the new version as it is: an fMP4 rendition's init segment (it holds
-    no sample) or a thumbnail sheet (an image, see pipeline.thumbnails), so there is nothing
-    to re-key."""
-    data = svc.origin.get_bytes(layout.segment_key(spec.asset, old_version, directory, name))
+def _carry(svc: Services, spec: JobSpec, origin_key: str, directory: str, name: str) -> None:
+    """A clear file (at ``origin_key``) into the new version as it is: an fMP4 rendition's
+    init segment (it holds no sample) or a thumbnail sheet (an image, see
+    pipeline.thumbnails), so there is nothing to re-key."""
+    data = svc.origin.get_bytes(origin_key)
     svc.work.put_bytes(layout.encrypted_key(spec.job_id, directory, name), data)
 
 
@@ -143,19 +146,20 @@ def shred_due(svc: Services, asset: str, *, now: float | None = None) -> list[st
 
 def revoke(svc: Services, asset: str, *, cloudfront: Any | None = None) -> dict[str, Any]:
     """Crypto-shred the asset: mark it revoked (key servers answer 410 from ``in_effect_at``
-    on, those that heard the announcement at once), delete every key of every version and
-    every MP4 download, and purge the CDN's copies of its paths."""
+    on, those that heard the announcement at once), delete every key of every version, every
+    MP4 download and every thumbnail sheet (whole prefixes: a version a job uploaded but
+    never published too), and purge the CDN's copies of its paths. Everything is deleted
+    after the mark, so that nothing a job in flight adds before it is missed (a job adding
+    after it cannot publish, and deletes its own sheets when it fails)."""
     from .cdn import purge_asset
 
     layout.check_asset_id(asset)
-    state = svc.catalog.state(asset)
-    if state is None:
+    if svc.catalog.state(asset) is None:
         raise NotFound(f"asset {asset} was never published; nothing to revoke")
     in_effect_at = svc.catalog.revoke(asset)
     deleted = svc.keys.delete_asset(asset)
     downloads = delete_asset_downloads(svc, asset)
-    published = [v for v in (state.version, *state.retired) if v is not None]
-    thumbnails = delete_thumbnails(svc, asset, published)
+    thumbnails = delete_asset_thumbnails(svc, asset)
     invalidation = purge_asset(svc, asset, client=cloudfront)
     return {"asset": asset, "status": "revoked", "keys_deleted": deleted,
             "downloads_deleted": downloads, "thumbnails_deleted": thumbnails,

@@ -22,6 +22,8 @@ from .services import Services
 PLAYLIST_CONTENT_TYPE = "application/vnd.apple.mpegurl"
 #: Segment paths are versioned and never rewritten, so caches may keep them for a year.
 IMMUTABLE = "public, max-age=31536000, immutable"
+#: ...but a private file (a thumbnail sheet, fetched with a signed URL) in no shared cache.
+PRIVATE_IMMUTABLE = "private, max-age=31536000, immutable"
 #: The stable master playlist changes with each publish; edges revalidate it after a minute
 #: even if an invalidation is lost.
 STABLE_PLAYLIST = "public, max-age=60"
@@ -35,21 +37,25 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = no_progress) ->
     described = svc.catalog.get_version(spec.asset, spec.version)
     report = rate_limited(on_progress)
     items = [
-        (rendition.name, name)
+        (rendition.name, name, layout.segment_key(spec.asset, spec.version, rendition.name, name))
         for rendition in described.renditions
         for name in ([rendition.init] if rendition.init else [])
         + [seg.name for seg in rendition.segments]
     ]
     if described.thumbnails is not None:
-        # Trick play's sprites go beside the renditions, as they are (pipeline.thumbnails).
-        items += [(layout.THUMBNAILS_DIR, name) for name in described.thumbnails.sheets]
+        # Trick play's sprites, clear pictures, go to the origin's private thumbnails/ prefix
+        # (pipeline.thumbnails); a job that fails from here on deletes them again.
+        items += [(layout.THUMBNAILS_DIR, name,
+                   layout.thumbnail_sheet_key(spec.asset, spec.version, name))
+                  for name in described.thumbnails.sheets]
     done = 0
 
-    def put(item: tuple[str, str]) -> None:
-        rendition, name = item
-        key = layout.segment_key(spec.asset, spec.version, rendition, name)
+    def put(item: tuple[str, str, str]) -> None:
+        rendition, name, key = item
         work_key = layout.encrypted_key(spec.job_id, rendition, name)
-        headers = {"content_type": layout.segment_content_type(name), "cache_control": IMMUTABLE}
+        private = rendition == layout.THUMBNAILS_DIR
+        headers = {"content_type": layout.segment_content_type(name),
+                   "cache_control": PRIVATE_IMMUTABLE if private else IMMUTABLE}
         if svc.origin.copy_from(svc.work, work_key, key, **headers):
             return
         with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:

@@ -8,9 +8,12 @@ naming the tile (``sheet_000.jpg#xywh=160,0,160,90``), the form video.js, Vidsta
 JW Player's thumbnail plugins read.
 
 The sheets are images a browser loads with an ``<img>`` or a CSS background, which cannot
-decrypt anything: they are not encrypted. They sit beside the segments on the CDN under a
-versioned path no one can guess, signed like segments when CDN signing is on; the track that
-names them is served per viewer by the key server, under the token rules of the playlists.
+decrypt anything: they are not encrypted. So they are private like MP4 downloads: they live in
+the origin's ``thumbnails/<asset>/<version>/`` prefix, which the public CDN path never serves,
+and the track that names them (served per viewer by the key server, under the token rules of
+the playlists) names short-lived signed URLs of them, made the way a download's is
+(:mod:`keyserver.downloads`). A revocation deletes the asset's whole prefix; a job that fails
+after uploading its sheets deletes its version's (:func:`discard_unpublished_sheets`).
 """
 
 from __future__ import annotations
@@ -131,9 +134,25 @@ def render_vtt(thumbnails: Thumbnails, *, sheet_uri: Callable[[str], str]) -> st
 def delete_thumbnails(svc: Services, asset: str, versions: Iterable[str]) -> int:
     """Delete the thumbnail sheets of ``versions`` of ``asset`` from the origin; returns how
     many objects went. Sheets are clear pictures: deleting the keys (crypto-shredding) leaves
-    them readable, so a shred or a revocation deletes them, as it deletes downloads."""
+    them readable, so a shred deletes them, as it deletes downloads."""
     return sum(svc.origin.delete_prefix(layout.thumbnails_prefix(asset, version))
                for version in versions)
+
+
+def delete_asset_thumbnails(svc: Services, asset: str) -> int:
+    """Delete every thumbnail sheet of ``asset``, of any version, named by the catalog or
+    not (a revocation)."""
+    return svc.origin.delete_prefix(layout.asset_thumbnails_prefix(asset))
+
+
+def discard_unpublished_sheets(svc: Services, asset: str, version: str) -> int:
+    """A failed job's sheets: deleted unless its version was published after all (current or
+    retired), so that a job failing after its upload (a revocation in between, an upload
+    that gave up) leaves no clear picture under a version nothing names."""
+    state = svc.catalog.state(asset)
+    if state is not None and version in (state.version, *state.retired):
+        return 0
+    return svc.origin.delete_prefix(layout.thumbnails_prefix(asset, version))
 
 
 def _timestamp(seconds: float) -> str:

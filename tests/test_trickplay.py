@@ -20,7 +20,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urljoin, urlsplit, urlunsplit
 
 import m3u8
 import pytest
@@ -502,7 +502,8 @@ class TestLifecycle:
                 continue  # the old key does not even unpad it
             assert pictures(stale, tmp_path, False, check=False) == []
         cues = vtt_cues(fetch(keyserver.url("keyed", "--thumbnails")))
-        assert all(f"/{version}/{layout.THUMBNAILS_DIR}/" in text for _, _, text in cues)
+        assert all(f"/{layout.thumbnails_prefix('keyed', version)}/" in text
+                   for _, _, text in cues)
         assert all(status_of(text.split("#")[0]) == 200 for _, _, text in cues)
         # The retired version's sheets went with its keys: its grace (0) was over, and an
         # embedded re-key shreds what is due before it returns.
@@ -541,10 +542,12 @@ class TestFleet:
         origin = fleet.env["TEST_BUCKET_ORIGIN"]
         objects = bucket_objects(moto_server, origin, "assets/fleettrick/")
         names = {key.split("/", 3)[3] for key in objects if key.count("/") == 4}
-        assert {"iframes/init.mp4", "iframes/seg_00000.m4s", "iframes/seg_00002.m4s",
-                "thumbnails/sheet_000.jpg"} <= names
+        assert {"iframes/init.mp4", "iframes/seg_00000.m4s", "iframes/seg_00002.m4s"} <= names
+        assert not any(key.endswith(".jpg") for key in objects)
+        # The sheets are private, like downloads: beside them, never under assets/.
+        (sheet,) = bucket_objects(moto_server, origin, "thumbnails/fleettrick/")
+        assert sheet.endswith("/sheet_000.jpg")
         s3 = moto_server.client("s3")
-        sheet = next(k for k in objects if k.endswith("sheet_000.jpg"))
         assert s3.head_object(Bucket=origin, Key=sheet)["ContentType"] == "image/jpeg"
 
         url = fleet.cli("url", "fleettrick").stdout.strip()
@@ -554,7 +557,13 @@ class TestFleet:
         for frame in frames:
             assert [p["pict_type"] for p in pictures(frame.plain(), tmp_path, True)] == ["I"]
         track = fleet.cli("url", "fleettrick", "--thumbnails").stdout.strip()
-        assert re.search(r"#xywh=0,0,160,90$", vtt_cues(fetch(track))[0][2])
+        first = vtt_cues(fetch(track))[0][2]
+        assert re.search(r"#xywh=0,0,160,90$", first)
+        # No CloudFront key: an S3 presigned GET, refused without its signature.
+        uri = first.split("#", 1)[0]
+        assert "X-Amz-Signature=" in uri
+        assert get(uri)[:3] == b"\xff\xd8\xff"
+        assert status_of(without_query(uri)) == 403
 
 
 class TestSigning:
@@ -562,8 +571,8 @@ class TestSigning:
         self, hlsvault: Hlsvault, copy_clip: Path, request: pytest.FixtureRequest
     ) -> None:
         """With CloudFront signing on, each I-frame segment URI carries a policy for the
-        I-frame rendition's directory and each sheet URI one for the thumbnails' directory,
-        never wider; the signed URLs still fetch."""
+        I-frame rendition's directory, and each sheet URI is a canned-policy URL of that one
+        sheet in the private thumbnails/ prefix, as a download's is."""
         keys = rsa_key_pair()
         hlsvault.env["HLSVAULT_CLOUDFRONT_KEY_PAIR_ID"] = "K2TRICKPLAY"
         hlsvault.env["HLSVAULT_CLOUDFRONT_PRIVATE_KEY"] = keys.private_pem
@@ -575,11 +584,14 @@ class TestSigning:
         for segment in playlist.segments:
             (statement,) = policy_of(segment.absolute_uri)["Statement"]
             assert statement["Resource"] == f"{cdn}/{layout.IFRAME_RENDITION}/*"
+        sheets = f"{served.public_url}/cdn/" + layout.thumbnails_prefix(
+            "signed", str(summary["version"]))
         for _, _, text in vtt_cues(fetch(served.url("signed", "--thumbnails"))):
             uri = text.split("#", 1)[0]
-            (statement,) = policy_of(uri)["Statement"]
-            assert statement["Resource"] == f"{cdn}/{layout.THUMBNAILS_DIR}/*"
-            assert status_of(uri) == 200
+            assert without_query(uri) == f"{sheets}/sheet_000.jpg"
+            query = parse_qs(urlsplit(uri).query)
+            assert set(query) == {"Expires", "Signature", "Key-Pair-Id"}
+            assert int(query["Expires"][0]) <= time.time() + 3600
 
 
 class TestHlsJs:
@@ -608,3 +620,97 @@ class TestHlsJs:
             return [text.slice(0, 6), sheet.naturalWidth, sheet.naturalHeight, xywh];
         }""", served.url("scrub", "--thumbnails"))
         assert loaded == ["WEBVTT", 3 * 160, 90, "0,0,160,90"], player.describe()
+
+
+def sheet_urls(track_url: str) -> list[str]:
+    return [text.split("#", 1)[0] for _, _, text in vtt_cues(fetch(track_url))]
+
+
+class TestPrivateSheets:
+    def test_sheets_are_served_only_through_short_lived_signed_urls(
+        self, keyserver: Hlsvault, copy_clip: Path
+    ) -> None:
+        """Embedded mode, no CloudFront: the track names signed /cdn/thumbnails/ URLs that
+        fetch the JPEG; the same path unsigned, tampered, past its expiry (a genuine
+        signature), or spelled through the static /cdn/ mount is refused; the sheet is
+        nowhere under the public assets/ prefix."""
+        from keyserver.downloads import EmbeddedSignatures
+        from pipeline.settings import load_settings
+
+        version = str(package(keyserver, copy_clip, "hidden", "--ladder", "copy",
+                              "--trick-play")["version"])
+        (url,) = set(sheet_urls(keyserver.url("hidden", "--thumbnails")))
+        key = layout.thumbnail_sheet_key("hidden", version, "sheet_000.jpg")
+        assert urlsplit(url).path == f"/cdn/{key}"
+        assert get(url)[:3] == b"\xff\xd8\xff"  # the control: signed, it is served
+        assert (keyserver.origin / key).is_file()
+        assert not list((keyserver.origin / "assets" / "hidden").rglob("*.jpg"))
+
+        assert status_of(without_query(url)) == 403
+        assert status_of(url.replace("signature=", "signature=0")) == 403
+        expires = int(re.search(r"expires=(\d+)", url).group(1))  # type: ignore[union-attr]
+        assert time.time() < expires <= time.time() + 3600
+        signatures = EmbeddedSignatures(load_settings(keyserver.env).master_key)
+        past = int(time.time()) - 1
+        expired = f"{without_query(url)}?expires={past}&signature={signatures.sign(key, past)}"
+        assert status_of(expired) == 403
+        for spelled in (url.replace("/cdn/", "/cdn//"), url.replace("/cdn/", "/cdn/./")):
+            assert status_of(without_query(spelled)) in (403, 404), spelled
+
+    def test_without_a_way_to_sign_the_track_is_503(
+        self, hlsvault: Hlsvault, copy_clip: Path
+    ) -> None:
+        """A fleet key server (not embedded) with a file origin and no CloudFront key cannot
+        sign a sheet URL: the track is refused with 503 and says what to configure, rather
+        than naming bare URLs."""
+        from dataclasses import replace as replaced
+
+        from keyserver import create_app
+        from keyserver.ratelimit import MemoryRateLimiter
+        from pipeline.settings import load_settings
+
+        from keyserver_support import AppClient
+
+        package(hlsvault, copy_clip, "nosign", "--ladder", "copy", "--trick-play")
+        settings = load_settings(hlsvault.env)
+        query = urlsplit(hlsvault.url("nosign", "--thumbnails")).query
+        fleet = replaced(settings, redis_url="redis://127.0.0.1:9")
+        with AppClient(create_app(fleet, limiter=MemoryRateLimiter()),
+                       client_ip="127.0.0.1") as client:
+            answer = client.get(f"{layout.thumbnails_url('', 'nosign')}?{query}")
+        assert answer.status_code == 503, answer.text
+        assert "HLSVAULT_CLOUDFRONT_KEY_PAIR_ID" in answer.text
+
+
+class TestRevokeInFlight:
+    def test_revoke_while_a_trick_play_job_is_in_flight_leaves_no_sheet(
+        self, keyserver: Hlsvault, copy_clip: Path
+    ) -> None:
+        """A re-package with trick play that uploads its sheets after a revocation: the
+        publish refuses, the job fails, and no sheet of any version is left in the origin;
+        a job failing after its sheet upload deletes its own version's sheets."""
+        import threading
+
+        package(keyserver, copy_clip, "inflight", "--ladder", "copy", "--trick-play")
+        sheets = keyserver.origin / layout.asset_thumbnails_prefix("inflight")
+        assert list(sheets.rglob("*.jpg"))
+        # The revoke runs as soon as the second job is recorded (it started before the
+        # revocation, so it may not publish), long before its upload.
+        jobs_dir = keyserver.data_dir / "jobs"
+        before = len(list(jobs_dir.rglob("*")))
+        outcome: list[subprocess.CompletedProcess[str]] = []
+        job = threading.Thread(target=lambda: outcome.append(keyserver.package(
+            str(copy_clip), "--asset", "inflight", "--segment-seconds",
+            str(SEGMENT_SECONDS), "--ladder", "copy", "--trick-play", "--json")))
+        job.start()
+        deadline = time.monotonic() + 30
+        while len(list(jobs_dir.rglob("*"))) == before:
+            assert time.monotonic() < deadline, "the second job never started"
+            time.sleep(0.05)
+        done = keyserver.run("revoke", "inflight", "--json")
+        assert done.returncode == 0, done.stderr
+        job.join(timeout=120)
+        assert not job.is_alive()
+        (second,) = outcome
+        assert "revoked after this job started" in second.stdout + second.stderr, second
+        assert not list(sheets.rglob("*.jpg")), list(sheets.rglob("*"))

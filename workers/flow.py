@@ -35,6 +35,7 @@ from pipeline.jobs import JobSpec
 from pipeline.logs import redact_text
 from pipeline.packaging import JobPlan
 from pipeline.publish import discard_work, replaced_grace
+from pipeline.thumbnails import discard_unpublished_sheets
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -163,6 +164,14 @@ def fail(rt: Runtime, job_id: str, stage: str, reason: str) -> None:
     (nothing else will ever read it; a retry is a new job)."""
     log.warning("job failed", stage=stage, reason=reason)
     rt.services.jobs.fail(job_id, stage, reason)
+    spec = rt.services.jobs.get(job_id).spec
+    # Sheets are clear pictures uploaded before the publish: not left under a version that
+    # will never be named (the publish refused after a revocation, an upload gave up).
+    try:
+        discard_unpublished_sheets(rt.services, spec.asset, spec.version)
+    except HlsvaultError as error:
+        log.warning("the failed job's thumbnail sheets could not be deleted; a revocation "
+                    "of the asset deletes them", reason=redact_text(str(error)))
     discard_work(rt.services, job_id)
 
 

@@ -55,15 +55,17 @@ class S3Store:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def presigned_get(self, key: str, *, expires_in: int, content_disposition: str) -> str:
+    def presigned_get(
+        self, key: str, *, expires_in: int, content_disposition: str | None = None
+    ) -> str:
         """A presigned GET of ``key`` (computed locally, no request), answered with
-        ``content_disposition``."""
+        ``content_disposition`` when given."""
+        params = {"Bucket": self.bucket, "Key": self._key(key)}
+        if content_disposition is not None:
+            params["ResponseContentDisposition"] = content_disposition
         try:
             url: str = self.client.generate_presigned_url(
-                "get_object",
-                Params={"Bucket": self.bucket, "Key": self._key(key),
-                        "ResponseContentDisposition": content_disposition},
-                ExpiresIn=expires_in,
+                "get_object", Params=params, ExpiresIn=expires_in,
             )
         except _BOTO_ERRORS as error:  # no credentials to sign with
             raise self._translate(error, key) from None
