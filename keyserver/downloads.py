@@ -146,7 +146,7 @@ class EmbeddedDownloads:
             return None
         return layout.download_key(asset, version)
 
-    def answer(self, path: str, asset: str) -> Response:
+    def answer(self, path: Path, asset: str) -> Response:
         return FileResponse(
             path, media_type="video/mp4", filename=layout.download_file_name(asset),
             content_disposition_type="attachment", headers={"Cache-Control": "private, no-store"},
@@ -169,7 +169,7 @@ class EmbeddedDownloads:
         path = self.origin.local_path(key)
         if path is None or not Path(path).is_file():
             return error(404, "not found")
-        return self.answer(path, asset)
+        return self.answer(Path(path), asset)
 
 
 class EmbeddedThumbnails(EmbeddedDownloads):
@@ -184,7 +184,7 @@ class EmbeddedThumbnails(EmbeddedDownloads):
             return None
         return layout.thumbnail_sheet_key(asset, version, name)
 
-    def answer(self, path: str, asset: str) -> Response:
+    def answer(self, path: Path, asset: str) -> Response:
         return FileResponse(path, media_type="image/jpeg",
                             headers={"Cache-Control": "private, no-store"})
 
