@@ -25,9 +25,9 @@ from . import layout
 from .errors import BadSpec, PermanentError, StageTimeout
 from .jobs import JobSpec
 from .media import ffmpeg_reason
-from .packaging import decrypt_work_segment
 from .playlists import AssetVersion, DownloadEntry, RenditionEntry
 from .services import Services
+from .worksegments import decrypt_work_segment
 
 MP4_CONTENT_TYPE = "video/mp4"
 #: Downloads are per version and immutable, but private: no shared cache may keep a copy

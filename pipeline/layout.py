@@ -86,6 +86,9 @@ DOWNLOAD_TOP = "top"
 #: what HEVC and one-track-per-file packaging need).
 CONTAINERS = ("ts", "fmp4")
 DEFAULT_CONTAINER = "ts"
+#: The one ffmpeg demuxer that reads hlsvault's own plain segments of each container (an fMP4
+#: media segment after its init segment).
+CONTAINER_DEMUXERS = {"ts": "mpegts", "fmp4": "mov"}
 #: Video codecs of the default ladder; HEVC only in fMP4 (browsers that decode HEVC in HLS,
 #: Safari among them, take it tagged ``hvc1`` in fMP4, not in MPEG-TS).
 VIDEO_CODECS = ("h264", "hevc")

@@ -101,20 +101,29 @@ def _even(value: float) -> int:
     return max(2, round(value / 2) * 2)
 
 
-def sprite_args(iframes: Path, demuxer: str, plan: Thumbnails, out_dir: Path) -> list[str]:
+def sprite_args(
+    iframes: Path, demuxer: str, plan: Thumbnails, out_dir: Path, decoded: Path
+) -> list[str]:
     """The ffmpeg command that decodes ``iframes`` (the I-frame rendition joined into one
     file, one picture per media segment) and tiles every picture, in order, into the sheets of
-    ``plan`` in ``out_dir``. Only I-frames are decoded, so this is cheap."""
+    ``plan`` in ``out_dir``, writing one line per decoded picture to ``decoded`` (framecrc:
+    :func:`count_frames`). Only I-frames are decoded, so this is cheap."""
     name, options = work_input(str(iframes), demuxer=demuxer)
     video = ffmpeg.input(name, **options)["v:0"]
-    tiled = video.filter("scale", plan.tile_width, plan.tile_height).filter(
-        "tile", f"{plan.columns}x{plan.rows}"
-    )
-    output = ffmpeg.output(
+    scaled = video.filter("scale", plan.tile_width, plan.tile_height).split()
+    tiled = scaled[0].filter("tile", f"{plan.columns}x{plan.rows}")
+    sheets = ffmpeg.output(
         tiled, str(out_dir / "sheet_%03d.jpg"), start_number=0, fps_mode="passthrough",
         **{"q:v": JPEG_QUALITY}, format="image2",
     )
-    return ffmpeg_command([output])
+    frames = ffmpeg.output(scaled[1], str(decoded), fps_mode="passthrough", format="framecrc")
+    return ffmpeg_command([sheets, frames])
+
+
+def count_frames(framecrc: Path) -> int:
+    """How many pictures a framecrc file lists (its ``#`` lines are headers)."""
+    with framecrc.open() as lines:
+        return sum(1 for line in lines if line.strip() and not line.startswith("#"))
 
 
 def render_vtt(thumbnails: Thumbnails, *, sheet_uri: Callable[[str], str]) -> str:

@@ -43,9 +43,9 @@ from pathlib import Path
 import ffmpeg
 
 from . import layout
-from .errors import UnsupportedMedia
+from .errors import PermanentError, StageTimeout
 from .jobs import JobSpec
-from .packaging import decrypt_work_segment, encrypt_renditions
+from .packaging import encrypt_renditions
 from .playlists import AssetVersion, PublishedSegment, RenditionEntry, describe_rendition
 from .segment import (
     PLAIN_PLAYLIST,
@@ -57,7 +57,8 @@ from .segment import (
 )
 from .services import Services
 from .sources import ffmpeg_command, work_input
-from .thumbnails import Thumbnails, plan_thumbnails, sprite_args
+from .thumbnails import Thumbnails, count_frames, plan_thumbnails, sprite_args
+from .worksegments import decrypt_work_segment, work_init
 
 #: ffmpegs copying I-frames at once: each is mostly process start and reading headers.
 IFRAME_THREADS = min(os.cpu_count() or 1, 4)
@@ -70,7 +71,6 @@ IFRAMES_PER_FFMPEG = 10
 IFRAME_TIMEOUT_S = 120.0
 #: The sprite ffmpeg decodes one small picture per segment: this plus a second per 100.
 SPRITE_BASE_TIMEOUT_S = 60.0
-_DEMUXERS = {"ts": "mpegts", "fmp4": "mov"}
 
 
 def iframe_source(described: AssetVersion) -> RenditionEntry:
@@ -85,7 +85,7 @@ def iframe_args(segments: Sequence[tuple[Path, int, Path]], container: str) -> l
     timestamps kept (``-copyts``)."""
     outputs = []
     for segment, sequence, out_dir in segments:
-        name, options = work_input(str(segment), demuxer=_DEMUXERS[container])
+        name, options = work_input(str(segment), demuxer=layout.CONTAINER_DEMUXERS[container])
         video = ffmpeg.input(name, **options)["v:0"]
         hls = hls_options(out_dir, 1.0, container, sequence)
         if container == "fmp4":
@@ -114,11 +114,9 @@ def make_trick_play(svc: Services, spec: JobSpec) -> AssetVersion:
         iframes_dir.mkdir()
         try:
             segments = _extract_iframes(svc, spec, base, source, work, iframes_dir)
-        except UnsupportedMedia as error:
-            raise UnsupportedMedia(
-                f"trick play: the I-frames of {source.name} could not be copied ({error}); "
-                "package without --trick-play"
-            ) from None
+        except (PermanentError, StageTimeout) as error:
+            raise _trick_play_error(f"the I-frames of {source.name} could not be copied",
+                                    error) from None
         produced = SegmentedRendition(
             rendition=layout.IFRAME_RENDITION, segments=tuple(segments), width=source.width,
             height=source.height, frame_rate=source.frame_rate, video_profile=None,
@@ -133,16 +131,21 @@ def make_trick_play(svc: Services, spec: JobSpec) -> AssetVersion:
         sizes = encrypt_renditions(svc, spec, prefix, {produced.rendition: produced},
                                    first_chunk=True)
         try:
-            thumbnails = _make_sprites(svc, spec, produced, iframes_dir, work)
-        except UnsupportedMedia as error:
-            raise UnsupportedMedia(
-                f"trick play: the thumbnails could not be made ({error}); package without "
-                "--trick-play"
-            ) from None
+            thumbnails = _make_sprites(svc, spec, base.container, produced, iframes_dir, work)
+        except (PermanentError, StageTimeout) as error:
+            raise _trick_play_error("the thumbnails could not be made", error) from None
     entry = describe_rendition(produced, sizes[produced.rendition], spec.key_rotation_segments)
     with_trick_play = replace(base, renditions=(*base.renditions, entry), thumbnails=thumbnails)
     svc.catalog.put_version(with_trick_play)
     return with_trick_play
+
+
+def _trick_play_error(
+    what: str, error: PermanentError | StageTimeout
+) -> PermanentError | StageTimeout:
+    """``error`` saying it was trick play's and what to do, of the same class (a timeout is
+    still retried; anything else fails the job)."""
+    return type(error)(f"trick play: {what} ({error}); package without --trick-play")
 
 
 def _extract_iframes(
@@ -153,9 +156,7 @@ def _extract_iframes(
     ``iframes_dir`` (with the init segment, fMP4); the I-frame segments in order, each with
     its media segment's sequence number and duration and its own plain size."""
     container = described.container
-    init: bytes | None = None
-    if source.init is not None:
-        init = svc.work.get_bytes(layout.encrypted_key(spec.job_id, source.name, source.init))
+    init = work_init(svc, spec.job_id, source)
     keys: dict[int, bytes] = {}
     for segment in source.segments:
         if segment.key not in keys:
@@ -163,17 +164,8 @@ def _extract_iframes(
 
     def plain_segment(segment: PublishedSegment, own: Path) -> Path:
         """The media segment decrypted into ``own`` (fMP4: after its init segment)."""
-        plain = decrypt_work_segment(svc, spec.job_id, source.name, segment, keys[segment.key],
-                                     own)
-        if init is None:
-            return plain
-        # An fMP4 media segment parses only after its init segment.
-        joined = own / "joined.mp4"
-        with joined.open("wb") as out:
-            out.write(init)
-            with plain.open("rb") as body:
-                shutil.copyfileobj(body, out)
-        return joined
+        return decrypt_work_segment(svc, spec.job_id, source.name, segment,
+                                    keys[segment.key], own, init=init)
 
     def extract(batch: Sequence[int]) -> list[Segment]:
         items = []
@@ -189,7 +181,7 @@ def _extract_iframes(
             segment = source.segments[index]
             made = parse_plain_playlist(out_dir, sequence)
             if len(made) != 1:
-                raise UnsupportedMedia(f"the I-frame of {source.name}/{segment.name} came out "
+                raise PermanentError(f"the I-frame of {source.name}/{segment.name} came out "
                                        f"as {len(made)} segments")
             os.replace(out_dir / made[0].name, iframes_dir / made[0].name)
             if index == 0 and init is not None:
@@ -207,11 +199,13 @@ def _extract_iframes(
 
 
 def _make_sprites(
-    svc: Services, spec: JobSpec, iframes: SegmentedRendition, iframes_dir: Path, work: Path
+    svc: Services, spec: JobSpec, container: str, iframes: SegmentedRendition,
+    iframes_dir: Path, work: Path,
 ) -> Thumbnails:
     """The thumbnail sheets of the I-frames (plain, in ``iframes_dir``), put beside the
     encrypted segments in the work store (awaiting upload, as they are: see
-    :mod:`pipeline.thumbnails`)."""
+    :mod:`pipeline.thumbnails`). Every I-frame must decode to one tile: a count of decoded
+    pictures other than the segments' fails the stage (a tile would show the wrong time)."""
     plan = plan_thumbnails(iframes.width, iframes.height,
                            [segment.duration for segment in iframes.segments])
     joined = work / "iframes-joined"
@@ -222,14 +216,17 @@ def _make_sprites(
                 shutil.copyfileobj(part, out)
     sheets_dir = work / layout.THUMBNAILS_DIR
     sheets_dir.mkdir()
-    container = "fmp4" if iframes.init else "ts"
-    run_ffmpeg(sprite_args(joined, _DEMUXERS[container], plan, sheets_dir), duration=0.0,
-               timeout=SPRITE_BASE_TIMEOUT_S + len(iframes.segments) / 100, on_progress=None)
+    decoded = work / "decoded.framecrc"
+    run_ffmpeg(sprite_args(joined, layout.CONTAINER_DEMUXERS[container], plan, sheets_dir,
+                           decoded),
+               duration=0.0, timeout=SPRITE_BASE_TIMEOUT_S + len(iframes.segments) / 100,
+               on_progress=None)
+    pictures = count_frames(decoded)
     made = sorted(path.name for path in sheets_dir.glob("sheet_*.jpg"))
-    if made != list(plan.sheets):
-        raise UnsupportedMedia(
-            f"ffmpeg made {len(made)} thumbnail sheets of {len(iframes.segments)} I-frames, "
-            f"where {len(plan.sheets)} were planned"
+    if pictures != len(iframes.segments) or made != list(plan.sheets):
+        raise PermanentError(
+            f"ffmpeg decoded {pictures} pictures of {len(iframes.segments)} I-frames into "
+            f"{len(made)} thumbnail sheets, where {len(plan.sheets)} were planned"
         )
     for name in made:
         svc.work.put_file(layout.encrypted_key(spec.job_id, layout.THUMBNAILS_DIR, name),
