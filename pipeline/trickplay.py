@@ -91,6 +91,10 @@ def iframe_args(segments: Sequence[tuple[Path, int, Path]], container: str) -> l
         if container == "fmp4":
             # The MP4 muxer would start the fragment's time at 0; keep the picture's own.
             hls["hls_segment_options"] = "movflags=+frag_discont"
+        else:
+            # The MPEG-TS muxer would add its own start offset again on top of the copied
+            # timestamps (1.4 s): the I-frame would be shown later than its segment's picture.
+            hls["hls_segment_options"] = "mpegts_copyts=1"
         outputs.append(ffmpeg.output(video, str(out_dir / PLAIN_PLAYLIST), c="copy",
                                      copyts=None, **{"frames:v": 1}, **hls))
     return ffmpeg_command(outputs)
