@@ -64,11 +64,12 @@ def cmd_url(args: argparse.Namespace, ctx: Context) -> int:
     if args.sid:
         # The key server passes it on to every variant and key URI it writes.
         query += f"&sid={quote(args.sid, safe='')}"
+    if args.auth == "cookie":
+        # The thumbnail track too: cookie mode's master sets the cookie on its path.
+        query += "&auth=cookie"
     if args.thumbnails:
         print(layout.thumbnails_url(base, args.asset, query))
         return 0
-    if args.auth == "cookie":
-        query += "&auth=cookie"
     print(layout.master_url(ctx.settings.public_url, args.asset, query))
     return 0
 

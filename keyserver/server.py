@@ -236,6 +236,9 @@ class KeyServer:
                 return layout.cdn_url(cdn, static)
 
             cookie_paths = [layout.key_cookie_path(base, asset)]
+            if described.thumbnails is not None:
+                # The thumbnail track is served beside the variants: the cookie goes there too.
+                cookie_paths.append(playlist_cookie_path(base, asset))
         else:
             # The key server renders the variants itself, with its current public URL in the
             # key URIs; the browser sends the cookie there too, so it gets a second path.

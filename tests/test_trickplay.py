@@ -787,3 +787,38 @@ class TestSpriteCheck:
         (tmp_path / "w2").mkdir()
         with pytest.raises(PermanentError, match="decoded 2 pictures of 3 I-frames"):
             _make_sprites(svc, spec, "ts", bad, folder, tmp_path / "w2")  # type: ignore[arg-type]
+
+
+class TestCookieMode:
+    def test_a_cookie_only_client_gets_the_thumbnail_track(
+        self, hlsvault: Hlsvault, copy_clip: Path
+    ) -> None:
+        """Cookie mode: the master of an asset with thumbnails sets the token cookie on the
+        track's path as well as the keys'; a client sending nothing but that cookie gets the
+        track (200), and none at all gets 401. `hlsvault url --thumbnails --auth cookie` names
+        that track in cookie mode instead of dropping --auth."""
+        from keyserver import create_app
+        from keyserver.server import playlist_cookie_path
+        from pipeline.settings import load_settings
+
+        from keyserver_support import AppClient, set_cookies
+
+        package(hlsvault, copy_clip, "crumbs", "--ladder", "copy", "--trick-play")
+        printed = hlsvault.run("url", "crumbs", "--thumbnails", "--auth", "cookie").stdout
+        assert "auth=cookie" in printed
+        settings = load_settings(hlsvault.env)
+        token = parse_qs(urlsplit(hlsvault.url("crumbs")).query)["token"][0]
+        track = layout.thumbnails_url("", "crumbs", "?auth=cookie")
+        with AppClient(create_app(settings), client_ip="127.0.0.1",
+                       base_url=settings.public_url) as client:
+            master = client.get(layout.master_url("", "crumbs", f"?token={token}&auth=cookie"))
+            assert master.status_code == 200, master.text
+            cookies = set_cookies(master)
+            path = playlist_cookie_path(settings.public_url, "crumbs")
+            assert urlsplit(settings.public_url + track).path.startswith(path)
+            assert path in cookies, sorted(cookies)
+            cookie = cookies[path]
+            assert client.get(track).status_code == 401  # the control: no cookie, no track
+            answer = client.get(track, headers={"Cookie": f"{cookie.key}={cookie.value}"})
+            assert answer.status_code == 200, answer.text
+            assert answer.text.startswith("WEBVTT")
