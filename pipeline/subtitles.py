@@ -47,13 +47,14 @@ import ffmpeg
 
 from . import layout
 from .aws import botocore_errors, shared_client, translate
-from .crypto import decrypt_file, iv_for_sequence
 from .errors import BadSpec, InvalidSource, NotFound, UnsupportedMedia
 from .media import MediaInfo, run_ffprobe
 from .plan import hls_language, track_name
 from .playlists import RenditionEntry
 from .segment import Segment, SegmentedRendition, run_ffmpeg
 from .sources import ffmpeg_command, ffmpeg_input, source_demuxer, split_s3_url
+from .webvtt import timestamp
+from .worksegments import decrypt_work_segment, work_init
 
 if TYPE_CHECKING:  # the job spec checks sidecars here, and services import the job store
     from .services import Services
@@ -425,14 +426,6 @@ def stored_cues(svc: Services, job_id: str, rendition: str) -> list[Cue]:
 # -- segmented WebVTT --------------------------------------------------------------------------
 
 
-def timestamp(seconds: float) -> str:
-    """A WebVTT timestamp, hours always written: ``01:02:03.456``."""
-    millis = max(0, round(seconds * 1000))
-    hours, rest = divmod(millis, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    return f"{hours:02d}:{minutes:02d}:{rest // 1000:02d}.{rest % 1000:03d}"
-
-
 def webvtt_segments(cues: Sequence[Cue], durations: Sequence[float], mpegts: int) -> list[bytes]:
     """One WebVTT segment per video segment of ``durations``: each holds every cue shown
     during its time (a cue across a boundary is in both, as RFC 8216 3.5 asks; players keep it
@@ -459,18 +452,11 @@ def measured_timestamp_map(svc: Services, job_id: str, asset: str, version: str,
     the source's start lies in the video as produced, read from its first segment (decrypted
     in scratch, with its init segment for fMP4)."""
     first = video.segments[0]
-    key = svc.keys.get_or_create(asset, version, first.key)
+    # Read only: the encrypt stage made this key, and a missing one is an error, not a new key.
+    key = svc.keys.get(asset, version, first.key)
     with tempfile.TemporaryDirectory(prefix="hlsvault-subs-") as scratch:
-        encrypted = Path(scratch) / "encrypted"
-        svc.work.get_file(layout.encrypted_key(job_id, video.name, first.name), encrypted)
-        plain = Path(scratch) / "plain"
-        decrypt_file(encrypted, plain, key, iv_for_sequence(first.sequence))
-        joined = Path(scratch) / f"first{Path(first.name).suffix}"
-        with joined.open("wb") as out:
-            if video.init is not None:
-                out.write(svc.work.get_bytes(layout.encrypted_key(job_id, video.name,
-                                                                  video.init)))
-            out.write(plain.read_bytes())
+        joined = decrypt_work_segment(svc, job_id, video.name, first, key, Path(scratch),
+                                      init=work_init(svc, job_id, video))
         raw = run_ffprobe(str(joined), shown=f"segment {first.name} of {video.name}")
     starts = [float(s["start_time"]) for s in raw.get("streams", [])
               if s.get("codec_type") == "video" and s.get("start_time") not in (None, "N/A")]

@@ -27,6 +27,7 @@ import ffmpeg
 
 from . import layout
 from .sources import ffmpeg_command, work_input
+from .webvtt import timestamp
 
 if TYPE_CHECKING:
     from .services import Services
@@ -133,7 +134,7 @@ def render_vtt(thumbnails: Thumbnails, *, sheet_uri: Callable[[str], str]) -> st
     for index, (start, end) in enumerate(thumbnails.cues):
         sheet, x, y = thumbnails.tile(index)
         lines += [
-            f"{_timestamp(start)} --> {_timestamp(end)}",
+            f"{timestamp(start)} --> {timestamp(end)}",
             f"{sheet_uri(sheet)}#xywh={x},{y},{thumbnails.tile_width},{thumbnails.tile_height}",
             "",
         ]
@@ -163,10 +164,3 @@ def discard_unpublished_sheets(svc: Services, asset: str, version: str) -> int:
         return 0
     return svc.origin.delete_prefix(layout.thumbnails_prefix(asset, version))
 
-
-def _timestamp(seconds: float) -> str:
-    millis = round(seconds * 1000)
-    hours, millis = divmod(millis, 3_600_000)
-    minutes, millis = divmod(millis, 60_000)
-    secs, millis = divmod(millis, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}.{millis:03d}"
