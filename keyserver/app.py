@@ -20,10 +20,12 @@
                                                                version's variant playlists and
                                                                keys as JSON (pipeline/offline.py)
     GET /cdn/downloads/{asset}/{version}/{asset}.mp4?expires=…&signature=…
-                                                               embedded mode only: a download,
-                                                               checked against its signature
+    GET /cdn/thumbnails/{asset}/{version}/sheet_000.jpg?expires=…&signature=…
+                                                               embedded mode only: a download
+                                                               or a thumbnail sheet, checked
+                                                               against its signature
     GET /cdn/…                                                 embedded mode only: the origin
-                                                               (never downloads/)
+                                                               (never downloads/, thumbnails/)
     GET /healthz                                               {"status": "ok", "state_bus": …,
                                                                 "state_changes_heard": N,
                                                                 "cdn_signing": "on"|"off"}
