@@ -52,14 +52,17 @@ SEQUENTIAL = "sequential"
 CONCURRENT = "concurrent"
 #: One job at a time, its stages called in one process without a queue (the baseline).
 DIRECT = "direct"
-#: How often the submitter looks whether a job ended (sequential) or all did (concurrent).
+#: How often the submitter looks whether a job ended (sequential) or all did (concurrent). The
+#: orchestration benchmark's jobs take a fraction of a second, so it looks often; a caller
+#: whose jobs take minutes passes ``poll_s`` so the harness does not take CPU from the fleet.
 SEQUENTIAL_POLL_S = 0.005
 CONCURRENT_POLL_S = 0.05
 #: A batch that takes this long has hung.
 BATCH_TIMEOUT_S = 1800
 
 #: Logs each ffmpeg/ffprobe process: tool, start, end (epoch s), source tag (from the presigned
-#: source URL, ``.../sources/<tag>/...``), user and system CPU seconds. EPOCHREALTIME and
+#: source URL, ``.../sources/<tag>/...``), user and system CPU seconds, and the pid of the
+#: worker process that ran it (the wrapper's parent). EPOCHREALTIME and
 #: the `time` keyword are bash's own; the tool keeps the wrapper's stdout and stderr (fds 4, 3).
 WRAPPER = """#!/bin/bash
 exec 3>&2 4>&1
@@ -70,7 +73,7 @@ rc=$?
 end=$EPOCHREALTIME
 tag=-
 [[ "$*" =~ sources/([0-9a-f]{{32}})/ ]] && tag=${{BASH_REMATCH[1]}}
-echo "{tool} $start $end $tag $cpu" >> {log}
+echo "{tool} $start $end $tag $cpu $PPID" >> {log}
 exit $rc
 """
 
@@ -121,6 +124,7 @@ class ToolRun:
     end: float
     cpu: float
     tag: str  # the job's source tag; see `source_tag`
+    parent: int  # the pid of the worker process that ran it
 
 
 def source_tag(source: str) -> str:
@@ -178,8 +182,9 @@ class BenchFleet:
     def tool_runs(self) -> list[ToolRun]:
         runs = []
         for line in self.tool_log.read_text().splitlines():
-            tool, start, end, tag, user, system = line.split()
-            runs.append(ToolRun(tool, float(start), float(end), float(user) + float(system), tag))
+            tool, start, end, tag, user, system, parent = line.split()
+            runs.append(ToolRun(tool, float(start), float(end), float(user) + float(system), tag,
+                                int(parent)))
         return runs
 
     def stage_sources(self, clip: Path, count: int) -> list[str]:
@@ -193,15 +198,19 @@ class BenchFleet:
             sources.append(f"s3://{bucket}/{key}")
         return sources
 
-    def submit(self, mode: str, sources: list[str], ladder: str) -> list[tuple[str, float]]:
+    def submit(self, mode: str, sources: list[str], ladder: str, *,
+               poll_s: float | None = None) -> list[tuple[str, float]]:
         """Submit a job per source and wait for all of them to end (``mode`` SEQUENTIAL or
-        CONCURRENT), or run each in this process's child without the fleet (DIRECT); returns
-        (job id, enqueued at) of each. ``status_reads`` is then the submitter's Redis reads."""
+        CONCURRENT), looking every ``poll_s`` (default: the mode's), or run each in this
+        process's child without the fleet (DIRECT); returns (job id, enqueued at) of each.
+        ``status_reads`` is then the submitter's Redis reads."""
         self.batches += 1
         listed = self.run_dir / f"sources-{self.batches}.json"
         out = self.run_dir / f"submitted-{self.batches}.json"
         listed.write_text(json.dumps(sources))
         command = (["direct"] if mode == DIRECT else ["submit", mode])
+        if poll_s is not None and mode != DIRECT:
+            command += ["--poll", str(poll_s)]
         done = subprocess.run(
             [sys.executable, __file__, *command, "--sources", str(listed), "--out", str(out),
              "--ladder", ladder, "--prefix", f"b{self.batches}j"],
@@ -224,7 +233,8 @@ class BenchFleet:
         return fields
 
 
-def submitter(mode: str, sources: list[str], ladder: str, prefix: str) -> dict[str, Any]:
+def submitter(mode: str, sources: list[str], ladder: str, prefix: str,
+              poll_s: float | None = None) -> dict[str, Any]:
     """Runs in the fleet's environment: enqueues a job per source as a backend would and waits
     for them to end; returns the jobs (id, enqueued at) and how often it read a status."""
     import redis
@@ -249,9 +259,9 @@ def submitter(mode: str, sources: list[str], ladder: str, prefix: str) -> dict[s
         submitted.append((spec.job_id, time.time()))
         if mode == SEQUENTIAL:
             while not ended(spec.job_id):
-                time.sleep(SEQUENTIAL_POLL_S)
+                time.sleep(poll_s or SEQUENTIAL_POLL_S)
     while not all(ended(job_id) for job_id, _ in submitted):
-        time.sleep(CONCURRENT_POLL_S)
+        time.sleep(poll_s or CONCURRENT_POLL_S)
     return {"jobs": submitted, "status_reads": status_reads}
 
 
@@ -295,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     submit = commands.add_parser("submit", help="enqueue jobs on the fleet, wait for them")
     submit.add_argument("mode", choices=(SEQUENTIAL, CONCURRENT))
+    submit.add_argument("--poll", type=float, default=None, help="seconds between status reads")
     run = commands.add_parser("direct", help="run jobs' stages in this process, no fleet")
     for command in (submit, run):
         command.add_argument("--sources", required=True, help="a JSON list of s3:// sources")
@@ -306,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "direct":
         result = direct(sources, args.ladder, args.prefix)
     else:
-        result = submitter(args.mode, sources, args.ladder, args.prefix)
+        result = submitter(args.mode, sources, args.ladder, args.prefix, args.poll)
     Path(args.out).write_text(json.dumps(result))
     return 0
 

@@ -2,7 +2,8 @@
 
 hlsvault package SOURCE [--asset ID] [--ladder copy|default] [--segment-seconds S]
                         [--key-rotation-segments N] [--download [RENDITION]]
-                        [--container ts|fmp4] [--codec h264|hevc] [--audio-only] [--json]
+                        [--container ts|fmp4] [--codec h264|hevc] [--audio-only]
+                        [--subtitles LANG=FILE ...] [--json]
 hlsvault submit SOURCE [same options as package]          (distributed mode)
 hlsvault status JOB [--wait] [--json]
 hlsvault serve [--host H] [--port P] [--certfile F --keyfile F] [--workers N]
@@ -27,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pipeline import layout
-from pipeline.errors import HlsvaultError, exit_code
+from pipeline.errors import BadSpec, HlsvaultError, exit_code
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.plan import LADDERS, chunks_progress
 from pipeline.settings import load_settings
@@ -62,19 +63,41 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
         container=args.container,
         codec=args.codec,
         audio_only=args.audio_only,
+        subtitles=[_sidecar_argument(value) for value in args.subtitles],
     )
-    if settings.embedded or "://" in spec.source or not settings.work.startswith("s3://"):
+    if settings.embedded or not settings.work.startswith("s3://"):
         return spec
     # The worker that probes a local file may run on another machine: the file travels
-    # through work storage, like every other byte between stages.
+    # through work storage, like every other byte between stages (sidecars too).
     from pipeline.sources import check_local_source
+    from pipeline.subtitles import read_sidecar
 
+    work = ctx.services.work
+    sidecars = []
+    for position, (language, source) in enumerate(spec.subtitles):
+        if not source.startswith("s3://"):
+            key = layout.uploaded_sidecar_key(spec.job_id, position, Path(source).suffix[:8])
+            work.put_bytes(key, read_sidecar(source, f"subtitle file {source}"))
+            source = f"{work.url.rstrip('/')}/{key}"
+        sidecars.append((language, source))
+    spec = replace(spec, subtitles=tuple(sidecars))
+    if "://" in spec.source:
+        return spec
     path = Path(spec.source)
     check_local_source(path, args.source)
-    work = ctx.services.work
     key = layout.uploaded_source_key(spec.job_id, path.name)
     work.put_file(key, path)
     return replace(spec, source=f"{work.url.rstrip('/')}/{key}")
+
+
+def _sidecar_argument(value: str) -> tuple[str, str]:
+    """``--subtitles LANG=FILE`` as ``(language, source)``; the file as a source is given
+    (an absolute path, or s3://). The job spec checks both."""
+    language, separator, source = value.partition("=")
+    if not separator or not source:
+        raise BadSpec(f"--subtitles {value[:60]!r}: give LANGUAGE=FILE, e.g. "
+                      "--subtitles en=talk.en.vtt")
+    return language, _source_argument(source)
 
 
 def _prefetch_probe(source: str) -> None:
@@ -203,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--audio-only", action="store_true",
             help="also offer an audio-only variant (for slow links and audio apps)",
+        )
+        command.add_argument(
+            "--subtitles", action="append", default=[], metavar="LANG=FILE",
+            help="add a WebVTT or SubRip subtitle file in language LANG (an RFC 5646 tag: en, "
+                 "de, pt-BR); repeat for more. The source's own text tracks come along anyway",
         )
         command.add_argument("--json", action="store_true", help="print JSON on stdout")
     package.add_argument(

@@ -110,9 +110,15 @@ class LineWriter:
         self.written = 0
         self.dropped = 0
         self._dropped_reported = 0
-        self._stop = threading.Event()
+        #: The running thread and the event that stops it: each thread has its own, so a
+        #: thread a timed-out close left behind (its sink stuck) stops once it gets free even
+        #: when a later line has started another.
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
         self._start_lock = threading.Lock()
+        #: Held while a batch is taken from the queue and handed to the sink, so that two
+        #: threads (the one left behind and its successor) never write at once or out of order.
+        self._drain_lock = threading.Lock()
 
     def write(self, logger: str, event: str, fields: dict[str, Any]) -> None:
         """Queue one line; never blocks. Safe from any thread (deque appends are atomic)."""
@@ -133,38 +139,42 @@ class LineWriter:
         with self._start_lock:
             if self._thread is not None:
                 return
-            self._stop.clear()
+            self._stop = threading.Event()
             self._thread = threading.Thread(
-                target=self._run, name="hlsvault-log-writer", daemon=True
+                target=self._run, args=(self._stop,), name="hlsvault-log-writer", daemon=True
             )
             self._thread.start()
 
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
-        """Write what is queued and stop the thread (a later line starts it again)."""
+        """Write what is queued and stop the thread (a later line starts it again). A sink
+        stuck for longer than ``timeout_s`` keeps its thread: it stops once the sink returns,
+        after writing what is queued then, and a thread started meanwhile waits its turn."""
         with self._start_lock:
             thread, self._thread = self._thread, None
+            stop = self._stop
         if thread is None:
             self._drain()
             return
-        self._stop.set()
+        stop.set()
         thread.join(timeout_s)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_interval_s):
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.flush_interval_s):
             self._drain()
         self._drain()
 
     def _drain(self, *, pause: bool = True) -> None:
         queue = self._queue
         while queue:
-            batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
-            try:
-                self.sink(batch)
-            except Exception as error:  # a broken sink must not kill the writer
-                structlog.get_logger("hlsvault.keyserver").error(
-                    "log lines not written", lines=len(batch), error=type(error).__name__
-                )
-            self.written += len(batch)
+            with self._drain_lock:
+                batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
+                try:
+                    self.sink(batch)
+                except Exception as error:  # a broken sink must not kill the writer
+                    structlog.get_logger("hlsvault.keyserver").error(
+                        "log lines not written", lines=len(batch), error=type(error).__name__
+                    )
+                self.written += len(batch)
             if pause:
                 time.sleep(0)  # the event loop first, if it waits for the interpreter
         dropped = self.dropped

@@ -41,14 +41,14 @@ REMUX_TIMEOUT_PER_MEDIA_S = 0.1
 
 def chosen_rendition(described: AssetVersion, wanted: str) -> RenditionEntry:
     """The rendition ``--download`` names: the top one for :data:`layout.DOWNLOAD_TOP`."""
-    if described.container != "ts" or any(r.media != "video" for r in described.renditions):
+    if described.container != "ts" or any(r.media == "audio" for r in described.renditions):
         raise BadSpec("--download needs MPEG-TS segments with muxed audio; this version is "
                       f"{described.container} with separate audio; package without --download")
     if wanted == layout.DOWNLOAD_TOP:
-        return max(described.renditions, key=lambda r: r.bandwidth)
+        return max(described.variants, key=lambda r: r.bandwidth)
     found = described.rendition(wanted)
-    if found is None:
-        names = ", ".join(r.name for r in described.renditions)
+    if found is None or found.media != "video":
+        names = ", ".join(r.name for r in described.variants)
         raise BadSpec(f"--download {wanted}: the version has no such rendition; it has {names}")
     return found
 

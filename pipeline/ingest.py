@@ -2,8 +2,8 @@
 
 A request is either a job request, ``{"source": "s3://bucket/key", "asset": …, "ladder": …,
 "segment_seconds": …, "key_rotation_segments": …, "download": true | "720p", "container": "ts" |
-"fmp4", "codec": "h264" | "hevc", "audio_only": true}``, or an S3 event
-notification document
+"fmp4", "codec": "h264" | "hevc", "audio_only": true, "subtitles": [{"language": "en",
+"source": "s3://bucket/talk.en.vtt"}]}``, or an S3 event notification document
 (``{"Records": [{"eventName": "ObjectCreated:Put", "s3": {…}}]}``), as S3 sends it to SQS.
 
 Every source is an object in one of ``settings.source_buckets``; anything else is refused.
@@ -45,6 +45,8 @@ from .errors import BadSpec, InvalidSource, TransientError
 from .jobs import JobSpec, JobStore, UnknownJob, new_job_spec
 from .plan import LADDERS, check_segment_seconds
 from .settings import Settings
+from .sources import split_s3_url
+from .subtitles import MAX_SIDECARS, check_language, check_sidecar_source
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +59,7 @@ CLAIM_GRACE_S = 60
 _LEDGER_PREFIX = "hlsvault:ingest:"
 _OPTIONS = (
     "source", "asset", "ladder", "segment_seconds", "key_rotation_segments", "download",
-    "container", "codec", "audio_only",
+    "container", "codec", "audio_only", "subtitles",
 )
 
 # Replace a stale claim only if it still names the job we found missing.
@@ -93,6 +95,8 @@ class SourceRequest:
     container: str = layout.DEFAULT_CONTAINER
     codec: str = layout.DEFAULT_VIDEO_CODEC
     audio_only: bool = False
+    #: Sidecar subtitle files, ``(language, "s3://bucket/key")``, each in an allowed bucket.
+    subtitles: tuple[tuple[str, str], ...] = ()
 
     @property
     def source(self) -> str:
@@ -167,7 +171,25 @@ def parse_job_request(document: dict[str, Any]) -> SourceRequest:
                          container=_optional_str(document, "container")
                          or layout.DEFAULT_CONTAINER,
                          codec=_optional_str(document, "codec") or layout.DEFAULT_VIDEO_CODEC,
-                         audio_only=audio_only)
+                         audio_only=audio_only, subtitles=_subtitles(document))
+
+
+def _subtitles(document: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """``"subtitles"``: a list of ``{"language": "en", "source": "s3://bucket/key"}``."""
+    value = document.get("subtitles", [])
+    shape = ('field "subtitles" must be a list of {"language": "en", "source": '
+             '"s3://bucket/key"} objects')
+    if not isinstance(value, list) or len(value) > MAX_SIDECARS:
+        raise BadSpec(f"{shape}, at most {MAX_SIDECARS}")
+    sidecars = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {"language", "source"}:
+            raise BadSpec(shape)
+        language, source = item["language"], item["source"]
+        if not isinstance(source, str) or not source.startswith("s3://"):
+            raise BadSpec(f"{shape}: a subtitle file is an S3 object like the source")
+        sidecars.append((check_language(language), check_sidecar_source(source)))
+    return tuple(sidecars)
 
 
 def _download(document: dict[str, Any]) -> str | None:
@@ -285,6 +307,8 @@ class Ingest:
     def accept(self, request: SourceRequest) -> Accepted:
         """The job for ``request``'s object: the existing one, or a new one just enqueued."""
         self.check_bucket(request.bucket)
+        for _, sidecar in request.subtitles:
+            self.check_bucket(split_s3_url(sidecar)[0])
         head = self._head(request)
         meta_asset, meta_ladder = _from_metadata(head.get("Metadata") or {})
         asset = request.asset or meta_asset or asset_for_key(request.key)
@@ -300,6 +324,7 @@ class Ingest:
             container=request.container,
             codec=request.codec,
             audio_only=request.audio_only,
+            subtitles=request.subtitles,
         )
         ledger = ledger_key(request.bucket, request.key, str(revision), asset)
         try:

@@ -14,11 +14,15 @@ Stores (keys are ``/``-separated, relative)::
             jobs/<job>/enc/<rendition>/seg_00030.ts              encrypted, awaiting upload
             jobs/<job>/enc/<rendition>/init.mp4                  fMP4's init segment (clear)
             jobs/<job>/sizes/c003.json                           a chunk's ciphertext sizes
+            jobs/<job>/subtitles/subs0-en.json                   a text track's cues, checked
+            jobs/<job>/subtitles/<attempt>/subs0-en/seg_00000.vtt  its WebVTT segments, plain
             sources/<job>/<file name>                            a local source sent to the fleet
+            sources/<job>/subtitles/0.vtt                        a local sidecar sent to the fleet
     origin  assets/<asset>/master.m3u8                           cookie mode's stable master
             assets/<asset>/<version>/<rendition>.m3u8            cookie mode's static variant
             assets/<asset>/<version>/<rendition>/seg_00000.ts    immutable segments (.m4s: fMP4)
             assets/<asset>/<version>/<rendition>/init.mp4        fMP4's init segment (EXT-X-MAP)
+            assets/<asset>/<version>/subs0-en/seg_00000.vtt      WebVTT segments (encrypted)
             downloads/<asset>/<version>/<asset>.mp4              a private download (never public)
     vault   keys/<asset>/<version>/000000.key                    wrapped content keys
             catalog/<asset>/current.json                         the asset's state document
@@ -79,6 +83,8 @@ VIDEO_CODECS = ("h264", "hevc")
 DEFAULT_VIDEO_CODEC = "h264"
 #: The GROUP-ID of the audio renditions every video variant references with ``AUDIO=``.
 AUDIO_GROUP = "audio"
+#: The GROUP-ID of the subtitle renditions every video variant references with ``SUBTITLES=``.
+SUBTITLES_GROUP = "subs"
 #: Chunks are numbered in three digits (c000…): a 2-hour film in 60 s chunks is 120, and
 #: storage listings sort in time order up to this many.
 MAX_CHUNKS = 1000
@@ -168,7 +174,8 @@ def segment_pattern(container: str) -> str:
 #: fMP4's init segment (``EXT-X-MAP``), one per rendition beside its media segments.
 INIT_SEGMENT = "init.mp4"
 #: Content types of what the origin serves, by file extension.
-_CONTENT_TYPES = {".ts": "video/mp2t", ".m4s": "video/iso.segment", ".mp4": "video/mp4"}
+_CONTENT_TYPES = {".ts": "video/mp2t", ".m4s": "video/iso.segment", ".mp4": "video/mp4",
+                  ".vtt": "text/vtt"}
 
 
 def segment_content_type(name: str) -> str:
@@ -179,8 +186,40 @@ def segment_content_type(name: str) -> str:
 def audio_rendition_name(position: int, language: str | None) -> str:
     """An audio rendition's id (in paths and URLs): ``audio0-en``, ``audio1`` without a
     language. ``position`` is the source's audio stream order, so names never collide."""
+    return _with_language(f"audio{position}", language)
+
+
+def _with_language(name: str, language: str | None) -> str:
+    """``name`` followed by a path-safe form of ``language``, if it has one."""
     tag = re.sub(r"[^a-z0-9-]", "", (language or "").lower())[:16]
-    return f"audio{position}-{tag}" if tag else f"audio{position}"
+    return f"{name}-{tag}" if tag else name
+
+
+def subtitle_rendition_name(position: int, language: str | None) -> str:
+    """A subtitle rendition's id (in paths and URLs): ``subs0-en``. ``position`` counts the
+    source's text tracks first, then the sidecar files in the order given."""
+    return _with_language(f"subs{position}", language)
+
+
+def subtitle_segment_name(sequence: int) -> str:
+    """A WebVTT segment's name: the media sequence number of the video segment it spans."""
+    return f"seg_{sequence:05d}.vtt"
+
+
+def subtitle_cues_key(job_id: str, rendition: str) -> str:
+    """A text track's cues as the probe read and checked them (JSON), for the playlist stage."""
+    return f"jobs/{job_id}/subtitles/{rendition}.json"
+
+
+def subtitle_attempt_prefix(job_id: str, attempt: str) -> str:
+    """Where one delivery of the playlist stage writes plain WebVTT segments, per rendition."""
+    return f"jobs/{job_id}/subtitles/{attempt}"
+
+
+def uploaded_sidecar_key(job_id: str, position: int, suffix: str) -> str:
+    """A local sidecar subtitle file sent to the fleet: named by its position, never by the
+    name the user gave it (``suffix`` is ``.vtt`` or ``.srt``)."""
+    return f"sources/{job_id}/subtitles/{position}{suffix}"
 
 
 def audio_renditions_key(job_id: str) -> str:

@@ -59,6 +59,19 @@ class AudioStream:
 
 
 @dataclass(frozen=True)
+class SubtitleStream:
+    """A subtitle stream of the source: which one (ffmpeg's ``s:<index>``), its codec, and
+    what its metadata says (language as tagged, title, default and forced dispositions)."""
+
+    index: int
+    codec: str
+    language: str | None = None
+    title: str | None = None
+    default: bool = False
+    forced: bool = False
+
+
+@dataclass(frozen=True)
 class MediaInfo:
     """The facts about a source that planning and playlists need."""
 
@@ -70,6 +83,10 @@ class MediaInfo:
     audio: AudioStream | None  # the first audio stream: what a muxed rendition carries
     #: Every audio stream, in the source's order (separate audio renditions: one each).
     audio_tracks: tuple[AudioStream, ...] = ()
+    #: Every subtitle stream, in the source's order (text ones become WebVTT renditions).
+    subtitle_tracks: tuple[SubtitleStream, ...] = ()
+    #: Where the video's first frame lies after the source's start (ffmpeg's zero), seconds.
+    video_start: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +105,10 @@ class MediaInfo:
             video=VideoStream(**data["video"]),
             audio=AudioStream(**audio) if audio else None,
             audio_tracks=tracks,
+            subtitle_tracks=tuple(
+                SubtitleStream(**track) for track in data.get("subtitle_tracks") or ()
+            ),
+            video_start=float(data.get("video_start") or 0.0),
         )
 
 
@@ -268,6 +289,8 @@ def parse_probe(raw: dict[str, Any], shown: str) -> MediaInfo:
     )
     tracks = tuple(audio_stream(position, a) for position, a in enumerate(audios))
     audio = tracks[0] if tracks else None
+    subtitles = [s for s in streams if s.get("codec_type") == "subtitle"]
+    start, video_first = _float(fmt.get("start_time")), _float(v.get("start_time"))
     return MediaInfo(
         format_name=format_name,
         duration=duration,
@@ -276,14 +299,35 @@ def parse_probe(raw: dict[str, Any], shown: str) -> MediaInfo:
         video=video,
         audio=audio,
         audio_tracks=tracks,
+        subtitle_tracks=tuple(
+            subtitle_stream(position, s) for position, s in enumerate(subtitles)
+        ),
+        video_start=video_first - start if start is not None and video_first is not None
+        else 0.0,
+    )
+
+
+def _language_and_title(stream: dict[str, Any]) -> tuple[str | None, str | None]:
+    """A stream's language and title tags as ffprobe reports them (``und``: none)."""
+    tags = {str(k).lower(): v for k, v in (stream.get("tags") or {}).items()}
+    language = str(tags.get("language") or "").strip() or None
+    title = str(tags.get("title") or "").strip() or None
+    return (None if language == "und" else language), title
+
+
+def subtitle_stream(position: int, stream: dict[str, Any]) -> SubtitleStream:
+    """A subtitle stream of ffprobe's JSON, the ``position``-th of its source."""
+    language, title = _language_and_title(stream)
+    disposition = stream.get("disposition") or {}
+    return SubtitleStream(
+        index=position, codec=str(stream.get("codec_name")), language=language, title=title,
+        default=bool(disposition.get("default")), forced=bool(disposition.get("forced")),
     )
 
 
 def audio_stream(position: int, stream: dict[str, Any]) -> AudioStream:
     """An audio stream of ffprobe's JSON, the ``position``-th of its source."""
-    tags = {str(k).lower(): v for k, v in (stream.get("tags") or {}).items()}
-    language = str(tags.get("language") or "").strip() or None
-    title = str(tags.get("title") or "").strip() or None
+    language, title = _language_and_title(stream)
     return AudioStream(
         codec=str(stream.get("codec_name")),
         profile=stream.get("profile"),
@@ -291,7 +335,7 @@ def audio_stream(position: int, stream: dict[str, Any]) -> AudioStream:
         sample_rate=int(stream.get("sample_rate") or 0),
         bit_rate=_int(stream.get("bit_rate")),
         index=position,
-        language=None if language == "und" else language,
+        language=language,
         title=title,
         default=bool((stream.get("disposition") or {}).get("default")),
     )

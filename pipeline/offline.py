@@ -11,8 +11,9 @@ app's resource loader answers them from its own secure storage; segment URIs poi
      "renditions": [{"name", "media", "group", "language", "width", "height", "bandwidth",
                      "codecs", "playlist"}],
 
-Every rendition of the version is there, the audio group's too (``media`` "audio", in the
-``group`` its video renditions name); an fMP4 playlist names its clear init segment on the CDN.
+Every rendition of the version is there, the audio group's and the subtitles' too (``media``
+"audio" or "subtitles", in the ``group`` its video renditions name); an fMP4 playlist names its
+clear init segment on the CDN.
      "keys": {"<index>": "<base64 of the 16 key bytes>"}}
 """
 

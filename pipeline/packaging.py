@@ -46,7 +46,7 @@ from .plan import (
     plan_renditions,
     separate_audio,
 )
-from .playlists import AssetVersion, describe_rendition, key_index
+from .playlists import AssetVersion, RenditionEntry, describe_rendition, key_index
 from .sealing import SegmentSealer, can_seal
 from .segment import (
     DEFAULT_AUDIO_KBPS,
@@ -60,6 +60,12 @@ from .segment import (
 )
 from .services import Services
 from .sources import ffmpeg_target, source_demuxer
+from .subtitles import (
+    SubtitleTrack,
+    measured_timestamp_map,
+    prepare_subtitles,
+    subtitle_rendition,
+)
 
 #: Segments of one rendition encrypted at once. OpenSSL releases the GIL while it encrypts, so
 #: each thread keeps a core busy; capped because renditions are encrypted side by side too.
@@ -148,6 +154,13 @@ def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     svc.jobs.set_json(spec.job_id, "chunks", [c.to_dict() for c in chunks])
     svc.jobs.set_json(spec.job_id, "audio_bitrates", list(bitrates))
     svc.jobs.set_json(spec.job_id, "audio_renditions", [a.to_dict() for a in audio])
+    # Text tracks and sidecars are read and checked now: a bad one fails the job before any
+    # transcoding.
+    subtitles, warnings = prepare_subtitles(svc, spec.job_id, info, target, shown,
+                                            spec.subtitles)
+    svc.jobs.set_json(spec.job_id, "subtitles", [t.to_dict() for t in subtitles])
+    if warnings:
+        svc.jobs.set_json(spec.job_id, "warnings", warnings)
     return JobPlan(tuple(renditions), tuple(chunks), bitrates, audio)
 
 
@@ -559,6 +572,33 @@ def joined_renditions(
     return result
 
 
+def subtitle_renditions(
+    svc: Services, spec: JobSpec, job: JobRecord, entries: list[RenditionEntry]
+) -> list[RenditionEntry]:
+    """The subtitle renditions the probe planned, as segmented WebVTT aligned with the top
+    video rendition's segments (see :mod:`pipeline.subtitles`), encrypted like every segment
+    with the video's keys and IVs."""
+    planned = [SubtitleTrack.from_dict(item) for item in job.json_field("subtitles") or []]
+    if not planned:
+        return []
+    video = max((e for e in entries if e.media == "video"), key=lambda e: e.bandwidth)
+    mpegts = measured_timestamp_map(svc, spec.job_id, spec.asset, spec.version, video,
+                                    _media(job))
+    prefix = layout.subtitle_attempt_prefix(spec.job_id, uuid.uuid4().hex[:12])
+    produced = {
+        track.name: subtitle_rendition(svc, spec.job_id, prefix, track, video, mpegts)
+        for track in planned
+    }
+    sizes = encrypt_renditions(svc, spec, prefix, produced, first_chunk=False)
+    return [
+        replace(describe_rendition(produced[track.name], sizes[track.name],
+                                   spec.key_rotation_segments),
+                group=layout.SUBTITLES_GROUP, language=track.language, title=track.title,
+                default=track.default, forced=track.forced)
+        for track in planned
+    ]
+
+
 def rotation_warning(spec: JobSpec, segments: int) -> str | None:
     """What to tell the user when key rotation was asked for but cannot happen."""
     rotation = spec.key_rotation_segments
@@ -582,11 +622,13 @@ def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
                            group=layout.AUDIO_GROUP if audio else None)
         for produced, sizes in joined_renditions(svc, spec, job)
     ]
+    entries += subtitle_renditions(svc, spec, job, entries)
     warning = rotation_warning(
         spec, min(len(e.segments) for e in entries if e.media == "video")
     )
     if warning is not None:
-        svc.jobs.set_json(spec.job_id, "warnings", [warning])
+        svc.jobs.set_json(spec.job_id, "warnings",
+                          [*(job.json_field("warnings") or []), warning])
     described = AssetVersion(
         asset=spec.asset,
         version=spec.version,

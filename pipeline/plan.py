@@ -122,6 +122,17 @@ def _shown_title(title: str | None) -> str:
     return " ".join(printable.split())[:MAX_TITLE_CHARS].strip()
 
 
+def track_name(title: str | None, language: str | None, fallback: str, taken: set[str]) -> str:
+    """The NAME players show for a track: its title (cleaned), else its language's name, else
+    ``fallback``; made unique among ``taken`` (RFC 8216 4.3.4.1.1: NAME is unique within a
+    group), which it joins."""
+    name = _shown_title(title) or _LANGUAGE_NAMES.get(language or "", language or "") or fallback
+    while name in taken:
+        name = f"{name} ({len(taken) + 1})"
+    taken.add(name)
+    return name
+
+
 def separate_audio(info: MediaInfo, container: str, audio_only: bool) -> bool:
     """Whether the source's audio becomes renditions of its own (an audio group) instead of
     being muxed into every video rendition: always in fMP4 (CMAF holds one track per file),
@@ -141,11 +152,7 @@ def plan_audio(info: MediaInfo, ladder: str) -> list[AudioRendition]:
     names: set[str] = set()
     for track in tracks:
         language = hls_language(track.language)
-        title = _shown_title(track.title) or _LANGUAGE_NAMES.get(language or "", language or "") \
-            or f"Audio {track.index + 1}"
-        while title in names:  # NAME is unique within a group (RFC 8216 4.3.4.1.1)
-            title = f"{title} ({track.index + 1})"
-        names.add(title)
+        title = track_name(track.title, language, f"Audio {track.index + 1}", names)
         copy = ladder == "copy"
         planned.append(
             AudioRendition(

@@ -81,14 +81,17 @@ class RenditionEntry:
     #: fMP4's init segment (EXT-X-MAP), served clear beside the segments; None for MPEG-TS.
     init: str | None = None
     #: "video": a variant (EXT-X-STREAM-INF); "audio": a rendition of the audio group
-    #: (EXT-X-MEDIA TYPE=AUDIO). Video variants reference ``group`` with AUDIO=, audio
-    #: renditions belong to it.
+    #: (EXT-X-MEDIA TYPE=AUDIO); "subtitles": a WebVTT rendition of the subtitles group
+    #: (EXT-X-MEDIA TYPE=SUBTITLES). Video variants reference ``group`` with AUDIO=, audio
+    #: and subtitle renditions belong to theirs.
     media: str = "video"
     group: str | None = None
     language: str | None = None
     title: str | None = None
     default: bool = False
     channels: int | None = None
+    #: A subtitle rendition that only translates what the audio does not say (FORCED=YES).
+    forced: bool = False
 
     @property
     def target_duration(self) -> int:
@@ -145,6 +148,11 @@ class AssetVersion:
     def audio_group(self, group: str | None) -> tuple[RenditionEntry, ...]:
         """The audio renditions of ``group`` (none for None)."""
         return tuple(r for r in self.renditions if r.media == "audio" and r.group == group)
+
+    @property
+    def subtitles(self) -> tuple[RenditionEntry, ...]:
+        """The subtitle renditions (one group, which every video variant references)."""
+        return tuple(r for r in self.renditions if r.media == "subtitles")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,8 +263,9 @@ def render_variant(
 
 
 def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntry], str]) -> str:
-    """The master playlist: the audio group's renditions (EXT-X-MEDIA), then the video
-    variants from the highest bandwidth down, then the audio-only variant if asked for.
+    """The master playlist: the audio group's renditions (EXT-X-MEDIA), the subtitle group's,
+    then the video variants from the highest bandwidth down (each naming both groups), then
+    the audio-only variant if asked for.
 
     A variant's BANDWIDTH and AVERAGE-BANDWIDTH include its audio: the group's highest, as a
     player may pick any of its renditions (RFC 8216 4.3.4.2); CODECS name both."""
@@ -266,18 +275,15 @@ def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntr
     groups = sorted({r.group for r in version.renditions if r.media == "audio" and r.group})
     for group in groups:
         for audio in version.audio_group(group):
-            attributes = ["TYPE=AUDIO", f'GROUP-ID="{group}"']
-            if audio.language:
-                attributes.append(f'LANGUAGE="{audio.language}"')
-            attributes += [
-                f'NAME="{_quoted(audio.title or audio.name)}"',
-                f"DEFAULT={'YES' if audio.default else 'NO'}",
-                "AUTOSELECT=YES",
-            ]
-            if audio.channels:
-                attributes.append(f'CHANNELS="{audio.channels}"')
-            attributes.append(f'URI="{variant_uri(audio)}"')
-            lines.append(f"#EXT-X-MEDIA:{','.join(attributes)}")
+            channels = [f'CHANNELS="{audio.channels}"'] if audio.channels else []
+            lines.append(_media_tag("AUDIO", audio, variant_uri(audio), channels))
+    # Subtitles: DEFAULT only for the track the source marks default (else they are off
+    # until the viewer picks one), FORCED from its disposition.
+    lines += [
+        _media_tag("SUBTITLES", track, variant_uri(track),
+                   [f"FORCED={'YES' if track.forced else 'NO'}"])
+        for track in version.subtitles
+    ]
     for rendition in sorted(version.variants, key=lambda r: r.bandwidth, reverse=True):
         members = version.audio_group(rendition.group)
         fps = float(Fraction(rendition.frame_rate)) if rendition.frame_rate != "0/0" else 0.0
@@ -293,6 +299,8 @@ def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntr
         attributes.append(f'CODECS="{_codecs(rendition, members)}"')
         if members:
             attributes.append(f'AUDIO="{rendition.group}"')
+        if version.subtitles:
+            attributes.append(f'SUBTITLES="{version.subtitles[0].group}"')
         lines.append(f"#EXT-X-STREAM-INF:{','.join(attributes)}")
         lines.append(variant_uri(rendition))
     if version.audio_only:
@@ -310,6 +318,22 @@ def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntr
             lines.append(f"#EXT-X-STREAM-INF:{','.join(attributes)}")
             lines.append(variant_uri(chosen))
     return "\n".join(lines) + "\n"
+
+
+def _media_tag(kind: str, rendition: RenditionEntry, uri: str, extra: Sequence[str]) -> str:
+    """An EXT-X-MEDIA line: TYPE, GROUP-ID, LANGUAGE (when known), NAME, DEFAULT,
+    AUTOSELECT=YES (a player may pick by the viewer's language), ``extra``, URI."""
+    attributes = [f"TYPE={kind}", f'GROUP-ID="{rendition.group}"']
+    if rendition.language:
+        attributes.append(f'LANGUAGE="{rendition.language}"')
+    attributes += [
+        f'NAME="{_quoted(rendition.title or rendition.name)}"',
+        f"DEFAULT={'YES' if rendition.default else 'NO'}",
+        "AUTOSELECT=YES",
+        *extra,
+        f'URI="{uri}"',
+    ]
+    return f"#EXT-X-MEDIA:{','.join(attributes)}"
 
 
 def _codecs(video: RenditionEntry | None, group: Sequence[RenditionEntry]) -> str:

@@ -7,8 +7,10 @@ Master playlists: EXT-X-VERSION once; every EXT-X-STREAM-INF with BANDWIDTH (and
 AVERAGE-BANDWIDTH not above it), CODECS and a URI line; EXT-X-MEDIA with TYPE, GROUP-ID and
 NAME, a URI where the TYPE needs one, NAME unique and at most one DEFAULT=YES per group (and
 exactly one in an AUDIO group, a rule of ours: a player then knows which track to start with),
-AUTOSELECT=YES wherever DEFAULT=YES, FORCED only on subtitles; every AUDIO=, VIDEO=,
-SUBTITLES= and CLOSED-CAPTIONS= of a variant names a group of that TYPE; no media tags.
+AUTOSELECT=YES wherever DEFAULT=YES, DEFAULT/AUTOSELECT/FORCED either YES or NO, FORCED only
+on subtitles, LANGUAGE a well-formed RFC 5646 tag; every AUDIO=, VIDEO=, SUBTITLES= and
+CLOSED-CAPTIONS= of a variant names a group of that TYPE, and once the master has a SUBTITLES
+group every video variant (one with RESOLUTION) names one; no media tags.
 
 Media playlists: EXT-X-TARGETDURATION once, each EXTINF rounded to the nearest integer within
 it; EXT-X-VERSION once and at least what the features used need (IV: 2, decimal EXTINF: 3,
@@ -32,6 +34,8 @@ MEDIA_TAGS = ("#EXTINF", "#EXT-X-TARGETDURATION", "#EXT-X-MEDIA-SEQUENCE", "#EXT
 MASTER_TAGS = ("#EXT-X-STREAM-INF", "#EXT-X-MEDIA:", "#EXT-X-I-FRAME-STREAM-INF",
                "#EXT-X-SESSION-KEY", "#EXT-X-SESSION-DATA")
 MEDIA_TYPES = ("AUDIO", "VIDEO", "SUBTITLES", "CLOSED-CAPTIONS")
+#: RFC 5646 as HLS uses it: a 2-3 letter language (or 4-8 letters), then subtags.
+_LANGUAGE = re.compile(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*")
 _GROUP_REFERENCES = {"AUDIO": "AUDIO", "VIDEO": "VIDEO", "SUBTITLES": "SUBTITLES",
                      "CLOSED-CAPTIONS": "CLOSED-CAPTIONS"}
 
@@ -96,6 +100,12 @@ def _check_master(lines: list[str]) -> list[str]:
             problems.append(f"rendition {name!r} is DEFAULT=YES without AUTOSELECT=YES")
         if "FORCED" in media and kind != "SUBTITLES":
             problems.append(f"FORCED on {kind} rendition {name!r}")
+        for flag in ("DEFAULT", "AUTOSELECT", "FORCED"):
+            if flag in media and media[flag] not in ("YES", "NO"):
+                problems.append(f"rendition {name!r} has {flag}={media[flag]!r}, not YES or NO")
+        if "LANGUAGE" in media and not _LANGUAGE.fullmatch(media["LANGUAGE"]):
+            problems.append(f"rendition {name!r} has LANGUAGE {media['LANGUAGE']!r}, not an "
+                            "RFC 5646 tag")
         groups.setdefault((kind, group), []).append(media)
     for (kind, group), members in groups.items():
         names = [m["NAME"] for m in members]
@@ -119,6 +129,10 @@ def _check_master(lines: list[str]) -> list[str]:
             problems.append(f"AVERAGE-BANDWIDTH above BANDWIDTH: {line[:80]}")
         if not stream.get("CODECS"):
             problems.append(f"EXT-X-STREAM-INF without CODECS: {line[:80]}")
+        has_subtitles = any(kind == "SUBTITLES" for kind, _ in groups)
+        if has_subtitles and "RESOLUTION" in stream and "SUBTITLES" not in stream:
+            problems.append(f"video variant without SUBTITLES= in a master with subtitles: "
+                            f"{line[:80]}")
         for attribute, kind in _GROUP_REFERENCES.items():
             group = stream.get(attribute)
             if group is None or (kind == "CLOSED-CAPTIONS" and group == "NONE"):

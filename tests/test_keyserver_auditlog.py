@@ -87,6 +87,43 @@ class TestLineWriter:
         assert [fields["n"] for _, _, fields, _ in sink.lines] == [-1, *range(10)]
 
 
+    def test_a_close_that_times_out_never_writes_twice_or_out_of_order(self) -> None:
+        """The sink is stuck past close's timeout, so close leaves its thread behind; a later
+        line starts a new thread. Once the sink is free every line is written once, in order,
+        by one thread at a time, and no writer thread is left running."""
+        sink = RecordingSink(stuck=True)
+        writer = LineWriter(sink=sink)
+        writer.write("hlsvault.audit", "key request", {"n": 0})
+        assert sink.entered.wait(SINK_STUCK_S)
+        for n in range(1, 200):
+            writer.write("hlsvault.audit", "key request", {"n": n})
+        writer.close(timeout_s=0.05)
+        for n in range(200, 400):
+            writer.write("hlsvault.audit", "key request", {"n": n})
+        in_sink = threading.Semaphore(1)
+        overlapped: list[bool] = []
+        stuck_call = sink.__call__
+
+        def guarded(lines: Sequence[Line]) -> None:
+            overlapped.append(not in_sink.acquire(blocking=False))
+            try:
+                stuck_call(lines)
+            finally:
+                in_sink.release()
+
+        writer.sink = guarded
+        sink.release.set()
+        writer.close()
+        for thread in threading.enumerate():
+            if thread.name == "hlsvault-log-writer":
+                thread.join(SINK_STUCK_S)
+
+        assert [fields["n"] for _, _, fields, _ in sink.lines] == list(range(400))
+        assert writer.accepted == writer.written == 400
+        assert not any(overlapped)
+        assert not [t for t in threading.enumerate() if t.name == "hlsvault-log-writer"]
+
+
 class TestSlowSink:
     def test_requests_are_answered_while_the_sink_is_stuck(
         self, pristine: Library, redis_server: RedisServer

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from .. import layout
 from ..errors import BadSpec, NotFound
 from ..plan import LADDERS, check_segment_seconds
+from ..subtitles import check_sidecars
 
 STAGES = (
     "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "upload",
@@ -65,13 +66,18 @@ class JobSpec:
     codec: str = layout.DEFAULT_VIDEO_CODEC
     #: Also offer an audio-only variant (the audio group's rendition, no video).
     audio_only: bool = False
+    #: Sidecar subtitle files: ``(language, source)``, a local path or ``s3://`` object each
+    #: (pipeline.subtitles.check_sidecars); the source's own text tracks come along anyway.
+    subtitles: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
-        return cls(**data)
+        sidecars = tuple((str(language), str(source))
+                         for language, source in data.get("subtitles") or ())
+        return cls(**{**data, "subtitles": sidecars})
 
 
 def new_job_spec(
@@ -85,6 +91,7 @@ def new_job_spec(
     container: str = layout.DEFAULT_CONTAINER,
     codec: str = layout.DEFAULT_VIDEO_CODEC,
     audio_only: bool = False,
+    subtitles: Sequence[tuple[str, str]] = (),
 ) -> JobSpec:
     """Validate options and give the job an id and the version it will publish."""
     job_id = uuid.uuid4().hex
@@ -111,6 +118,7 @@ def new_job_spec(
         )
     check_shape(ladder=ladder, container=container, codec=codec, audio_only=audio_only,
                 download=download)
+    sidecars = check_sidecars(subtitles)
     now = time.time()
     version = layout.new_version(job_id, now=now)
     return JobSpec(
@@ -126,6 +134,7 @@ def new_job_spec(
         container=container,
         codec=codec,
         audio_only=audio_only,
+        subtitles=sidecars,
     )
 
 

@@ -1,0 +1,302 @@
+"""Subtitles (pipeline/subtitles.py): WebVTT and SubRip read as hostile input, the plan of a
+job's subtitle renditions, and the segmented WebVTT cut from them; the master playlist naming
+the subtitles group. End to end (packaged, served, played) in test_subtitles_e2e.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import m3u8
+import pytest
+
+from pipeline import layout
+from pipeline.errors import BadSpec, InvalidSource
+from pipeline.ingest import parse_job_request
+from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.media import MediaInfo, SubtitleStream, VideoStream, probe
+from pipeline.playlists import AssetVersion, RenditionEntry, describe_rendition, render_master
+from pipeline.segment import Segment, SegmentedRendition
+from pipeline.subtitles import (
+    MAX_CUE_CHARS,
+    MAX_SUBTITLE_BYTES,
+    Cue,
+    check_language,
+    check_sidecar_source,
+    extract_text_tracks,
+    parse_subtitles,
+    plan_subtitles,
+    read_sidecar,
+    timestamp,
+    webvtt_segments,
+)
+
+from hlscheck import attributes, check_playlist
+
+VTT = """WEBVTT - a talk
+
+NOTE written by hand
+
+STYLE
+::cue { color: yellow }
+
+intro
+00:00:00.500 --> 00:00:02.000 align:start position:10% region:r1
+Hello <i>there</i>
+
+00:01.900 --> 00:03.250
+Second line
+of two
+"""
+
+SRT = """1
+00:00:00,500 --> 00:00:02,000
+{\\an8}Hallo <i>da</i> & <du>
+
+2
+00:00:01,900 --> 00:00:03,250 X1:10 X2:20
+Zweite Zeile
+
+3
+00:00:04,000 --> 00:00:04,000
+shown for no time
+"""
+
+
+class TestParsing:
+    def test_webvtt_keeps_cue_times_text_and_known_settings(self) -> None:
+        """Identifiers, NOTE and STYLE blocks go; times, text and cue settings stay (a
+        region's setting goes with its REGION block)."""
+        cues = parse_subtitles(VTT.encode(), "talk.vtt")
+        assert cues == [
+            Cue(0.5, 2.0, "Hello <i>there</i>", "align:start position:10%"),
+            Cue(1.9, 3.25, "Second line\nof two"),
+        ]
+
+    def test_subrip_becomes_webvtt_cue_text(self) -> None:
+        """Commas, indices and coordinates read; ASS overrides dropped; & and stray < escaped
+        while <i> stays; a cue shown for no time is dropped; a UTF-8 BOM and CRLF are fine."""
+        data = ("\ufeff" + SRT.replace("\n", "\r\n")).encode()
+        cues = parse_subtitles(data, "talk.srt")
+        assert cues == [
+            Cue(0.5, 2.0, "Hallo <i>da</i> &amp; &lt;du&gt;"),
+            Cue(1.9, 3.25, "Zweite Zeile"),
+        ]
+
+
+class TestHostileFiles:
+    @pytest.mark.parametrize(("data", "reason"), [
+        (os.urandom(4096), "not UTF-8 text"),
+        (b"WEBVTT\n\n00:00:01.000 --> 00:00:02.000\nok\x00\n", "control characters"),
+        (b"hello world\nthis is a letter\n", "neither a SubRip cue timing"),
+        (b"WEBVTT\n\n00:00:01 --> 00:00:02\nno milliseconds\n", "not a WebVTT cue timing"),
+        (b"WEBVTT\n\n00:00:01.000 --> 00:00:02.000\na --> b\n", "holds '-->'"),
+        (b"WEBVTT\n\nNOTE nothing else\n", "holds no cue"),
+        (b"", "holds no cue"),
+        ("1\n00:00:01,000 --> 00:00:02,000\n{}\n".format("x" * (MAX_CUE_CHARS + 1)).encode(),
+         "more than"),
+        (b"WEBVTT" + b" " * MAX_SUBTITLE_BYTES, "a subtitle file may be"),
+    ], ids=["binary", "control", "prose", "bad-timing", "arrow", "no-cue", "empty", "long-cue",
+            "huge"])
+    def test_refused_with_the_reason(self, data: bytes, reason: str) -> None:
+        with pytest.raises(InvalidSource, match=reason) as refused:
+            parse_subtitles(data, "talk.de.srt")
+        assert "talk.de.srt" in str(refused.value)
+
+    def test_a_huge_file_is_refused_before_it_is_read(self, tmp_path: Path) -> None:
+        """A sparse file larger than the bound: refused by its size, not by reading it."""
+        huge = tmp_path / "huge.vtt"
+        with huge.open("wb") as handle:
+            handle.truncate(MAX_SUBTITLE_BYTES * 100)
+        with pytest.raises(InvalidSource, match="MB, more than"):
+            read_sidecar(str(huge), "huge.vtt")
+
+    @pytest.mark.parametrize("path", ["/dev/zero", "/tmp"])
+    def test_only_regular_files_are_read(self, path: str) -> None:
+        with pytest.raises(InvalidSource, match="not a regular file"):
+            read_sidecar(path, path)
+
+    def test_a_missing_file_says_so(self, tmp_path: Path) -> None:
+        with pytest.raises(InvalidSource, match="not found"):
+            read_sidecar(str(tmp_path / "nope.vtt"), "nope.vtt")
+
+    def test_a_regular_file_is_read(self, tmp_path: Path) -> None:
+        """Positive control for the refusals above."""
+        good = tmp_path / "talk.vtt"
+        good.write_text(VTT)
+        assert parse_subtitles(read_sidecar(str(good), "talk.vtt"), "talk.vtt")
+
+
+class TestSpecChecks:
+    @pytest.mark.parametrize("tag", ["en", "de", "pt-BR", "zh-Hant", "eng", "sr-Latn-RS"])
+    def test_language_tags_accepted(self, tag: str) -> None:
+        assert check_language(tag) == tag
+
+    @pytest.mark.parametrize("tag", ["", "e", "english!", "../x", "en_US", "12", "en-", "x" * 40])
+    def test_language_tags_refused(self, tag: str) -> None:
+        with pytest.raises(BadSpec, match="RFC 5646"):
+            check_language(tag)
+
+    @pytest.mark.parametrize("source", ["http://169.254.169.254/latest", "file:///etc/passwd",
+                                        "relative/talk.vtt", "s3://bucket-only", "", "/a\x00b"])
+    def test_sidecar_locations_refused(self, source: str) -> None:
+        with pytest.raises((BadSpec, InvalidSource)):
+            check_sidecar_source(source)
+
+    def test_a_job_spec_keeps_its_sidecars_through_json(self) -> None:
+        spec = new_job_spec("/src/talk.mp4", subtitles=[("de", "/src/talk.de.srt")])
+        assert spec.subtitles == (("de", "/src/talk.de.srt"),)
+        import json
+
+        assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+        with pytest.raises(BadSpec, match="RFC 5646"):
+            new_job_spec("/src/talk.mp4", subtitles=[("deutsch!", "/src/talk.de.srt")])
+
+    def test_a_job_request_names_sidecars_in_s3(self) -> None:
+        request = parse_job_request({"source": "s3://in/talk.mp4", "subtitles": [
+            {"language": "de", "source": "s3://in/talk.de.vtt"}]})
+        assert request.subtitles == (("de", "s3://in/talk.de.vtt"),)
+        for bad in ([{"language": "de", "source": "/etc/passwd"}],
+                    [{"language": "de!", "source": "s3://in/x.vtt"}],
+                    [{"language": "de", "source": "s3://in/x.vtt", "extra": 1}],
+                    {"de": "s3://in/x.vtt"}, ["s3://in/x.vtt"]):
+            with pytest.raises(BadSpec):
+                parse_job_request({"source": "s3://in/talk.mp4", "subtitles": bad})
+
+
+def media_with(*tracks: SubtitleStream) -> MediaInfo:
+    video = VideoStream("h264", "High", 31, 640, 360, "30", "yuv420p", 0, None)
+    return MediaInfo("mov,mp4", 6.0, None, None, video, None, subtitle_tracks=tracks)
+
+
+class TestPlan:
+    def test_text_tracks_then_sidecars_with_names_defaults_and_forced(self) -> None:
+        """The source's text tracks in order, picture tracks skipped with a warning, then the
+        sidecars; its default track the only DEFAULT, its forced one FORCED; NAME from the
+        title or the language, unique."""
+        info = media_with(
+            SubtitleStream(0, "mov_text", "eng", None, default=False),
+            SubtitleStream(1, "hdmv_pgs_subtitle", "fra"),
+            SubtitleStream(2, "subrip", "eng", "Signs", default=True, forced=True),
+        )
+        planned, warnings = plan_subtitles(info, [("de", "/x/de.vtt"), ("en", "/x/en.srt")])
+        assert [(t.name, t.language, t.title, t.default, t.forced, t.track, t.sidecar)
+                for t in planned] == [
+            ("subs0-en", "en", "English", False, False, 0, None),
+            ("subs1-en", "en", "Signs", True, True, 2, None),
+            ("subs2-de", "de", "Deutsch", False, False, None, "/x/de.vtt"),
+            ("subs3-en", "en", "English (4)", False, False, None, "/x/en.srt"),
+        ]
+        assert len(warnings) == 1 and "hdmv_pgs_subtitle" in warnings[0]
+
+
+class TestSegmentedWebvtt:
+    def test_one_segment_per_video_segment_with_the_map_and_shared_cues(self) -> None:
+        """A cue across a boundary is in both segments; the last segment takes every cue to
+        the end; each segment opens with the map and keeps the source's cue times."""
+        cues = [Cue(0.5, 1.0, "a"), Cue(1.5, 2.5, "b"), Cue(5.0, 9.0, "c")]
+        segments = [s.decode() for s in webvtt_segments(cues, [2.0, 2.0, 2.0], 126000)]
+        assert len(segments) == 3
+        for text in segments:
+            assert text.startswith("WEBVTT\nX-TIMESTAMP-MAP=MPEGTS:126000,LOCAL:00:00:00.000\n")
+        assert "00:00:00.500 --> 00:00:01.000\na" in segments[0]
+        assert "\nb\n" in segments[0] and "\nb\n" in segments[1]
+        assert "\nc\n" not in segments[1] and "00:00:05.000 --> 00:00:09.000\nc" in segments[2]
+        for text in segments:  # each parses back (the check WebVTT readers make)
+            parse_subtitles(text.encode(), "segment", allow_empty=True)
+
+    def test_the_map_wraps_at_33_bits_and_times_are_exact(self) -> None:
+        (segment,) = webvtt_segments([Cue(3661.5, 3662.0, "x")], [10.0], (1 << 33) + 5)
+        assert b"MPEGTS:5," in segment
+        assert timestamp(3661.5) == "01:01:01.500"
+
+
+def subtitle_entry(name: str, language: str, default: bool, forced: bool) -> RenditionEntry:
+    produced = SegmentedRendition(
+        rendition=name, segments=tuple(Segment(i, f"seg_{i:05d}.vtt", 6.0, 300)
+                                       for i in range(3)),
+        width=0, height=0, frame_rate="0/0", video_profile=None, video_level=None,
+        audio_codec=None, audio_profile=None, media="subtitles",
+    )
+    return replace(describe_rendition(produced, [304] * 3, 0), group=layout.SUBTITLES_GROUP,
+                   language=language, title=language.upper(), default=default, forced=forced)
+
+
+class TestMaster:
+    def test_subtitles_group_named_by_every_video_variant(self) -> None:
+        """EXT-X-MEDIA TYPE=SUBTITLES with LANGUAGE, NAME, DEFAULT, AUTOSELECT, FORCED and a
+        URI; each video variant says SUBTITLES="subs"; the checker and m3u8 agree."""
+        video = SegmentedRendition(
+            rendition="360p", segments=tuple(Segment(i, f"seg_{i:05d}.ts", 6.0, 100_000)
+                                             for i in range(3)),
+            width=640, height=360, frame_rate="30", video_profile="High", video_level=31,
+            audio_codec="aac", audio_profile="LC",
+        )
+        entries = (describe_rendition(video, [100_016] * 3, 0),
+                   subtitle_entry("subs0-en", "en", True, False),
+                   subtitle_entry("subs1-de", "de", False, True))
+        described = AssetVersion("a", "v1", "job", 0.0, 0, entries)
+        text = render_master(described, variant_uri=lambda r: f"{r.name}.m3u8")
+        assert check_playlist(text) == []
+        media = [attributes(line) for line in text.splitlines()
+                 if line.startswith("#EXT-X-MEDIA:")]
+        assert [(m["TYPE"], m["GROUP-ID"], m["LANGUAGE"], m["NAME"], m["DEFAULT"],
+                 m["AUTOSELECT"], m["FORCED"], m["URI"]) for m in media] == [
+            ("SUBTITLES", "subs", "en", "EN", "YES", "YES", "NO", "subs0-en.m3u8"),
+            ("SUBTITLES", "subs", "de", "DE", "NO", "YES", "YES", "subs1-de.m3u8"),
+        ]
+        parsed = m3u8.loads(text)
+        assert parsed.playlists[0].stream_info.subtitles == "subs"
+        assert [m.forced for m in parsed.media] == ["NO", "YES"]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+class TestTextTracksOfASource:
+    def test_subrip_and_ass_in_matroska_become_cues(self, tmp_path: Path) -> None:
+        """An MKV with a SubRip and an ASS track (written by ffmpeg from files written here):
+        both are extracted by one ffmpeg and read back with the source's times and text."""
+        srt = write(tmp_path / "en.srt", "1\n00:00:00,500 --> 00:00:01,500\nHello\n\n"
+                    "2\n00:00:02,000 --> 00:00:02,750\n<i>World</i>\n")
+        ass = write(tmp_path / "de.ass", ASS)
+        source = tmp_path / "talk.mkv"
+        subprocess.run(
+            ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=160x90:rate=10",
+             "-i", str(srt), "-i", str(ass), "-t", "3", "-map", "0:v", "-map", "1", "-map",
+             "2", "-c:v", "libx264", "-preset", "ultrafast", "-c:s:0", "srt", "-c:s:1", "ass",
+             "-metadata:s:s:0", "language=eng", "-metadata:s:s:1", "language=ger",
+             str(source)],
+            check=True, timeout=60,
+        )
+        info = probe(str(source))
+        assert [(t.codec, t.language) for t in info.subtitle_tracks] == [
+            ("subrip", "eng"), ("ass", "ger")]
+        planned, _ = plan_subtitles(info, [])
+        extracted = extract_text_tracks(str(source), info, planned, tmp_path, shown="talk.mkv")
+        english = parse_subtitles(extracted["subs0-en"], "en")
+        german = parse_subtitles(extracted["subs1-de"], "de")
+        assert [(c.start, c.end, c.text) for c in english] == [
+            (0.5, 1.5, "Hello"), (2.0, 2.75, "<i>World</i>")]
+        assert [(c.start, c.end, c.text) for c in german] == [(1.0, 2.5, "Hallo Welt")]
+
+
+ASS = """[Script Info]
+ScriptType: v4.00+
+PlayResX: 384
+PlayResY: 288
+
+[V4+ Styles]
+Format: Name, Fontname, Fontsize, PrimaryColour, SecondaryColour, OutlineColour, BackColour, \
+Bold, Italic, Underline, StrikeOut, ScaleX, ScaleY, Spacing, Angle, BorderStyle, Outline, \
+Shadow, Alignment, MarginL, MarginR, MarginV, Encoding
+Style: Default,Arial,16,&Hffffff,&Hffffff,&H0,&H0,0,0,0,0,100,100,0,0,1,1,0,2,10,10,10,0
+
+[Events]
+Format: Layer, Start, End, Style, Name, MarginL, MarginR, MarginV, Effect, Text
+Dialogue: 0,0:00:01.00,0:00:02.50,Default,,0,0,0,,Hallo Welt
+"""
