@@ -292,11 +292,17 @@ class TestSealedFilesMustStaySealed:
 
         rendition = tmp_path / "360p"
         rendition.mkdir()
+
+        def close(name: str, data: bytes) -> None:
+            # As ffmpeg does with temp_file: written aside, renamed into place when complete.
+            (rendition / f"{name}.tmp").write_bytes(data)
+            (rendition / f"{name}.tmp").rename(rendition / name)
+
         sealer = SegmentSealer(lambda sequence: bytes(16), poll_s=0.01)
         with pytest.raises(TransientError, match=after), \
                 sealer.sealing(tmp_path, ["360p"], 0):
-            (rendition / "seg_00000.ts").write_bytes(b"\x47" * 1000)
-            (rendition / "seg_00001.ts").write_bytes(b"\x47" * 500)
+            close("seg_00000.ts", b"\x47" * 1000)
+            close("seg_00001.ts", b"\x47" * 500)
             if after == "changed":
                 # the watcher seals seg_00000 within its poll; then a plaintext tail lands
                 for _ in range(200):
