@@ -220,10 +220,10 @@ def hlsvault_phases(record: dict[str, str], spawned_at: float, elapsed: float) -
 #: The bash script standing in for ``ffmpeg`` and ``ffprobe`` in the explained run: the real
 #: program, with its start and end noted (bash's clock: no fork, ~1 ms of shell start).
 TIMING_SHIM = """#!/bin/bash
-echo "$(basename "$0") start $EPOCHREALTIME" >> {log}
-{real} "$@"
+echo "$(basename "$0") start $EPOCHREALTIME" >> "{log}"
+"{real}" "$@"
 status=$?
-echo "$(basename "$0") end $EPOCHREALTIME" >> {log}
+echo "$(basename "$0") end $EPOCHREALTIME" >> "{log}"
 exit $status
 """
 
