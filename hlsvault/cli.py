@@ -73,6 +73,9 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
     from pipeline.subtitles import check_sidecar_names, read_sidecar
 
     work = ctx.services.work
+    # Errors name a sidecar as the user did, not by the key it is stored under.
+    names = check_sidecar_names([Path(source).name for _, source in spec.subtitles],
+                                spec.subtitles)
     sidecars = []
     for position, (language, source) in enumerate(spec.subtitles):
         if not source.startswith("s3://"):
@@ -80,8 +83,6 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
             work.put_bytes(key, read_sidecar(source, f"subtitle file {source}"))
             source = f"{work.url.rstrip('/')}/{key}"
         sidecars.append((language, source))
-    # Errors name a sidecar as the user did, not by the key it is stored under.
-    names = check_sidecar_names([Path(source).name for _, source in spec.subtitles], sidecars)
     spec = replace(spec, subtitles=tuple(sidecars), subtitle_names=names)
     if "://" in spec.source:
         return spec

@@ -174,7 +174,8 @@ def check_sidecar_names(
         if (not isinstance(name, str) or len(name) > MAX_SIDECAR_NAME or name in (".", "..")
                 or any(ch in "/\\" or unicodedata.category(ch).startswith("C")
                        for ch in name)):
-            raise BadSpec("a subtitle file's name must be a bare file name of printable text")
+            raise BadSpec("a subtitle file's name must be a bare file name of printable text; "
+                          "rename the file")
     return tuple(names)
 
 
