@@ -3,13 +3,13 @@
 hlsvault package SOURCE [--asset ID] [--ladder copy|default] [--segment-seconds S]
                         [--key-rotation-segments N] [--download [RENDITION]]
                         [--container ts|fmp4] [--codec h264|hevc] [--audio-only]
-                        [--subtitles LANG=FILE ...] [--json]
+                        [--subtitles LANG=FILE ...] [--trick-play] [--json]
 hlsvault submit SOURCE [same options as package]          (distributed mode)
 hlsvault status JOB [--wait] [--json]
 hlsvault serve [--host H] [--port P] [--certfile F --keyfile F] [--workers N]
                [--server uvicorn|granian]
 hlsvault url ASSET [--ttl SECONDS] [--auth token|cookie] [--sid S] [--ip A] [--download]
-                   [--offline]
+                   [--offline] [--thumbnails]
 hlsvault token ASSET [--ttl SECONDS] [--sid S] [--ip A] [--offline]
 hlsvault rekey ASSET [--grace SECONDS] [--json]
 hlsvault revoke ASSET [--json]
@@ -64,6 +64,7 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
         codec=args.codec,
         audio_only=args.audio_only,
         subtitles=[_sidecar_argument(value) for value in args.subtitles],
+        trick_play=args.trick_play,
     )
     if settings.embedded or not settings.work.startswith("s3://"):
         return spec
@@ -234,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--subtitles", action="append", default=[], metavar="LANG=FILE",
             help="add a WebVTT or SubRip subtitle file in language LANG (an RFC 5646 tag: en, "
                  "de, pt-BR); repeat for more. The source's own text tracks come along anyway",
+        )
+        command.add_argument(
+            "--trick-play", action="store_true", default=layout.DEFAULT_TRICK_PLAY,
+            help="also make an I-frame playlist (scrubbing in AVPlayer, ExoPlayer) and "
+                 "thumbnail sprites with a WebVTT track (web players)",
         )
         command.add_argument("--json", action="store_true", help="print JSON on stdout")
     package.add_argument(

@@ -40,6 +40,7 @@ from pipeline.playlists import (
 )
 from pipeline.settings import Settings
 from pipeline.storage import ObjectNotFound
+from pipeline.thumbnails import render_vtt
 from pipeline.tokens import TokenClaims, TokenVerifier
 
 from .auditlog import LineWriter
@@ -53,6 +54,7 @@ from .responses import (
     playlist_answer,
     set_cookie_value,
     to_response,
+    webvtt_answer,
 )
 from .state import STALE, VaultView
 from .statesync import StateListener
@@ -267,16 +269,27 @@ class KeyServer:
             for name, value in signed.cookies().items()
         ]
 
-    async def variant(self, creds: Credentials, asset: str, name: str) -> Answer:
+    async def _per_viewer(
+        self, creds: Credentials, asset: str, rendition: str | None = None
+    ) -> tuple[TokenClaims, AssetVersion, bool] | Answer:
+        """What every per-viewer playlist or track checks first: the path values, then the
+        token (cookie mode's from the cookie too) and the asset's current version; the claims,
+        the version and whether it is cookie mode, or the refusal to send."""
         if not layout.ASSET_ID_PATTERN.fullmatch(asset):
             return error_answer(400, "malformed asset id")
-        if not layout.RENDITION_PATTERN.fullmatch(name):
+        if rendition is not None and not layout.RENDITION_PATTERN.fullmatch(rendition):
             return error_answer(400, "malformed rendition")
         cookie_mode = creds.query.get("auth") == "cookie"
         access = await self._playlist_access(creds, asset, cookie=cookie_mode)
         if isinstance(access, Answer):
             return access
-        claims, described = access
+        return (*access, cookie_mode)
+
+    async def variant(self, creds: Credentials, asset: str, name: str) -> Answer:
+        access = await self._per_viewer(creds, asset, name)
+        if isinstance(access, Answer):
+            return access
+        claims, described, cookie_mode = access
         rendition = described.rendition(name)
         if rendition is None:
             return error_answer(404, "unknown rendition")
@@ -302,6 +315,25 @@ class KeyServer:
             render_variant(described, rendition, segment_uri=segment_uri, key_uri=key_uri,
                            init_uri=init_uri)
         )
+
+    async def thumbnails(self, creds: Credentials, asset: str) -> Answer:
+        """Trick play's thumbnail track, under the variant playlists' token rules: its sheet
+        URIs point at the CDN, signed for the thumbnails' directory like a rendition's
+        segments (cookie mode: the CloudFront cookies cover them)."""
+        access = await self._per_viewer(creds, asset)
+        if isinstance(access, Answer):
+            return access
+        claims, described, cookie_mode = access
+        if described.thumbnails is None:
+            return error_answer(404, "no thumbnails: package the asset with --trick-play")
+        cdn, version, directory = self.settings.cdn_url, described.version, layout.THUMBNAILS_DIR
+        signed = "" if cookie_mode else self._segment_query(asset, version, directory, claims)
+
+        def sheet_uri(sheet: str) -> str:
+            return f"{layout.cdn_url(cdn, layout.segment_key(asset, version, directory, sheet))}" \
+                   f"{signed}"
+
+        return webvtt_answer(render_vtt(described.thumbnails, sheet_uri=sheet_uri))
 
     def _segment_query(
         self, asset: str, version: str, rendition: str, claims: TokenClaims

@@ -31,8 +31,8 @@ from ..plan import LADDERS, check_segment_seconds
 from ..subtitles import check_sidecar_names, check_sidecars
 
 STAGES = (
-    "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "upload",
-    "invalidate",
+    "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "trickplay",
+    "upload", "invalidate",
 )
 TERMINAL = ("succeeded", "failed", "cancelled")
 #: Every status a job has, in the order it passes through them.
@@ -72,6 +72,8 @@ class JobSpec:
     #: The file name the user gave each sidecar, in order, where the CLI stored it under
     #: another (pipeline.subtitles.check_sidecar_names); empty: each source names itself.
     subtitle_names: tuple[str, ...] = ()
+    #: Also make an I-frame rendition and thumbnail sprites (pipeline.trickplay).
+    trick_play: bool = layout.DEFAULT_TRICK_PLAY
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +98,7 @@ def new_job_spec(
     codec: str = layout.DEFAULT_VIDEO_CODEC,
     audio_only: bool = False,
     subtitles: Sequence[tuple[str, str]] = (),
+    trick_play: bool = layout.DEFAULT_TRICK_PLAY,
 ) -> JobSpec:
     """Validate options and give the job an id and the version it will publish."""
     job_id = uuid.uuid4().hex
@@ -139,6 +142,7 @@ def new_job_spec(
         codec=codec,
         audio_only=audio_only,
         subtitles=sidecars,
+        trick_play=trick_play,
     )
 
 
