@@ -162,7 +162,7 @@ def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     # Text tracks and sidecars are read and checked now: a bad one fails the job before any
     # transcoding.
     subtitles, warnings = prepare_subtitles(svc, spec.job_id, info, target, shown,
-                                            spec.subtitles)
+                                            spec.subtitles, spec.subtitle_names)
     svc.jobs.set_json(spec.job_id, "subtitles", [t.to_dict() for t in subtitles])
     if warnings:
         svc.jobs.set_json(spec.job_id, "warnings", warnings)
