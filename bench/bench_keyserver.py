@@ -1,5 +1,5 @@
 """Benchmark: the key server's key, variant and master routes against nginx serving the same
-bytes (a 16-byte key, the playlists) as static files; ``--bare`` adds a bare ASGI app.
+bytes (a 16-byte key, the playlists) as static files; ``--bare`` adds bare ASGI and RSGI apps.
 
 Both servers run on this machine with one worker each, and `wrk` (one thread, 50 connections
 by default) loads them in turn, alternating round by round after an untimed warm-up of each:
@@ -7,8 +7,8 @@ by default) loads them in turn, alternating round by round after an untimed warm
 - nginx:    `nginx` with a generated minimal config in ``bench/.work/keyserver/nginx/``
             (worker_processes 1, access_log off, daemon off, listen 127.0.0.1:<free port>),
             serving a 16-byte file: the floor for answering a small GET over HTTP/1.1.
-- hlsvault: `hlsvault serve --port P --server S`, once with granian and once with uvicorn
-            (``--servers``), one worker each, over a short
+- hlsvault: `hlsvault serve --port P --server S`, once with each of uvicorn, granian (ASGI)
+            and granian-rsgi (``--servers``), one worker each, over a short
             generated clip packaged with `hlsvault package clip.mp4 --asset bench --ladder copy`
             in ``HLSVAULT_DATA_DIR=bench/.work/ks-data``. wrk fetches the key URL named by the
             variant playlist, token in the query string: every request verifies the JWT (HS256),
@@ -85,9 +85,10 @@ WRK_THREADS = 1
 START_TIMEOUT_S = 20.0
 
 NGINX_NAME = "nginx"
-BARE_NAME = "bare-asgi"
-#: The ASGI servers `hlsvault serve --server` offers, compared side by side.
-SERVERS = ("uvicorn", "granian")
+#: The bare apps of ``--bare``: name -> (module:app, granian interface).
+BARE_APPS = {"bare-asgi": ("bare_asgi:app", "ASGI"), "bare-rsgi": ("bare_rsgi:app", "RSGI")}
+#: The servers `hlsvault serve --server` offers, compared side by side.
+SERVERS = ("uvicorn", "granian", "granian-rsgi")
 #: The routes loaded: the key, and the two playlists a player fetches first.
 ROUTES = ("key", "variant", "master")
 #: The issue's targets per route: the key at half nginx's rate, the playlists at a quarter.
@@ -537,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help="ASGI servers to compare, comma-separated (default: both)")
     parser.add_argument("--bare", action="store_true",
-                        help="also load a bare ASGI app under granian on the key route")
+                        help="also load bare ASGI and RSGI apps under granian on the key route")
     parser.add_argument("--routes", default=",".join(ROUTES),
                         help="routes to load, comma-separated (default: key,variant,master)")
     args = parser.parse_args(argv)
@@ -579,14 +580,16 @@ def run(args: argparse.Namespace) -> int:
         for route in routes:
             path = "/key" if route == "key" else f"/{route}.m3u8"
             urls[route][NGINX_NAME] = (nginx.pid, f"{nginx_base}{path}")
-        if args.bare and "key" in urls:
-            bare, bare_url = start_bare(free_port())
+        bare_apps = BARE_APPS if args.bare and "key" in urls else {}
+        for name, (target, interface) in bare_apps.items():
+            bare, bare_url = start_bare(free_port(), name, target, interface)
             processes.insert(0, bare)
-            urls["key"][BARE_NAME] = (bare.pid, bare_url)
-        print_setup(args, servers, processes[1 if args.bare else 0:], log_paths)
-        if args.bare:
-            print(f"{BARE_NAME}: bench/bare_asgi.py (16 bytes, no checks) under granian, "
-                  "one worker: the ceiling of an ASGI app on one core")
+            urls["key"][name] = (bare.pid, bare_url)
+        print_setup(args, servers, processes[len(bare_apps):], log_paths)
+        for name, (target, interface) in bare_apps.items():
+            print(f"{name}: bench/{target.split(':')[0]}.py (16 bytes, no checks) under "
+                  f"granian's {interface} interface, one worker: the ceiling of an {interface} "
+                  "app on one core")
         code = 0
         for route in routes:
             code |= run_route(args, route, urls[route], servers)
@@ -601,21 +604,24 @@ def run(args: argparse.Namespace) -> int:
             stop(processes[-1], signal.SIGQUIT)
 
 
-def start_bare(port: int) -> tuple[subprocess.Popen[bytes], str]:
-    """bare_asgi.py under granian with `hlsvault serve`'s options; the process and its URL."""
+def start_bare(port: int, name: str, target: str, interface: str) -> tuple[
+    subprocess.Popen[bytes], str
+]:
+    """A bare app under granian with `hlsvault serve`'s options; the process and its URL."""
     code = (
         "from granian.constants import HTTPModes, Interfaces, Loops\n"
         "from pathlib import Path\n"
         "from granian.server import Server\n"
-        f"Server('bare_asgi:app', address='127.0.0.1', port={port}, interface=Interfaces.ASGI,"
-        " workers=1, loop=Loops.uvloop, http=HTTPModes.http1, log_access=False,"
+        f"Server({target!r}, address='127.0.0.1', port={port}, "
+        f"interface=Interfaces.{interface}, workers=1, loop=Loops.uvloop, "
+        "http=HTTPModes.http1, websockets=False, log_access=False,"
         f" working_dir=Path({str(Path(__file__).parent)!r})).serve()\n"
     )
-    log = (SCRATCH / "bare.log").open("wb")
+    log = (SCRATCH / f"{name}.log").open("wb")
     process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
                                stdout=log, stderr=log, cwd=Path(__file__).parent)
     url = f"http://127.0.0.1:{port}/key"
-    wait_for(url, process, "bare ASGI app")
+    wait_for(url, process, name)
     return process, url
 
 
@@ -648,7 +654,7 @@ def run_route(
     servers: list[str],
 ) -> int:
     """wrk on one route of every server and of nginx, alternating; a RESULT line per server."""
-    names = [*servers, *([BARE_NAME] if BARE_NAME in targets else []), NGINX_NAME]
+    names = [*servers, *(name for name in BARE_APPS if name in targets), NGINX_NAME]
     print(f"\n{route}: GET {redact(targets[servers[0]][1])} (HS256 token in the query string)")
     for name in names:
         pid, url = targets[name]
@@ -677,10 +683,10 @@ def run_route(
         f"{median(n, 'rps'):>14.0f}{median(n, 'p99_ms'):>8.2f}"
         f"{median(n, 'cpu_us_per_request'):>8.0f}" for n in names))
     target = TARGET_RATIOS[route]
-    if BARE_NAME in ratios:
-        bare = statistics.median(ratios[BARE_NAME])
-        print(f"RESULT keyserver {route} (bare ASGI app under granian, the ceiling): "
-              f"{median(BARE_NAME, 'rps'):.0f} rps, ratio {bare:.3f}")
+    for name, (_, interface) in BARE_APPS.items():
+        if name in ratios:
+            print(f"RESULT keyserver {route} (bare {interface} app under granian, the ceiling): "
+                  f"{median(name, 'rps'):.0f} rps, ratio {statistics.median(ratios[name]):.3f}")
     for server in servers:
         ratio = statistics.median(ratios[server])
         p99 = median(server, "p99_ms")

@@ -3,13 +3,13 @@
 hlsvault package SOURCE [--asset ID] [--ladder copy|default] [--segment-seconds S]
                         [--key-rotation-segments N] [--download [RENDITION]]
                         [--container ts|fmp4] [--codec h264|hevc] [--audio-only]
-                        [--subtitles LANG=FILE ...] [--json]
+                        [--subtitles LANG=FILE ...] [--trick-play] [--json]
 hlsvault submit SOURCE [same options as package]          (distributed mode)
 hlsvault status JOB [--wait] [--json]
 hlsvault serve [--host H] [--port P] [--certfile F --keyfile F] [--workers N]
                [--server uvicorn|granian]
 hlsvault url ASSET [--ttl SECONDS] [--auth token|cookie] [--sid S] [--ip A] [--download]
-                   [--offline]
+                   [--offline] [--thumbnails]
 hlsvault token ASSET [--ttl SECONDS] [--sid S] [--ip A] [--offline]
 hlsvault rekey ASSET [--grace SECONDS] [--json]
 hlsvault revoke ASSET [--json]
@@ -64,15 +64,19 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
         codec=args.codec,
         audio_only=args.audio_only,
         subtitles=[_sidecar_argument(value) for value in args.subtitles],
+        trick_play=args.trick_play,
     )
     if settings.embedded or not settings.work.startswith("s3://"):
         return spec
     # The worker that probes a local file may run on another machine: the file travels
     # through work storage, like every other byte between stages (sidecars too).
     from pipeline.sources import check_local_source
-    from pipeline.subtitles import read_sidecar
+    from pipeline.subtitles import check_sidecar_names, read_sidecar
 
     work = ctx.services.work
+    # Errors name a sidecar as the user did, not by the key it is stored under.
+    names = check_sidecar_names([Path(source).name for _, source in spec.subtitles],
+                                spec.subtitles)
     sidecars = []
     for position, (language, source) in enumerate(spec.subtitles):
         if not source.startswith("s3://"):
@@ -80,7 +84,7 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
             work.put_bytes(key, read_sidecar(source, f"subtitle file {source}"))
             source = f"{work.url.rstrip('/')}/{key}"
         sidecars.append((language, source))
-    spec = replace(spec, subtitles=tuple(sidecars))
+    spec = replace(spec, subtitles=tuple(sidecars), subtitle_names=names)
     if "://" in spec.source:
         return spec
     path = Path(spec.source)
@@ -149,7 +153,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
     serve(ServeOptions(
         host=args.host, port=port, workers=args.workers, server=args.server,
         certfile=args.certfile, keyfile=args.keyfile,
-    ))
+    ), settings=ctx.settings)
     return 0
 
 
@@ -232,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="add a WebVTT or SubRip subtitle file in language LANG (an RFC 5646 tag: en, "
                  "de, pt-BR); repeat for more. The source's own text tracks come along anyway",
         )
+        command.add_argument(
+            "--trick-play", action="store_true", default=layout.DEFAULT_TRICK_PLAY,
+            help="also make an I-frame playlist (scrubbing in AVPlayer, ExoPlayer) and "
+                 "thumbnail sprites with a WebVTT track (web players)",
+        )
         command.add_argument("--json", action="store_true", help="print JSON on stdout")
     package.add_argument(
         "--timeout",
@@ -254,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes, one per core to use (default 1)")
     serve.add_argument("--server", default=layout.DEFAULT_SERVER, choices=layout.SERVERS,
-                       help=f"the ASGI server (default {layout.DEFAULT_SERVER})")
+                       help=f"the HTTP server (default {layout.DEFAULT_SERVER})")
     serve.set_defaults(handler=cmd_serve)
 
     add_commands(commands, wait_timeout=DEFAULT_WAIT_TIMEOUT_S)

@@ -64,6 +64,9 @@ def cmd_url(args: argparse.Namespace, ctx: Context) -> int:
     if args.sid:
         # The key server passes it on to every variant and key URI it writes.
         query += f"&sid={quote(args.sid, safe='')}"
+    if args.thumbnails:
+        print(layout.thumbnails_url(base, args.asset, query))
+        return 0
     if args.auth == "cookie":
         query += "&auth=cookie"
     print(layout.master_url(ctx.settings.public_url, args.asset, query))
@@ -124,6 +127,8 @@ def add_commands(commands: Any, *, wait_timeout: float) -> None:
                      help="token: the token rides in every URL; cookie: in an HttpOnly cookie")
     url.add_argument("--download", action="store_true",
                      help="print the URL of the MP4 download (302 to a signed URL)")
+    url.add_argument("--thumbnails", action="store_true",
+                     help="print the URL of the thumbnail track (WebVTT; --trick-play assets)")
     url.set_defaults(handler=cmd_url)
 
     rekey = commands.add_parser("rekey", help="re-encrypt an asset under new keys")

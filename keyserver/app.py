@@ -1,7 +1,11 @@
 """The key server's ASGI app, built by :func:`create_app` from explicit settings.
 
     GET /v1/assets/{asset}/master.m3u8?token=…[&auth=cookie]   master playlist
-    GET /v1/assets/{asset}/{rendition}.m3u8?token=…            variant playlist (tokenized mode)
+    GET /v1/assets/{asset}/{rendition}.m3u8?token=…            variant playlist (tokenized mode);
+                                                               ``iframes`` is trick play's
+                                                               I-frame playlist
+    GET /v1/assets/{asset}/thumbnails.vtt?token=…[&auth=cookie] trick play's thumbnail track
+                                                               (WebVTT), as a variant playlist
     GET /v1/assets/{asset}/{rendition}.m3u8?auth=cookie        variant playlist of cookie mode,
                                                                when the CDN's static one names
                                                                another public URL; the token
@@ -32,7 +36,8 @@ bound to one), and cookie mode's master also sets the three CloudFront cookies f
 401: token missing, malformed, forged, expired or not yet valid. 403: a genuine token for
 another asset or client address, or bound to a session the request does not present; an
 ordinary token asking for an offline bundle; an embedded download link unsigned or expired.
-404: unknown asset, rendition, key, path or /cdn/ file; a version without a download. 405: a
+404: unknown asset, rendition, key, path or /cdn/ file; a version without a download or
+without thumbnails. 405: a
 method other than GET or HEAD. 410: revoked asset, or a retired version's key after its grace
 period. 400: malformed path values. 429: too many key, download or offline requests for one
 token or one client address. 503: the vault could not be read; no way to sign a download URL.
@@ -46,7 +51,7 @@ import mimetypes
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from starlette.applications import Starlette
@@ -80,6 +85,9 @@ from .server import ACCESS_LOGGER, KeyServer, QueuedLogger
 from .state import STATE_TTL_S, VaultView
 from .statesync import StateListener
 from .stats import KeyRequestStats
+
+if TYPE_CHECKING:
+    from uvicorn.middleware.proxy_headers import _TrustedHosts
 
 log = structlog.get_logger("hlsvault.keyserver")
 
@@ -137,6 +145,10 @@ class ViewerEndpoints:
         return to_response(await self.server.variant(
             Credentials(request.scope), params["asset"], params["rendition"]))
 
+    async def thumbnails(self, request: Request) -> Response:
+        return to_response(await self.server.thumbnails(
+            Credentials(request.scope), request.path_params["asset"]))
+
     async def key(self, request: Request) -> Response:
         params = request.path_params
         return to_response(await self.server.key(
@@ -146,13 +158,22 @@ class ViewerEndpoints:
 class KeyServerApp:
     """The key server as uvicorn or granian runs it: access log and CORS around the fast path
     (:class:`~keyserver.fastpath.ViewerRoutes`) around the Starlette app. ``router`` is the
-    Starlette app's, whose lifespan is the server's."""
+    Starlette app's, whose lifespan is the server's. ``access_log``, ``cors`` and ``trusted``
+    are the layers the fast path runs under, for an edge that answers the viewer routes
+    without ASGI (:class:`keyserver.rsgi.RsgiKeyServer`) to apply as they are."""
 
-    def __init__(self, asgi: ASGIApp, starlette: Starlette, server: KeyServer) -> None:
+    def __init__(
+        self, asgi: ASGIApp, starlette: Starlette, server: KeyServer, *,
+        access_log: AccessLog | None = None, cors: CORSMiddleware | None = None,
+        trusted: _TrustedHosts | None = None,
+    ) -> None:
         self.asgi = asgi
         self.starlette = starlette
         self.router = starlette.router
         self.server = server
+        self.access_log = access_log
+        self.cors = cors
+        self.trusted = trusted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.asgi(scope, receive, send)
@@ -230,13 +251,14 @@ def create_app(
     routes: list[Route | Mount] = [
         Route("/healthz", server.healthz),
         Route(layout.MASTER_ROUTE, viewer.master),
+        Route(layout.THUMBNAILS_ROUTE, viewer.thumbnails),
         Route(layout.VARIANT_ROUTE, viewer.variant),
         Route(layout.KEY_ROUTE, viewer.key),
         Route(layout.DOWNLOAD_ROUTE, exports.download),
         Route(layout.OFFLINE_ROUTE, exports.offline),
     ]
     if settings.embedded and isinstance(origin, LocalStore):
-        for suffix in (".ts", ".m4s", ".mp4"):
+        for suffix in (".ts", ".m4s", ".mp4", ".jpg"):
             mimetypes.add_type(layout.segment_content_type(f"x{suffix}"), suffix)
         mimetypes.add_type(PLAYLIST_TYPE, ".m3u8")
         Path(origin.root).mkdir(parents=True, exist_ok=True)
@@ -276,6 +298,12 @@ def create_app(
     if not fast_path:
         return KeyServerApp(proxied, starlette, server)
     asgi: ASGIApp = ViewerRoutes(server, proxied, trusted)
+    access_log = cors = None
     for layer in reversed(middleware):
         asgi = layer.cls(asgi, *layer.args, **layer.kwargs)
-    return KeyServerApp(asgi, starlette, server)
+        if isinstance(asgi, AccessLog):
+            access_log = asgi
+        elif isinstance(asgi, CORSMiddleware):
+            cors = asgi
+    return KeyServerApp(asgi, starlette, server, access_log=access_log, cors=cors,
+                        trusted=trusted)

@@ -10,6 +10,7 @@ cookie from every ``Cookie`` header (the last of repeated names wins).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from http.cookies import _unquote  # the stdlib's cookie unquoting (what Starlette uses)
@@ -18,7 +19,7 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
-from pipeline.tokens import SID_HEADER
+from pipeline.tokens import SID_HEADER, VERIFIED_CACHE_SIZE
 
 if TYPE_CHECKING:
     from uvicorn.middleware.proxy_headers import _TrustedHosts
@@ -26,14 +27,15 @@ if TYPE_CHECKING:
 #: Cookie mode: the token travels in this cookie, scoped to one asset's key (and, when the key
 #: server serves its variants, playlist) path.
 COOKIE_NAME = "hlsvault_token"
-_SID_HEADER = SID_HEADER.lower().encode("latin-1")
+_SID_NAME = SID_HEADER.lower()
+_SID_HEADER = _SID_NAME.encode("latin-1")
 
 
-def _cookie(headers: list[bytes], name: str) -> str:
+def _cookie(headers: list[str], name: str) -> str:
     """The value of cookie ``name`` across ``headers``, as browsers and Starlette read it."""
     found = ""
     for header in headers:
-        for chunk in header.decode("latin-1").split(";"):
+        for chunk in header.split(";"):
             key, equals, value = chunk.partition("=")
             if equals and key.strip() == name:
                 found = _unquote(value.strip())
@@ -54,32 +56,58 @@ def _parse_query(text: str) -> dict[str, str]:
 
 
 class Credentials:
-    """The query parameters, headers and client address a viewer route reads."""
+    """The query parameters, headers and client address a viewer route reads: from an ASGI
+    scope (``Credentials(scope)``) or an RSGI one (:meth:`from_rsgi`), to the same values."""
 
     __slots__ = ("_cookies", "_forwarded_for", "authorization", "client_ip", "query", "sid_header")
 
     def __init__(self, scope: Mapping[str, Any]) -> None:
         raw_query: bytes = scope.get("query_string", b"")
-        self.query: dict[str, str] = _parse_query(raw_query.decode("latin-1")) if raw_query else {}
         authorization = sid = None
-        cookies: list[bytes] = []
-        forwarded_for: list[bytes] = []
+        cookies: list[str] = []
+        forwarded_for: list[str] = []
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if authorization is None:
                     authorization = value.decode("latin-1")
             elif name == b"cookie":
-                cookies.append(value)
+                cookies.append(value.decode("latin-1"))
             elif name == _SID_HEADER and sid is None:
                 sid = value.decode("latin-1")
             elif name == b"x-forwarded-for":
-                forwarded_for.append(value)
+                forwarded_for.append(value.decode("latin-1"))
+        client = scope.get("client")
+        self._set(raw_query.decode("latin-1"), authorization, sid, cookies, forwarded_for,
+                  client[0] if client else None)
+
+    @classmethod
+    def from_rsgi(cls, scope: Any) -> Credentials:
+        """The same values from granian's RSGI scope (query a str, headers a mapping that
+        keeps repeated names, client ``"address:port"``, IPv6 in brackets). A header value that
+        is not visible ASCII is invisible there (granian hands the app only text), where ASGI
+        passes its bytes: such a request may get another 4xx message, never another status
+        class."""
+        creds = cls.__new__(cls)
+        headers = scope.headers
+        client: str = scope.client
+        address = client.rpartition(":")[0] if client else ""
+        if address.startswith("["):
+            address = address[1:-1]
+        creds._set(scope.query_string, headers.get("authorization"), headers.get(_SID_NAME),
+                   headers.get_all("cookie"), headers.get_all("x-forwarded-for"),
+                   address or None)
+        return creds
+
+    def _set(
+        self, query: str, authorization: str | None, sid: str | None, cookies: list[str],
+        forwarded_for: list[str], client_ip: str | None,
+    ) -> None:
+        self.query: dict[str, str] = _parse_query(query) if query else {}
         self.authorization = authorization or ""
         self.sid_header = sid
         self._cookies = cookies
         self._forwarded_for = forwarded_for
-        client = scope.get("client")
-        self.client_ip: str | None = client[0] if client else None
+        self.client_ip: str | None = client_ip
 
     def trust_proxies(self, trusted: _TrustedHosts) -> None:
         """The client address behind a trusted proxy: uvicorn's FORWARDED_ALLOW_IPS rule (its
@@ -87,7 +115,7 @@ class Credentials:
         read anyway, rather than by a middleware in front of every request. A no-op without an
         X-Forwarded-For header or from a peer outside ``trusted``."""
         if self._forwarded_for and self.client_ip in trusted:
-            forwarded = b", ".join(self._forwarded_for).decode("latin-1")
+            forwarded = ", ".join(self._forwarded_for)
             host, _ = trusted.get_trusted_client_address(forwarded)
             if host:  # an empty header leaves the peer's address, as uvicorn does
                 self.client_ip = host
@@ -124,10 +152,12 @@ def client_ip(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
+@functools.lru_cache(maxsize=VERIFIED_CACHE_SIZE)  # as many as verified tokens are kept
 def token_bucket(token: str) -> str:
     """The rate-limit bucket of a (verified) token. PyJWT accepts a '='-padded signature as the
     same token: the canonical form is counted, or padding would buy a fresh allowance. Hashed,
-    so that no limiter (or Redis key) ever holds a token."""
+    so that no limiter (or Redis key) ever holds a token; remembered, since a player presents
+    one token for every request."""
     head, dot, signature = token.rpartition(".")
     canonical = f"{head}{dot}{signature.rstrip('=')}" if dot else token
     return "token:" + hashlib.sha256(canonical.encode()).hexdigest()[:24]

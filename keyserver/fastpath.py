@@ -13,7 +13,8 @@ runs one request matrix through both and compares).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import structlog
 from starlette.routing import compile_path
@@ -32,11 +33,18 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("hlsvault.keyserver")
 
-_MASTER = compile_path(layout.MASTER_ROUTE)[0]
-_VARIANT = compile_path(layout.VARIANT_ROUTE)[0]
-_KEY = compile_path(layout.KEY_ROUTE)[0]
-_KEYS_PREFIX = layout.KEY_ROUTE.split("{", 1)[0]
-_ASSETS_PREFIX = layout.MASTER_ROUTE.split("{", 1)[0]
+#: The viewer routes the fast path answers, in the order they are tried: the route's fixed
+#: prefix (a cheap first test), its compiled pattern, and the KeyServer method that answers it
+#: with the path values in order. A new viewer route is one more line here (and its Starlette
+#: Route in keyserver.app, which the equivalence matrix holds it to).
+_VIEWER_ROUTES = tuple(
+    (template.split("{", 1)[0], compile_path(template)[0], method)
+    for template, method in (
+        (layout.KEY_ROUTE, "key"),
+        (layout.MASTER_ROUTE, "master"),
+        (layout.VARIANT_ROUTE, "variant"),
+    )
+)
 
 
 def failure_answer(exc: Exception, path: str) -> Answer:
@@ -54,6 +62,32 @@ async def send_answer(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.start", "status": answer.status,
                 "headers": list(answer.headers)})
     await send({"type": "http.response.body", "body": answer.body})
+
+
+#: A viewer route's handler and the path values it takes.
+Route = tuple[Callable[..., Awaitable[Answer]], tuple[str, ...]]
+
+
+def viewer_route(server: KeyServer, path: str) -> Route | None:
+    """The viewer route ``path`` names (the :class:`KeyServer` method and its path values),
+    or None for every other path: the fast path's one routing rule, under ASGI and RSGI."""
+    for prefix, pattern, method in _VIEWER_ROUTES:
+        if path.startswith(prefix) and (match := pattern.match(path)):
+            return getattr(server, method), match.groups()
+    return None
+
+
+async def answer_for(
+    route: Route, creds: Credentials, path: str
+) -> tuple[Answer, Exception | None]:
+    """The route's answer and, when it failed with anything but an error of the tree, the
+    exception to raise once the 500 is sent (as Starlette's ServerErrorMiddleware does: the
+    server logs the traceback)."""
+    handler, args = route
+    try:
+        return await handler(creds, *args), None
+    except Exception as exc:
+        return failure_answer(exc, path), None if isinstance(exc, HlsvaultError) else exc
 
 
 class ViewerRoutes:
@@ -74,26 +108,14 @@ class ViewerRoutes:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        server = self.server
-        route: Any
-        if path.startswith(_KEYS_PREFIX) and (match := _KEY.match(path)):
-            route, args = server.key, match.groups()
-        elif path.startswith(_ASSETS_PREFIX) and (match := _MASTER.match(path)):
-            route, args = server.master, (match.group(1),)
-        elif path.startswith(_ASSETS_PREFIX) and (match := _VARIANT.match(path)):
-            route, args = server.variant, match.groups()
-        else:
+        route = viewer_route(self.server, path)
+        if route is None:
             await self.app(scope, receive, send)
             return
         creds = Credentials(scope)
         if self.trusted is not None:
             creds.trust_proxies(self.trusted)
-        call = route(creds, *args)
-        try:
-            answer = await call
-        except Exception as exc:
-            await send_answer(send, failure_answer(exc, path))
-            if not isinstance(exc, HlsvaultError):
-                raise  # as Starlette's ServerErrorMiddleware does: the server logs the traceback
-            return
+        answer, failure = await answer_for(route, creds, path)
         await send_answer(send, answer)
+        if failure is not None:
+            raise failure

@@ -12,9 +12,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 log = structlog.get_logger("hlsvault.keyserver")
 
@@ -26,6 +29,22 @@ REDIS_TIMEOUT_S = 0.25
 #: bucket is forgotten, so a flood from many addresses costs memory it cannot grow and at worst
 #: lets a forgotten bucket start counting again: it never refuses anyone it should not.
 MAX_BUCKETS = 100_000
+
+
+def per_process_limits(settings: Settings, workers: int) -> str | None:
+    """What to tell an operator who runs ``workers`` key server processes that each count in
+    memory (no Redis), or None when nothing multiplies. A warning, not a refusal: one machine
+    with several cores and no Redis is a fair setup, as long as its operator knows that a
+    client reaching every worker gets up to ``workers`` times each limit."""
+    limits = {"HLSVAULT_RATE_LIMIT_TOKEN": settings.rate_limit_token_per_min,
+              "HLSVAULT_RATE_LIMIT_IP": settings.rate_limit_ip_per_min}
+    counted = [f"{name}={limit}/min" for name, limit in limits.items() if limit > 0]
+    if workers <= 1 or settings.redis_url or not counted:
+        return None
+    return (f"rate limits are counted per worker process without Redis: with --workers "
+            f"{workers} a client whose connections reach every worker may make up to {workers} "
+            f"times {' and '.join(counted)}; set REDIS_URL to count once for all workers, or "
+            f"divide the limits by {workers}")
 
 
 class RateLimiter(Protocol):

@@ -15,6 +15,7 @@ from typing import NamedTuple
 from starlette.responses import Response
 
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
+WEBVTT_TYPE = "text/vtt; charset=utf-8"
 #: Every playlist, key and error is per viewer (or about one): no shared cache may keep it.
 NO_STORE = {"Cache-Control": "no-store"}
 
@@ -53,13 +54,19 @@ def playlist_answer(text: str, cookies: list[bytes] | None = None) -> Answer:
     return Answer(200, headers, body)
 
 
+def webvtt_answer(text: str) -> Answer:
+    """A WebVTT track, never cached (its URIs are signed for one viewer)."""
+    body = text.encode("utf-8")
+    return Answer(200, _headers(NO_STORE, body, WEBVTT_TYPE.encode("latin-1")), body)
+
+
 #: Every key is 16 bytes: its headers are built once (senders copy the list, never change it).
-_KEY_HEADERS = _headers(NO_STORE, bytes(16), b"application/octet-stream")
+KEY_HEADERS = _headers(NO_STORE, bytes(16), b"application/octet-stream")
 
 
 def key_answer(key: bytes) -> Answer:
     if len(key) == 16:
-        return Answer(200, _KEY_HEADERS, key)
+        return Answer(200, KEY_HEADERS, key)
     return Answer(200, _headers(NO_STORE, key, b"application/octet-stream"), key)
 
 

@@ -40,6 +40,7 @@ from pipeline.playlists import (
 )
 from pipeline.settings import Settings
 from pipeline.storage import ObjectNotFound
+from pipeline.thumbnails import render_vtt
 from pipeline.tokens import TokenClaims, TokenVerifier
 
 from .auditlog import LineWriter
@@ -53,10 +54,12 @@ from .responses import (
     playlist_answer,
     set_cookie_value,
     to_response,
+    webvtt_answer,
 )
 from .state import STALE, VaultView
 from .statesync import StateListener
 from .stats import KeyRequestStats
+from .templates import PlaylistTemplates
 
 log = structlog.get_logger("hlsvault.keyserver")
 #: The logger names of the lines queued for the writer.
@@ -114,6 +117,8 @@ class KeyServer:
             settings, signer=signer, origin=None
         )
         self._warned: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: Playlists rendered once per version and rendition (keyserver.templates).
+        self.templates = PlaylistTemplates()
 
     # -- what every route shares -------------------------------------------------------------
 
@@ -219,15 +224,14 @@ class KeyServer:
         # The static variants on the CDN name the key URIs of the public URL they were written
         # for: None for versions packaged before AssetVersion recorded it.
         packaged_for = described.key_server
-        variant_uri: Callable[[RenditionEntry], str]
+        variant_uri: Callable[[RenditionEntry, str], str]  # the rendition, the viewer's query
         cookie_paths: list[str] = []
-        if creds.query.get("auth") != "cookie":
-            suffix = self._suffix(creds, creds.token())
-
-            def variant_uri(rendition: RenditionEntry) -> str:
-                return layout.variant_url(base, asset, rendition.name, suffix)
+        cookie_mode = creds.query.get("auth") == "cookie"
+        if not cookie_mode:
+            def variant_uri(rendition: RenditionEntry, query: str) -> str:
+                return layout.variant_url(base, asset, rendition.name, query)
         elif packaged_for == base:
-            def variant_uri(rendition: RenditionEntry) -> str:
+            def variant_uri(rendition: RenditionEntry, query: str) -> str:
                 static = layout.static_variant_key(asset, version, rendition.name)
                 return layout.cdn_url(cdn, static)
 
@@ -235,7 +239,7 @@ class KeyServer:
         else:
             # The key server renders the variants itself, with its current public URL in the
             # key URIs; the browser sends the cookie there too, so it gets a second path.
-            def variant_uri(rendition: RenditionEntry) -> str:
+            def variant_uri(rendition: RenditionEntry, query: str) -> str:
                 return layout.variant_url(base, asset, rendition.name, "?auth=cookie")
 
             cookie_paths = [layout.key_cookie_path(base, asset), playlist_cookie_path(base, asset)]
@@ -248,7 +252,12 @@ class KeyServer:
         ]
         if cookie_paths and self.signer is not None:
             cookies.extend(self._cdn_cookies(asset, claims))
-        return playlist_answer(render_master(described, variant_uri=variant_uri), cookies)
+        text = self.templates.render(
+            ("master", asset, version, cookie_mode),
+            lambda query, _: render_master(described, variant_uri=lambda r: variant_uri(r, query)),
+            "" if cookie_mode else self._suffix(creds, creds.token()),
+        )
+        return playlist_answer(text, cookies)
 
     def _cdn_cookies(self, asset: str, claims: TokenClaims) -> list[bytes]:
         """Cookie mode's CloudFront cookies: the asset's whole CDN directory (static variant
@@ -267,16 +276,27 @@ class KeyServer:
             for name, value in signed.cookies().items()
         ]
 
-    async def variant(self, creds: Credentials, asset: str, name: str) -> Answer:
+    async def _per_viewer(
+        self, creds: Credentials, asset: str, rendition: str | None = None
+    ) -> tuple[TokenClaims, AssetVersion, bool] | Answer:
+        """What every per-viewer playlist or track checks first: the path values, then the
+        token (cookie mode's from the cookie too) and the asset's current version; the claims,
+        the version and whether it is cookie mode, or the refusal to send."""
         if not layout.ASSET_ID_PATTERN.fullmatch(asset):
             return error_answer(400, "malformed asset id")
-        if not layout.RENDITION_PATTERN.fullmatch(name):
+        if rendition is not None and not layout.RENDITION_PATTERN.fullmatch(rendition):
             return error_answer(400, "malformed rendition")
         cookie_mode = creds.query.get("auth") == "cookie"
         access = await self._playlist_access(creds, asset, cookie=cookie_mode)
         if isinstance(access, Answer):
             return access
-        claims, described = access
+        return (*access, cookie_mode)
+
+    async def variant(self, creds: Credentials, asset: str, name: str) -> Answer:
+        access = await self._per_viewer(creds, asset, name)
+        if isinstance(access, Answer):
+            return access
+        claims, described, cookie_mode = access
         rendition = described.rendition(name)
         if rendition is None:
             return error_answer(404, "unknown rendition")
@@ -287,21 +307,43 @@ class KeyServer:
         # CloudFront cookies already cover them).
         signed = "" if cookie_mode else self._segment_query(asset, version, name, claims)
 
-        def segment_uri(segment: PublishedSegment) -> str:
-            uri = layout.cdn_url(cdn, layout.segment_key(asset, version, name, segment.name))
-            return f"{uri}{signed}"
+        def render(query: str, signature: str) -> str:
+            def segment_uri(segment: PublishedSegment) -> str:
+                uri = layout.cdn_url(cdn, layout.segment_key(asset, version, name, segment.name))
+                return f"{uri}{signature}"
 
-        def key_uri(index: int) -> str:
-            return layout.key_url(base, asset, version, index, suffix)
+            def key_uri(index: int) -> str:
+                return layout.key_url(base, asset, version, index, query)
 
-        def init_uri(init: str) -> str:
-            # Under the rendition's signed resource, like its segments.
-            return f"{layout.cdn_url(cdn, layout.segment_key(asset, version, name, init))}{signed}"
+            def init_uri(init: str) -> str:
+                # Under the rendition's signed resource, like its segments.
+                segment = layout.segment_key(asset, version, name, init)
+                return f"{layout.cdn_url(cdn, segment)}{signature}"
 
-        return playlist_answer(
-            render_variant(described, rendition, segment_uri=segment_uri, key_uri=key_uri,
-                           init_uri=init_uri)
-        )
+            return render_variant(described, rendition, segment_uri=segment_uri,
+                                  key_uri=key_uri, init_uri=init_uri)
+
+        key = ("variant", asset, version, name, cookie_mode)
+        return playlist_answer(self.templates.render(key, render, suffix, signed))
+
+    async def thumbnails(self, creds: Credentials, asset: str) -> Answer:
+        """Trick play's thumbnail track, under the variant playlists' token rules: its sheet
+        URIs point at the CDN, signed for the thumbnails' directory like a rendition's
+        segments (cookie mode: the CloudFront cookies cover them)."""
+        access = await self._per_viewer(creds, asset)
+        if isinstance(access, Answer):
+            return access
+        claims, described, cookie_mode = access
+        if described.thumbnails is None:
+            return error_answer(404, "no thumbnails: package the asset with --trick-play")
+        cdn, version, directory = self.settings.cdn_url, described.version, layout.THUMBNAILS_DIR
+        signed = "" if cookie_mode else self._segment_query(asset, version, directory, claims)
+
+        def sheet_uri(sheet: str) -> str:
+            return f"{layout.cdn_url(cdn, layout.segment_key(asset, version, directory, sheet))}" \
+                   f"{signed}"
+
+        return webvtt_answer(render_vtt(described.thumbnails, sheet_uri=sheet_uri))
 
     def _segment_query(
         self, asset: str, version: str, rendition: str, claims: TokenClaims

@@ -22,10 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import layout
-from .crypto import decrypt_file, iv_for_sequence
 from .errors import BadSpec, PermanentError, StageTimeout
 from .jobs import JobSpec
 from .media import ffmpeg_reason
+from .packaging import decrypt_work_segment
 from .playlists import AssetVersion, DownloadEntry, RenditionEntry
 from .services import Services
 
@@ -95,13 +95,8 @@ def make_download(svc: Services, spec: JobSpec) -> DownloadEntry | None:
             for segment in rendition.segments:
                 if segment.key not in keys:
                     keys[segment.key] = svc.keys.get(spec.asset, spec.version, segment.key)
-                work_key = layout.encrypted_key(spec.job_id, rendition.name, segment.name)
-                encrypted = svc.work.local_path(work_key)
-                if encrypted is None:
-                    encrypted = work_dir / f"enc-{segment.name}"
-                    svc.work.get_file(work_key, encrypted)
-                plain = work_dir / f"plain-{segment.name}"
-                decrypt_file(encrypted, plain, keys[segment.key], iv_for_sequence(segment.sequence))
+                plain = decrypt_work_segment(svc, spec.job_id, rendition.name, segment,
+                                             keys[segment.key], work_dir)
                 with plain.open("rb") as part:
                     shutil.copyfileobj(part, out)
                 plain.unlink()

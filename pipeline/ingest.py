@@ -3,7 +3,8 @@
 A request is either a job request, ``{"source": "s3://bucket/key", "asset": …, "ladder": …,
 "segment_seconds": …, "key_rotation_segments": …, "download": true | "720p", "container": "ts" |
 "fmp4", "codec": "h264" | "hevc", "audio_only": true, "subtitles": [{"language": "en",
-"source": "s3://bucket/talk.en.vtt"}]}``, or an S3 event notification document
+"source": "s3://bucket/talk.en.vtt"}], "trick_play": true}``, or an S3 event notification
+document
 (``{"Records": [{"eventName": "ObjectCreated:Put", "s3": {…}}]}``), as S3 sends it to SQS.
 
 Every source is an object in one of ``settings.source_buckets``; anything else is refused.
@@ -59,7 +60,7 @@ CLAIM_GRACE_S = 60
 _LEDGER_PREFIX = "hlsvault:ingest:"
 _OPTIONS = (
     "source", "asset", "ladder", "segment_seconds", "key_rotation_segments", "download",
-    "container", "codec", "audio_only", "subtitles",
+    "container", "codec", "audio_only", "subtitles", "trick_play",
 )
 
 # Replace a stale claim only if it still names the job we found missing.
@@ -97,6 +98,7 @@ class SourceRequest:
     audio_only: bool = False
     #: Sidecar subtitle files, ``(language, "s3://bucket/key")``, each in an allowed bucket.
     subtitles: tuple[tuple[str, str], ...] = ()
+    trick_play: bool = layout.DEFAULT_TRICK_PLAY
 
     @property
     def source(self) -> str:
@@ -164,6 +166,9 @@ def parse_job_request(document: dict[str, Any]) -> SourceRequest:
     audio_only = document.get("audio_only", False)
     if not isinstance(audio_only, bool):
         raise BadSpec('field "audio_only" must be true or false')
+    trick_play = document.get("trick_play", layout.DEFAULT_TRICK_PLAY)
+    if not isinstance(trick_play, bool):
+        raise BadSpec('field "trick_play" must be true or false')
     return SourceRequest(bucket=bucket, key=key, asset=asset,
                          ladder=_optional_str(document, "ladder"),
                          segment_seconds=seconds, key_rotation_segments=rotation,
@@ -171,7 +176,8 @@ def parse_job_request(document: dict[str, Any]) -> SourceRequest:
                          container=_optional_str(document, "container")
                          or layout.DEFAULT_CONTAINER,
                          codec=_optional_str(document, "codec") or layout.DEFAULT_VIDEO_CODEC,
-                         audio_only=audio_only, subtitles=_subtitles(document))
+                         audio_only=audio_only, subtitles=_subtitles(document),
+                         trick_play=trick_play)
 
 
 def _subtitles(document: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -325,6 +331,7 @@ class Ingest:
             codec=request.codec,
             audio_only=request.audio_only,
             subtitles=request.subtitles,
+            trick_play=request.trick_play,
         )
         ledger = ledger_key(request.bucket, request.key, str(revision), asset)
         try:

@@ -16,6 +16,8 @@ Stores (keys are ``/``-separated, relative)::
             jobs/<job>/sizes/c003.json                           a chunk's ciphertext sizes
             jobs/<job>/subtitles/subs0-en.json                   a text track's cues, checked
             jobs/<job>/subtitles/<attempt>/subs0-en/seg_00000.vtt  its WebVTT segments, plain
+            jobs/<job>/trickplay/<attempt>/iframes/seg_00003.ts  a plain I-frame segment
+            jobs/<job>/enc/thumbnails/sheet_000.jpg              a thumbnail sheet, awaiting upload
             sources/<job>/<file name>                            a local source sent to the fleet
             sources/<job>/subtitles/0.vtt                        a local sidecar sent to the fleet
     origin  assets/<asset>/master.m3u8                           cookie mode's stable master
@@ -23,6 +25,8 @@ Stores (keys are ``/``-separated, relative)::
             assets/<asset>/<version>/<rendition>/seg_00000.ts    immutable segments (.m4s: fMP4)
             assets/<asset>/<version>/<rendition>/init.mp4        fMP4's init segment (EXT-X-MAP)
             assets/<asset>/<version>/subs0-en/seg_00000.vtt      WebVTT segments (encrypted)
+            assets/<asset>/<version>/iframes/seg_00000.ts        trick play: one I-frame each
+            assets/<asset>/<version>/thumbnails/sheet_000.jpg    trick play: thumbnail sprites
             downloads/<asset>/<version>/<asset>.mp4              a private download (never public)
     vault   keys/<asset>/<version>/000000.key                    wrapped content keys
             catalog/<asset>/current.json                         the asset's state document
@@ -32,6 +36,7 @@ Stores (keys are ``/``-separated, relative)::
 Key server URLs (under ``HLSVAULT_PUBLIC_URL``)::
 
     /v1/assets/<asset>/master.m3u8   /v1/assets/<asset>/<rendition>.m3u8
+    /v1/assets/<asset>/thumbnails.vtt   the thumbnail track (trick play), sprite URIs on the CDN
     /v1/keys/<asset>/<version>/<index>
     /v1/downloads/<asset>            302 to a signed URL of the current version's MP4
     /v1/offline/<asset>              the current version's playlists and keys, for offline HLS
@@ -57,9 +62,10 @@ from .errors import BadSpec
 #: S3 events): the adaptive ladder, since a single remuxed rendition only suits sources that
 #: already are what every player decodes.
 DEFAULT_LADDER = "default"
-#: ASGI servers `hlsvault serve --server` can run the key server under; granian answered
+#: Servers `hlsvault serve --server` can run the key server under (granian-rsgi: granian's RSGI
+#: interface for the viewer routes, keyserver/rsgi.py); granian answered
 #: about 1.25–1.9x uvicorn's requests per core in bench_keyserver.
-SERVERS = ("uvicorn", "granian")
+SERVERS = ("uvicorn", "granian", "granian-rsgi")
 DEFAULT_SERVER = "granian"
 #: Apple's recommended segment length (HLS authoring specification).
 DEFAULT_SEGMENT_SECONDS = 6.0
@@ -81,6 +87,19 @@ DEFAULT_CONTAINER = "ts"
 #: Safari among them, take it tagged ``hvc1`` in fMP4, not in MPEG-TS).
 VIDEO_CODECS = ("h264", "hevc")
 DEFAULT_VIDEO_CODEC = "h264"
+#: Trick play (an I-frame rendition, thumbnail sprites and their WebVTT track) is asked for
+#: per job (``--trick-play``, ``"trick_play": true``): it adds a stage and storage to every
+#: asset, so a packaging keeps the shape it always had unless the job wants scrubbing.
+DEFAULT_TRICK_PLAY = False
+#: The I-frame rendition's id (in paths and URLs; no ladder names a rendition so) and the
+#: directory of the thumbnail sprites beside the renditions.
+IFRAME_RENDITION = "iframes"
+THUMBNAILS_DIR = "thumbnails"
+#: Thumbnail tiles: 160 px wide (what web players show above the seek bar), 10 x 10 per sheet
+#: (a sheet of a 2-hour film at 6 s segments holds 10 minutes; 12 sheets of ~100 KB).
+THUMBNAIL_WIDTH = 160
+THUMBNAIL_COLUMNS = 10
+THUMBNAIL_ROWS = 10
 #: The GROUP-ID of the audio renditions every video variant references with ``AUDIO=``.
 AUDIO_GROUP = "audio"
 #: The GROUP-ID of the subtitle renditions every video variant references with ``SUBTITLES=``.
@@ -175,12 +194,22 @@ def segment_pattern(container: str) -> str:
 INIT_SEGMENT = "init.mp4"
 #: Content types of what the origin serves, by file extension.
 _CONTENT_TYPES = {".ts": "video/mp2t", ".m4s": "video/iso.segment", ".mp4": "video/mp4",
-                  ".vtt": "text/vtt"}
+                  ".vtt": "text/vtt", ".jpg": "image/jpeg"}
 
 
 def segment_content_type(name: str) -> str:
     """The ``Content-Type`` a segment (or init segment) named ``name`` is served with."""
     return _CONTENT_TYPES.get(PurePosixPath(name).suffix, "application/octet-stream")
+
+
+def thumbnails_prefix(asset: str, version: str) -> str:
+    """Where a version's thumbnail sheets live in the origin."""
+    return f"{asset_prefix(asset)}/{check_version(version)}/{THUMBNAILS_DIR}"
+
+
+def thumbnail_sheet_name(index: int) -> str:
+    """The ``index``-th thumbnail sprite sheet of a version: ``sheet_000.jpg``."""
+    return f"sheet_{index:03d}.jpg"
 
 
 def audio_rendition_name(position: int, language: str | None) -> str:
@@ -272,6 +301,12 @@ def encrypted_prefix(job_id: str, rendition: str) -> str:
 
 def encrypted_key(job_id: str, rendition: str, segment: str) -> str:
     return f"{encrypted_prefix(job_id, rendition)}/{segment}"
+
+
+def trick_play_attempt_prefix(job_id: str, attempt: str) -> str:
+    """Where one delivery of the trick play stage puts its plain I-frame segments, under
+    :data:`IFRAME_RENDITION`."""
+    return f"jobs/{job_id}/trickplay/{attempt}"
 
 
 def sizes_key(job_id: str, chunk: str) -> str:
@@ -419,6 +454,7 @@ LOG_LINES_DROPPED_KEY = "hlsvault:stats:log_lines_dropped"
 MASTER_ROUTE = "/v1/assets/{asset}/master.m3u8"
 VARIANT_ROUTE = "/v1/assets/{asset}/{rendition}.m3u8"
 KEY_ROUTE = "/v1/keys/{asset}/{version}/{index}"
+THUMBNAILS_ROUTE = "/v1/assets/{asset}/thumbnails.vtt"
 DOWNLOAD_ROUTE = "/v1/downloads/{asset}"
 OFFLINE_ROUTE = "/v1/offline/{asset}"
 #: Embedded mode only: the origin's downloads, each request checked against a signature the
@@ -436,6 +472,10 @@ def master_url(public_url: str, asset: str, query: str = "") -> str:
 
 def variant_url(public_url: str, asset: str, rendition: str, query: str = "") -> str:
     return f"{public_url}/v1/assets/{asset}/{rendition}.m3u8{query}"
+
+
+def thumbnails_url(public_url: str, asset: str, query: str = "") -> str:
+    return f"{public_url}/v1/assets/{quote(asset, safe='')}/thumbnails.vtt{query}"
 
 
 def key_url(public_url: str, asset: str, version: str, index: int, query: str = "") -> str:

@@ -5,8 +5,10 @@ new keys; nothing is transcoded again. Its flow is ``rekey → upload → invali
 stage leaves the work store and the catalog exactly as segment, encrypt and playlist would
 have, so publishing is the same code. The old version is then retired: its keys are served
 for a grace period (players mid-film finish), then refused with 410 and deleted. A version's
-MP4 download (:mod:`.downloads`) lives and goes with its keys: a re-key copies it to the new
-version, a shred deletes the retired version's, a revocation every one of the asset.
+MP4 download (:mod:`.downloads`) and its thumbnail sheets (:mod:`.thumbnails`), both clear,
+live and go with its keys: a re-key copies them to the new version, a shred deletes the
+retired version's, a revocation every one of the asset. A re-key re-encrypts every segment
+kind the same way: video, audio and I-frame renditions alike.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .errors import BadSpec, NotFound
 from .jobs import JobSpec
 from .playlists import AssetVersion, RenditionEntry, key_index
 from .services import Services
+from .thumbnails import delete_thumbnails
 
 
 def new_rekey_spec(
@@ -94,8 +97,10 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
                 plain.unlink()
                 segments.append(replace(segment, size=size, key=index))
             if rendition.init is not None:
-                _carry_init(svc, spec, old.version, rendition.name, rendition.init)
+                _carry(svc, spec, old.version, rendition.name, rendition.init)
             renditions.append(replace(rendition, segments=tuple(segments)))
+        for sheet in old.thumbnails.sheets if old.thumbnails else ():
+            _carry(svc, spec, old.version, layout.THUMBNAILS_DIR, sheet)
     described = replace(
         old,
         version=spec.version,
@@ -110,13 +115,12 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
     return described
 
 
-def _carry_init(
-    svc: Services, spec: JobSpec, old_version: str, rendition: str, init: str
-) -> None:
-    """An fMP4 rendition's init segment into the new version as it is: it is clear (it holds
-    no sample), so there is nothing to re-key."""
-    data = svc.origin.get_bytes(layout.segment_key(spec.asset, old_version, rendition, init))
-    svc.work.put_bytes(layout.encrypted_key(spec.job_id, rendition, init), data)
+def _carry(svc: Services, spec: JobSpec, old_version: str, directory: str, name: str) -> None:
+    """A clear file into the new version as it is: an fMP4 rendition's init segment (it holds
+    no sample) or a thumbnail sheet (an image, see pipeline.thumbnails), so there is nothing
+    to re-key."""
+    data = svc.origin.get_bytes(layout.segment_key(spec.asset, old_version, directory, name))
+    svc.work.put_bytes(layout.encrypted_key(spec.job_id, directory, name), data)
 
 
 def shred_due(svc: Services, asset: str, *, now: float | None = None) -> list[str]:
@@ -131,6 +135,7 @@ def shred_due(svc: Services, asset: str, *, now: float | None = None) -> list[st
         # (not 404) for the shredded version; deleting nothing again is cheap.
         if deadline <= moment:
             downloads = delete_version_download(svc, asset, version)
+            downloads += delete_thumbnails(svc, asset, [version])
             if svc.keys.delete_version(asset, version) or downloads:
                 shredded.append(version)
     return shredded
@@ -143,12 +148,16 @@ def revoke(svc: Services, asset: str, *, cloudfront: Any | None = None) -> dict[
     from .cdn import purge_asset
 
     layout.check_asset_id(asset)
-    if svc.catalog.state(asset) is None:
+    state = svc.catalog.state(asset)
+    if state is None:
         raise NotFound(f"asset {asset} was never published; nothing to revoke")
     in_effect_at = svc.catalog.revoke(asset)
     deleted = svc.keys.delete_asset(asset)
     downloads = delete_asset_downloads(svc, asset)
+    published = [v for v in (state.version, *state.retired) if v is not None]
+    thumbnails = delete_thumbnails(svc, asset, published)
     invalidation = purge_asset(svc, asset, client=cloudfront)
     return {"asset": asset, "status": "revoked", "keys_deleted": deleted,
-            "downloads_deleted": downloads, "invalidation": invalidation,
+            "downloads_deleted": downloads, "thumbnails_deleted": thumbnails,
+            "invalidation": invalidation,
             "in_effect_at": in_effect_at}

@@ -72,12 +72,23 @@ def redact_processor(
     _: Any, __: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """structlog processor: no token, secret or key bytes survive into a log line."""
-    for name in list(event_dict):
+    # Values are replaced in place (the keys stay, so iterating is safe); the common kinds of
+    # value (short text, None, numbers) are told apart here, without a call per field, since
+    # the key server renders one line per request.
+    for name, value in event_dict.items():
         if _secret_name(name):
             event_dict[name] = REDACTED
-        else:
-            event_dict[name] = _redact_value(event_dict[name])
+        elif value.__class__ is str:
+            event_dict[name] = (
+                _redact_short(value) if len(value) <= _CACHED_TEXT_CHARS else _redact(value)
+            )
+        elif value is not None and value.__class__ not in _PLAIN:
+            event_dict[name] = _redact_value(value)
     return event_dict
+
+
+#: Values that cannot hold a secret, left as they are.
+_PLAIN = (int, float, bool)
 
 
 _configured = False

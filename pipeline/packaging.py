@@ -33,7 +33,7 @@ from typing import Any
 
 from . import layout
 from .audio import WHOLE_PATTERN, ChunkAudio, JobAudio, audio_args, cut_per_chunk
-from .crypto import encrypt_file, iv_for_sequence
+from .crypto import decrypt_file, encrypt_file, iv_for_sequence
 from .errors import BadSpec, InvalidSource, UnsupportedMedia
 from .jobs import JobRecord, JobSpec
 from .media import MediaInfo, probe
@@ -46,7 +46,13 @@ from .plan import (
     plan_renditions,
     separate_audio,
 )
-from .playlists import AssetVersion, RenditionEntry, describe_rendition, key_index
+from .playlists import (
+    AssetVersion,
+    PublishedSegment,
+    RenditionEntry,
+    describe_rendition,
+    key_index,
+)
 from .sealing import SegmentSealer, can_seal
 from .segment import (
     DEFAULT_AUDIO_KBPS,
@@ -157,7 +163,7 @@ def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     # Text tracks and sidecars are read and checked now: a bad one fails the job before any
     # transcoding.
     subtitles, warnings = prepare_subtitles(svc, spec.job_id, info, target, shown,
-                                            spec.subtitles)
+                                            spec.subtitles, spec.subtitle_names)
     svc.jobs.set_json(spec.job_id, "subtitles", [t.to_dict() for t in subtitles])
     if warnings:
         svc.jobs.set_json(spec.job_id, "warnings", warnings)
@@ -487,6 +493,22 @@ def encrypt_renditions(
                 sizes[name].append(written)
                 report(done / len(work))
     return sizes
+
+
+def decrypt_work_segment(
+    svc: Services, job_id: str, rendition: str, segment: PublishedSegment, key: bytes,
+    into: Path,
+) -> Path:
+    """One of the job's encrypted segments (awaiting upload) decrypted into a file in
+    ``into`` (which also holds the ciphertext when the work store is not local)."""
+    work_key = layout.encrypted_key(job_id, rendition, segment.name)
+    encrypted = svc.work.local_path(work_key)
+    if encrypted is None:
+        encrypted = into / f"enc-{segment.name}"
+        svc.work.get_file(work_key, encrypted)
+    plain = into / f"plain-{segment.name}"
+    decrypt_file(encrypted, plain, key, iv_for_sequence(segment.sequence))
+    return plain
 
 
 def _copy_init(

@@ -16,12 +16,15 @@ from typing import Any
 from . import layout
 from .plan import AudioRendition
 from .segment import SegmentedRendition
+from .thumbnails import Thumbnails
 
 #: EXT-X-VERSION 3: decimal EXTINF durations; everything else MPEG-TS uses is version 1.
 HLS_VERSION = 3
 #: EXT-X-VERSION of fMP4: EXT-X-MAP in a media playlist needs 6; 7 as the CMAF packaging
 #: of Apple's authoring specification declares.
 FMP4_HLS_VERSION = 7
+#: EXT-X-I-FRAMES-ONLY needs EXT-X-VERSION 4 (RFC 8216 4.3.3.6).
+IFRAMES_HLS_VERSION = 4
 
 _H264_PROFILES = {
     # profile name → (profile_idc, constraint flags byte) as RFC 6381 avc1.PPCCLL wants them
@@ -83,7 +86,8 @@ class RenditionEntry:
     #: "video": a variant (EXT-X-STREAM-INF); "audio": a rendition of the audio group
     #: (EXT-X-MEDIA TYPE=AUDIO); "subtitles": a WebVTT rendition of the subtitles group
     #: (EXT-X-MEDIA TYPE=SUBTITLES). Video variants reference ``group`` with AUDIO=, audio
-    #: and subtitle renditions belong to theirs.
+    #: and subtitle renditions belong to theirs. "iframes": trick play's I-frame rendition
+    #: (EXT-X-I-FRAME-STREAM-INF, :mod:`pipeline.trickplay`).
     media: str = "video"
     group: str | None = None
     language: str | None = None
@@ -132,6 +136,8 @@ class AssetVersion:
     container: str = "ts"
     #: Whether the master offers an audio-only variant (the audio group without video).
     audio_only: bool = False
+    #: Trick play's thumbnail track (None without trick play).
+    thumbnails: Thumbnails | None = None
 
     @property
     def key_count(self) -> int:
@@ -154,8 +160,15 @@ class AssetVersion:
         """The subtitle renditions (one group, which every video variant references)."""
         return tuple(r for r in self.renditions if r.media == "subtitles")
 
+    @property
+    def iframes(self) -> tuple[RenditionEntry, ...]:
+        """The I-frame renditions: each an EXT-X-I-FRAME-STREAM-INF of the master."""
+        return tuple(r for r in self.renditions if r.media == "iframes")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["thumbnails"] = self.thumbnails.to_dict() if self.thumbnails else None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AssetVersion:
@@ -177,6 +190,8 @@ class AssetVersion:
             download=DownloadEntry.from_dict(data["download"]) if data.get("download") else None,
             container=data.get("container", "ts"),
             audio_only=bool(data.get("audio_only", False)),
+            thumbnails=Thumbnails.from_dict(data["thumbnails"]) if data.get("thumbnails")
+            else None,
         )
 
 
@@ -200,7 +215,7 @@ def describe_rendition(
     # measured over the whole segment time it would occupy.
     peak = max(s.size * 8 / max(s.duration, min(1.0, total_duration)) for s in segments)
     codecs = []
-    if produced.media == "video":
+    if produced.media in ("video", "iframes"):
         codecs.append(
             produced.video_tag or video_codec_tag(produced.video_profile, produced.video_level)
         )
@@ -236,15 +251,22 @@ def render_variant(
 ) -> str:
     """A VOD media playlist: one EXT-X-KEY wherever the key changes, IV = media sequence.
     An fMP4 rendition's init segment (``init_uri`` of its name) is declared first, before any
-    EXT-X-KEY: it is clear, and a key tag before it would declare it encrypted."""
+    EXT-X-KEY: it is clear, and a key tag before it would declare it encrypted. An I-frame
+    rendition's is marked EXT-X-I-FRAMES-ONLY: each of its segments is one picture."""
+    iframes = rendition.media == "iframes"
+    version_number = FMP4_HLS_VERSION if rendition.init else HLS_VERSION
+    if iframes:
+        version_number = max(version_number, IFRAMES_HLS_VERSION)
     lines = [
         "#EXTM3U",
-        f"#EXT-X-VERSION:{FMP4_HLS_VERSION if rendition.init else HLS_VERSION}",
+        f"#EXT-X-VERSION:{version_number}",
         f"#EXT-X-TARGETDURATION:{rendition.target_duration}",
         "#EXT-X-MEDIA-SEQUENCE:0",
         "#EXT-X-PLAYLIST-TYPE:VOD",
         "#EXT-X-INDEPENDENT-SEGMENTS",
     ]
+    if iframes:
+        lines.append("#EXT-X-I-FRAMES-ONLY")
     if rendition.init is not None:
         if init_uri is None:
             raise ValueError(f"rendition {rendition.name} is fMP4: its init segment needs a URI")
@@ -265,7 +287,7 @@ def render_variant(
 def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntry], str]) -> str:
     """The master playlist: the audio group's renditions (EXT-X-MEDIA), the subtitle group's,
     then the video variants from the highest bandwidth down (each naming both groups), then
-    the audio-only variant if asked for.
+    the audio-only variant if asked for, then trick play's I-frame stream.
 
     A variant's BANDWIDTH and AVERAGE-BANDWIDTH include its audio: the group's highest, as a
     player may pick any of its renditions (RFC 8216 4.3.4.2); CODECS name both."""
@@ -317,6 +339,7 @@ def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntr
             # language within the group as for every other variant.
             lines.append(f"#EXT-X-STREAM-INF:{','.join(attributes)}")
             lines.append(variant_uri(chosen))
+    lines += [_iframe_stream(iframes, variant_uri(iframes)) for iframes in version.iframes]
     return "\n".join(lines) + "\n"
 
 
@@ -334,6 +357,19 @@ def _media_tag(kind: str, rendition: RenditionEntry, uri: str, extra: Sequence[s
         f'URI="{uri}"',
     ]
     return f"#EXT-X-MEDIA:{','.join(attributes)}"
+
+
+def _iframe_stream(iframes: RenditionEntry, uri: str) -> str:
+    """The master's EXT-X-I-FRAME-STREAM-INF of an I-frame rendition: its URI an attribute,
+    BANDWIDTH the peak rate of its I-frame segments over their EXTINF (RFC 8216 4.3.4.3)."""
+    attributes = [
+        f"BANDWIDTH={iframes.bandwidth}",
+        f"AVERAGE-BANDWIDTH={iframes.average_bandwidth}",
+        f"RESOLUTION={iframes.width}x{iframes.height}",
+        f'CODECS="{iframes.codecs}"',
+        f'URI="{uri}"',
+    ]
+    return f"#EXT-X-I-FRAME-STREAM-INF:{','.join(attributes)}"
 
 
 def _codecs(video: RenditionEntry | None, group: Sequence[RenditionEntry]) -> str:

@@ -40,6 +40,9 @@ def upload(svc: Services, spec: JobSpec, on_progress: Progress = no_progress) ->
         for name in ([rendition.init] if rendition.init else [])
         + [seg.name for seg in rendition.segments]
     ]
+    if described.thumbnails is not None:
+        # Trick play's sprites go beside the renditions, as they are (pipeline.thumbnails).
+        items += [(layout.THUMBNAILS_DIR, name) for name in described.thumbnails.sheets]
     done = 0
 
     def put(item: tuple[str, str]) -> None:

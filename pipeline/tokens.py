@@ -74,7 +74,10 @@ class TokenVerifier:
         self.key = key
         self.max_ttl_s = max_ttl_s
         self.offline_max_ttl_s = max_ttl_s if offline_max_ttl_s is None else offline_max_ttl_s
-        self._verified: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        #: token -> (its claims, the TokenClaims an entitled request gets): both are the
+        #: token's alone, so they are built once; what depends on the request or the clock
+        #: (expiry, asset, session, address) is checked against them every time.
+        self._verified: OrderedDict[str, tuple[dict[str, Any], TokenClaims]] = OrderedDict()
         self._lock = threading.Lock()
 
     def verify(
@@ -89,21 +92,23 @@ class TokenVerifier:
             raise TokenRejected("invalid token: too long")
         now = time.time()
         with self._lock:
-            claims = self._verified.get(token)
-            if claims is not None:
+            verified = self._verified.get(token)
+            if verified is not None:
                 self._verified.move_to_end(token)  # least recently used is evicted first
-        if claims is None:
+        if verified is None:
             claims = self._decode(token)
             self._check_lifetime(claims, now)
             # A player presents one token for every key and playlist: its signature and
             # lifetime are checked once; expiry and entitlement on every request below.
+            verified = (claims, _token_claims(claims))
             with self._lock:
-                self._verified[token] = claims
+                self._verified[token] = verified
                 if len(self._verified) > VERIFIED_CACHE_SIZE:
                     self._verified.popitem(last=False)
-        elif claims["exp"] < now - CLOCK_SKEW_LEEWAY_S:
+        elif verified[0]["exp"] < now - CLOCK_SKEW_LEEWAY_S:
             raise TokenRejected("token expired")
-        return self._entitled(claims, asset=asset, client_ip=client_ip, sid=sid)
+        self._check_entitled(verified[0], asset=asset, client_ip=client_ip, sid=sid)
+        return verified[1]
 
     def _decode(self, token: str) -> dict[str, Any]:
         try:
@@ -155,9 +160,9 @@ class TokenVerifier:
             raise TokenRejected("invalid token: malformed sid")
 
     @staticmethod
-    def _entitled(
+    def _check_entitled(
         claims: dict[str, Any], *, asset: str, client_ip: str | None, sid: str | None
-    ) -> TokenClaims:
+    ) -> None:
         if claims["sub"] != asset:
             raise TokenForbidden("token is for another asset")
         token_sid = claims.get("sid")
@@ -169,13 +174,19 @@ class TokenVerifier:
         token_ip = claims.get("ip")
         if token_ip is not None and token_ip != client_ip:
             raise TokenForbidden("token is bound to another client address")
-        return TokenClaims(
-            asset=asset,
-            expires_at=int(claims["exp"]),
-            sid=token_sid,
-            ip=str(token_ip) if token_ip is not None else None,
-            offline=claims.get("offline") is True,
-        )
+
+
+def _token_claims(claims: dict[str, Any]) -> TokenClaims:
+    """What a request entitled by ``claims`` is told of them (its asset is ``sub``, which the
+    entitlement check holds equal to the asset asked for)."""
+    token_ip = claims.get("ip")
+    return TokenClaims(
+        asset=claims["sub"],
+        expires_at=int(claims["exp"]),
+        sid=claims.get("sid"),
+        ip=str(token_ip) if token_ip is not None else None,
+        offline=claims.get("offline") is True,
+    )
 
 
 def mint_token(

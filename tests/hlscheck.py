@@ -10,11 +10,14 @@ exactly one in an AUDIO group, a rule of ours: a player then knows which track t
 AUTOSELECT=YES wherever DEFAULT=YES, DEFAULT/AUTOSELECT/FORCED either YES or NO, FORCED only
 on subtitles, LANGUAGE a well-formed RFC 5646 tag; every AUDIO=, VIDEO=, SUBTITLES= and
 CLOSED-CAPTIONS= of a variant names a group of that TYPE, and once the master has a SUBTITLES
-group every video variant (one with RESOLUTION) names one; no media tags.
+group every video variant (one with RESOLUTION) names one; every EXT-X-I-FRAME-STREAM-INF with
+BANDWIDTH (AVERAGE-BANDWIDTH not above it), RESOLUTION, CODECS and a URI attribute, and no URI
+line after it (RFC 8216 4.3.4.3); no media tags.
 
 Media playlists: EXT-X-TARGETDURATION once, each EXTINF rounded to the nearest integer within
 it; EXT-X-VERSION once and at least what the features used need (IV: 2, decimal EXTINF: 3,
-EXT-X-MAP: 6); every EXTINF followed by a URI; EXT-X-KEY with METHOD, a URI unless NONE, an IV
+EXT-X-I-FRAMES-ONLY: 4, EXT-X-MAP: 6); EXT-X-I-FRAMES-ONLY at most once; every EXTINF
+followed by a URI; EXT-X-KEY with METHOD, a URI unless NONE, an IV
 of 32 hex digits; an EXT-X-MAP under an AES-128 key carries the key's IV (RFC 8216 4.3.2.5);
 VOD ends with EXT-X-ENDLIST; no master tags.
 """
@@ -30,7 +33,8 @@ from urllib.parse import urljoin
 #: quoted-string values may hold commas, so attributes are split by this, not by ",".
 _ATTRIBUTE = re.compile(r'([A-Z0-9-]+)=("[^"\r\n]*"|[^",]*)')
 MEDIA_TAGS = ("#EXTINF", "#EXT-X-TARGETDURATION", "#EXT-X-MEDIA-SEQUENCE", "#EXT-X-KEY",
-              "#EXT-X-MAP", "#EXT-X-ENDLIST", "#EXT-X-PLAYLIST-TYPE", "#EXT-X-BYTERANGE")
+              "#EXT-X-MAP", "#EXT-X-ENDLIST", "#EXT-X-PLAYLIST-TYPE", "#EXT-X-BYTERANGE",
+              "#EXT-X-I-FRAMES-ONLY")
 MASTER_TAGS = ("#EXT-X-STREAM-INF", "#EXT-X-MEDIA:", "#EXT-X-I-FRAME-STREAM-INF",
                "#EXT-X-SESSION-KEY", "#EXT-X-SESSION-DATA")
 MEDIA_TYPES = ("AUDIO", "VIDEO", "SUBTITLES", "CLOSED-CAPTIONS")
@@ -144,6 +148,28 @@ def _check_master(lines: list[str]) -> list[str]:
             problems.append(f"EXT-X-STREAM-INF not followed by a URI: {line[:80]}")
     if variants == 0:
         problems.append("a master playlist without EXT-X-STREAM-INF")
+    return problems + _check_iframe_streams(lines)
+
+
+def _check_iframe_streams(lines: list[str]) -> list[str]:
+    problems = []
+    for index, line in enumerate(lines):
+        if not line.startswith("#EXT-X-I-FRAME-STREAM-INF:"):
+            continue
+        stream = attributes(line)
+        if not stream.get("BANDWIDTH", "").isdigit():
+            problems.append(f"EXT-X-I-FRAME-STREAM-INF without a decimal BANDWIDTH: {line[:80]}")
+        elif stream.get("AVERAGE-BANDWIDTH", "0").isdigit() and \
+                int(stream.get("AVERAGE-BANDWIDTH", "0")) > int(stream["BANDWIDTH"]):
+            problems.append(f"I-frame AVERAGE-BANDWIDTH above BANDWIDTH: {line[:80]}")
+        for required in ("URI", "CODECS", "RESOLUTION"):
+            if not stream.get(required):
+                problems.append(f"EXT-X-I-FRAME-STREAM-INF without {required}: {line[:80]}")
+        if not re.fullmatch(r"[0-9]+x[0-9]+", stream.get("RESOLUTION", "0x0")):
+            problems.append(f"I-frame RESOLUTION {stream.get('RESOLUTION')!r} is not WxH")
+        following = lines[index + 1] if index + 1 < len(lines) else "#"
+        if not following.startswith("#"):
+            problems.append(f"EXT-X-I-FRAME-STREAM-INF followed by a URI line: {following[:80]}")
     return problems
 
 
@@ -157,6 +183,11 @@ def _check_media(lines: list[str]) -> list[str]:
     needed = {1: "plain tags"}
     key: dict[str, str] = {"METHOD": "NONE"}
     segments = 0
+    iframes_only = lines.count("#EXT-X-I-FRAMES-ONLY")
+    if iframes_only:
+        needed[4] = "EXT-X-I-FRAMES-ONLY"
+    if iframes_only > 1:
+        problems.append(f"EXT-X-I-FRAMES-ONLY appears {iframes_only} times")
     for index, line in enumerate(lines):
         if line.startswith("#EXT-X-KEY:"):
             key = attributes(line)
@@ -206,15 +237,15 @@ def fetch(url: str) -> str:
 
 
 def crawl(master_url: str) -> Iterator[tuple[str, str]]:
-    """The master playlist at ``master_url`` and every media playlist it names (variants and
-    EXT-X-MEDIA renditions, each once), as ``(url, text)``."""
+    """The master playlist at ``master_url`` and every media playlist it names (variants,
+    EXT-X-MEDIA renditions and I-frame streams, each once), as ``(url, text)``."""
     master = fetch(master_url)
     yield master_url, master
     seen: set[str] = set()
     lines = master.splitlines()
     for index, line in enumerate(lines):
         uri = None
-        if line.startswith("#EXT-X-MEDIA:"):
+        if line.startswith(("#EXT-X-MEDIA:", "#EXT-X-I-FRAME-STREAM-INF:")):
             uri = attributes(line).get("URI")
         elif line.startswith("#EXT-X-STREAM-INF:") and index + 1 < len(lines):
             uri = lines[index + 1].strip()

@@ -174,11 +174,12 @@ def decrypt_bytes(data: bytes, key: bytes, iv: bytes) -> bytes:
 
 
 @contextlib.contextmanager
-def serving(env: dict[str, str], port: int, log: Path) -> Iterator[str]:
-    """`hlsvault serve --port PORT` on ``env``, its output in ``log``; yields its base URL."""
+def serving(env: dict[str, str], port: int, log: Path, *options: str) -> Iterator[str]:
+    """`hlsvault serve --port PORT [options]` on ``env``, its output in ``log``; yields its
+    base URL."""
     with log.open("w") as output:
         process = subprocess.Popen(
-            [*HLSVAULT, "serve", "--port", str(port)], env=env,
+            [*HLSVAULT, "serve", "--port", str(port), *options], env=env,
             stdout=output, stderr=subprocess.STDOUT,
         )
         try:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import dramatiq
 
-from pipeline import cdn, downloads, lifecycle, packaging, publish
+from pipeline import cdn, downloads, lifecycle, packaging, publish, trickplay
 from pipeline.jobs import JobSpec
 
 from . import flow
@@ -106,12 +106,20 @@ def declare(rt: Runtime) -> None:
     @stage_actor(flow.DOWNLOAD, Queue.SEGMENT, PUBLISH_LIMIT_MS)
     def download(job_id: str) -> None:
         """Remux the download rendition into a faststart MP4 (ffmpeg: the segment queue)."""
-        # True, also for a job without a download: None from run_stage means "stop".
+        ran = flow.run_stage(
+            rt, job_id, "download", _handing_on(lambda spec: downloads.make_download(svc, spec))
+        )
+        if ran is not None:
+            flow.after_download(rt, ran)
+
+    @stage_actor(flow.TRICKPLAY, Queue.SEGMENT, PUBLISH_LIMIT_MS)
+    def trick_play(job_id: str) -> None:
+        """The I-frame rendition and thumbnail sprites (ffmpeg: the segment queue)."""
         done = flow.run_stage(
-            rt, job_id, "download", lambda spec: downloads.make_download(svc, spec) is not None
+            rt, job_id, "trickplay", lambda spec: trickplay.make_trick_play(svc, spec).version
         )
         if done is not None:
-            flow.after_download(rt, job_id)
+            flow.after_trickplay(rt, job_id)
 
     @stage_actor(flow.UPLOAD, Queue.PUBLISH, PUBLISH_LIMIT_MS)
     def upload(job_id: str) -> None:

@@ -1,14 +1,16 @@
 """The flow: which stage runs after which, and the bookkeeping every stage shares.
 
     probe ─► [audio] ─► segment ×C ─► encrypt ×C ─► playlist (fan-in) ─► [download] ─►
-    upload ─► invalidate ─► done
+    [trickplay] ─► upload ─► invalidate ─► done
 
 A transcode is cut into C time chunks; each segment message transcodes one chunk for every
 rendition (one decode), and each chunk is encrypted as soon as it is segmented, so the
 playlist waits only for the last chunk. A chunked job with audio first encodes its audio once
 (``audio``: seamless joins, see :mod:`pipeline.audio`). A remux, or a short source, is one
 chunk and has no audio stage.
-A job that asked for a download gets a faststart MP4 of one rendition after the playlist.
+A job that asked for a download gets a faststart MP4 of one rendition after the playlist, and
+one that asked for trick play its I-frame rendition and thumbnails (:mod:`pipeline.trickplay`)
+after that.
 
 Actors call :func:`run_stage` around their domain function and then the ``after_*`` function
 that enqueues what comes next. Messages carry ids only: ``(job_id)`` or ``(job_id, chunk)``.
@@ -47,13 +49,14 @@ SEGMENT = "media.segment"
 ENCRYPT = "media.encrypt"
 PLAYLIST = "media.playlist"
 DOWNLOAD = "media.download"
+TRICKPLAY = "media.trickplay"
 UPLOAD = "media.upload"
 INVALIDATE = "media.invalidate"
 REKEY = "media.rekey"
 SHRED = "media.shred"
 #: Actors whose first argument is a job id; the others (SHRED) work on an asset.
 JOB_ACTORS = frozenset(
-    {PROBE, AUDIO, SEGMENT, ENCRYPT, PLAYLIST, DOWNLOAD, UPLOAD, INVALIDATE, REKEY}
+    {PROBE, AUDIO, SEGMENT, ENCRYPT, PLAYLIST, DOWNLOAD, TRICKPLAY, UPLOAD, INVALIDATE, REKEY}
 )
 
 
@@ -222,10 +225,19 @@ def after_playlist(rt: Runtime, spec: JobSpec) -> None:
         rt.services.jobs.stage_queued(spec.job_id, "download")
         rt.send(DOWNLOAD, spec.job_id)
         return
-    after_download(rt, spec.job_id)
+    after_download(rt, spec)
 
 
-def after_download(rt: Runtime, job_id: str) -> None:
+def after_download(rt: Runtime, spec: JobSpec) -> None:
+    # Trick play after the download: the download is made from a description without it.
+    if spec.trick_play:
+        rt.services.jobs.stage_queued(spec.job_id, "trickplay")
+        rt.send(TRICKPLAY, spec.job_id)
+        return
+    after_trickplay(rt, spec.job_id)
+
+
+def after_trickplay(rt: Runtime, job_id: str) -> None:
     rt.services.jobs.stage_queued(job_id, "upload")
     rt.send(UPLOAD, job_id)
 

@@ -28,11 +28,11 @@ from typing import Any, Protocol
 from .. import layout
 from ..errors import BadSpec, NotFound
 from ..plan import LADDERS, check_segment_seconds
-from ..subtitles import check_sidecars
+from ..subtitles import check_sidecar_names, check_sidecars
 
 STAGES = (
-    "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "upload",
-    "invalidate",
+    "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "trickplay",
+    "upload", "invalidate",
 )
 TERMINAL = ("succeeded", "failed", "cancelled")
 #: Every status a job has, in the order it passes through them.
@@ -69,6 +69,11 @@ class JobSpec:
     #: Sidecar subtitle files: ``(language, source)``, a local path or ``s3://`` object each
     #: (pipeline.subtitles.check_sidecars); the source's own text tracks come along anyway.
     subtitles: tuple[tuple[str, str], ...] = ()
+    #: The file name the user gave each sidecar, in order, where the CLI stored it under
+    #: another (pipeline.subtitles.check_sidecar_names); empty: each source names itself.
+    subtitle_names: tuple[str, ...] = ()
+    #: Also make an I-frame rendition and thumbnail sprites (pipeline.trickplay).
+    trick_play: bool = layout.DEFAULT_TRICK_PLAY
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +82,8 @@ class JobSpec:
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         sidecars = tuple((str(language), str(source))
                          for language, source in data.get("subtitles") or ())
-        return cls(**{**data, "subtitles": sidecars})
+        names = check_sidecar_names(data.get("subtitle_names") or (), sidecars)
+        return cls(**{**data, "subtitles": sidecars, "subtitle_names": names})
 
 
 def new_job_spec(
@@ -92,6 +98,7 @@ def new_job_spec(
     codec: str = layout.DEFAULT_VIDEO_CODEC,
     audio_only: bool = False,
     subtitles: Sequence[tuple[str, str]] = (),
+    trick_play: bool = layout.DEFAULT_TRICK_PLAY,
 ) -> JobSpec:
     """Validate options and give the job an id and the version it will publish."""
     job_id = uuid.uuid4().hex
@@ -135,6 +142,7 @@ def new_job_spec(
         codec=codec,
         audio_only=audio_only,
         subtitles=sidecars,
+        trick_play=trick_play,
     )
 
 
