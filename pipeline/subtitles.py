@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +68,8 @@ MAX_CUES = 50_000
 MAX_CUE_CHARS = 2000
 #: Sidecar files one job may name (``--subtitles``, ``"subtitles"``).
 MAX_SIDECARS = 16
+#: A file name as common filesystems allow it.
+MAX_SIDECAR_NAME = 255
 #: Text tracks of the source that become renditions; more fail the job (a source with dozens
 #: of text tracks is better split).
 MAX_TEXT_TRACKS = 32
@@ -156,6 +159,25 @@ def check_sidecars(sidecars: Sequence[tuple[str, str]]) -> tuple[tuple[str, str]
         raise BadSpec(f"{len(sidecars)} subtitle files; a job takes at most {MAX_SIDECARS}")
     return tuple((check_language(language), check_sidecar_source(source))
                  for language, source in sidecars)
+
+
+def check_sidecar_names(
+    names: Sequence[str], sidecars: Sequence[tuple[str, str]]
+) -> tuple[str, ...]:
+    """The file names a user gave the sidecars, one per sidecar in order, checked: errors
+    show them (a sidecar the CLI sent to the fleet is stored as ``0.vtt``). Each is a bare
+    file name of printable text, or empty where the source's own name is shown."""
+    if not names:
+        return ()
+    if len(names) != len(sidecars):
+        raise BadSpec(f"{len(names)} subtitle file names for {len(sidecars)} subtitle files")
+    for name in names:
+        if (not isinstance(name, str) or len(name) > MAX_SIDECAR_NAME or name in (".", "..")
+                or any(ch in "/\\" or unicodedata.category(ch).startswith("C")
+                       for ch in name)):
+            raise BadSpec("a subtitle file's name must be a bare file name of printable text; "
+                          "rename the file")
+    return tuple(names)
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -394,18 +416,22 @@ def extract_text_tracks(
 
 def prepare_subtitles(
     svc: Services, job_id: str, info: MediaInfo, target: str, shown: str,
-    sidecars: Sequence[tuple[str, str]],
+    sidecars: Sequence[tuple[str, str]], sidecar_names: Sequence[str] = (),
 ) -> tuple[list[SubtitleTrack], list[str]]:
     """Plan, read and check every subtitle rendition of a job, and keep each one's cues in the
-    work store for the playlist stage; returns the plan and its warnings."""
+    work store for the playlist stage; returns the plan and its warnings. A sidecar is named
+    in errors by ``sidecar_names`` (what the user gave, :func:`check_sidecar_names`) or else
+    by its source's file name."""
     planned, warnings = plan_subtitles(info, sidecars)
+    given = dict(zip((source for _, source in sidecars), sidecar_names, strict=False))
     if not planned:
         return planned, warnings
     with tempfile.TemporaryDirectory(prefix="hlsvault-subs-") as scratch:
         extracted = extract_text_tracks(target, info, planned, Path(scratch), shown=shown)
         for track in planned:
             if track.sidecar is not None:
-                where = f"subtitle file {Path(track.sidecar).name} ({track.language})"
+                name = given.get(track.sidecar) or Path(track.sidecar).name
+                where = f"subtitle file {name} ({track.language})"
                 data = read_sidecar(track.sidecar, where)
             else:
                 where = f"subtitle track {(track.track or 0) + 1} of source {shown}"
