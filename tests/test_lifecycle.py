@@ -199,3 +199,33 @@ def test_a_job_started_before_a_revocation_cannot_publish(tmp_path: Path) -> Non
     state = catalog.state("film")
     assert state is not None
     assert not state.key_servable("v1") and state.key_servable("v3")
+
+
+def test_two_deleters_of_one_prefix_both_finish(tmp_path: Path) -> None:
+    """An embedded re-key shreds what is due while the worker's delayed shred of the same
+    version runs: both delete one prefix at once, and neither fails on what the other took."""
+    import threading
+
+    store = LocalStore(tmp_path)
+    for attempt in range(20):
+        prefix = f"thumbnails/film/v{attempt}"
+        for index in range(200):
+            store.put_bytes(f"{prefix}/d{index % 20}/sheet_{index:03d}.jpg", b"x")
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(4)
+
+        def delete(prefix: str = prefix, barrier: threading.Barrier = barrier,
+                   errors: list[BaseException] = errors) -> None:
+            barrier.wait()
+            try:
+                store.delete_prefix(prefix)
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=delete) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert errors == [], attempt
+        assert not (tmp_path / prefix).exists()
