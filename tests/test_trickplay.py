@@ -716,34 +716,33 @@ class TestRevokeInFlight:
     def test_revoke_while_a_trick_play_job_is_in_flight_leaves_no_sheet(
         self, keyserver: Hlsvault, copy_clip: Path
     ) -> None:
-        """A re-package with trick play that uploads its sheets after a revocation: the
-        publish refuses, the job fails, and no sheet of any version is left in the origin;
-        a job failing after its sheet upload deletes its own version's sheets."""
-        import threading
+        """A job in flight when the asset is revoked (here a re-key, which carries the sheets):
+        its upload after the revocation puts its sheets in the origin, the publish refuses,
+        the job fails the one way jobs fail, and no sheet of any version is left."""
+        from types import SimpleNamespace
+
+        from pipeline.errors import HlsvaultError
+        from pipeline.lifecycle import new_rekey_spec, rekey, revoke
+        from pipeline.publish import upload
+        from pipeline.services import build_services
+        from pipeline.settings import load_settings
+        from workers.flow import fail
 
         package(keyserver, copy_clip, "inflight", "--ladder", "copy", "--trick-play")
-        sheets = keyserver.origin / layout.asset_thumbnails_prefix("inflight")
-        assert list(sheets.rglob("*.jpg"))
-        # The revoke runs as soon as the second job is recorded (it started before the
-        # revocation, so it may not publish), long before its upload.
-        jobs_dir = keyserver.data_dir / "jobs"
-        before = len(list(jobs_dir.rglob("*")))
-        outcome: list[subprocess.CompletedProcess[str]] = []
-        job = threading.Thread(target=lambda: outcome.append(keyserver.package(
-            str(copy_clip), "--asset", "inflight", "--segment-seconds",
-            str(SEGMENT_SECONDS), "--ladder", "copy", "--trick-play", "--json")))
-        job.start()
-        deadline = time.monotonic() + 30
-        while len(list(jobs_dir.rglob("*"))) == before:
-            assert time.monotonic() < deadline, "the second job never started"
-            time.sleep(0.05)
-        done = keyserver.run("revoke", "inflight", "--json")
-        assert done.returncode == 0, done.stderr
-        job.join(timeout=120)
-        assert not job.is_alive()
-        (second,) = outcome
-        assert "revoked after this job started" in second.stdout + second.stderr, second
-        assert not list(sheets.rglob("*.jpg")), list(sheets.rglob("*"))
+        # Wherever a layout puts them: every JPEG in the origin is a sheet of this asset.
+        assert list(keyserver.origin.rglob("*.jpg"))
+        svc = build_services(load_settings(keyserver.env))
+        spec = new_rekey_spec(svc, "inflight", grace_s=0)
+        svc.jobs.create(spec)
+        rekey(svc, spec)
+
+        assert revoke(svc, "inflight")["status"] == "revoked"
+        with pytest.raises(HlsvaultError, match="revoked after this job started"):
+            upload(svc, spec)
+        assert list(keyserver.origin.rglob("*.jpg"))  # the upload did put them there
+        fail(SimpleNamespace(services=svc), spec.job_id, "upload", "refused")  # type: ignore[arg-type]
+        assert not list(keyserver.origin.rglob("*.jpg"))
+        assert svc.jobs.get(spec.job_id).status == "failed"
 
 
 class TestSpriteCheck:
