@@ -162,7 +162,7 @@ def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     # Text tracks and sidecars are read and checked now: a bad one fails the job before any
     # transcoding.
     subtitles, warnings = prepare_subtitles(svc, spec.job_id, info, target, shown,
-                                            spec.subtitles)
+                                            spec.subtitles, spec.segment_seconds)
     svc.jobs.set_json(spec.job_id, "subtitles", [t.to_dict() for t in subtitles])
     if warnings:
         svc.jobs.set_json(spec.job_id, "warnings", warnings)
@@ -596,11 +596,12 @@ def subtitle_renditions(
     if not planned:
         return []
     video = max((e for e in entries if e.media == "video"), key=lambda e: e.bandwidth)
-    mpegts = measured_timestamp_map(svc, spec.job_id, spec.asset, spec.version, video,
-                                    _media(job))
+    info = _media(job)
+    mpegts = measured_timestamp_map(svc, spec.job_id, spec.asset, spec.version, video, info)
     prefix = layout.subtitle_attempt_prefix(spec.job_id, uuid.uuid4().hex[:12])
     produced = {
-        track.name: subtitle_rendition(svc, spec.job_id, prefix, track, video, mpegts)
+        track.name: subtitle_rendition(svc, spec.job_id, prefix, track, video, mpegts,
+                                        info.video_start)
         for track in planned
     }
     sizes = encrypt_renditions(svc, spec, prefix, produced, first_chunk=False)

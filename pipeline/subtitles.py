@@ -36,10 +36,11 @@ never a URL a worker would fetch.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,12 @@ MAX_TEXT_TRACKS = 32
 #: Subtitle codecs ffmpeg converts to WebVTT. Picture subtitles (PGS, VobSub, DVB) are not
 #: text and are skipped with a warning.
 TEXT_CODECS = frozenset({"mov_text", "subrip", "srt", "ass", "ssa", "webvtt", "text"})
+#: Segmented WebVTT repeats every cue in each segment it is shown in, so a small file whose
+#: long cues span the whole video grows by the segment count. The probe estimates what a
+#: rendition's segments will hold and fails the job above these bounds: a segment of dense
+#: dialogue holds a few KB, a whole film's rendition well under a MB.
+MAX_SEGMENT_BYTES = 1024 * 1024
+MAX_RENDITION_BYTES = 64 * 1024 * 1024
 #: MPEG-TS timestamps are 33 bits.
 PTS_WRAP = 1 << 33
 PTS_HZ = 90_000
@@ -393,10 +400,11 @@ def extract_text_tracks(
 
 def prepare_subtitles(
     svc: Services, job_id: str, info: MediaInfo, target: str, shown: str,
-    sidecars: Sequence[tuple[str, str]],
+    sidecars: Sequence[tuple[str, str]], segment_seconds: float,
 ) -> tuple[list[SubtitleTrack], list[str]]:
-    """Plan, read and check every subtitle rendition of a job, and keep each one's cues in the
-    work store for the playlist stage; returns the plan and its warnings."""
+    """Plan, read and check every subtitle rendition of a job (its cues clipped to the video
+    and their segmented size bounded), and keep each one's cues in the work store for the
+    playlist stage; returns the plan and its warnings."""
     planned, warnings = plan_subtitles(info, sidecars)
     if not planned:
         return planned, warnings
@@ -409,7 +417,9 @@ def prepare_subtitles(
             else:
                 where = f"subtitle track {(track.track or 0) + 1} of source {shown}"
                 data = extracted[track.name]
-            cues = parse_subtitles(data, where, allow_empty=track.sidecar is None)
+            cues = clip_cues(parse_subtitles(data, where, allow_empty=track.sidecar is None),
+                             info)
+            check_segmented_size(cues, info, segment_seconds, where)
             document = [[c.start, c.end, c.text, c.settings] for c in cues]
             svc.work.put_bytes(layout.subtitle_cues_key(job_id, track.name),
                                json.dumps(document).encode())
@@ -433,24 +443,70 @@ def timestamp(seconds: float) -> str:
     return f"{hours:02d}:{minutes:02d}:{rest // 1000:02d}.{rest % 1000:03d}"
 
 
-def webvtt_segments(cues: Sequence[Cue], durations: Sequence[float], mpegts: int) -> list[bytes]:
-    """One WebVTT segment per video segment of ``durations``: each holds every cue shown
-    during its time (a cue across a boundary is in both, as RFC 8216 3.5 asks; players keep it
-    once), the last one every cue to the end."""
+def webvtt_segments(
+    cues: Sequence[Cue], durations: Sequence[float], mpegts: int, start: float = 0.0
+) -> Iterator[bytes]:
+    """One WebVTT segment per video segment of ``durations``, made one at a time: each holds
+    every cue shown during its time (a cue across a boundary is in both, as RFC 8216 3.5 asks;
+    players keep it once), the last one every cue to the end. ``start`` is where the first
+    video segment begins on the cues' timeline (:attr:`MediaInfo.video_start`)."""
     header = f"WEBVTT\nX-TIMESTAMP-MAP=MPEGTS:{mpegts % PTS_WRAP},LOCAL:00:00:00.000\n"
-    segments = []
-    start = 0.0
+    ordered = iter(sorted(cues, key=lambda cue: (cue.start, cue.end)))
+    waiting = next(ordered, None)
+    active: list[Cue] = []  # begun before the segment's end, in start order
     for position, duration in enumerate(durations):
         end = start + duration if position < len(durations) - 1 else float("inf")
-        shown = [cue for cue in cues if cue.end > start and cue.start < end]
+        while waiting is not None and waiting.start < end:
+            active.append(waiting)
+            waiting = next(ordered, None)
+        active = [cue for cue in active if cue.end > start]
         blocks = [
             f"{timestamp(cue.start)} --> {timestamp(cue.end)}"
             f"{' ' + cue.settings if cue.settings else ''}\n{cue.text}\n"
-            for cue in shown
+            for cue in active
         ]
-        segments.append("\n".join([header, *blocks]).encode())
+        yield "\n".join([header, *blocks]).encode()
         start = end
-    return segments
+
+
+def _cue_bytes(cue: Cue) -> int:
+    """What a cue takes in a WebVTT segment: timing line, settings, text, blank line."""
+    return 32 + len(cue.settings.encode()) + len(cue.text.encode())
+
+
+def check_segmented_size(
+    cues: Sequence[Cue], info: MediaInfo, segment_seconds: float, shown: str
+) -> None:
+    """Fail the job when ``cues`` cut into segments of ``segment_seconds`` would hold more
+    than :data:`MAX_SEGMENT_BYTES` in a segment or :data:`MAX_RENDITION_BYTES` in all: every
+    cue counts once for each segment it is shown in (cue times as :func:`clip_cues` left
+    them, segments from the video's first frame)."""
+    count = max(1, math.ceil(info.duration / segment_seconds))
+    added = [0] * (count + 1)  # per-segment sums, as differences
+    for cue in cues:
+        first = min(count - 1, max(0, int((cue.start - info.video_start) // segment_seconds)))
+        last = min(count - 1, max(first, math.ceil((cue.end - info.video_start)
+                                                   / segment_seconds) - 1))
+        added[first] += _cue_bytes(cue)
+        added[last + 1] -= _cue_bytes(cue)
+    largest = total = running = 0
+    for step in added[:count]:
+        running += step
+        largest, total = max(largest, running), total + running
+    if largest > MAX_SEGMENT_BYTES or total > MAX_RENDITION_BYTES:
+        raise InvalidSource(
+            f"{shown} would make {total / 1e6:.1f} MB of WebVTT segments, {largest / 1e6:.1f} "
+            f"MB in its largest (a rendition may hold {MAX_RENDITION_BYTES / 1e6:.0f} MB, a "
+            f"segment {MAX_SEGMENT_BYTES / 1e6:.0f} MB): its cues are too long or shown "
+            "for too long; a cue is repeated in every segment it is shown in, so check its "
+            "cue times and text"
+        )
+
+
+def clip_cues(cues: Sequence[Cue], info: MediaInfo) -> list[Cue]:
+    """``cues`` ending at the latest where the video ends; those starting after it left out."""
+    ends = info.video_start + info.duration
+    return [replace(cue, end=min(cue.end, ends)) for cue in cues if cue.start < ends]
 
 
 def measured_timestamp_map(svc: Services, job_id: str, asset: str, version: str,
@@ -481,13 +537,14 @@ def measured_timestamp_map(svc: Services, job_id: str, asset: str, version: str,
 
 def subtitle_rendition(
     svc: Services, job_id: str, attempt_prefix: str, track: SubtitleTrack,
-    video: RenditionEntry, mpegts: int,
+    video: RenditionEntry, mpegts: int, start: float,
 ) -> SegmentedRendition:
     """Write ``track``'s plain WebVTT segments under ``attempt_prefix``, one per segment of
-    ``video`` with its sequence number and duration, and describe them."""
+    ``video`` with its sequence number and duration (the first beginning at ``start`` on the
+    cues' timeline), and describe them."""
     cues = stored_cues(svc, job_id, track.name)
     segments = []
-    pieces = webvtt_segments(cues, [s.duration for s in video.segments], mpegts)
+    pieces = webvtt_segments(cues, [s.duration for s in video.segments], mpegts, start)
     for aligned, data in zip(video.segments, pieces, strict=True):
         name = layout.subtitle_segment_name(aligned.sequence)
         svc.work.put_bytes(layout.plain_segment_key(f"{attempt_prefix}/{track.name}", name),

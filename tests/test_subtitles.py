@@ -21,10 +21,13 @@ from pipeline.playlists import AssetVersion, RenditionEntry, describe_rendition,
 from pipeline.segment import Segment, SegmentedRendition
 from pipeline.subtitles import (
     MAX_CUE_CHARS,
+    MAX_SEGMENT_BYTES,
     MAX_SUBTITLE_BYTES,
     Cue,
     check_language,
+    check_segmented_size,
     check_sidecar_source,
+    clip_cues,
     extract_text_tracks,
     parse_subtitles,
     plan_subtitles,
@@ -197,7 +200,9 @@ class TestSegmentedWebvtt:
         """A cue across a boundary is in both segments; the last segment takes every cue to
         the end; each segment opens with the map and keeps the source's cue times."""
         cues = [Cue(0.5, 1.0, "a"), Cue(1.5, 2.5, "b"), Cue(5.0, 9.0, "c")]
-        segments = [s.decode() for s in webvtt_segments(cues, [2.0, 2.0, 2.0], 126000)]
+        made = webvtt_segments(cues, [2.0, 2.0, 2.0], 126000)
+        assert not isinstance(made, list)  # made one at a time, not all held at once
+        segments = [s.decode() for s in made]
         assert len(segments) == 3
         for text in segments:
             assert text.startswith("WEBVTT\nX-TIMESTAMP-MAP=MPEGTS:126000,LOCAL:00:00:00.000\n")
@@ -206,6 +211,34 @@ class TestSegmentedWebvtt:
         assert "\nc\n" not in segments[1] and "00:00:05.000 --> 00:00:09.000\nc" in segments[2]
         for text in segments:  # each parses back (the check WebVTT readers make)
             parse_subtitles(text.encode(), "segment", allow_empty=True)
+
+    def test_segments_begin_where_the_video_begins(self) -> None:
+        """The video starts 0.8 s into the source: its first 2 s segment shows cues up to
+        2.8 s of the source's time, the second from there."""
+        cues = [Cue(2.5, 2.7, "early"), Cue(2.9, 3.5, "late")]
+        first, second = (s.decode() for s in webvtt_segments(cues, [2.0, 2.0], 0, 0.8))
+        assert "early" in first and "late" not in first
+        assert "early" not in second and "late" in second
+
+    def test_cues_end_with_the_video(self) -> None:
+        info = replace(media_with(), duration=10.0, video_start=0.5)
+        cues = [Cue(1.0, 356400.0, "long"), Cue(9.0, 10.0, "end"), Cue(10.6, 11.0, "after")]
+        assert [(c.start, c.end, c.text) for c in clip_cues(cues, info)] == [
+            (1.0, 10.5, "long"), (9.0, 10.0, "end")]
+
+    def test_the_segmented_size_is_bounded(self) -> None:
+        """Long cues shown across every segment are refused at the probe; the same text in
+        short cues, each in one segment, is not."""
+        info = replace(media_with(), duration=3 * 3600.0)
+        text = "x" * MAX_CUE_CHARS
+        spread = [Cue(i * 2.0, i * 2.0 + 1.0, text) for i in range(4000)]
+        check_segmented_size(spread, info, 6.0, "talk.vtt")
+        many = [Cue(0.0, 20 * 3600.0, text) for _ in range(4)]  # 8 KB in 12,000 segments
+        with pytest.raises(InvalidSource, match=r"talk.vtt would make 97.5 MB .*, 0.0 MB in"):
+            check_segmented_size(many, replace(info, duration=20 * 3600.0), 6.0, "talk.vtt")
+        crowded = [Cue(0.0, 1.0, text)] * (MAX_SEGMENT_BYTES // MAX_CUE_CHARS + 1)
+        with pytest.raises(InvalidSource, match=r"1.1 MB of WebVTT segments, 1.1 MB in its"):
+            check_segmented_size(crowded, info, 6.0, "talk.vtt")
 
     def test_the_map_wraps_at_33_bits_and_times_are_exact(self) -> None:
         (segment,) = webvtt_segments([Cue(3661.5, 3662.0, "x")], [10.0], (1 << 33) + 5)

@@ -28,6 +28,7 @@ from test_media_shapes import (
 
 from pipeline import layout
 from pipeline.errors import InvalidSource
+from pipeline.subtitles import MAX_SUBTITLE_BYTES
 
 from browser import Player, PlayerPageServer
 from cdn_support import CdnLibrary
@@ -241,6 +242,9 @@ class TestHostileSidecars:
         ("binary", "is not UTF-8 text"),
         ("huge", "MB, more than"),
         ("letter", "neither a SubRip cue timing"),
+        # 8 MB, under the file limit, of long cues each shown for 99 hours: copied into every
+        # segment they are shown in, they would make gigabytes of segments.
+        ("spanning", "MB of WebVTT segments"),
     ])
     def test_a_bad_sidecar_fails_the_job_and_publishes_nothing(
         self, hlsvault: Hlsvault, talk_clip: Path, tmp_path: Path, content: str, reason: str
@@ -251,8 +255,12 @@ class TestHostileSidecars:
         elif content == "huge":
             with sidecar.open("wb") as handle:
                 handle.truncate(200 * 1024 * 1024)
-        else:
+        elif content == "letter":
             sidecar.write_text("Dear viewer,\nplease enjoy the film.\n")
+        else:
+            cue = "00:00:00.000 --> 99:00:00.000\n" + "x" * 1990 + "\n\n"
+            sidecar.write_text("WEBVTT\n\n" + cue * 4148)
+            assert 8_000_000 < sidecar.stat().st_size < MAX_SUBTITLE_BYTES
         done = hlsvault.package(str(talk_clip), "--asset", "bad", "--subtitles",
                                 f"de={sidecar}", "--json")
         assert done.returncode == 1, done.stderr
