@@ -246,14 +246,15 @@ class TestSegmentedWebvtt:
         assert timestamp(3661.5) == "01:01:01.500"
 
 
-def subtitle_entry(name: str, language: str, default: bool, forced: bool) -> RenditionEntry:
+def subtitle_entry(name: str, language: str, default: bool, forced: bool,
+                   size: int = 304) -> RenditionEntry:
     produced = SegmentedRendition(
         rendition=name, segments=tuple(Segment(i, f"seg_{i:05d}.vtt", 6.0, 300)
                                        for i in range(3)),
         width=0, height=0, frame_rate="0/0", video_profile=None, video_level=None,
         audio_codec=None, audio_profile=None, media="subtitles",
     )
-    return replace(describe_rendition(produced, [304] * 3, 0), group=layout.SUBTITLES_GROUP,
+    return replace(describe_rendition(produced, [size] * 3, 0), group=layout.SUBTITLES_GROUP,
                    language=language, title=language.upper(), default=default, forced=forced)
 
 
@@ -269,7 +270,7 @@ class TestMaster:
         )
         entries = (describe_rendition(video, [100_016] * 3, 0),
                    subtitle_entry("subs0-en", "en", True, False),
-                   subtitle_entry("subs1-de", "de", False, True))
+                   subtitle_entry("subs1-de", "de", False, True, size=3040))
         described = AssetVersion("a", "v1", "job", 0.0, 0, entries)
         text = render_master(described, variant_uri=lambda r: f"{r.name}.m3u8")
         assert check_playlist(text) == []
@@ -282,6 +283,13 @@ class TestMaster:
         ]
         parsed = m3u8.loads(text)
         assert parsed.playlists[0].stream_info.subtitles == "subs"
+        # BANDWIDTH counts the subtitle group's largest rendition (RFC 8216 4.3.4.2): the
+        # German one's 3040 bytes each 6 s, 4054 bit/s
+        video_only, german = entries[0], entries[2]
+        assert german.bandwidth == german.average_bandwidth == 4054
+        assert parsed.playlists[0].stream_info.bandwidth == video_only.bandwidth + 4054
+        assert (parsed.playlists[0].stream_info.average_bandwidth
+                == video_only.average_bandwidth + 4054)
         assert [m.forced for m in parsed.media] == ["NO", "YES"]
 
 
