@@ -7,6 +7,7 @@ failing the job with their reason, nothing published."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -85,6 +86,23 @@ def talk_clip() -> Path:
     ])
 
 
+#: Cues of the late video: the second lies before the first segment's end only when segments
+#: are counted from the video's first frame (0.8 s), not from the source's start.
+LATE = [(1.0, 1.5, "First"), (2.2, 2.6, "Before the first boundary"), (4.9, 5.3, "Third")]
+
+
+@pytest.fixture(scope="session")
+def late_video_clip() -> Path:
+    """5 s of H.264 starting 0.8 s into a Matroska file whose AAC starts at 0 (``-itsoffset``
+    on the video input)."""
+    return generate_media("late.mkv", [
+        "-itsoffset", "0.8", "-t", "5", "-f", "lavfi", "-i", "testsrc2=size=320x180:rate=30",
+        "-t", "6", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
+        "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-preset", "veryfast", "-g", "30",
+        "-bf", "0", "-pix_fmt", "yuv420p", "-c:a", "aac",
+    ])
+
+
 @pytest.fixture
 def german(tmp_path: Path) -> Path:
     path = tmp_path / "talk.de.vtt"
@@ -98,14 +116,16 @@ def get(url: str) -> bytes:
         return body
 
 
-def played_cues(playlist_url: str) -> tuple[list[tuple[float, float, str]], int, list[float]]:
-    """Every cue of a subtitle playlist as a player gets it: each segment fetched from the CDN,
-    decrypted with the key the playlist names (IV = its media sequence number) and parsed;
-    cue times as 90 kHz presentation times (X-TIMESTAMP-MAP applied), the same cue in two
-    segments once. Also the map's MPEGTS and the segment durations."""
+def cues_by_segment(
+    playlist_url: str,
+) -> tuple[list[list[tuple[float, float, str]]], int, list[float]]:
+    """Every segment's cues of a subtitle playlist as a player gets them: each segment fetched
+    from the CDN, decrypted with the key the playlist names (IV = its media sequence number)
+    and parsed; cue times in seconds of presentation time (X-TIMESTAMP-MAP applied, at 90 kHz
+    as a player does). Also the map's MPEGTS and the segment durations."""
     playlist = m3u8.loads(fetch(playlist_url), uri=playlist_url)
     key = get(playlist.keys[-1].absolute_uri)
-    found: dict[tuple[int, int, str], None] = {}
+    segments = []
     maps = set()
     for sequence, segment in enumerate(playlist.segments):
         encrypted = get(segment.absolute_uri)
@@ -116,6 +136,7 @@ def played_cues(playlist_url: str) -> tuple[list[tuple[float, float, str]], int,
         assert mapped is not None, text[:120]
         mpegts = int(mapped.group(1))
         maps.add(mpegts)
+        cues = []
         for block in text.split("\n\n")[1:]:
             lines = block.strip().splitlines()
             timing = _TIMING.match(lines[0]) if lines else None
@@ -124,10 +145,30 @@ def played_cues(playlist_url: str) -> tuple[list[tuple[float, float, str]], int,
             h1, m1, s1, f1, h2, m2, s2, f2 = (int(g) for g in timing.groups())
             start = mpegts + round(((h1 * 60 + m1) * 60 + s1 + f1 / 1000) * 90000)
             end = mpegts + round(((h2 * 60 + m2) * 60 + s2 + f2 / 1000) * 90000)
-            found[(start, end, "\n".join(lines[1:]))] = None
+            cues.append((start / 90000, end / 90000, "\n".join(lines[1:])))
+        segments.append(cues)
     (mpegts,) = maps  # one map for the whole rendition
-    return ([(a / 90000, b / 90000, text) for a, b, text in found], mpegts,
-            [s.duration for s in playlist.segments])
+    return segments, mpegts, [s.duration for s in playlist.segments]
+
+
+def played_cues(playlist_url: str) -> tuple[list[tuple[float, float, str]], int, list[float]]:
+    """Every cue of a subtitle playlist as :func:`cues_by_segment` reads them, the same cue in
+    two segments once. Also the map's MPEGTS and the segment durations."""
+    segments, mpegts, durations = cues_by_segment(playlist_url)
+    found = dict.fromkeys(cue for cues in segments for cue in cues)
+    return list(found), mpegts, durations
+
+
+def source_video_start(source: Path) -> float:
+    """Seconds: where the source's first video frame lies after its start, read by ffprobe
+    from the source (the reference the map is checked against)."""
+    done = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+         "stream=start_time:format=start_time", "-of", "json", str(source)],
+        capture_output=True, timeout=60, check=True,
+    )
+    read = json.loads(done.stdout)
+    return float(read["streams"][0]["start_time"]) - float(read["format"]["start_time"])
 
 
 def first_video_pts(variant_url: str) -> float:
@@ -200,8 +241,39 @@ class TestPackagedSubtitles:
             cues, mpegts, durations = played_cues(rendition.absolute_uri)
             assert durations == [s.duration for s in video_segments]
             assert_cues_match(cues, start, authored)
-        if container == "ts":
-            assert mpegts == round(start * 90000)  # the source's video starts at its 0
+        # The map puts the source's start where its first frame was presented, less where
+        # that frame lay in the source, for every container
+        expected = round((start - source_video_start(talk_clip)) * 90000)
+        assert mpegts == pytest.approx(expected, abs=2)
+
+    @pytest.mark.parametrize(("container", "ladder"), [("ts", "default"), ("fmp4", "copy")])
+    def test_a_late_video_keeps_each_cue_with_its_frames(
+        self, keyserver: Hlsvault, late_video_clip: Path, tmp_path: Path, container: str,
+        ladder: str,
+    ) -> None:
+        """The video starts 0.8 s into the source: the map is where the source's start lies
+        on the video's timeline, and each cue is in exactly the segments whose time it is
+        shown in (a cue at 2.2 s of the source is in the first segment, which ends at 2.8 s)."""
+        sidecar = tmp_path / "late.en.srt"
+        sidecar.write_text(srt(LATE))
+        package(keyserver, late_video_clip, "late", "--ladder", ladder, "--container",
+                container, "--subtitles", f"en={sidecar}")
+        url = keyserver.url("late")
+        master = m3u8.loads(fetch(url), uri=url)
+        start = first_video_pts(master.playlists[0].absolute_uri)
+        late = source_video_start(late_video_clip)
+        assert late >= 0.5
+        (track,) = [m for m in master.media if m.type == "SUBTITLES"]
+        segments, mpegts, durations = cues_by_segment(track.absolute_uri)
+        assert mpegts == pytest.approx(round((start - late) * 90000), abs=2)
+        bounds = [*itertools.accumulate(durations[:-1], initial=start), float("inf")]
+        for first, last, text in LATE:
+            shown = (first + start - late, last + start - late)
+            expected = [i for i in range(len(durations))
+                        if shown[1] > bounds[i] and shown[0] < bounds[i + 1]]
+            found = [i for i, cues in enumerate(segments) if text in [c[2] for c in cues]]
+            assert found == expected, (text, bounds)
+        assert_cues_match(played_cues(track.absolute_uri)[0], start - late, LATE)
 
     def test_subtitle_playlists_follow_the_token_rules_rekey_and_revoke(
         self, keyserver: Hlsvault, talk_clip: Path, german: Path
