@@ -311,19 +311,40 @@ class TestTextTracksOfASource:
              "-i", str(srt), "-i", str(ass), "-t", "3", "-map", "0:v", "-map", "1", "-map",
              "2", "-c:v", "libx264", "-preset", "ultrafast", "-c:s:0", "srt", "-c:s:1", "ass",
              "-metadata:s:s:0", "language=eng", "-metadata:s:s:1", "language=ger",
-             str(source)],
+             "-disposition:s:0", "0", "-disposition:s:1", "default", str(source)],
             check=True, timeout=60,
         )
         info = probe(str(source))
         assert [(t.codec, t.language) for t in info.subtitle_tracks] == [
             ("subrip", "eng"), ("ass", "ger")]
         planned, _ = plan_subtitles(info, [])
+        assert [t.default for t in planned] == [False, True]  # Matroska's FlagDefault
         extracted = extract_text_tracks(str(source), info, planned, tmp_path, shown="talk.mkv")
         english = parse_subtitles(extracted["subs0-en"], "en")
         german = parse_subtitles(extracted["subs1-de"], "de")
         assert [(c.start, c.end, c.text) for c in english] == [
             (0.5, 1.5, "Hello"), (2.0, 2.75, "<i>World</i>")]
         assert [(c.start, c.end, c.text) for c in german] == [(1.0, 2.5, "Hallo Welt")]
+
+    def test_an_mp4_text_track_is_not_default(self, tmp_path: Path) -> None:
+        """Two mov_text tracks muxed without ``-disposition``: ffprobe calls the first
+        default (ffmpeg enables it), yet no rendition is DEFAULT=YES."""
+        srt = write(tmp_path / "en.srt", "1\n00:00:00,500 --> 00:00:01,500\nHello\n")
+        source = tmp_path / "talk.mp4"
+        subprocess.run(
+            ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=160x90:rate=10",
+             "-i", str(srt), "-i", str(srt), "-t", "2", "-map", "0:v", "-map", "1", "-map", "2",
+             "-c:v", "libx264", "-preset", "ultrafast", "-c:s", "mov_text", str(source)],
+            check=True, timeout=60,
+        )
+        read = subprocess.run(
+            ["ffprobe", "-v", "error", "-select_streams", "s", "-show_entries",
+             "stream_disposition=default", "-of", "csv=p=0", str(source)],
+            capture_output=True, text=True, check=True, timeout=60,
+        )
+        assert read.stdout.split() == ["1", "0"]
+        planned, _ = plan_subtitles(probe(str(source)), [])
+        assert [t.default for t in planned] == [False, False]
 
 
 ASS = """[Script Info]

@@ -67,7 +67,8 @@ def vtt(cues: list[tuple[float, float, str]]) -> str:
 @pytest.fixture(scope="session")
 def talk_clip() -> Path:
     """6 s of 640x360 H.264, English (440 Hz, default) and German (660 Hz) AAC, and an English
-    mov_text track (default) made by ffmpeg from a SubRip file written here."""
+    mov_text track (which an MP4 cannot mark default) made by ffmpeg from a SubRip file
+    written here."""
     MEDIA_CACHE.mkdir(parents=True, exist_ok=True)
     english = MEDIA_CACHE / "talk.en.srt"
     english.write_text(srt(ENGLISH))
@@ -217,7 +218,7 @@ class TestPackagedSubtitles:
         assert [(m["TYPE"], m["GROUP-ID"], m["LANGUAGE"], m["NAME"], m["DEFAULT"])
                 for m in media] == [
             ("AUDIO", "audio", "en", "English", "YES"), ("AUDIO", "audio", "de", "Deutsch", "NO"),
-            ("SUBTITLES", "subs", "en", "English", "YES"),  # the source's default track
+            ("SUBTITLES", "subs", "en", "English", "NO"),  # an MP4 does not say default
             ("SUBTITLES", "subs", "de", "Deutsch", "NO"),
         ]
         assert all(m["FORCED"] == "NO" and m["AUTOSELECT"] == "YES"
