@@ -132,8 +132,16 @@ class JobPlan:
         return bool(self.audio_bitrates) or (bool(self.audio_renditions) and len(self.chunks) > 1)
 
 
+#: The probe stage's whole time limit (workers.actors makes its actors' limit from it), and
+#: what the stage keeps back from it after reading the source's text tracks: recording the
+#: plan, and a stopped ffmpeg's exit.
+PROBE_STAGE_S = 10 * 60.0
+PROBE_MARGIN_S = 60.0
+
+
 def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     """Probe the source and plan its renditions and chunks; all are kept in the job record."""
+    deadline = time.monotonic() + PROBE_STAGE_S - PROBE_MARGIN_S
     target, shown = ffmpeg_target(spec.source)
     info = probe(target, shown=shown)
     renditions = plan_renditions(info, spec.ladder, spec.segment_seconds, spec.codec)
@@ -162,7 +170,8 @@ def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     # Text tracks and sidecars are read and checked now: a bad one fails the job before any
     # transcoding.
     subtitles, warnings = prepare_subtitles(svc, spec.job_id, info, target, shown,
-                                            spec.subtitles, spec.segment_seconds)
+                                            spec.subtitles, spec.segment_seconds,
+                                            deadline=deadline)
     svc.jobs.set_json(spec.job_id, "subtitles", [t.to_dict() for t in subtitles])
     if warnings:
         svc.jobs.set_json(spec.job_id, "warnings", warnings)

@@ -39,6 +39,7 @@ import json
 import math
 import re
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -49,7 +50,7 @@ import ffmpeg
 from . import layout
 from .aws import botocore_errors, shared_client, translate
 from .crypto import decrypt_file, iv_for_sequence
-from .errors import BadSpec, InvalidSource, NotFound, UnsupportedMedia
+from .errors import BadSpec, InvalidSource, NotFound, StageTimeout, UnsupportedMedia
 from .media import MediaInfo, run_ffprobe
 from .plan import hls_language, track_name
 from .playlists import RenditionEntry
@@ -359,23 +360,25 @@ def plan_subtitles(
     return planned, warnings
 
 
-#: The probe stage's actor has 10 minutes (workers.actors.SHORT_LIMIT_MS); reading the text
-#: tracks stops before, so that the job fails with a reason rather than a killed worker.
-MAX_EXTRACTION_S = 9 * 60.0
-
-
-def extraction_timeout(duration: float) -> float:
+def extraction_timeout(duration: float, deadline: float) -> float:
     """ffmpeg's limit for reading the text tracks: it demuxes the source (MP4: only the text
-    samples; Matroska: every cluster) and decodes none of its audio or video."""
-    return min(MAX_EXTRACTION_S, 120 + duration * 0.5)
+    samples; Matroska: every cluster) and decodes none of its audio or video; never past
+    ``deadline`` (:func:`time.monotonic`), what the probe stage leaves it."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise StageTimeout("probing the source left no time to read its text tracks; package "
+                           "a copy of the source without them, and give them as --subtitles "
+                           "files")
+    return min(120 + duration * 0.5, left)
 
 
 def extract_text_tracks(
     target: str, info: MediaInfo, tracks: Sequence[SubtitleTrack], out_dir: Path,
-    *, shown: str,
+    *, shown: str, deadline: float,
 ) -> dict[str, bytes]:
     """Every text track of ``tracks`` converted to WebVTT by one ffmpeg reading the source
-    once (under the source allow-lists, with the probe's demuxer), by rendition name."""
+    once (under the source allow-lists, with the probe's demuxer), by rendition name; stopped
+    at ``deadline`` (:func:`time.monotonic`) with a reason."""
     embedded = [t for t in tracks if t.track is not None]
     if not embedded:
         return {}
@@ -387,9 +390,16 @@ def extract_text_tracks(
                       fs=MAX_SUBTITLE_BYTES + 1, **{"c:s": "webvtt"})
         for t in embedded
     ]
+    timeout = extraction_timeout(info.duration, deadline)
     try:
-        run_ffmpeg(ffmpeg_command(outputs), duration=info.duration,
-                   timeout=extraction_timeout(info.duration), on_progress=None)
+        run_ffmpeg(ffmpeg_command(outputs), duration=info.duration, timeout=timeout,
+                   on_progress=None)
+    except StageTimeout:
+        raise StageTimeout(
+            f"reading the source's text tracks took longer than {timeout:.0f} s, what the probe "
+            "stage had left; package a copy of the source without them, and give them as "
+            "--subtitles files"
+        ) from None
     except UnsupportedMedia as error:
         raise UnsupportedMedia(
             f"the source's text tracks could not be converted to WebVTT ({error}); package a "
@@ -400,16 +410,18 @@ def extract_text_tracks(
 
 def prepare_subtitles(
     svc: Services, job_id: str, info: MediaInfo, target: str, shown: str,
-    sidecars: Sequence[tuple[str, str]], segment_seconds: float,
+    sidecars: Sequence[tuple[str, str]], segment_seconds: float, *, deadline: float,
 ) -> tuple[list[SubtitleTrack], list[str]]:
     """Plan, read and check every subtitle rendition of a job (its cues clipped to the video
     and their segmented size bounded), and keep each one's cues in the work store for the
-    playlist stage; returns the plan and its warnings."""
+    playlist stage; returns the plan and its warnings. The text tracks are read before
+    ``deadline`` (:func:`time.monotonic`)."""
     planned, warnings = plan_subtitles(info, sidecars)
     if not planned:
         return planned, warnings
     with tempfile.TemporaryDirectory(prefix="hlsvault-subs-") as scratch:
-        extracted = extract_text_tracks(target, info, planned, Path(scratch), shown=shown)
+        extracted = extract_text_tracks(target, info, planned, Path(scratch), shown=shown,
+                                        deadline=deadline)
         for track in planned:
             if track.sidecar is not None:
                 where = f"subtitle file {Path(track.sidecar).name} ({track.language})"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import m3u8
 import pytest
 
 from pipeline import layout
-from pipeline.errors import BadSpec, InvalidSource
+from pipeline.errors import BadSpec, InvalidSource, StageTimeout
 from pipeline.ingest import parse_job_request
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import MediaInfo, SubtitleStream, VideoStream, probe
@@ -319,12 +320,30 @@ class TestTextTracksOfASource:
             ("subrip", "eng"), ("ass", "ger")]
         planned, _ = plan_subtitles(info, [])
         assert [t.default for t in planned] == [False, True]  # Matroska's FlagDefault
-        extracted = extract_text_tracks(str(source), info, planned, tmp_path, shown="talk.mkv")
+        extracted = extract_text_tracks(str(source), info, planned, tmp_path, shown="talk.mkv",
+                                        deadline=time.monotonic() + 60)
         english = parse_subtitles(extracted["subs0-en"], "en")
         german = parse_subtitles(extracted["subs1-de"], "de")
         assert [(c.start, c.end, c.text) for c in english] == [
             (0.5, 1.5, "Hello"), (2.0, 2.75, "<i>World</i>")]
         assert [(c.start, c.end, c.text) for c in german] == [(1.0, 2.5, "Hallo Welt")]
+
+    def test_reading_text_tracks_stops_at_the_stage_deadline(self, tmp_path: Path) -> None:
+        """A source ffmpeg waits on (a FIFO no one writes) is stopped when the probe stage's
+        time is up, with a reason naming the text tracks; no time left: not started."""
+        fifo = tmp_path / "talk.mkv"
+        os.mkfifo(fifo)
+        info = replace(media_with(SubtitleStream(0, "subrip", "en", None)),
+                       format_name="matroska,webm")
+        planned, _ = plan_subtitles(info, [])
+        started = time.monotonic()
+        with pytest.raises(StageTimeout, match="reading the source's text tracks took longer"):
+            extract_text_tracks(str(fifo), info, planned, tmp_path, shown="talk.mkv",
+                                deadline=started + 1.5)
+        assert 1.5 <= time.monotonic() - started < 10
+        with pytest.raises(StageTimeout, match="left no time to read its text tracks"):
+            extract_text_tracks(str(fifo), info, planned, tmp_path, shown="talk.mkv",
+                                deadline=time.monotonic() - 1)
 
     def test_an_mp4_text_track_is_not_default(self, tmp_path: Path) -> None:
         """Two mov_text tracks muxed without ``-disposition``: ffprobe calls the first
