@@ -40,7 +40,7 @@ import math
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,7 +90,24 @@ _VTT_TIME = r"(?:(\d{1,3}):)?(\d{2}):(\d{2})\.(\d{3})"
 _VTT_TIMING = re.compile(rf"^{_VTT_TIME}[ \t]+-->[ \t]+{_VTT_TIME}(?:[ \t]+(.*))?$")
 _SRT_TIME = r"(\d{1,3}):(\d{1,2}):(\d{1,2})[,.](\d{1,3})"
 _SRT_TIMING = re.compile(rf"^{_SRT_TIME}[ \t]*-->[ \t]*{_SRT_TIME}(?:[ \t].*)?$")
-_SETTING = re.compile(r"(vertical|line|position|size|align):[^\s:]+")
+#: WebVTT's cue settings, each with the values it takes; any other is dropped. ``region``
+#: goes too: the REGION blocks it names are not carried into the segments.
+_PERCENT = r"(?:100(?:\.0+)?|\d{1,2}(?:\.\d+)?)%"
+_SETTINGS = {
+    "vertical": re.compile(r"rl|lr"),
+    "line": re.compile(rf"(?:-?\d{{1,4}}|{_PERCENT})(?:,(?:start|center|end))?"),
+    "position": re.compile(rf"{_PERCENT}(?:,(?:line-left|center|line-right))?"),
+    "size": re.compile(_PERCENT),
+    "align": re.compile(r"start|center|end|left|right"),
+}
+#: WebVTT's own cue text tags (class, italic, bold, underline, ruby, voice, language) and
+#: timestamp tags; every other ``<`` in WebVTT cue text is escaped.
+_WEBVTT_TAG = re.compile(
+    r"</?(?:[cibu]|ruby|rt|v|lang)(?:\.[\w-]+)*(?:[ \t][^<>&]*)?>"
+    r"|<(?:\d{1,3}:)?\d{2}:\d{2}\.\d{3}>"
+)
+#: What stays of an ``&`` in cue text: an entity WebVTT readers know.
+_ENTITY = re.compile(r"&(?!(?:amp|lt|gt|lrm|rlm|nbsp|#\d{1,7}|#x[0-9A-Fa-f]{1,6});)")
 #: SubRip's formatting tags that WebVTT has too; every other ``<`` is escaped.
 _SRT_TAGS = re.compile(r"&lt;(/?)([ibu])&gt;", re.IGNORECASE)
 #: ASS override blocks some SubRip files carry (``{\an8}``): not text.
@@ -234,9 +251,9 @@ def _parse_webvtt(lines: list[str], shown: str) -> list[Cue]:
                 f"{shown} line {number + timing_at}: {block[timing_at][:60]!r} is not a WebVTT "
                 "cue timing (00:00:01.000 --> 00:00:03.500)"
             )
-        text = block[timing_at + 1:]
         cues.append(_cue(shown, number, _seconds(found.groups()[:4]),
-                         _seconds(found.groups()[4:8]), text, found.group(9) or ""))
+                         _seconds(found.groups()[4:8]), block[timing_at + 1:], _webvtt_text,
+                         found.group(9) or ""))
     return [cue for cue in cues if cue is not None]
 
 
@@ -251,9 +268,8 @@ def _parse_srt(lines: list[str], shown: str) -> list[Cue]:
                 "SubRip cue timing (00:00:01,000 --> 00:00:03,500) nor the WEBVTT signature; "
                 "give a WebVTT or SubRip file"
             )
-        text = [_srt_text(line) for line in block[timing_at + 1:]]
         cues.append(_cue(shown, number, _seconds(found.groups()[:4]),
-                         _seconds(found.groups()[4:8]), text, ""))
+                         _seconds(found.groups()[4:8]), block[timing_at + 1:], _srt_text, ""))
     return [cue for cue in cues if cue is not None]
 
 
@@ -264,6 +280,28 @@ def _srt_text(line: str) -> str:
     return _SRT_TAGS.sub(r"<\1\2>", escaped.replace(">", "&gt;"))
 
 
+def _webvtt_text(line: str) -> str:
+    """A WebVTT cue text line with its own tags and entities kept and every other ``<``,
+    ``>`` and ``&`` escaped (``<script>`` becomes text)."""
+    pieces = re.split(r"(<[^<>]*>)", line)
+    return "".join(
+        piece if index % 2 and _WEBVTT_TAG.fullmatch(piece)
+        else _ENTITY.sub("&amp;", piece).replace("<", "&lt;").replace(">", "&gt;")
+        for index, piece in enumerate(pieces)
+    )
+
+
+def _cue_settings(settings: str) -> str:
+    """The cue settings of a timing line WebVTT defines, with values they take."""
+    kept = []
+    for setting in settings.split():
+        name, _, value = setting.partition(":")
+        pattern = _SETTINGS.get(name)
+        if pattern is not None and pattern.fullmatch(value):
+            kept.append(setting)
+    return " ".join(kept)
+
+
 def _seconds(parts: Sequence[str | None]) -> float:
     hours, minutes, seconds, fraction = parts
     return (int(hours or 0) * 3600 + int(minutes or 0) * 60 + int(seconds or 0)
@@ -271,21 +309,22 @@ def _seconds(parts: Sequence[str | None]) -> float:
 
 
 def _cue(
-    shown: str, number: int, start: float, end: float, text: list[str], settings: str
+    shown: str, number: int, start: float, end: float, text: list[str],
+    as_webvtt: Callable[[str], str], settings: str,
 ) -> Cue | None:
-    """A checked cue, or None for one that shows nothing or for no time (some files have
-    them; ffmpeg's mov_text decoder makes an empty one of every gap between cues)."""
-    body = "\n".join(line.rstrip() for line in text).strip("\n")
-    if "-->" in body:
+    """A checked cue, its text lines made WebVTT cue text by ``as_webvtt``, or None for one
+    that shows nothing or for no time (some files have them; ffmpeg's mov_text decoder makes
+    an empty one of every gap between cues)."""
+    if any("-->" in line for line in text):
         raise InvalidSource(f"{shown} line {number}: cue text holds '-->'")
+    body = "\n".join(as_webvtt(line).rstrip() for line in text).strip("\n")
     if len(body) > MAX_CUE_CHARS:
         raise InvalidSource(
             f"{shown} line {number}: a cue of {len(body)} characters, more than {MAX_CUE_CHARS}"
         )
     if end <= start or not body.strip():
         return None
-    kept = " ".join(match.group(0) for match in _SETTING.finditer(settings))
-    return Cue(start=start, end=end, text=body, settings=kept)
+    return Cue(start=start, end=end, text=body, settings=_cue_settings(settings))
 
 
 # -- reading sidecars and text tracks ----------------------------------------------------------

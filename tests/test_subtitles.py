@@ -79,6 +79,29 @@ class TestParsing:
             Cue(1.9, 3.25, "Second line\nof two"),
         ]
 
+    @pytest.mark.parametrize(("settings", "kept"), [
+        ("line:--> align:<script>", ""),
+        ("vertical:rl line:-2,end position:12.5%,line-left size:100% align:right",
+         "vertical:rl line:-2,end position:12.5%,line-left size:100% align:right"),
+        ("line:40% vertical:up size:101% position:5 align:middle region:r1 color:red",
+         "line:40%"),
+        ("xline:5 line:5:6 align:", ""),
+    ])
+    def test_only_webvtt_settings_with_their_values_stay(self, settings: str, kept: str) -> None:
+        data = f"WEBVTT\n\n00:00:01.000 --> 00:00:02.000 {settings}\nok\n".encode()
+        (cue,) = parse_subtitles(data, "talk.vtt")
+        assert cue.settings == kept
+
+    def test_webvtt_cue_text_keeps_its_own_tags_and_escapes_others(self) -> None:
+        text = ("<v Roger Bingham>We are <c.yellow.bg>in</c> <b>New</b> <00:00:01.500>York"
+                "</v> &amp; &nbsp;\n<script>alert(1)</script> <img src=x> a < b && c > d")
+        data = f"WEBVTT\n\n00:00:01.000 --> 00:00:02.000\n{text}\n".encode()
+        (cue,) = parse_subtitles(data, "talk.vtt")
+        assert cue.text == (
+            "<v Roger Bingham>We are <c.yellow.bg>in</c> <b>New</b> <00:00:01.500>York</v> "
+            "&amp; &nbsp;\n&lt;script&gt;alert(1)&lt;/script&gt; &lt;img src=x&gt; a &lt; b "
+            "&amp;&amp; c &gt; d")
+
     def test_subrip_becomes_webvtt_cue_text(self) -> None:
         """Commas, indices and coordinates read; ASS overrides dropped; & and stray < escaped
         while <i> stays; a cue shown for no time is dropped; a UTF-8 BOM and CRLF are fine."""
