@@ -650,9 +650,9 @@ def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
     warning = rotation_warning(
         spec, min(len(e.segments) for e in entries if e.media == "video")
     )
-    if warning is not None:
-        svc.jobs.set_json(spec.job_id, "warnings",
-                          [*(job.json_field("warnings") or []), warning])
+    said = job.json_field("warnings") or []
+    if warning is not None and warning not in said:  # a redelivered stage said it already
+        svc.jobs.set_json(spec.job_id, "warnings", [*said, warning])
     described = AssetVersion(
         asset=spec.asset,
         version=spec.version,
