@@ -440,9 +440,43 @@ class TestJobRequests:
 
         allowed = {"source": source, "subtitles": [
             {"language": "de", "source": f"s3://{rig.bucket}/incoming/talk.de.vtt"}]}
+        with pytest.raises(InvalidSource, match="subtitle file s3://.* does not exist"):
+            ingest.accept_body(json.dumps(allowed))
+        assert rig.job_ids() == []
+        s3 = moto_server.client("s3")
+        s3.put_object(Bucket=rig.bucket, Key="incoming/talk.de.vtt", Body=vtt(GERMAN).encode())
         (accepted,) = ingest.accept_body(json.dumps(allowed))
         assert rig.jobs.get(accepted.job_id).spec.subtitles == (
             ("de", f"s3://{rig.bucket}/incoming/talk.de.vtt"),)
+
+    def test_a_changed_sidecar_or_trick_play_is_another_job(
+        self, tmp_path: Path, redis_server: RedisServer, moto_server: MotoServer
+    ) -> None:
+        """The same request sent again is the same job; with the sidecar's content changed,
+        or trick play asked for, or without the sidecar, it is a new job each time."""
+        from test_ingest import make_rig
+
+        rig = make_rig(tmp_path, redis_server, moto_server)
+        s3 = moto_server.client("s3")
+        s3.put_object(Bucket=rig.bucket, Key="incoming/talk.de.vtt", Body=vtt(GERMAN).encode())
+        sidecar = {"language": "de", "source": f"s3://{rig.bucket}/incoming/talk.de.vtt"}
+        request = {"source": f"s3://{rig.bucket}/incoming/clip.mp4", "subtitles": [sidecar]}
+
+        def accepted(document: dict[str, object]) -> tuple[str, bool]:
+            (job,) = rig.poller.ingest.accept_body(json.dumps(document))
+            return job.job_id, job.duplicate
+
+        first, duplicate = accepted(request)
+        assert not duplicate and accepted(request) == (first, True)
+        s3.put_object(Bucket=rig.bucket, Key="incoming/talk.de.vtt",
+                      Body=vtt(GERMAN[:1]).encode())
+        changed, duplicate = accepted(request)
+        assert not duplicate and changed != first
+        with_trick_play, duplicate = accepted({**request, "trick_play": True})
+        assert not duplicate and with_trick_play not in (first, changed)
+        bare, duplicate = accepted({"source": request["source"]})
+        assert not duplicate and bare not in (first, changed, with_trick_play)
+        assert accepted({"source": request["source"]}) == (bare, True)
 
 
 class TestSignedCdn:
