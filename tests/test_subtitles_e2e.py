@@ -440,7 +440,7 @@ class TestJobRequests:
 
         allowed = {"source": source, "subtitles": [
             {"language": "de", "source": f"s3://{rig.bucket}/incoming/talk.de.vtt"}]}
-        with pytest.raises(InvalidSource, match="subtitle file s3://.* does not exist"):
+        with pytest.raises(InvalidSource, match=r"subtitle file s3://.* does not exist"):
             ingest.accept_body(json.dumps(allowed))
         assert rig.job_ids() == []
         s3 = moto_server.client("s3")
