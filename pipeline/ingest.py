@@ -47,7 +47,7 @@ from .jobs import JobSpec, JobStore, UnknownJob, new_job_spec
 from .plan import LADDERS, check_segment_seconds
 from .settings import Settings
 from .sources import split_s3_url
-from .subtitles import MAX_SIDECARS, check_language, check_sidecar_source
+from .subtitles import check_sidecars
 
 log = structlog.get_logger(__name__)
 
@@ -185,17 +185,11 @@ def _subtitles(document: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     value = document.get("subtitles", [])
     shape = ('field "subtitles" must be a list of {"language": "en", "source": '
              '"s3://bucket/key"} objects')
-    if not isinstance(value, list) or len(value) > MAX_SIDECARS:
-        raise BadSpec(f"{shape}, at most {MAX_SIDECARS}")
-    sidecars = []
-    for item in value:
-        if not isinstance(item, dict) or set(item) != {"language", "source"}:
-            raise BadSpec(shape)
-        language, source = item["language"], item["source"]
-        if not isinstance(source, str) or not source.startswith("s3://"):
-            raise BadSpec(f"{shape}: a subtitle file is an S3 object like the source")
-        sidecars.append((check_language(language), check_sidecar_source(source)))
-    return tuple(sidecars)
+    if not isinstance(value, list) or not all(
+        isinstance(item, dict) and set(item) == {"language", "source"} for item in value
+    ):
+        raise BadSpec(shape)
+    return check_sidecars([(item["language"], item["source"]) for item in value], s3_only=True)
 
 
 def _download(document: dict[str, Any]) -> str | None:

@@ -52,7 +52,7 @@ from .aws import botocore_errors, shared_client, translate
 from .crypto import decrypt_file, iv_for_sequence
 from .errors import BadSpec, InvalidSource, NotFound, StageTimeout, UnsupportedMedia
 from .media import MediaInfo, run_ffprobe
-from .plan import hls_language, track_name
+from .plan import LANGUAGE_TAG, hls_language, track_name
 from .playlists import RenditionEntry
 from .segment import Segment, SegmentedRendition, run_ffmpeg
 from .sources import ffmpeg_command, ffmpeg_input, source_demuxer, split_s3_url
@@ -83,8 +83,6 @@ MAX_RENDITION_BYTES = 64 * 1024 * 1024
 #: MPEG-TS timestamps are 33 bits.
 PTS_WRAP = 1 << 33
 PTS_HZ = 90_000
-#: RFC 5646 as players meet it: a 2-3 letter language, then subtags (``pt-BR``, ``zh-Hant``).
-LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,4}")
 
 _VTT_TIME = r"(?:(\d{1,3}):)?(\d{2}):(\d{2})\.(\d{3})"
 _VTT_TIMING = re.compile(rf"^{_VTT_TIME}[ \t]+-->[ \t]+{_VTT_TIME}(?:[ \t]+(.*))?$")
@@ -158,14 +156,19 @@ def check_language(tag: str) -> str:
     return tag
 
 
-def check_sidecar_source(source: str) -> str:
+def check_sidecar_source(source: str, *, s3_only: bool = False) -> str:
     """A sidecar's location, checked: an ``s3://bucket/key`` object or an absolute local path
-    (the CLI makes paths absolute), never a URL or anything a worker would fetch elsewhere."""
+    (the CLI makes paths absolute), never a URL or anything a worker would fetch elsewhere;
+    only an S3 object if ``s3_only`` (a job request's: a sender cannot name the workers'
+    files)."""
     if not isinstance(source, str) or not source or "\x00" in source or len(source) > 4096:
         raise BadSpec("a subtitle file must be named by a path or s3://bucket/key")
     if source.startswith("s3://"):
         split_s3_url(source)
         return source
+    if s3_only:
+        raise BadSpec(f"subtitle file {source[:80]!r}: a job request names a subtitle file "
+                      "as an S3 object like its source (s3://bucket/key)")
     if "://" in source or not source.startswith("/"):
         raise BadSpec(
             f"subtitle file {source[:80]!r} must be a local file or s3://bucket/key (URLs are "
@@ -174,11 +177,14 @@ def check_sidecar_source(source: str) -> str:
     return source
 
 
-def check_sidecars(sidecars: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    """The ``(language, source)`` pairs of a job spec, each checked."""
+def check_sidecars(
+    sidecars: Sequence[tuple[str, str]], *, s3_only: bool = False
+) -> tuple[tuple[str, str], ...]:
+    """The ``(language, source)`` pairs of a job spec, each checked (S3 objects only if
+    ``s3_only``, see :func:`check_sidecar_source`)."""
     if len(sidecars) > MAX_SIDECARS:
         raise BadSpec(f"{len(sidecars)} subtitle files; a job takes at most {MAX_SIDECARS}")
-    return tuple((check_language(language), check_sidecar_source(source))
+    return tuple((check_language(language), check_sidecar_source(source, s3_only=s3_only))
                  for language, source in sidecars)
 
 

@@ -18,6 +18,7 @@ from pipeline.errors import BadSpec, InvalidSource, StageTimeout
 from pipeline.ingest import parse_job_request
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import MediaInfo, SubtitleStream, VideoStream, probe
+from pipeline.plan import hls_language
 from pipeline.playlists import AssetVersion, RenditionEntry, describe_rendition, render_master
 from pipeline.segment import Segment, SegmentedRendition
 from pipeline.subtitles import (
@@ -161,10 +162,20 @@ class TestSpecChecks:
     def test_language_tags_accepted(self, tag: str) -> None:
         assert check_language(tag) == tag
 
-    @pytest.mark.parametrize("tag", ["", "e", "english!", "../x", "en_US", "12", "en-", "x" * 40])
+    @pytest.mark.parametrize("tag", ["", "e", "x1", "english!", "../x", "en_US", "12", "en-",
+                                     "x" * 40])
     def test_language_tags_refused(self, tag: str) -> None:
         with pytest.raises(BadSpec, match="RFC 5646"):
             check_language(tag)
+
+    @pytest.mark.parametrize("tag", ["x", "x1", "en", "pt-BR", "abcd", "zh-Hant-TW", "e-n"])
+    def test_one_rule_for_sidecars_and_source_tracks(self, tag: str) -> None:
+        """A tag a sidecar may have is the tag a source track keeps, and no other."""
+        try:
+            accepted = check_language(tag) == tag
+        except BadSpec:
+            accepted = False
+        assert accepted == (hls_language(tag) == tag)
 
     @pytest.mark.parametrize("source", ["http://169.254.169.254/latest", "file:///etc/passwd",
                                         "relative/talk.vtt", "s3://bucket-only", "", "/a\x00b"])
@@ -185,11 +196,14 @@ class TestSpecChecks:
         request = parse_job_request({"source": "s3://in/talk.mp4", "subtitles": [
             {"language": "de", "source": "s3://in/talk.de.vtt"}]})
         assert request.subtitles == (("de", "s3://in/talk.de.vtt"),)
-        for bad in ([{"language": "de", "source": "/etc/passwd"}],
-                    [{"language": "de!", "source": "s3://in/x.vtt"}],
-                    [{"language": "de", "source": "s3://in/x.vtt", "extra": 1}],
-                    {"de": "s3://in/x.vtt"}, ["s3://in/x.vtt"]):
-            with pytest.raises(BadSpec):
+        for bad, reason in (
+            ([{"language": "de", "source": "/etc/passwd"}], "as an S3 object like its source"),
+            ([{"language": "de!", "source": "s3://in/x.vtt"}], "RFC 5646"),
+            ([{"language": "de", "source": "s3://in/x.vtt", "extra": 1}], "must be a list"),
+            ({"de": "s3://in/x.vtt"}, "must be a list"), (["s3://in/x.vtt"], "must be a list"),
+            ([{"language": "de", "source": "s3://in/x.vtt"}] * 17, "a job takes at most 16"),
+        ):
+            with pytest.raises(BadSpec, match=reason):
                 parse_job_request({"source": "s3://in/talk.mp4", "subtitles": bad})
 
 
