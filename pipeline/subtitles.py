@@ -30,7 +30,9 @@ were checked and what a player that cannot decrypt them shows (the video, withou
 Everything read here is hostile input: a sidecar or an extracted track is bounded in size,
 cue count and cue length, must decode as UTF-8 and parse as WebVTT or SubRip, and its
 language tag must be an RFC 5646 tag; a sidecar is a local file or an ``s3://`` object,
-never a URL a worker would fetch.
+never a URL a worker would fetch. Cue settings and tags are kept only as WebVTT defines them
+(the rest escaped as text), cues end with the video, and what the segments will hold is
+bounded at the probe (a cue is repeated in every segment it is shown in).
 """
 
 from __future__ import annotations
