@@ -71,9 +71,12 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
     # The worker that probes a local file may run on another machine: the file travels
     # through work storage, like every other byte between stages (sidecars too).
     from pipeline.sources import check_local_source
-    from pipeline.subtitles import read_sidecar
+    from pipeline.subtitles import check_sidecar_names, read_sidecar
 
     work = ctx.services.work
+    # Errors name a sidecar as the user did, not by the key it is stored under.
+    names = check_sidecar_names([Path(source).name for _, source in spec.subtitles],
+                                spec.subtitles)
     sidecars = []
     for position, (language, source) in enumerate(spec.subtitles):
         if not source.startswith("s3://"):
@@ -81,7 +84,7 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
             work.put_bytes(key, read_sidecar(source, f"subtitle file {source}"))
             source = f"{work.url.rstrip('/')}/{key}"
         sidecars.append((language, source))
-    spec = replace(spec, subtitles=tuple(sidecars))
+    spec = replace(spec, subtitles=tuple(sidecars), subtitle_names=names)
     if "://" in spec.source:
         return spec
     path = Path(spec.source)

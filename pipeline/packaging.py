@@ -171,7 +171,7 @@ def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     # transcoding.
     subtitles, warnings = prepare_subtitles(svc, spec.job_id, info, target, shown,
                                             spec.subtitles, spec.segment_seconds,
-                                            deadline=deadline)
+                                            spec.subtitle_names, deadline=deadline)
     svc.jobs.set_json(spec.job_id, "subtitles", [t.to_dict() for t in subtitles])
     if warnings:
         svc.jobs.set_json(spec.job_id, "warnings", warnings)

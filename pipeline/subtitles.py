@@ -42,6 +42,7 @@ import math
 import re
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -70,6 +71,8 @@ MAX_CUES = 50_000
 MAX_CUE_CHARS = 2000
 #: Sidecar files one job may name (``--subtitles``, ``"subtitles"``).
 MAX_SIDECARS = 16
+#: A file name as common filesystems allow it.
+MAX_SIDECAR_NAME = 255
 #: Text tracks of the source that become renditions; more fail the job (a source with dozens
 #: of text tracks is better split).
 MAX_TEXT_TRACKS = 32
@@ -188,6 +191,25 @@ def check_sidecars(
         raise BadSpec(f"{len(sidecars)} subtitle files; a job takes at most {MAX_SIDECARS}")
     return tuple((check_language(language), check_sidecar_source(source, s3_only=s3_only))
                  for language, source in sidecars)
+
+
+def check_sidecar_names(
+    names: Sequence[str], sidecars: Sequence[tuple[str, str]]
+) -> tuple[str, ...]:
+    """The file names a user gave the sidecars, one per sidecar in order, checked: errors
+    show them (a sidecar the CLI sent to the fleet is stored as ``0.vtt``). Each is a bare
+    file name of printable text, or empty where the source's own name is shown."""
+    if not names:
+        return ()
+    if len(names) != len(sidecars):
+        raise BadSpec(f"{len(names)} subtitle file names for {len(sidecars)} subtitle files")
+    for name in names:
+        if (not isinstance(name, str) or len(name) > MAX_SIDECAR_NAME or name in (".", "..")
+                or any(ch in "/\\" or unicodedata.category(ch).startswith("C")
+                       for ch in name)):
+            raise BadSpec("a subtitle file's name must be a bare file name of printable text; "
+                          "rename the file")
+    return tuple(names)
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -457,13 +479,16 @@ def extract_text_tracks(
 
 def prepare_subtitles(
     svc: Services, job_id: str, info: MediaInfo, target: str, shown: str,
-    sidecars: Sequence[tuple[str, str]], segment_seconds: float, *, deadline: float,
+    sidecars: Sequence[tuple[str, str]], segment_seconds: float,
+    sidecar_names: Sequence[str] = (), *, deadline: float,
 ) -> tuple[list[SubtitleTrack], list[str]]:
     """Plan, read and check every subtitle rendition of a job (its cues clipped to the video
     and their segmented size bounded), and keep each one's cues in the work store for the
     playlist stage; returns the plan and its warnings. The text tracks are read before
-    ``deadline`` (:func:`time.monotonic`)."""
+    ``deadline`` (:func:`time.monotonic`). A sidecar is named in errors by ``sidecar_names``
+    (what the user gave, :func:`check_sidecar_names`) or else by its source's file name."""
     planned, warnings = plan_subtitles(info, sidecars)
+    given = dict(zip((source for _, source in sidecars), sidecar_names, strict=False))
     if not planned:
         return planned, warnings
     with tempfile.TemporaryDirectory(prefix="hlsvault-subs-") as scratch:
@@ -471,7 +496,8 @@ def prepare_subtitles(
                                         deadline=deadline)
         for track in planned:
             if track.sidecar is not None:
-                where = f"subtitle file {Path(track.sidecar).name} ({track.language})"
+                name = given.get(track.sidecar) or Path(track.sidecar).name
+                where = f"subtitle file {name} ({track.language})"
                 data = read_sidecar(track.sidecar, where)
             else:
                 where = f"subtitle track {(track.track or 0) + 1} of source {shown}"

@@ -28,6 +28,7 @@ from pipeline.subtitles import (
     Cue,
     check_language,
     check_segmented_size,
+    check_sidecar_names,
     check_sidecar_source,
     clip_cues,
     extract_text_tracks,
@@ -191,6 +192,21 @@ class TestSpecChecks:
         assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
         with pytest.raises(BadSpec, match="RFC 5646"):
             new_job_spec("/src/talk.mp4", subtitles=[("deutsch!", "/src/talk.de.srt")])
+
+    def test_a_job_spec_keeps_the_names_the_user_gave_its_sidecars(self) -> None:
+        """The file names the CLI keeps for uploaded sidecars survive the spec's JSON, and a
+        spec naming them with a path, control characters or the wrong count is refused."""
+        import json
+
+        sidecars = [("de", "s3://work/sources/j/subtitles/0.srt")]
+        spec = replace(new_job_spec("/src/talk.mp4", subtitles=sidecars),
+                       subtitle_names=check_sidecar_names(["talk.de.srt"], sidecars))
+        document = json.loads(json.dumps(spec.to_dict()))
+        assert JobSpec.from_dict(document).subtitle_names == ("talk.de.srt",)
+        for bad in (["../talk.de.srt"], ["a\\b.srt"], ["talk\n.srt"], ["\u202etrs.vtt"],
+                    [".."], ["x" * 256], [7], ["a.srt", "b.srt"]):
+            with pytest.raises(BadSpec, match="subtitle file"):
+                JobSpec.from_dict({**document, "subtitle_names": bad})
 
     def test_a_job_request_names_sidecars_in_s3(self) -> None:
         request = parse_job_request({"source": "s3://in/talk.mp4", "subtitles": [

@@ -420,6 +420,80 @@ class TestFleet:
             assert_cues_match(played_cues(rendition.absolute_uri)[0], start, authored)
 
 
+    def test_a_bad_uploaded_sidecar_is_named_as_the_user_gave_it(
+        self, fleet: Fleet, talk_clip: Path, tmp_path: Path
+    ) -> None:
+        """A local sidecar the CLI sent through work storage (stored as ``0.srt``) that is
+        not a subtitle file fails the job with an error naming ``talk.de.srt``."""
+        from test_fleet import submit, wait_for_job
+
+        fleet.start_all()
+        sidecar = tmp_path / "talk.de.srt"
+        sidecar.write_text("Dear viewer,\nplease enjoy the film.\n")
+        job_id = submit(fleet, talk_clip, "fleetbad", "--subtitles", f"de={sidecar}")
+        record = wait_for_job(fleet, job_id)
+        assert (record["status"], record["failed_stage"]) == ("failed", "probe"), record
+        assert "talk.de.srt (de)" in record["error"], record["error"]
+        assert "neither a SubRip cue timing" in record["error"]
+        assert "0.srt" not in record["error"]
+
+    @pytest.mark.slow
+    def test_rekey_re_encrypts_subtitle_segments_and_revoke_refuses_them(
+        self, fleet: Fleet, talk_clip: Path, german: Path
+    ) -> None:
+        """On the fleet, after a re-key every subtitle segment decrypts under the new version's
+        key only (never the old one) to the same cues; after a revocation the subtitle
+        playlist is refused (410)."""
+        from test_fleet import submit, wait_for_job
+
+        # Given the talk packaged on the fleet with its German sidecar
+        fleet.start_all()
+        job_id = submit(fleet, talk_clip, "fleetrekey", "--ladder", "copy",
+                        "--segment-seconds", "2", "--subtitles", f"de={german}")
+        assert wait_for_job(fleet, job_id)["status"] == "succeeded"
+        url = fleet.cli("url", "fleetrekey").stdout.strip()
+        master = m3u8.loads(fetch(url), uri=url)
+        subtitles = [m.absolute_uri for m in master.media if m.type == "SUBTITLES"]
+        assert len(subtitles) == 2
+        before = {uri: played_cues(uri)[0] for uri in subtitles}
+        old_keys = {uri: get(m3u8.loads(fetch(uri), uri=uri).keys[-1].absolute_uri)
+                    for uri in subtitles}
+
+        # When it is re-keyed
+        done = fleet.cli("rekey", "fleetrekey", "--grace", "0", "--json")
+        assert done.returncode == 0, done.stderr + fleet.log_text()[-3000:]
+        version = json.loads(done.stdout)["version"]
+        deadline = time.monotonic() + 10
+        while not all(f"/{version}/" in fetch(uri) for uri in subtitles):
+            assert time.monotonic() < deadline, "the key server never served the new version"
+            time.sleep(0.2)
+
+        # Then each subtitle segment is the new version's, decrypts under its key to the same
+        # cues, and is noise under the old key
+        for uri in subtitles:
+            playlist = m3u8.loads(fetch(uri), uri=uri)
+            assert all(f"/fleetrekey/{version}/" in s.absolute_uri for s in playlist.segments)
+            assert f"/v1/keys/fleetrekey/{version}/" in playlist.keys[-1].absolute_uri
+            assert played_cues(uri)[0] == before[uri]
+            for sequence, segment in enumerate(playlist.segments):
+                encrypted = get(segment.absolute_uri)
+                iv = sequence.to_bytes(16, "big")
+                try:
+                    plain = decrypt_bytes(encrypted, old_keys[uri], iv)
+                except ValueError:
+                    continue  # the padding gives the wrong key away
+                assert not plain.startswith(b"WEBVTT"), "a segment still under the old key"
+
+        # When it is revoked, then the subtitle playlists are refused
+        done = fleet.cli("revoke", "fleetrekey", "--json")
+        assert done.returncode == 0, done.stderr
+        deadline = time.monotonic() + 10
+        while status_of(subtitles[0]) != 410:
+            assert time.monotonic() < deadline, "the key server kept serving a revoked asset"
+            time.sleep(0.2)
+        assert [status_of(uri) for uri in subtitles] == [410, 410]
+
+
 class TestJobRequests:
     def test_a_sidecar_is_an_object_of_an_allowed_bucket(
         self, tmp_path: Path, redis_server: RedisServer, moto_server: MotoServer
@@ -508,3 +582,76 @@ class TestSignedCdn:
         for url in urls:
             assert status_of(url) == 200
         assert status_of(urls[0].split("?", 1)[0]) == 403
+
+
+#: Cues crossing the joins of a 6 s source transcoded in 2 s chunks (joins at 2 s and 4 s).
+JOINS_ENGLISH = [(0.5, 1.2, "Before"), (1.6, 2.5, "Over the first join"),
+                 (3.7, 4.4, "Over the second join"), (5.0, 5.8, "After")]
+JOINS_GERMAN = [(1.9, 2.2, "Knapp"), (3.0, 4.8, "Lang über die zweite Fuge")]
+
+
+@pytest.fixture(scope="session")
+def joins_clip() -> Path:
+    """6 s of 640x360 H.264 and AAC with an English mov_text track whose cues cross 2 s and
+    4 s, made by ffmpeg from a SubRip file written here."""
+    MEDIA_CACHE.mkdir(parents=True, exist_ok=True)
+    english = MEDIA_CACHE / "joins.en.srt"
+    english.write_text(srt(JOINS_ENGLISH))
+    return generate_media("joins.mp4", [
+        "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30",
+        "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-i", str(english),
+        "-t", "6", "-map", "0:v", "-map", "1:a", "-map", "2:s",
+        "-c:v", "libx264", "-preset", "veryfast", "-g", "30", "-pix_fmt", "yuv420p",
+        "-c:a", "aac", "-b:a", "96k", "-c:s", "mov_text", "-metadata:s:s:0", "language=eng",
+    ])
+
+
+class TestChunkedTranscode:
+    @pytest.mark.slow
+    @pytest.mark.parametrize("container", ["ts", "fmp4"])
+    def test_subtitles_of_a_transcode_in_three_chunks_are_continuous(
+        self, keyserver: Hlsvault, joins_clip: Path, tmp_path: Path, container: str
+    ) -> None:
+        """A transcode cut into three 2 s chunks: each subtitle playlist has the video's
+        sequence numbers and durations, one segment name each, and the cues crossing the
+        chunk joins, fetched through the key server, decrypted and mapped, are the source's
+        within 100 ms."""
+        # Given the source transcoded in 2 s chunks, with a German sidecar
+        german = tmp_path / "joins.de.vtt"
+        german.write_text(vtt(JOINS_GERMAN))
+        keyserver.env["HLSVAULT_CHUNK_SECONDS"] = "2"
+        package(keyserver, joins_clip, "joins", "--ladder", "default", "--container", container,
+                "--subtitles", f"de={german}")
+        [path] = (keyserver.data_dir / "jobs").glob("*.json")
+        record = json.loads(path.read_text())
+        assert [f"segment:c{n:03d}" for n in range(3)] == sorted(
+            stage.removesuffix(".status") for stage in record
+            if stage.startswith("segment:") and stage.endswith(".status"))
+
+        # Then every subtitle playlist is one continuous run aligned with every video variant
+        url = keyserver.url("joins")
+        playlists = assert_valid_hls(url)
+        master = m3u8.loads(playlists[url], uri=url)
+        subtitles = [m for m in master.media if m.type == "SUBTITLES"]
+        assert [(m.language, m.name) for m in subtitles] == [("en", "English"),
+                                                             ("de", "Deutsch")]
+        for variant in master.playlists:
+            video = m3u8.loads(playlists[variant.absolute_uri])
+            for rendition in subtitles:
+                text = playlists[rendition.absolute_uri]
+                playlist = m3u8.loads(text)
+                assert "DISCONTINUITY" not in text
+                assert playlist.media_sequence == video.media_sequence
+                assert ([s.duration for s in playlist.segments]
+                        == [s.duration for s in video.segments])
+                names = [s.uri.split("?")[0].rsplit("/", 1)[-1] for s in playlist.segments]
+                assert names == [layout.subtitle_segment_name(n) for n in range(len(names))]
+        # (one segment per chunk: the cues above cross segment and chunk joins alike)
+        assert [s.duration for s in video.segments] == pytest.approx([2.0, 2.0, 2.0], abs=0.04)
+
+        # And the cues crossing the joins play at the source's times
+        start = first_video_pts(master.playlists[0].absolute_uri)
+        for rendition, authored in zip(subtitles, (JOINS_ENGLISH, JOINS_GERMAN), strict=True):
+            cues, mpegts, _ = played_cues(rendition.absolute_uri)
+            assert_cues_match(cues, start, authored)
+        assert mpegts == round(start * 90000)

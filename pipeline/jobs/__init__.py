@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from .. import layout
 from ..errors import BadSpec, NotFound
 from ..plan import LADDERS, check_segment_seconds
-from ..subtitles import check_sidecars
+from ..subtitles import check_sidecar_names, check_sidecars
 
 STAGES = (
     "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "trickplay",
@@ -69,6 +69,9 @@ class JobSpec:
     #: Sidecar subtitle files: ``(language, source)``, a local path or ``s3://`` object each
     #: (pipeline.subtitles.check_sidecars); the source's own text tracks come along anyway.
     subtitles: tuple[tuple[str, str], ...] = ()
+    #: The file name the user gave each sidecar, in order, where the CLI stored it under
+    #: another (pipeline.subtitles.check_sidecar_names); empty: each source names itself.
+    subtitle_names: tuple[str, ...] = ()
     #: Also make an I-frame rendition and thumbnail sprites (pipeline.trickplay).
     trick_play: bool = layout.DEFAULT_TRICK_PLAY
 
@@ -79,7 +82,8 @@ class JobSpec:
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         sidecars = tuple((str(language), str(source))
                          for language, source in data.get("subtitles") or ())
-        return cls(**{**data, "subtitles": sidecars})
+        names = check_sidecar_names(data.get("subtitle_names") or (), sidecars)
+        return cls(**{**data, "subtitles": sidecars, "subtitle_names": names})
 
 
 def new_job_spec(
