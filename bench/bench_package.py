@@ -34,6 +34,11 @@ fmp4``, ``median(hlsvault) / median(ffmpeg+openssl)`` (issue 11's target).
 
 For hlsvault the job record's stage timestamps split the wall clock into: process start and
 CLI imports, worker start and dispatch, each stage, the hops between stages, and the exit.
+One more hlsvault run after the rounds, untimed, puts ffmpeg and ffprobe on that timeline:
+its PATH starts with a directory whose ``ffmpeg`` and ``ffprobe`` are bash scripts that note
+when the real program started and ended (``$EPOCHREALTIME``, no fork) around running it; so
+it shows the Python before ffmpeg starts, ffmpeg itself, and what the segment stage does after
+ffmpeg exits (sealing's last segments, reading ffmpeg's playlists, the switch).
 
     python bench/bench_package.py [--rounds N] [--warmup N] [--container ts|fmp4]
 """
@@ -157,6 +162,10 @@ def hlsvault_env() -> dict[str, str]:
     """Embedded mode with every store under the bench data dir, whatever the caller's shell set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HLSVAULT_")}
     env.pop("REDIS_URL", None)
+    # The warm-up round writes the bytecode cache, as an installed package has it (pip compiles
+    # a wheel's modules at install time); a shell that forbids writing it would have every
+    # round compile hlsvault's own modules again, ~0.09 s of start-up no user pays twice.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["HLSVAULT_DATA_DIR"] = str(DATA_DIR)
     return env
 
@@ -206,6 +215,68 @@ def hlsvault_phases(record: dict[str, str], spawned_at: float, elapsed: float) -
     phases["hops"] = (finished - first_start) - in_stages
     phases["exit"] = spawned_at + elapsed - finished
     return phases
+
+
+#: The bash script standing in for ``ffmpeg`` and ``ffprobe`` in the explained run: the real
+#: program, with its start and end noted (bash's clock: no fork, ~1 ms of shell start).
+TIMING_SHIM = """#!/bin/bash
+echo "$(basename "$0") start $EPOCHREALTIME" >> "{log}"
+"{real}" "$@"
+status=$?
+echo "$(basename "$0") end $EPOCHREALTIME" >> "{log}"
+exit $status
+"""
+
+
+def explain_run(clip: Path, container: str) -> list[tuple[str, float]]:
+    """One hlsvault run with ffmpeg and ffprobe timed by shims; returns the timeline's events
+    (name, seconds after the process was spawned), in time order."""
+    shims = RUN_DIR / "shims"
+    shims.mkdir(exist_ok=True)
+    log = RUN_DIR / "shims.log"
+    log.unlink(missing_ok=True)
+    for program in ("ffmpeg", "ffprobe"):
+        real = shutil.which(program)
+        if real is None:
+            sys.exit(f"bench_package: no {program} on PATH")
+        shim = shims / program
+        shim.write_text(TIMING_SHIM.format(log=log, real=real))
+        shim.chmod(0o755)
+    env = hlsvault_env()
+    env["PATH"] = f"{shims}{os.pathsep}{env.get('PATH', '')}"
+    args = [hlsvault_executable(), "package", str(clip), "--ladder", "copy",
+            "--container", container, "--asset", "benchexplain", "--json"]
+    elapsed, spawned_at, out = run_timed(args, env=env)
+    summary = json.loads(out)
+    record = json.loads((DATA_DIR / "jobs" / f"{summary['job_id']}.json").read_text())
+    events = [("spawn", 0.0), ("job created", float(record["created_at"]) - spawned_at)]
+    for key, value in record.items():
+        for edge in ("started_at", "finished_at"):
+            if key.endswith(f".{edge}"):
+                stage = key.removesuffix(f".{edge}")
+                events.append((f"{stage} {edge.split('_')[0]}", float(value) - spawned_at))
+    events.append(("job finished", float(record["finished_at"]) - spawned_at))
+    for line in log.read_text().splitlines():
+        program, edge, at = line.split()
+        events.append((f"{program} {edge}", float(at) - spawned_at))
+    events.append(("exit", elapsed))
+    return sorted(events, key=lambda event: event[1])
+
+
+def show_timeline(events: list[tuple[str, float]], show: Callable[[str], None]) -> None:
+    """The explained run's events, and the spans that matter: Python before ffmpeg starts,
+    ffmpeg, the segment stage after ffmpeg, and everything after the segment stage."""
+    at = dict(events)
+    show("explained run (ffmpeg and ffprobe timed by shims; s after spawn):")
+    show("  " + "  ".join(f"{name} {when:.3f}" for name, when in events))
+    ffmpeg_start, ffmpeg_end = at.get("ffmpeg start"), at.get("ffmpeg end")
+    segment_end = next((when for name, when in events
+                        if name.startswith("segment:") and name.endswith(" finished")), None)
+    if ffmpeg_start is None or ffmpeg_end is None or segment_end is None:
+        return
+    show(f"  python before ffmpeg {ffmpeg_start:.3f}  ffmpeg {ffmpeg_end - ffmpeg_start:.3f}  "
+         f"segment stage after ffmpeg {segment_end - ffmpeg_end:.3f}  "
+         f"after the segment stage {at['exit'] - segment_end:.3f}")
 
 
 def run_contender(
@@ -311,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  " + "  ".join(f"{p} {m:.3f}" for p, m in phase_medians.items()))
     print(f"  (sum of phase medians {sum(phase_medians.values()):.3f} "
           f"vs median wall clock {medians[HLSVAULT]:.3f})")
+    show_timeline(explain_run(clip, args.container), print)
     per_round = [h / p for h, p in zip(timings.seconds[HLSVAULT], timings.seconds[FFMPEG_PLAIN],
                                        strict=True)]
     print(f"hlsvault / ffmpeg-plain per round: {', '.join(f'{r:.2f}' for r in per_round)}; "

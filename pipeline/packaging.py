@@ -12,8 +12,9 @@ attempt that ``produced.json`` names, and that attempt is complete. A chunk's se
 their media sequence numbers in their names, so a redelivered chunk rewrites exactly its own.
 The audio stage's pieces are switched in the same way.
 
-A copy remux seals its segments while ffmpeg writes them (:mod:`pipeline.sealing`): its
-``produced.json`` then says so, and encrypt only links them into place.
+A copy remux (MPEG-TS or fMP4, audio muxed or in renditions of its own) seals its segments
+while ffmpeg writes them (:mod:`pipeline.sealing`): its ``produced.json`` then says so, and
+encrypt only links them into place.
 """
 
 from __future__ import annotations
@@ -354,13 +355,14 @@ def segment(
     prefix = layout.chunk_attempt_prefix(spec.job_id, chunk.name, attempt)
     copy = any(r.copy for r in renditions)
     audio_group = job_audio_renditions(job)
+    # A job of one chunk cuts its audio renditions in the chunk's own ffmpeg (one read).
+    audio_here = audio_group if len(job_chunks(job)) == 1 else []
     length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
-    muxed_audio = not audio_group
     sealer = None
-    if can_seal(renditions, spec.container, muxed_audio) if seal is None else seal:
+    if can_seal(renditions, audio_here) if seal is None else seal:
         key_for = key_source(svc, spec)
         key_for(chunk.first_segment)  # the vault answers before ffmpeg starts, or the stage fails
-        sealer = SegmentSealer(key_for)
+        sealer = SegmentSealer(key_for, container=spec.container)
     with _work_dir(svc, prefix) as (out_dir, is_local), \
             tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
         produced = segment_chunk(
@@ -374,8 +376,8 @@ def segment(
             audio=_chunk_audio(svc, spec, job, chunk, Path(scratch)),
             on_progress=on_progress,
             container=spec.container,
-            muxed_audio=muxed_audio,
-            audio_renditions=audio_group if len(job_chunks(job)) == 1 else (),
+            muxed_audio=not audio_group,
+            audio_renditions=audio_here,
             seal=sealer,
         )
         if not is_local:
@@ -392,7 +394,7 @@ def segment(
     }
     if sealer is not None:
         # Sealed sizes, by rendition: encrypt links these segments and encrypts none of them.
-        record[SEALED] = {n: sealer.sealed_sizes(r.segments) for n, r in produced.items()}
+        record[SEALED] = {n: sealer.sealed_sizes(n, r.segments) for n, r in produced.items()}
     svc.work.put_bytes(layout.produced_key(spec.job_id, chunk.name), json.dumps(record).encode())
     return sum(len(r.segments) for r in produced.values())
 
@@ -537,17 +539,23 @@ def _place_sealed(
 ) -> int:
     """Encrypt for a sealed chunk: its segments already hold their ciphertext, so each is put
     where encrypt puts its output by a hard link (a local work store) or a server-side copy
-    (S3), and never encrypted again, however often this stage is delivered."""
-    work = [(name, seg) for name, rendition in produced.items() for seg in rendition.segments]
+    (S3), and never encrypted again, however often this stage is delivered. fMP4's init
+    segments, clear in the attempt as in :func:`encrypt_renditions`, go along the same way."""
+    first_chunk = layout.chunk_index(chunk) == 0
+    work = [
+        (name, file_name) for name, rendition in produced.items()
+        for file_name in (_files_of(rendition) if first_chunk
+                          else [seg.name for seg in rendition.segments])
+    ]
 
-    def place(item: tuple[str, Segment]) -> None:
-        name, seg = item
-        source = layout.plain_segment_key(f"{attempt_prefix}/{name}", seg.name)
-        target = layout.encrypted_key(spec.job_id, name, seg.name)
+    def place(item: tuple[str, str]) -> None:
+        name, file_name = item
+        source = layout.plain_segment_key(f"{attempt_prefix}/{name}", file_name)
+        target = layout.encrypted_key(spec.job_id, name, file_name)
         if svc.work.copy_from(svc.work, source, target):
             return
         with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
-            local = Path(scratch) / seg.name
+            local = Path(scratch) / file_name
             svc.work.get_file(source, local)
             svc.work.put_file(target, local)
 

@@ -1,39 +1,43 @@
 """Sealing: a remux's segments encrypted one by one as ffmpeg closes them, instead of after.
 
 A copy remux is bound by the disk, encryption by one core; done one after the other they add
-up, done side by side the encryption hides behind the remux but for its last segment. ffmpeg
+up, done side by side the encryption hides behind the remux but for its last segments. ffmpeg
 writes each segment under a temporary name and renames it when it is complete
 (``-hls_flags temp_file``), so a segment that appears under its final name is closed and will
 not be written again. A watcher thread encrypts each one in place (:func:`encrypt_in_place`,
 the GIL released while it runs) with the key and IV of its media sequence number, the rule the
 encrypt stage uses (:func:`~pipeline.playlists.key_index`, :func:`iv_for_sequence`): the bytes
-are exactly those the encrypt stage would have written.
+are exactly those the encrypt stage would have written. When ffmpeg exits, the stage's own
+thread joins the watcher on the segments still left, so the tail takes two cores.
+
+Every shape of the copy ladder is sealed: MPEG-TS (``.ts``) or fMP4 (``.m4s``, each encrypted
+whole; the init segment beside them stays clear, as the encrypt stage leaves it), with the
+audio muxed in or cut as renditions of its own by the same ffmpeg. The watcher follows every
+rendition directory of the chunk, each in its own media sequence.
 
 The segment stage then records the sealed sizes in its chunk's ``produced.json``, in the same
 atomic write that names the attempt. That record, and nothing inferred from a file, is what
-tells the encrypt stage that a chunk is sealed: it then links the segments into place instead
-of encrypting them again, however often either stage is delivered (a redelivered segment stage
-seals a new attempt of its own; an attempt that died half way is never named).
-
-Only a remux into MPEG-TS with the audio muxed in is sealed (:func:`can_seal`); other shapes
-keep the two stages.
+tells the encrypt stage that a chunk is sealed: it then links the segments (and init segments)
+into place instead of encrypting them again, however often either stage is delivered (a
+redelivered segment stage seals a new attempt of its own; an attempt that died half way is
+never named).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import layout
 from .crypto import encrypt_in_place, iv_for_sequence
 from .errors import TransientError
-from .plan import Rendition
+from .plan import AudioRendition, Rendition
 from .segment import Segment
 
 #: How often the watcher looks for the next closed segment: a remux closes one every few tens
-#: of milliseconds at most, and each look is one stat(2).
+#: of milliseconds at most, and each look is one stat(2) per rendition.
 POLL_S = 0.005
 #: How long the watcher may take to finish after ffmpeg exits: it has at most the segments
 #: ffmpeg closed last to encrypt, at hundreds of MB/s.
@@ -42,73 +46,115 @@ JOIN_TIMEOUT_S = 300.0
 KeyFor = Callable[[int], bytes]
 
 
-def can_seal(renditions: Sequence[Rendition], container: str, muxed_audio: bool) -> bool:
-    """Whether a segment stage can seal its output: one rendition remuxed into MPEG-TS with
-    its audio muxed in (the copy ladder). A transcode's renditions are encrypted by the encrypt
-    stage, which runs while the next chunk transcodes; fMP4 (an init segment beside the
-    ``.m4s``) and audio in renditions of its own keep that two-stage path too."""
-    return (len(renditions) == 1 and renditions[0].copy and container == "ts"
-            and muxed_audio)
+def can_seal(renditions: Sequence[Rendition], audio_renditions: Sequence[AudioRendition]) -> bool:
+    """Whether a segment stage can seal its output: one rendition remuxed (the copy ladder), in
+    either container, with its audio muxed in or as ``audio_renditions`` the same ffmpeg cuts,
+    each copied too. A transcode's renditions are encrypted by the encrypt stage, which runs
+    while the next chunk transcodes; an encoded audio rendition is measured from its first
+    segment after ffmpeg exits, so it has to stay plain until then."""
+    return (len(renditions) == 1 and renditions[0].copy
+            and all(audio.copy for audio in audio_renditions))
 
 
 class SegmentSealer:
-    """Encrypts the segments ffmpeg closes in one rendition directory, in media sequence order.
+    """Encrypts the segments ffmpeg closes in a chunk's rendition directories, each rendition in
+    its media sequence order.
 
     ``key_for(sequence)`` gives the content key of a sequence number; it is called from the
-    watcher thread, one segment at a time.
+    watcher thread and, for the last segments, from the stage's own, one call at a time.
     """
 
-    def __init__(self, key_for: KeyFor, *, pattern: str = layout.segment_pattern("ts"),
+    def __init__(self, key_for: KeyFor, *, container: str = layout.DEFAULT_CONTAINER,
                  poll_s: float = POLL_S) -> None:
         self._key_for = key_for
-        self._pattern = pattern
+        self._key_lock = threading.Lock()
+        self._pattern = layout.segment_pattern(container)
         self._poll_s = poll_s
-        #: By segment name: the sequence number it was sealed under, plain and sealed sizes.
-        self.sealed: dict[str, tuple[int, int, int]] = {}
+        self._claim_lock = threading.Lock()
+        self._out_dir = Path()
+        self._next: dict[str, int] = {}
+        #: By rendition, then segment name: the sequence number it was sealed under, its plain
+        #: and sealed sizes.
+        self.sealed: dict[str, dict[str, tuple[int, int, int]]] = {}
 
     @contextmanager
-    def sealing(self, rendition_dir: Path, first_sequence: int) -> Iterator[None]:
-        """Seal segments as they appear while the body (ffmpeg) runs, and the last ones after
-        it returns; an error of the watcher is raised when the body returns."""
+    def sealing(
+        self, out_dir: Path, renditions: Sequence[str], first_sequence: int
+    ) -> Iterator[None]:
+        """Seal the segments of ``out_dir/<rendition>/`` for each of ``renditions`` (each
+        numbered from ``first_sequence``) as they appear while the body (ffmpeg) runs, and the
+        last ones after it returns; an error of the watcher is raised when the body returns."""
+        self._out_dir = out_dir
+        self._next = dict.fromkeys(renditions, first_sequence)
+        self.sealed = {name: {} for name in renditions}
         finished = threading.Event()
         errors: list[BaseException] = []
 
         def watch() -> None:
-            sequence = first_sequence
             try:
-                while True:
-                    path = rendition_dir / (self._pattern % sequence)
-                    if path.exists():
-                        self._seal(path, sequence)
-                        sequence += 1
-                    elif finished.is_set():
-                        # ffmpeg has exited, so every segment it made is under its final name;
-                        # looked for once more, as this one may have appeared since the check.
-                        if not path.exists():
-                            return
-                    else:
-                        finished.wait(self._poll_s)
+                self._seal_until(finished)
             except BaseException as error:  # handed to the stage's thread below
                 errors.append(error)
 
         watcher = threading.Thread(target=watch, name="segment-sealer", daemon=True)
         watcher.start()
+        body_done = False
         try:
             yield
+            body_done = True
         finally:
             finished.set()
-            watcher.join(JOIN_TIMEOUT_S)
+            try:
+                if body_done and not errors:
+                    # ffmpeg has exited: this thread takes a share of the segments left.
+                    self._seal_until(finished)
+            finally:
+                watcher.join(JOIN_TIMEOUT_S)
         if watcher.is_alive():
             raise TransientError(f"sealing did not finish within {JOIN_TIMEOUT_S:.0f} s")
         if errors:
             raise errors[0]
-        self._check_untouched(rendition_dir)
+        for name in renditions:
+            self._check_untouched(name)
 
-    def _check_untouched(self, rendition_dir: Path) -> None:
+    def _seal_until(self, finished: threading.Event) -> None:
+        """Seal the next closed segment of any rendition, and again, until ``finished`` is set
+        and none is left."""
+        while True:
+            # Read before the look: once ffmpeg has exited, a look that finds nothing is final.
+            done = finished.is_set()
+            claimed = self._claim()
+            if claimed is not None:
+                self._seal(*claimed)
+            elif done:
+                return
+            else:
+                finished.wait(self._poll_s)
+
+    def _claim(self) -> tuple[str, Path, int] | None:
+        """The next segment ffmpeg has closed and nobody seals yet: its rendition, path and
+        sequence number. Each is claimed by one thread only."""
+        with self._claim_lock:
+            for rendition, sequence in self._next.items():
+                path = self._out_dir / rendition / (self._pattern % sequence)
+                if path.exists():
+                    self._next[rendition] = sequence + 1
+                    return rendition, path, sequence
+        return None
+
+    def _seal(self, rendition: str, path: Path, sequence: int) -> None:
+        with self._key_lock:
+            key = self._key_for(sequence)
+        plain = path.stat().st_size
+        sealed = encrypt_in_place(path, key, iv_for_sequence(sequence))
+        self.sealed[rendition][path.name] = (sequence, plain, sealed)
+
+    def _check_untouched(self, rendition: str) -> None:
         """A segment ffmpeg kept writing after it appeared would hold a plaintext tail: every
         sealed file must be exactly its PKCS#7-padded ciphertext, and no half-written segment
         (``*.tmp``) may be left beside them."""
-        for name, (_, plain, sealed) in self.sealed.items():
+        rendition_dir = self._out_dir / rendition
+        for name, (_, plain, sealed) in self.sealed[rendition].items():
             if sealed != (plain // 16 + 1) * 16 or (rendition_dir / name).stat().st_size != sealed:
                 raise TransientError(
                     f"segment {name} changed after it was sealed; the stage will be retried"
@@ -120,30 +166,26 @@ class SegmentSealer:
                 "be retried"
             )
 
-    def _seal(self, path: Path, sequence: int) -> None:
-        plain = path.stat().st_size
-        sealed = encrypt_in_place(path, self._key_for(sequence), iv_for_sequence(sequence))
-        self.sealed[path.name] = (sequence, plain, sealed)
-
-    def plain_sizes(self) -> dict[str, int]:
+    def plain_sizes(self, rendition: str) -> Mapping[str, int]:
         """Each sealed segment's size before it was sealed: what the playlist parser would have
         measured on the plain file."""
-        return {name: plain for name, (_, plain, _) in self.sealed.items()}
+        return {name: plain for name, (_, plain, _) in self.sealed.get(rendition, {}).items()}
 
-    def sealed_sizes(self, segments: Sequence[Segment]) -> list[int]:
-        """The ciphertext size of each of ``segments``, checking that every one was sealed
-        under its own sequence number (ffmpeg's playlist and the watcher agree)."""
+    def sealed_sizes(self, rendition: str, segments: Sequence[Segment]) -> list[int]:
+        """The ciphertext size of each of ``segments`` of ``rendition``, checking that every one
+        was sealed under its own sequence number (ffmpeg's playlist and the watcher agree)."""
+        sealed = self.sealed.get(rendition, {})
         sizes = []
         for seg in segments:
-            found = self.sealed.get(seg.name)
+            found = sealed.get(seg.name)
             if found is None or found[0] != seg.sequence:
                 raise TransientError(
                     f"segment {seg.name} (sequence {seg.sequence}) was not sealed while ffmpeg "
                     "wrote it; the stage will be retried"
                 )
             sizes.append(found[2])
-        if len(self.sealed) != len(segments):
+        if len(sealed) != len(segments):
             raise TransientError(
-                f"{len(self.sealed)} segments were sealed where ffmpeg listed {len(segments)}"
+                f"{len(sealed)} segments were sealed where ffmpeg listed {len(segments)}"
             )
         return sizes

