@@ -47,7 +47,7 @@ from .jobs import JobSpec, JobStore, UnknownJob, new_job_spec
 from .plan import LADDERS, check_segment_seconds
 from .settings import Settings
 from .sources import split_s3_url
-from .subtitles import MAX_SIDECARS, check_language, check_sidecar_source
+from .subtitles import check_sidecars
 
 log = structlog.get_logger(__name__)
 
@@ -185,17 +185,11 @@ def _subtitles(document: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     value = document.get("subtitles", [])
     shape = ('field "subtitles" must be a list of {"language": "en", "source": '
              '"s3://bucket/key"} objects')
-    if not isinstance(value, list) or len(value) > MAX_SIDECARS:
-        raise BadSpec(f"{shape}, at most {MAX_SIDECARS}")
-    sidecars = []
-    for item in value:
-        if not isinstance(item, dict) or set(item) != {"language", "source"}:
-            raise BadSpec(shape)
-        language, source = item["language"], item["source"]
-        if not isinstance(source, str) or not source.startswith("s3://"):
-            raise BadSpec(f"{shape}: a subtitle file is an S3 object like the source")
-        sidecars.append((check_language(language), check_sidecar_source(source)))
-    return tuple(sidecars)
+    if not isinstance(value, list) or not all(
+        isinstance(item, dict) and set(item) == {"language", "source"} for item in value
+    ):
+        raise BadSpec(shape)
+    return check_sidecars([(item["language"], item["source"]) for item in value], s3_only=True)
 
 
 def _download(document: dict[str, Any]) -> str | None:
@@ -260,9 +254,12 @@ def asset_for_key(key: str) -> str:
     return asset
 
 
-def ledger_key(bucket: str, key: str, revision: str, asset: str) -> str:
-    digest = hashlib.sha256(json.dumps([bucket, key, revision, asset]).encode()).hexdigest()
-    return _LEDGER_PREFIX + digest
+def ledger_key(bucket: str, key: str, revision: str, asset: str, *asked: Any) -> str:
+    """The ingest ledger's key for one object's revision packaged as ``asset``; ``asked``:
+    what else a request asks for that makes it another job (its sidecars' revisions, trick
+    play), nothing for a request an S3 event could have made."""
+    digest = hashlib.sha256(json.dumps([bucket, key, revision, asset, *asked]).encode())
+    return _LEDGER_PREFIX + digest.hexdigest()
 
 
 class Ingest:
@@ -320,8 +317,13 @@ class Ingest:
         asset = request.asset or meta_asset or asset_for_key(request.key)
         ladder = request.ladder or meta_ladder or layout.DEFAULT_LADDER
         # What HEAD saw identifies the object's content, whichever way it was named: an
-        # event and a webhook request for the same upload are one job.
-        revision = head.get("VersionId") or str(head.get("ETag", "")).strip('"')
+        # event and a webhook request for the same upload are one job. Sidecars (by their
+        # content too) and trick play make another.
+        revision = _revision(head)
+        sidecars = [[language, sidecar, _revision(self._head_object(sidecar, *split_s3_url(
+            sidecar), what="subtitle file"))] for language, sidecar in request.subtitles]
+        asked = ([sidecars, request.trick_play]
+                 if sidecars or request.trick_play != layout.DEFAULT_TRICK_PLAY else [])
         spec = new_job_spec(
             request.source, asset=asset, ladder=ladder,
             segment_seconds=request.segment_seconds,
@@ -333,7 +335,7 @@ class Ingest:
             subtitles=request.subtitles,
             trick_play=request.trick_play,
         )
-        ledger = ledger_key(request.bucket, request.key, str(revision), asset)
+        ledger = ledger_key(request.bucket, request.key, revision, asset, *asked)
         try:
             existing = self._claim(ledger, spec.job_id)
             if existing is not None:
@@ -377,23 +379,30 @@ class Ingest:
 
     def _head(self, request: SourceRequest) -> dict[str, Any]:
         extra = {"VersionId": request.version_id} if request.version_id else {}
-        source = request.source[:200]
+        return self._head_object(request.source, request.bucket, request.key, **extra)
+
+    def _head_object(self, source: str, bucket: str, key: str, *, what: str = "source",
+                     **extra: str) -> dict[str, Any]:
+        shown = source[:200]
         try:
-            head: dict[str, Any] = self.s3.head_object(
-                Bucket=request.bucket, Key=request.key, **extra
-            )
+            head: dict[str, Any] = self.s3.head_object(Bucket=bucket, Key=key, **extra)
         except botocore_errors() as error:
             outcome = classify(error)
             if outcome is Outcome.NOT_FOUND:
-                raise InvalidSource(f"source {source} does not exist; check the bucket and key "
+                raise InvalidSource(f"{what} {shown} does not exist; check the bucket and key "
                                     "(S3 keys are case-sensitive)") from None
             if outcome is Outcome.REFUSED:
-                raise InvalidSource(f"source {source} cannot be read ({describe(error)}): check "
+                raise InvalidSource(f"{what} {shown} cannot be read ({describe(error)}): check "
                                     "that the bucket exists and grant hlsvault's AWS "
                                     "credentials s3:GetObject on it") from None
-            raise TransientError(f"S3 did not answer for {source} ({describe(error)}); "
+            raise TransientError(f"S3 did not answer for {shown} ({describe(error)}); "
                                  "send the request again later") from None
         return head
+
+
+def _revision(head: dict[str, Any]) -> str:
+    """What identifies an object's content in its HEAD: its version, else its ETag."""
+    return str(head.get("VersionId") or str(head.get("ETag", "")).strip('"'))
 
 
 def _from_metadata(metadata: dict[str, str]) -> tuple[str | None, str | None]:

@@ -300,7 +300,8 @@ def parse_probe(raw: dict[str, Any], shown: str) -> MediaInfo:
         audio=audio,
         audio_tracks=tracks,
         subtitle_tracks=tuple(
-            subtitle_stream(position, s) for position, s in enumerate(subtitles)
+            subtitle_stream(position, s, default_flag="matroska" in format_name.split(","))
+            for position, s in enumerate(subtitles)
         ),
         video_start=video_first - start if start is not None and video_first is not None
         else 0.0,
@@ -315,13 +316,19 @@ def _language_and_title(stream: dict[str, Any]) -> tuple[str | None, str | None]
     return (None if language == "und" else language), title
 
 
-def subtitle_stream(position: int, stream: dict[str, Any]) -> SubtitleStream:
-    """A subtitle stream of ffprobe's JSON, the ``position``-th of its source."""
+def subtitle_stream(
+    position: int, stream: dict[str, Any], *, default_flag: bool
+) -> SubtitleStream:
+    """A subtitle stream of ffprobe's JSON, the ``position``-th of its source. Its default
+    disposition is taken only where the container says it (``default_flag``: Matroska's
+    FlagDefault); ffmpeg's MP4 reader reports every enabled track default, and its muxer
+    enables the first text track whatever ``-disposition`` asked, so MP4 never tells."""
     language, title = _language_and_title(stream)
     disposition = stream.get("disposition") or {}
     return SubtitleStream(
         index=position, codec=str(stream.get("codec_name")), language=language, title=title,
-        default=bool(disposition.get("default")), forced=bool(disposition.get("forced")),
+        default=default_flag and bool(disposition.get("default")),
+        forced=bool(disposition.get("forced")),
     )
 
 

@@ -132,8 +132,16 @@ class JobPlan:
         return bool(self.audio_bitrates) or (bool(self.audio_renditions) and len(self.chunks) > 1)
 
 
+#: The probe stage's whole time limit (workers.actors makes its actors' limit from it), and
+#: what the stage keeps back from it after reading the source's text tracks: recording the
+#: plan, and a stopped ffmpeg's exit.
+PROBE_STAGE_S = 10 * 60.0
+PROBE_MARGIN_S = 60.0
+
+
 def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     """Probe the source and plan its renditions and chunks; all are kept in the job record."""
+    deadline = time.monotonic() + PROBE_STAGE_S - PROBE_MARGIN_S
     target, shown = ffmpeg_target(spec.source)
     info = probe(target, shown=shown)
     renditions = plan_renditions(info, spec.ladder, spec.segment_seconds, spec.codec)
@@ -162,7 +170,8 @@ def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     # Text tracks and sidecars are read and checked now: a bad one fails the job before any
     # transcoding.
     subtitles, warnings = prepare_subtitles(svc, spec.job_id, info, target, shown,
-                                            spec.subtitles, spec.subtitle_names)
+                                            spec.subtitles, spec.segment_seconds,
+                                            spec.subtitle_names, deadline=deadline)
     svc.jobs.set_json(spec.job_id, "subtitles", [t.to_dict() for t in subtitles])
     if warnings:
         svc.jobs.set_json(spec.job_id, "warnings", warnings)
@@ -587,11 +596,12 @@ def subtitle_renditions(
     if not planned:
         return []
     video = max((e for e in entries if e.media == "video"), key=lambda e: e.bandwidth)
-    mpegts = measured_timestamp_map(svc, spec.job_id, spec.asset, spec.version, video,
-                                    _media(job))
+    info = _media(job)
+    mpegts = measured_timestamp_map(svc, spec.job_id, spec.asset, spec.version, video, info)
     prefix = layout.subtitle_attempt_prefix(spec.job_id, uuid.uuid4().hex[:12])
     produced = {
-        track.name: subtitle_rendition(svc, spec.job_id, prefix, track, video, mpegts)
+        track.name: subtitle_rendition(svc, spec.job_id, prefix, track, video, mpegts,
+                                        info.video_start)
         for track in planned
     }
     sizes = encrypt_renditions(svc, spec, prefix, produced, first_chunk=False)
@@ -631,9 +641,9 @@ def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
     warning = rotation_warning(
         spec, min(len(e.segments) for e in entries if e.media == "video")
     )
-    if warning is not None:
-        svc.jobs.set_json(spec.job_id, "warnings",
-                          [*(job.json_field("warnings") or []), warning])
+    said = job.json_field("warnings") or []
+    if warning is not None and warning not in said:  # a redelivered stage said it already
+        svc.jobs.set_json(spec.job_id, "warnings", [*said, warning])
     described = AssetVersion(
         asset=spec.asset,
         version=spec.version,

@@ -4,6 +4,7 @@ is cut into (each chunk whole segments, so a chunk boundary is always a segment 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -36,6 +37,10 @@ HEVC_RATE_FACTOR = 0.7
 #: Separate audio renditions of a transcode: stereo AAC at the top rung's audio rate (one
 #: rendition per source track; a player picks a language, not a bitrate).
 GROUP_AUDIO_KBPS = 128
+#: A language tag as HLS's LANGUAGE takes it (RFC 5646 as players meet it): a 2-3 letter
+#: language, then subtags (``pt-BR``, ``zh-Hant``, ``sr-Latn-RS``). The one rule for source
+#: tracks and sidecars alike.
+LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,4}")
 #: ISO 639-2 codes (what MP4 and Matroska tag) of common languages, as the RFC 5646 tags HLS
 #: wants (their ISO 639-1 two-letter form). Others pass as tagged: 639-2 codes are valid
 #: RFC 5646 tags too.
@@ -99,14 +104,13 @@ class AudioRendition:
 
 
 def hls_language(tag: str | None) -> str | None:
-    """A stream's language tag as HLS's LANGUAGE (RFC 5646): ``eng`` → ``en``."""
+    """A stream's language tag as HLS's LANGUAGE (:data:`LANGUAGE_TAG`): ``eng`` → ``en``;
+    None for what is not a tag."""
     if not tag:
         return None
     cleaned = tag.strip().replace("_", "-")
-    if not all(part.isascii() and part.isalnum() and len(part) <= 8
-               for part in cleaned.split("-")):
-        return None
-    return _TWO_LETTER.get(cleaned.lower(), cleaned)
+    language = _TWO_LETTER.get(cleaned.lower(), cleaned)
+    return language if LANGUAGE_TAG.fullmatch(language) else None
 
 
 #: The longest NAME taken from a source's track title (the rest is cut).

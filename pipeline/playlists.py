@@ -289,8 +289,9 @@ def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntr
     then the video variants from the highest bandwidth down (each naming both groups), then
     the audio-only variant if asked for, then trick play's I-frame stream.
 
-    A variant's BANDWIDTH and AVERAGE-BANDWIDTH include its audio: the group's highest, as a
-    player may pick any of its renditions (RFC 8216 4.3.4.2); CODECS name both."""
+    A variant's BANDWIDTH and AVERAGE-BANDWIDTH include its audio and its subtitles: each
+    group's highest, as a player may pick any of its renditions (RFC 8216 4.3.4.2); CODECS
+    name video and audio."""
     fmp4 = any(r.init for r in version.renditions)
     lines = ["#EXTM3U", f"#EXT-X-VERSION:{FMP4_HLS_VERSION if fmp4 else HLS_VERSION}",
              "#EXT-X-INDEPENDENT-SEGMENTS"]
@@ -306,11 +307,13 @@ def render_master(version: AssetVersion, *, variant_uri: Callable[[RenditionEntr
                    [f"FORCED={'YES' if track.forced else 'NO'}"])
         for track in version.subtitles
     ]
+    subtitle_peak = max((t.bandwidth for t in version.subtitles), default=0)
+    subtitle_average = max((t.average_bandwidth for t in version.subtitles), default=0)
     for rendition in sorted(version.variants, key=lambda r: r.bandwidth, reverse=True):
         members = version.audio_group(rendition.group)
         fps = float(Fraction(rendition.frame_rate)) if rendition.frame_rate != "0/0" else 0.0
-        peak = max((a.bandwidth for a in members), default=0)
-        average = max((a.average_bandwidth for a in members), default=0)
+        peak = max((a.bandwidth for a in members), default=0) + subtitle_peak
+        average = max((a.average_bandwidth for a in members), default=0) + subtitle_average
         attributes = [
             f"BANDWIDTH={rendition.bandwidth + peak}",
             f"AVERAGE-BANDWIDTH={rendition.average_bandwidth + average}",

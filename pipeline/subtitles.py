@@ -30,17 +30,21 @@ were checked and what a player that cannot decrypt them shows (the video, withou
 Everything read here is hostile input: a sidecar or an extracted track is bounded in size,
 cue count and cue length, must decode as UTF-8 and parse as WebVTT or SubRip, and its
 language tag must be an RFC 5646 tag; a sidecar is a local file or an ``s3://`` object,
-never a URL a worker would fetch.
+never a URL a worker would fetch. Cue settings and tags are kept only as WebVTT defines them
+(the rest escaped as text), cues end with the video, and what the segments will hold is
+bounded at the probe (a cue is repeated in every segment it is shown in).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
+import time
 import unicodedata
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,9 +52,9 @@ import ffmpeg
 
 from . import layout
 from .aws import botocore_errors, shared_client, translate
-from .errors import BadSpec, InvalidSource, NotFound, UnsupportedMedia
+from .errors import BadSpec, InvalidSource, NotFound, StageTimeout, UnsupportedMedia
 from .media import MediaInfo, run_ffprobe
-from .plan import hls_language, track_name
+from .plan import LANGUAGE_TAG, hls_language, track_name
 from .playlists import RenditionEntry
 from .segment import Segment, SegmentedRendition, run_ffmpeg
 from .sources import ffmpeg_command, ffmpeg_input, source_demuxer, split_s3_url
@@ -76,17 +80,38 @@ MAX_TEXT_TRACKS = 32
 #: Subtitle codecs ffmpeg converts to WebVTT. Picture subtitles (PGS, VobSub, DVB) are not
 #: text and are skipped with a warning.
 TEXT_CODECS = frozenset({"mov_text", "subrip", "srt", "ass", "ssa", "webvtt", "text"})
+#: Segmented WebVTT repeats every cue in each segment it is shown in, so a small file whose
+#: long cues span the whole video grows by the segment count. The probe estimates what a
+#: rendition's segments will hold and fails the job above these bounds: a segment of dense
+#: dialogue holds a few KB, a whole film's rendition well under a MB.
+MAX_SEGMENT_BYTES = 1024 * 1024
+MAX_RENDITION_BYTES = 64 * 1024 * 1024
 #: MPEG-TS timestamps are 33 bits.
 PTS_WRAP = 1 << 33
 PTS_HZ = 90_000
-#: RFC 5646 as players meet it: a 2-3 letter language, then subtags (``pt-BR``, ``zh-Hant``).
-LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,4}")
 
 _VTT_TIME = r"(?:(\d{1,3}):)?(\d{2}):(\d{2})\.(\d{3})"
 _VTT_TIMING = re.compile(rf"^{_VTT_TIME}[ \t]+-->[ \t]+{_VTT_TIME}(?:[ \t]+(.*))?$")
 _SRT_TIME = r"(\d{1,3}):(\d{1,2}):(\d{1,2})[,.](\d{1,3})"
 _SRT_TIMING = re.compile(rf"^{_SRT_TIME}[ \t]*-->[ \t]*{_SRT_TIME}(?:[ \t].*)?$")
-_SETTING = re.compile(r"(vertical|line|position|size|align):[^\s:]+")
+#: WebVTT's cue settings, each with the values it takes; any other is dropped. ``region``
+#: goes too: the REGION blocks it names are not carried into the segments.
+_PERCENT = r"(?:100(?:\.0+)?|\d{1,2}(?:\.\d+)?)%"
+_SETTINGS = {
+    "vertical": re.compile(r"rl|lr"),
+    "line": re.compile(rf"(?:-?\d{{1,4}}|{_PERCENT})(?:,(?:start|center|end))?"),
+    "position": re.compile(rf"{_PERCENT}(?:,(?:line-left|center|line-right))?"),
+    "size": re.compile(_PERCENT),
+    "align": re.compile(r"start|center|end|left|right"),
+}
+#: WebVTT's own cue text tags (class, italic, bold, underline, ruby, voice, language) and
+#: timestamp tags; every other ``<`` in WebVTT cue text is escaped.
+_WEBVTT_TAG = re.compile(
+    r"</?(?:[cibu]|ruby|rt|v|lang)(?:\.[\w-]+)*(?:[ \t][^<>&]*)?>"
+    r"|<(?:\d{1,3}:)?\d{2}:\d{2}\.\d{3}>"
+)
+#: What stays of an ``&`` in cue text: an entity WebVTT readers know.
+_ENTITY = re.compile(r"&(?!(?:amp|lt|gt|lrm|rlm|nbsp|#\d{1,7}|#x[0-9A-Fa-f]{1,6});)")
 #: SubRip's formatting tags that WebVTT has too; every other ``<`` is escaped.
 _SRT_TAGS = re.compile(r"&lt;(/?)([ibu])&gt;", re.IGNORECASE)
 #: ASS override blocks some SubRip files carry (``{\an8}``): not text.
@@ -137,14 +162,19 @@ def check_language(tag: str) -> str:
     return tag
 
 
-def check_sidecar_source(source: str) -> str:
+def check_sidecar_source(source: str, *, s3_only: bool = False) -> str:
     """A sidecar's location, checked: an ``s3://bucket/key`` object or an absolute local path
-    (the CLI makes paths absolute), never a URL or anything a worker would fetch elsewhere."""
+    (the CLI makes paths absolute), never a URL or anything a worker would fetch elsewhere;
+    only an S3 object if ``s3_only`` (a job request's: a sender cannot name the workers'
+    files)."""
     if not isinstance(source, str) or not source or "\x00" in source or len(source) > 4096:
         raise BadSpec("a subtitle file must be named by a path or s3://bucket/key")
     if source.startswith("s3://"):
         split_s3_url(source)
         return source
+    if s3_only:
+        raise BadSpec(f"subtitle file {source[:80]!r}: a job request names a subtitle file "
+                      "as an S3 object like its source (s3://bucket/key)")
     if "://" in source or not source.startswith("/"):
         raise BadSpec(
             f"subtitle file {source[:80]!r} must be a local file or s3://bucket/key (URLs are "
@@ -153,11 +183,14 @@ def check_sidecar_source(source: str) -> str:
     return source
 
 
-def check_sidecars(sidecars: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    """The ``(language, source)`` pairs of a job spec, each checked."""
+def check_sidecars(
+    sidecars: Sequence[tuple[str, str]], *, s3_only: bool = False
+) -> tuple[tuple[str, str], ...]:
+    """The ``(language, source)`` pairs of a job spec, each checked (S3 objects only if
+    ``s3_only``, see :func:`check_sidecar_source`)."""
     if len(sidecars) > MAX_SIDECARS:
         raise BadSpec(f"{len(sidecars)} subtitle files; a job takes at most {MAX_SIDECARS}")
-    return tuple((check_language(language), check_sidecar_source(source))
+    return tuple((check_language(language), check_sidecar_source(source, s3_only=s3_only))
                  for language, source in sidecars)
 
 
@@ -249,9 +282,9 @@ def _parse_webvtt(lines: list[str], shown: str) -> list[Cue]:
                 f"{shown} line {number + timing_at}: {block[timing_at][:60]!r} is not a WebVTT "
                 "cue timing (00:00:01.000 --> 00:00:03.500)"
             )
-        text = block[timing_at + 1:]
         cues.append(_cue(shown, number, _seconds(found.groups()[:4]),
-                         _seconds(found.groups()[4:8]), text, found.group(9) or ""))
+                         _seconds(found.groups()[4:8]), block[timing_at + 1:], _webvtt_text,
+                         found.group(9) or ""))
     return [cue for cue in cues if cue is not None]
 
 
@@ -266,9 +299,8 @@ def _parse_srt(lines: list[str], shown: str) -> list[Cue]:
                 "SubRip cue timing (00:00:01,000 --> 00:00:03,500) nor the WEBVTT signature; "
                 "give a WebVTT or SubRip file"
             )
-        text = [_srt_text(line) for line in block[timing_at + 1:]]
         cues.append(_cue(shown, number, _seconds(found.groups()[:4]),
-                         _seconds(found.groups()[4:8]), text, ""))
+                         _seconds(found.groups()[4:8]), block[timing_at + 1:], _srt_text, ""))
     return [cue for cue in cues if cue is not None]
 
 
@@ -279,6 +311,28 @@ def _srt_text(line: str) -> str:
     return _SRT_TAGS.sub(r"<\1\2>", escaped.replace(">", "&gt;"))
 
 
+def _webvtt_text(line: str) -> str:
+    """A WebVTT cue text line with its own tags and entities kept and every other ``<``,
+    ``>`` and ``&`` escaped (``<script>`` becomes text)."""
+    pieces = re.split(r"(<[^<>]*>)", line)
+    return "".join(
+        piece if index % 2 and _WEBVTT_TAG.fullmatch(piece)
+        else _ENTITY.sub("&amp;", piece).replace("<", "&lt;").replace(">", "&gt;")
+        for index, piece in enumerate(pieces)
+    )
+
+
+def _cue_settings(settings: str) -> str:
+    """The cue settings of a timing line WebVTT defines, with values they take."""
+    kept = []
+    for setting in settings.split():
+        name, _, value = setting.partition(":")
+        pattern = _SETTINGS.get(name)
+        if pattern is not None and pattern.fullmatch(value):
+            kept.append(setting)
+    return " ".join(kept)
+
+
 def _seconds(parts: Sequence[str | None]) -> float:
     hours, minutes, seconds, fraction = parts
     return (int(hours or 0) * 3600 + int(minutes or 0) * 60 + int(seconds or 0)
@@ -286,21 +340,22 @@ def _seconds(parts: Sequence[str | None]) -> float:
 
 
 def _cue(
-    shown: str, number: int, start: float, end: float, text: list[str], settings: str
+    shown: str, number: int, start: float, end: float, text: list[str],
+    as_webvtt: Callable[[str], str], settings: str,
 ) -> Cue | None:
-    """A checked cue, or None for one that shows nothing or for no time (some files have
-    them; ffmpeg's mov_text decoder makes an empty one of every gap between cues)."""
-    body = "\n".join(line.rstrip() for line in text).strip("\n")
-    if "-->" in body:
+    """A checked cue, its text lines made WebVTT cue text by ``as_webvtt``, or None for one
+    that shows nothing or for no time (some files have them; ffmpeg's mov_text decoder makes
+    an empty one of every gap between cues)."""
+    if any("-->" in line for line in text):
         raise InvalidSource(f"{shown} line {number}: cue text holds '-->'")
+    body = "\n".join(as_webvtt(line).rstrip() for line in text).strip("\n")
     if len(body) > MAX_CUE_CHARS:
         raise InvalidSource(
             f"{shown} line {number}: a cue of {len(body)} characters, more than {MAX_CUE_CHARS}"
         )
     if end <= start or not body.strip():
         return None
-    kept = " ".join(match.group(0) for match in _SETTING.finditer(settings))
-    return Cue(start=start, end=end, text=body, settings=kept)
+    return Cue(start=start, end=end, text=body, settings=_cue_settings(settings))
 
 
 # -- reading sidecars and text tracks ----------------------------------------------------------
@@ -375,23 +430,25 @@ def plan_subtitles(
     return planned, warnings
 
 
-#: The probe stage's actor has 10 minutes (workers.actors.SHORT_LIMIT_MS); reading the text
-#: tracks stops before, so that the job fails with a reason rather than a killed worker.
-MAX_EXTRACTION_S = 9 * 60.0
-
-
-def extraction_timeout(duration: float) -> float:
+def extraction_timeout(duration: float, deadline: float) -> float:
     """ffmpeg's limit for reading the text tracks: it demuxes the source (MP4: only the text
-    samples; Matroska: every cluster) and decodes none of its audio or video."""
-    return min(MAX_EXTRACTION_S, 120 + duration * 0.5)
+    samples; Matroska: every cluster) and decodes none of its audio or video; never past
+    ``deadline`` (:func:`time.monotonic`), what the probe stage leaves it."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise StageTimeout("probing the source left no time to read its text tracks; package "
+                           "a copy of the source without them, and give them as --subtitles "
+                           "files")
+    return min(120 + duration * 0.5, left)
 
 
 def extract_text_tracks(
     target: str, info: MediaInfo, tracks: Sequence[SubtitleTrack], out_dir: Path,
-    *, shown: str,
+    *, shown: str, deadline: float,
 ) -> dict[str, bytes]:
     """Every text track of ``tracks`` converted to WebVTT by one ffmpeg reading the source
-    once (under the source allow-lists, with the probe's demuxer), by rendition name."""
+    once (under the source allow-lists, with the probe's demuxer), by rendition name; stopped
+    at ``deadline`` (:func:`time.monotonic`) with a reason."""
     embedded = [t for t in tracks if t.track is not None]
     if not embedded:
         return {}
@@ -403,9 +460,16 @@ def extract_text_tracks(
                       fs=MAX_SUBTITLE_BYTES + 1, **{"c:s": "webvtt"})
         for t in embedded
     ]
+    timeout = extraction_timeout(info.duration, deadline)
     try:
-        run_ffmpeg(ffmpeg_command(outputs), duration=info.duration,
-                   timeout=extraction_timeout(info.duration), on_progress=None)
+        run_ffmpeg(ffmpeg_command(outputs), duration=info.duration, timeout=timeout,
+                   on_progress=None)
+    except StageTimeout:
+        raise StageTimeout(
+            f"reading the source's text tracks took longer than {timeout:.0f} s, what the probe "
+            "stage had left; package a copy of the source without them, and give them as "
+            "--subtitles files"
+        ) from None
     except UnsupportedMedia as error:
         raise UnsupportedMedia(
             f"the source's text tracks could not be converted to WebVTT ({error}); package a "
@@ -416,18 +480,21 @@ def extract_text_tracks(
 
 def prepare_subtitles(
     svc: Services, job_id: str, info: MediaInfo, target: str, shown: str,
-    sidecars: Sequence[tuple[str, str]], sidecar_names: Sequence[str] = (),
+    sidecars: Sequence[tuple[str, str]], segment_seconds: float,
+    sidecar_names: Sequence[str] = (), *, deadline: float,
 ) -> tuple[list[SubtitleTrack], list[str]]:
-    """Plan, read and check every subtitle rendition of a job, and keep each one's cues in the
-    work store for the playlist stage; returns the plan and its warnings. A sidecar is named
-    in errors by ``sidecar_names`` (what the user gave, :func:`check_sidecar_names`) or else
-    by its source's file name."""
+    """Plan, read and check every subtitle rendition of a job (its cues clipped to the video
+    and their segmented size bounded), and keep each one's cues in the work store for the
+    playlist stage; returns the plan and its warnings. The text tracks are read before
+    ``deadline`` (:func:`time.monotonic`). A sidecar is named in errors by ``sidecar_names``
+    (what the user gave, :func:`check_sidecar_names`) or else by its source's file name."""
     planned, warnings = plan_subtitles(info, sidecars)
     given = dict(zip((source for _, source in sidecars), sidecar_names, strict=False))
     if not planned:
         return planned, warnings
     with tempfile.TemporaryDirectory(prefix="hlsvault-subs-") as scratch:
-        extracted = extract_text_tracks(target, info, planned, Path(scratch), shown=shown)
+        extracted = extract_text_tracks(target, info, planned, Path(scratch), shown=shown,
+                                        deadline=deadline)
         for track in planned:
             if track.sidecar is not None:
                 name = given.get(track.sidecar) or Path(track.sidecar).name
@@ -436,7 +503,9 @@ def prepare_subtitles(
             else:
                 where = f"subtitle track {(track.track or 0) + 1} of source {shown}"
                 data = extracted[track.name]
-            cues = parse_subtitles(data, where, allow_empty=track.sidecar is None)
+            cues = clip_cues(parse_subtitles(data, where, allow_empty=track.sidecar is None),
+                             info)
+            check_segmented_size(cues, info, segment_seconds, where)
             document = [[c.start, c.end, c.text, c.settings] for c in cues]
             svc.work.put_bytes(layout.subtitle_cues_key(job_id, track.name),
                                json.dumps(document).encode())
@@ -452,24 +521,70 @@ def stored_cues(svc: Services, job_id: str, rendition: str) -> list[Cue]:
 # -- segmented WebVTT --------------------------------------------------------------------------
 
 
-def webvtt_segments(cues: Sequence[Cue], durations: Sequence[float], mpegts: int) -> list[bytes]:
-    """One WebVTT segment per video segment of ``durations``: each holds every cue shown
-    during its time (a cue across a boundary is in both, as RFC 8216 3.5 asks; players keep it
-    once), the last one every cue to the end."""
+def webvtt_segments(
+    cues: Sequence[Cue], durations: Sequence[float], mpegts: int, start: float = 0.0
+) -> Iterator[bytes]:
+    """One WebVTT segment per video segment of ``durations``, made one at a time: each holds
+    every cue shown during its time (a cue across a boundary is in both, as RFC 8216 3.5 asks;
+    players keep it once), the last one every cue to the end. ``start`` is where the first
+    video segment begins on the cues' timeline (:attr:`MediaInfo.video_start`)."""
     header = f"WEBVTT\nX-TIMESTAMP-MAP=MPEGTS:{mpegts % PTS_WRAP},LOCAL:00:00:00.000\n"
-    segments = []
-    start = 0.0
+    ordered = iter(sorted(cues, key=lambda cue: (cue.start, cue.end)))
+    waiting = next(ordered, None)
+    active: list[Cue] = []  # begun before the segment's end, in start order
     for position, duration in enumerate(durations):
         end = start + duration if position < len(durations) - 1 else float("inf")
-        shown = [cue for cue in cues if cue.end > start and cue.start < end]
+        while waiting is not None and waiting.start < end:
+            active.append(waiting)
+            waiting = next(ordered, None)
+        active = [cue for cue in active if cue.end > start]
         blocks = [
             f"{timestamp(cue.start)} --> {timestamp(cue.end)}"
             f"{' ' + cue.settings if cue.settings else ''}\n{cue.text}\n"
-            for cue in shown
+            for cue in active
         ]
-        segments.append("\n".join([header, *blocks]).encode())
+        yield "\n".join([header, *blocks]).encode()
         start = end
-    return segments
+
+
+def _cue_bytes(cue: Cue) -> int:
+    """What a cue takes in a WebVTT segment: timing line, settings, text, blank line."""
+    return 32 + len(cue.settings.encode()) + len(cue.text.encode())
+
+
+def check_segmented_size(
+    cues: Sequence[Cue], info: MediaInfo, segment_seconds: float, shown: str
+) -> None:
+    """Fail the job when ``cues`` cut into segments of ``segment_seconds`` would hold more
+    than :data:`MAX_SEGMENT_BYTES` in a segment or :data:`MAX_RENDITION_BYTES` in all: every
+    cue counts once for each segment it is shown in (cue times as :func:`clip_cues` left
+    them, segments from the video's first frame)."""
+    count = max(1, math.ceil(info.duration / segment_seconds))
+    added = [0] * (count + 1)  # per-segment sums, as differences
+    for cue in cues:
+        first = min(count - 1, max(0, int((cue.start - info.video_start) // segment_seconds)))
+        last = min(count - 1, max(first, math.ceil((cue.end - info.video_start)
+                                                   / segment_seconds) - 1))
+        added[first] += _cue_bytes(cue)
+        added[last + 1] -= _cue_bytes(cue)
+    largest = total = running = 0
+    for step in added[:count]:
+        running += step
+        largest, total = max(largest, running), total + running
+    if largest > MAX_SEGMENT_BYTES or total > MAX_RENDITION_BYTES:
+        raise InvalidSource(
+            f"{shown} would make {total / 1e6:.1f} MB of WebVTT segments, {largest / 1e6:.1f} "
+            f"MB in its largest (a rendition may hold {MAX_RENDITION_BYTES / 1e6:.0f} MB, a "
+            f"segment {MAX_SEGMENT_BYTES / 1e6:.0f} MB): its cues are too long or shown "
+            "for too long; a cue is repeated in every segment it is shown in, so check its "
+            "cue times and text"
+        )
+
+
+def clip_cues(cues: Sequence[Cue], info: MediaInfo) -> list[Cue]:
+    """``cues`` ending at the latest where the video ends; those starting after it left out."""
+    ends = info.video_start + info.duration
+    return [replace(cue, end=min(cue.end, ends)) for cue in cues if cue.start < ends]
 
 
 def measured_timestamp_map(svc: Services, job_id: str, asset: str, version: str,
@@ -493,13 +608,14 @@ def measured_timestamp_map(svc: Services, job_id: str, asset: str, version: str,
 
 def subtitle_rendition(
     svc: Services, job_id: str, attempt_prefix: str, track: SubtitleTrack,
-    video: RenditionEntry, mpegts: int,
+    video: RenditionEntry, mpegts: int, start: float,
 ) -> SegmentedRendition:
     """Write ``track``'s plain WebVTT segments under ``attempt_prefix``, one per segment of
-    ``video`` with its sequence number and duration, and describe them."""
+    ``video`` with its sequence number and duration (the first beginning at ``start`` on the
+    cues' timeline), and describe them."""
     cues = stored_cues(svc, job_id, track.name)
     segments = []
-    pieces = webvtt_segments(cues, [s.duration for s in video.segments], mpegts)
+    pieces = webvtt_segments(cues, [s.duration for s in video.segments], mpegts, start)
     for aligned, data in zip(video.segments, pieces, strict=True):
         name = layout.subtitle_segment_name(aligned.sequence)
         svc.work.put_bytes(layout.plain_segment_key(f"{attempt_prefix}/{track.name}", name),

@@ -67,6 +67,7 @@ class TestSourceTrackMetadata:
         ("eng", "en"), ("de-CH", "de-CH"), ("", None), (None, None),
         ("日本", None),  # not ASCII: not an RFC 5646 tag
         ('en",URI="http://evil', None), ("en\nEXT-X-KEY", None), ("a" * 9, None),
+        ("x", None), ("x1", None), ("en_US", "en-US"),  # the rule sidecars keep too
     ])
     def test_languages_are_tags_or_nothing(self, tag: str | None, expected: str | None) -> None:
         from pipeline.plan import hls_language

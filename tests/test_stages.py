@@ -21,7 +21,7 @@ from pipeline.settings import load_settings
 from workers.embedded import run_embedded
 from workers.runtime import Runtime, build_runtime
 
-from support import decrypt_bytes
+from support import decrypt_bytes, lavfi_clip
 
 
 @pytest.fixture
@@ -99,6 +99,22 @@ class TestOverlappingSegmentAttempts:
             second.join(timeout=60)
 
         assert _decrypted(services, spec, rendition) == plain
+
+
+class TestRedeliveredPlaylistStage:
+    def test_the_rotation_warning_is_said_once(self, services: Services) -> None:
+        """Rotation every 2 segments of a one-segment clip cannot happen: the playlist stage
+        says so, and a redelivery of that stage does not say it twice."""
+        clip = lavfi_clip("one-keyframe.mp4", seconds=3, gop=1000)
+        spec = new_job_spec(str(clip), asset="onekey", ladder="copy", key_rotation_segments=2)
+        services.jobs.create(spec)
+        packaging.probe_source(services, spec)
+        packaging.segment(services, spec, CHUNK, seal=False)
+        packaging.encrypt(services, spec, CHUNK)
+        packaging.build_playlists(services, spec)
+        packaging.build_playlists(services, spec)
+        warnings = services.jobs.get(spec.job_id).json_field("warnings")
+        assert len(warnings) == 1 and "--key-rotation-segments 2" in warnings[0]
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,19 +14,23 @@ import m3u8
 import pytest
 
 from pipeline import layout
-from pipeline.errors import BadSpec, InvalidSource
+from pipeline.errors import BadSpec, InvalidSource, StageTimeout
 from pipeline.ingest import parse_job_request
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import MediaInfo, SubtitleStream, VideoStream, probe
+from pipeline.plan import hls_language
 from pipeline.playlists import AssetVersion, RenditionEntry, describe_rendition, render_master
 from pipeline.segment import Segment, SegmentedRendition
 from pipeline.subtitles import (
     MAX_CUE_CHARS,
+    MAX_SEGMENT_BYTES,
     MAX_SUBTITLE_BYTES,
     Cue,
     check_language,
+    check_segmented_size,
     check_sidecar_names,
     check_sidecar_source,
+    clip_cues,
     extract_text_tracks,
     parse_subtitles,
     plan_subtitles,
@@ -75,6 +80,29 @@ class TestParsing:
             Cue(0.5, 2.0, "Hello <i>there</i>", "align:start position:10%"),
             Cue(1.9, 3.25, "Second line\nof two"),
         ]
+
+    @pytest.mark.parametrize(("settings", "kept"), [
+        ("line:--> align:<script>", ""),
+        ("vertical:rl line:-2,end position:12.5%,line-left size:100% align:right",
+         "vertical:rl line:-2,end position:12.5%,line-left size:100% align:right"),
+        ("line:40% vertical:up size:101% position:5 align:middle region:r1 color:red",
+         "line:40%"),
+        ("xline:5 line:5:6 align:", ""),
+    ])
+    def test_only_webvtt_settings_with_their_values_stay(self, settings: str, kept: str) -> None:
+        data = f"WEBVTT\n\n00:00:01.000 --> 00:00:02.000 {settings}\nok\n".encode()
+        (cue,) = parse_subtitles(data, "talk.vtt")
+        assert cue.settings == kept
+
+    def test_webvtt_cue_text_keeps_its_own_tags_and_escapes_others(self) -> None:
+        text = ("<v Roger Bingham>We are <c.yellow.bg>in</c> <b>New</b> <00:00:01.500>York"
+                "</v> &amp; &nbsp;\n<script>alert(1)</script> <img src=x> a < b && c > d")
+        data = f"WEBVTT\n\n00:00:01.000 --> 00:00:02.000\n{text}\n".encode()
+        (cue,) = parse_subtitles(data, "talk.vtt")
+        assert cue.text == (
+            "<v Roger Bingham>We are <c.yellow.bg>in</c> <b>New</b> <00:00:01.500>York</v> "
+            "&amp; &nbsp;\n&lt;script&gt;alert(1)&lt;/script&gt; &lt;img src=x&gt; a &lt; b "
+            "&amp;&amp; c &gt; d")
 
     def test_subrip_becomes_webvtt_cue_text(self) -> None:
         """Commas, indices and coordinates read; ASS overrides dropped; & and stray < escaped
@@ -135,10 +163,20 @@ class TestSpecChecks:
     def test_language_tags_accepted(self, tag: str) -> None:
         assert check_language(tag) == tag
 
-    @pytest.mark.parametrize("tag", ["", "e", "english!", "../x", "en_US", "12", "en-", "x" * 40])
+    @pytest.mark.parametrize("tag", ["", "e", "x1", "english!", "../x", "en_US", "12", "en-",
+                                     "x" * 40])
     def test_language_tags_refused(self, tag: str) -> None:
         with pytest.raises(BadSpec, match="RFC 5646"):
             check_language(tag)
+
+    @pytest.mark.parametrize("tag", ["x", "x1", "en", "pt-BR", "abcd", "zh-Hant-TW", "e-n"])
+    def test_one_rule_for_sidecars_and_source_tracks(self, tag: str) -> None:
+        """A tag a sidecar may have is the tag a source track keeps, and no other."""
+        try:
+            accepted = check_language(tag) == tag
+        except BadSpec:
+            accepted = False
+        assert accepted == (hls_language(tag) == tag)
 
     @pytest.mark.parametrize("source", ["http://169.254.169.254/latest", "file:///etc/passwd",
                                         "relative/talk.vtt", "s3://bucket-only", "", "/a\x00b"])
@@ -174,11 +212,14 @@ class TestSpecChecks:
         request = parse_job_request({"source": "s3://in/talk.mp4", "subtitles": [
             {"language": "de", "source": "s3://in/talk.de.vtt"}]})
         assert request.subtitles == (("de", "s3://in/talk.de.vtt"),)
-        for bad in ([{"language": "de", "source": "/etc/passwd"}],
-                    [{"language": "de!", "source": "s3://in/x.vtt"}],
-                    [{"language": "de", "source": "s3://in/x.vtt", "extra": 1}],
-                    {"de": "s3://in/x.vtt"}, ["s3://in/x.vtt"]):
-            with pytest.raises(BadSpec):
+        for bad, reason in (
+            ([{"language": "de", "source": "/etc/passwd"}], "as an S3 object like its source"),
+            ([{"language": "de!", "source": "s3://in/x.vtt"}], "RFC 5646"),
+            ([{"language": "de", "source": "s3://in/x.vtt", "extra": 1}], "must be a list"),
+            ({"de": "s3://in/x.vtt"}, "must be a list"), (["s3://in/x.vtt"], "must be a list"),
+            ([{"language": "de", "source": "s3://in/x.vtt"}] * 17, "a job takes at most 16"),
+        ):
+            with pytest.raises(BadSpec, match=reason):
                 parse_job_request({"source": "s3://in/talk.mp4", "subtitles": bad})
 
 
@@ -213,7 +254,9 @@ class TestSegmentedWebvtt:
         """A cue across a boundary is in both segments; the last segment takes every cue to
         the end; each segment opens with the map and keeps the source's cue times."""
         cues = [Cue(0.5, 1.0, "a"), Cue(1.5, 2.5, "b"), Cue(5.0, 9.0, "c")]
-        segments = [s.decode() for s in webvtt_segments(cues, [2.0, 2.0, 2.0], 126000)]
+        made = webvtt_segments(cues, [2.0, 2.0, 2.0], 126000)
+        assert not isinstance(made, list)  # made one at a time, not all held at once
+        segments = [s.decode() for s in made]
         assert len(segments) == 3
         for text in segments:
             assert text.startswith("WEBVTT\nX-TIMESTAMP-MAP=MPEGTS:126000,LOCAL:00:00:00.000\n")
@@ -223,20 +266,49 @@ class TestSegmentedWebvtt:
         for text in segments:  # each parses back (the check WebVTT readers make)
             parse_subtitles(text.encode(), "segment", allow_empty=True)
 
+    def test_segments_begin_where_the_video_begins(self) -> None:
+        """The video starts 0.8 s into the source: its first 2 s segment shows cues up to
+        2.8 s of the source's time, the second from there."""
+        cues = [Cue(2.5, 2.7, "early"), Cue(2.9, 3.5, "late")]
+        first, second = (s.decode() for s in webvtt_segments(cues, [2.0, 2.0], 0, 0.8))
+        assert "early" in first and "late" not in first
+        assert "early" not in second and "late" in second
+
+    def test_cues_end_with_the_video(self) -> None:
+        info = replace(media_with(), duration=10.0, video_start=0.5)
+        cues = [Cue(1.0, 356400.0, "long"), Cue(9.0, 10.0, "end"), Cue(10.6, 11.0, "after")]
+        assert [(c.start, c.end, c.text) for c in clip_cues(cues, info)] == [
+            (1.0, 10.5, "long"), (9.0, 10.0, "end")]
+
+    def test_the_segmented_size_is_bounded(self) -> None:
+        """Long cues shown across every segment are refused at the probe; the same text in
+        short cues, each in one segment, is not."""
+        info = replace(media_with(), duration=3 * 3600.0)
+        text = "x" * MAX_CUE_CHARS
+        spread = [Cue(i * 2.0, i * 2.0 + 1.0, text) for i in range(4000)]
+        check_segmented_size(spread, info, 6.0, "talk.vtt")
+        many = [Cue(0.0, 20 * 3600.0, text) for _ in range(4)]  # 8 KB in 12,000 segments
+        with pytest.raises(InvalidSource, match=r"talk.vtt would make 97.5 MB .*, 0.0 MB in"):
+            check_segmented_size(many, replace(info, duration=20 * 3600.0), 6.0, "talk.vtt")
+        crowded = [Cue(0.0, 1.0, text)] * (MAX_SEGMENT_BYTES // MAX_CUE_CHARS + 1)
+        with pytest.raises(InvalidSource, match=r"1.1 MB of WebVTT segments, 1.1 MB in its"):
+            check_segmented_size(crowded, info, 6.0, "talk.vtt")
+
     def test_the_map_wraps_at_33_bits_and_times_are_exact(self) -> None:
         (segment,) = webvtt_segments([Cue(3661.5, 3662.0, "x")], [10.0], (1 << 33) + 5)
         assert b"MPEGTS:5," in segment
         assert timestamp(3661.5) == "01:01:01.500"
 
 
-def subtitle_entry(name: str, language: str, default: bool, forced: bool) -> RenditionEntry:
+def subtitle_entry(name: str, language: str, default: bool, forced: bool,
+                   size: int = 304) -> RenditionEntry:
     produced = SegmentedRendition(
         rendition=name, segments=tuple(Segment(i, f"seg_{i:05d}.vtt", 6.0, 300)
                                        for i in range(3)),
         width=0, height=0, frame_rate="0/0", video_profile=None, video_level=None,
         audio_codec=None, audio_profile=None, media="subtitles",
     )
-    return replace(describe_rendition(produced, [304] * 3, 0), group=layout.SUBTITLES_GROUP,
+    return replace(describe_rendition(produced, [size] * 3, 0), group=layout.SUBTITLES_GROUP,
                    language=language, title=language.upper(), default=default, forced=forced)
 
 
@@ -252,7 +324,7 @@ class TestMaster:
         )
         entries = (describe_rendition(video, [100_016] * 3, 0),
                    subtitle_entry("subs0-en", "en", True, False),
-                   subtitle_entry("subs1-de", "de", False, True))
+                   subtitle_entry("subs1-de", "de", False, True, size=3040))
         described = AssetVersion("a", "v1", "job", 0.0, 0, entries)
         text = render_master(described, variant_uri=lambda r: f"{r.name}.m3u8")
         assert check_playlist(text) == []
@@ -265,6 +337,13 @@ class TestMaster:
         ]
         parsed = m3u8.loads(text)
         assert parsed.playlists[0].stream_info.subtitles == "subs"
+        # BANDWIDTH counts the subtitle group's largest rendition (RFC 8216 4.3.4.2): the
+        # German one's 3040 bytes each 6 s, 4054 bit/s
+        video_only, german = entries[0], entries[2]
+        assert german.bandwidth == german.average_bandwidth == 4054
+        assert parsed.playlists[0].stream_info.bandwidth == video_only.bandwidth + 4054
+        assert (parsed.playlists[0].stream_info.average_bandwidth
+                == video_only.average_bandwidth + 4054)
         assert [m.forced for m in parsed.media] == ["NO", "YES"]
 
 
@@ -286,19 +365,58 @@ class TestTextTracksOfASource:
              "-i", str(srt), "-i", str(ass), "-t", "3", "-map", "0:v", "-map", "1", "-map",
              "2", "-c:v", "libx264", "-preset", "ultrafast", "-c:s:0", "srt", "-c:s:1", "ass",
              "-metadata:s:s:0", "language=eng", "-metadata:s:s:1", "language=ger",
-             str(source)],
+             "-disposition:s:0", "0", "-disposition:s:1", "default", str(source)],
             check=True, timeout=60,
         )
         info = probe(str(source))
         assert [(t.codec, t.language) for t in info.subtitle_tracks] == [
             ("subrip", "eng"), ("ass", "ger")]
         planned, _ = plan_subtitles(info, [])
-        extracted = extract_text_tracks(str(source), info, planned, tmp_path, shown="talk.mkv")
+        assert [t.default for t in planned] == [False, True]  # Matroska's FlagDefault
+        extracted = extract_text_tracks(str(source), info, planned, tmp_path, shown="talk.mkv",
+                                        deadline=time.monotonic() + 60)
         english = parse_subtitles(extracted["subs0-en"], "en")
         german = parse_subtitles(extracted["subs1-de"], "de")
         assert [(c.start, c.end, c.text) for c in english] == [
             (0.5, 1.5, "Hello"), (2.0, 2.75, "<i>World</i>")]
         assert [(c.start, c.end, c.text) for c in german] == [(1.0, 2.5, "Hallo Welt")]
+
+    def test_reading_text_tracks_stops_at_the_stage_deadline(self, tmp_path: Path) -> None:
+        """A source ffmpeg waits on (a FIFO no one writes) is stopped when the probe stage's
+        time is up, with a reason naming the text tracks; no time left: not started."""
+        fifo = tmp_path / "talk.mkv"
+        os.mkfifo(fifo)
+        info = replace(media_with(SubtitleStream(0, "subrip", "en", None)),
+                       format_name="matroska,webm")
+        planned, _ = plan_subtitles(info, [])
+        started = time.monotonic()
+        with pytest.raises(StageTimeout, match="reading the source's text tracks took longer"):
+            extract_text_tracks(str(fifo), info, planned, tmp_path, shown="talk.mkv",
+                                deadline=started + 1.5)
+        assert 1.5 <= time.monotonic() - started < 10
+        with pytest.raises(StageTimeout, match="left no time to read its text tracks"):
+            extract_text_tracks(str(fifo), info, planned, tmp_path, shown="talk.mkv",
+                                deadline=time.monotonic() - 1)
+
+    def test_an_mp4_text_track_is_not_default(self, tmp_path: Path) -> None:
+        """Two mov_text tracks muxed without ``-disposition``: ffprobe calls the first
+        default (ffmpeg enables it), yet no rendition is DEFAULT=YES."""
+        srt = write(tmp_path / "en.srt", "1\n00:00:00,500 --> 00:00:01,500\nHello\n")
+        source = tmp_path / "talk.mp4"
+        subprocess.run(
+            ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=160x90:rate=10",
+             "-i", str(srt), "-i", str(srt), "-t", "2", "-map", "0:v", "-map", "1", "-map", "2",
+             "-c:v", "libx264", "-preset", "ultrafast", "-c:s", "mov_text", str(source)],
+            check=True, timeout=60,
+        )
+        read = subprocess.run(
+            ["ffprobe", "-v", "error", "-select_streams", "s", "-show_entries",
+             "stream_disposition=default", "-of", "csv=p=0", str(source)],
+            capture_output=True, text=True, check=True, timeout=60,
+        )
+        assert read.stdout.split() == ["1", "0"]
+        planned, _ = plan_subtitles(probe(str(source)), [])
+        assert [t.default for t in planned] == [False, False]
 
 
 ASS = """[Script Info]

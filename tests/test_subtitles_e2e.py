@@ -7,6 +7,7 @@ failing the job with their reason, nothing published."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -28,6 +29,7 @@ from test_media_shapes import (
 
 from pipeline import layout
 from pipeline.errors import InvalidSource
+from pipeline.subtitles import MAX_SUBTITLE_BYTES
 
 from browser import Player, PlayerPageServer
 from cdn_support import CdnLibrary
@@ -65,7 +67,8 @@ def vtt(cues: list[tuple[float, float, str]]) -> str:
 @pytest.fixture(scope="session")
 def talk_clip() -> Path:
     """6 s of 640x360 H.264, English (440 Hz, default) and German (660 Hz) AAC, and an English
-    mov_text track (default) made by ffmpeg from a SubRip file written here."""
+    mov_text track (which an MP4 cannot mark default) made by ffmpeg from a SubRip file
+    written here."""
     MEDIA_CACHE.mkdir(parents=True, exist_ok=True)
     english = MEDIA_CACHE / "talk.en.srt"
     english.write_text(srt(ENGLISH))
@@ -84,6 +87,23 @@ def talk_clip() -> Path:
     ])
 
 
+#: Cues of the late video: the second lies before the first segment's end only when segments
+#: are counted from the video's first frame (0.8 s), not from the source's start.
+LATE = [(1.0, 1.5, "First"), (2.2, 2.6, "Before the first boundary"), (4.9, 5.3, "Third")]
+
+
+@pytest.fixture(scope="session")
+def late_video_clip() -> Path:
+    """5 s of H.264 starting 0.8 s into a Matroska file whose AAC starts at 0 (``-itsoffset``
+    on the video input)."""
+    return generate_media("late.mkv", [
+        "-itsoffset", "0.8", "-t", "5", "-f", "lavfi", "-i", "testsrc2=size=320x180:rate=30",
+        "-t", "6", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
+        "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-preset", "veryfast", "-g", "30",
+        "-bf", "0", "-pix_fmt", "yuv420p", "-c:a", "aac",
+    ])
+
+
 @pytest.fixture
 def german(tmp_path: Path) -> Path:
     path = tmp_path / "talk.de.vtt"
@@ -97,14 +117,16 @@ def get(url: str) -> bytes:
         return body
 
 
-def played_cues(playlist_url: str) -> tuple[list[tuple[float, float, str]], int, list[float]]:
-    """Every cue of a subtitle playlist as a player gets it: each segment fetched from the CDN,
-    decrypted with the key the playlist names (IV = its media sequence number) and parsed;
-    cue times as 90 kHz presentation times (X-TIMESTAMP-MAP applied), the same cue in two
-    segments once. Also the map's MPEGTS and the segment durations."""
+def cues_by_segment(
+    playlist_url: str,
+) -> tuple[list[list[tuple[float, float, str]]], int, list[float]]:
+    """Every segment's cues of a subtitle playlist as a player gets them: each segment fetched
+    from the CDN, decrypted with the key the playlist names (IV = its media sequence number)
+    and parsed; cue times in seconds of presentation time (X-TIMESTAMP-MAP applied, at 90 kHz
+    as a player does). Also the map's MPEGTS and the segment durations."""
     playlist = m3u8.loads(fetch(playlist_url), uri=playlist_url)
     key = get(playlist.keys[-1].absolute_uri)
-    found: dict[tuple[int, int, str], None] = {}
+    segments = []
     maps = set()
     for sequence, segment in enumerate(playlist.segments):
         encrypted = get(segment.absolute_uri)
@@ -115,6 +137,7 @@ def played_cues(playlist_url: str) -> tuple[list[tuple[float, float, str]], int,
         assert mapped is not None, text[:120]
         mpegts = int(mapped.group(1))
         maps.add(mpegts)
+        cues = []
         for block in text.split("\n\n")[1:]:
             lines = block.strip().splitlines()
             timing = _TIMING.match(lines[0]) if lines else None
@@ -123,10 +146,30 @@ def played_cues(playlist_url: str) -> tuple[list[tuple[float, float, str]], int,
             h1, m1, s1, f1, h2, m2, s2, f2 = (int(g) for g in timing.groups())
             start = mpegts + round(((h1 * 60 + m1) * 60 + s1 + f1 / 1000) * 90000)
             end = mpegts + round(((h2 * 60 + m2) * 60 + s2 + f2 / 1000) * 90000)
-            found[(start, end, "\n".join(lines[1:]))] = None
+            cues.append((start / 90000, end / 90000, "\n".join(lines[1:])))
+        segments.append(cues)
     (mpegts,) = maps  # one map for the whole rendition
-    return ([(a / 90000, b / 90000, text) for a, b, text in found], mpegts,
-            [s.duration for s in playlist.segments])
+    return segments, mpegts, [s.duration for s in playlist.segments]
+
+
+def played_cues(playlist_url: str) -> tuple[list[tuple[float, float, str]], int, list[float]]:
+    """Every cue of a subtitle playlist as :func:`cues_by_segment` reads them, the same cue in
+    two segments once. Also the map's MPEGTS and the segment durations."""
+    segments, mpegts, durations = cues_by_segment(playlist_url)
+    found = dict.fromkeys(cue for cues in segments for cue in cues)
+    return list(found), mpegts, durations
+
+
+def source_video_start(source: Path) -> float:
+    """Seconds: where the source's first video frame lies after its start, read by ffprobe
+    from the source (the reference the map is checked against)."""
+    done = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+         "stream=start_time:format=start_time", "-of", "json", str(source)],
+        capture_output=True, timeout=60, check=True,
+    )
+    read = json.loads(done.stdout)
+    return float(read["streams"][0]["start_time"]) - float(read["format"]["start_time"])
 
 
 def first_video_pts(variant_url: str) -> float:
@@ -175,7 +218,7 @@ class TestPackagedSubtitles:
         assert [(m["TYPE"], m["GROUP-ID"], m["LANGUAGE"], m["NAME"], m["DEFAULT"])
                 for m in media] == [
             ("AUDIO", "audio", "en", "English", "YES"), ("AUDIO", "audio", "de", "Deutsch", "NO"),
-            ("SUBTITLES", "subs", "en", "English", "YES"),  # the source's default track
+            ("SUBTITLES", "subs", "en", "English", "NO"),  # an MP4 does not say default
             ("SUBTITLES", "subs", "de", "Deutsch", "NO"),
         ]
         assert all(m["FORCED"] == "NO" and m["AUTOSELECT"] == "YES"
@@ -199,8 +242,39 @@ class TestPackagedSubtitles:
             cues, mpegts, durations = played_cues(rendition.absolute_uri)
             assert durations == [s.duration for s in video_segments]
             assert_cues_match(cues, start, authored)
-        if container == "ts":
-            assert mpegts == round(start * 90000)  # the source's video starts at its 0
+        # The map puts the source's start where its first frame was presented, less where
+        # that frame lay in the source, for every container
+        expected = round((start - source_video_start(talk_clip)) * 90000)
+        assert mpegts == pytest.approx(expected, abs=2)
+
+    @pytest.mark.parametrize(("container", "ladder"), [("ts", "default"), ("fmp4", "copy")])
+    def test_a_late_video_keeps_each_cue_with_its_frames(
+        self, keyserver: Hlsvault, late_video_clip: Path, tmp_path: Path, container: str,
+        ladder: str,
+    ) -> None:
+        """The video starts 0.8 s into the source: the map is where the source's start lies
+        on the video's timeline, and each cue is in exactly the segments whose time it is
+        shown in (a cue at 2.2 s of the source is in the first segment, which ends at 2.8 s)."""
+        sidecar = tmp_path / "late.en.srt"
+        sidecar.write_text(srt(LATE))
+        package(keyserver, late_video_clip, "late", "--ladder", ladder, "--container",
+                container, "--subtitles", f"en={sidecar}")
+        url = keyserver.url("late")
+        master = m3u8.loads(fetch(url), uri=url)
+        start = first_video_pts(master.playlists[0].absolute_uri)
+        late = source_video_start(late_video_clip)
+        assert late >= 0.5
+        (track,) = [m for m in master.media if m.type == "SUBTITLES"]
+        segments, mpegts, durations = cues_by_segment(track.absolute_uri)
+        assert mpegts == pytest.approx(round((start - late) * 90000), abs=2)
+        bounds = [*itertools.accumulate(durations[:-1], initial=start), float("inf")]
+        for first, last, text in LATE:
+            shown = (first + start - late, last + start - late)
+            expected = [i for i in range(len(durations))
+                        if shown[1] > bounds[i] and shown[0] < bounds[i + 1]]
+            found = [i for i, cues in enumerate(segments) if text in [c[2] for c in cues]]
+            assert found == expected, (text, bounds)
+        assert_cues_match(played_cues(track.absolute_uri)[0], start - late, LATE)
 
     def test_subtitle_playlists_follow_the_token_rules_rekey_and_revoke(
         self, keyserver: Hlsvault, talk_clip: Path, german: Path
@@ -241,6 +315,9 @@ class TestHostileSidecars:
         ("binary", "is not UTF-8 text"),
         ("huge", "MB, more than"),
         ("letter", "neither a SubRip cue timing"),
+        # 8 MB, under the file limit, of long cues each shown for 99 hours: copied into every
+        # segment they are shown in, they would make gigabytes of segments.
+        ("spanning", "MB of WebVTT segments"),
     ])
     def test_a_bad_sidecar_fails_the_job_and_publishes_nothing(
         self, hlsvault: Hlsvault, talk_clip: Path, tmp_path: Path, content: str, reason: str
@@ -251,8 +328,12 @@ class TestHostileSidecars:
         elif content == "huge":
             with sidecar.open("wb") as handle:
                 handle.truncate(200 * 1024 * 1024)
-        else:
+        elif content == "letter":
             sidecar.write_text("Dear viewer,\nplease enjoy the film.\n")
+        else:
+            cue = "00:00:00.000 --> 99:00:00.000\n" + "x" * 1990 + "\n\n"
+            sidecar.write_text("WEBVTT\n\n" + cue * 4148)
+            assert 8_000_000 < sidecar.stat().st_size < MAX_SUBTITLE_BYTES
         done = hlsvault.package(str(talk_clip), "--asset", "bad", "--subtitles",
                                 f"de={sidecar}", "--json")
         assert done.returncode == 1, done.stderr
@@ -433,9 +514,43 @@ class TestJobRequests:
 
         allowed = {"source": source, "subtitles": [
             {"language": "de", "source": f"s3://{rig.bucket}/incoming/talk.de.vtt"}]}
+        with pytest.raises(InvalidSource, match=r"subtitle file s3://.* does not exist"):
+            ingest.accept_body(json.dumps(allowed))
+        assert rig.job_ids() == []
+        s3 = moto_server.client("s3")
+        s3.put_object(Bucket=rig.bucket, Key="incoming/talk.de.vtt", Body=vtt(GERMAN).encode())
         (accepted,) = ingest.accept_body(json.dumps(allowed))
         assert rig.jobs.get(accepted.job_id).spec.subtitles == (
             ("de", f"s3://{rig.bucket}/incoming/talk.de.vtt"),)
+
+    def test_a_changed_sidecar_or_trick_play_is_another_job(
+        self, tmp_path: Path, redis_server: RedisServer, moto_server: MotoServer
+    ) -> None:
+        """The same request sent again is the same job; with the sidecar's content changed,
+        or trick play asked for, or without the sidecar, it is a new job each time."""
+        from test_ingest import make_rig
+
+        rig = make_rig(tmp_path, redis_server, moto_server)
+        s3 = moto_server.client("s3")
+        s3.put_object(Bucket=rig.bucket, Key="incoming/talk.de.vtt", Body=vtt(GERMAN).encode())
+        sidecar = {"language": "de", "source": f"s3://{rig.bucket}/incoming/talk.de.vtt"}
+        request = {"source": f"s3://{rig.bucket}/incoming/clip.mp4", "subtitles": [sidecar]}
+
+        def accepted(document: dict[str, object]) -> tuple[str, bool]:
+            (job,) = rig.poller.ingest.accept_body(json.dumps(document))
+            return job.job_id, job.duplicate
+
+        first, duplicate = accepted(request)
+        assert not duplicate and accepted(request) == (first, True)
+        s3.put_object(Bucket=rig.bucket, Key="incoming/talk.de.vtt",
+                      Body=vtt(GERMAN[:1]).encode())
+        changed, duplicate = accepted(request)
+        assert not duplicate and changed != first
+        with_trick_play, duplicate = accepted({**request, "trick_play": True})
+        assert not duplicate and with_trick_play not in (first, changed)
+        bare, duplicate = accepted({"source": request["source"]})
+        assert not duplicate and bare not in (first, changed, with_trick_play)
+        assert accepted({"source": request["source"]}) == (bare, True)
 
 
 class TestSignedCdn:

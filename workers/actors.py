@@ -26,7 +26,7 @@ MIN_BACKOFF_MS = 500
 MAX_BACKOFF_MS = 30_000
 #: Time limits sit above each stage's own blocking-call timeouts (ffmpeg, S3), which fire
 #: first: dramatiq's time limit cannot interrupt a thread stuck in a system call.
-SHORT_LIMIT_MS = 10 * 60_000
+SHORT_LIMIT_MS = round(packaging.PROBE_STAGE_S * 1000)  # the probe budgets its work within
 SEGMENT_LIMIT_MS = 12 * 3600_000
 PUBLISH_LIMIT_MS = 60 * 60_000
 
