@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from fleet_bench import lavfi_clip
-from machine import describe
+from machine import describe, timed_command
 from sample_clip import WORK_DIR
 
 from pipeline.plan import DEFAULT_RUNGS, MAX_RATE_FACTOR
@@ -97,15 +94,7 @@ def hlsvault_args(clip: Path, label: str) -> list[str]:
 
 def timed(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Wall and CPU seconds (the command and every process it waited for)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    done = subprocess.run(args, env=env, capture_output=True, text=True,
-                          timeout=COMMAND_TIMEOUT_S, check=False)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        sys.exit(f"bench_ladder: {args[0]} failed:\n{done.stderr[-3000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    wall, cpu, _ = timed_command(args, env, timeout_s=COMMAND_TIMEOUT_S, bench="bench_ladder")
     return wall, cpu
 
 

@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from machine import describe
+from machine import describe, timed_command
 from sample_clip import WORK_DIR, ensure_clip
 
 DEFAULT_ROUNDS = 3
@@ -37,16 +35,9 @@ HLSVAULT = [sys.executable, "-m", "hlsvault"]
 
 def run(args: list[str], env: dict[str, str]) -> tuple[float, float, dict[str, Any]]:
     """Wall seconds, CPU seconds (this command and its children) and the parsed JSON."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.monotonic()
-    done = subprocess.run(args, env=env, capture_output=True, text=True,
-                          timeout=COMMAND_TIMEOUT_S, check=False)
-    wall = time.monotonic() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        sys.exit(f"bench_trickplay: {' '.join(args[:4])} failed:\n{done.stderr[-3000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    parsed: dict[str, Any] = json.loads(done.stdout)
+    wall, cpu, out = timed_command(args, env, timeout_s=COMMAND_TIMEOUT_S,
+                                   bench="bench_trickplay")
+    parsed: dict[str, Any] = json.loads(out)
     return wall, cpu, parsed
 
 

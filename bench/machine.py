@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
+
+
+def timed_command(
+    args: list[str], env: dict[str, str] | None, *, timeout_s: float, bench: str
+) -> tuple[float, float, str]:
+    """Run ``args``: wall seconds, CPU seconds (the command and every process it waited for)
+    and its stdout; a failed command ends the benchmark ``bench`` with its stderr."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout_s,
+                          check=False)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        sys.exit(f"{bench}: {' '.join(args[:4])} failed:\n{done.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, done.stdout
 
 
 def cpu_model() -> str:
