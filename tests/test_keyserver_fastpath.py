@@ -320,6 +320,46 @@ class TestGarbage:
                 assert json.loads(body)["error"]
 
 
+    def test_garbage_to_the_thumbnail_track_and_signed_sheets_is_refused_never_a_5xx(
+        self, library: Library
+    ) -> None:
+        """The thumbnail track (a Starlette route) and the embedded signed sheet route get the
+        same kinds of garbage: oversized, not UTF-8, nested parameters, traversal, a huge or
+        negative expiry. Each is a 4xx, never a 5xx, and a JSON body says why."""
+        app = create_app(load_settings(library.env), vault=library.vault)
+        track = f"/v1/assets/{ASSET}/thumbnails.vtt"
+        sheet = f"/cdn/thumbnails/{ASSET}/{library.version}/sheet_000.jpg"
+        garbage: list[tuple[str, str | bytes, list[tuple[str, str]]]] = [
+            (track, "token=" + "A" * 100_000, []),
+            (track, b"token=\xff\xfe\x80", []),
+            (track, "token[]=x&token[a][b]=y", []),
+            (track, f"token={library.token()}", []),  # no trick play: 404, not a crash
+            ("/v1/assets/..%2F..%2Fvault/thumbnails.vtt", f"token={library.token()}", []),
+            ("/v1/assets/" + "a" * 5000 + "/thumbnails.vtt", f"token={library.token()}", []),
+            (track, "", [("Authorization", "Bearer " + "x" * 50_000)]),
+            (track, "auth=cookie", [("Cookie", 'hlsvault_token="unterminated; ;;=; =x')]),
+            (sheet, "", []),
+            (sheet, "expires=abc&signature=00", []),
+            (sheet, "expires=" + "9" * 40 + "&signature=00", []),
+            (sheet, "expires=-1&signature=00", []),
+            (sheet, "expires[]=1&signature[a]=2", []),
+            (sheet, b"expires=1\xff&signature=\xfe", []),
+            (f"/cdn/thumbnails/{ASSET}/../../keys/{ASSET}/0", "expires=9999999999&signature=0",
+             []),
+            ("/cdn/thumbnails/" + "a" * 5000 + "/v/sheet_000.jpg", "expires=1&signature=0", []),
+        ]
+
+        async def answers() -> list[tuple[str, Answer]]:
+            async with app.router.lifespan_context(app):
+                return [(path[:60], await call(app, "GET", path, query=query, headers=headers))
+                        for path, query, headers in garbage]
+
+        for path, (status, headers, body) in run_coroutine(answers()):
+            assert 400 <= status < 500, (path, status, body[:200])
+            if (b"content-type", b"application/json") in headers:
+                assert json.loads(body)["error"]
+
+
 class TestQueryParsing:
     @pytest.mark.parametrize("query", [
         "token=a.b.c", "token=a&token=b", "a&b=&=c&&token=x=y", "token=%41%2B+b&sid=s%20t",
