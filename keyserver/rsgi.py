@@ -129,7 +129,9 @@ class RsgiKeyServer:
         if viewer is None or route is None:
             await self.bridge(scope, proto)
             return
-        started = time.perf_counter()
+        access_log = viewer.access_log
+        logged = not path.startswith(access_log.skip_prefixes)  # else audited: no clock read
+        started = time.perf_counter() if logged else 0.0
         creds = Credentials.from_rsgi(scope)
         if viewer.trusted is not None:
             creds.trust_proxies(viewer.trusted)
@@ -138,8 +140,7 @@ class RsgiKeyServer:
         if viewer.cors is not None:
             headers = await cors_headers(viewer.cors, answer, scope.headers.get("origin"))
         proto.response_bytes(answer.status, text_headers(headers), answer.body)
-        access_log = viewer.access_log
-        if not path.startswith(access_log.skip_prefixes):
+        if logged:
             access_log.line("GET", path, answer.status, started)
         if failure is not None:
             raise failure
