@@ -481,9 +481,9 @@ _PROFILE_FOCUS = (
     "KeyServer.", "ViewerRoutes.", "Credentials.", "TokenVerifier.", "PyJWT.decode",
     "AccessLog.", "CORSMiddleware.", "LineWriter.", "JsonLinesSink.", "structlog_sink",
     "redact_processor", "StreamHandler.emit", "run_sync", "MemoryRateLimiter.hit",
-    "VaultView.", "KeyRequestStats.", "send_answer", "parse_qsl", "Starlette.__call__",
-    "Router.", "RequestResponseCycle.send", "ProxyHeadersMiddleware", "BoundLogger.",
-    "ProcessorFormatter.format", "JSONRenderer", "dumps",
+    "VaultView.", "KeyRequestStats.", "ViewerRouter.", "json_fields", "parse_qsl",
+    "Starlette.__call__", "Router.", "RequestResponseCycle.send", "ProxyHeadersMiddleware",
+    "BoundLogger.", "ProcessorFormatter.format", "JSONRenderer", "dumps",
 )
 
 

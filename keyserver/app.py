@@ -53,7 +53,7 @@ import mimetypes
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from starlette.applications import Starlette
@@ -87,9 +87,6 @@ from .server import ACCESS_LOGGER, KeyServer, QueuedLogger
 from .state import STATE_TTL_S, VaultView
 from .statesync import StateListener
 from .stats import KeyRequestStats
-
-if TYPE_CHECKING:
-    from uvicorn.middleware.proxy_headers import _TrustedHosts
 
 log = structlog.get_logger("hlsvault.keyserver")
 
@@ -158,26 +155,29 @@ class ViewerEndpoints:
 
 
 class KeyServerApp:
-    """The key server as uvicorn or granian runs it: access log and CORS around the fast path
-    (:class:`~keyserver.fastpath.ViewerRoutes`) around the Starlette app. ``router`` is the
-    Starlette app's, whose lifespan is the server's. ``access_log``, ``cors`` and ``trusted``
-    are the layers the fast path runs under, for an edge that answers the viewer routes
-    without ASGI (:class:`keyserver.rsgi.RsgiKeyServer`) to apply as they are."""
+    """The key server as uvicorn or granian runs it: the fast path
+    (:class:`~keyserver.fastpath.ViewerRoutes`) answers the viewer routes, and the access log
+    and CORS around the Starlette app answer the rest. ``router`` is the Starlette app's,
+    whose lifespan is the server's. ``viewer`` is the fast path (None when the app is built
+    without it); its ``access_log``, ``cors`` and ``trusted`` are the layers it applies, for
+    an edge that answers the viewer routes without ASGI (:class:`keyserver.rsgi.RsgiKeyServer`)
+    to apply as they are."""
 
     def __init__(
         self, asgi: ASGIApp, starlette: Starlette, server: KeyServer, *,
-        access_log: AccessLog | None = None, cors: CORSMiddleware | None = None,
-        trusted: _TrustedHosts | None = None,
+        viewer: ViewerRoutes | None = None,
     ) -> None:
         self.asgi = asgi
         self.starlette = starlette
         self.router = starlette.router
         self.server = server
-        self.access_log = access_log
-        self.cors = cors
-        self.trusted = trusted
+        self.viewer = viewer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        viewer = self.viewer
+        if viewer is not None and (route := viewer.route(scope)) is not None:
+            await viewer.answer(scope, route, send)
+            return
         await self.asgi(scope, receive, send)
 
 
@@ -301,7 +301,9 @@ def create_app(
         proxied, trusted = proxy_layer, proxy_layer.trusted_hosts  # type: ignore[assignment]
     if not fast_path:
         return KeyServerApp(proxied, starlette, server)
-    asgi: ASGIApp = ViewerRoutes(server, proxied, trusted)
+    # The rest of the app runs under the access log and CORS, in this order; the fast path
+    # applies the same instances itself.
+    asgi: ASGIApp = proxied
     access_log = cors = None
     for layer in reversed(middleware):
         asgi = layer.cls(asgi, *layer.args, **layer.kwargs)
@@ -309,5 +311,6 @@ def create_app(
             access_log = asgi
         elif isinstance(asgi, CORSMiddleware):
             cors = asgi
-    return KeyServerApp(asgi, starlette, server, access_log=access_log, cors=cors,
-                        trusted=trusted)
+    assert access_log is not None  # noqa: S101 - the first layer of the list above
+    fast = ViewerRoutes(server, access_log=access_log, cors=cors, trusted=trusted)
+    return KeyServerApp(asgi, starlette, server, viewer=fast)

@@ -18,17 +18,20 @@ lines written as they come, in the request, so none is written after the test is
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any, TextIO
 
 import structlog
 
-from pipeline.logs import redact_processor
+from pipeline.logs import REDACTED, redact_processor, redact_text, secret_name
 
 #: Lines queued at most: a few seconds of a busy key server's lines (~300 bytes each, ~20 MB),
 #: enough to ride out a log sink that stalls briefly; beyond it lines are dropped and counted.
@@ -53,9 +56,77 @@ def structlog_sink(lines: Sequence[Line]) -> None:
         structlog.get_logger(logger).info(event, **fields)
 
 
+#: The keys a line's record adds after its fields: a field of one of these names would be
+#: overwritten in its place, so such a line takes the general path.
+_RECORD_KEYS = frozenset({"event", "level", "logger", "timestamp"})
+#: Values this short recur line after line (an asset, a key id, an address, an outcome): their
+#: redacted JSON text is remembered, in a bounded cache.
+_CACHED_VALUE_CHARS = 64
+
+
+@functools.lru_cache(maxsize=1024)  # field names come from the code: a few dozen
+def _json_name(name: str) -> tuple[str, bool] | None:
+    """``"name": `` as the JSON encoder writes it, and whether the field holds a secret; None
+    for a name the general path must render."""
+    if name.__class__ is not str or name in _RECORD_KEYS:
+        return None
+    return f"{encode_basestring_ascii(name)}: ", secret_name(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_short_text(value: str) -> str:
+    return encode_basestring_ascii(redact_text(value))
+
+
+@functools.lru_cache(maxsize=256)  # (event, logger) pairs come from the code
+def _json_tail(event: str, logger: str) -> str:
+    return (f"\"event\": {encode_basestring_ascii(event)}, \"level\": \"info\", "
+            f"\"logger\": {encode_basestring_ascii(logger)}, \"timestamp\": ")
+
+
+_JSON_REDACTED = encode_basestring_ascii(REDACTED)
+
+
+def json_fields(fields: dict[str, Any]) -> list[str] | None:
+    """``fields`` redacted as :func:`~pipeline.logs.redact_processor` redacts them, each
+    ``"name": value`` as :class:`json.JSONEncoder` writes it; None when one is of a kind only
+    the encoder itself renders (anything but text, None, bool, int and finite float) or has a
+    record key's name."""
+    parts = []
+    for name, value in fields.items():
+        named = _json_name(name)
+        if named is None:
+            return None
+        key, secret = named
+        kind = value.__class__
+        if secret:
+            text = _JSON_REDACTED
+        elif kind is str:
+            text = (_json_short_text(value) if len(value) <= _CACHED_VALUE_CHARS
+                    else encode_basestring_ascii(redact_text(value)))
+        elif value is None:
+            text = "null"
+        elif kind is int:
+            text = int.__repr__(value)
+        elif kind is bool:
+            text = "true" if value else "false"
+        elif kind is float and math.isfinite(value):
+            text = float.__repr__(value)
+        else:
+            return None
+        parts.append(key + text)
+    return parts
+
+
 class JsonLinesSink:
     """The JSON lines :func:`pipeline.logs.configure_logging` writes (fields, event, level,
-    logger, timestamp; every value redacted), a batch in one write to ``stream``."""
+    logger, timestamp; every value redacted), a batch in one write to ``stream``.
+
+    A line of plain values (text, None, numbers: every audit and access line) is put together
+    from pieces remembered across lines (each field name, each short value redacted and
+    encoded, the event and logger), the text :class:`json.JSONEncoder` writes for the record;
+    any other line is redacted and encoded whole (``tests/test_keyserver_auditlog.py``
+    compares both on random lines)."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -76,16 +147,29 @@ class JsonLinesSink:
             self._second_text = datetime.fromtimestamp(second, UTC).isoformat()[:19]
         return f"{self._second_text}.{micros:06d}Z" if micros else f"{self._second_text}Z"
 
+    def render(self, line: Line) -> str:
+        """One line's JSON text."""
+        logger, event, fields, when = line
+        if event.__class__ is str and logger.__class__ is str:
+            parts = json_fields(fields)
+            if parts is not None:
+                parts.append(f'{_json_tail(event, logger)}"{self.timestamp(when)}"}}')
+                return "{" + ", ".join(parts)
+        return self.render_record(line)
+
+    def render_record(self, line: Line) -> str:
+        """One line's JSON text, by redacting its record and encoding it whole."""
+        logger, event, fields, when = line
+        record = redact_processor(None, "info", dict(fields))
+        record["event"] = event
+        record["level"] = "info"
+        record["logger"] = logger
+        record["timestamp"] = self.timestamp(when)
+        text: str = self._encode(record)
+        return text
+
     def __call__(self, lines: Sequence[Line]) -> None:
-        rendered = []
-        encode, timestamp = self._encode, self.timestamp
-        for logger, event, fields, when in lines:
-            record = redact_processor(None, "info", dict(fields))
-            record["event"] = event
-            record["level"] = "info"
-            record["logger"] = logger
-            record["timestamp"] = timestamp(when)
-            rendered.append(encode(record))
+        rendered = [self.render(line) for line in lines]
         rendered.append("")
         self.stream.write("\n".join(rendered))
         self.stream.flush()

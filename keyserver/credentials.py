@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 COOKIE_NAME = "hlsvault_token"
 _SID_NAME = SID_HEADER.lower()
 _SID_HEADER = _SID_NAME.encode("latin-1")
+_NO_QUERY: Mapping[str, str] = {}
 
 
 def _cookie(headers: list[str], name: str) -> str:
@@ -52,6 +53,26 @@ def _parse_query(text: str) -> dict[str, str]:
         if part:
             name, _, value = part.partition("=")
             query[name] = value
+    return query
+
+
+#: Query strings whose parse is remembered at most, and the longest one remembered: a player
+#: sends the same query (its token, its sid) with every request. ~4 MB at worst.
+MAX_KNOWN_QUERIES = 4096
+MAX_KNOWN_QUERY_CHARS = 1024
+_known_queries: dict[str, Mapping[str, str]] = {}
+
+
+def _query(text: str) -> Mapping[str, str]:
+    """:func:`_parse_query`'s answer, remembered for short queries. Shared by every request
+    that sends the same query: read only (hence a Mapping)."""
+    query = _known_queries.get(text)
+    if query is None:
+        query = _parse_query(text)
+        if len(text) <= MAX_KNOWN_QUERY_CHARS:
+            if len(_known_queries) >= MAX_KNOWN_QUERIES:
+                _known_queries.clear()
+            _known_queries[text] = query
     return query
 
 
@@ -102,7 +123,7 @@ class Credentials:
         self, query: str, authorization: str | None, sid: str | None, cookies: list[str],
         forwarded_for: list[str], client_ip: str | None,
     ) -> None:
-        self.query: dict[str, str] = _parse_query(query) if query else {}
+        self.query: Mapping[str, str] = _query(query) if query else _NO_QUERY
         self.authorization = authorization or ""
         self.sid_header = sid
         self._cookies = cookies

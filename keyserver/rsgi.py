@@ -4,7 +4,7 @@ RSGI hands the app a scope object and a protocol object whose ``response_bytes``
 whole response in one call, where ASGI builds a scope dict of byte pairs and two message
 dicts per response and awaits the server twice. :class:`RsgiKeyServer` answers the three
 viewer routes that way, from the same :class:`~keyserver.server.KeyServer` calls and routing
-rule as the ASGI fast path (:func:`keyserver.fastpath.viewer_route`), under the same layers
+rule as the ASGI fast path (:class:`keyserver.fastpath.ViewerRouter`), under the same layers
 applied as they are: the access log's line (:meth:`pipeline.http.AccessLog.line`), the CORS
 headers of Starlette's own middleware, trusted proxies' X-Forwarded-For
 (:meth:`~keyserver.credentials.Credentials.trust_proxies`). Every other request (other
@@ -23,17 +23,14 @@ import asyncio
 import time
 from typing import Any
 
-from starlette.datastructures import Headers
-
 from .app import KeyServerApp
 from .credentials import Credentials
-from .fastpath import answer_for, viewer_route
-from .responses import KEY_HEADERS, Answer
+from .fastpath import answer_for, cors_headers
+from .responses import KEY_HEADERS
 
 #: Text headers of every 16-byte key answer, converted once.
 _KEY_TEXT_HEADERS = [(name.decode("latin-1"), value.decode("latin-1"))
                      for name, value in KEY_HEADERS]
-_NO_HEADERS = Headers(raw=[])
 
 
 def text_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
@@ -110,9 +107,7 @@ class RsgiKeyServer:
     def __init__(self, app: KeyServerApp) -> None:
         self.app = app
         self.server = app.server
-        self.access_log = app.access_log
-        self.cors = app.cors
-        self.trusted = app.trusted
+        self.viewer = app.viewer
         self.bridge = AsgiBridge(app)
         self._lifespan: Any = None
 
@@ -129,38 +124,23 @@ class RsgiKeyServer:
         if scope.proto != "http":  # granian runs with websockets off: not expected
             return
         path: str = scope.path
-        route = viewer_route(self.server, path) if scope.method == "GET" else None
-        if route is None or self.access_log is None:  # built without the fast path: ASGI
+        viewer = self.viewer  # None when the app was built without the fast path: ASGI
+        route = viewer.router.route(path) if viewer is not None and scope.method == "GET" else None
+        if viewer is None or route is None:
             await self.bridge(scope, proto)
             return
-        started = time.perf_counter()
+        access_log = viewer.access_log
+        logged = not path.startswith(access_log.skip_prefixes)  # else audited: no clock read
+        started = time.perf_counter() if logged else 0.0
         creds = Credentials.from_rsgi(scope)
-        if self.trusted is not None:
-            creds.trust_proxies(self.trusted)
+        if viewer.trusted is not None:
+            creds.trust_proxies(viewer.trusted)
         answer, failure = await answer_for(route, creds, path)
         headers = answer.headers
-        if self.cors is not None:
-            headers = await self._cors_headers(answer, scope.headers.get("origin"))
+        if viewer.cors is not None:
+            headers = await cors_headers(viewer.cors, answer, scope.headers.get("origin"))
         proto.response_bytes(answer.status, text_headers(headers), answer.body)
-        if not path.startswith(self.access_log.skip_prefixes):
-            self.access_log.line("GET", path, answer.status, started)
+        if logged:
+            access_log.line("GET", path, answer.status, started)
         if failure is not None:
             raise failure
-
-    async def _cors_headers(
-        self, answer: Answer, origin: str | None
-    ) -> list[tuple[bytes, bytes]]:
-        """The answer's headers as Starlette's CORSMiddleware (the instance the ASGI app
-        runs) rewrites them for a request with ``origin``."""
-        assert self.cors is not None  # noqa: S101 - the caller checked
-        message: dict[str, Any] = {"type": "http.response.start", "status": answer.status,
-                                   "headers": list(answer.headers)}
-        request = _NO_HEADERS if origin is None else Headers(
-            raw=[(b"origin", origin.encode("latin-1"))])
-
-        async def keep(_: Any) -> None:
-            return None
-
-        await self.cors.send(message, keep, request)
-        headers: list[tuple[bytes, bytes]] = message["headers"]
-        return headers

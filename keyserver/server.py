@@ -68,6 +68,27 @@ ACCESS_LOGGER = "hlsvault.keyserver"
 
 #: A key index as a URL names it: decimal, no sign, no leading zero (int() accepts far more).
 _INDEX = re.compile(r"(0|[1-9][0-9]{0,6})")
+#: The audit line's event of each kind of audited request.
+_AUDIT_EVENTS = {kind: f"{kind} request" for kind in ("key", "download", "offline")}
+#: Well-formed key paths remembered at most (a player asks for the same few keys; a valid
+#: path is at most ~200 characters, so this bounds the memo near 1 MB).
+MAX_KEY_PATHS = 4096
+
+
+def _check_key_path(asset: str, version: str, raw_index: str) -> tuple[int, str] | None:
+    """A key path's index and key id (``version/index``) when its values are well formed,
+    else None (a 400)."""
+    if (
+        not layout.ASSET_ID_PATTERN.fullmatch(asset)
+        or not layout.VERSION_PATTERN.fullmatch(version)
+        or not _INDEX.fullmatch(raw_index)
+        or int(raw_index) > layout.MAX_KEY_INDEX
+    ):
+        return None
+    index = int(raw_index)
+    return index, f"{version}/{index}"
+
+
 #: Versions whose cookie-mode fallback was logged: one warning per version, not per request.
 MAX_WARNED_VERSIONS = 1024
 
@@ -117,6 +138,9 @@ class KeyServer:
             settings, signer=signer, origin=None
         )
         self._warned: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: Key paths (asset, version, index as sent) known to be well formed: their index and
+        #: key id.
+        self._key_paths: dict[tuple[str, str, str], tuple[int, str]] = {}
         #: Playlists rendered once per version and rendition (keyserver.templates).
         self.templates = PlaylistTemplates()
 
@@ -171,11 +195,17 @@ class KeyServer:
     ) -> None:
         """One audit line per key, download or offline request (queued for the writer), and
         its outcome counted for the ops metrics (per asset for the Assets page)."""
-        self.lines.write(AUDIT_LOGGER, f"{kind} request", {
-            "asset": asset, "key_id": key_id, "sid": sid, "client_ip": ip, "outcome": outcome,
-        })
+        self._audit_line(kind, asset, key_id, sid, ip, outcome)
         if self.stats.client is not None:  # embedded mode counts nothing: no coroutine either
             await self.stats.count(outcome if kind == "key" else f"{kind} {outcome}", asset=asset)
+
+    def _audit_line(
+        self, kind: str, asset: str, key_id: str | None, sid: str | None, ip: str | None,
+        outcome: str,
+    ) -> None:
+        self.lines.write(AUDIT_LOGGER, _AUDIT_EVENTS.get(kind) or f"{kind} request", {
+            "asset": asset, "key_id": key_id, "sid": sid, "client_ip": ip, "outcome": outcome,
+        })
 
     # -- the viewer routes -------------------------------------------------------------------
 
@@ -364,37 +394,54 @@ class KeyServer:
 
     async def key(self, creds: Credentials, asset: str, version: str, raw_index: str) -> Answer:
         ip = creds.client_ip
-        if (
-            not layout.ASSET_ID_PATTERN.fullmatch(asset)
-            or not layout.VERSION_PATTERN.fullmatch(version)
-            or not _INDEX.fullmatch(raw_index)
-            or int(raw_index) > layout.MAX_KEY_INDEX
-        ):
-            await self._audit(asset[:128], None, None, ip, "malformed path")
-            return error_answer(400, "malformed key path")
-        index = int(raw_index)
-        key_id = f"{version}/{index}"
+        # Well-formed paths are remembered (only those: their length is bounded).
+        path = (asset, version, raw_index)
+        checked = self._key_paths.get(path)
+        if checked is None:
+            checked = _check_key_path(asset, version, raw_index)
+            if checked is None:
+                await self._audit(asset[:128], None, None, ip, "malformed path")
+                return error_answer(400, "malformed key path")
+            if len(self._key_paths) >= MAX_KEY_PATHS:
+                self._key_paths.clear()
+            self._key_paths[path] = checked
+        index, key_id = checked
+        settings = self.settings
         # The address is counted first, whatever the token: that bounds what one client can
         # make the server verify. A token is counted only once verified, so made-up tokens
-        # never create buckets.
-        limited = await self._limited(lambda: ip_bucket(ip), self.settings.rate_limit_ip_per_min)
-        if limited is not None:
-            await self._audit(asset, key_id, None, ip, "rate limited")
-            return limited
+        # never create buckets. (A limit that is off costs not even a coroutine.)
+        if settings.rate_limit_ip_per_min > 0:
+            limited = await self._limited(lambda: ip_bucket(ip), settings.rate_limit_ip_per_min)
+            if limited is not None:
+                await self._audit(asset, key_id, None, ip, "rate limited")
+                return limited
         claims = self._authorise(creds, asset, cookie=True)
         if isinstance(claims, Answer):
             await self._audit(asset, key_id, None, ip, f"denied {claims.status}")
             return claims
-        limited = await self._limited(
-            lambda: token_bucket(creds.token(cookie=True)),
-            self.settings.rate_limit_token_per_min,
-        )
-        if limited is not None:
-            await self._audit(asset, key_id, claims.sid, ip, "rate limited")
-            return limited
-        state = await self._state(asset)
-        outcome, answer = await self._key_answer(state, asset, version, index)
-        await self._audit(asset, key_id, claims.sid, ip, outcome)
+        if settings.rate_limit_token_per_min > 0:
+            limited = await self._limited(
+                lambda: token_bucket(creds.token(cookie=True)),
+                settings.rate_limit_token_per_min,
+            )
+            if limited is not None:
+                await self._audit(asset, key_id, claims.sid, ip, "rate limited")
+                return limited
+        state = self.view.fresh_state(asset)
+        if state is STALE:
+            state = await run_sync(self.view.state, asset)
+        # What almost every request is: a servable version whose key is in memory, answered
+        # without another coroutine.
+        key = (self.view.cached_key(asset, version, index)
+               if isinstance(state, AssetState) and state.key_servable(version) else None)
+        if key is not None:
+            outcome, answer = "served", key_answer(key)
+        else:
+            outcome, answer = await self._key_answer(
+                state if isinstance(state, AssetState) else None, asset, version, index)
+        self._audit_line("key", asset, key_id, claims.sid, ip, outcome)
+        if self.stats.client is not None:  # embedded mode counts nothing: no coroutine either
+            await self.stats.count(outcome, asset=asset)
         return answer
 
     async def _key_answer(

@@ -64,7 +64,8 @@ def _redact_value(value: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=1024)  # field names come from the code: a few dozen
-def _secret_name(name: str) -> bool:
+def secret_name(name: str) -> bool:
+    """Whether a field called ``name`` holds a secret: its whole value is redacted."""
     return name != "event" and any(secret in name.lower() for secret in _SECRET_KEYS)
 
 
@@ -76,7 +77,7 @@ def redact_processor(
     # value (short text, None, numbers) are told apart here, without a call per field, since
     # the key server renders one line per request.
     for name, value in event_dict.items():
-        if _secret_name(name):
+        if secret_name(name):
             event_dict[name] = REDACTED
         elif value.__class__ is str:
             event_dict[name] = (

@@ -53,6 +53,10 @@ class TokenForbidden(Forbidden):
     """The token is genuine but does not entitle this request (asset, session, IP): 403."""
 
 
+#: A verified token's expiry, subject, sid and ip claims as it holds them, and its TokenClaims.
+_Verified = tuple[Any, Any, Any, Any, "TokenClaims"]
+
+
 @dataclass(frozen=True)
 class TokenClaims:
     asset: str
@@ -74,10 +78,11 @@ class TokenVerifier:
         self.key = key
         self.max_ttl_s = max_ttl_s
         self.offline_max_ttl_s = max_ttl_s if offline_max_ttl_s is None else offline_max_ttl_s
-        #: token -> (its claims, the TokenClaims an entitled request gets): both are the
-        #: token's alone, so they are built once; what depends on the request or the clock
-        #: (expiry, asset, session, address) is checked against them every time.
-        self._verified: OrderedDict[str, tuple[dict[str, Any], TokenClaims]] = OrderedDict()
+        #: token -> what verifying it once established: its expiry and the claims every
+        #: request is checked against (subject, session, address), and the TokenClaims an
+        #: entitled request gets. All are the token's alone, so they are kept; what depends on
+        #: the request or the clock (expiry, asset, session, address) is checked every time.
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()
         self._lock = threading.Lock()
 
     def verify(
@@ -100,15 +105,25 @@ class TokenVerifier:
             self._check_lifetime(claims, now)
             # A player presents one token for every key and playlist: its signature and
             # lifetime are checked once; expiry and entitlement on every request below.
-            verified = (claims, _token_claims(claims))
+            verified = (claims["exp"], claims["sub"], claims.get("sid"), claims.get("ip"),
+                        _token_claims(claims))
             with self._lock:
                 self._verified[token] = verified
                 if len(self._verified) > VERIFIED_CACHE_SIZE:
                     self._verified.popitem(last=False)
-        elif verified[0]["exp"] < now - CLOCK_SKEW_LEEWAY_S:
+        exp, subject, token_sid, token_ip, entitled = verified
+        if exp < now - CLOCK_SKEW_LEEWAY_S:
             raise TokenRejected("token expired")
-        self._check_entitled(verified[0], asset=asset, client_ip=client_ip, sid=sid)
-        return verified[1]
+        if subject != asset:
+            raise TokenForbidden("token is for another asset")
+        # One way only: a sid in the token must be presented with it, so a token copied out of
+        # one session's traffic is useless without the session; a token minted without a sid
+        # was meant to be bound to none, and a player passing ?sid= along must not break it.
+        if token_sid is not None and token_sid != sid:
+            raise TokenForbidden(SESSION_MISSING if sid is None else SESSION_MISMATCH)
+        if token_ip is not None and token_ip != client_ip:
+            raise TokenForbidden("token is bound to another client address")
+        return entitled
 
     def _decode(self, token: str) -> dict[str, Any]:
         try:
@@ -158,22 +173,6 @@ class TokenVerifier:
             not isinstance(token_sid, str) or len(token_sid) > MAX_SID_LENGTH
         ):
             raise TokenRejected("invalid token: malformed sid")
-
-    @staticmethod
-    def _check_entitled(
-        claims: dict[str, Any], *, asset: str, client_ip: str | None, sid: str | None
-    ) -> None:
-        if claims["sub"] != asset:
-            raise TokenForbidden("token is for another asset")
-        token_sid = claims.get("sid")
-        # One way only: a sid in the token must be presented with it, so a token copied out of
-        # one session's traffic is useless without the session; a token minted without a sid
-        # was meant to be bound to none, and a player passing ?sid= along must not break it.
-        if token_sid is not None and token_sid != sid:
-            raise TokenForbidden(SESSION_MISSING if sid is None else SESSION_MISMATCH)
-        token_ip = claims.get("ip")
-        if token_ip is not None and token_ip != client_ip:
-            raise TokenForbidden("token is bound to another client address")
 
 
 def _token_claims(claims: dict[str, Any]) -> TokenClaims:

@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 
 from dashboard.app import create_app as create_ops_app
 from keyserver import create_app
-from keyserver.auditlog import JsonLinesSink, Line, LineWriter
+from keyserver.auditlog import JsonLinesSink, Line, LineWriter, json_fields
 from keyserver.testing import get
 from pipeline.settings import load_settings
 from pipeline.tokens import mint_token
@@ -228,3 +228,43 @@ class TestJsonLines:
         for when in times:
             expected = datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z")
             assert sink.timestamp(when) == expected
+
+    def test_lines_put_together_from_pieces_are_those_the_encoder_writes(self) -> None:
+        """Every line the sink assembles from remembered pieces (field names, short values
+        redacted and encoded, event and logger) is, character for character, the line its
+        record encoded whole gives: audit and access lines, tokens anywhere, text that is not
+        ASCII or needs escaping, long values, every plain kind of value, names that are
+        secrets, and the lines only the encoder renders (record keys as field names, floats
+        that are not finite, nested values)."""
+        token = mint_token("a-secret-of-enough-length-for-hs256-0123", "film", 60)
+        rng = random.Random(7)
+        texts = ["film", "v1/0", "203.0.113.9", "served", "denied 401", "", "é\u2028\"\\\n",
+                 f"/x?token={token}", token, f"Bearer {token}", "a=b", "x" * 64, "y" * 65,
+                 f"{'z' * 70}?signature=abc", "\x00\x1f\x7f", "🎬"]
+        values: list[object] = [*texts, None, True, False, 0, -3, 2**70, 0.0, 1.25, -0.1,
+                                1e300, float("nan"), float("inf"), ["a", token], {"k": token},
+                                b"\x00" * 16, ("t",)]
+        names = ["asset", "key_id", "sid", "client_ip", "outcome", "path", "status", "ms",
+                 "method", "token", "authorization", "key_bytes", "cookie_jar", "Secret", "é"]
+        lines: list[Line] = [
+            ("hlsvault.audit", "key request", {"asset": "film", "key_id": "v1/0", "sid": None,
+                                               "client_ip": "203.0.113.9",
+                                               "outcome": "served"}, 1_765_000_000.25),
+            ("hlsvault.keyserver", "request", {"method": "GET", "path": "/v1/assets/f/m.m3u8",
+                                               "status": 200, "ms": 0.12}, 1_765_000_000.0),
+            ("hlsvault.audit", "key request", {}, 0.0),
+            ("hlsvault.audit", "key request", {"event": "x", "asset": "film"}, 0.0),
+            ("hlsvault.audit", "key request", {"timestamp": 1}, 0.0),
+            ("logger\u00e9", "evént \"q\"", {"level": "debug"}, 0.0),
+        ]
+        for _ in range(3000):
+            fields = {rng.choice(names): rng.choice(values) for _ in range(rng.randint(0, 7))}
+            lines.append(("hlsvault.audit", rng.choice(["key request", "request"]), fields,
+                          rng.uniform(0, 4e9)))
+        sink = JsonLinesSink(io.StringIO())
+        assembled = 0
+        for line in lines:
+            assert sink.render(line) == sink.render_record(line), line
+            assembled += json_fields(line[2]) is not None
+        # Positive control: both ways were taken, each many times.
+        assert 1000 < assembled < len(lines) - 500

@@ -374,3 +374,52 @@ class TestQueryParsing:
         ours = Credentials({"query_string": query.encode("latin-1"), "headers": []}).query
         theirs = QueryParams(query.encode("latin-1"))
         assert ours == {name: theirs[name] for name in theirs}
+        # Asked again, the remembered answer is the same.
+        again = Credentials({"query_string": query.encode("latin-1"), "headers": []}).query
+        assert again == ours
+
+
+class TestRememberedRequests:
+    def test_a_flood_of_distinct_paths_and_queries_stays_bounded_and_viewers_are_served(
+        self, library: Library
+    ) -> None:
+        """The fast path remembers the routes, key paths and queries players send again and
+        again. A flood of distinct ones (more than each memo holds: key paths with garbage
+        tokens, malformed indexes, over-long queries) leaves every memo within its bound, and
+        a viewer's key requests are answered as before it, with the key bytes; a malformed
+        index is still a 400, an over-long query still read right, before and after."""
+        from keyserver import credentials, fastpath, server
+
+        app = create_app(load_settings(library.env), vault=library.vault)
+        token = library.token()
+        long_query = f"pad={'p' * (credentials.MAX_KNOWN_QUERY_CHARS + 10)}&token={token}"
+        # Twice the largest memo: each is filled past its bound (a third of the paths are
+        # malformed, and never remembered as key paths).
+        flood = 2 * max(fastpath.MAX_KNOWN_PATHS, server.MAX_KEY_PATHS,
+                        credentials.MAX_KNOWN_QUERIES) + 500
+        bad_index = f"/v1/keys/{ASSET}/{library.version}/0{7}"
+
+        async def viewer() -> list[tuple[int, bytes]]:
+            return [(answer[0], answer[2]) for answer in [
+                await call(app, "GET", library.key_path(0), query=f"token={token}"),
+                await call(app, "GET", library.key_path(0), query=long_query),
+                await call(app, "GET", bad_index, query=f"token={token}"),
+            ]]
+
+        async def scenario() -> tuple[list[tuple[int, bytes]], set[int], list[tuple[int, bytes]]]:
+            before = await viewer()
+            statuses = set()
+            for n in range(flood):
+                path = f"/v1/keys/{ASSET}/{library.version}/{n if n % 3 else f'0{n}'}"
+                statuses.add((await call(app, "GET", path, query=f"token=eyJ{n}.e.x"))[0])
+            return before, statuses, await viewer()
+
+        before, statuses, after = run_coroutine(scenario())
+        expected = [(200, library.key(0)), (200, library.key(0))]
+        assert before[:2] == after[:2] == expected
+        assert before[2][0] == after[2][0] == 400
+        assert statuses == {400, 401}
+        assert 0 < len(app.viewer.router._known) <= fastpath.MAX_KNOWN_PATHS
+        assert 0 < len(app.server._key_paths) <= server.MAX_KEY_PATHS
+        assert 0 < len(credentials._known_queries) <= credentials.MAX_KNOWN_QUERIES
+        assert long_query not in credentials._known_queries
