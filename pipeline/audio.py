@@ -9,12 +9,15 @@ the decoded wave was off by 0.4 to 2.0 times its amplitude there: an audible cli
 once and cut here, the stream the player decodes is the one encoder's, frame for frame; the
 same measurement gave no gap over 0.001 ms and a wave within 0.7 % of the sine at every join.
 
-The cost is one audio pass over the source before the chunks start (a decode and an AAC
-encode per distinct bitrate, a small share of one chunk's video encode) and a few hundred KB
-per chunk in the work store. The pass resamples onto the source's own timeline
-(``aresample=async=1:first_pts=0``: a late start or a hole is filled with silence, an overlap
-trimmed), so that sample ``n`` of the encoded stream is source time ``n / rate`` exactly, the
-same origin the chunks' video seeks from.
+The cost is one audio pass over the source (a decode and an AAC encode per distinct bitrate, a
+small share of one chunk's video encode) and a few hundred KB per chunk in the work store. The
+pass does not hold the chunks back until it is done: :class:`ChunkCutter` cuts the encodes as
+ffmpeg writes them, and the audio stage releases each chunk to the segment workers as soon as
+the encoder has passed its end (for a 2-hour film, the first chunk starts after a second of
+audio encoding instead of after four minutes of it). The pass resamples onto the source's own
+timeline (``aresample=async=1:first_pts=0``: a late start or a hole is filled with silence, an
+overlap trimmed), so that sample ``n`` of the encoded stream is source time ``n / rate``
+exactly, the same origin the chunks' video seeks from.
 
 A chunk takes the frames that start in its time range (chunk 0 also takes the priming frame,
 which starts before 0) and is told where its first frame starts relative to its own start;
@@ -23,8 +26,7 @@ its ffmpeg copies them next to its video, shifted by that offset.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -59,21 +61,19 @@ class ChunkAudio:
 
 
 @dataclass(frozen=True)
-class JobAudio:
-    """What the audio stage produced: every chunk's pieces, in one attempt directory."""
+class ReleasedAudio:
+    """One chunk's pieces as the audio stage released them, at every bitrate: what the
+    chunk's segment stage reads (the audio stage's attempt directory holds the files)."""
 
     attempt: str
     sample_rate: int
     pieces: tuple[ChunkAudio, ...]
 
-    def piece(self, chunk: str, kbps: int) -> ChunkAudio:
-        return next(p for p in self.pieces if p.chunk == chunk and p.kbps == kbps)
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobAudio:
+    def from_dict(cls, data: dict[str, Any]) -> ReleasedAudio:
         return cls(
             attempt=data["attempt"],
             sample_rate=data["sample_rate"],
@@ -100,49 +100,165 @@ def audio_args(source: str, bitrates: Sequence[int], out_dir: Path, *, demuxer: 
     return ffmpeg_command(outputs)
 
 
-def adts_frames(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """The frames of an ADTS stream, each with its header, and the stream's sample rate: read
-    one at a time, so that a film's audio never sits in memory whole."""
-    position = 0
-    while header := stream.read(7):
-        if len(header) < 7 or header[0] != 0xFF or header[1] & 0xF6 != 0xF0:
-            raise UnsupportedMedia(f"the encoded audio is not ADTS at byte {position}")
-        length = ((header[3] & 0x03) << 11) | (header[4] << 3) | (header[5] >> 5)
-        body = stream.read(length - 7) if length >= 7 else b""
-        if length < 7 or len(body) != length - 7:
-            raise UnsupportedMedia(f"the encoded audio has a torn frame at byte {position}")
-        yield ADTS_SAMPLE_RATES[(header[2] >> 2) & 0x0F], header + body
-        position += length
+class AdtsReader:
+    """The frames of an ADTS stream read as it grows: each :meth:`frames` call returns the
+    whole frames (each with its header) written since the last, and their sample rate; a frame
+    still being written is kept for the next call, and is an error once the writer is done. A
+    film's audio is never held in memory whole, only the frames of one read."""
+
+    #: Bytes read per call at most: a few seconds of audio, so a call returns promptly.
+    READ_BYTES = 1 << 20
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stream: BinaryIO | None = None
+        self._pending = b""
+        self._position = 0  # of the first byte of ``_pending`` in the stream
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+    def frames(self, *, final: bool = False) -> list[tuple[int, bytes]]:
+        if self._stream is None:
+            if not self._path.exists():
+                if final:
+                    raise UnsupportedMedia("ffmpeg wrote no audio for the job")
+                return []
+            self._stream = self._path.open("rb")
+        found: list[tuple[int, bytes]] = []
+        while True:
+            data = self._stream.read(self.READ_BYTES)
+            if data:
+                self._pending += data
+            at = 0
+            while len(self._pending) - at >= 7:
+                header = self._pending[at : at + 7]
+                if header[0] != 0xFF or header[1] & 0xF6 != 0xF0:
+                    raise UnsupportedMedia(
+                        f"the encoded audio is not ADTS at byte {self._position + at}"
+                    )
+                length = ((header[3] & 0x03) << 11) | (header[4] << 3) | (header[5] >> 5)
+                if length < 7:
+                    raise UnsupportedMedia(
+                        f"the encoded audio has a torn frame at byte {self._position + at}"
+                    )
+                if len(self._pending) - at < length:
+                    break
+                found.append((ADTS_SAMPLE_RATES[(header[2] >> 2) & 0x0F],
+                              self._pending[at : at + length]))
+                at += length
+            self._pending = self._pending[at:]
+            self._position += at
+            if len(data) < self.READ_BYTES:
+                break
+        if final and self._pending:
+            raise UnsupportedMedia(f"the encoded audio has a torn frame at byte {self._position}")
+        return found
+
+
+class ChunkCutter:
+    """Cuts the whole-job encodes of :func:`audio_args` into each chunk's pieces while ffmpeg
+    still writes them, so that a chunk can be transcoded as soon as the encoder has passed its
+    end instead of after the whole film's audio: the audio pass then delays the first chunk by
+    the time it takes to encode one chunk's audio (tens of milliseconds of a minute), not the
+    whole source's.
+
+    A chunk takes the frames that start in its time range (chunk 0 also takes the priming
+    frame, which starts before 0). It is complete at a bitrate once that bitrate's encode holds
+    a frame of a later chunk, and released (by :meth:`poll`, in chunk order) once complete at
+    every bitrate; the rest are released by the final poll, after ffmpeg has exited.
+    """
+
+    def __init__(
+        self, wholes: Mapping[int, Path], chunks: Sequence[Chunk], out_dir: Path
+    ) -> None:
+        self._chunks = list(chunks)
+        self._out_dir = out_dir
+        self._readers = {kbps: AdtsReader(path) for kbps, path in wholes.items()}
+        self._frame = dict.fromkeys(wholes, 0)  # frames read so far, by bitrate
+        self._index = dict.fromkeys(wholes, 0)  # the chunk the next frame goes to
+        self._counts = {kbps: [0] * len(chunks) for kbps in wholes}
+        self._firsts: dict[int, list[float | None]] = {
+            kbps: [None] * len(chunks) for kbps in wholes
+        }
+        self._outputs: dict[tuple[int, int], BinaryIO] = {}
+        self.sample_rate = 0
+        self._released = 0
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        for output in self._outputs.values():
+            output.close()
+        self._outputs.clear()
+
+    def poll(self, *, final: bool = False) -> list[tuple[Chunk, list[ChunkAudio]]]:
+        """Cut what the encoder wrote since the last poll; returns the chunks newly complete
+        at every bitrate, with their pieces (closed files in ``out_dir``), in chunk order.
+        ``final`` (ffmpeg has exited): every chunk left is released, or an error says why."""
+        for kbps, reader in self._readers.items():
+            for rate, frame in reader.frames(final=final):
+                self._cut(kbps, rate, frame)
+        complete = len(self._chunks) if final else min(self._index.values())
+        released = []
+        while self._released < complete:
+            index = self._released
+            released.append((self._chunks[index], self._pieces(index)))
+            self._released += 1
+        return released
+
+    def _cut(self, kbps: int, rate: int, frame: bytes) -> None:
+        self.sample_rate = self.sample_rate or rate
+        # Exact in integers: where the frame starts, in samples from the source's start.
+        start = self._frame[kbps] * AAC_FRAME_SAMPLES - AAC_PRIMING_SAMPLES
+        self._frame[kbps] += 1
+        index = self._index[kbps]
+        while index + 1 < len(self._chunks) and start >= round(self._chunks[index + 1].start
+                                                                  * rate):
+            self._close(kbps, index)
+            index += 1
+        self._index[kbps] = index
+        output = self._outputs.get((kbps, index))
+        if output is None:
+            output = self._outputs[kbps, index] = self._piece_path(index, kbps).open("wb")
+        output.write(frame)
+        self._counts[kbps][index] += 1
+        if self._firsts[kbps][index] is None:
+            self._firsts[kbps][index] = start / rate
+
+    def _close(self, kbps: int, index: int) -> None:
+        output = self._outputs.pop((kbps, index), None)
+        if output is not None:
+            output.close()
+
+    def _piece_path(self, index: int, kbps: int) -> Path:
+        return self._out_dir / layout.audio_piece_name(self._chunks[index].name, kbps)
+
+    def _pieces(self, index: int) -> list[ChunkAudio]:
+        chunk = self._chunks[index]
+        pieces = []
+        for kbps in self._readers:
+            self._close(kbps, index)
+            first = self._firsts[kbps][index]
+            if first is None:
+                raise UnsupportedMedia(
+                    f"the source's audio ends before {chunk.start:g} s, where chunk "
+                    f"{chunk.name} starts; re-export it with audio as long as the video"
+                )
+            pieces.append(ChunkAudio(chunk.name, kbps, self._piece_path(index, kbps).name,
+                                     first - chunk.start, self._counts[kbps][index]))
+        return pieces
 
 
 def cut_per_chunk(
     whole: Path, kbps: int, chunks: Sequence[Chunk], out_dir: Path
 ) -> tuple[int, list[ChunkAudio]]:
-    """Write each chunk's frames of ``whole`` into ``out_dir``: the frames that start in the
-    chunk's range, the priming frame with chunk 0. Returns the sample rate and the pieces."""
-    counts = [0] * len(chunks)
-    firsts: list[float | None] = [None] * len(chunks)
-    sample_rate = 0
-    index = 0
-    pieces = [out_dir / layout.audio_piece_name(chunk.name, kbps) for chunk in chunks]
-    with contextlib.ExitStack() as stack:
-        outputs = [stack.enter_context(path.open("wb")) for path in pieces]
-        for number, (rate, frame) in enumerate(adts_frames(stack.enter_context(whole.open("rb")))):
-            sample_rate = sample_rate or rate
-            # Exact in integers: where the frame starts, in samples from the source's start.
-            start = number * AAC_FRAME_SAMPLES - AAC_PRIMING_SAMPLES
-            while index + 1 < len(chunks) and start >= round(chunks[index + 1].start * rate):
-                index += 1
-            outputs[index].write(frame)
-            counts[index] += 1
-            if firsts[index] is None:
-                firsts[index] = start / rate
-    produced = []
-    for chunk, path, count, first in zip(chunks, pieces, counts, firsts, strict=True):
-        if first is None:
-            raise UnsupportedMedia(
-                f"the source's audio ends before {chunk.start:g} s, where chunk {chunk.name} "
-                "starts; re-export it with audio as long as the video"
-            )
-        produced.append(ChunkAudio(chunk.name, kbps, path.name, first - chunk.start, count))
-    return sample_rate, produced
+    """Write each chunk's frames of the finished encode ``whole`` into ``out_dir`` (as
+    :class:`ChunkCutter` does while it is written). Returns the sample rate and the pieces."""
+    cutter = ChunkCutter({kbps: whole}, chunks, out_dir)
+    try:
+        released = cutter.poll(final=True)
+    finally:
+        cutter.close()
+    return cutter.sample_rate, [piece for _, pieces in released for piece in pieces]

@@ -308,10 +308,6 @@ def audio_piece_name(chunk: str, kbps: int) -> str:
     return f"{chunk}-{kbps}k.aac"
 
 
-def audio_produced_key(job_id: str) -> str:
-    return f"jobs/{job_id}/audio/produced.json"
-
-
 def encrypted_prefix(job_id: str, rendition: str) -> str:
     return f"jobs/{job_id}/enc/{rendition}"
 

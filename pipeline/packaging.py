@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from . import layout
-from .audio import WHOLE_PATTERN, ChunkAudio, JobAudio, audio_args, cut_per_chunk
+from .audio import WHOLE_PATTERN, ChunkCutter, ReleasedAudio, audio_args
 from .crypto import encrypt_file, iv_for_sequence
-from .errors import BadSpec, InvalidSource, UnsupportedMedia
+from .errors import BadSpec, InvalidSource, TransientError, UnsupportedMedia
 from .jobs import JobRecord, JobSpec
 from .media import MediaInfo, probe
 from .plan import (
@@ -225,40 +225,75 @@ def _work_dir(svc: Services, prefix: str) -> Iterator[tuple[Path, bool]]:
         yield Path(scratch), False
 
 
-def encode_audio(svc: Services, spec: JobSpec, on_progress: Progress = no_progress) -> int:
+#: The job-record field of a chunk's released audio (:class:`~pipeline.audio.ReleasedAudio`).
+RELEASED_AUDIO_FIELD = "audio_pieces:{chunk}"
+
+#: Told the name of each chunk whose audio the audio stage has released, and whether an earlier
+#: delivery of the stage had released it already.
+Release = Callable[[str, bool], None]
+
+
+def encode_audio(
+    svc: Services, spec: JobSpec, on_progress: Progress = no_progress,
+    on_release: Release = lambda chunk, again: None,
+) -> int:
     """Encode the source's audio once for the whole job, at every bitrate the ladder uses, and
-    cut it into each chunk's share (see :mod:`pipeline.audio`); returns the pieces written.
-    With separate audio renditions, cut and encrypt those instead (:func:`audio_group`)."""
+    cut it into each chunk's share (see :mod:`pipeline.audio`), releasing each chunk (its
+    pieces in the work store, then its record in the job's, then ``on_release``) as soon as
+    the encoder has passed its end; returns the pieces written. With separate audio
+    renditions, cut and encrypt those instead (:func:`audio_group`).
+
+    A redelivery encodes again but leaves the chunks an earlier delivery released as they
+    are: their segment stages may be reading those pieces. The encoder is deterministic (the
+    same frames, byte for byte, from the same source: tests/test_chunks.py checks it), so
+    chunks released by two deliveries still join frame for frame."""
     job = svc.jobs.get(spec.job_id)
     if job_audio_renditions(job):
         return audio_group(svc, spec, job, on_progress)
     info = _media(job)
     chunks = job_chunks(job)
     bitrates = job.json_field("audio_bitrates") or []
+    released_before = {chunk.name for chunk in chunks
+                       if RELEASED_AUDIO_FIELD.format(chunk=chunk.name) in job.fields}
     target, shown = ffmpeg_target(spec.source)
     attempt = uuid.uuid4().hex[:12]
     prefix = layout.audio_attempt_prefix(spec.job_id, attempt)
+    written = 0
     with _work_dir(svc, prefix) as (out_dir, is_local), \
             tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
         args = audio_args(target, bitrates, Path(scratch),
                           demuxer=source_demuxer(info.format_name, shown))
-        run_ffmpeg(args, duration=info.duration, timeout=audio_timeout(info.duration),
-                   on_progress=on_progress)
-        pieces: list[ChunkAudio] = []
-        sample_rate = 0
-        for kbps in bitrates:
-            whole = Path(scratch) / WHOLE_PATTERN.format(kbps=kbps)
-            sample_rate, cut = cut_per_chunk(whole, kbps, chunks, out_dir)
-            pieces.extend(cut)
-        if not is_local:
-            for piece in pieces:
-                svc.work.put_file(layout.plain_segment_key(prefix, piece.name),
-                                  out_dir / piece.name)
-    produced = JobAudio(attempt=attempt, sample_rate=sample_rate, pieces=tuple(pieces))
-    # The switch, as for segments: chunks read this attempt's pieces and no other.
-    svc.work.put_bytes(layout.audio_produced_key(spec.job_id),
-                       json.dumps(produced.to_dict()).encode())
-    return len(pieces)
+        wholes = {kbps: Path(scratch) / WHOLE_PATTERN.format(kbps=kbps) for kbps in bitrates}
+        cutter = ChunkCutter(wholes, chunks, out_dir)
+
+        def release(*, final: bool = False) -> None:
+            nonlocal written
+            for chunk, pieces in cutter.poll(final=final):
+                if chunk.name in released_before:
+                    on_release(chunk.name, True)
+                    continue
+                if not is_local:
+                    for piece in pieces:
+                        svc.work.put_file(layout.plain_segment_key(prefix, piece.name),
+                                          out_dir / piece.name)
+                written += len(pieces)
+                # The switch, as for segments: the chunk reads this attempt's pieces only.
+                record = ReleasedAudio(attempt, cutter.sample_rate, tuple(pieces))
+                svc.jobs.set_json(spec.job_id, RELEASED_AUDIO_FIELD.format(chunk=chunk.name),
+                                  record.to_dict())
+                on_release(chunk.name, False)
+
+        def progress(fraction: float) -> None:
+            release()
+            on_progress(fraction)
+
+        try:
+            run_ffmpeg(args, duration=info.duration, timeout=audio_timeout(info.duration),
+                       on_progress=progress)
+            release(final=True)
+        finally:
+            cutter.close()
+    return written
 
 
 def audio_group(
@@ -309,14 +344,14 @@ def _chunk_audio(
     work store is not local; None when the chunk encodes its own audio (or has none)."""
     if not job.json_field("audio_bitrates"):
         return None
-    produced = JobAudio.from_dict(
-        json.loads(svc.work.get_bytes(layout.audio_produced_key(spec.job_id)))
-    )
-    prefix = layout.audio_attempt_prefix(spec.job_id, produced.attempt)
+    record = job.json_field(RELEASED_AUDIO_FIELD.format(chunk=chunk.name))
+    if record is None:
+        # The audio stage sends a chunk only after it has released the chunk's audio.
+        raise TransientError(f"the audio of chunk {chunk.name} is not released yet")
+    released = ReleasedAudio.from_dict(record)
+    prefix = layout.audio_attempt_prefix(spec.job_id, released.attempt)
     pieces: dict[int, AudioPiece] = {}
-    for piece in produced.pieces:
-        if piece.chunk != chunk.name:
-            continue
+    for piece in released.pieces:
         path = svc.work.local_path(f"{prefix}/{piece.name}")
         if path is None:
             path = scratch / piece.name

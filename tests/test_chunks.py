@@ -21,6 +21,7 @@ import pytest
 from playwright.sync_api import Browser
 
 from pipeline import layout, packaging
+from pipeline.errors import UnsupportedMedia
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import probe
 from pipeline.plan import chunks_progress, plan_chunks, plan_renditions
@@ -457,3 +458,169 @@ class TestChunksOnTheFleet:
             assert min(steps) > 0 and max(steps) <= 1 / FPS + 1e-4
             worst = max(abs(gap) for _, gap in audio_gaps(variant.absolute_uri))
             assert worst <= MAX_AUDIO_GAP_S
+
+
+#: A source whose audio takes seconds to encode: four minutes of sine beside a tiny picture.
+LONG_AUDIO_S = 240
+LONG_CHUNK_S = 60
+
+
+@pytest.fixture(scope="module")
+def long_audio_clip() -> Path:
+    return lavfi_clip("long-audio.mp4", seconds=LONG_AUDIO_S, size="160x90", rate=5)
+
+
+@pytest.fixture
+def minute_chunks(tmp_path: Path) -> Services:
+    return build_services(load_settings({
+        "HLSVAULT_DATA_DIR": str(tmp_path / "data"),
+        "HLSVAULT_CHUNK_SECONDS": str(LONG_CHUNK_S),
+    }))
+
+
+def ffmpeg_running_here() -> bool:
+    """Whether a child of this process named ffmpeg is alive (the audio stage's encoder)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if comm == "ffmpeg" and ppid == os.getpid():
+            return True
+    return False
+
+
+class TestAudioReleasedChunkByChunk:
+    @pytest.mark.slow
+    def test_a_chunk_is_released_while_the_audio_is_still_being_encoded(
+        self, minute_chunks: Services, long_audio_clip: Path
+    ) -> None:
+        """Given a four-minute source in one-minute chunks, when the audio stage runs, then
+        it releases chunk c000 (its pieces and record in place) while its ffmpeg is still
+        encoding the rest, and every chunk in order, each exactly once."""
+        svc = minute_chunks
+        spec = new_job_spec(str(long_audio_clip), asset="streamed")
+        svc.jobs.create(spec)
+        plan = packaging.probe_source(svc, spec)
+        assert plan.audio_first and len(plan.chunks) == LONG_AUDIO_S // LONG_CHUNK_S
+        released: list[tuple[str, bool, bool]] = []
+
+        def on_release(chunk: str, again: bool) -> None:
+            field = packaging.RELEASED_AUDIO_FIELD.format(chunk=chunk)
+            assert field in svc.jobs.get(spec.job_id).fields  # the record before the send
+            released.append((chunk, again, ffmpeg_running_here()))
+
+        packaging.encode_audio(svc, spec, on_release=on_release)
+        assert [(c, again) for c, again, _ in released] == [(c.name, False) for c in plan.chunks]
+        assert released[0][2], "c000 was released only after the whole audio was encoded"
+        assert not ffmpeg_running_here()
+
+    @pytest.mark.slow
+    def test_a_redelivery_keeps_what_an_earlier_one_released(
+        self, minute_chunks: Services, long_audio_clip: Path
+    ) -> None:
+        """Given an audio stage that died after releasing c000 and c001, when it is delivered
+        again, then those two keep the first delivery's pieces (their segment stages may be
+        reading them) and are reported as released before, the others get the new
+        delivery's, and the new delivery's cut of c000 and c001 is byte for byte the first's:
+        the encoder is deterministic, so chunks of either delivery join frame for frame."""
+        svc = minute_chunks
+        spec = new_job_spec(str(long_audio_clip), asset="redelivered")
+        svc.jobs.create(spec)
+        plan = packaging.probe_source(svc, spec)
+
+        class Died(Exception):
+            pass
+
+        def dies_after_two(chunk: str, again: bool) -> None:
+            if chunk == "c001":
+                raise Died
+
+        with pytest.raises(Died):
+            packaging.encode_audio(svc, spec, on_release=dies_after_two)
+        assert not ffmpeg_running_here()
+
+        def record(chunk: str) -> dict[str, object] | None:
+            found = svc.jobs.get(spec.job_id).json_field(
+                packaging.RELEASED_AUDIO_FIELD.format(chunk=chunk))
+            return found if isinstance(found, dict) else None
+
+        first = {c: record(c) for c in ("c000", "c001")}
+        assert all(first.values()) and record("c002") is None
+        again: list[tuple[str, bool]] = []
+        packaging.encode_audio(svc, spec, on_release=lambda c, a: again.append((c, a)))
+        assert again == [("c000", True), ("c001", True)] + [
+            (c.name, False) for c in plan.chunks[2:]]
+        assert {c: record(c) for c in ("c000", "c001")} == first
+        second = record("c002")
+        assert second is not None and second["attempt"] != first["c000"]["attempt"]  # type: ignore[index]
+
+        def piece_bytes(attempt: object, chunk: str) -> bytes:
+            root = svc.work.local_dir(layout.audio_attempt_prefix(spec.job_id, str(attempt)))
+            assert root is not None
+            return b"".join(p.read_bytes() for p in sorted(root.glob(f"{chunk}-*.aac")))
+
+        for chunk in ("c000", "c001"):
+            old = piece_bytes(first[chunk]["attempt"], chunk)  # type: ignore[index]
+            assert old and piece_bytes(second["attempt"], chunk) == old
+
+
+class TestChunkCutter:
+    def test_cuts_a_growing_encode_as_a_finished_one(self, tmp_path: Path) -> None:
+        """Given an ADTS encode written a few odd-sized bytes at a time (frames torn across
+        writes), when the cutter polls after every write, then a chunk is released only once
+        a frame of a later chunk is in, in order, and the pieces are byte for byte the cut of
+        the finished file; a torn last frame is an error once the writer is done."""
+        from pipeline.audio import ChunkCutter, cut_per_chunk
+
+        whole = tmp_path / "whole.aac"
+        subprocess.run(
+            ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+             "sine=frequency=440:sample_rate=48000:duration=8", "-c:a", "aac", "-b:a", "96k",
+             "-f", "adts", str(whole)], check=True, timeout=60)
+        data = whole.read_bytes()
+        chunks = plan_chunks(8.0, 1.0, 2, copy=False)
+        assert len(chunks) == 4
+        reference = tmp_path / "reference"
+        reference.mkdir()
+        rate, expected = cut_per_chunk(whole, 96, chunks, reference)
+        # Where each chunk's frames end in the stream: a chunk is whole past that byte.
+        ends = list(itertools.accumulate((reference / p.name).stat().st_size for p in expected))
+
+        growing = tmp_path / "growing.aac"
+        cut = tmp_path / "cut"
+        cut.mkdir()
+        cutter = ChunkCutter({96: growing}, chunks, cut)
+        released: list[str] = []
+        written = 0
+        with growing.open("wb") as writer:
+            for size in itertools.cycle([1, 7, 333, 2048, 5]):
+                if written >= len(data):
+                    break
+                writer.write(data[written : written + size])
+                writer.flush()
+                written += size
+                for chunk, _ in cutter.poll():
+                    # Released only once a frame of the next chunk is in, whole.
+                    assert written > ends[chunk.index], (chunk.name, written)
+                    released.append(chunk.name)
+        assert released == ["c000", "c001", "c002"]
+        final = cutter.poll(final=True)
+        cutter.close()
+        assert [c.name for c, _ in final] == ["c003"]
+        assert cutter.sample_rate == rate == SAMPLE_RATE
+        pieces = [p for _, ps in final for p in ps]
+        assert expected[-1].name == pieces[-1].name
+        for piece in expected:
+            assert (cut / piece.name).read_bytes() == (reference / piece.name).read_bytes()
+
+        torn = tmp_path / "torn.aac"
+        torn.write_bytes(data[: len(data) - 3])
+        cutter = ChunkCutter({96: torn}, chunks, tmp_path / "cut")
+        with pytest.raises(UnsupportedMedia, match="torn frame"):
+            cutter.poll(final=True)
+        cutter.close()

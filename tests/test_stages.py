@@ -179,3 +179,29 @@ class TestOneFailurePath:
         assert ran == "ran"
         assert stage is not None and stage.status == "done"
         assert stage.attempts == runtime.settings.max_deliveries
+
+
+class TestAudioRelease:
+    def test_a_chunk_released_again_is_sent_unless_its_segment_stage_is_done(
+        self, runtime: Runtime, copy_clip: Path
+    ) -> None:
+        """A redelivered audio stage reports the chunks an earlier delivery released: the one
+        whose segment stage finished is not sent again; the one that may never have been sent
+        (its delivery died between release and send) is, and a new release always is."""
+        from workers import flow
+
+        spec = new_job_spec(str(copy_clip), asset="released")
+        runtime.services.jobs.create(spec)
+        runtime.services.jobs.stage_finished(spec.job_id, flow.chunk_stage("segment", "c000"))
+        queue = runtime.broker.queues["segment"]  # type: ignore[attr-defined]
+        before = queue.qsize()
+
+        flow.audio_released(runtime, spec.job_id, "c000", True)
+        assert queue.qsize() == before
+        flow.audio_released(runtime, spec.job_id, "c001", True)
+        flow.audio_released(runtime, spec.job_id, "c002", False)
+        assert queue.qsize() == before + 2
+        record = runtime.services.jobs.get(spec.job_id)
+        for chunk in ("c001", "c002"):
+            state = record.stage(flow.chunk_stage("segment", chunk))
+            assert state is not None and state.status == "queued"

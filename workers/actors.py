@@ -71,7 +71,11 @@ def declare(rt: Runtime) -> None:
     def audio(job_id: str) -> None:
         report = flow.progress(rt, job_id, "audio")
         done = flow.run_stage(
-            rt, job_id, "audio", lambda spec: packaging.encode_audio(svc, spec, report)
+            rt, job_id, "audio",
+            lambda spec: packaging.encode_audio(
+                svc, spec, report,
+                lambda chunk, again: flow.audio_released(rt, job_id, chunk, again),
+            ),
         )
         if done is not None:
             flow.after_audio(rt, job_id)

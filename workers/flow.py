@@ -6,8 +6,9 @@
 A transcode is cut into C time chunks; each segment message transcodes one chunk for every
 rendition (one decode), and each chunk is encrypted as soon as it is segmented, so the
 playlist waits only for the last chunk. A chunked job with audio first encodes its audio once
-(``audio``: seamless joins, see :mod:`pipeline.audio`). A remux, or a short source, is one
-chunk and has no audio stage.
+(``audio``: seamless joins, see :mod:`pipeline.audio`), and the audio stage sends each chunk's
+segment message as soon as the encoder has passed that chunk's end, so the chunks do not wait
+for the whole source's audio. A remux, or a short source, is one chunk and has no audio stage.
 A job that asked for a download gets a faststart MP4 of one rendition after the playlist, and
 one that asked for trick play its I-frame rendition and thumbnails (:mod:`pipeline.trickplay`)
 after that.
@@ -196,8 +197,24 @@ def after_probe(rt: Runtime, job_id: str, plan: JobPlan) -> None:
         send_chunks(rt, job_id, names)
 
 
+def audio_released(rt: Runtime, job_id: str, chunk: str, again: bool) -> None:
+    """The audio stage released ``chunk``'s audio: its segment message goes now. A chunk an
+    earlier delivery released is sent again only if its segment stage has not finished (that
+    delivery may have died between the release and the send; a duplicate segment message is
+    safe, a lost one would stall the job)."""
+    if again:
+        state = rt.services.jobs.get(job_id).stage(chunk_stage("segment", chunk))
+        if state is not None and state.status == "done":
+            return
+    send_chunks(rt, job_id, [chunk])
+
+
 def after_audio(rt: Runtime, job_id: str) -> None:
-    send_chunks(rt, job_id, rt.services.jobs.get(job_id).json_field("chunk_names"))
+    """Muxed audio released every chunk as it went (:func:`audio_released`); an audio group
+    (separate renditions, cut whole) sends them all now."""
+    record = rt.services.jobs.get(job_id)
+    if not record.json_field("audio_bitrates"):
+        send_chunks(rt, job_id, record.json_field("chunk_names"))
 
 
 def send_chunks(rt: Runtime, job_id: str, names: list[str]) -> None:
