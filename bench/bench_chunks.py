@@ -182,12 +182,14 @@ def project(run: Run, source_s: float, chunk_s: float) -> None:
     film = FILM_SECONDS / source_s
     serial = {
         "probe": stage_wall(fields, "probe"),
-        "audio (whole film, once)": stage_wall(fields, "audio") * film,
         "playlist": stage_wall(fields, "playlist") * film,
         "upload (server-side copies)": stage_wall(fields, "upload") * film,
         "invalidate": stage_wall(fields, "invalidate"),
     }
     serial_s = sum(serial.values())
+    # The audio pass is not serial: it takes one segment machine's thread for the film's
+    # audio, and releases chunk i once the encoder has passed its end (pipeline/audio.py).
+    audio_s = stage_wall(fields, "audio") * film
     print(f"per chunk (measured at {chunk_s:g} s chunks, one core): ffmpeg "
           f"{statistics.median(c.ffmpeg for c in chunks):.1f} s, output probes "
           f"{statistics.median(c.ffprobe for c in chunks):.2f} s, segment stage less ffmpeg "
@@ -199,11 +201,19 @@ def project(run: Run, source_s: float, chunk_s: float) -> None:
           "idle consumers' fallback fetches and heartbeats included; the benchmark's own status "
           "reads left out)")
     print(f"2-hour film in {FILM_CHUNK_SECONDS} s chunks: {film_chunks} chunks; per chunk "
-          f"{encode:.0f} s of ffmpeg + {coordination:.1f} s of coordination; serial parts "
+          f"{encode:.0f} s of ffmpeg + {coordination:.1f} s of coordination; audio pass "
+          f"{audio_s:.0f} s on one machine beside the chunks (chunk i released after "
+          f"{audio_s / film_chunks:.1f} s x (i + 1)); serial parts "
           + ", ".join(f"{k} {v:.0f} s" for k, v in serial.items()))
 
     def wall(machines: int) -> float:
-        return serial_s + math.ceil(film_chunks / min(machines, film_chunks)) * chunk_cost
+        # Each chunk, in order, to the machine free first, not before its audio is released;
+        # one machine starts with the audio pass.
+        free = [audio_s] + [0.0] * (min(machines, film_chunks + 1) - 1)
+        for index in range(film_chunks):
+            machine = min(range(len(free)), key=free.__getitem__)
+            free[machine] = max(free[machine], audio_s * (index + 1) / film_chunks) + chunk_cost
+        return serial_s + max(free)
 
     print(f"{'segment machines':>17}{'projected wall':>16}{'speed-up':>10}{'coordination %':>16}")
     for machines in MACHINES:
@@ -211,9 +221,9 @@ def project(run: Run, source_s: float, chunk_s: float) -> None:
         share = (serial_s + rounds * coordination) / wall(machines)
         print(f"{machines:>17}{wall(machines) / 60:>13.1f} min{wall(1) / wall(machines):>10.1f}"
               f"{share:>15.0%}")
-    # Past this many machines the parts no machine count shortens (the audio pass, the
-    # upload, the hops) take more of the wall time than the chunks themselves.
-    knee = film_chunks * chunk_cost / serial_s
+    # Past this many machines the parts no machine count shortens (the upload, the hops, the
+    # first chunk's audio) take more of the wall time than the chunks themselves.
+    knee = film_chunks * chunk_cost / (serial_s + audio_s / film_chunks)
     print(f"gain stops: serial parts {serial_s / 60:.1f} min, one round of chunks "
           f"{chunk_cost / 60:.1f} min; from {knee:.0f} machines on the serial parts are half "
           f"the wall time or more; beyond {film_chunks} (one chunk each) nothing is gained")

@@ -117,9 +117,10 @@ def segment_timeout(duration: float, copy: bool, renditions: int = 1) -> float:
 
 @dataclass(frozen=True)
 class JobPlan:
-    """What the probe decided: the renditions, the time chunks, and whether the job's audio is
-    encoded once before the chunks: a transcode of several chunks with muxed audio (pieces
-    by bitrate), or separate audio renditions (an audio group, cut whole)."""
+    """What the probe decided: the renditions, the time chunks, and whether the job's audio
+    has a stage of its own: a transcode of several chunks with muxed audio (encoded once, the
+    chunks released as it goes: pieces by bitrate), or separate audio renditions (an audio
+    group, cut whole beside the chunks)."""
 
     renditions: tuple[Rendition, ...]
     chunks: tuple[Chunk, ...]
@@ -129,7 +130,7 @@ class JobPlan:
     @property
     def audio_first(self) -> bool:
         # A job of one chunk cuts its audio renditions in the chunk's own ffmpeg (one read of
-        # the source); a chunked one cuts them whole, once, before the chunks.
+        # the source); a chunked one cuts them whole, once, in a stage of its own.
         return bool(self.audio_bitrates) or (bool(self.audio_renditions) and len(self.chunks) > 1)
 
 

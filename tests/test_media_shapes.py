@@ -201,6 +201,29 @@ class TestAudioGroups:
             assert measured == pytest.approx(tone, rel=0.02), language
         assert frame_hashes(framemd5(url)) == frame_hashes(framemd5(str(two_audio_clip)))
 
+    @pytest.mark.slow
+    def test_a_chunked_transcode_cuts_its_languages_beside_the_chunks(
+        self, keyserver: Hlsvault, two_audio_clip: Path
+    ) -> None:
+        """Two languages of a transcode cut in 2 s chunks: the audio group has a stage of its
+        own that runs beside the chunks (the playlist waits for both), and each language
+        decodes to the source's duration and tone, the video to every frame."""
+        keyserver.env["HLSVAULT_CHUNK_SECONDS"] = "2"
+        summary = package(keyserver, two_audio_clip, "chunklangs", "--ladder", "default",
+                          "--container", "fmp4")
+        record = json.loads(keyserver.run("status", str(summary["job_id"]), "--json").stdout)
+        stages = {s["name"]: s["status"] for s in record["stages"]}
+        assert stages["audio"] == "done"
+        assert {f"segment:c00{n}" for n in range(3)} <= set(stages)
+        url = keyserver.url("chunklangs")
+        assert_valid_hls(url)
+        for position, (language, _, tone) in enumerate(TRACKS):
+            seconds, measured = decoded_audio(url, f"0:a:m:language:{language}")
+            expected = source_duration(two_audio_clip, f"a:{position}")
+            assert seconds == pytest.approx(expected, abs=DURATION_TOLERANCE_S), language
+            assert measured == pytest.approx(tone, rel=0.02), language
+        assert len(framemd5(url)) == len(framemd5(str(two_audio_clip)))
+
     def test_audio_only_variant_plays_the_source_duration_without_video(
         self, keyserver: Hlsvault, two_audio_clip: Path
     ) -> None:

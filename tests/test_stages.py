@@ -205,3 +205,33 @@ class TestAudioRelease:
         for chunk in ("c001", "c002"):
             state = record.stage(flow.chunk_stage("segment", chunk))
             assert state is not None and state.status == "queued"
+
+    def test_an_audio_group_is_cut_beside_the_chunks_and_joins_their_fan_in(
+        self, runtime: Runtime, copy_clip: Path
+    ) -> None:
+        """Separate audio renditions of a chunked job: the chunks are sent at once with the
+        audio stage (they do not need it), and the playlist waits for both the last chunk
+        and the audio group, whichever ends last, however often either arrives."""
+        from pipeline.plan import AudioRendition, plan_chunks
+        from workers import flow
+
+        spec = new_job_spec(str(copy_clip), asset="grouped")
+        runtime.services.jobs.create(spec)
+        chunks = tuple(plan_chunks(8.0, 2.0, 4, copy=False))
+        group = AudioRendition(name="audio-en", track=0, copy=False, kbps=128, language="en",
+                               title="English", default=True, channels=2)
+        plan = packaging.JobPlan(renditions=(), chunks=chunks, audio_bitrates=(),
+                                 audio_renditions=(group,))
+        queues = runtime.broker.queues  # type: ignore[attr-defined]
+        sizes = {name: queues[name].qsize() for name in ("segment", "publish")}
+
+        flow.after_probe(runtime, spec.job_id, plan)
+        assert queues["segment"].qsize() == sizes["segment"] + len(chunks) + 1  # chunks, audio
+        for chunk in chunks:
+            flow.after_encrypt(runtime, spec.job_id, chunk.name)
+        flow.after_encrypt(runtime, spec.job_id, chunks[0].name)  # a redelivery
+        assert queues["publish"].qsize() == sizes["publish"]
+        flow.after_audio(runtime, spec.job_id)
+        assert queues["publish"].qsize() == sizes["publish"] + 1
+        playlist = runtime.services.jobs.get(spec.job_id).stage("playlist")
+        assert playlist is not None and playlist.status == "queued"

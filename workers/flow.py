@@ -8,7 +8,9 @@ rendition (one decode), and each chunk is encrypted as soon as it is segmented, 
 playlist waits only for the last chunk. A chunked job with audio first encodes its audio once
 (``audio``: seamless joins, see :mod:`pipeline.audio`), and the audio stage sends each chunk's
 segment message as soon as the encoder has passed that chunk's end, so the chunks do not wait
-for the whole source's audio. A remux, or a short source, is one chunk and has no audio stage.
+for the whole source's audio; separate audio renditions (an audio group) are cut beside the
+chunks and join the playlist's fan-in. A remux, or a short source, is one chunk and has no
+audio stage.
 A job that asked for a download gets a faststart MP4 of one rendition after the playlist, and
 one that asked for trick play its I-frame rendition and thumbnails (:mod:`pipeline.trickplay`)
 after that.
@@ -189,11 +191,15 @@ def after_probe(rt: Runtime, job_id: str, plan: JobPlan) -> None:
     jobs = rt.services.jobs
     names = [chunk.name for chunk in plan.chunks]
     jobs.set_json(job_id, "chunk_names", names)
-    jobs.set_pending(job_id, "encrypt", len(names))
+    # An audio group (separate renditions, cut whole) is cut beside the chunks, which do not
+    # need it, and joins their fan-in: the playlist waits for it as for the last chunk.
+    group = plan.audio_first and not plan.audio_bitrates
+    jobs.set_pending(job_id, "encrypt", len(names) + (1 if group else 0))
     if plan.audio_first:
         jobs.stage_queued(job_id, "audio")
         rt.send(AUDIO, job_id)
-    else:
+    if not plan.audio_bitrates:
+        # Muxed audio encoded once releases its chunks itself (:func:`audio_released`).
         send_chunks(rt, job_id, names)
 
 
@@ -211,10 +217,9 @@ def audio_released(rt: Runtime, job_id: str, chunk: str, again: bool) -> None:
 
 def after_audio(rt: Runtime, job_id: str) -> None:
     """Muxed audio released every chunk as it went (:func:`audio_released`); an audio group
-    (separate renditions, cut whole) sends them all now."""
-    record = rt.services.jobs.get(job_id)
-    if not record.json_field("audio_bitrates"):
-        send_chunks(rt, job_id, record.json_field("chunk_names"))
+    arrives at the chunks' fan-in."""
+    if not rt.services.jobs.get(job_id).json_field("audio_bitrates"):
+        _arrive(rt, job_id, "audio")
 
 
 def send_chunks(rt: Runtime, job_id: str, names: list[str]) -> None:
@@ -231,9 +236,14 @@ def after_segment(rt: Runtime, job_id: str, chunk: str) -> None:
 
 
 def after_encrypt(rt: Runtime, job_id: str, chunk: str) -> None:
-    # Fan-in on the record's atomic counter: the last chunk to finish enqueues the playlist.
-    # (A dramatiq group callback would never fire if one child failed for good.)
-    if rt.services.jobs.arrive(job_id, "encrypt", chunk) == 0:
+    _arrive(rt, job_id, chunk)
+
+
+def _arrive(rt: Runtime, job_id: str, member: str) -> None:
+    # Fan-in on the record's atomic counter: the last chunk (or audio group) to finish
+    # enqueues the playlist. (A dramatiq group callback would never fire if one child failed
+    # for good.)
+    if rt.services.jobs.arrive(job_id, "encrypt", member) == 0:
         rt.services.jobs.stage_queued(job_id, "playlist")
         rt.send(PLAYLIST, job_id)
 
