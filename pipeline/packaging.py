@@ -12,9 +12,9 @@ attempt that ``produced.json`` names, and that attempt is complete. A chunk's se
 their media sequence numbers in their names, so a redelivered chunk rewrites exactly its own.
 The audio stage's pieces are switched in the same way.
 
-A copy remux (MPEG-TS or fMP4, audio muxed or in renditions of its own) seals its segments
-while ffmpeg writes them (:mod:`pipeline.sealing`): its ``produced.json`` then says so, and
-encrypt only links them into place.
+The segment stage seals its segments while ffmpeg writes them (:mod:`pipeline.sealing`), a
+remux's and a transcode's, whatever the container and wherever the audio: its
+``produced.json`` then says so, and encrypt only links them into place.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from .playlists import (
     describe_rendition,
     key_index,
 )
-from .sealing import SegmentSealer, can_seal
+from .sealing import ENCODE_POLL_S, POLL_S, SegmentSealer
 from .segment import (
     DEFAULT_AUDIO_KBPS,
     PROGRESS_INTERVAL_S,
@@ -71,6 +71,7 @@ from .subtitles import (
     prepare_subtitles,
     subtitle_rendition,
 )
+from .workuploads import AttemptUploads
 
 #: Segments of one rendition encrypted at once. OpenSSL releases the GIL while it encrypts, so
 #: each thread keeps a core busy; capped because renditions are encrypted side by side too.
@@ -376,11 +377,12 @@ def key_source(svc: Services, spec: JobSpec) -> Callable[[int], bytes]:
 
 def segment(
     svc: Services, spec: JobSpec, chunk_name: str, on_progress: Progress = no_progress,
-    *, seal: bool | None = None,
+    *, seal: bool = True,
 ) -> int:
     """Cut one chunk of every rendition into segments with one ffmpeg; returns how many
-    segments were produced. They are plain, or sealed (encrypted as ffmpeg closes them) when
-    ``seal`` says so; None seals whatever :func:`~pipeline.sealing.can_seal` allows."""
+    segments were produced. They are sealed (encrypted as ffmpeg closes them,
+    :mod:`pipeline.sealing`), every shape of chunk alike; without ``seal`` they are left plain
+    for the encrypt stage (the path sealing is measured and tested against)."""
     job = svc.jobs.get(spec.job_id)  # what the probe planned: one read for the whole stage
     renditions = _job_renditions(job)
     info = _media(job)
@@ -393,13 +395,30 @@ def segment(
     # A job of one chunk cuts its audio renditions in the chunk's own ffmpeg (one read).
     audio_here = audio_group if len(job_chunks(job)) == 1 else []
     length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
-    sealer = None
-    if can_seal(renditions, audio_here) if seal is None else seal:
+    key_for: Callable[[int], bytes] | None = None
+    if seal:
         key_for = key_source(svc, spec)
         key_for(chunk.first_segment)  # the vault answers before ffmpeg starts, or the stage fails
-        sealer = SegmentSealer(key_for, container=spec.container)
+    sealer = None
     with _work_dir(svc, prefix) as (out_dir, is_local), \
-            tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
+            tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch, \
+            ExitStack() as stack:
+
+        def work_key(rendition: str, file_name: str) -> str:
+            rendition_prefix = layout.chunk_rendition_prefix(
+                spec.job_id, chunk.name, attempt, rendition
+            )
+            return layout.plain_segment_key(rendition_prefix, file_name)
+
+        uploads = None
+        if not is_local:
+            # A remote work store: each segment is put as soon as it is sealed, while ffmpeg
+            # encodes the next, and the rest once ffmpeg has exited.
+            uploads = stack.enter_context(AttemptUploads(svc.work, work_key))
+        if key_for is not None:
+            sealer = SegmentSealer(key_for, container=spec.container,
+                                   poll_s=POLL_S if copy else ENCODE_POLL_S,
+                                   on_sealed=uploads.put if uploads is not None else None)
         produced = segment_chunk(
             target,
             renditions,
@@ -415,14 +434,10 @@ def segment(
             audio_renditions=audio_here,
             seal=sealer,
         )
-        if not is_local:
-            for name, rendition in produced.items():
-                rendition_prefix = layout.chunk_rendition_prefix(
-                    spec.job_id, chunk.name, attempt, name
-                )
-                for file_name in _files_of(rendition):
-                    svc.work.put_file(layout.plain_segment_key(rendition_prefix, file_name),
-                                      out_dir / name / file_name)
+        if uploads is not None:
+            uploads.finish((name, out_dir / name / file_name)
+                           for name, rendition in produced.items()
+                           for file_name in _files_of(rendition))
     # The switch: from here on, encrypt reads this attempt (whole) and no other.
     record: dict[str, Any] = {
         "attempt": attempt, "produced": {n: r.to_dict() for n, r in produced.items()},

@@ -1,8 +1,9 @@
-"""Sealing: a remux's segments encrypted one by one as ffmpeg closes them, instead of after.
+"""Sealing: a chunk's segments encrypted one by one as ffmpeg closes them, instead of after.
 
-A copy remux is bound by the disk, encryption by one core; done one after the other they add
-up, done side by side the encryption hides behind the remux but for its last segments. ffmpeg
-writes each segment under a temporary name and renames it when it is complete
+Encrypting after ffmpeg (the encrypt stage) costs a pass over every byte and, in a fleet, every
+plain segment's trip to the work bucket and back; done beside ffmpeg, the encryption hides
+behind the remux or the encode but for its last segments, and plaintext is never stored.
+ffmpeg writes each segment under a temporary name and renames it when it is complete
 (``-hls_flags temp_file``), so a segment that appears under its final name is closed and will
 not be written again. A watcher thread encrypts each one in place (:func:`encrypt_in_place`,
 the GIL released while it runs) with the key and IV of its media sequence number, the rule the
@@ -10,10 +11,20 @@ encrypt stage uses (:func:`~pipeline.playlists.key_index`, :func:`iv_for_sequenc
 are exactly those the encrypt stage would have written. When ffmpeg exits, the stage's own
 thread joins the watcher on the segments still left, so the tail takes two cores.
 
-Every shape of the copy ladder is sealed: MPEG-TS (``.ts``) or fMP4 (``.m4s``, each encrypted
-whole; the init segment beside them stays clear, as the encrypt stage leaves it), with the
-audio muxed in or cut as renditions of its own by the same ffmpeg. The watcher follows every
-rendition directory of the chunk, each in its own media sequence.
+Every shape the segment stage makes is sealed: a copy remux or a transcode (chunked or one
+chunk), MPEG-TS (``.ts``) or fMP4 (``.m4s``, each encrypted whole; the init segment beside
+them stays clear, as the encrypt stage leaves it), with the audio muxed in (copied from the
+job's audio pieces, or encoded by the chunk's ffmpeg) or cut as renditions of its own by the
+same ffmpeg. The watcher follows every rendition directory of the chunk, each in its own
+media sequence.
+
+An encoded rendition's CODECS (profile, level, audio object type, channels) is measured by
+ffprobe from its first segment once ffmpeg has exited (:mod:`pipeline.segment`), so that one
+segment must still be plain then. The watcher *holds back* the first segment of each rendition
+named ``hold`` and seals every other as it closes; the stage seals the held ones
+(:meth:`SegmentSealer.seal_held`) once they are measured, and the same checks cover them: each
+sealed file exactly its PKCS#7-padded size, each segment of ffmpeg's playlist sealed under its
+own sequence number (:meth:`SegmentSealer.sealed_sizes` refuses a held segment never sealed).
 
 The segment stage then records the sealed sizes in its chunk's ``produced.json``, in the same
 atomic write that names the attempt. That record, and nothing inferred from a file, is what
@@ -26,66 +37,78 @@ never named).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import layout
 from .crypto import encrypt_in_place, iv_for_sequence
 from .errors import TransientError
-from .plan import AudioRendition, Rendition
 from .segment import Segment
 
 #: How often the watcher looks for the next closed segment: a remux closes one every few tens
 #: of milliseconds at most, and each look is one stat(2) per rendition.
 POLL_S = 0.005
+#: The same for a transcode, which closes a segment per rendition every few hundred
+#: milliseconds at most: fewer looks, less of the GIL and a core taken from the encoders, and
+#: the segments ffmpeg closes last are sealed by the stage's thread without waiting for a look.
+ENCODE_POLL_S = 0.05
 #: How long the watcher may take to finish after ffmpeg exits: it has at most the segments
 #: ffmpeg closed last to encrypt, at hundreds of MB/s.
 JOIN_TIMEOUT_S = 300.0
 
 KeyFor = Callable[[int], bytes]
-
-
-def can_seal(renditions: Sequence[Rendition], audio_renditions: Sequence[AudioRendition]) -> bool:
-    """Whether a segment stage can seal its output: one rendition remuxed (the copy ladder), in
-    either container, with its audio muxed in or as ``audio_renditions`` the same ffmpeg cuts,
-    each copied too. A transcode's renditions are encrypted by the encrypt stage, which runs
-    while the next chunk transcodes; an encoded audio rendition is measured from its first
-    segment after ffmpeg exits, so it has to stay plain until then."""
-    return (len(renditions) == 1 and renditions[0].copy
-            and all(audio.copy for audio in audio_renditions))
+#: Told of each segment once it is sealed: its rendition and path (e.g. to upload it).
+OnSealed = Callable[[str, Path], None]
 
 
 class SegmentSealer:
     """Encrypts the segments ffmpeg closes in a chunk's rendition directories, each rendition in
-    its media sequence order.
+    its media sequence order, holding back the first segment of the renditions it is told to
+    until :meth:`seal_held`.
 
     ``key_for(sequence)`` gives the content key of a sequence number; it is called from the
     watcher thread and, for the last segments, from the stage's own, one call at a time.
+    ``on_sealed(rendition, path)``, when given, is called after each segment is sealed, from
+    whichever thread sealed it.
     """
 
     def __init__(self, key_for: KeyFor, *, container: str = layout.DEFAULT_CONTAINER,
-                 poll_s: float = POLL_S) -> None:
+                 poll_s: float = POLL_S, on_sealed: OnSealed | None = None) -> None:
         self._key_for = key_for
+        self._on_sealed = on_sealed
         self._key_lock = threading.Lock()
         self._pattern = layout.segment_pattern(container)
         self._poll_s = poll_s
         self._claim_lock = threading.Lock()
         self._out_dir = Path()
+        self._first = 0
         self._next: dict[str, int] = {}
+        self._hold: frozenset[str] = frozenset()
+        #: By rendition: the first segment held back plain (its path and sequence number).
+        self._held: dict[str, tuple[Path, int]] = {}
         #: By rendition, then segment name: the sequence number it was sealed under, its plain
         #: and sealed sizes.
         self.sealed: dict[str, dict[str, tuple[int, int, int]]] = {}
 
     @contextmanager
     def sealing(
-        self, out_dir: Path, renditions: Sequence[str], first_sequence: int
+        self, out_dir: Path, renditions: Sequence[str], first_sequence: int, *,
+        hold: Collection[str] = (),
     ) -> Iterator[None]:
         """Seal the segments of ``out_dir/<rendition>/`` for each of ``renditions`` (each
         numbered from ``first_sequence``) as they appear while the body (ffmpeg) runs, and the
-        last ones after it returns; an error of the watcher is raised when the body returns."""
+        last ones after it returns; an error of the watcher is raised when the body returns.
+        The first segment of each rendition in ``hold`` is left plain, to be measured, until
+        :meth:`seal_held`."""
+        unknown = set(hold) - set(renditions)
+        if unknown:
+            raise ValueError(f"held renditions {sorted(unknown)} are not sealed here")
         self._out_dir = out_dir
+        self._first = first_sequence
         self._next = dict.fromkeys(renditions, first_sequence)
+        self._hold = frozenset(hold)
+        self._held = {}
         self.sealed = {name: {} for name in renditions}
         finished = threading.Event()
         errors: list[BaseException] = []
@@ -117,6 +140,14 @@ class SegmentSealer:
         for name in renditions:
             self._check_untouched(name)
 
+    def seal_held(self) -> None:
+        """Seal the first segments held back (after :meth:`sealing`, once they are measured),
+        and check them as every other sealed segment."""
+        held, self._held = self._held, {}
+        for rendition, (path, sequence) in held.items():
+            self._seal(rendition, path, sequence)
+            self._check_untouched(rendition)
+
     def _seal_until(self, finished: threading.Event) -> None:
         """Seal the next closed segment of any rendition, and again, until ``finished`` is set
         and none is left."""
@@ -139,6 +170,9 @@ class SegmentSealer:
                 path = self._out_dir / rendition / (self._pattern % sequence)
                 if path.exists():
                     self._next[rendition] = sequence + 1
+                    if sequence == self._first and rendition in self._hold:
+                        self._held[rendition] = (path, sequence)  # measured plain, sealed after
+                        continue
                     return rendition, path, sequence
         return None
 
@@ -148,6 +182,8 @@ class SegmentSealer:
         plain = path.stat().st_size
         sealed = encrypt_in_place(path, key, iv_for_sequence(sequence))
         self.sealed[rendition][path.name] = (sequence, plain, sealed)
+        if self._on_sealed is not None:
+            self._on_sealed(rendition, path)
 
     def _check_untouched(self, rendition: str) -> None:
         """A segment ffmpeg kept writing after it appeared would hold a plaintext tail: every
@@ -180,8 +216,8 @@ class SegmentSealer:
             found = sealed.get(seg.name)
             if found is None or found[0] != seg.sequence:
                 raise TransientError(
-                    f"segment {seg.name} (sequence {seg.sequence}) was not sealed while ffmpeg "
-                    "wrote it; the stage will be retried"
+                    f"segment {seg.name} (sequence {seg.sequence}) of {rendition} was not "
+                    "sealed; the stage will be retried"
                 )
             sizes.append(found[2])
         if len(sealed) != len(segments):

@@ -415,11 +415,10 @@ def segment_chunk(
     """Cut ``chunk`` of every rendition of ``source`` (whose probe is ``info``) into
     ``out_dir/<rendition>/`` with one ffmpeg, and describe what was produced, by rendition.
     Without ``muxed_audio`` the renditions are video only (the audio is a group of its own,
-    whose ``audio_renditions`` this ffmpeg writes too when given). With ``seal`` (a remux:
-    :func:`~pipeline.sealing.can_seal`), each segment of every rendition is encrypted as soon
-    as ffmpeg closes it."""
-    if seal is not None and not all(a.copy for a in audio_renditions):
-        raise ValueError("an encoded audio rendition is measured from its output: not sealed")
+    whose ``audio_renditions`` this ffmpeg writes too when given). With ``seal``
+    (:mod:`pipeline.sealing`), each segment of every rendition is encrypted as soon as ffmpeg
+    closes it, but for an encoded rendition's first: that one is measured plain (its CODECS)
+    once ffmpeg has exited, and sealed after."""
     for name in [r.name for r in renditions] + [a.name for a in audio_renditions]:
         _clean(out_dir / name)
     demuxer = source_demuxer(info.format_name, shown_name(source))
@@ -434,7 +433,10 @@ def segment_chunk(
         run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
     else:
         names = [r.name for r in renditions] + [a.name for a in audio_renditions]
-        with seal.sealing(out_dir, names, chunk.first_segment):
+        # What _describe and _describe_audio measure from the output: every encoded rendition.
+        measured = [r.name for r in renditions if not r.copy] + \
+            [a.name for a in audio_renditions if not a.copy]
+        with seal.sealing(out_dir, names, chunk.first_segment, hold=measured):
             run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
 
     def plain_sizes(name: str) -> Mapping[str, int] | None:
@@ -450,6 +452,8 @@ def segment_chunk(
         produced[audio_rendition.name] = _describe_audio(
             audio_rendition, out_dir, info, container, plain_sizes(audio_rendition.name)
         )
+    if seal is not None:
+        seal.seal_held()  # measured: now they are sealed like the rest
     return produced
 
 
@@ -489,8 +493,8 @@ def _describe_audio(
     plain_sizes: Mapping[str, int] | None = None,
 ) -> SegmentedRendition:
     """What was produced for an audio rendition: the source track's codec for a copy,
-    measured from the output for an encode (so an encoded one is never sealed). ``plain_sizes``
-    as for :func:`parse_plain_playlist`."""
+    measured from the output's first segment (plain: a sealing stage holds it back) for an
+    encode. ``plain_sizes`` as for :func:`parse_plain_playlist`."""
     rendition_dir = out_dir / rendition.name
     segments = parse_plain_playlist(rendition_dir, 0, plain_sizes)
     track = info.audio_tracks[rendition.track]
@@ -579,7 +583,8 @@ def _describe(
         # ffprobe process, ~0.08 s). Rotation, the one thing TS cannot carry, rules out a copy.
         video, audio = info.video, info.audio
     else:
-        # A transcode's CODECS must be measured from what the encoder actually produced.
+        # A transcode's CODECS must be measured from what the encoder actually produced
+        # (its first segment is still plain: sealing holds it back until then).
         with _first_segment(rendition_dir, segments[0], container) as first:
             produced = probe(str(first), shown=f"segment {segments[0].name}")
         video, audio = produced.video, produced.audio

@@ -90,6 +90,31 @@ class TestRekey:
             assert response.read() != old_key
         assert frame_hashes(framemd5(new_url)) == frame_hashes(framemd5(str(copy_clip)))
 
+    def test_rekey_of_a_sealed_chunked_transcode_plays_as_before(
+        self, keyserver: Hlsvault, copy_clip: Path
+    ) -> None:
+        """A transcode in 2 s chunks, sealed by its segment stages, re-keys: the new version
+        decodes frame for frame as the packaged one, under keys that are not the old ones."""
+        keyserver.env["HLSVAULT_CHUNK_SECONDS"] = "2"
+        done = keyserver.package(str(copy_clip), "--asset", "coded", "--ladder", "default",
+                                 "--segment-seconds", "1", "--key-rotation-segments", "3")
+        assert done.returncode == 0, done.stderr
+        url = keyserver.url("coded")
+        packaged = frame_hashes(framemd5(url))
+        old_keys = key_uris(url)
+        assert len(packaged) == 180 and len(old_keys) == 2
+
+        rekeyed = keyserver.run("rekey", "coded", "--grace", "0", "--json")
+        assert rekeyed.returncode == 0, rekeyed.stderr
+
+        # past the key server's state cache: the old version's keys are gone
+        eventually(lambda: _assert_equal(status_of(old_keys[0]), 410))
+        new_url = keyserver.url("coded")
+        new_keys = key_uris(new_url)
+        old_version = old_keys[0].split("/v1/keys/coded/")[1].split("/")[0]
+        assert len(new_keys) == 2 and all(old_version not in uri for uri in new_keys)
+        assert frame_hashes(framemd5(new_url)) == packaged
+
     def test_rekey_of_an_unknown_asset_says_what_to_do(
         self, hlsvault: Hlsvault, copy_clip: Path
     ) -> None:

@@ -1,28 +1,32 @@
-"""Pipelined encryption (sealing): a copy remux's segments encrypted as ffmpeg closes them are
-byte for byte what the two stages (remux, then encrypt) produce under the same keys, decode as
-the source, and are never encrypted twice, whichever stage is delivered again. Every shape of
-the copy ladder is sealed: MPEG-TS or fMP4 (its init segment left clear), audio muxed in or as
-renditions of its own."""
+"""Pipelined encryption (sealing): a chunk's segments encrypted as ffmpeg closes them are byte
+for byte what the two stages (segment, then encrypt) produce under the same keys, decode as the
+source, and are never encrypted twice, whichever stage is delivered again. Every shape is
+sealed: a copy remux or a transcode (chunked or one chunk), MPEG-TS or fMP4 (its init segment
+left clear), audio muxed in or as renditions of its own; an encoded rendition's first segment is
+held back plain until ffprobe has measured it."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline import layout, packaging
+from pipeline import segment as segment_module
 from pipeline.crypto import iv_for_sequence
+from pipeline.errors import TransientError
 from pipeline.jobs import JobSpec, new_job_spec
-from pipeline.media import probe
-from pipeline.plan import plan_audio, plan_renditions
-from pipeline.playlists import key_index
-from pipeline.sealing import can_seal
+from pipeline.playlists import describe_rendition, key_index
+from pipeline.sealing import SegmentSealer
+from pipeline.segment import Segment
 from pipeline.services import Services, build_services
 from pipeline.settings import load_settings
+from pipeline.workuploads import AttemptUploads
 
 from support import decrypt_bytes
 
@@ -44,15 +48,30 @@ SHAPES = [
 CONTAINERS = ["ts", "fmp4"]
 
 
+#: A transcode of the 6 s copy clip in 2 s chunks of 1 s segments (three chunks, two joins),
+#: with a new key every 3 segments: chunk c001 (segments 2 and 3) straddles a rotation.
+TRANSCODE_CHUNK_SECONDS = 2
+TRANSCODE_SEGMENT_SECONDS = 1.0
+TRANSCODE_ROTATION = 3
+
+
+def services_in(root: Path, chunk_seconds: int | None = None) -> Services:
+    env = {"HLSVAULT_DATA_DIR": str(root / "data")}
+    if chunk_seconds is not None:
+        env["HLSVAULT_CHUNK_SECONDS"] = str(chunk_seconds)
+    return build_services(load_settings(env))
+
+
 @pytest.fixture
 def services(tmp_path: Path) -> Services:
-    return build_services(load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data")}))
+    return services_in(tmp_path)
 
 
-def probed_job(services: Services, clip: Path, container: str) -> JobSpec:
-    """A copy-ladder job of asset ``film``, recorded and probed."""
-    spec = new_job_spec(str(clip), asset="film", ladder="copy", container=container,
-                        segment_seconds=SEGMENT_SECONDS, key_rotation_segments=ROTATION)
+def probed_job(services: Services, clip: Path, container: str, *, ladder: str = "copy",
+               segment_seconds: float = SEGMENT_SECONDS, rotation: int = ROTATION) -> JobSpec:
+    """A job of asset ``film`` (the copy ladder unless told), recorded and probed."""
+    spec = new_job_spec(str(clip), asset="film", ladder=ladder, container=container,
+                        segment_seconds=segment_seconds, key_rotation_segments=rotation)
     services.jobs.create(spec)
     packaging.probe_source(services, spec)
     return spec
@@ -60,50 +79,70 @@ def probed_job(services: Services, clip: Path, container: str) -> JobSpec:
 
 def twin_job(services: Services, spec: JobSpec) -> JobSpec:
     """Another job of the same asset *and version*: it gets the same keys from the vault."""
-    twin = new_job_spec(spec.source, asset=spec.asset, ladder="copy", container=spec.container,
-                        segment_seconds=SEGMENT_SECONDS, key_rotation_segments=ROTATION)
+    twin = new_job_spec(spec.source, asset=spec.asset, ladder=spec.ladder,
+                        container=spec.container, segment_seconds=spec.segment_seconds,
+                        key_rotation_segments=spec.key_rotation_segments)
     twin = JobSpec.from_dict({**twin.to_dict(), "version": spec.version})
     services.jobs.create(twin)
     packaging.probe_source(services, twin)
     return twin
 
 
-def produced_record(services: Services, spec: JobSpec) -> dict[str, Any]:
+def chunks_of(services: Services, spec: JobSpec) -> list[str]:
+    return [chunk.name for chunk in packaging.job_chunks(services.jobs.get(spec.job_id))]
+
+
+def segment_and_encrypt(services: Services, spec: JobSpec, *, seal: bool = True) -> None:
+    """The stages after the probe, as the flow runs them: the job's audio (when planned), then
+    each chunk segmented and encrypted."""
+    job = services.jobs.get(spec.job_id)
+    if job.json_field("audio_bitrates") or (
+        packaging.job_audio_renditions(job) and len(chunks_of(services, spec)) > 1
+    ):
+        packaging.encode_audio(services, spec)
+    for chunk in chunks_of(services, spec):
+        packaging.segment(services, spec, chunk, seal=seal)
+        packaging.encrypt(services, spec, chunk)
+
+
+def produced_record(services: Services, spec: JobSpec, chunk: str = CHUNK) -> dict[str, Any]:
     record: dict[str, Any] = json.loads(
-        services.work.get_bytes(layout.produced_key(spec.job_id, CHUNK))
+        services.work.get_bytes(layout.produced_key(spec.job_id, chunk))
     )
     return record
 
 
-def produced_renditions(services: Services, spec: JobSpec) -> dict[str, dict[str, Any]]:
-    produced: dict[str, dict[str, Any]] = produced_record(services, spec)["produced"]
+def produced_renditions(
+    services: Services, spec: JobSpec, chunk: str = CHUNK
+) -> dict[str, dict[str, Any]]:
+    produced: dict[str, dict[str, Any]] = produced_record(services, spec, chunk)["produced"]
     return produced
 
 
-def encrypted_output(services: Services, spec: JobSpec) -> dict[str, bytes]:
-    """Every file the encrypt stage left (media segments, init segments), by rendition and
-    name, and the recorded sizes."""
+def encrypted_output(services: Services, spec: JobSpec, chunk: str = CHUNK) -> dict[str, bytes]:
+    """Every file the encrypt stage left for ``chunk`` (media segments, init segments), by
+    rendition and name, and the recorded sizes."""
     files = {}
-    for rendition, produced in produced_renditions(services, spec).items():
+    for rendition, produced in produced_renditions(services, spec, chunk).items():
         names = [seg["name"] for seg in produced["segments"]]
-        if produced["init"] is not None:
+        if produced["init"] is not None and chunk == CHUNK:
             names.append(str(produced["init"]))
         for name in names:
             files[f"{rendition}/{name}"] = services.work.get_bytes(
                 layout.encrypted_key(spec.job_id, rendition, name)
             )
-    sizes = json.loads(services.work.get_bytes(layout.sizes_key(spec.job_id, CHUNK)))
+    sizes = json.loads(services.work.get_bytes(layout.sizes_key(spec.job_id, chunk)))
     files["sizes.json"] = json.dumps(sizes).encode()
     return files
 
 
-def decrypted(services: Services, spec: JobSpec) -> dict[str, list[bytes]]:
-    """Each rendition's media segments, decrypted as a player does (init segments as they are,
-    first), by rendition."""
+def decrypted(services: Services, spec: JobSpec, chunk: str = CHUNK) -> dict[str, list[bytes]]:
+    """Each rendition's media segments of ``chunk``, decrypted as a player does (init segments
+    as they are, first), by rendition."""
     plain: dict[str, list[bytes]] = {}
-    for rendition, produced in produced_renditions(services, spec).items():
+    for rendition, produced in produced_renditions(services, spec, chunk).items():
         parts = plain.setdefault(rendition, [])
-        if produced["init"] is not None:
+        if produced["init"] is not None and chunk == CHUNK:
             parts.append(services.work.get_bytes(
                 layout.encrypted_key(spec.job_id, rendition, str(produced["init"]))
             ))
@@ -115,6 +154,14 @@ def decrypted(services: Services, spec: JobSpec) -> dict[str, list[bytes]]:
             )
             parts.append(decrypt_bytes(data, key, iv_for_sequence(seg["sequence"])))
     return plain
+
+
+def described(services: Services, spec: JobSpec) -> list[Any]:
+    """Every rendition as the playlist stage describes it (CODECS, resolution, bandwidth,
+    segments and their sizes), its chunks joined."""
+    job = services.jobs.get(spec.job_id)
+    return [describe_rendition(produced, sizes, spec.key_rotation_segments)
+            for produced, sizes in packaging.joined_renditions(services, spec, job)]
 
 
 def ffprobe_streams(path: Path) -> list[dict[str, object]]:
@@ -267,17 +314,166 @@ class TestNeverEncryptedTwice:
         assert looks_plain(services.work.get_bytes(f"{prefix}/{first}"), container)
 
 
-class TestWhatIsSealed:
-    def test_every_copy_shape_and_no_transcode(self, copy_clip: Path) -> None:
-        """The copy ladder is sealed with its audio muxed or as copied renditions; a transcode
-        ladder, or an encoded audio rendition, keeps the two stages."""
-        info = probe(str(copy_clip))
-        copy = plan_renditions(info, "copy", SEGMENT_SECONDS)
-        ladder = plan_renditions(info, "default", SEGMENT_SECONDS)
-        assert can_seal(copy, [])
-        assert can_seal(copy, plan_audio(info, "copy"))
-        assert not can_seal(copy, plan_audio(info, "default"))
-        assert not can_seal(ladder, [])
+#: The transcode shapes (the default ladder of the copy clip): (container, chunk seconds).
+TRANSCODES = [
+    # three chunks muxing the job's audio pieces (copied), keys rotated inside chunk c001
+    pytest.param("ts", TRANSCODE_CHUNK_SECONDS, id="ts-chunked-rotation"),
+    # one chunk whose ffmpeg encodes the muxed audio itself
+    pytest.param("ts", 0, id="ts-one-chunk"),
+    # three chunks of video; the audio rendition cut whole by the audio stage
+    pytest.param("fmp4", TRANSCODE_CHUNK_SECONDS, id="fmp4-chunked"),
+    # one chunk whose ffmpeg also encodes the audio rendition (held back and measured too)
+    pytest.param("fmp4", 0, id="fmp4-one-chunk-audio-group"),
+]
+
+
+@pytest.fixture
+def one_x264_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """x264 on one thread. With frame threads its rate control depends on how the threads run
+    (two plain transcodes of one chunk differed by ~1 % in segment size here), so two jobs make
+    the same plaintext, and their encrypted bytes can be compared, only on one."""
+    options = segment_module._x264_options
+    monkeypatch.setattr(segment_module, "_x264_options",
+                        lambda *args: {**options(*args), "threads": 1})
+
+
+def transcode_job(tmp_path: Path, clip: Path, container: str, chunk_seconds: int
+                  ) -> tuple[Services, JobSpec]:
+    services = services_in(tmp_path, chunk_seconds)
+    spec = probed_job(services, clip, container, ladder="default",
+                      segment_seconds=TRANSCODE_SEGMENT_SECONDS, rotation=TRANSCODE_ROTATION)
+    return services, spec
+
+
+class TestSealedTranscodes:
+    @pytest.mark.parametrize(("container", "chunk_seconds"), TRANSCODES)
+    @pytest.mark.usefixtures("one_x264_thread")
+    def test_sealed_transcode_is_byte_identical_to_the_two_stages(
+        self, tmp_path: Path, copy_clip: Path, container: str, chunk_seconds: int
+    ) -> None:
+        """Given two transcodes of one asset version (the same keys, a new one every 3
+        segments), when one seals its chunks and the other leaves them plain for the encrypt
+        stage, then every chunk's encrypted segments, init segments and sizes are the same
+        bytes, and every rendition is described alike: its CODECS, measured by ffprobe from its
+        first segment, which sealing held back plain until then."""
+        services, sealed = transcode_job(tmp_path, copy_clip, container, chunk_seconds)
+        segment_and_encrypt(services, sealed)
+        staged = twin_job(services, sealed)
+        segment_and_encrypt(services, staged, seal=False)
+
+        chunks = chunks_of(services, sealed)
+        assert len(chunks) == (3 if chunk_seconds else 1)
+        for chunk in chunks:
+            assert "sealed" in produced_record(services, sealed, chunk)
+            assert "sealed" not in produced_record(services, staged, chunk)
+            assert produced_renditions(services, sealed, chunk) == \
+                produced_renditions(services, staged, chunk)
+            assert encrypted_output(services, sealed, chunk) == \
+                encrypted_output(services, staged, chunk)
+        entries = described(services, sealed)
+        assert entries == described(services, staged)
+        codecs = {entry.name: entry.codecs for entry in entries}
+        video = codecs["360p"]
+        assert video.startswith("avc1.")
+        assert ("mp4a.40.2" in video) == (container == "ts")
+        if container == "fmp4":
+            assert codecs["audio0"] == "mp4a.40.2"
+        assert len({key_index(seg.sequence, TRANSCODE_ROTATION)
+                    for seg in entries[0].segments}) == 2
+
+    @pytest.mark.parametrize(("container", "chunk_seconds"), TRANSCODES)
+    def test_every_sealed_transcode_segment_is_ciphertext_and_decodes(
+        self, tmp_path: Path, copy_clip: Path, container: str, chunk_seconds: int
+    ) -> None:
+        """Every media segment the transcode's attempts hold, the held-back first ones too, is
+        ciphertext of the padded plain size; decrypted with its key and IV and joined across
+        the chunks, the video decodes to every frame of the 6 s source (180 at 30 fps)."""
+        services, spec = transcode_job(tmp_path, copy_clip, container, chunk_seconds)
+        segment_and_encrypt(services, spec)
+
+        video: list[bytes] = []
+        for chunk in chunks_of(services, spec):
+            record = produced_record(services, spec, chunk)
+            for rendition, produced in record["produced"].items():
+                prefix = layout.chunk_rendition_prefix(spec.job_id, chunk, record["attempt"],
+                                                       rendition)
+                sealed_sizes = record["sealed"][rendition]
+                for seg, sealed_size in zip(produced["segments"], sealed_sizes, strict=True):
+                    data = services.work.get_bytes(f"{prefix}/{seg['name']}")
+                    assert len(data) == sealed_size == seg["size"] + 16 - seg["size"] % 16
+                    assert not looks_plain(data, container), (chunk, rendition, seg["name"])
+            video += decrypted(services, spec, chunk)["360p"]
+        joined = tmp_path / f"joined.{container}"
+        joined.write_bytes(b"".join(video))
+        streams = ffprobe_streams(joined)
+        assert [int(str(s["nb_read_frames"])) for s in streams if s["codec_type"] == "video"] \
+            == [180]
+
+    @pytest.mark.usefixtures("one_x264_thread")
+    def test_a_redelivered_chunk_is_sealed_once_and_placed_as_before(
+        self, tmp_path: Path, copy_clip: Path
+    ) -> None:
+        """Given a sealed, encrypted chunked transcode, when chunk c001's segment stage is
+        delivered again, and then its encrypt stage twice, then c001 names a new attempt and
+        its encrypted segments are the same bytes as before: sealed once by the new attempt,
+        linked by each encrypt, never encrypted a second time."""
+        services, spec = transcode_job(tmp_path, copy_clip, "ts", TRANSCODE_CHUNK_SECONDS)
+        segment_and_encrypt(services, spec)
+        before = encrypted_output(services, spec, "c001")
+        plain = decrypted(services, spec, "c001")
+        first_attempt = produced_record(services, spec, "c001")["attempt"]
+
+        packaging.segment(services, spec, "c001")
+        packaging.encrypt(services, spec, "c001")
+        packaging.encrypt(services, spec, "c001")
+
+        assert produced_record(services, spec, "c001")["attempt"] != first_attempt
+        assert encrypted_output(services, spec, "c001") == before
+        assert decrypted(services, spec, "c001") == plain
+
+
+class TestHeldBack:
+    """The watcher leaves the first segment of a rendition it is told to hold plain (ffprobe
+    measures it after ffmpeg exits), seals every other as it closes, and the held one when the
+    stage says; a held segment never sealed is refused, as a segment the watcher missed."""
+
+    @staticmethod
+    def _close(rendition: Path, name: str, data: bytes) -> None:
+        # As ffmpeg does with temp_file: written aside, renamed into place when complete.
+        rendition.mkdir(exist_ok=True)
+        (rendition / f"{name}.tmp").write_bytes(data)
+        (rendition / f"{name}.tmp").rename(rendition / name)
+
+    def test_the_first_segment_stays_plain_until_sealed_after_the_others(
+        self, tmp_path: Path
+    ) -> None:
+        sealer = SegmentSealer(lambda sequence: bytes([sequence]) * 16, poll_s=0.01)
+        first = b"\x47" * 1000
+        with sealer.sealing(tmp_path, ["360p", "audio0"], 4, hold=["360p"]):
+            self._close(tmp_path / "360p", "seg_00004.ts", first)
+            self._close(tmp_path / "360p", "seg_00005.ts", b"\x47" * 500)
+            self._close(tmp_path / "audio0", "seg_00004.ts", b"\x47" * 300)
+
+        segments = [Segment(4, "seg_00004.ts", 1.0, 1000), Segment(5, "seg_00005.ts", 1.0, 500)]
+        # After ffmpeg: the held one is as ffmpeg wrote it, the others sealed.
+        assert (tmp_path / "360p" / "seg_00004.ts").read_bytes() == first
+        assert (tmp_path / "360p" / "seg_00005.ts").stat().st_size == 512
+        assert (tmp_path / "audio0" / "seg_00004.ts").stat().st_size == 304
+        with pytest.raises(TransientError, match=r"seg_00004\.ts .* was not sealed"):
+            sealer.sealed_sizes("360p", segments)
+
+        sealer.seal_held()
+
+        assert sealer.sealed_sizes("360p", segments) == [1008, 512]
+        sealed = (tmp_path / "360p" / "seg_00004.ts").read_bytes()
+        assert decrypt_bytes(sealed, bytes([4]) * 16, iv_for_sequence(4)) == first
+        assert sealer.plain_sizes("360p") == {"seg_00004.ts": 1000, "seg_00005.ts": 500}
+
+    def test_only_renditions_of_the_chunk_are_held(self, tmp_path: Path) -> None:
+        sealer = SegmentSealer(lambda sequence: bytes(16))
+        with pytest.raises(ValueError, match="720p"), \
+                sealer.sealing(tmp_path, ["360p"], 0, hold=["720p"]):
+            pass
 
 
 class TestSealedFilesMustStaySealed:
@@ -287,9 +483,6 @@ class TestSealedFilesMustStaySealed:
 
     @staticmethod
     def _seal_two(tmp_path: Path, *, after: str) -> None:
-        from pipeline.errors import TransientError
-        from pipeline.sealing import SegmentSealer
-
         rendition = tmp_path / "360p"
         rendition.mkdir()
 
@@ -319,3 +512,102 @@ class TestSealedFilesMustStaySealed:
 
     def test_a_half_written_segment_left_behind_fails_the_stage(self, tmp_path: Path) -> None:
         self._seal_two(tmp_path, after="unfinished")
+
+
+class RemoteWork:
+    """The work store as a fleet sees it: every file goes through put_file and get_file (no
+    local paths, no links), each put recorded; backed by a local store so the bytes can be
+    read back."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.puts: list[str] = []
+        self.url = store.url
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def local_path(self, key: str) -> None:
+        return None
+
+    def local_dir(self, prefix: str) -> None:
+        return None
+
+    def copy_from(self, source: Any, source_key: str, key: str, **headers: Any) -> bool:
+        return False
+
+    def put_file(self, key: str, path: Path, **headers: Any) -> None:
+        self.puts.append(key)
+        self._store.put_file(key, path, **headers)
+
+
+class TestSealedOnARemoteWorkStore:
+    @pytest.mark.usefixtures("one_x264_thread")
+    def test_segments_are_put_as_they_are_sealed_and_equal_the_two_stages(
+        self, tmp_path: Path, copy_clip: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Given a remote work store, when a one-chunk transcode is sealed, then the watcher
+        has put sealed segments before the stage's ffmpeg call returned (the stage, held
+        inside that call until a put arrives, sees one), and what the work store ends up
+        with is byte for byte the two stages' output."""
+        local = services_in(tmp_path, 0)
+        remote = RemoteWork(local.work)
+        services = replace(local, work=remote)
+        spec = probed_job(services, copy_clip, "ts", ladder="default",
+                          segment_seconds=TRANSCODE_SEGMENT_SECONDS,
+                          rotation=TRANSCODE_ROTATION)
+        real_run = segment_module.run_ffmpeg
+        during: list[str] = []
+
+        def ffmpeg_then_wait_for_a_put(args: list[str], **options: Any) -> None:
+            real_run(args, **options)
+            deadline = time.monotonic() + 30
+            while not remote.puts and time.monotonic() < deadline:
+                time.sleep(0.01)
+            during.extend(remote.puts)
+
+        with monkeypatch.context() as patched:
+            patched.setattr(segment_module, "run_ffmpeg", ffmpeg_then_wait_for_a_put)
+            segment_and_encrypt(services, spec)
+
+        assert any(key.endswith(".ts") for key in during), during
+        staged = twin_job(local, spec)
+        segment_and_encrypt(local, staged, seal=False)
+        assert produced_renditions(local, spec) == produced_renditions(local, staged)
+        assert encrypted_output(local, spec) == encrypted_output(local, staged)
+
+
+class FailingWork:
+    """A store whose every put of a key ending in ``fails`` raises a transient error."""
+
+    def __init__(self, fails: str) -> None:
+        self.fails = fails
+        self.put: list[str] = []
+
+    def put_file(self, key: str, path: Path) -> None:
+        if key.endswith(self.fails):
+            raise TransientError("the work bucket answered 503")
+        self.put.append(key)
+
+
+class TestAttemptUploads:
+    def test_each_file_is_put_once_and_a_failed_put_fails_the_stage(
+        self, tmp_path: Path
+    ) -> None:
+        files = []
+        for name in ("seg_00000.ts", "seg_00001.ts", "seg_00002.ts"):
+            (tmp_path / name).write_bytes(b"x")
+            files.append(("360p", tmp_path / name))
+        store = FailingWork("seg_00002.ts")
+        with AttemptUploads(store, lambda r, f: f"{r}/{f}") as uploads:
+            uploads.put(*files[0])
+            uploads.put(*files[0])
+            with pytest.raises(TransientError, match="503"):
+                uploads.finish(files)
+        assert sorted(store.put) == ["360p/seg_00000.ts", "360p/seg_00001.ts"]
+
+        store = FailingWork("nothing")
+        with AttemptUploads(store, lambda r, f: f"{r}/{f}") as uploads:
+            uploads.finish(files)
+        assert sorted(store.put) == [f"360p/{name}" for name in
+                                     ("seg_00000.ts", "seg_00001.ts", "seg_00002.ts")]
