@@ -162,19 +162,22 @@ def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     bitrates: tuple[int, ...] = ()
     if len(chunks) > 1 and info.audio is not None and not separate:
         bitrates = tuple(sorted({r.audio_kbps or DEFAULT_AUDIO_KBPS for r in renditions}))
-    svc.jobs.set_json(spec.job_id, "media", info.to_dict())
-    svc.jobs.set_json(spec.job_id, "renditions", [r.to_dict() for r in renditions])
-    svc.jobs.set_json(spec.job_id, "chunks", [c.to_dict() for c in chunks])
-    svc.jobs.set_json(spec.job_id, "audio_bitrates", list(bitrates))
-    svc.jobs.set_json(spec.job_id, "audio_renditions", [a.to_dict() for a in audio])
     # Text tracks and sidecars are read and checked now: a bad one fails the job before any
     # transcoding.
     subtitles, warnings = prepare_subtitles(svc, spec.job_id, info, target, shown,
                                             spec.subtitles, spec.segment_seconds,
                                             spec.subtitle_names, deadline=deadline)
-    svc.jobs.set_json(spec.job_id, "subtitles", [t.to_dict() for t in subtitles])
+    planned: dict[str, Any] = {
+        "media": info.to_dict(),
+        "renditions": [r.to_dict() for r in renditions],
+        "chunks": [c.to_dict() for c in chunks],
+        "audio_bitrates": list(bitrates),
+        "audio_renditions": [a.to_dict() for a in audio],
+        "subtitles": [t.to_dict() for t in subtitles],
+    }
     if warnings:
-        svc.jobs.set_json(spec.job_id, "warnings", warnings)
+        planned["warnings"] = warnings
+    svc.jobs.set_json_fields(spec.job_id, planned)  # the whole plan in one write
     return JobPlan(tuple(renditions), tuple(chunks), bitrates, audio)
 
 
@@ -224,11 +227,15 @@ def _work_dir(svc: Services, prefix: str) -> Iterator[tuple[Path, bool]]:
         yield Path(scratch), False
 
 
-def encode_audio(svc: Services, spec: JobSpec, on_progress: Progress = no_progress) -> int:
+def encode_audio(
+    svc: Services, spec: JobSpec, on_progress: Progress = no_progress,
+    *, job: JobRecord | None = None,
+) -> int:
     """Encode the source's audio once for the whole job, at every bitrate the ladder uses, and
     cut it into each chunk's share (see :mod:`pipeline.audio`); returns the pieces written.
-    With separate audio renditions, cut and encrypt those instead (:func:`audio_group`)."""
-    job = svc.jobs.get(spec.job_id)
+    With separate audio renditions, cut and encrypt those instead (:func:`audio_group`).
+    ``job``: the job record as the stage's start read it (else it is read here)."""
+    job = job if job is not None else svc.jobs.get(spec.job_id)
     if job_audio_renditions(job):
         return audio_group(svc, spec, job, on_progress)
     info = _media(job)
@@ -340,12 +347,14 @@ def key_source(svc: Services, spec: JobSpec) -> Callable[[int], bytes]:
 
 def segment(
     svc: Services, spec: JobSpec, chunk_name: str, on_progress: Progress = no_progress,
-    *, seal: bool | None = None,
+    *, seal: bool | None = None, job: JobRecord | None = None,
 ) -> int:
     """Cut one chunk of every rendition into segments with one ffmpeg; returns how many
     segments were produced. They are plain, or sealed (encrypted as ffmpeg closes them) when
-    ``seal`` says so; None seals whatever :func:`~pipeline.sealing.can_seal` allows."""
-    job = svc.jobs.get(spec.job_id)  # what the probe planned: one read for the whole stage
+    ``seal`` says so; None seals whatever :func:`~pipeline.sealing.can_seal` allows. ``job``:
+    the job record as the stage's start read it (else it is read here)."""
+    # What the probe planned: one read for the whole stage, or none when the start read it.
+    job = job if job is not None else svc.jobs.get(spec.job_id)
     renditions = _job_renditions(job)
     info = _media(job)
     chunk = _chunk(job, chunk_name)
@@ -626,10 +635,13 @@ def rotation_warning(spec: JobSpec, segments: int) -> str | None:
     )
 
 
-def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
+def build_playlists(
+    svc: Services, spec: JobSpec, *, job: JobRecord | None = None
+) -> AssetVersion:
     """Describe the version from every rendition's measured output and record it, privately,
-    in the catalog. It is not visible to players until the upload stage flips it current."""
-    job = svc.jobs.get(spec.job_id)
+    in the catalog. It is not visible to players until the upload stage flips it current.
+    ``job``: the job record as the stage's start read it (else it is read here)."""
+    job = job if job is not None else svc.jobs.get(spec.job_id)
     audio = {a.name: a for a in job_audio_renditions(job)}
     entries = [
         describe_rendition(produced, sizes, spec.key_rotation_segments,

@@ -176,16 +176,20 @@ class FileRecordBackend:
             record[name] = str(value)
             return value
 
-    def start_stage(self, job_id: str, counter: str, fields: dict[str, str]) -> int:
+    def start_stage(
+        self, job_id: str, counter: str, fields: dict[str, str]
+    ) -> tuple[int, dict[str, str]]:
         with self._locked(job_id) as record:
+            # A job an operator cancelled (or that failed elsewhere) stays ended, untouched.
+            if "spec" not in record or record.get("status") in TERMINAL:
+                return 0, dict(record)
             attempts = int(record.get(counter, "0")) + 1
             record[counter] = str(attempts)
             record.update(fields)
-            # A job an operator cancelled (or that failed elsewhere) stays ended.
-            if "spec" in record and record.get("status") not in (*TERMINAL, "running"):
+            if record.get("status") != "running":
                 record["status"] = "running"
                 self.index.place(job_id, record)
-            return attempts
+            return attempts, dict(record)
 
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool:
         with self._locked(job_id) as record:
@@ -199,12 +203,19 @@ class FileRecordBackend:
                 self.index.place(job_id, record)
             return True
 
-    def arrive(self, job_id: str, counter: str, marker: str) -> int:
+    def arrive(
+        self, job_id: str, counter: str, marker: str, fields: dict[str, str],
+        then: dict[str, str],
+    ) -> int:
         with self._locked(job_id) as record:
+            record.update(fields)
             if marker not in record:
                 record[marker] = "1"
                 record[counter] = str(int(record.get(counter, "0")) - 1)
-            return int(record.get(counter, "0"))
+            left = int(record.get(counter, "0"))
+            if left == 0:
+                record.update(then)
+            return left
 
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
         found: list[dict[str, str] | None] = []
