@@ -6,14 +6,15 @@ layout is :mod:`pipeline.layout`'s) and a stage delivered twice leaves the same 
 A transcode is cut into time chunks (:func:`pipeline.plan.plan_chunks`); the segment and
 encrypt stages work on one chunk of every rendition, the playlist stage joins the chunks. A
 segment attempt writes into a directory of its own and then names it in its chunk's
-``produced.json`` with one atomic write, so a redelivered chunk that overlaps a still-running
-encrypt of the same chunk can never hand it a half-written segment: encrypt reads only the
-attempt that ``produced.json`` names, and that attempt is complete. A chunk's segments carry
+``produced`` output (beside the job record, :func:`pipeline.layout.produced_output`) with one
+atomic write, so a redelivered chunk that overlaps a still-running encrypt of the same chunk
+can never hand it a half-written segment: encrypt reads only the attempt that output names,
+and that attempt is complete. A chunk's segments carry
 their media sequence numbers in their names, so a redelivered chunk rewrites exactly its own.
 The audio stage's pieces are switched in the same way.
 
 A copy remux (MPEG-TS or fMP4, audio muxed or in renditions of its own) seals its segments
-while ffmpeg writes them (:mod:`pipeline.sealing`): its ``produced.json`` then says so, and
+while ffmpeg writes them (:mod:`pipeline.sealing`): its ``produced`` output then says so, and
 encrypt only links them into place.
 """
 
@@ -78,7 +79,7 @@ ENCRYPT_THREADS = min(os.cpu_count() or 1, 4)
 
 #: Server-side copies of sealed segments at once: round trips to S3, not work for this host.
 PLACE_CONCURRENCY = 16
-#: The key of ``produced.json`` that marks a chunk sealed (and holds its ciphertext sizes).
+#: The key of a ``produced`` output that marks a chunk sealed (and holds its ciphertext sizes).
 SEALED = "sealed"
 
 #: No ffmpeg of a stage runs longer: below the segment actor's 12 h time limit, which cannot
@@ -403,7 +404,7 @@ def segment(
     if sealer is not None:
         # Sealed sizes, by rendition: encrypt links these segments and encrypts none of them.
         record[SEALED] = {n: sealer.sealed_sizes(n, r.segments) for n, r in produced.items()}
-    svc.work.put_bytes(layout.produced_key(spec.job_id, chunk.name), json.dumps(record).encode())
+    svc.jobs.set_output(spec.job_id, layout.produced_output(chunk.name), record)
     return sum(len(r.segments) for r in produced.values())
 
 
@@ -420,9 +421,12 @@ def _produced(
 
 
 def _produced_record(svc: Services, spec: JobSpec, chunk: str) -> dict[str, Any]:
-    record: dict[str, Any] = json.loads(
-        svc.work.get_bytes(layout.produced_key(spec.job_id, chunk))
-    )
+    name = layout.produced_output(chunk)
+    found = svc.jobs.outputs(spec.job_id, [name])
+    if name not in found:
+        raise InvalidSource(f"chunk {chunk} of the job has not been segmented; it must be "
+                            "before it is encrypted")
+    record: dict[str, Any] = found[name]
     return record
 
 
@@ -438,7 +442,7 @@ def encrypt(svc: Services, spec: JobSpec, chunk: str, on_progress: Progress = no
         svc, spec, attempt_prefix, produced, first_chunk=layout.chunk_index(chunk) == 0,
         on_progress=on_progress,
     )
-    svc.work.put_bytes(layout.sizes_key(spec.job_id, chunk), json.dumps(sizes).encode())
+    svc.jobs.set_output(spec.job_id, layout.sizes_output(chunk), sizes)
     return sum(sum(s) for s in sizes.values())
 
 
@@ -551,7 +555,7 @@ def _place_sealed(
             svc.work.get_file(source, local)
             svc.work.put_file(target, local)
 
-    if svc.work.local_path(layout.produced_key(spec.job_id, chunk)) is not None:
+    if svc.work.local_dir(attempt_prefix) is not None:
         for done, item in enumerate(work, start=1):  # links: no round trips to overlap
             place(item)
             report(done / len(work))
@@ -559,7 +563,7 @@ def _place_sealed(
         with ThreadPoolExecutor(max_workers=PLACE_CONCURRENCY) as pool:
             for done, _ in enumerate(pool.map(place, work), start=1):
                 report(done / len(work))
-    svc.work.put_bytes(layout.sizes_key(spec.job_id, chunk), json.dumps(sizes).encode())
+    svc.jobs.set_output(spec.job_id, layout.sizes_output(chunk), sizes)
     return sum(sum(s) for s in sizes.values())
 
 
@@ -570,9 +574,15 @@ def joined_renditions(
     continuous stream each, its media sequence unbroken (every IV depends on it)."""
     joined: dict[str, list[tuple[SegmentedRendition, list[int]]]] = {}
     chunks = job_chunks(job)
+    outputs = svc.jobs.outputs(spec.job_id)  # every chunk's, in one read
     for chunk in chunks:
-        _, produced = _produced(svc, spec, chunk.name)
-        sizes = json.loads(svc.work.get_bytes(layout.sizes_key(spec.job_id, chunk.name)))
+        produced_name = layout.produced_output(chunk.name)
+        sizes_name = layout.sizes_output(chunk.name)
+        if produced_name not in outputs or sizes_name not in outputs:
+            raise InvalidSource(f"chunk {chunk.name} of the job has not been encrypted; every "
+                                "chunk must be before the playlist is made")
+        _, produced = _produced(svc, spec, chunk.name, outputs[produced_name])
+        sizes = outputs[sizes_name]
         for name, rendition in produced.items():
             joined.setdefault(name, []).append((rendition, sizes[name]))
     result = []

@@ -15,7 +15,7 @@ whole; the init segment beside them stays clear, as the encrypt stage leaves it)
 audio muxed in or cut as renditions of its own by the same ffmpeg. The watcher follows every
 rendition directory of the chunk, each in its own media sequence.
 
-The segment stage then records the sealed sizes in its chunk's ``produced.json``, in the same
+The segment stage then records the sealed sizes in its chunk's ``produced`` output, in the same
 atomic write that names the attempt. That record, and nothing inferred from a file, is what
 tells the encrypt stage that a chunk is sealed: it then links the segments (and init segments)
 into place instead of encrypting them again, however often either stage is delivered (a

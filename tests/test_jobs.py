@@ -205,6 +205,29 @@ class TestOneRoundTripPerHop:
         assert record.stage("invalidate").detail == "no CDN"  # type: ignore[union-attr]
 
 
+class TestOutputs:
+    def test_outputs_are_read_by_name_kept_apart_from_the_record_and_dropped(
+        self, jobs: JobStore
+    ) -> None:
+        """A stage's output is read back as written, by name or all at once; it is not in the
+        record (which every stage and the ops app read whole), and dropping ends it."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec)
+        jobs.set_output(spec.job_id, "produced.c000", {"attempt": "a1", "produced": {}})
+        jobs.set_output(spec.job_id, "sizes.c000", {"360p": [1024, 2048]})
+        jobs.set_output(spec.job_id, "produced.c000", {"attempt": "a2", "produced": {}})
+
+        assert jobs.outputs(spec.job_id, ["produced.c000", "produced.c001"]) == {
+            "produced.c000": {"attempt": "a2", "produced": {}}}
+        assert jobs.outputs(spec.job_id) == {
+            "produced.c000": {"attempt": "a2", "produced": {}}, "sizes.c000": {"360p": [1024, 2048]}}
+        assert not any(name.startswith(("produced.", "sizes.")) for name in jobs.get(spec.job_id).fields)
+
+        jobs.drop_outputs(spec.job_id)
+        assert jobs.outputs(spec.job_id) == {}
+        assert jobs.get(spec.job_id).spec == spec
+
+
 class TestStatusIndex:
     def test_each_status_change_moves_the_job_in_the_index(
         self, jobs: JobStore, clock: Clock

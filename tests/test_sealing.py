@@ -69,9 +69,8 @@ def twin_job(services: Services, spec: JobSpec) -> JobSpec:
 
 
 def produced_record(services: Services, spec: JobSpec) -> dict[str, Any]:
-    record: dict[str, Any] = json.loads(
-        services.work.get_bytes(layout.produced_key(spec.job_id, CHUNK))
-    )
+    name = layout.produced_output(CHUNK)
+    record: dict[str, Any] = services.jobs.outputs(spec.job_id, [name])[name]
     return record
 
 
@@ -92,7 +91,7 @@ def encrypted_output(services: Services, spec: JobSpec) -> dict[str, bytes]:
             files[f"{rendition}/{name}"] = services.work.get_bytes(
                 layout.encrypted_key(spec.job_id, rendition, name)
             )
-    sizes = json.loads(services.work.get_bytes(layout.sizes_key(spec.job_id, CHUNK)))
+    sizes = services.jobs.outputs(spec.job_id)[layout.sizes_output(CHUNK)]
     files["sizes.json"] = json.dumps(sizes).encode()
     return files
 

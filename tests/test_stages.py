@@ -45,9 +45,16 @@ def probed(services: Services, copy_clip: Path) -> tuple[JobSpec, str]:
 CHUNK = "c000"
 
 
+def produced_output(services: Services, spec: JobSpec) -> dict[str, Any]:
+    """The chunk's ``produced`` output: the attempt that won, and its segments."""
+    name = layout.produced_output(CHUNK)
+    produced: dict[str, Any] = services.jobs.outputs(spec.job_id, [name])[name]
+    return produced
+
+
 def _decrypted(services: Services, spec: JobSpec, rendition: str) -> list[bytes]:
     key = services.keys.get(spec.asset, spec.version, 0)
-    produced = json.loads(services.work.get_bytes(layout.produced_key(spec.job_id, CHUNK)))
+    produced = produced_output(services, spec)
     return [
         decrypt_bytes(
             services.work.get_bytes(layout.encrypted_key(spec.job_id, rendition, seg["name"])),
@@ -67,7 +74,7 @@ class TestOverlappingSegmentAttempts:
         spec, rendition = probed
         # Plain segments, as a transcode leaves them (a remux is sealed: see test_sealing.py).
         packaging.segment(services, spec, CHUNK, seal=False)
-        produced = json.loads(services.work.get_bytes(layout.produced_key(spec.job_id, CHUNK)))
+        produced = produced_output(services, spec)
         finished = layout.chunk_rendition_prefix(
             spec.job_id, CHUNK, produced["attempt"], rendition
         )
@@ -236,6 +243,7 @@ class TestEveryStageRedelivered:
             "playlist": ("done", 2), "upload": ("done", 2), "invalidate": ("skipped", 1),
         }
         assert broker.delivered.count("media.playlist") == 2  # one message, twice
+        assert services.jobs.outputs(spec.job_id) == {}  # dropped with the work files
         assert services.catalog.current_version(spec.asset) == spec.version
         described = services.catalog.get_version(spec.asset, spec.version)
         key = services.keys.get(spec.asset, spec.version, 0)

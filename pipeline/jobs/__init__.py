@@ -11,6 +11,11 @@ Fields: ``spec`` (JSON), ``status``, ``error``, ``failed_stage``, ``created_at``
 ``probe``, ``segment:<rendition>``, ``encrypt:<rendition>``, ``playlist``, ``download``, ``upload``,
 ``invalidate``; ``pending.encrypt`` is the fan-in counter.
 
+Beside each record, its *outputs*: small JSON a stage leaves for a later one (which attempt
+of a chunk won, its ciphertext sizes: :mod:`pipeline.layout` names them), read by name, so a
+stage reads the one it needs and the record stays small however many chunks a job has. They
+are dropped when the job ends, with its work files.
+
 Each backend also keeps an index of jobs by status, updated in the same atomic step as the
 status itself: queued and running jobs by creation time, finished ones by finish time. The ops
 app's counts, throughput and lists read the index, never every record.
@@ -281,6 +286,9 @@ class RecordBackend(Protocol):
     ) -> int: ...
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool: ...
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]: ...
+    def write_outputs(self, job_id: str, fields: dict[str, str]) -> None: ...
+    def read_outputs(self, job_id: str, names: Sequence[str] | None) -> dict[str, str]: ...
+    def drop_outputs(self, job_id: str) -> None: ...
     def newest(self, limit: int, status: str | None) -> list[str]: ...
     def status_counts(self, now: float) -> dict[str, int]: ...
     def finished_counts(self, start: float, end: float) -> dict[str, int]: ...
@@ -452,6 +460,20 @@ class JobStore:
         return self.backend.write_unless_ended(
             job_id, {"status": "cancelled", "error": reason, "finished_at": repr(self.clock())}
         )
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def set_output(self, job_id: str, name: str, value: Any) -> None:
+        """Keep ``value`` (JSON) as the job's output ``name``, in one atomic write."""
+        self.backend.write_outputs(job_id, {name: json.dumps(value)})
+
+    def outputs(self, job_id: str, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """The job's outputs ``names`` that exist (every output when None), by name."""
+        found = self.backend.read_outputs(job_id, names)
+        return {name: json.loads(value) for name, value in found.items()}
+
+    def drop_outputs(self, job_id: str) -> None:
+        self.backend.drop_outputs(job_id)
 
     # -- the index -------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
     hlsvault:job:<id>              the record (a hash), expiring RECORD_TTL_S after it is
                                    created, and again RECORD_TTL_S after it finishes
+    hlsvault:joboutputs:<id>       the job's outputs (a hash), expiring with the record, deleted
+                                   when the job ends
     hlsvault:jobs                  sorted set: every job id by creation time
     hlsvault:jobs:status:<status>  sorted set per status: queued and running jobs by creation
                                    time, succeeded, failed and cancelled ones by finish time
@@ -23,6 +25,7 @@ from . import STATUSES, TERMINAL, UnknownJob
 #: Finished job records are kept this long for the dashboard and `hlsvault status`.
 RECORD_TTL_S = 30 * 24 * 3600
 _PREFIX = "hlsvault:job:"
+_OUTPUTS = "hlsvault:joboutputs:"
 _INDEX = "hlsvault:jobs"
 _STATUS_INDEX = "hlsvault:jobs:status:"
 #: The status sets, in the order the Lua scripts below number them (KEYS[2] onwards).
@@ -204,6 +207,24 @@ class RedisRecordBackend:
             {str(k): str(v) for k, v in found.items()} if found else None
             for found in pipe.execute()
         ]
+
+    def write_outputs(self, job_id: str, fields: dict[str, str]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(_OUTPUTS + job_id, mapping=_mapping(fields))
+        pipe.expire(_OUTPUTS + job_id, RECORD_TTL_S)
+        pipe.execute()
+
+    def read_outputs(self, job_id: str, names: Sequence[str] | None) -> dict[str, str]:
+        if names is None:
+            found = self.client.hgetall(_OUTPUTS + job_id)
+            return {str(k): str(v) for k, v in found.items()}
+        if not names:
+            return {}
+        values = self.client.hmget(_OUTPUTS + job_id, list(names))
+        return {name: str(v) for name, v in zip(names, values, strict=True) if v is not None}
+
+    def drop_outputs(self, job_id: str) -> None:
+        self.client.delete(_OUTPUTS + job_id)
 
     def _ensure_indexed(self) -> None:
         """Place the records of a deployment older than the status sets in them, once."""
