@@ -220,8 +220,11 @@ class TestOutputs:
         assert jobs.outputs(spec.job_id, ["produced.c000", "produced.c001"]) == {
             "produced.c000": {"attempt": "a2", "produced": {}}}
         assert jobs.outputs(spec.job_id) == {
-            "produced.c000": {"attempt": "a2", "produced": {}}, "sizes.c000": {"360p": [1024, 2048]}}
-        assert not any(name.startswith(("produced.", "sizes.")) for name in jobs.get(spec.job_id).fields)
+            "produced.c000": {"attempt": "a2", "produced": {}},
+            "sizes.c000": {"360p": [1024, 2048]},
+        }
+        fields = jobs.get(spec.job_id).fields
+        assert not any(name.startswith(("produced.", "sizes.")) for name in fields)
 
         jobs.drop_outputs(spec.job_id)
         assert jobs.outputs(spec.job_id) == {}

@@ -303,11 +303,10 @@ def after_invalidate(rt: Runtime, ran: Ran[dict[str, Any]]) -> None:
     svc = rt.services
     outcome = ran.result
     record = ran.record
+    status, detail = "done", None
     if outcome["status"] in ("skipped", "failed"):
-        ended = svc.jobs.finished_fields(ran.stage, status=outcome["status"],
-                                         detail=outcome["reason"])
-    else:
-        ended = svc.jobs.finished_fields(ran.stage)
+        status, detail = outcome["status"], outcome["reason"]
+    ended = svc.jobs.finished_fields(ran.stage, status=status, detail=detail)
     if outcome["status"] == "failed":
         warning = f"published, but the CDN invalidation failed: {outcome['reason']}"
         ended["warnings"] = json.dumps([*(record.json_field("warnings") or []), warning])
@@ -323,6 +322,8 @@ def after_invalidate(rt: Runtime, ran: Ran[dict[str, Any]]) -> None:
         grace = replaced_grace(spec)
         result["retired"] = {"version": replaced, "grace_s": grace}
         rt.send(SHRED, spec.asset, delay_ms=int(grace * 1000) + 1000)
-    svc.jobs.succeed(ran.job_id, result, fields=ended)
+    if not svc.jobs.succeed(ran.job_id, result, fields=ended):
+        # Cancelled meanwhile: the job stays so, and the stage's own end is still written.
+        svc.jobs.stage_finished(ran.job_id, ran.stage, status=status, detail=detail)
     discard_work(svc, ran.job_id)
     log.info("job published", asset=result.get("asset"), version=result.get("version"))

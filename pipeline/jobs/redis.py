@@ -57,6 +57,14 @@ return left
 """
 
 
+# Write a job's outputs and keep them as long as a record: one round trip. KEYS: the outputs
+# hash; ARGV: the TTL, then field, value, field, value…
+_WRITE_OUTPUTS = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
+
+
 def _mapping(fields: dict[str, str]) -> dict[Any, Any]:
     # redis-py types hset's mapping over every encodable key type; a str dict is one of them.
     return dict(fields)
@@ -150,6 +158,7 @@ class RedisRecordBackend:
         self._write_unless_ended = client.register_script(_WRITE_UNLESS_ENDED)
         self._start_stage = client.register_script(_START_STAGE)
         self._place_existing = client.register_script(_PLACE_EXISTING)
+        self._write_outputs = client.register_script(_WRITE_OUTPUTS)
         self._indexed = False
 
     @classmethod
@@ -209,10 +218,8 @@ class RedisRecordBackend:
         ]
 
     def write_outputs(self, job_id: str, fields: dict[str, str]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(_OUTPUTS + job_id, mapping=_mapping(fields))
-        pipe.expire(_OUTPUTS + job_id, RECORD_TTL_S)
-        pipe.execute()
+        args: list[str | int] = [RECORD_TTL_S, *(item for pair in fields.items() for item in pair)]
+        self._write_outputs(keys=[_OUTPUTS + job_id], args=args)
 
     def read_outputs(self, job_id: str, names: Sequence[str] | None) -> dict[str, str]:
         if names is None:
