@@ -119,7 +119,7 @@ def encrypt_in_place(path: Path, key: bytes, iv: bytes) -> int:
 
     Not atomic: a file interrupted half way is neither plaintext nor ciphertext, and encrypting
     a file twice makes it unplayable. The caller must own the file and record that it is done
-    (the segment stage's sealing names sealed segments in its ``produced.json`` only after
+    (the segment stage's sealing names sealed segments in its ``produced`` output only after
     every one of them is sealed)."""
     check_key_iv(key, iv)
     with path.open("r+b", buffering=0) as handle:

@@ -6,14 +6,11 @@ about where a thing lives or what it is called. Nothing else formats a storage k
 Stores (keys are ``/``-separated, relative)::
 
     work    jobs/<job>/audio/<attempt>/c003-128k.aac             a chunk's share of the job's audio
-            jobs/<job>/audio/produced.json                       names the audio attempt that won
             jobs/<job>/plain/c003/<attempt>/<rendition>/seg_00030.ts  a chunk attempt's output
-            jobs/<job>/plain/c003/produced.json                  names the chunk attempt that won
             jobs/<job>/audio/<attempt>/audio0-en/seg_00003.m4s   an audio rendition (separate audio)
             jobs/<job>/audio/renditions.json                     names it, with its ciphertext sizes
             jobs/<job>/enc/<rendition>/seg_00030.ts              encrypted, awaiting upload
             jobs/<job>/enc/<rendition>/init.mp4                  fMP4's init segment (clear)
-            jobs/<job>/sizes/c003.json                           a chunk's ciphertext sizes
             jobs/<job>/subtitles/subs0-en.json                   a text track's cues, checked
             jobs/<job>/subtitles/<attempt>/subs0-en/seg_00000.vtt  its WebVTT segments, plain
             jobs/<job>/trickplay/<attempt>/iframes/seg_00003.ts  a plain I-frame segment
@@ -32,6 +29,12 @@ Stores (keys are ``/``-separated, relative)::
             catalog/<asset>/current.json                         the asset's state document
             catalog/<asset>/revoked.json                         its revocation, if any
             catalog/<asset>/versions/<version>.json              a version's description
+
+A job's outputs (small JSON a stage leaves for the next, kept beside the job record by
+:mod:`pipeline.jobs`, so a hop reads them in one round trip to it, not one to S3 per chunk)::
+
+    produced.c003    names the chunk attempt that won (its switch), with its segments
+    sizes.c003       a chunk's ciphertext sizes, per rendition in segment order
 
 Key server URLs (under ``HLSVAULT_PUBLIC_URL``)::
 
@@ -285,7 +288,7 @@ def chunk_prefix(job_id: str, chunk: str) -> str:
 
 def chunk_attempt_prefix(job_id: str, chunk: str, attempt: str) -> str:
     """Where one delivery of a chunk's segment stage writes, every rendition under it: never
-    read until the chunk's ``produced.json`` names it."""
+    read until the chunk's :func:`produced_output` names it."""
     return f"{chunk_prefix(job_id, chunk)}/{attempt}"
 
 
@@ -293,9 +296,10 @@ def chunk_rendition_prefix(job_id: str, chunk: str, attempt: str, rendition: str
     return f"{chunk_attempt_prefix(job_id, chunk, attempt)}/{rendition}"
 
 
-def produced_key(job_id: str, chunk: str) -> str:
-    """Names the attempt of ``chunk`` that encrypt reads (written last, atomically)."""
-    return f"{chunk_prefix(job_id, chunk)}/produced.json"
+def produced_output(chunk: str) -> str:
+    """The job output naming the attempt of ``chunk`` that encrypt reads (written last, in
+    one atomic write)."""
+    return f"produced.{chunk}"
 
 
 def audio_attempt_prefix(job_id: str, attempt: str) -> str:
@@ -322,9 +326,15 @@ def trick_play_attempt_prefix(job_id: str, attempt: str) -> str:
     return f"jobs/{job_id}/trickplay/{attempt}"
 
 
-def sizes_key(job_id: str, chunk: str) -> str:
-    """A chunk's ciphertext sizes, per rendition in segment order."""
-    return f"jobs/{job_id}/sizes/{chunk}.json"
+def audio_output(chunk: str) -> str:
+    """The job output naming the audio attempt whose pieces ``chunk`` muxes, with where each
+    piece's first frame starts (written once the chunk's audio is released)."""
+    return f"audio.{chunk}"
+
+
+def sizes_output(chunk: str) -> str:
+    """The job output holding a chunk's ciphertext sizes, per rendition in segment order."""
+    return f"sizes.{chunk}"
 
 
 def uploaded_source_key(job_id: str, file_name: str) -> str:

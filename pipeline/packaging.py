@@ -6,15 +6,16 @@ layout is :mod:`pipeline.layout`'s) and a stage delivered twice leaves the same 
 A transcode is cut into time chunks (:func:`pipeline.plan.plan_chunks`); the segment and
 encrypt stages work on one chunk of every rendition, the playlist stage joins the chunks. A
 segment attempt writes into a directory of its own and then names it in its chunk's
-``produced.json`` with one atomic write, so a redelivered chunk that overlaps a still-running
-encrypt of the same chunk can never hand it a half-written segment: encrypt reads only the
-attempt that ``produced.json`` names, and that attempt is complete. A chunk's segments carry
+``produced`` output (beside the job record, :func:`pipeline.layout.produced_output`) with one
+atomic write, so a redelivered chunk that overlaps a still-running encrypt of the same chunk
+can never hand it a half-written segment: encrypt reads only the attempt that output names,
+and that attempt is complete. A chunk's segments carry
 their media sequence numbers in their names, so a redelivered chunk rewrites exactly its own.
 The audio stage's pieces are switched in the same way.
 
 The segment stage seals its segments while ffmpeg writes them (:mod:`pipeline.sealing`), a
-remux's and a transcode's, whatever the container and wherever the audio: its
-``produced.json`` then says so, and encrypt only links them into place.
+remux's and a transcode's, whatever the container and wherever the audio: its ``produced``
+output then says so, and encrypt only links them into place.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 from . import layout
 from .audio import WHOLE_PATTERN, ChunkCutter, ReleasedAudio, audio_args
 from .crypto import encrypt_file, iv_for_sequence
-from .errors import BadSpec, InvalidSource, TransientError, UnsupportedMedia
+from .errors import BadSpec, InvalidSource, PermanentError, UnsupportedMedia
 from .jobs import JobRecord, JobSpec
 from .media import MediaInfo, probe
 from .plan import (
@@ -79,7 +80,7 @@ ENCRYPT_THREADS = min(os.cpu_count() or 1, 4)
 
 #: Server-side copies of sealed segments at once: round trips to S3, not work for this host.
 PLACE_CONCURRENCY = 16
-#: The key of ``produced.json`` that marks a chunk sealed (and holds its ciphertext sizes).
+#: The key of a ``produced`` output that marks a chunk sealed (and holds its ciphertext sizes).
 SEALED = "sealed"
 
 #: No ffmpeg of a stage runs longer: below the segment actor's 12 h time limit, which cannot
@@ -164,19 +165,22 @@ def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     bitrates: tuple[int, ...] = ()
     if len(chunks) > 1 and info.audio is not None and not separate:
         bitrates = tuple(sorted({r.audio_kbps or DEFAULT_AUDIO_KBPS for r in renditions}))
-    svc.jobs.set_json(spec.job_id, "media", info.to_dict())
-    svc.jobs.set_json(spec.job_id, "renditions", [r.to_dict() for r in renditions])
-    svc.jobs.set_json(spec.job_id, "chunks", [c.to_dict() for c in chunks])
-    svc.jobs.set_json(spec.job_id, "audio_bitrates", list(bitrates))
-    svc.jobs.set_json(spec.job_id, "audio_renditions", [a.to_dict() for a in audio])
     # Text tracks and sidecars are read and checked now: a bad one fails the job before any
     # transcoding.
     subtitles, warnings = prepare_subtitles(svc, spec.job_id, info, target, shown,
                                             spec.subtitles, spec.segment_seconds,
                                             spec.subtitle_names, deadline=deadline)
-    svc.jobs.set_json(spec.job_id, "subtitles", [t.to_dict() for t in subtitles])
+    planned: dict[str, Any] = {
+        "media": info.to_dict(),
+        "renditions": [r.to_dict() for r in renditions],
+        "chunks": [c.to_dict() for c in chunks],
+        "audio_bitrates": list(bitrates),
+        "audio_renditions": [a.to_dict() for a in audio],
+        "subtitles": [t.to_dict() for t in subtitles],
+    }
     if warnings:
-        svc.jobs.set_json(spec.job_id, "warnings", warnings)
+        planned["warnings"] = warnings
+    svc.jobs.set_json_fields(spec.job_id, planned)  # the whole plan in one write
     return JobPlan(tuple(renditions), tuple(chunks), bitrates, audio)
 
 
@@ -226,9 +230,6 @@ def _work_dir(svc: Services, prefix: str) -> Iterator[tuple[Path, bool]]:
         yield Path(scratch), False
 
 
-#: The job-record field of a chunk's released audio (:class:`~pipeline.audio.ReleasedAudio`).
-RELEASED_AUDIO_FIELD = "audio_pieces:{chunk}"
-
 #: Told the name of each chunk whose audio the audio stage has released, and whether an earlier
 #: delivery of the stage had released it already.
 Release = Callable[[str, bool], None]
@@ -236,26 +237,27 @@ Release = Callable[[str, bool], None]
 
 def encode_audio(
     svc: Services, spec: JobSpec, on_progress: Progress = no_progress,
-    on_release: Release = lambda chunk, again: None,
+    on_release: Release = lambda chunk, again: None, *, job: JobRecord | None = None,
 ) -> int:
     """Encode the source's audio once for the whole job, at every bitrate the ladder uses, and
     cut it into each chunk's share (see :mod:`pipeline.audio`), releasing each chunk (its
-    pieces in the work store, then its record in the job's, then ``on_release``) as soon as
+    pieces in the work store, then its job output, then ``on_release``) as soon as
     the encoder has passed its end; returns the pieces written. With separate audio
     renditions, cut and encrypt those instead (:func:`audio_group`).
 
     A redelivery encodes again but leaves the chunks an earlier delivery released as they
     are: their segment stages may be reading those pieces. The encoder is deterministic (the
     same frames, byte for byte, from the same source: tests/test_chunks.py checks it), so
-    chunks released by two deliveries still join frame for frame."""
-    job = svc.jobs.get(spec.job_id)
+    chunks released by two deliveries still join frame for frame. ``job``: the job record as
+    the stage's start read it (else it is read here)."""
+    job = job if job is not None else svc.jobs.get(spec.job_id)
     if job_audio_renditions(job):
         return audio_group(svc, spec, job, on_progress)
     info = _media(job)
     chunks = job_chunks(job)
     bitrates = job.json_field("audio_bitrates") or []
-    released_before = {chunk.name for chunk in chunks
-                       if RELEASED_AUDIO_FIELD.format(chunk=chunk.name) in job.fields}
+    outputs = svc.jobs.outputs(spec.job_id, [layout.audio_output(c.name) for c in chunks])
+    released_before = {c.name for c in chunks if layout.audio_output(c.name) in outputs}
     target, shown = ffmpeg_target(spec.source)
     attempt = uuid.uuid4().hex[:12]
     prefix = layout.audio_attempt_prefix(spec.job_id, attempt)
@@ -280,8 +282,8 @@ def encode_audio(
                 written += len(pieces)
                 # The switch, as for segments: the chunk reads this attempt's pieces only.
                 record = ReleasedAudio(attempt, cutter.sample_rate, tuple(pieces))
-                svc.jobs.set_json(spec.job_id, RELEASED_AUDIO_FIELD.format(chunk=chunk.name),
-                                  record.to_dict())
+                svc.jobs.set_output(spec.job_id, layout.audio_output(chunk.name),
+                                    record.to_dict())
                 on_release(chunk.name, False)
 
         def progress(fraction: float) -> None:
@@ -345,10 +347,15 @@ def _chunk_audio(
     work store is not local; None when the chunk encodes its own audio (or has none)."""
     if not job.json_field("audio_bitrates"):
         return None
-    record = job.json_field(RELEASED_AUDIO_FIELD.format(chunk=chunk.name))
+    name = layout.audio_output(chunk.name)
+    record = svc.jobs.outputs(spec.job_id, [name]).get(name)
     if record is None:
-        # The audio stage sends a chunk only after it has released the chunk's audio.
-        raise TransientError(f"the audio of chunk {chunk.name} is not released yet")
+        # The audio stage sends a chunk only after it has released the chunk's audio: this
+        # job's audio was cut by an older hlsvault, which kept it elsewhere.
+        raise PermanentError(
+            f"chunk {chunk.name} has no released audio (the job was planned by an older "
+            "hlsvault); submit the job again"
+        )
     released = ReleasedAudio.from_dict(record)
     prefix = layout.audio_attempt_prefix(spec.job_id, released.attempt)
     pieces: dict[int, AudioPiece] = {}
@@ -377,13 +384,15 @@ def key_source(svc: Services, spec: JobSpec) -> Callable[[int], bytes]:
 
 def segment(
     svc: Services, spec: JobSpec, chunk_name: str, on_progress: Progress = no_progress,
-    *, seal: bool = True,
+    *, seal: bool = True, job: JobRecord | None = None,
 ) -> int:
     """Cut one chunk of every rendition into segments with one ffmpeg; returns how many
     segments were produced. They are sealed (encrypted as ffmpeg closes them,
     :mod:`pipeline.sealing`), every shape of chunk alike; without ``seal`` they are left plain
-    for the encrypt stage (the path sealing is measured and tested against)."""
-    job = svc.jobs.get(spec.job_id)  # what the probe planned: one read for the whole stage
+    for the encrypt stage (the path sealing is measured and tested against). ``job``: the job
+    record as the stage's start read it (else it is read here)."""
+    # What the probe planned: one read for the whole stage, or none when the start read it.
+    job = job if job is not None else svc.jobs.get(spec.job_id)
     renditions = _job_renditions(job)
     info = _media(job)
     chunk = _chunk(job, chunk_name)
@@ -445,7 +454,7 @@ def segment(
     if sealer is not None:
         # Sealed sizes, by rendition: encrypt links these segments and encrypts none of them.
         record[SEALED] = {n: sealer.sealed_sizes(n, r.segments) for n, r in produced.items()}
-    svc.work.put_bytes(layout.produced_key(spec.job_id, chunk.name), json.dumps(record).encode())
+    svc.jobs.set_output(spec.job_id, layout.produced_output(chunk.name), record)
     return sum(len(r.segments) for r in produced.values())
 
 
@@ -462,9 +471,12 @@ def _produced(
 
 
 def _produced_record(svc: Services, spec: JobSpec, chunk: str) -> dict[str, Any]:
-    record: dict[str, Any] = json.loads(
-        svc.work.get_bytes(layout.produced_key(spec.job_id, chunk))
-    )
+    name = layout.produced_output(chunk)
+    found = svc.jobs.outputs(spec.job_id, [name])
+    if name not in found:
+        raise InvalidSource(f"chunk {chunk} of the job has not been segmented; it must be "
+                            "before it is encrypted")
+    record: dict[str, Any] = found[name]
     return record
 
 
@@ -480,7 +492,7 @@ def encrypt(svc: Services, spec: JobSpec, chunk: str, on_progress: Progress = no
         svc, spec, attempt_prefix, produced, first_chunk=layout.chunk_index(chunk) == 0,
         on_progress=on_progress,
     )
-    svc.work.put_bytes(layout.sizes_key(spec.job_id, chunk), json.dumps(sizes).encode())
+    svc.jobs.set_output(spec.job_id, layout.sizes_output(chunk), sizes)
     return sum(sum(s) for s in sizes.values())
 
 
@@ -593,7 +605,7 @@ def _place_sealed(
             svc.work.get_file(source, local)
             svc.work.put_file(target, local)
 
-    if svc.work.local_path(layout.produced_key(spec.job_id, chunk)) is not None:
+    if svc.work.local_dir(attempt_prefix) is not None:
         for done, item in enumerate(work, start=1):  # links: no round trips to overlap
             place(item)
             report(done / len(work))
@@ -601,7 +613,7 @@ def _place_sealed(
         with ThreadPoolExecutor(max_workers=PLACE_CONCURRENCY) as pool:
             for done, _ in enumerate(pool.map(place, work), start=1):
                 report(done / len(work))
-    svc.work.put_bytes(layout.sizes_key(spec.job_id, chunk), json.dumps(sizes).encode())
+    svc.jobs.set_output(spec.job_id, layout.sizes_output(chunk), sizes)
     return sum(sum(s) for s in sizes.values())
 
 
@@ -612,9 +624,15 @@ def joined_renditions(
     continuous stream each, its media sequence unbroken (every IV depends on it)."""
     joined: dict[str, list[tuple[SegmentedRendition, list[int]]]] = {}
     chunks = job_chunks(job)
+    outputs = svc.jobs.outputs(spec.job_id)  # every chunk's, in one read
     for chunk in chunks:
-        _, produced = _produced(svc, spec, chunk.name)
-        sizes = json.loads(svc.work.get_bytes(layout.sizes_key(spec.job_id, chunk.name)))
+        produced_name = layout.produced_output(chunk.name)
+        sizes_name = layout.sizes_output(chunk.name)
+        if produced_name not in outputs or sizes_name not in outputs:
+            raise InvalidSource(f"chunk {chunk.name} of the job has not been encrypted; every "
+                                "chunk must be before the playlist is made")
+        _, produced = _produced(svc, spec, chunk.name, outputs[produced_name])
+        sizes = outputs[sizes_name]
         for name, rendition in produced.items():
             joined.setdefault(name, []).append((rendition, sizes[name]))
     result = []
@@ -677,10 +695,13 @@ def rotation_warning(spec: JobSpec, segments: int) -> str | None:
     )
 
 
-def build_playlists(svc: Services, spec: JobSpec) -> AssetVersion:
+def build_playlists(
+    svc: Services, spec: JobSpec, *, job: JobRecord | None = None
+) -> AssetVersion:
     """Describe the version from every rendition's measured output and record it, privately,
-    in the catalog. It is not visible to players until the upload stage flips it current."""
-    job = svc.jobs.get(spec.job_id)
+    in the catalog. It is not visible to players until the upload stage flips it current.
+    ``job``: the job record as the stage's start read it (else it is read here)."""
+    job = job if job is not None else svc.jobs.get(spec.job_id)
     audio = {a.name: a for a in job_audio_renditions(job)}
     entries = [
         describe_rendition(produced, sizes, spec.key_rotation_segments,

@@ -110,5 +110,6 @@ def replaced_grace(spec: JobSpec) -> float:
 
 
 def discard_work(svc: Services, job_id: str) -> None:
-    """Remove a job's scratch files; the job's outcome no longer needs them."""
+    """Remove a job's scratch files and its outputs; the job's outcome no longer needs them."""
     svc.work.delete_prefix(layout.job_prefix(job_id))
+    svc.jobs.drop_outputs(job_id)

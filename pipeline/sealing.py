@@ -26,7 +26,7 @@ named ``hold`` and seals every other as it closes; the stage seals the held ones
 sealed file exactly its PKCS#7-padded size, each segment of ffmpeg's playlist sealed under its
 own sequence number (:meth:`SegmentSealer.sealed_sizes` refuses a held segment never sealed).
 
-The segment stage then records the sealed sizes in its chunk's ``produced.json``, in the same
+The segment stage then records the sealed sizes in its chunk's ``produced`` output, in the same
 atomic write that names the attempt. That record, and nothing inferred from a file, is what
 tells the encrypt stage that a chunk is sealed: it then links the segments (and init segments)
 into place instead of encrypting them again, however often either stage is delivered (a

@@ -4,7 +4,7 @@ On a fleet the work store is S3. A chunk's segments are sealed one by one as ffm
 (:mod:`pipeline.sealing`), and a sealed segment is final, so it can be put as soon as it is
 sealed: the round trips then overlap the encode, where putting every file after ffmpeg exits
 adds them to the chunk's time. Should anything write a segment after it was put, the sealing
-checks fail the stage, and an attempt that fails is never named in ``produced.json``: nothing
+checks fail the stage, and an attempt that fails is never named in its ``produced`` output: nothing
 reads what it put.
 """
 

@@ -329,7 +329,7 @@ class TestRedeliveredChunk:
         self, chunk_services: Services, hd_clip: Path
     ) -> None:
         """Given a job whose chunks are all segmented and encrypted, when chunk c001 is
-        delivered again (segment, then encrypt), then its produced.json names a new attempt
+        delivered again (segment, then encrypt), then its produced output names a new attempt
         with the same segment names, its encrypted segments are rewritten, and no file of any
         other chunk changed."""
         svc = chunk_services
@@ -337,13 +337,20 @@ class TestRedeliveredChunk:
         names = run_stages(svc, spec)
         assert names == ["c000", "c001"]
         before = work_files(svc, spec)
-        first = json.loads(svc.work.get_bytes(layout.produced_key(spec.job_id, "c001")))
+        outputs_before = svc.jobs.outputs(spec.job_id)
+        first = outputs_before[layout.produced_output("c001")]
 
         packaging.segment(svc, spec, "c001")
         packaging.encrypt(svc, spec, "c001")
 
         after = work_files(svc, spec)
-        second = json.loads(svc.work.get_bytes(layout.produced_key(spec.job_id, "c001")))
+        outputs_after = svc.jobs.outputs(spec.job_id)
+        second = outputs_after[layout.produced_output("c001")]
+        # and of the job's outputs, only the chunk's own two were written again
+        own_outputs = {layout.produced_output("c001"), layout.sizes_output("c001")}
+        assert set(outputs_after) == set(outputs_before)
+        assert {k: v for k, v in outputs_after.items() if k not in own_outputs} \
+            == {k: v for k, v in outputs_before.items() if k not in own_outputs}
         assert second["attempt"] != first["attempt"]
         assert {n: [s["name"] for s in r["segments"]] for n, r in second["produced"].items()} \
             == {n: [s["name"] for s in r["segments"]] for n, r in first["produced"].items()}
@@ -351,7 +358,7 @@ class TestRedeliveredChunk:
             f"enc/{rendition}/{seg['name']}"
             for rendition, produced in second["produced"].items()
             for seg in produced["segments"]
-        } | {"plain/c001/produced.json", "sizes/c001.json"}
+        }
         new_attempt = f"plain/c001/{second['attempt']}/"
         changed = {k for k in after if before.get(k, (None,))[0] != after[k][0]}
         assert {k for k in changed if not k.startswith(new_attempt)} == own
@@ -510,8 +517,8 @@ class TestAudioReleasedChunkByChunk:
         released: list[tuple[str, bool, bool]] = []
 
         def on_release(chunk: str, again: bool) -> None:
-            field = packaging.RELEASED_AUDIO_FIELD.format(chunk=chunk)
-            assert field in svc.jobs.get(spec.job_id).fields  # the record before the send
+            name = layout.audio_output(chunk)
+            assert name in svc.jobs.outputs(spec.job_id, [name])  # the output before the send
             released.append((chunk, again, ffmpeg_running_here()))
 
         packaging.encode_audio(svc, spec, on_release=on_release)
@@ -545,8 +552,8 @@ class TestAudioReleasedChunkByChunk:
         assert not ffmpeg_running_here()
 
         def record(chunk: str) -> dict[str, object] | None:
-            found = svc.jobs.get(spec.job_id).json_field(
-                packaging.RELEASED_AUDIO_FIELD.format(chunk=chunk))
+            name = layout.audio_output(chunk)
+            found = svc.jobs.outputs(spec.job_id, [name]).get(name)
             return found if isinstance(found, dict) else None
 
         first = {c: record(c) for c in ("c000", "c001")}

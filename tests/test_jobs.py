@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import BadSpec
-from pipeline.jobs import JobStore, new_job_spec
+from pipeline.jobs import JobStore, UnknownJob, new_job_spec
 from pipeline.jobs.file import FileRecordBackend
 from pipeline.jobs.redis import RedisRecordBackend
 
@@ -106,6 +106,130 @@ def test_queuing_a_stage_writes_its_json_fields_with_it(jobs: JobStore) -> None:
     record = jobs.get(spec.job_id)
     assert record.json_field("published") == {"version": "v1"}
     assert record.stage("invalidate").status == "queued"  # type: ignore[union-attr]
+
+class TestOneRoundTripPerHop:
+    """A hop's bookkeeping: the stage's start reads the record in the step that counts it, and
+    its end is written with the next stage's queued mark (or in the fan-in's arrival)."""
+
+    def test_a_stage_start_counts_it_and_reads_the_record_as_written(
+        self, jobs: JobStore
+    ) -> None:
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec, queued=("probe",))
+        jobs.set_json_fields(spec.job_id, {"media": {"duration": 2.0}, "chunks": []})
+
+        attempts, record = jobs.begin_stage(spec.job_id, "probe", worker="host:1")
+
+        assert attempts == 1
+        assert record.spec == spec and record.status == "running"
+        assert record.json_field("media") == {"duration": 2.0}
+        assert record.stage("probe").status == "running"  # type: ignore[union-attr]
+        assert record.json_field("probe.worker") == "host:1"
+        assert jobs.get(spec.job_id).fields == record.fields
+
+    def test_a_stage_redelivered_after_its_job_ended_writes_nothing(
+        self, jobs: JobStore
+    ) -> None:
+        """A late delivery of a cancelled job's stage reads the record and leaves it as it was:
+        no attempt counted, no stage marked running."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec, queued=("probe",))
+        jobs.begin_stage(spec.job_id, "probe")
+        jobs.cancel(spec.job_id)
+        before = jobs.get(spec.job_id).fields
+
+        attempts, record = jobs.begin_stage(spec.job_id, "probe")
+
+        assert attempts == 0 and record.status == "cancelled"
+        assert jobs.get(spec.job_id).fields == before
+
+    def test_a_stage_of_an_unknown_job_is_refused_and_creates_no_record(
+        self, jobs: JobStore
+    ) -> None:
+        with pytest.raises(UnknownJob):
+            jobs.begin_stage("0" * 32, "probe")
+        with pytest.raises(UnknownJob):
+            jobs.get("0" * 32)
+
+    def test_a_stage_ends_with_the_next_ones_queued_in_one_write(self, jobs: JobStore) -> None:
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec, queued=("probe",))
+        jobs.begin_stage(spec.job_id, "probe")
+
+        jobs.stage_finished(spec.job_id, "probe", queued=("segment:c000", "segment:c001"),
+                            json_fields={"chunk_names": ["c000", "c001"]})
+
+        record = jobs.get(spec.job_id)
+        assert [(s.name, s.status) for s in record.stages] == [
+            ("probe", "done"), ("segment:c000", "queued"), ("segment:c001", "queued")]
+        assert record.json_field("chunk_names") == ["c000", "c001"]
+
+    def test_the_fan_in_queues_what_follows_only_once_none_is_pending(
+        self, jobs: JobStore
+    ) -> None:
+        """Each arrival marks its own stage done; the playlist is marked queued by the last
+        arrival only, and again by a redelivery of it (whose message is sent again)."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec)
+        jobs.set_pending(spec.job_id, "encrypt", 2)
+
+        left = jobs.arrive(spec.job_id, "encrypt", "c000", finished="encrypt:c000",
+                           then_queued=("playlist",))
+        first = jobs.get(spec.job_id)
+        again = jobs.arrive(spec.job_id, "encrypt", "c000", finished="encrypt:c000",
+                            then_queued=("playlist",))
+        last = jobs.arrive(spec.job_id, "encrypt", "c001", finished="encrypt:c001",
+                           then_queued=("playlist",))
+        redelivered = jobs.arrive(spec.job_id, "encrypt", "c001", finished="encrypt:c001",
+                                  then_queued=("playlist",))
+
+        assert (left, again, last, redelivered) == (1, 1, 0, 0)
+        assert first.stage("encrypt:c000").status == "done"  # type: ignore[union-attr]
+        assert first.stage("playlist") is None
+        record = jobs.get(spec.job_id)
+        assert record.stage("encrypt:c001").status == "done"  # type: ignore[union-attr]
+        assert record.stage("playlist").status == "queued"  # type: ignore[union-attr]
+
+    def test_the_last_stage_ends_with_the_job(self, jobs: JobStore) -> None:
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec)
+        jobs.begin_stage(spec.job_id, "invalidate")
+
+        assert jobs.succeed(spec.job_id, {"asset": "film"},
+                            fields=jobs.finished_fields("invalidate", status="skipped",
+                                                        detail="no CDN"))
+
+        record = jobs.get(spec.job_id)
+        assert record.status == "succeeded"
+        assert record.stage("invalidate").status == "skipped"  # type: ignore[union-attr]
+        assert record.stage("invalidate").detail == "no CDN"  # type: ignore[union-attr]
+
+
+class TestOutputs:
+    def test_outputs_are_read_by_name_kept_apart_from_the_record_and_dropped(
+        self, jobs: JobStore
+    ) -> None:
+        """A stage's output is read back as written, by name or all at once; it is not in the
+        record (which every stage and the ops app read whole), and dropping ends it."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec)
+        jobs.set_output(spec.job_id, "produced.c000", {"attempt": "a1", "produced": {}})
+        jobs.set_output(spec.job_id, "sizes.c000", {"360p": [1024, 2048]})
+        jobs.set_output(spec.job_id, "produced.c000", {"attempt": "a2", "produced": {}})
+
+        assert jobs.outputs(spec.job_id, ["produced.c000", "produced.c001"]) == {
+            "produced.c000": {"attempt": "a2", "produced": {}}}
+        assert jobs.outputs(spec.job_id) == {
+            "produced.c000": {"attempt": "a2", "produced": {}},
+            "sizes.c000": {"360p": [1024, 2048]},
+        }
+        fields = jobs.get(spec.job_id).fields
+        assert not any(name.startswith(("produced.", "sizes.")) for name in fields)
+
+        jobs.drop_outputs(spec.job_id)
+        assert jobs.outputs(spec.job_id) == {}
+        assert jobs.get(spec.job_id).spec == spec
+
 
 class TestStatusIndex:
     def test_each_status_change_moves_the_job_in_the_index(

@@ -106,9 +106,8 @@ def segment_and_encrypt(services: Services, spec: JobSpec, *, seal: bool = True)
 
 
 def produced_record(services: Services, spec: JobSpec, chunk: str = CHUNK) -> dict[str, Any]:
-    record: dict[str, Any] = json.loads(
-        services.work.get_bytes(layout.produced_key(spec.job_id, chunk))
-    )
+    name = layout.produced_output(chunk)
+    record: dict[str, Any] = services.jobs.outputs(spec.job_id, [name])[name]
     return record
 
 
@@ -131,7 +130,7 @@ def encrypted_output(services: Services, spec: JobSpec, chunk: str = CHUNK) -> d
             files[f"{rendition}/{name}"] = services.work.get_bytes(
                 layout.encrypted_key(spec.job_id, rendition, name)
             )
-    sizes = json.loads(services.work.get_bytes(layout.sizes_key(spec.job_id, chunk)))
+    sizes = services.jobs.outputs(spec.job_id)[layout.sizes_output(chunk)]
     files["sizes.json"] = json.dumps(sizes).encode()
     return files
 

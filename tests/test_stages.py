@@ -4,13 +4,15 @@ a job that runs out of retries leaves no scratch behind."""
 
 from __future__ import annotations
 
-import json
 import threading
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from dramatiq import Message
+from dramatiq.brokers.stub import StubBroker
 
 from pipeline import layout, packaging
 from pipeline.crypto import iv_for_sequence
@@ -42,9 +44,16 @@ def probed(services: Services, copy_clip: Path) -> tuple[JobSpec, str]:
 CHUNK = "c000"
 
 
+def produced_output(services: Services, spec: JobSpec) -> dict[str, Any]:
+    """The chunk's ``produced`` output: the attempt that won, and its segments."""
+    name = layout.produced_output(CHUNK)
+    produced: dict[str, Any] = services.jobs.outputs(spec.job_id, [name])[name]
+    return produced
+
+
 def _decrypted(services: Services, spec: JobSpec, rendition: str) -> list[bytes]:
     key = services.keys.get(spec.asset, spec.version, 0)
-    produced = json.loads(services.work.get_bytes(layout.produced_key(spec.job_id, CHUNK)))
+    produced = produced_output(services, spec)
     return [
         decrypt_bytes(
             services.work.get_bytes(layout.encrypted_key(spec.job_id, rendition, seg["name"])),
@@ -64,7 +73,7 @@ class TestOverlappingSegmentAttempts:
         spec, rendition = probed
         # Plain segments, as a transcode leaves them (a remux is sealed: see test_sealing.py).
         packaging.segment(services, spec, CHUNK, seal=False)
-        produced = json.loads(services.work.get_bytes(layout.produced_key(spec.job_id, CHUNK)))
+        produced = produced_output(services, spec)
         finished = layout.chunk_rendition_prefix(
             spec.job_id, CHUNK, produced["attempt"], rendition
         )
@@ -175,33 +184,39 @@ class TestOneFailurePath:
 
         ran = flow.run_stage(runtime, spec.job_id, "probe", lambda _: "ran")
 
+        assert ran is not None and ran.result == "ran"
+        flow.hand_on(runtime, ran)  # the stage's end, as its after_* writes it
+
         stage = runtime.services.jobs.get(spec.job_id).stage("probe")
-        assert ran == "ran"
         assert stage is not None and stage.status == "done"
         assert stage.attempts == runtime.settings.max_deliveries
 
 
 class TestAudioRelease:
-    def test_a_chunk_released_again_is_sent_unless_its_segment_stage_is_done(
+    def test_a_chunk_released_again_is_sent_unless_its_segment_stage_has_started(
         self, runtime: Runtime, copy_clip: Path
     ) -> None:
-        """A redelivered audio stage reports the chunks an earlier delivery released: the one
-        whose segment stage finished is not sent again; the one that may never have been sent
-        (its delivery died between release and send) is, and a new release always is."""
+        """A redelivered audio stage reports the chunks an earlier delivery released: one
+        whose segment stage finished, or is running (the broker redelivers that one itself),
+        is not sent again; the one that may never have been sent (its delivery died between
+        release and send) is, and a new release always is."""
         from workers import flow
 
         spec = new_job_spec(str(copy_clip), asset="released")
-        runtime.services.jobs.create(spec)
-        runtime.services.jobs.stage_finished(spec.job_id, flow.chunk_stage("segment", "c000"))
+        jobs = runtime.services.jobs
+        jobs.create(spec)
+        jobs.stage_finished(spec.job_id, flow.chunk_stage("segment", "c000"))
+        jobs.begin_stage(spec.job_id, flow.chunk_stage("segment", "c003"))
         queue = runtime.broker.queues["segment"]  # type: ignore[attr-defined]
         before = queue.qsize()
 
         flow.audio_released(runtime, spec.job_id, "c000", True)
+        flow.audio_released(runtime, spec.job_id, "c003", True)
         assert queue.qsize() == before
         flow.audio_released(runtime, spec.job_id, "c001", True)
         flow.audio_released(runtime, spec.job_id, "c002", False)
         assert queue.qsize() == before + 2
-        record = runtime.services.jobs.get(spec.job_id)
+        record = jobs.get(spec.job_id)
         for chunk in ("c001", "c002"):
             state = record.stage(flow.chunk_stage("segment", chunk))
             assert state is not None and state.status == "queued"
@@ -225,13 +240,96 @@ class TestAudioRelease:
         queues = runtime.broker.queues  # type: ignore[attr-defined]
         sizes = {name: queues[name].qsize() for name in ("segment", "publish")}
 
-        flow.after_probe(runtime, spec.job_id, plan)
+        flow.after_probe(runtime, flow.Ran("probe", runtime.services.jobs.get(spec.job_id),
+                                           plan))
         assert queues["segment"].qsize() == sizes["segment"] + len(chunks) + 1  # chunks, audio
+
+        def ran(stage: str) -> flow.Ran[None]:
+            return flow.Ran(stage, runtime.services.jobs.get(spec.job_id), None)
+
         for chunk in chunks:
-            flow.after_encrypt(runtime, spec.job_id, chunk.name)
-        flow.after_encrypt(runtime, spec.job_id, chunks[0].name)  # a redelivery
+            flow.after_encrypt(runtime, ran(f"encrypt:{chunk.name}"), chunk.name)
+        flow.after_encrypt(runtime, ran(f"encrypt:{chunks[0].name}"), chunks[0].name)  # again
         assert queues["publish"].qsize() == sizes["publish"]
-        flow.after_audio(runtime, spec.job_id)
+        flow.after_audio(runtime, ran("audio"))
         assert queues["publish"].qsize() == sizes["publish"] + 1
         playlist = runtime.services.jobs.get(spec.job_id).stage("playlist")
         assert playlist is not None and playlist.status == "queued"
+
+    def test_an_audio_group_planned_by_an_older_version_sends_the_chunks_after_it(
+        self, runtime: Runtime, copy_clip: Path
+    ) -> None:
+        """A job planned before audio groups ran beside the chunks (no mark; its fan-in counts
+        the chunks only): when its audio stage ends, the chunks are sent, as they were then."""
+        from workers import flow
+
+        spec = new_job_spec(str(copy_clip), asset="older")
+        jobs = runtime.services.jobs
+        jobs.create(spec)
+        jobs.stage_queued(spec.job_id, json_fields={"chunk_names": ["c000", "c001"],
+                                                    "audio_bitrates": []})
+        queue = runtime.broker.queues["segment"]  # type: ignore[attr-defined]
+        before = queue.qsize()
+        flow.after_audio(runtime, flow.Ran("audio", jobs.get(spec.job_id), None))
+        assert queue.qsize() == before + 2
+
+
+class EveryMessageTwice(StubBroker):
+    """A broker that delivers nothing by itself: :meth:`run` calls each message's actor twice
+    in a row, as a worker that died before its ack would have it redelivered. What the second
+    delivery sends again is already queued and dropped, as the queue would hold it once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: deque[Message[Any]] = deque()
+        self.seen: set[tuple[str, tuple[Any, ...]]] = set()
+        self.delivered: list[str] = []
+
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        key = (message.actor_name, tuple(message.args))
+        if key not in self.seen:
+            self.seen.add(key)
+            self.sent.append(message)
+        return message
+
+    def run(self) -> None:
+        while self.sent:
+            message = self.sent.popleft()
+            for _ in range(2):
+                self.delivered.append(message.actor_name)
+                self.get_actor(message.actor_name).fn(*message.args, **message.kwargs)
+
+
+class TestEveryStageRedelivered:
+    def test_the_job_publishes_once_with_every_stage_done_and_counted_twice(
+        self, services: Services, copy_clip: Path
+    ) -> None:
+        """Given every stage delivered a second time right after it ran (its end and the next
+        stage's queued mark written in one step, the fan-in's in the arrival), the job
+        succeeds, each stage is done with two deliveries counted (the last one's second
+        delivery finds the job ended and counts nothing), the fan-in sent the playlist once,
+        and the published version's segments decrypt to the chunk's bytes."""
+        broker = EveryMessageTwice()
+        runtime = build_runtime(services.settings, services=services, broker=broker)
+        spec = new_job_spec(str(copy_clip), asset="twice", ladder="copy")
+
+        runtime.enqueue(spec)
+        broker.run()
+
+        record = services.jobs.get(spec.job_id)
+        assert record.status == "succeeded", record.error
+        stages = {s.name: (s.status, s.attempts) for s in record.stages}
+        assert stages == {
+            "probe": ("done", 2), "segment:c000": ("done", 2), "encrypt:c000": ("done", 2),
+            "playlist": ("done", 2), "upload": ("done", 2), "invalidate": ("skipped", 1),
+        }
+        assert broker.delivered.count("media.playlist") == 2  # one message, twice
+        assert services.jobs.outputs(spec.job_id) == {}  # dropped with the work files
+        assert services.catalog.current_version(spec.asset) == spec.version
+        described = services.catalog.get_version(spec.asset, spec.version)
+        key = services.keys.get(spec.asset, spec.version, 0)
+        for rendition in described.renditions:
+            for seg in rendition.segments:
+                data = services.origin.get_bytes(
+                    layout.segment_key(spec.asset, spec.version, rendition.name, seg.name))
+                assert decrypt_bytes(data, key, iv_for_sequence(seg.sequence))[:1] == b"G"

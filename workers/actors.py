@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 import dramatiq
 
 from pipeline import cdn, downloads, lifecycle, packaging, publish, trickplay
-from pipeline.jobs import JobSpec
 
 from . import flow
 from .queues import Queue
@@ -29,17 +28,6 @@ MAX_BACKOFF_MS = 30_000
 SHORT_LIMIT_MS = round(packaging.PROBE_STAGE_S * 1000)  # the probe budgets its work within
 SEGMENT_LIMIT_MS = 12 * 3600_000
 PUBLISH_LIMIT_MS = 60 * 60_000
-
-
-def _handing_on(work: Callable[[JobSpec], object]) -> Callable[[JobSpec], JobSpec]:
-    """A stage's work that returns the spec it ran on, so the next stage is sent from it
-    without reading the job record again."""
-
-    def run(spec: JobSpec) -> JobSpec:
-        work(spec)
-        return spec
-
-    return run
 
 
 def declare(rt: Runtime) -> None:
@@ -61,49 +49,52 @@ def declare(rt: Runtime) -> None:
 
     @stage_actor(flow.PROBE, Queue.PROBE, SHORT_LIMIT_MS)
     def probe(job_id: str) -> None:
-        plan = flow.run_stage(
-            rt, job_id, "probe", lambda spec: packaging.probe_source(svc, spec)
+        ran = flow.run_stage(
+            rt, job_id, "probe", lambda job: packaging.probe_source(svc, job.spec)
         )
-        if plan is not None:
-            flow.after_probe(rt, job_id, plan)
+        if ran is not None:
+            flow.after_probe(rt, ran)
 
     @stage_actor(flow.AUDIO, Queue.SEGMENT, SEGMENT_LIMIT_MS)
     def audio(job_id: str) -> None:
         report = flow.progress(rt, job_id, "audio")
-        done = flow.run_stage(
+        ran = flow.run_stage(
             rt, job_id, "audio",
-            lambda spec: packaging.encode_audio(
-                svc, spec, report,
+            lambda job: packaging.encode_audio(
+                svc, job.spec, report,
                 lambda chunk, again: flow.audio_released(rt, job_id, chunk, again),
+                job=job,
             ),
         )
-        if done is not None:
-            flow.after_audio(rt, job_id)
+        if ran is not None:
+            flow.after_audio(rt, ran)
 
     @stage_actor(flow.SEGMENT, Queue.SEGMENT, SEGMENT_LIMIT_MS)
     def segment(job_id: str, chunk: str) -> None:
         stage = flow.chunk_stage("segment", chunk)
         report = flow.progress(rt, job_id, stage)
-        done = flow.run_stage(
-            rt, job_id, stage, lambda spec: packaging.segment(svc, spec, chunk, report)
+        ran = flow.run_stage(
+            rt, job_id, stage,
+            lambda job: packaging.segment(svc, job.spec, chunk, report, job=job),
         )
-        if done is not None:
-            flow.after_segment(rt, job_id, chunk)
+        if ran is not None:
+            flow.after_segment(rt, ran, chunk)
 
     @stage_actor(flow.ENCRYPT, Queue.ENCRYPT, PUBLISH_LIMIT_MS)
     def encrypt(job_id: str, chunk: str) -> None:
         stage = flow.chunk_stage("encrypt", chunk)
         report = flow.progress(rt, job_id, stage)
-        done = flow.run_stage(
-            rt, job_id, stage, lambda spec: packaging.encrypt(svc, spec, chunk, report)
+        ran = flow.run_stage(
+            rt, job_id, stage, lambda job: packaging.encrypt(svc, job.spec, chunk, report)
         )
-        if done is not None:
-            flow.after_encrypt(rt, job_id, chunk)
+        if ran is not None:
+            flow.after_encrypt(rt, ran, chunk)
 
     @stage_actor(flow.PLAYLIST, Queue.PUBLISH, SHORT_LIMIT_MS)
     def playlist(job_id: str) -> None:
-        build = _handing_on(lambda spec: packaging.build_playlists(svc, spec))
-        ran = flow.run_stage(rt, job_id, "playlist", build)
+        ran = flow.run_stage(
+            rt, job_id, "playlist", lambda job: packaging.build_playlists(svc, job.spec, job=job)
+        )
         if ran is not None:
             flow.after_playlist(rt, ran)
 
@@ -111,7 +102,7 @@ def declare(rt: Runtime) -> None:
     def download(job_id: str) -> None:
         """Remux the download rendition into a faststart MP4 (ffmpeg: the segment queue)."""
         ran = flow.run_stage(
-            rt, job_id, "download", _handing_on(lambda spec: downloads.make_download(svc, spec))
+            rt, job_id, "download", lambda job: downloads.make_download(svc, job.spec)
         )
         if ran is not None:
             flow.after_download(rt, ran)
@@ -119,32 +110,31 @@ def declare(rt: Runtime) -> None:
     @stage_actor(flow.TRICKPLAY, Queue.SEGMENT, PUBLISH_LIMIT_MS)
     def trick_play(job_id: str) -> None:
         """The I-frame rendition and thumbnail sprites (ffmpeg: the segment queue)."""
-        done = flow.run_stage(
-            rt, job_id, "trickplay", lambda spec: trickplay.make_trick_play(svc, spec).version
+        ran = flow.run_stage(
+            rt, job_id, "trickplay",
+            lambda job: trickplay.make_trick_play(svc, job.spec).version,
         )
-        if done is not None:
-            flow.after_trickplay(rt, job_id)
+        if ran is not None:
+            flow.after_trickplay(rt, ran)
 
     @stage_actor(flow.UPLOAD, Queue.PUBLISH, PUBLISH_LIMIT_MS)
     def upload(job_id: str) -> None:
         report = flow.progress(rt, job_id, "upload")
-        published = flow.run_stage(
-            rt, job_id, "upload", lambda spec: publish.upload(svc, spec, report)
+        ran = flow.run_stage(
+            rt, job_id, "upload", lambda job: publish.upload(svc, job.spec, report)
         )
-        if published is not None:
-            flow.after_upload(rt, job_id, published)
+        if ran is not None:
+            flow.after_upload(rt, ran)
 
     @stage_actor(flow.INVALIDATE, Queue.PUBLISH, SHORT_LIMIT_MS)
     def invalidate(job_id: str) -> None:
-        outcome = flow.run_stage(rt, job_id, "invalidate", lambda spec: cdn.invalidate(svc, spec))
-        if outcome is not None:
-            flow.after_invalidate(rt, job_id, outcome)
+        ran = flow.run_stage(rt, job_id, "invalidate", lambda job: cdn.invalidate(svc, job.spec))
+        if ran is not None:
+            flow.after_invalidate(rt, ran)
 
     @stage_actor(flow.REKEY, Queue.ENCRYPT, PUBLISH_LIMIT_MS)
     def rekey(job_id: str) -> None:
-        ran = flow.run_stage(
-            rt, job_id, "rekey", _handing_on(lambda spec: lifecycle.rekey(svc, spec))
-        )
+        ran = flow.run_stage(rt, job_id, "rekey", lambda job: lifecycle.rekey(svc, job.spec))
         if ran is not None:
             flow.after_rekey(rt, ran)
 

@@ -16,25 +16,30 @@ one that asked for trick play its I-frame rendition and thumbnails (:mod:`pipeli
 after that.
 
 Actors call :func:`run_stage` around their domain function and then the ``after_*`` function
-that enqueues what comes next. Messages carry ids only: ``(job_id)`` or ``(job_id, chunk)``.
+that enqueues what comes next. A hop's bookkeeping is two round trips to the job record: the
+``after_*`` function marks the stage done and the next one queued in one write (or, at the
+fan-in, in the arrival itself), and the next stage's start counts its delivery and reads the
+record in one script. Messages carry ids only: ``(job_id)`` or ``(job_id, chunk)``.
 A job fails through :func:`fail` only, whether a stage found a permanent error, a message was
 delivered too often, or dramatiq ran out of retries (:class:`workers.middleware.JobOutcome`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import structlog
 
 from pipeline.errors import HlsvaultError, PoisonJob, TransientError
-from pipeline.jobs import JobSpec
+from pipeline.jobs import JobRecord, JobSpec
 from pipeline.logs import redact_text
 from pipeline.packaging import JobPlan
 from pipeline.publish import discard_work, replaced_grace
@@ -49,6 +54,9 @@ T = TypeVar("T")
 
 PROBE = "media.probe"
 AUDIO = "media.audio"
+#: The job-record mark of a plan whose audio stage runs beside its chunks (older plans ran it
+#: before them).
+AUDIO_BESIDE = "audio_beside"
 SEGMENT = "media.segment"
 ENCRYPT = "media.encrypt"
 PLAYLIST = "media.playlist"
@@ -111,15 +119,36 @@ def worker_name() -> str:
 
 
 def start(rt: Runtime, spec: JobSpec) -> None:
-    """Record a new job and enqueue its first stage."""
-    rt.services.jobs.create(spec)
+    """Record a new job, its first stage queued, and enqueue that stage."""
     first, actor = ("rekey", REKEY) if spec.kind == "rekey" else ("probe", PROBE)
-    rt.services.jobs.stage_queued(spec.job_id, first)
+    rt.services.jobs.create(spec, queued=(first,))
     rt.send(actor, spec.job_id)
 
 
-def run_stage(rt: Runtime, job_id: str, stage: str, work: Callable[[JobSpec], T]) -> T | None:
-    """Run one stage's domain function with the job record kept up to date.
+@dataclass(frozen=True)
+class Ran(Generic[T]):
+    """A stage that ran: its name, the job record as its start read it, and what its domain
+    function returned. The stage is not marked done yet: the ``after_*`` function that says
+    what runs next does so, in the write that queues it."""
+
+    stage: str
+    record: JobRecord
+    result: T
+
+    @property
+    def job_id(self) -> str:
+        return self.record.spec.job_id
+
+    @property
+    def spec(self) -> JobSpec:
+        return self.record.spec
+
+
+def run_stage(
+    rt: Runtime, job_id: str, stage: str, work: Callable[[JobRecord], T]
+) -> Ran[T] | None:
+    """Run one stage's domain function (given the job record as the stage's start read it)
+    with the job record kept up to date; the caller's ``after_*`` marks it done.
 
     Returns None when the stage must not continue: the job already ended (failed, cancelled),
     was found poison, or failed here for a reason retrying cannot mend (any error of the tree
@@ -127,16 +156,15 @@ def run_stage(rt: Runtime, job_id: str, stage: str, work: Callable[[JobSpec], T]
     backoff; anything outside the tree (a bug) too, and fails the job once retries run out.
     """
     svc = rt.services
-    record = svc.jobs.get(job_id)
+    # Which process took it, too: chunks of one job run on many workers at once.
+    attempts, record = svc.jobs.begin_stage(
+        job_id, stage, worker=worker_name(), delivery=delivery()
+    )
     if record.done:
         log.info("job already ended; stage skipped", stage=stage, status=record.status)
         if record.status == "cancelled":
             discard_work(svc, job_id)
         return None
-    # Which process took it, too: chunks of one job run on many workers at once.
-    attempts = svc.jobs.stage_started(
-        job_id, stage, worker=worker_name(), delivery=delivery()
-    )
     if attempts > svc.settings.max_deliveries:
         reason = str(
             PoisonJob(
@@ -144,30 +172,42 @@ def run_stage(rt: Runtime, job_id: str, stage: str, work: Callable[[JobSpec], T]
                 "dying); inspect the source, then resubmit"
             )
         )
-        fail(rt, job_id, stage, reason)
+        fail(rt, job_id, stage, reason, spec=record.spec)
         return None
     started = time.monotonic()
     try:
-        result = work(record.spec)
+        result = work(record)
     except TransientError:
         raise  # dramatiq retries the message with backoff, a bounded number of times
     except HlsvaultError as error:
         # Everything else in the tree (permanent, not found, refused, misconfigured) fails the
         # same way the next time: the job fails now, with the reason.
-        fail(rt, job_id, stage, redact_text(str(error)))
+        fail(rt, job_id, stage, redact_text(str(error)), spec=record.spec)
         return None
-    svc.jobs.stage_finished(job_id, stage)
     log.info("stage done", stage=stage, attempt=attempts,
              seconds=round(time.monotonic() - started, 3))
-    return result
+    return Ran(stage, record, result)
 
 
-def fail(rt: Runtime, job_id: str, stage: str, reason: str) -> None:
+def hand_on(
+    rt: Runtime, ran: Ran[Any], *queued: str, json_fields: Mapping[str, Any] | None = None
+) -> None:
+    """Mark ``ran``'s stage done and the ``queued`` stages queued, with ``json_fields``, in
+    one write. The caller sends their messages after it."""
+    rt.services.jobs.stage_finished(ran.job_id, ran.stage, queued=queued,
+                                    json_fields=json_fields)
+
+
+def fail(
+    rt: Runtime, job_id: str, stage: str, reason: str, *, spec: JobSpec | None = None
+) -> None:
     """The one way a job fails: the record says where and why, and its scratch is discarded
-    (nothing else will ever read it; a retry is a new job)."""
+    (nothing else will ever read it; a retry is a new job). ``spec``: the job's, when the
+    caller has read it already."""
     log.warning("job failed", stage=stage, reason=reason)
     rt.services.jobs.fail(job_id, stage, reason)
-    spec = rt.services.jobs.get(job_id).spec
+    if spec is None:
+        spec = rt.services.jobs.get(job_id).spec
     # Sheets are clear pictures uploaded before the publish: not left under a version that
     # will never be named (the publish refused after a revocation, an upload gave up).
     try:
@@ -187,112 +227,132 @@ def progress(rt: Runtime, job_id: str, stage: str) -> Callable[[float], None]:
     return report
 
 
-def after_probe(rt: Runtime, job_id: str, plan: JobPlan) -> None:
-    jobs = rt.services.jobs
+def after_probe(rt: Runtime, ran: Ran[JobPlan]) -> None:
+    plan = ran.result
     names = [chunk.name for chunk in plan.chunks]
-    jobs.set_json(job_id, "chunk_names", names)
+    fields: dict[str, Any] = {"chunk_names": names}
     # An audio group (separate renditions, cut whole) is cut beside the chunks, which do not
     # need it, and joins their fan-in: the playlist waits for it as for the last chunk.
     group = plan.audio_first and not plan.audio_bitrates
-    jobs.set_pending(job_id, "encrypt", len(names) + (1 if group else 0))
-    if plan.audio_first:
-        jobs.stage_queued(job_id, "audio")
-        rt.send(AUDIO, job_id)
-    if not plan.audio_bitrates:
-        # Muxed audio encoded once releases its chunks itself (:func:`audio_released`).
-        send_chunks(rt, job_id, names)
+    # The fan-in counter, with the plan: set before any chunk can arrive.
+    fields["pending.encrypt"] = len(names) + (1 if group else 0)
+    if not plan.audio_first:
+        send_chunks(rt, ran, names, json_fields=fields)
+        return
+    fields[AUDIO_BESIDE] = True
+    # Muxed audio encoded once releases its chunks itself (:func:`audio_released`).
+    chunks = [] if plan.audio_bitrates else names
+    hand_on(rt, ran, "audio", *(chunk_stage("segment", n) for n in chunks), json_fields=fields)
+    rt.send(AUDIO, ran.job_id)
+    for name in chunks:
+        rt.send(SEGMENT, ran.job_id, name)
 
 
 def audio_released(rt: Runtime, job_id: str, chunk: str, again: bool) -> None:
     """The audio stage released ``chunk``'s audio: its segment message goes now. A chunk an
-    earlier delivery released is sent again only if its segment stage has not finished (that
-    delivery may have died between the release and the send; a duplicate segment message is
-    safe, a lost one would stall the job)."""
+    earlier delivery released is sent again only if its segment stage has neither finished
+    nor started (that delivery may have died between the release and the send; a lost
+    message would stall the job, while a started one is redelivered by the broker itself)."""
+    jobs = rt.services.jobs
     if again:
-        state = rt.services.jobs.get(job_id).stage(chunk_stage("segment", chunk))
-        if state is not None and state.status == "done":
+        state = jobs.get(job_id).stage(chunk_stage("segment", chunk))
+        if state is not None and state.status in ("running", "done"):
             return
-    send_chunks(rt, job_id, [chunk])
+    jobs.stage_queued(job_id, chunk_stage("segment", chunk))
+    rt.send(SEGMENT, job_id, chunk)
 
 
-def after_audio(rt: Runtime, job_id: str) -> None:
+def after_audio(rt: Runtime, ran: Ran[Any]) -> None:
     """Muxed audio released every chunk as it went (:func:`audio_released`); an audio group
-    arrives at the chunks' fan-in."""
-    if not rt.services.jobs.get(job_id).json_field("audio_bitrates"):
-        _arrive(rt, job_id, "audio")
+    arrives at the chunks' fan-in. (A job planned before audio groups ran beside the chunks
+    has no ``audio_beside`` mark: its chunks are sent now, as they were then.)"""
+    record = ran.record
+    if record.json_field("audio_bitrates"):
+        hand_on(rt, ran)
+    elif record.json_field(AUDIO_BESIDE):
+        _arrive(rt, ran, "audio")
+    else:
+        send_chunks(rt, ran, record.json_field("chunk_names"))
 
 
-def send_chunks(rt: Runtime, job_id: str, names: list[str]) -> None:
+def send_chunks(
+    rt: Runtime, ran: Ran[Any], names: list[str], json_fields: Mapping[str, Any] | None = None
+) -> None:
     """Fan out: one segment message per chunk, any segment worker may take any of them."""
-    rt.services.jobs.stage_queued(job_id, *(chunk_stage("segment", n) for n in names))
+    hand_on(rt, ran, *(chunk_stage("segment", n) for n in names), json_fields=json_fields)
     for name in names:
-        rt.send(SEGMENT, job_id, name)
+        rt.send(SEGMENT, ran.job_id, name)
 
 
-def after_segment(rt: Runtime, job_id: str, chunk: str) -> None:
+def after_segment(rt: Runtime, ran: Ran[Any], chunk: str) -> None:
     # Encrypted at once: only the last chunk's encryption is left when the last chunk is cut.
-    rt.services.jobs.stage_queued(job_id, chunk_stage("encrypt", chunk))
-    rt.send(ENCRYPT, job_id, chunk)
+    hand_on(rt, ran, chunk_stage("encrypt", chunk))
+    rt.send(ENCRYPT, ran.job_id, chunk)
 
 
-def after_encrypt(rt: Runtime, job_id: str, chunk: str) -> None:
-    _arrive(rt, job_id, chunk)
+def after_encrypt(rt: Runtime, ran: Ran[Any], chunk: str) -> None:
+    _arrive(rt, ran, chunk)
 
 
-def _arrive(rt: Runtime, job_id: str, member: str) -> None:
+def _arrive(rt: Runtime, ran: Ran[Any], member: str) -> None:
     # Fan-in on the record's atomic counter: the last chunk (or audio group) to finish
     # enqueues the playlist. (A dramatiq group callback would never fire if one child failed
-    # for good.)
-    if rt.services.jobs.arrive(job_id, "encrypt", member) == 0:
-        rt.services.jobs.stage_queued(job_id, "playlist")
-        rt.send(PLAYLIST, job_id)
+    # for good.) The stage's end and the playlist's queued mark are written in the arrival's
+    # own step.
+    jobs = rt.services.jobs
+    if jobs.arrive(ran.job_id, "encrypt", member, finished=ran.stage,
+                   then_queued=("playlist",)) == 0:
+        rt.send(PLAYLIST, ran.job_id)
 
 
-def after_rekey(rt: Runtime, spec: JobSpec) -> None:
+def after_rekey(rt: Runtime, ran: Ran[Any]) -> None:
     # The rekey stage leaves what segment, encrypt and playlist would have: publish it.
-    after_playlist(rt, spec)
+    after_playlist(rt, ran)
 
 
-def after_playlist(rt: Runtime, spec: JobSpec) -> None:
+def after_playlist(rt: Runtime, ran: Ran[Any]) -> None:
     # A download is made from what encrypt left and the playlist stage described, before the
     # upload publishes the version (so a published version's download is always there). The
-    # spec is the one the stage ran with (run_stage read it): no second read of the record.
-    if spec.download is not None:
-        rt.services.jobs.stage_queued(spec.job_id, "download")
-        rt.send(DOWNLOAD, spec.job_id)
+    # spec is the one the stage ran with (its start read it): no second read of the record.
+    if ran.spec.download is not None:
+        hand_on(rt, ran, "download")
+        rt.send(DOWNLOAD, ran.job_id)
         return
-    after_download(rt, spec)
+    after_download(rt, ran)
 
 
-def after_download(rt: Runtime, spec: JobSpec) -> None:
+def after_download(rt: Runtime, ran: Ran[Any]) -> None:
     # Trick play after the download: the download is made from a description without it.
-    if spec.trick_play:
-        rt.services.jobs.stage_queued(spec.job_id, "trickplay")
-        rt.send(TRICKPLAY, spec.job_id)
+    if ran.spec.trick_play:
+        hand_on(rt, ran, "trickplay")
+        rt.send(TRICKPLAY, ran.job_id)
         return
-    after_trickplay(rt, spec.job_id)
+    after_trickplay(rt, ran)
 
 
-def after_trickplay(rt: Runtime, job_id: str) -> None:
-    rt.services.jobs.stage_queued(job_id, "upload")
-    rt.send(UPLOAD, job_id)
+def after_trickplay(rt: Runtime, ran: Ran[Any]) -> None:
+    hand_on(rt, ran, "upload")
+    rt.send(UPLOAD, ran.job_id)
 
 
-def after_upload(rt: Runtime, job_id: str, published: dict[str, Any]) -> None:
-    rt.services.jobs.stage_queued(job_id, "invalidate", json_fields={"published": published})
-    rt.send(INVALIDATE, job_id)
+def after_upload(rt: Runtime, ran: Ran[dict[str, Any]]) -> None:
+    hand_on(rt, ran, "invalidate", json_fields={"published": ran.result})
+    rt.send(INVALIDATE, ran.job_id)
 
 
-def after_invalidate(rt: Runtime, job_id: str, outcome: dict[str, Any]) -> None:
+def after_invalidate(rt: Runtime, ran: Ran[dict[str, Any]]) -> None:
+    # The record as this stage's start read it holds all the job wrote before: what the upload
+    # published and replaced, and every warning.
     svc = rt.services
+    outcome = ran.result
+    record = ran.record
+    status, detail = "done", None
     if outcome["status"] in ("skipped", "failed"):
-        svc.jobs.stage_finished(
-            job_id, "invalidate", status=outcome["status"], detail=outcome["reason"]
-        )
-    record = svc.jobs.get(job_id)
+        status, detail = outcome["status"], outcome["reason"]
+    ended = svc.jobs.finished_fields(ran.stage, status=status, detail=detail)
     if outcome["status"] == "failed":
         warning = f"published, but the CDN invalidation failed: {outcome['reason']}"
-        svc.jobs.set_json(job_id, "warnings", [*(record.json_field("warnings") or []), warning])
+        ended["warnings"] = json.dumps([*(record.json_field("warnings") or []), warning])
     spec = record.spec
     result = dict(record.json_field("published") or {})
     result["invalidation"] = outcome
@@ -305,6 +365,8 @@ def after_invalidate(rt: Runtime, job_id: str, outcome: dict[str, Any]) -> None:
         grace = replaced_grace(spec)
         result["retired"] = {"version": replaced, "grace_s": grace}
         rt.send(SHRED, spec.asset, delay_ms=int(grace * 1000) + 1000)
-    svc.jobs.succeed(job_id, result)
-    discard_work(svc, job_id)
+    if not svc.jobs.succeed(ran.job_id, result, fields=ended):
+        # Cancelled meanwhile: the job stays so, and the stage's own end is still written.
+        svc.jobs.stage_finished(ran.job_id, ran.stage, status=status, detail=detail)
+    discard_work(svc, ran.job_id)
     log.info("job published", asset=result.get("asset"), version=result.get("version"))

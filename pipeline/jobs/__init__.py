@@ -11,6 +11,11 @@ Fields: ``spec`` (JSON), ``status``, ``error``, ``failed_stage``, ``created_at``
 ``probe``, ``segment:<rendition>``, ``encrypt:<rendition>``, ``playlist``, ``download``, ``upload``,
 ``invalidate``; ``pending.encrypt`` is the fan-in counter.
 
+Beside each record, its *outputs*: small JSON a stage leaves for a later one (which attempt
+of a chunk won, its ciphertext sizes: :mod:`pipeline.layout` names them), read by name, so a
+stage reads the one it needs and the record stays small however many chunks a job has. They
+are dropped when the job ends, with its work files.
+
 Each backend also keeps an index of jobs by status, updated in the same atomic step as the
 status itself: queued and running jobs by creation time, finished ones by finish time. The ops
 app's counts, throughput and lists read the index, never every record.
@@ -272,10 +277,18 @@ class RecordBackend(Protocol):
     def read(self, job_id: str) -> dict[str, str]: ...
     def write(self, job_id: str, fields: dict[str, str]) -> None: ...
     def increment(self, job_id: str, name: str, amount: int) -> int: ...
-    def start_stage(self, job_id: str, counter: str, fields: dict[str, str]) -> int: ...
-    def arrive(self, job_id: str, counter: str, marker: str) -> int: ...
+    def start_stage(
+        self, job_id: str, counter: str, fields: dict[str, str]
+    ) -> tuple[int, dict[str, str]]: ...
+    def arrive(
+        self, job_id: str, counter: str, marker: str, fields: dict[str, str],
+        then: dict[str, str],
+    ) -> int: ...
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool: ...
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]: ...
+    def write_outputs(self, job_id: str, fields: dict[str, str]) -> None: ...
+    def read_outputs(self, job_id: str, names: Sequence[str] | None) -> dict[str, str]: ...
+    def drop_outputs(self, job_id: str) -> None: ...
     def newest(self, limit: int, status: str | None) -> list[str]: ...
     def status_counts(self, now: float) -> dict[str, int]: ...
     def finished_counts(self, start: float, end: float) -> dict[str, int]: ...
@@ -294,15 +307,15 @@ class JobStore:
         self.backend = backend
         self.clock = clock
 
-    def create(self, spec: JobSpec) -> None:
-        self.backend.create(
-            spec.job_id,
-            {
-                "spec": json.dumps(spec.to_dict()),
-                "status": "queued",
-                "created_at": repr(spec.created_at),
-            },
-        )
+    def create(self, spec: JobSpec, *, queued: Sequence[str] = ()) -> None:
+        """Record a new job, with its first ``queued`` stages marked queued."""
+        fields = {
+            "spec": json.dumps(spec.to_dict()),
+            "status": "queued",
+            "created_at": repr(spec.created_at),
+        }
+        fields.update({f"{stage}.status": "queued" for stage in queued})
+        self.backend.create(spec.job_id, fields)
 
     def get(self, job_id: str) -> JobRecord:
         fields = self.backend.read(job_id)
@@ -313,6 +326,10 @@ class JobStore:
     def set_json(self, job_id: str, name: str, value: Any) -> None:
         self.backend.write(job_id, {name: json.dumps(value)})
 
+    def set_json_fields(self, job_id: str, values: Mapping[str, Any]) -> None:
+        """:meth:`set_json` of each of ``values``, in one write."""
+        self.backend.write(job_id, {name: json.dumps(value) for name, value in values.items()})
+
     def stage_started(
         self,
         job_id: str,
@@ -321,9 +338,23 @@ class JobStore:
         worker: str | None = None,
         delivery: Mapping[str, float] | None = None,
     ) -> int:
-        """Mark a stage running (on ``worker``, when given) and count this delivery, in one
-        step; returns the delivery count. ``delivery`` (``enqueued_at``, ``fetched_at``,
-        ``picked_at``: when its message was) is kept as ``<stage>.<name>``.
+        """:meth:`begin_stage`'s delivery count alone."""
+        attempts, _ = self.begin_stage(job_id, stage, worker=worker, delivery=delivery)
+        return attempts
+
+    def begin_stage(
+        self,
+        job_id: str,
+        stage: str,
+        *,
+        worker: str | None = None,
+        delivery: Mapping[str, float] | None = None,
+    ) -> tuple[int, JobRecord]:
+        """Mark a stage running (on ``worker``, when given) and count this delivery, and read
+        the record as it is then, in one step; returns the delivery count and the record.
+        ``delivery`` (``enqueued_at``, ``fetched_at``, ``picked_at``: when its message was)
+        is kept as ``<stage>.<name>``. A job that has ended is only read: nothing is written,
+        and the count is 0.
 
         Counted here rather than by dramatiq because a worker killed by SIGKILL never tells
         dramatiq it failed: only this count sees a message that kills its worker every time.
@@ -333,7 +364,10 @@ class JobStore:
             fields[f"{stage}.worker"] = json.dumps(worker)
         for name, at in (delivery or {}).items():
             fields[f"{stage}.{name}"] = repr(at)
-        return self.backend.start_stage(job_id, f"{stage}.attempts", fields)
+        attempts, found = self.backend.start_stage(job_id, f"{stage}.attempts", fields)
+        if "spec" not in found:
+            raise UnknownJob(job_id)
+        return attempts, JobRecord.from_fields(found)
 
     def stage_queued(
         self, job_id: str, *stages: str, json_fields: Mapping[str, Any] | None = None
@@ -347,9 +381,10 @@ class JobStore:
     def stage_progress(self, job_id: str, stage: str, fraction: float) -> None:
         self.backend.write(job_id, {f"{stage}.progress": f"{fraction:.3f}"})
 
-    def stage_finished(
-        self, job_id: str, stage: str, *, status: str = "done", detail: str | None = None
-    ) -> None:
+    def finished_fields(
+        self, stage: str, *, status: str = "done", detail: str | None = None
+    ) -> dict[str, str]:
+        """The fields that mark ``stage`` ended with ``status``, stamped now."""
         fields = {
             f"{stage}.status": status,
             f"{stage}.finished_at": repr(self.clock()),
@@ -357,16 +392,49 @@ class JobStore:
         }
         if detail:
             fields[f"{stage}.detail"] = detail
+        return fields
+
+    def stage_finished(
+        self,
+        job_id: str,
+        stage: str,
+        *,
+        status: str = "done",
+        detail: str | None = None,
+        queued: Sequence[str] = (),
+        json_fields: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Mark ``stage`` ended, and the stages after it ``queued`` with ``json_fields``
+        written (as :meth:`stage_queued` does), in one write: a hop's bookkeeping is one
+        round trip."""
+        fields = self.finished_fields(stage, status=status, detail=detail)
+        fields.update({f"{name}.status": "queued" for name in queued})
+        fields.update({name: json.dumps(value) for name, value in (json_fields or {}).items()})
         self.backend.write(job_id, fields)
 
     def set_pending(self, job_id: str, counter: str, count: int) -> None:
         self.backend.write(job_id, {f"pending.{counter}": str(count)})
 
-    def arrive(self, job_id: str, counter: str, member: str) -> int:
+    def arrive(
+        self,
+        job_id: str,
+        counter: str,
+        member: str,
+        *,
+        finished: str | None = None,
+        then_queued: Sequence[str] = (),
+    ) -> int:
         """Fan-in: count ``member`` as arrived once, however often it is redelivered; returns
         how many are still pending. A redelivery after the count reached 0 sees 0 again, so
-        the stage after the fan-in is enqueued even if the first arrival crashed before it."""
-        return self.backend.arrive(job_id, f"pending.{counter}", f"arrived.{counter}.{member}")
+        the stage after the fan-in is enqueued even if the first arrival crashed before it.
+
+        In the same step, the ``finished`` stage (the member's own) is marked done, and the
+        ``then_queued`` stages queued when none is pending any more."""
+        fields = {} if finished is None else self.finished_fields(finished)
+        then = {f"{name}.status": "queued" for name in then_queued}
+        return self.backend.arrive(
+            job_id, f"pending.{counter}", f"arrived.{counter}.{member}", fields, then
+        )
 
     def fail(self, job_id: str, stage: str, reason: str) -> None:
         now = repr(self.clock())
@@ -378,9 +446,12 @@ class JobStore:
             job_id, {"status": "failed", "error": reason, "failed_stage": stage, "finished_at": now}
         )
 
-    def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
-        """Mark the job succeeded, unless it already ended (an operator cancelled it)."""
-        fields = {"status": "succeeded", "result": json.dumps(result)}
+    def succeed(
+        self, job_id: str, result: dict[str, Any], *, fields: Mapping[str, str] | None = None
+    ) -> bool:
+        """Mark the job succeeded, with ``fields`` (its last stage's end) written in the same
+        step, unless it already ended (an operator cancelled it)."""
+        fields = {**(fields or {}), "status": "succeeded", "result": json.dumps(result)}
         fields["finished_at"] = repr(self.clock())
         return self.backend.write_unless_ended(job_id, fields)
 
@@ -389,6 +460,20 @@ class JobStore:
         return self.backend.write_unless_ended(
             job_id, {"status": "cancelled", "error": reason, "finished_at": repr(self.clock())}
         )
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def set_output(self, job_id: str, name: str, value: Any) -> None:
+        """Keep ``value`` (JSON) as the job's output ``name``, in one atomic write."""
+        self.backend.write_outputs(job_id, {name: json.dumps(value)})
+
+    def outputs(self, job_id: str, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """The job's outputs ``names`` that exist (every output when None), by name."""
+        found = self.backend.read_outputs(job_id, names)
+        return {name: json.loads(value) for name, value in found.items()}
+
+    def drop_outputs(self, job_id: str) -> None:
+        self.backend.drop_outputs(job_id)
 
     # -- the index -------------------------------------------------------------------------
 

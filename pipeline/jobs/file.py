@@ -135,9 +135,15 @@ class FileRecordBackend:
             raise UnknownJob(job_id)
         return self.directory / f"{job_id}.json"
 
+    def _outputs_path(self, job_id: str) -> Path:
+        # A directory of their own: the records' glob (a new index's fill) never sees them.
+        return self.directory / "outputs" / self._path(job_id).name
+
     @contextmanager
-    def _locked(self, job_id: str) -> Iterator[dict[str, str]]:
-        path = self._path(job_id)
+    def _locked(self, job_id: str, path: Path | None = None) -> Iterator[dict[str, str]]:
+        """The record (or ``path``, a file of the job's) under the job's lock, written back
+        by rename if changed."""
+        path = path if path is not None else self._path(job_id)
         # The lock lives on its own file: the record itself is replaced by rename, and a lock
         # held on a replaced inode would protect nothing.
         with self._lock, open(self.directory / f".{job_id}.lock", "a") as lock:
@@ -176,16 +182,20 @@ class FileRecordBackend:
             record[name] = str(value)
             return value
 
-    def start_stage(self, job_id: str, counter: str, fields: dict[str, str]) -> int:
+    def start_stage(
+        self, job_id: str, counter: str, fields: dict[str, str]
+    ) -> tuple[int, dict[str, str]]:
         with self._locked(job_id) as record:
+            # A job an operator cancelled (or that failed elsewhere) stays ended, untouched.
+            if "spec" not in record or record.get("status") in TERMINAL:
+                return 0, dict(record)
             attempts = int(record.get(counter, "0")) + 1
             record[counter] = str(attempts)
             record.update(fields)
-            # A job an operator cancelled (or that failed elsewhere) stays ended.
-            if "spec" in record and record.get("status") not in (*TERMINAL, "running"):
+            if record.get("status") != "running":
                 record["status"] = "running"
                 self.index.place(job_id, record)
-            return attempts
+            return attempts, dict(record)
 
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool:
         with self._locked(job_id) as record:
@@ -199,12 +209,19 @@ class FileRecordBackend:
                 self.index.place(job_id, record)
             return True
 
-    def arrive(self, job_id: str, counter: str, marker: str) -> int:
+    def arrive(
+        self, job_id: str, counter: str, marker: str, fields: dict[str, str],
+        then: dict[str, str],
+    ) -> int:
         with self._locked(job_id) as record:
+            record.update(fields)
             if marker not in record:
                 record[marker] = "1"
                 record[counter] = str(int(record.get(counter, "0")) - 1)
-            return int(record.get(counter, "0"))
+            left = int(record.get(counter, "0"))
+            if left == 0:
+                record.update(then)
+            return left
 
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
         found: list[dict[str, str] | None] = []
@@ -214,6 +231,24 @@ class FileRecordBackend:
             except UnknownJob:
                 found.append(None)
         return found
+
+    def write_outputs(self, job_id: str, fields: dict[str, str]) -> None:
+        path = self._outputs_path(job_id)
+        path.parent.mkdir(exist_ok=True)
+        with self._locked(job_id, path) as outputs:
+            outputs.update(fields)
+
+    def read_outputs(self, job_id: str, names: Sequence[str] | None) -> dict[str, str]:
+        try:
+            found: dict[str, str] = json.loads(self._outputs_path(job_id).read_text())
+        except FileNotFoundError:
+            return {}
+        return found if names is None else {n: found[n] for n in names if n in found}
+
+    def drop_outputs(self, job_id: str) -> None:
+        with self._lock, open(self.directory / f".{job_id}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._outputs_path(job_id).unlink(missing_ok=True)
 
     def newest(self, limit: int, status: str | None) -> list[str]:
         return self.index.newest(limit, status)

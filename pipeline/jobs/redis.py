@@ -2,6 +2,8 @@
 
     hlsvault:job:<id>              the record (a hash), expiring RECORD_TTL_S after it is
                                    created, and again RECORD_TTL_S after it finishes
+    hlsvault:joboutputs:<id>       the job's outputs (a hash), expiring with the record, deleted
+                                   when the job ends
     hlsvault:jobs                  sorted set: every job id by creation time
     hlsvault:jobs:status:<status>  sorted set per status: queued and running jobs by creation
                                    time, succeeded, failed and cancelled ones by finish time
@@ -23,6 +25,7 @@ from . import STATUSES, TERMINAL, UnknownJob
 #: Finished job records are kept this long for the dashboard and `hlsvault status`.
 RECORD_TTL_S = 30 * 24 * 3600
 _PREFIX = "hlsvault:job:"
+_OUTPUTS = "hlsvault:joboutputs:"
 _INDEX = "hlsvault:jobs"
 _STATUS_INDEX = "hlsvault:jobs:status:"
 #: The status sets, in the order the Lua scripts below number them (KEYS[2] onwards).
@@ -32,12 +35,33 @@ _INDEXED_MARKER = "hlsvault:jobs:status:complete"
 #: Records placed per round trip when doing so.
 _BACKFILL_BATCH = 500
 
-# HSETNX the marker; only a first arrival decrements. Every caller learns the count left.
+# Write the arriving member's own fields; HSETNX the marker, and only a first arrival
+# decrements; once none is pending, write the fields of what comes after the fan-in. Every
+# caller learns the count left. ARGV: the counter, the marker, how many items the member's
+# fields take (n), those field, value items, then the after-fields' items.
 _ARRIVE = """
-if redis.call('HSETNX', KEYS[1], ARGV[2], '1') == 1 then
-  return redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+local n = tonumber(ARGV[3])
+if n > 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + n))
 end
-return tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local left
+if redis.call('HSETNX', KEYS[1], ARGV[2], '1') == 1 then
+  left = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+else
+  left = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+end
+if left == 0 and #ARGV > 3 + n then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 4 + n))
+end
+return left
+"""
+
+
+# Write a job's outputs and keep them as long as a record: one round trip. KEYS: the outputs
+# hash; ARGV: the TTL, then field, value, field, value…
+_WRITE_OUTPUTS = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
 """
 
 
@@ -77,21 +101,28 @@ return 1
 """
 
 
-# A stage starts: count the delivery, write the stage's fields, and mark the job running (moving
-# it between the status sets) unless it ended, in one round trip. KEYS: the record, then the
-# status sets; ARGV: job id, the delivery counter's field, then field, value, field, value…
+# A stage starts: count the delivery, write the stage's fields, mark the job running (moving
+# it between the status sets), and read the record, in one round trip. A job that ended is
+# only read (count 0); one that does not exist reads empty. KEYS: the record, then the status
+# sets; ARGV: job id, the delivery counter's field, then field, value, field, value…
 _START_STAGE = _STATUS_TABLES + """
+local old = redis.call('HGET', KEYS[1], 'status')
+if not old then
+  return {0, {}}
+end
+if ended[old] then
+  return {0, redis.call('HGETALL', KEYS[1])}
+end
 local attempts = redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-local old = redis.call('HGET', KEYS[1], 'status')
-if old and not ended[old] and old ~= 'running' then
+if old ~= 'running' then
   redis.call('HSET', KEYS[1], 'status', 'running')
   if slot[old] then
     redis.call('ZREM', KEYS[slot[old]], ARGV[1])
   end
   redis.call('ZADD', KEYS[slot['running']], redis.call('HGET', KEYS[1], 'created_at') or 0, ARGV[1])
 end
-return attempts
+return {attempts, redis.call('HGETALL', KEYS[1])}
 """
 
 
@@ -127,6 +158,7 @@ class RedisRecordBackend:
         self._write_unless_ended = client.register_script(_WRITE_UNLESS_ENDED)
         self._start_stage = client.register_script(_START_STAGE)
         self._place_existing = client.register_script(_PLACE_EXISTING)
+        self._write_outputs = client.register_script(_WRITE_OUTPUTS)
         self._indexed = False
 
     @classmethod
@@ -154,17 +186,27 @@ class RedisRecordBackend:
     def increment(self, job_id: str, name: str, amount: int) -> int:
         return int(self.client.hincrby(_PREFIX + job_id, name, amount))
 
-    def start_stage(self, job_id: str, counter: str, fields: dict[str, str]) -> int:
+    def start_stage(
+        self, job_id: str, counter: str, fields: dict[str, str]
+    ) -> tuple[int, dict[str, str]]:
         args = [job_id, counter, *(item for pair in fields.items() for item in pair)]
-        return int(self._start_stage(keys=[_PREFIX + job_id, *_STATUS_KEYS], args=args))
+        attempts, flat = self._start_stage(keys=[_PREFIX + job_id, *_STATUS_KEYS], args=args)
+        items = [str(item) for item in flat]
+        return int(attempts), dict(zip(items[::2], items[1::2], strict=True))
 
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool:
         args: list[str | int] = [job_id, RECORD_TTL_S]
         args += [item for pair in fields.items() for item in pair]
         return bool(self._write_unless_ended(keys=[_PREFIX + job_id, *_STATUS_KEYS], args=args))
 
-    def arrive(self, job_id: str, counter: str, marker: str) -> int:
-        return int(self._arrive(keys=[_PREFIX + job_id], args=[counter, marker]))
+    def arrive(
+        self, job_id: str, counter: str, marker: str, fields: dict[str, str],
+        then: dict[str, str],
+    ) -> int:
+        own = [item for pair in fields.items() for item in pair]
+        after = [item for pair in then.items() for item in pair]
+        args: list[str | int] = [counter, marker, len(own), *own, *after]
+        return int(self._arrive(keys=[_PREFIX + job_id], args=args))
 
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
         pipe = self.client.pipeline(transaction=False)
@@ -174,6 +216,22 @@ class RedisRecordBackend:
             {str(k): str(v) for k, v in found.items()} if found else None
             for found in pipe.execute()
         ]
+
+    def write_outputs(self, job_id: str, fields: dict[str, str]) -> None:
+        args: list[str | int] = [RECORD_TTL_S, *(item for pair in fields.items() for item in pair)]
+        self._write_outputs(keys=[_OUTPUTS + job_id], args=args)
+
+    def read_outputs(self, job_id: str, names: Sequence[str] | None) -> dict[str, str]:
+        if names is None:
+            found = self.client.hgetall(_OUTPUTS + job_id)
+            return {str(k): str(v) for k, v in found.items()}
+        if not names:
+            return {}
+        values = self.client.hmget(_OUTPUTS + job_id, list(names))
+        return {name: str(v) for name, v in zip(names, values, strict=True) if v is not None}
+
+    def drop_outputs(self, job_id: str) -> None:
+        self.client.delete(_OUTPUTS + job_id)
 
     def _ensure_indexed(self) -> None:
         """Place the records of a deployment older than the status sets in them, once."""
