@@ -147,7 +147,10 @@ def job_progress(record: JobRecord) -> float:
         return sum(parts.values()) / len(parts) if parts else 0.0
     planned = ["probe", "playlist", "upload", "invalidate"]
     planned += [chunk_stage(stage, chunk) for stage in ("segment", "encrypt") for chunk in chunks]
-    if record.json_field("audio_bitrates"):
+    if record.json_field("audio_bitrates") or (
+        record.json_field("audio_renditions") and len(chunks) > 1
+    ):
+        # Muxed audio encoded once, or an audio group cut beside the chunks.
         planned.append("audio")
     if record.spec.download is not None:
         planned.append("download")

@@ -26,7 +26,7 @@ its ffmpeg copies them next to its video, shifted by that offset.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -101,12 +101,13 @@ def audio_args(source: str, bitrates: Sequence[int], out_dir: Path, *, demuxer: 
 
 
 class AdtsReader:
-    """The frames of an ADTS stream read as it grows: each :meth:`frames` call returns the
-    whole frames (each with its header) written since the last, and their sample rate; a frame
-    still being written is kept for the next call, and is an error once the writer is done. A
-    film's audio is never held in memory whole, only the frames of one read."""
+    """The frames of an ADTS stream read as it grows: each :meth:`frames` call yields the
+    whole frames (each with its header, and its sample rate) written since the last; a frame
+    still being written is kept for the next call, and is an error once the writer is done.
+    It reads ``READ_BYTES`` at a time and yields as it goes, so a film's audio is never held in
+    memory, only one read and the frame torn across it."""
 
-    #: Bytes read per call at most: a few seconds of audio, so a call returns promptly.
+    #: Bytes read at a time: a few seconds of audio.
     READ_BYTES = 1 << 20
 
     def __init__(self, path: Path) -> None:
@@ -119,34 +120,33 @@ class AdtsReader:
         if self._stream is not None:
             self._stream.close()
 
-    def frames(self, *, final: bool = False) -> list[tuple[int, bytes]]:
+    def frames(self, *, final: bool = False) -> Iterator[tuple[int, bytes]]:
         if self._stream is None:
             if not self._path.exists():
                 if final:
                     raise UnsupportedMedia("ffmpeg wrote no audio for the job")
-                return []
+                return
             self._stream = self._path.open("rb")
-        found: list[tuple[int, bytes]] = []
         while True:
             data = self._stream.read(self.READ_BYTES)
-            if data:
-                self._pending += data
+            self._pending += data
             at = 0
             while len(self._pending) - at >= 7:
                 header = self._pending[at : at + 7]
+                where = self._position + at
                 if header[0] != 0xFF or header[1] & 0xF6 != 0xF0:
-                    raise UnsupportedMedia(
-                        f"the encoded audio is not ADTS at byte {self._position + at}"
-                    )
+                    raise UnsupportedMedia(f"the encoded audio is not ADTS at byte {where}")
                 length = ((header[3] & 0x03) << 11) | (header[4] << 3) | (header[5] >> 5)
-                if length < 7:
+                rate_index = (header[2] >> 2) & 0x0F
+                if length < 7 or rate_index >= len(ADTS_SAMPLE_RATES) or header[6] & 0x03:
+                    # ffmpeg's encoder writes one raw data block (1024 samples) per frame, at
+                    # a rate ADTS can name: anything else would shift every chunk after it.
                     raise UnsupportedMedia(
-                        f"the encoded audio has a torn frame at byte {self._position + at}"
+                        f"the encoded audio has a frame ADTS cannot describe at byte {where}"
                     )
                 if len(self._pending) - at < length:
                     break
-                found.append((ADTS_SAMPLE_RATES[(header[2] >> 2) & 0x0F],
-                              self._pending[at : at + length]))
+                yield ADTS_SAMPLE_RATES[rate_index], self._pending[at : at + length]
                 at += length
             self._pending = self._pending[at:]
             self._position += at
@@ -154,7 +154,6 @@ class AdtsReader:
                 break
         if final and self._pending:
             raise UnsupportedMedia(f"the encoded audio has a torn frame at byte {self._position}")
-        return found
 
 
 class ChunkCutter:
@@ -242,6 +241,8 @@ class ChunkCutter:
             self._close(kbps, index)
             first = self._firsts[kbps][index]
             if first is None:
+                if not self._frame[kbps]:
+                    raise UnsupportedMedia("the source's audio track decodes to no sound")
                 raise UnsupportedMedia(
                     f"the source's audio ends before {chunk.start:g} s, where chunk "
                     f"{chunk.name} starts; re-export it with audio as long as the video"

@@ -11,7 +11,7 @@ atomic write, so a redelivered chunk that overlaps a still-running encrypt of th
 can never hand it a half-written segment: encrypt reads only the attempt that output names,
 and that attempt is complete. A chunk's segments carry
 their media sequence numbers in their names, so a redelivered chunk rewrites exactly its own.
-The audio stage's pieces are switched in the same way.
+The audio stage's pieces are switched per chunk, by the chunk's ``audio`` output.
 
 The segment stage seals its segments while ffmpeg writes them (:mod:`pipeline.sealing`), a
 remux's and a transcode's, whatever the container and wherever the audio: its ``produced``
@@ -258,6 +258,11 @@ def encode_audio(
     bitrates = job.json_field("audio_bitrates") or []
     outputs = svc.jobs.outputs(spec.job_id, [layout.audio_output(c.name) for c in chunks])
     released_before = {c.name for c in chunks if layout.audio_output(c.name) in outputs}
+    if len(released_before) == len(chunks):
+        # Every chunk has its audio: a delivery after the last release only reports them.
+        for chunk in chunks:
+            on_release(chunk.name, True)
+        return 0
     target, shown = ffmpeg_target(spec.source)
     attempt = uuid.uuid4().hex[:12]
     prefix = layout.audio_attempt_prefix(spec.job_id, attempt)
@@ -272,6 +277,11 @@ def encode_audio(
         def release(*, final: bool = False) -> None:
             nonlocal written
             for chunk, pieces in cutter.poll(final=final):
+                if svc.jobs.get(spec.job_id).done:
+                    # A chunk failed for good, or an operator cancelled the job: its work
+                    # files are gone, and nothing more is released (ffmpeg is stopped on the
+                    # way out).
+                    raise PermanentError("the job ended while its audio was being encoded")
                 if chunk.name in released_before:
                     on_release(chunk.name, True)
                     continue

@@ -2,7 +2,8 @@
 
 Encrypting after ffmpeg (the encrypt stage) costs a pass over every byte and, in a fleet, every
 plain segment's trip to the work bucket and back; done beside ffmpeg, the encryption hides
-behind the remux or the encode but for its last segments, and plaintext is never stored.
+behind the remux or the encode but for its last segments, and no plain segment ever goes
+to a remote work store (on a local one, ffmpeg's output is plain until sealed in place).
 ffmpeg writes each segment under a temporary name and renames it when it is complete
 (``-hls_flags temp_file``), so a segment that appears under its final name is closed and will
 not be written again. A watcher thread encrypts each one in place (:func:`encrypt_in_place`,

@@ -21,7 +21,7 @@ import pytest
 from playwright.sync_api import Browser
 
 from pipeline import layout, packaging
-from pipeline.errors import UnsupportedMedia
+from pipeline.errors import PermanentError, UnsupportedMedia
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import probe
 from pipeline.plan import chunks_progress, plan_chunks, plan_renditions
@@ -575,14 +575,50 @@ class TestAudioReleasedChunkByChunk:
             old = piece_bytes(first[chunk]["attempt"], chunk)  # type: ignore[index]
             assert old and piece_bytes(second["attempt"], chunk) == old
 
+        # A third delivery finds every chunk released: it reports them and encodes nothing.
+        third: list[tuple[str, bool]] = []
+        assert packaging.encode_audio(svc, spec, on_release=lambda c, a: third.append((c, a))) \
+            == 0
+        assert third == [(c.name, True) for c in plan.chunks]
+
+    @pytest.mark.slow
+    def test_the_audio_stops_when_the_job_has_ended(
+        self, minute_chunks: Services, long_audio_clip: Path
+    ) -> None:
+        """Given a job that fails (a chunk failed for good) while its audio is encoded, the
+        audio stage stops at its next release with a reason, its ffmpeg stopped, and releases
+        nothing more."""
+        svc = minute_chunks
+        spec = new_job_spec(str(long_audio_clip), asset="ended")
+        svc.jobs.create(spec)
+        packaging.probe_source(svc, spec)
+        released: list[str] = []
+
+        def fail_after_first(chunk: str, again: bool) -> None:
+            released.append(chunk)
+            svc.jobs.fail(spec.job_id, "segment:c000", "the chunk could not be decoded")
+
+        with pytest.raises(PermanentError, match="job ended"):
+            packaging.encode_audio(svc, spec, on_release=fail_after_first)
+        assert released == ["c000"]
+        assert not ffmpeg_running_here()
+        names = [layout.audio_output(f"c00{n}") for n in range(1, 4)]
+        assert svc.jobs.outputs(spec.job_id, names) == {}
+
 
 class TestChunkCutter:
-    def test_cuts_a_growing_encode_as_a_finished_one(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("read_bytes", [5, 1 << 20])
+    def test_cuts_a_growing_encode_as_a_finished_one(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_bytes: int
+    ) -> None:
         """Given an ADTS encode written a few odd-sized bytes at a time (frames torn across
-        writes), when the cutter polls after every write, then a chunk is released only once
-        a frame of a later chunk is in, in order, and the pieces are byte for byte the cut of
-        the finished file; a torn last frame is an error once the writer is done."""
-        from pipeline.audio import ChunkCutter, cut_per_chunk
+        writes, and across the reader's reads), when the cutter polls after every write, then
+        a chunk is released only once a frame of a later chunk is in, in order, and the pieces
+        are byte for byte the cut of the finished file; a torn last frame is an error once the
+        writer is done."""
+        from pipeline.audio import AdtsReader, ChunkCutter, cut_per_chunk
+
+        monkeypatch.setattr(AdtsReader, "READ_BYTES", read_bytes)
 
         whole = tmp_path / "whole.aac"
         subprocess.run(
@@ -629,5 +665,28 @@ class TestChunkCutter:
         torn.write_bytes(data[: len(data) - 3])
         cutter = ChunkCutter({96: torn}, chunks, tmp_path / "cut")
         with pytest.raises(UnsupportedMedia, match="torn frame"):
+            cutter.poll(final=True)
+        cutter.close()
+
+    @pytest.mark.parametrize(("offset", "value", "what"), [
+        (2, 0x3C, "a sampling rate index ADTS has no rate for"),
+        (6, 0x01, "two raw data blocks in one frame"),
+        (1, 0x00, "no sync word"),
+    ])
+    def test_a_frame_adts_cannot_describe_is_refused(
+        self, tmp_path: Path, offset: int, value: int, what: str
+    ) -> None:
+        from pipeline.audio import ChunkCutter
+
+        whole = tmp_path / "whole.aac"
+        subprocess.run(
+            ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+             "sine=frequency=440:sample_rate=48000:duration=1", "-c:a", "aac", "-f", "adts",
+             str(whole)], check=True, timeout=60)
+        data = bytearray(whole.read_bytes())
+        data[offset] = value | (data[offset] & (0x03 if offset == 2 else 0x00))
+        whole.write_bytes(bytes(data))
+        cutter = ChunkCutter({96: whole}, plan_chunks(1.0, 1.0, 1, copy=False), tmp_path)
+        with pytest.raises(UnsupportedMedia, match="ADTS"):
             cutter.poll(final=True)
         cutter.close()

@@ -352,5 +352,19 @@ class TestJobProgress:
         # probe, audio, segment ×2, encrypt ×2, playlist, upload, invalidate: 9 stages
         assert job_progress(record) == pytest.approx(4.0 / 9)
 
+    def test_an_audio_group_beside_the_chunks_is_a_stage_still_to_run(self) -> None:
+        """Separate audio renditions of a chunked job: every chunk encrypted while the audio
+        group still runs is not the job nearly done (the playlist waits for both)."""
+        planned = {"chunk_names": ["c000", "c001"], "audio_bitrates": [],
+                   "audio_renditions": [{"name": "audio0-en"}]}
+        record = self.record(
+            {"probe": ("done", 1.0), "audio": ("running", 0.0),
+             **{f"{stage}:c00{i}": ("done", 1.0) for stage in ("segment", "encrypt")
+                for i in range(2)}},
+            **planned,
+        )
+        # probe, audio, segment ×2, encrypt ×2, playlist, upload, invalidate: 9 stages
+        assert job_progress(record) == pytest.approx(5.0 / 9)
+
     def test_before_the_probe_plans_chunks_it_is_the_mean_of_present_stages(self) -> None:
         assert job_progress(self.record({"probe": ("running", 0.5)})) == 0.5
