@@ -18,6 +18,7 @@ the encrypt stage, the queue hops), and the job's S3 requests (moto's log) and R
 helping.
 
     python bench/bench_chunks.py [--seconds S] [--size WxH] [--chunk-seconds S] [--rounds N]
+                                 [--two-first]
 """
 
 from __future__ import annotations
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default=DEFAULT_SIZE)
     parser.add_argument("--chunk-seconds", type=int, default=DEFAULT_CHUNK_SECONDS)
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    parser.add_argument("--two-first", action="store_true",
+                        help="start with two segment processes (the order still alternates)")
     args = parser.parse_args(argv)
     clip = lavfi_clip(WORK_DIR / f"clip-{args.seconds}s-{args.size}p30-g60.mp4",
                       seconds=args.seconds, size=args.size, gop=60)
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'round':<6}{'segment procs':>14}{'wall s':>9}{'chunks':>8}"
               f"{'chunks per worker':>19}{'ffmpeg busy':>13}{'audio s':>9}{'tail s':>8}")
         for index in range(args.rounds):
-            for processes in ((1, 2) if index % 2 == 0 else (2, 1)):
+            for processes in ((1, 2) if (index + args.two_first) % 2 == 0 else (2, 1)):
                 run = run_job(bench, clip, processes)
                 runs.append(run)
                 print(f"{index + 1:<6}{processes:>14}{run.wall:>9.1f}{len(run.chunks):>8}"
