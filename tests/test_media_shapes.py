@@ -56,6 +56,16 @@ def source_duration(path: Path, stream: str = "a:0") -> float:
     return decoded_audio(str(path), f"0:{stream}")[0]
 
 
+def assert_each_language_decodes(url: str, source: Path) -> None:
+    """Each of TRACKS, picked by its language from ``url``, decodes to the source track's
+    duration and tone."""
+    for position, (language, _, tone) in enumerate(TRACKS):
+        seconds, measured = decoded_audio(url, f"0:a:m:language:{language}")
+        expected = source_duration(source, f"a:{position}")
+        assert seconds == pytest.approx(expected, abs=DURATION_TOLERANCE_S), language
+        assert measured == pytest.approx(tone, rel=0.02), language
+
+
 def master_media(url: str) -> list[dict[str, str]]:
     return [attributes(line) for line in fetch(url).splitlines()
             if line.startswith("#EXT-X-MEDIA:")]
@@ -194,11 +204,7 @@ class TestAudioGroups:
         video_only = m3u8.loads(fetch(variant.absolute_uri), uri=variant.absolute_uri)
         assert variant.stream_info.bandwidth > 0 and video_only.segments
 
-        for position, (language, _, tone) in enumerate(TRACKS):
-            seconds, measured = decoded_audio(url, f"0:a:m:language:{language}")
-            expected = source_duration(two_audio_clip, f"a:{position}")
-            assert seconds == pytest.approx(expected, abs=DURATION_TOLERANCE_S), language
-            assert measured == pytest.approx(tone, rel=0.02), language
+        assert_each_language_decodes(url, two_audio_clip)
         assert frame_hashes(framemd5(url)) == frame_hashes(framemd5(str(two_audio_clip)))
 
     @pytest.mark.slow
@@ -217,11 +223,7 @@ class TestAudioGroups:
         assert {f"segment:c00{n}" for n in range(3)} <= set(stages)
         url = keyserver.url("chunklangs")
         assert_valid_hls(url)
-        for position, (language, _, tone) in enumerate(TRACKS):
-            seconds, measured = decoded_audio(url, f"0:a:m:language:{language}")
-            expected = source_duration(two_audio_clip, f"a:{position}")
-            assert seconds == pytest.approx(expected, abs=DURATION_TOLERANCE_S), language
-            assert measured == pytest.approx(tone, rel=0.02), language
+        assert_each_language_decodes(url, two_audio_clip)
         assert len(framemd5(url)) == len(framemd5(str(two_audio_clip)))
 
     def test_audio_only_variant_plays_the_source_duration_without_video(
