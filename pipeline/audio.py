@@ -250,16 +250,3 @@ class ChunkCutter:
             pieces.append(ChunkAudio(chunk.name, kbps, self._piece_path(index, kbps).name,
                                      first - chunk.start, self._counts[kbps][index]))
         return pieces
-
-
-def cut_per_chunk(
-    whole: Path, kbps: int, chunks: Sequence[Chunk], out_dir: Path
-) -> tuple[int, list[ChunkAudio]]:
-    """Write each chunk's frames of the finished encode ``whole`` into ``out_dir`` (as
-    :class:`ChunkCutter` does while it is written). Returns the sample rate and the pieces."""
-    cutter = ChunkCutter({kbps: whole}, chunks, out_dir)
-    try:
-        released = cutter.poll(final=True)
-    finally:
-        cutter.close()
-    return cutter.sample_rate, [piece for _, pieces in released for piece in pieces]

@@ -616,7 +616,7 @@ class TestChunkCutter:
         a chunk is released only once a frame of a later chunk is in, in order, and the pieces
         are byte for byte the cut of the finished file; a torn last frame is an error once the
         writer is done."""
-        from pipeline.audio import AdtsReader, ChunkCutter, cut_per_chunk
+        from pipeline.audio import AdtsReader, ChunkCutter
 
         monkeypatch.setattr(AdtsReader, "READ_BYTES", read_bytes)
 
@@ -630,7 +630,11 @@ class TestChunkCutter:
         assert len(chunks) == 4
         reference = tmp_path / "reference"
         reference.mkdir()
-        rate, expected = cut_per_chunk(whole, 96, chunks, reference)
+        # The reference: the finished file cut in one final poll.
+        whole_cut = ChunkCutter({96: whole}, chunks, reference)
+        expected = [piece for _, ps in whole_cut.poll(final=True) for piece in ps]
+        whole_cut.close()
+        rate = whole_cut.sample_rate
         # Where each chunk's frames end in the stream: a chunk is whole past that byte.
         ends = list(itertools.accumulate((reference / p.name).stat().st_size for p in expected))
 
