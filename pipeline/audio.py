@@ -14,7 +14,7 @@ small share of one chunk's video encode) and a few hundred KB per chunk in the w
 pass does not hold the chunks back until it is done: :class:`ChunkCutter` cuts the encodes as
 ffmpeg writes them, and the audio stage releases each chunk to the segment workers as soon as
 the encoder has passed its end (for a 2-hour film, the first chunk starts after a second of
-audio encoding instead of after four minutes of it). The pass resamples onto the source's own
+audio encoding instead of after some five minutes of it). The pass resamples onto the source's own
 timeline (``aresample=async=1:first_pts=0``: a late start or a hole is filled with silence, an
 overlap trimmed), so that sample ``n`` of the encoded stream is source time ``n / rate``
 exactly, the same origin the chunks' video seeks from.
