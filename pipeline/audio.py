@@ -26,15 +26,19 @@ its ffmpeg copies them next to its video, shifted by that offset.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import contextvars
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, BinaryIO
 
 import ffmpeg
 
 from . import layout
-from .errors import UnsupportedMedia
+from .errors import TransientError, UnsupportedMedia
+from .media import AudioStream
 from .plan import Chunk
 from .sources import ffmpeg_command, ffmpeg_input
 
@@ -47,6 +51,18 @@ ADTS_SAMPLE_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 160
                      11025, 8000, 7350)
 #: How the whole-job encodes are named in the audio stage's scratch directory.
 WHOLE_PATTERN = "whole-{kbps}k.aac"
+#: How often the releasing thread cuts what the encoder wrote since its last look: a chunk
+#: then waits at most this long after the encoder has passed its end.
+RELEASE_POLL_S = 0.5
+#: How long the audio stage waits, once its ffmpeg has exited, for the releases still to make
+#: (each a few puts of a chunk's pieces, two job-record writes and a message, each under its
+#: own timeout): they keep pace with the encode but on a slow store, and a stage that stalls
+#: here is retried, keeping what it released.
+RELEASE_WAIT_S = 600.0
+#: How long a stage that failed waits for the release under way to return before it removes
+#: the files that release may be reading (a release half done names nothing: the pieces are
+#: put before the chunk's output is written).
+RELEASE_STOP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,30 @@ class ReleasedAudio:
             sample_rate=data["sample_rate"],
             pieces=tuple(ChunkAudio(**piece) for piece in data["pieces"]),
         )
+
+
+def audio_ends_early(chunk: Chunk) -> UnsupportedMedia:
+    """Why the job fails when its audio ends before ``chunk`` starts: the one reason given
+    whether the probe finds it (:func:`check_audio_covers`) or the cutter does."""
+    return UnsupportedMedia(
+        f"the source's audio ends before {chunk.start:g} s, where chunk {chunk.name} starts; "
+        "re-export it with audio as long as the video"
+    )
+
+
+def check_audio_covers(audio: AudioStream, chunks: Sequence[Chunk]) -> None:
+    """Refuse at probe time a source whose audio (the stream the chunks mux, as the probe
+    measured it) ends before a chunk starts: :class:`ChunkCutter` would find that chunk
+    without a frame only when the encoder reached it, with the chunks before it already
+    transcoding. Only a certain refusal is made here: the stream must end more than one AAC
+    frame before the last chunk starts, so that a container's rounding of its length never
+    refuses what the cutter accepts (a stream ending closer is left to the cutter, and so
+    is one whose container does not say how long it is)."""
+    if audio.end is None or audio.sample_rate <= 0:
+        return
+    after = [chunk for chunk in chunks if chunk.start >= audio.end]
+    if after and after[-1].start - audio.end > AAC_FRAME_SAMPLES / audio.sample_rate:
+        raise audio_ends_early(after[0])
 
 
 def audio_args(source: str, bitrates: Sequence[int], out_dir: Path, *, demuxer: str) -> list[str]:
@@ -243,10 +283,91 @@ class ChunkCutter:
             if first is None:
                 if not self._frame[kbps]:
                     raise UnsupportedMedia("the source's audio track decodes to no sound")
-                raise UnsupportedMedia(
-                    f"the source's audio ends before {chunk.start:g} s, where chunk "
-                    f"{chunk.name} starts; re-export it with audio as long as the video"
-                )
+                raise audio_ends_early(chunk)
             pieces.append(ChunkAudio(chunk.name, kbps, self._piece_path(index, kbps).name,
                                      first - chunk.start, self._counts[kbps][index]))
         return pieces
+
+
+#: Releases one chunk: its pieces (closed files in the cutter's ``out_dir``) made available to
+#: its segment stage (see :func:`pipeline.packaging.encode_audio`).
+ReleaseChunk = Callable[[Chunk, list[ChunkAudio]], None]
+
+
+class ChunkReleases:
+    """Releases the chunks of a :class:`ChunkCutter` on a thread of its own while ffmpeg
+    encodes, each as soon as the encoder has passed its end (looking every ``poll_s``), in
+    chunk order. A release (puts into the work store, job-record writes, a message) may be
+    slow; here it never holds up the thread that reads ffmpeg's output, so ffmpeg's timeout
+    bounds the encode alone, and the releases left once ffmpeg has exited have a bound of
+    their own (:meth:`finish`).
+
+    Used as a context manager around ffmpeg: :meth:`check` (called while ffmpeg runs) raises
+    the error a release met, so that ffmpeg is stopped at once; :meth:`finish`, after ffmpeg
+    exited, releases the rest. Leaving it otherwise (ffmpeg failed) releases nothing more."""
+
+    def __init__(self, cutter: ChunkCutter, release: ReleaseChunk, *,
+                 poll_s: float = RELEASE_POLL_S) -> None:
+        self._cutter = cutter
+        self._release = release
+        self._poll_s = poll_s
+        self._changed = threading.Condition()
+        self._encoded = False  # ffmpeg exited well: the next cut is the final one
+        self._stopped = False  # the stage is leaving without it: nothing more is released
+        self._error: BaseException | None = None
+        # In a copy of the stage's context: what it logs carries the job's bindings.
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name="audio-release", daemon=True)
+
+    def __enter__(self) -> ChunkReleases:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+        # The cutter's files are closed and removed after this: not under a release that is
+        # still reading them, unless it outlives the bound (it then fails, naming nothing).
+        self._thread.join(RELEASE_STOP_S)
+
+    def check(self) -> None:
+        """Raise the error a release met, if any (the stage then stops its ffmpeg)."""
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> None:
+        """ffmpeg has exited well: release every chunk left, or raise why they were not."""
+        with self._changed:
+            self._encoded = True
+            self._changed.notify_all()
+        self._thread.join(RELEASE_WAIT_S)
+        if self._thread.is_alive():
+            raise TransientError(
+                f"the chunks' audio was encoded but not released within {RELEASE_WAIT_S:.0f} s "
+                "(the work store or the job records are slow); the stage will be retried, "
+                "keeping the chunks it released"
+            )
+        self.check()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._changed:
+                    # Read before the cut: only a cut made after ffmpeg exited is final.
+                    final, stopped = self._encoded, self._stopped
+                if stopped:
+                    return
+                for chunk, pieces in self._cutter.poll(final=final):
+                    with self._changed:
+                        if self._stopped:
+                            return
+                    self._release(chunk, pieces)
+                if final:
+                    return
+                with self._changed:
+                    self._changed.wait_for(lambda: self._encoded or self._stopped,
+                                           timeout=self._poll_s)
+        except BaseException as error:  # raised in the stage's thread by check() or finish()
+            self._error = error

@@ -56,6 +56,9 @@ class AudioStream:
     language: str | None = None
     title: str | None = None
     default: bool = False
+    #: Where the stream's sound ends, in seconds from the source's start (ffmpeg's zero);
+    #: None when the container does not say (or the source was probed before this was kept).
+    end: float | None = None
 
 
 @dataclass(frozen=True)
@@ -287,10 +290,11 @@ def parse_probe(raw: dict[str, Any], shown: str) -> MediaInfo:
         rotation=_rotation(v),
         bit_rate=_int(v.get("bit_rate")),
     )
-    tracks = tuple(audio_stream(position, a) for position, a in enumerate(audios))
+    start, video_first = _float(fmt.get("start_time")), _float(v.get("start_time"))
+    tracks = tuple(audio_stream(position, a, origin=start or 0.0)
+                   for position, a in enumerate(audios))
     audio = tracks[0] if tracks else None
     subtitles = [s for s in streams if s.get("codec_type") == "subtitle"]
-    start, video_first = _float(fmt.get("start_time")), _float(v.get("start_time"))
     return MediaInfo(
         format_name=format_name,
         duration=duration,
@@ -332,9 +336,16 @@ def subtitle_stream(
     )
 
 
-def audio_stream(position: int, stream: dict[str, Any]) -> AudioStream:
-    """An audio stream of ffprobe's JSON, the ``position``-th of its source."""
+def audio_stream(position: int, stream: dict[str, Any], *, origin: float = 0.0) -> AudioStream:
+    """An audio stream of ffprobe's JSON, the ``position``-th of its source, whose start time
+    is ``origin`` (the format's: ffmpeg's zero)."""
     language, title = _language_and_title(stream)
+    length = _float(stream.get("duration"))
+    if length is None:  # Matroska keeps it in a tag: "00:01:02.500000000"
+        tags = {str(k).upper(): v for k, v in (stream.get("tags") or {}).items()}
+        length = _clock(str(tags.get("DURATION") or ""))
+    first = _float(stream.get("start_time"))
+    end = None if length is None else (origin if first is None else first) - origin + length
     return AudioStream(
         codec=str(stream.get("codec_name")),
         profile=stream.get("profile"),
@@ -345,7 +356,19 @@ def audio_stream(position: int, stream: dict[str, Any]) -> AudioStream:
         language=language,
         title=title,
         default=bool((stream.get("disposition") or {}).get("default")),
+        end=end,
     )
+
+
+def _clock(value: str) -> float | None:
+    """Seconds of an ``H:MM:SS.fraction`` clock, or None."""
+    parts = value.split(":")
+    if len(parts) != 3:
+        return None
+    try:
+        return int(parts[0]) * 3600 + int(parts[1]) * 60 + float(parts[2])
+    except ValueError:
+        return None
 
 
 def _frame_rate(stream: dict[str, Any]) -> str:

@@ -33,7 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from . import layout
-from .audio import WHOLE_PATTERN, ChunkCutter, ReleasedAudio, audio_args
+from .audio import (
+    WHOLE_PATTERN,
+    ChunkAudio,
+    ChunkCutter,
+    ChunkReleases,
+    ReleasedAudio,
+    audio_args,
+    check_audio_covers,
+)
 from .crypto import encrypt_file, iv_for_sequence
 from .errors import BadSpec, InvalidSource, PermanentError, UnsupportedMedia
 from .jobs import JobRecord, JobSpec
@@ -165,6 +173,8 @@ def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
     bitrates: tuple[int, ...] = ()
     if len(chunks) > 1 and info.audio is not None and not separate:
         bitrates = tuple(sorted({r.audio_kbps or DEFAULT_AUDIO_KBPS for r in renditions}))
+        # Refused now, not when the audio stage reaches the chunk past its end.
+        check_audio_covers(info.audio, chunks)
     # Text tracks and sidecars are read and checked now: a bad one fails the job before any
     # transcoding.
     subtitles, warnings = prepare_subtitles(svc, spec.job_id, info, target, shown,
@@ -242,8 +252,10 @@ def encode_audio(
     """Encode the source's audio once for the whole job, at every bitrate the ladder uses, and
     cut it into each chunk's share (see :mod:`pipeline.audio`), releasing each chunk (its
     pieces in the work store, then its job output, then ``on_release``) as soon as
-    the encoder has passed its end; returns the pieces written. With separate audio
-    renditions, cut and encrypt those instead (:func:`audio_group`).
+    the encoder has passed its end, on a thread beside ffmpeg
+    (:class:`~pipeline.audio.ChunkReleases`: ``on_release`` is called from that thread);
+    returns the pieces written. With separate audio renditions, cut and encrypt those
+    instead (:func:`audio_group`).
 
     A redelivery encodes again but leaves the chunks an earlier delivery released as they
     are: their segment stages may be reading those pieces. The encoder is deterministic (the
@@ -274,36 +286,32 @@ def encode_audio(
         wholes = {kbps: Path(scratch) / WHOLE_PATTERN.format(kbps=kbps) for kbps in bitrates}
         cutter = ChunkCutter(wholes, chunks, out_dir)
 
-        def release(*, final: bool = False) -> None:
+        def release(chunk: Chunk, pieces: list[ChunkAudio]) -> None:
             nonlocal written
-            for chunk, pieces in cutter.poll(final=final):
-                if svc.jobs.get(spec.job_id).done:
-                    # A chunk failed for good, or an operator cancelled the job: its work
-                    # files are gone, and nothing more is released (ffmpeg is stopped on the
-                    # way out).
-                    raise PermanentError("the job ended while its audio was being encoded")
-                if chunk.name in released_before:
-                    on_release(chunk.name, True)
-                    continue
-                if not is_local:
-                    for piece in pieces:
-                        svc.work.put_file(layout.plain_segment_key(prefix, piece.name),
-                                          out_dir / piece.name)
-                written += len(pieces)
-                # The switch, as for segments: the chunk reads this attempt's pieces only.
-                record = ReleasedAudio(attempt, cutter.sample_rate, tuple(pieces))
-                svc.jobs.set_output(spec.job_id, layout.audio_output(chunk.name),
-                                    record.to_dict())
-                on_release(chunk.name, False)
-
-        def progress(fraction: float) -> None:
-            release()
-            on_progress(fraction)
+            if svc.jobs.get(spec.job_id).done:
+                # A chunk failed for good, or an operator cancelled the job: its work files
+                # are gone, and nothing more is released (ffmpeg is stopped on the way out).
+                raise PermanentError("the job ended while its audio was being encoded")
+            if chunk.name in released_before:
+                on_release(chunk.name, True)
+                return
+            if not is_local:
+                for piece in pieces:
+                    svc.work.put_file(layout.plain_segment_key(prefix, piece.name),
+                                      out_dir / piece.name)
+            written += len(pieces)
+            # The switch, as for segments: the chunk reads this attempt's pieces only.
+            record = ReleasedAudio(attempt, cutter.sample_rate, tuple(pieces))
+            svc.jobs.set_output(spec.job_id, layout.audio_output(chunk.name), record.to_dict())
+            on_release(chunk.name, False)
 
         try:
-            run_ffmpeg(args, duration=info.duration, timeout=audio_timeout(info.duration),
-                       on_progress=progress)
-            release(final=True)
+            # Released on a thread of their own: ffmpeg's timeout is the encode's alone, and
+            # a release that fails stops it at once.
+            with ChunkReleases(cutter, release) as releases:
+                run_ffmpeg(args, duration=info.duration, timeout=audio_timeout(info.duration),
+                           on_progress=on_progress, check=releases.check)
+                releases.finish()
         finally:
             cutter.close()
     return written
@@ -452,6 +460,8 @@ def segment(
             muxed_audio=not audio_group,
             audio_renditions=audio_here,
             seal=sealer,
+            # A put that failed stops ffmpeg: the attempt can no longer be named.
+            check=uploads.check if uploads is not None else None,
         )
         if uploads is not None:
             uploads.finish((name, out_dir / name / file_name)

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 #: Progress callbacks are rate limited: the job record is not a firehose.
 PROGRESS_INTERVAL_S = 0.5
+#: The longest run_ffmpeg waits for ffmpeg's output before it looks at its deadline and its
+#: ``check`` again (ffmpeg reports every 0.5 s while it works, and not at all while it waits).
+WAIT_STEP_S = 1.0
 #: x264 preset: "veryfast" keeps a 1080p ladder near real time on two cores at a small size cost.
 X264_PRESET = "veryfast"
 #: x265 is several times slower than x264 at the same preset name; "ultrafast" keeps an HEVC
@@ -315,9 +318,12 @@ def audio_rendition_outputs(
 
 
 def run_ffmpeg(
-    args: list[str], *, duration: float, timeout: float, on_progress: ProgressCallback | None
+    args: list[str], *, duration: float, timeout: float, on_progress: ProgressCallback | None,
+    check: Callable[[], None] | None = None,
 ) -> None:
-    """Run ffmpeg, reporting progress from its ``-progress`` output, killing it at ``timeout``."""
+    """Run ffmpeg, reporting progress from its ``-progress`` output, killing it at ``timeout``.
+    ``check`` is called whenever ffmpeg reports and at least every WAIT_STEP_S while it runs:
+    an error it raises (work beside ffmpeg failed) kills ffmpeg and is raised here."""
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr)
         stdout = process.stdout
@@ -330,10 +336,12 @@ def run_ffmpeg(
         buffer = b""
         try:
             while True:
+                if check is not None:
+                    check()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise StageTimeout(f"ffmpeg ran longer than {timeout:.0f} s and was stopped")
-                if not selector.select(timeout=min(remaining, 1.0)):
+                if not selector.select(timeout=min(remaining, WAIT_STEP_S)):
                     continue
                 chunk = os.read(stdout.fileno(), 65536)
                 if not chunk:
@@ -411,6 +419,7 @@ def segment_chunk(
     muxed_audio: bool = True,
     audio_renditions: Sequence[AudioRendition] = (),
     seal: SegmentSealer | None = None,
+    check: Callable[[], None] | None = None,
 ) -> dict[str, SegmentedRendition]:
     """Cut ``chunk`` of every rendition of ``source`` (whose probe is ``info``) into
     ``out_dir/<rendition>/`` with one ffmpeg, and describe what was produced, by rendition.
@@ -418,7 +427,8 @@ def segment_chunk(
     whose ``audio_renditions`` this ffmpeg writes too when given). With ``seal``
     (:mod:`pipeline.sealing`), each segment of every rendition is encrypted as soon as ffmpeg
     closes it, but for an encoded rendition's first: that one is measured plain (its CODECS)
-    once ffmpeg has exited, and sealed after."""
+    once ffmpeg has exited, and sealed after. ``check``: see :func:`run_ffmpeg` (a segment's
+    put into the work store that failed stops ffmpeg)."""
     for name in [r.name for r in renditions] + [a.name for a in audio_renditions]:
         _clean(out_dir / name)
     demuxer = source_demuxer(info.format_name, shown_name(source))
@@ -430,14 +440,15 @@ def segment_chunk(
     )
     length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
     if seal is None:
-        run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
+        run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress, check=check)
     else:
         names = [r.name for r in renditions] + [a.name for a in audio_renditions]
         # What _describe and _describe_audio measure from the output: every encoded rendition.
         measured = [r.name for r in renditions if not r.copy] + \
             [a.name for a in audio_renditions if not a.copy]
         with seal.sealing(out_dir, names, chunk.first_segment, hold=measured):
-            run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress)
+            run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress,
+                       check=check)
 
     def plain_sizes(name: str) -> Mapping[str, int] | None:
         return seal.plain_sizes(name) if seal is not None else None

@@ -20,7 +20,11 @@ import urllib.request
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+if TYPE_CHECKING:
+    from pipeline.jobs import JobSpec
+    from pipeline.services import Services
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -69,6 +73,34 @@ def lavfi_clip(
     return generate_media(name, args)
 
 
+
+
+def ffmpeg_children() -> dict[int, str]:
+    """The ffmpeg processes this process started and has not yet reaped (a stage's), by pid,
+    with their state (``Z``: exited, not yet waited for)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+        if comm == "ffmpeg" and int(ppid) == os.getpid():
+            found[int(entry.name)] = state
+    return found
+
+
+def work_files(svc: Services, spec: JobSpec) -> dict[str, tuple[int, bytes]]:
+    """Every file of the job in the (local) work store: modification time and bytes."""
+    from pipeline import layout
+
+    root = svc.work.local_dir(layout.job_prefix(spec.job_id))
+    assert root is not None
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in root.rglob("*") if p.is_file()}
 
 
 def wait_for_port(port: int, *, timeout: float = 20.0) -> None:

@@ -31,7 +31,17 @@ from pipeline.settings import load_settings
 
 from browser import Player, PlayerPageServer
 from fleet import Fleet, RedisServer
-from support import ROOT, Hlsvault, free_port, lavfi_clip, serving
+from gatedsource import GatedSource
+from support import (
+    ROOT,
+    Hlsvault,
+    ffmpeg_children,
+    free_port,
+    generate_media,
+    lavfi_clip,
+    serving,
+    work_files,
+)
 from test_fleet import submit, wait_for_job
 
 #: The issue's case: a 60 s source in 10 s chunks of 2 s segments (six chunks, five joins).
@@ -316,14 +326,6 @@ def run_stages(svc: Services, spec: JobSpec) -> list[str]:
     return [chunk.name for chunk in plan.chunks]
 
 
-def work_files(svc: Services, spec: JobSpec) -> dict[str, tuple[int, bytes]]:
-    """Every file of the job in the (local) work store: modification time and bytes."""
-    root = svc.work.local_dir(layout.job_prefix(spec.job_id))
-    assert root is not None
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in root.rglob("*") if p.is_file()}
-
-
 class TestRedeliveredChunk:
     def test_rewrites_exactly_its_own_segments(
         self, chunk_services: Services, hd_clip: Path
@@ -470,11 +472,28 @@ class TestChunksOnTheFleet:
 #: A source whose audio takes seconds to encode: four minutes of sine beside a tiny picture.
 LONG_AUDIO_S = 240
 LONG_CHUNK_S = 60
+#: The audio stage's ffmpeg limit in the slow-release test: well above the encode of
+#: LONG_AUDIO_S (seconds here), below how long that test's release may last.
+ENCODE_LIMIT_S = 60.0
+SLOW_RELEASE_BOUND_S = 90.0
 
 
 @pytest.fixture(scope="module")
 def long_audio_clip() -> Path:
     return lavfi_clip("long-audio.mp4", seconds=LONG_AUDIO_S, size="160x90", rate=5)
+
+
+@pytest.fixture
+def gated_long_audio(long_audio_clip: Path) -> Iterator[GatedSource]:
+    """long_audio_clip served over HTTP with its index in front (read front to back), its
+    second half held back while a test holds it: the audio stage's encoder cannot finish
+    before the test lets it."""
+    clip = generate_media("long-audio-faststart.mp4", ["-i", str(long_audio_clip), "-c", "copy",
+                                                       "-movflags", "+faststart"])
+    source = GatedSource(clip, hold_from=clip.stat().st_size // 2)
+    source.start()
+    yield source
+    source.stop()
 
 
 @pytest.fixture
@@ -486,31 +505,23 @@ def minute_chunks(tmp_path: Path) -> Services:
 
 
 def ffmpeg_running_here() -> bool:
-    """Whether a child of this process named ffmpeg is alive (the audio stage's encoder)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if comm == "ffmpeg" and ppid == os.getpid():
-            return True
-    return False
+    """Whether the audio stage's encoder (an ffmpeg this process started) is there still,
+    running or exited but not yet waited for by the stage."""
+    return bool(ffmpeg_children())
 
 
 class TestAudioReleasedChunkByChunk:
     @pytest.mark.slow
     def test_a_chunk_is_released_while_the_audio_is_still_being_encoded(
-        self, minute_chunks: Services, long_audio_clip: Path
+        self, minute_chunks: Services, gated_long_audio: GatedSource
     ) -> None:
-        """Given a four-minute source in one-minute chunks, when the audio stage runs, then
-        it releases chunk c000 (its pieces and record in place) while its ffmpeg is still
-        encoding the rest, and every chunk in order, each exactly once."""
-        svc = minute_chunks
-        spec = new_job_spec(str(long_audio_clip), asset="streamed")
+        """Given a four-minute source in one-minute chunks whose second half is held back
+        until chunk c000 is released, when the audio stage runs, then it releases c000 (its
+        pieces and record in place) before its ffmpeg was given the rest of the source, so
+        while it still encoded (an event, not a race against the clock), and every chunk in
+        order, each exactly once."""
+        svc, source = minute_chunks, gated_long_audio
+        spec = new_job_spec(source.url, asset="streamed")
         svc.jobs.create(spec)
         plan = packaging.probe_source(svc, spec)
         assert plan.audio_first and len(plan.chunks) == LONG_AUDIO_S // LONG_CHUNK_S
@@ -519,12 +530,50 @@ class TestAudioReleasedChunkByChunk:
         def on_release(chunk: str, again: bool) -> None:
             name = layout.audio_output(chunk)
             assert name in svc.jobs.outputs(spec.job_id, [name])  # the output before the send
-            released.append((chunk, again, ffmpeg_running_here()))
+            released.append((chunk, again, source.held))
+            source.release()
 
-        packaging.encode_audio(svc, spec, on_release=on_release)
+        with source.holding():
+            packaging.encode_audio(svc, spec, on_release=on_release)
         assert [(c, again) for c, again, _ in released] == [(c.name, False) for c in plan.chunks]
-        assert released[0][2], "c000 was released only after the whole audio was encoded"
+        assert released[0][2], "c000 was released only after the encoder had the whole source"
+        assert not source.bound_passed
         assert not ffmpeg_running_here()
+
+    @pytest.mark.slow
+    def test_a_slow_release_is_not_stopped_as_a_slow_encode(
+        self, minute_chunks: Services, gated_long_audio: GatedSource,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Given the audio stage's ffmpeg limited to ENCODE_LIMIT_S and a release of c000 that
+        lasts until the stage has seen its encoder exit (made while the encoder still runs:
+        the source's second half is held until then), when the stage runs, then the release
+        ends on that event and the stage succeeds, every chunk released: the releases run
+        beside ffmpeg, not in the thread that waits for it, where this one would have lasted
+        its whole bound, beyond the encode's limit, and had the encode stopped as too slow."""
+        svc, source = minute_chunks, gated_long_audio
+        monkeypatch.setattr(packaging, "audio_timeout", lambda duration: ENCODE_LIMIT_S)
+        spec = new_job_spec(source.url, asset="slowrelease")
+        svc.jobs.create(spec)
+        plan = packaging.probe_source(svc, spec)
+        released: list[str] = []
+        waited: list[bool] = []
+
+        def slow_release(chunk: str, again: bool) -> None:
+            released.append(chunk)
+            if chunk != "c000":
+                return
+            assert source.held  # the encoder cannot have finished
+            source.release()
+            deadline = time.monotonic() + SLOW_RELEASE_BOUND_S
+            while ffmpeg_running_here() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            waited.append(not ffmpeg_running_here())
+
+        with source.holding():
+            packaging.encode_audio(svc, spec, on_release=slow_release)
+        assert waited == [True], "c000's release outlasted its bound"
+        assert released == [c.name for c in plan.chunks]
 
     @pytest.mark.slow
     def test_a_redelivery_keeps_what_an_earlier_one_released(
@@ -604,6 +653,66 @@ class TestAudioReleasedChunkByChunk:
         assert not ffmpeg_running_here()
         names = [layout.audio_output(f"c00{n}") for n in range(1, 4)]
         assert svc.jobs.outputs(spec.job_id, names) == {}
+
+
+@pytest.fixture(scope="module")
+def short_audio_clip() -> Path:
+    """6 s of a tiny picture whose sound stops after 1 s."""
+    return generate_media("short-audio.mp4", [
+        "-f", "lavfi", "-i", "testsrc2=size=160x90:rate=10",
+        "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=1",
+        "-t", "6", "-c:v", "libx264", "-preset", "veryfast", "-g", "10", "-pix_fmt", "yuv420p",
+        "-c:a", "aac", "-b:a", "64k",
+    ])
+
+
+#: short_audio_clip in 2 s chunks: its audio ends a second before chunk c001 starts.
+SHORT_AUDIO_REASON = ("the source's audio ends before 2 s, where chunk c001 starts; re-export "
+                      "it with audio as long as the video")
+
+
+class TestAudioEndingEarly:
+    def test_the_probe_fails_the_job_before_any_chunk_starts(
+        self, tmp_path: Path, short_audio_clip: Path
+    ) -> None:
+        """Given a source whose audio ends a second into its first 2 s chunk, when the probe
+        stage runs, then the job fails there, with the reason the audio stage would give on
+        reaching chunk c001, and no audio or segment stage was ever queued."""
+        from workers import flow
+        from workers.runtime import build_runtime
+
+        svc = build_services(load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data"),
+                                            "HLSVAULT_CHUNK_SECONDS": "2"}))
+        runtime = build_runtime(svc.settings, services=svc)
+        spec = new_job_spec(str(short_audio_clip), asset="shortaudio", segment_seconds=1.0)
+        svc.jobs.create(spec, queued=("probe",))
+        queue = runtime.broker.queues["segment"]  # type: ignore[attr-defined]
+
+        runtime.broker.get_actor(flow.PROBE).fn(spec.job_id)
+
+        record = svc.jobs.get(spec.job_id)
+        assert (record.status, record.failed_stage, record.error) == \
+            ("failed", "probe", SHORT_AUDIO_REASON)
+        assert [stage.name for stage in record.stages] == ["probe"]
+        assert queue.qsize() == 0
+
+    def test_the_cutter_gives_the_same_reason_when_it_finds_it(
+        self, tmp_path: Path, short_audio_clip: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The probe's reading of the stream's length agrees with the encoder's frames: the
+        same source, planned without the probe's check, fails in the audio stage with the
+        same reason."""
+        svc = build_services(load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data"),
+                                            "HLSVAULT_CHUNK_SECONDS": "2"}))
+        spec = new_job_spec(str(short_audio_clip), asset="shortaudio", segment_seconds=1.0)
+        svc.jobs.create(spec)
+        with monkeypatch.context() as unchecked:
+            unchecked.setattr(packaging, "check_audio_covers", lambda audio, chunks: None)
+            plan = packaging.probe_source(svc, spec)
+        assert len(plan.chunks) == 3 and plan.audio_bitrates
+        with pytest.raises(UnsupportedMedia) as refused:
+            packaging.encode_audio(svc, spec)
+        assert str(refused.value) == SHORT_AUDIO_REASON
 
 
 class TestChunkCutter:

@@ -8,7 +8,10 @@ held back plain until ffprobe has measured it."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import layout, packaging
+from pipeline import layout, packaging, workuploads
 from pipeline import segment as segment_module
 from pipeline.crypto import iv_for_sequence
 from pipeline.errors import TransientError
@@ -28,7 +31,7 @@ from pipeline.services import Services, build_services
 from pipeline.settings import load_settings
 from pipeline.workuploads import AttemptUploads
 
-from support import decrypt_bytes
+from support import decrypt_bytes, ffmpeg_children
 
 #: A remux is one chunk.
 CHUNK = "c000"
@@ -576,6 +579,64 @@ class TestSealedOnARemoteWorkStore:
         assert encrypted_output(local, spec) == encrypted_output(local, staged)
 
 
+class FreezesFfmpegAndFails(RemoteWork):
+    """A remote work store whose first put made while the stage's ffmpeg runs fails, after
+    freezing that ffmpeg (SIGSTOP): it cannot finish by itself, so the stage stops it or
+    waits for it until its time limit."""
+
+    def __init__(self, store: Any) -> None:
+        super().__init__(store)
+        self.frozen: int | None = None
+
+    def put_file(self, key: str, path: Path, **headers: Any) -> None:
+        if self.frozen is None:
+            running = [pid for pid, state in ffmpeg_children().items() if state != "Z"]
+            if running:
+                self.frozen = running[0]
+                os.kill(self.frozen, signal.SIGSTOP)
+                raise TransientError("the work bucket answered 503")
+        super().put_file(key, path, **headers)
+
+
+class TestAFailedPutStopsTheChunk:
+    def test_the_chunks_ffmpeg_is_stopped_and_the_stage_fails_with_the_puts_reason(
+        self, tmp_path: Path, copy_clip: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Given a remote work store that fails a put while the chunk's ffmpeg runs (and
+        freezes that ffmpeg, so it cannot end by itself), when the segment stage runs, then
+        its ffmpeg is stopped then and there (the call that runs it raises the put's error),
+        no ffmpeg is left, and the stage fails with that reason, its attempt never named.
+        (Waiting for ffmpeg to exit instead would wait for the stage's time limit, made a
+        minute here.)"""
+        local = services_in(tmp_path, 0)
+        remote = FreezesFfmpegAndFails(local.work)
+        services = replace(local, work=remote)
+        spec = probed_job(services, copy_clip, "ts", ladder="default",
+                          segment_seconds=TRANSCODE_SEGMENT_SECONDS,
+                          rotation=TRANSCODE_ROTATION)
+        monkeypatch.setattr(packaging, "segment_timeout", lambda *args: 60.0)
+        real_run = segment_module.run_ffmpeg
+        ended: list[BaseException | None] = []
+
+        def watched_run(args: list[str], **options: Any) -> None:
+            try:
+                real_run(args, **options)
+            except BaseException as error:
+                ended.append(error)
+                raise
+            ended.append(None)
+
+        monkeypatch.setattr(segment_module, "run_ffmpeg", watched_run)
+        with pytest.raises(TransientError, match="503"):
+            packaging.segment(services, spec, CHUNK)
+
+        assert remote.frozen is not None, "no segment was put while ffmpeg ran"
+        assert len(ended) == 1 and isinstance(ended[0], TransientError)
+        assert "503" in str(ended[0])
+        assert not ffmpeg_children()
+        assert services.jobs.outputs(spec.job_id) == {}
+
+
 class FailingWork:
     """A store whose every put of a key ending in ``fails`` raises a transient error."""
 
@@ -610,3 +671,72 @@ class TestAttemptUploads:
             uploads.finish(files)
         assert sorted(store.put) == [f"360p/{name}" for name in
                                      ("seg_00000.ts", "seg_00001.ts", "seg_00002.ts")]
+
+    def test_a_failed_put_is_raised_without_waiting_for_the_others(
+        self, tmp_path: Path
+    ) -> None:
+        """A put that fails is raised by check() and finish() while another still runs (it
+        is let go only afterwards), and nothing is put after it."""
+        store = StuckWork(fails="seg_00001.ts", sticks="seg_00000.ts")
+        files = [("360p", tmp_path / f"seg_0000{n}.ts") for n in range(3)]
+        for _, path in files:
+            path.write_bytes(b"x")
+        with AttemptUploads(store, lambda r, f: f"{r}/{f}") as uploads:
+            uploads.put(*files[0])
+            assert store.stuck.wait(STUCK_BOUND_S)
+            with pytest.raises(TransientError, match="503"):
+                uploads.finish(files[:2])
+            with pytest.raises(TransientError, match="503"):
+                uploads.check()
+            uploads.put(*files[2])
+            assert not store.let_go.is_set()  # seg_00000.ts's put is still running
+            store.let_go.set()
+        assert store.put == ["360p/seg_00000.ts"]  # seg_00002.ts was never put
+        assert not store.bound_passed
+
+    def test_leaving_waits_for_running_puts_only_so_long(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A stage leaving on an error waits for a put still running at most
+        SHUTDOWN_WAIT_S (made short here), then lets its error through."""
+        monkeypatch.setattr(workuploads, "SHUTDOWN_WAIT_S", 0.2)
+        store = StuckWork(fails="nothing", sticks="seg_00000.ts")
+        path = tmp_path / "seg_00000.ts"
+        path.write_bytes(b"x")
+
+        class Died(Exception):
+            pass
+
+        try:
+            with pytest.raises(Died), AttemptUploads(store, lambda r, f: f"{r}/{f}") as uploads:
+                uploads.put("360p", path)
+                assert store.stuck.wait(STUCK_BOUND_S)
+                raise Died
+            assert not store.let_go.is_set()  # left while the put still ran
+        finally:
+            store.let_go.set()
+        assert not store.bound_passed
+
+
+#: How long StuckWork's puts wait at most: a test that never lets them go fails, not hangs.
+STUCK_BOUND_S = 60.0
+
+
+class StuckWork:
+    """A store whose put of a key ending in ``sticks`` runs until ``let_go`` is set (or
+    STUCK_BOUND_S), and whose put of one ending in ``fails`` fails at once."""
+
+    def __init__(self, *, fails: str, sticks: str) -> None:
+        self.fails, self.sticks = fails, sticks
+        self.stuck, self.let_go = threading.Event(), threading.Event()
+        self.bound_passed = False
+        self.put: list[str] = []
+
+    def put_file(self, key: str, path: Path) -> None:
+        if key.endswith(self.fails):
+            raise TransientError("the work bucket answered 503")
+        if key.endswith(self.sticks):
+            self.stuck.set()
+            if not self.let_go.wait(STUCK_BOUND_S):
+                self.bound_passed = True
+        self.put.append(key)

@@ -23,7 +23,7 @@ from pipeline.settings import load_settings
 from workers.embedded import run_embedded
 from workers.runtime import Runtime, build_runtime
 
-from support import decrypt_bytes, lavfi_clip
+from support import decrypt_bytes, lavfi_clip, work_files
 
 
 @pytest.fixture
@@ -255,6 +255,78 @@ class TestAudioRelease:
         assert queues["publish"].qsize() == sizes["publish"] + 1
         playlist = runtime.services.jobs.get(spec.job_id).stage("playlist")
         assert playlist is not None and playlist.status == "queued"
+
+    def test_a_redelivered_audio_group_that_arrived_does_nothing_again(
+        self, tmp_path: Path, two_audio_clip: Path
+    ) -> None:
+        """Given a chunked transcode whose audio group (two languages) was cut, encrypted and
+        arrived at the fan-in, when its audio message is delivered again, then it cuts
+        nothing (every work file as it was, the renditions it named unchanged), counts
+        nothing at the fan-in and sends nothing, and its stage is done."""
+        from workers import flow
+
+        services = build_services(load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data"),
+                                                 "HLSVAULT_CHUNK_SECONDS": "2"}))
+        runtime = build_runtime(services.settings, services=services)
+        spec = new_job_spec(str(two_audio_clip), asset="langs", segment_seconds=1.0)
+        services.jobs.create(spec, queued=("probe",))
+        runtime.broker.get_actor(flow.PROBE).fn(spec.job_id)
+        audio = runtime.broker.get_actor(flow.AUDIO)
+        audio.fn(spec.job_id)
+        record = services.jobs.get(spec.job_id)
+        assert record.arrived(flow.FAN_IN, flow.AUDIO_MEMBER)
+        chunks = len(record.json_field("chunk_names"))
+        assert chunks == 3 and record.fields["pending.encrypt"] == str(chunks)
+        queues = runtime.broker.queues  # type: ignore[attr-defined]
+        sent = {name: queues[name].qsize() for name in ("segment", "publish")}
+        before = work_files(services, spec)
+
+        audio.fn(spec.job_id)
+
+        assert work_files(services, spec) == before
+        record = services.jobs.get(spec.job_id)
+        assert record.fields["pending.encrypt"] == str(chunks)
+        assert {name: queues[name].qsize() for name in sent} == sent
+        stage = record.stage("audio")
+        assert stage is not None and (stage.status, stage.attempts) == ("done", 2)
+
+    def test_a_redelivered_audio_group_sends_the_playlist_only_if_it_may_be_lost(
+        self, runtime: Runtime, copy_clip: Path
+    ) -> None:
+        """An audio group that arrived last queued the playlist: a redelivery sends it again
+        while it is still queued (that arrival may have died before its send), and not once
+        it has started, whose status it leaves as it is."""
+        from pipeline.plan import AudioRendition, plan_chunks
+        from workers import flow
+
+        spec = new_job_spec(str(copy_clip), asset="lastarrival")
+        jobs = runtime.services.jobs
+        jobs.create(spec)
+        chunks = tuple(plan_chunks(4.0, 2.0, 2, copy=False))
+        group = AudioRendition(name="audio-en", track=0, copy=False, kbps=128, language="en",
+                               title="English", default=True, channels=2)
+        plan = packaging.JobPlan(renditions=(), chunks=chunks, audio_bitrates=(),
+                                 audio_renditions=(group,))
+        flow.after_probe(runtime, flow.Ran("probe", jobs.get(spec.job_id), plan))
+
+        def ran(stage: str) -> flow.Ran[None]:
+            return flow.Ran(stage, jobs.get(spec.job_id), None)
+
+        for chunk in chunks:
+            flow.after_encrypt(runtime, ran(f"encrypt:{chunk.name}"), chunk.name)
+        publish = runtime.broker.queues["publish"]  # type: ignore[attr-defined]
+        before = publish.qsize()
+        flow.after_audio(runtime, ran("audio"))
+        assert publish.qsize() == before + 1
+
+        flow.after_audio(runtime, ran("audio"))  # the playlist still queued
+        assert publish.qsize() == before + 2
+        jobs.begin_stage(spec.job_id, "playlist")
+        flow.after_audio(runtime, ran("audio"))
+        assert publish.qsize() == before + 2
+        playlist = jobs.get(spec.job_id).stage("playlist")
+        assert playlist is not None and playlist.status == "running"
+        assert jobs.get(spec.job_id).fields["pending.encrypt"] == "0"
 
     def test_an_audio_group_planned_by_an_older_version_sends_the_chunks_after_it(
         self, runtime: Runtime, copy_clip: Path

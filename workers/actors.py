@@ -60,7 +60,7 @@ def declare(rt: Runtime) -> None:
         report = flow.progress(rt, job_id, "audio")
         ran = flow.run_stage(
             rt, job_id, "audio",
-            lambda job: packaging.encode_audio(
+            lambda job: 0 if flow.audio_arrived(job) else packaging.encode_audio(
                 svc, job.spec, report,
                 lambda chunk, again: flow.audio_released(rt, job_id, chunk, again),
                 job=job,

@@ -66,6 +66,10 @@ UPLOAD = "media.upload"
 INVALIDATE = "media.invalidate"
 REKEY = "media.rekey"
 SHRED = "media.shred"
+#: The fan-in the playlist waits on (its counter, ``pending.encrypt``), and the audio group's
+#: name among its members (the chunks are the others).
+FAN_IN = "encrypt"
+AUDIO_MEMBER = "audio"
 #: Actors whose first argument is a job id; the others (SHRED) work on an asset.
 JOB_ACTORS = frozenset(
     {PROBE, AUDIO, SEGMENT, ENCRYPT, PLAYLIST, DOWNLOAD, TRICKPLAY, UPLOAD, INVALIDATE, REKEY}
@@ -262,15 +266,32 @@ def audio_released(rt: Runtime, job_id: str, chunk: str, again: bool) -> None:
     rt.send(SEGMENT, job_id, chunk)
 
 
+def audio_arrived(record: JobRecord) -> bool:
+    """Whether an earlier delivery of the audio stage (an audio group) had arrived at the
+    chunks' fan-in when ``record`` was read: its renditions are cut, encrypted and named, and
+    the playlist may be reading them, so a redelivery does not cut them again (the actor
+    skips the work; :func:`after_audio` counts nothing)."""
+    return record.arrived(FAN_IN, AUDIO_MEMBER)
+
+
 def after_audio(rt: Runtime, ran: Ran[Any]) -> None:
     """Muxed audio released every chunk as it went (:func:`audio_released`); an audio group
-    arrives at the chunks' fan-in. (A job planned before audio groups ran beside the chunks
-    has no ``audio_beside`` mark: its chunks are sent now, as they were then.)"""
+    arrives at the chunks' fan-in, once. (A job planned before audio groups ran beside the
+    chunks has no ``audio_beside`` mark: its chunks are sent now, as they were then.)"""
     record = ran.record
     if record.json_field("audio_bitrates"):
         hand_on(rt, ran)
     elif record.json_field(AUDIO_BESIDE):
-        _arrive(rt, ran, "audio")
+        if not audio_arrived(record):
+            _arrive(rt, ran, AUDIO_MEMBER)
+            return
+        # A redelivery after the arrival, which did nothing: the playlist is sent again only
+        # if it may never have been (that delivery died between its arrival and the send),
+        # not once it has started (the broker redelivers a started one itself).
+        hand_on(rt, ran)
+        playlist = record.stage("playlist")
+        if playlist is not None and playlist.status == "queued":
+            rt.send(PLAYLIST, ran.job_id)
     else:
         send_chunks(rt, ran, record.json_field("chunk_names"))
 
@@ -300,7 +321,7 @@ def _arrive(rt: Runtime, ran: Ran[Any], member: str) -> None:
     # for good.) The stage's end and the playlist's queued mark are written in the arrival's
     # own step.
     jobs = rt.services.jobs
-    if jobs.arrive(ran.job_id, "encrypt", member, finished=ran.stage,
+    if jobs.arrive(ran.job_id, FAN_IN, member, finished=ran.stage,
                    then_queued=("playlist",)) == 0:
         rt.send(PLAYLIST, ran.job_id)
 

@@ -173,6 +173,11 @@ def check_shape(
                       "audio; package with --container ts and without --audio-only to get one")
 
 
+def arrival_field(counter: str, member: str) -> str:
+    """The record's mark of ``member`` having arrived at the fan-in ``counter``."""
+    return f"arrived.{counter}.{member}"
+
+
 @dataclass(frozen=True)
 class StageState:
     name: str
@@ -207,6 +212,11 @@ class JobRecord:
 
     def stage(self, name: str) -> StageState | None:
         return next((s for s in self.stages if s.name == name), None)
+
+    def arrived(self, counter: str, member: str) -> bool:
+        """Whether ``member`` had arrived at the fan-in ``counter`` (:meth:`JobStore.arrive`)
+        when this record was read."""
+        return arrival_field(counter, member) in self.fields
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> JobRecord:
@@ -433,7 +443,7 @@ class JobStore:
         fields = {} if finished is None else self.finished_fields(finished)
         then = {f"{name}.status": "queued" for name in then_queued}
         return self.backend.arrive(
-            job_id, f"pending.{counter}", f"arrived.{counter}.{member}", fields, then
+            job_id, f"pending.{counter}", arrival_field(counter, member), fields, then
         )
 
     def fail(self, job_id: str, stage: str, reason: str) -> None:
