@@ -341,7 +341,10 @@ def audio_stream(position: int, stream: dict[str, Any], *, origin: float = 0.0) 
     is ``origin`` (the format's: ffmpeg's zero)."""
     language, title = _language_and_title(stream)
     length = _float(stream.get("duration"))
-    if length is None:  # Matroska keeps it in a tag: "00:01:02.500000000"
+    if length is None:
+        # Matroska keeps it in a tag ("00:01:02.500000000"), which some muxers count from the
+        # stream's start and ffmpeg's from zero: counted from the start here, the later of
+        # the two ends, so that what the end refuses (audio.check_audio_covers) is certain.
         tags = {str(k).upper(): v for k, v in (stream.get("tags") or {}).items()}
         length = _clock(str(tags.get("DURATION") or ""))
     first = _float(stream.get("start_time"))

@@ -672,8 +672,9 @@ SHORT_AUDIO_REASON = ("the source's audio ends before 2 s, where chunk c001 star
 
 
 class TestAudioEndingEarly:
+    @pytest.mark.parametrize("container", ["mp4", "mkv"])  # mkv: the length is a tag
     def test_the_probe_fails_the_job_before_any_chunk_starts(
-        self, tmp_path: Path, short_audio_clip: Path
+        self, tmp_path: Path, short_audio_clip: Path, container: str
     ) -> None:
         """Given a source whose audio ends a second into its first 2 s chunk, when the probe
         stage runs, then the job fails there, with the reason the audio stage would give on
@@ -681,10 +682,13 @@ class TestAudioEndingEarly:
         from workers import flow
         from workers.runtime import build_runtime
 
+        source = short_audio_clip
+        if container != "mp4":
+            source = generate_media(f"short-audio.{container}", ["-i", str(source), "-c", "copy"])
         svc = build_services(load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data"),
                                             "HLSVAULT_CHUNK_SECONDS": "2"}))
         runtime = build_runtime(svc.settings, services=svc)
-        spec = new_job_spec(str(short_audio_clip), asset="shortaudio", segment_seconds=1.0)
+        spec = new_job_spec(str(source), asset="shortaudio", segment_seconds=1.0)
         svc.jobs.create(spec, queued=("probe",))
         queue = runtime.broker.queues["segment"]  # type: ignore[attr-defined]
 
