@@ -24,12 +24,13 @@ lint:
 typecheck:
 	$(BIN)/mypy
 
+# One test process per core; a file's tests stay on one process (they share its fixtures).
 pytest:
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --dist loadfile
 
 # The unit and in-process tests only, in seconds: no end-to-end packaging of longer clips.
 pytest-fast:
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" -n auto --dist loadfile
 
 bench: setup
 	$(BIN)/python bench/bench_encrypt.py
