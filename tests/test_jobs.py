@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import BadSpec
-from pipeline.jobs import JobStore, UnknownJob, new_job_spec
+from pipeline.jobs import Arrival, JobStore, UnknownJob, new_job_spec
 from pipeline.jobs.file import FileRecordBackend
 from pipeline.jobs.redis import RedisRecordBackend
 
@@ -72,11 +72,13 @@ def test_fan_in_counts_each_rendition_once(jobs: JobStore) -> None:
     jobs.create(spec)
     jobs.set_pending(spec.job_id, "encrypt", 3)
 
-    assert jobs.arrive(spec.job_id, "encrypt", "1080p") == 2
-    assert jobs.arrive(spec.job_id, "encrypt", "1080p") == 2
-    assert jobs.arrive(spec.job_id, "encrypt", "720p") == 1
-    assert jobs.arrive(spec.job_id, "encrypt", "360p") == 0
-    assert jobs.arrive(spec.job_id, "encrypt", "360p") == 0
+    assert jobs.arrive(spec.job_id, "encrypt", "1080p") == Arrival(pending=2, counted=True)
+    assert jobs.arrive(spec.job_id, "encrypt", "1080p") == Arrival(pending=2, counted=False)
+    assert jobs.arrive(spec.job_id, "encrypt", "720p") == Arrival(pending=1, counted=True)
+    last = jobs.arrive(spec.job_id, "encrypt", "360p")
+    again = jobs.arrive(spec.job_id, "encrypt", "360p")
+    assert (last, again) == (Arrival(pending=0, counted=True), Arrival(pending=0, counted=False))
+    assert last.completed and not again.completed
 
 
 def test_deliveries_are_counted_per_stage(jobs: JobStore) -> None:
@@ -168,27 +170,30 @@ class TestOneRoundTripPerHop:
         self, jobs: JobStore
     ) -> None:
         """Each arrival marks its own stage done; the playlist is marked queued by the last
-        arrival only, and again by a redelivery of it (whose message is sent again)."""
+        arrival only: a redelivery of it, once the playlist has started, leaves it running."""
         spec = new_job_spec("/videos/film.mp4", asset="film")
         jobs.create(spec)
         jobs.set_pending(spec.job_id, "encrypt", 2)
 
-        left = jobs.arrive(spec.job_id, "encrypt", "c000", finished="encrypt:c000",
-                           then_queued=("playlist",))
+        def arrive(chunk: str) -> int:
+            return jobs.arrive(spec.job_id, "encrypt", chunk, finished=f"encrypt:{chunk}",
+                               then_queued=("playlist",)).pending
+
+        left = arrive("c000")
         first = jobs.get(spec.job_id)
-        again = jobs.arrive(spec.job_id, "encrypt", "c000", finished="encrypt:c000",
-                            then_queued=("playlist",))
-        last = jobs.arrive(spec.job_id, "encrypt", "c001", finished="encrypt:c001",
-                           then_queued=("playlist",))
-        redelivered = jobs.arrive(spec.job_id, "encrypt", "c001", finished="encrypt:c001",
-                                  then_queued=("playlist",))
+        again = arrive("c000")
+        last = arrive("c001")
+        queued = jobs.get(spec.job_id).stage("playlist")
+        jobs.begin_stage(spec.job_id, "playlist")
+        redelivered = arrive("c001")
 
         assert (left, again, last, redelivered) == (1, 1, 0, 0)
         assert first.stage("encrypt:c000").status == "done"  # type: ignore[union-attr]
         assert first.stage("playlist") is None
+        assert queued is not None and queued.status == "queued"
         record = jobs.get(spec.job_id)
         assert record.stage("encrypt:c001").status == "done"  # type: ignore[union-attr]
-        assert record.stage("playlist").status == "queued"  # type: ignore[union-attr]
+        assert record.stage("playlist").status == "running"  # type: ignore[union-attr]
 
     def test_the_last_stage_ends_with_the_job(self, jobs: JobStore) -> None:
         spec = new_job_spec("/videos/film.mp4", asset="film")

@@ -405,3 +405,187 @@ class TestEveryStageRedelivered:
                 data = services.origin.get_bytes(
                     layout.segment_key(spec.asset, spec.version, rendition.name, seg.name))
                 assert decrypt_bytes(data, key, iv_for_sequence(seg.sequence))[:1] == b"G"
+
+
+class InOrder(StubBroker):
+    """A broker that delivers nothing by itself: :meth:`deliver` runs the oldest message's
+    actor, as one worker taking one message at a time would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: deque[Message[Any]] = deque()
+
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        self.waiting.append(message)
+        return message
+
+    def deliver(self, message: Message[Any] | None = None) -> Message[Any]:
+        """Run the oldest waiting message, or deliver ``message`` (again)."""
+        if message is None:
+            message = self.waiting.popleft()
+        self.get_actor(message.actor_name).fn(*message.args, **message.kwargs)
+        return message
+
+    def names(self) -> list[str]:
+        return [message.actor_name for message in self.waiting]
+
+
+class TestRedeliveredAfterTheNextStageStarted:
+    @pytest.mark.parametrize("playlist", ["running", "done"])
+    def test_a_chunk_redelivered_after_the_fan_in_changes_nothing(
+        self, tmp_path: Path, copy_clip: Path, monkeypatch: pytest.MonkeyPatch, playlist: str
+    ) -> None:
+        """Given a chunked transcode whose last chunk's encryption completed the fan-in,
+        when that chunk's encrypt and segment messages are delivered again while the
+        playlist stage runs (or once it has finished), then no message is sent, the
+        playlist's status stays as it was and no work file or output changes; the job then
+        publishes, its playlist having run once, segments byte for byte those encrypted
+        before the redeliveries."""
+        from workers import flow
+
+        services = build_services(load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data"),
+                                                 "HLSVAULT_CHUNK_SECONDS": "2"}))
+        broker = InOrder()
+        runtime = build_runtime(services.settings, services=services, broker=broker)
+        spec = new_job_spec(str(copy_clip), asset="again", segment_seconds=1.0)
+        runtime.enqueue(spec)
+        delivered: dict[str, list[Message[Any]]] = {flow.SEGMENT: [], flow.ENCRYPT: []}
+        while broker.names()[:1] != [flow.PLAYLIST]:
+            message = broker.deliver()
+            delivered.get(message.actor_name, []).append(message)
+        encrypted = delivered[flow.ENCRYPT]
+        assert len(encrypted) == 3  # three chunks: the last one completed the fan-in
+        chunk = encrypted[-1].args[1]
+        [segmented] = [m for m in delivered[flow.SEGMENT] if m.args[1] == chunk]
+        jobs = services.jobs
+        seen: dict[str, Any] = {}
+
+        def redeliver() -> None:
+            before = work_files(services, spec), jobs.outputs(spec.job_id)
+            broker.deliver(encrypted[-1])
+            broker.deliver(segmented)
+            seen["unchanged"] = (work_files(services, spec), jobs.outputs(spec.job_id)) == before
+            seen["sent"] = broker.names()
+            state = jobs.get(spec.job_id).stage("playlist")
+            seen["playlist"] = state.status if state is not None else None
+            seen["encrypted"] = before[0]
+
+        if playlist == "running":
+            build_playlists = packaging.build_playlists
+
+            def redelivered_meanwhile(*args: Any, **kwargs: Any) -> Any:
+                redeliver()
+                return build_playlists(*args, **kwargs)
+
+            monkeypatch.setattr(packaging, "build_playlists", redelivered_meanwhile)
+            broker.deliver()
+            assert seen["sent"] == []  # (the playlist's own hand-on came after)
+        else:
+            broker.deliver()
+            described = services.catalog.get_version(spec.asset, spec.version)
+            redeliver()
+            assert seen["sent"] == [flow.UPLOAD]
+            assert services.catalog.get_version(spec.asset, spec.version) == described
+        assert seen["playlist"] == playlist
+        assert seen["unchanged"]
+        record = jobs.get(spec.job_id)
+        for name in ("encrypt", "segment"):
+            stage = record.stage(flow.chunk_stage(name, chunk))
+            assert stage is not None and (stage.status, stage.attempts) == ("done", 2)
+
+        while broker.waiting:
+            broker.deliver()
+
+        record = jobs.get(spec.job_id)
+        assert record.status == "succeeded", record.error
+        state = record.stage("playlist")
+        assert state is not None and (state.status, state.attempts) == ("done", 1)
+        described = services.catalog.get_version(spec.asset, spec.version)
+        root = layout.job_prefix(spec.job_id) + "/"
+        segments = 0
+        for rendition in described.renditions:
+            for seg in rendition.segments:
+                published = services.origin.get_bytes(
+                    layout.segment_key(spec.asset, spec.version, rendition.name, seg.name))
+                encrypted_key = layout.encrypted_key(spec.job_id, rendition.name, seg.name)
+                assert published == seen["encrypted"][encrypted_key.removeprefix(root)][1]
+                segments += 1
+        assert segments >= 6
+
+    def test_a_segment_redelivered_after_its_encryption_started_sends_it_no_more(
+        self, runtime: Runtime, copy_clip: Path
+    ) -> None:
+        """A chunk's segment stage delivered again while its encryption is still queued sends
+        that message again (the earlier delivery may have died before its send), and leaves
+        its status queued; once the encryption has started, a redelivery sends nothing and
+        leaves it running."""
+        from workers import flow
+
+        spec = new_job_spec(str(copy_clip), asset="segagain")
+        jobs = runtime.services.jobs
+        jobs.create(spec, queued=("segment:c001",))
+        queue = runtime.broker.queues["encrypt"]  # type: ignore[attr-defined]
+        before = queue.qsize()
+
+        def deliver_segment() -> None:
+            _, record = jobs.begin_stage(spec.job_id, "segment:c001")
+            flow.after_segment(runtime, flow.Ran("segment:c001", record, None), "c001")
+
+        deliver_segment()
+        assert queue.qsize() == before + 1
+        deliver_segment()  # the encryption still queued
+        assert queue.qsize() == before + 2
+        state = jobs.get(spec.job_id).stage("encrypt:c001")
+        assert state is not None and state.status == "queued"
+        jobs.begin_stage(spec.job_id, "encrypt:c001")
+        deliver_segment()
+        assert queue.qsize() == before + 2
+        record = jobs.get(spec.job_id)
+        state = record.stage("encrypt:c001")
+        assert state is not None and state.status == "running"
+        segment = record.stage("segment:c001")
+        assert segment is not None and (segment.status, segment.attempts) == ("done", 3)
+
+    def test_a_probe_redelivered_after_a_chunk_arrived_keeps_the_fan_in_count(
+        self, runtime: Runtime, copy_clip: Path
+    ) -> None:
+        """Given a job of three chunks whose first chunk was encrypted and arrived at the
+        fan-in, when the probe is delivered again, then the chunks that started are not sent
+        again (the one still queued is), and the fan-in still counts the first chunk: the
+        other two arriving send the playlist."""
+        from pipeline.plan import plan_chunks
+        from workers import flow
+
+        spec = new_job_spec(str(copy_clip), asset="probeagain")
+        jobs = runtime.services.jobs
+        jobs.create(spec, queued=("probe",))
+        chunks = tuple(plan_chunks(6.0, 2.0, 2, copy=False))
+        plan = packaging.JobPlan(renditions=(), chunks=chunks, audio_bitrates=())
+        queues = runtime.broker.queues  # type: ignore[attr-defined]
+        before = {name: queues[name].qsize() for name in ("segment", "publish")}
+
+        def deliver_probe() -> None:
+            _, record = jobs.begin_stage(spec.job_id, "probe")
+            flow.after_probe(runtime, flow.Ran("probe", record, plan))
+
+        def ran(stage: str) -> flow.Ran[None]:
+            _, record = jobs.begin_stage(spec.job_id, stage)
+            return flow.Ran(stage, record, None)
+
+        deliver_probe()
+        assert queues["segment"].qsize() == before["segment"] + 3
+        flow.after_segment(runtime, ran("segment:c000"), "c000")
+        flow.after_encrypt(runtime, ran("encrypt:c000"), "c000")
+        jobs.begin_stage(spec.job_id, "segment:c001")
+
+        deliver_probe()
+
+        assert queues["segment"].qsize() == before["segment"] + 4  # c002 again
+        record = jobs.get(spec.job_id)
+        assert record.fields["pending.encrypt"] == "2"
+        statuses = {name: record.stage(f"segment:{name}").status  # type: ignore[union-attr]
+                    for name in ("c000", "c001", "c002")}
+        assert statuses == {"c000": "done", "c001": "running", "c002": "queued"}
+        for name in ("c001", "c002"):
+            flow.after_encrypt(runtime, ran(f"encrypt:{name}"), name)
+        assert queues["publish"].qsize() == before["publish"] + 1

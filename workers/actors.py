@@ -60,7 +60,7 @@ def declare(rt: Runtime) -> None:
         report = flow.progress(rt, job_id, "audio")
         ran = flow.run_stage(
             rt, job_id, "audio",
-            lambda job: 0 if flow.audio_arrived(job) else packaging.encode_audio(
+            lambda job: 0 if flow.arrived(job, flow.AUDIO_MEMBER) else packaging.encode_audio(
                 svc, job.spec, report,
                 lambda chunk, again: flow.audio_released(rt, job_id, chunk, again),
                 job=job,
@@ -75,7 +75,8 @@ def declare(rt: Runtime) -> None:
         report = flow.progress(rt, job_id, stage)
         ran = flow.run_stage(
             rt, job_id, stage,
-            lambda job: packaging.segment(svc, job.spec, chunk, report, job=job),
+            lambda job: 0 if flow.segmented(job, chunk) else packaging.segment(
+                svc, job.spec, chunk, report, job=job),
         )
         if ran is not None:
             flow.after_segment(rt, ran, chunk)
@@ -85,7 +86,9 @@ def declare(rt: Runtime) -> None:
         stage = flow.chunk_stage("encrypt", chunk)
         report = flow.progress(rt, job_id, stage)
         ran = flow.run_stage(
-            rt, job_id, stage, lambda job: packaging.encrypt(svc, job.spec, chunk, report)
+            rt, job_id, stage,
+            lambda job: 0 if flow.arrived(job, chunk) else packaging.encrypt(
+                svc, job.spec, chunk, report),
         )
         if ran is not None:
             flow.after_encrypt(rt, ran, chunk)

@@ -20,6 +20,10 @@ that enqueues what comes next. A hop's bookkeeping is two round trips to the job
 ``after_*`` function marks the stage done and the next one queued in one write (or, at the
 fan-in, in the arrival itself), and the next stage's start counts its delivery and reads the
 record in one script. Messages carry ids only: ``(job_id)`` or ``(job_id, chunk)``.
+A redelivered stage (its worker died before the ack, maybe after handing on) never sends or
+marks queued again a stage after it that has started, and re-sends one only while it is
+queued (:func:`waiting`: the one rule, for every hand-on and the fan-in); a member that had
+arrived at the fan-in does not make its output again.
 A job fails through :func:`fail` only, whether a stage found a permanent error, a message was
 delivered too often, or dramatiq ran out of retries (:class:`workers.middleware.JobOutcome`).
 """
@@ -39,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import structlog
 
 from pipeline.errors import HlsvaultError, PoisonJob, TransientError
-from pipeline.jobs import JobRecord, JobSpec
+from pipeline.jobs import JobRecord, JobSpec, pending_field
 from pipeline.logs import redact_text
 from pipeline.packaging import JobPlan
 from pipeline.publish import discard_work, replaced_grace
@@ -76,6 +80,10 @@ JOB_ACTORS = frozenset(
 )
 
 
+#: What a stage's actor name adds to its job-record name.
+_ACTOR_PREFIX = "media."
+
+
 def chunk_stage(stage: str, chunk: str) -> str:
     """The job-record name of a per-chunk stage: ``segment:c003``."""
     return f"{stage}:{chunk}"
@@ -83,10 +91,17 @@ def chunk_stage(stage: str, chunk: str) -> str:
 
 def stage_of(actor_name: str, args: Sequence[Any]) -> str:
     """The job-record stage a message works on: ``segment:c003`` for per-chunk stages."""
-    stage = actor_name.removeprefix("media.")
+    stage = actor_name.removeprefix(_ACTOR_PREFIX)
     if actor_name in (SEGMENT, ENCRYPT) and len(args) > 1:
         return chunk_stage(stage, str(args[1]))
     return stage
+
+
+def send_stage(rt: Runtime, job_id: str, stage: str) -> None:
+    """Send the message that runs the job-record stage ``stage`` (:func:`stage_of`'s
+    inverse): ``segment:c003`` is ``media.segment(job_id, "c003")``."""
+    name, _, chunk = stage.partition(":")
+    rt.send(_ACTOR_PREFIX + name, job_id, *((chunk,) if chunk else ()))
 
 
 #: No delivery times: a stage called without a worker (the embedded runner, tests).
@@ -193,13 +208,44 @@ def run_stage(
     return Ran(stage, record, result)
 
 
+def waiting(record: JobRecord, stage: str) -> bool:
+    """Whether ``stage``, which a stage hands on to, may still need its message: it is not
+    queued yet, or queued and not started (the delivery that queued it may have died before
+    its send, and a second message for a queued stage is harmless). A stage that has
+    started (running, done) got its message, and the broker redelivers that one itself if
+    its worker dies: it is not queued again nor sent again. The one rule of every hand-on
+    (:func:`hand_on`), of the fan-in (:func:`_arrive`) and of the audio's releases."""
+    state = record.stage(stage)
+    return state is None or state.status == "queued"
+
+
+def redelivered(ran: Ran[Any]) -> bool:
+    """Whether ``ran``'s stage had been delivered before (its start counted more than one
+    delivery): an earlier delivery may have handed on already, then died before its ack."""
+    state = ran.record.stage(ran.stage)
+    return state is not None and state.attempts > 1
+
+
 def hand_on(
     rt: Runtime, ran: Ran[Any], *queued: str, json_fields: Mapping[str, Any] | None = None
 ) -> None:
     """Mark ``ran``'s stage done and the ``queued`` stages queued, with ``json_fields``, in
-    one write. The caller sends their messages after it."""
-    rt.services.jobs.stage_finished(ran.job_id, ran.stage, queued=queued,
-                                    json_fields=json_fields)
+    one write, then send the ``queued`` stages' messages (:func:`send_stage`).
+
+    A redelivery reads the record first (one round trip; a first delivery does not): what an
+    earlier delivery handed on is not marked again, its ``json_fields`` are not written again
+    (the stages after may have read them: the fan-in's count above all), and of the
+    ``queued`` stages only those still :func:`waiting` are sent."""
+    fresh, send = list(queued), list(queued)
+    fields = dict(json_fields or {})
+    if (queued or fields) and redelivered(ran):
+        now = rt.services.jobs.get(ran.job_id)
+        fresh = [stage for stage in queued if now.stage(stage) is None]
+        send = [stage for stage in queued if waiting(now, stage)]
+        fields = {name: value for name, value in fields.items() if name not in now.fields}
+    rt.services.jobs.stage_finished(ran.job_id, ran.stage, queued=fresh, json_fields=fields)
+    for stage in send:
+        send_stage(rt, ran.job_id, stage)
 
 
 def fail(
@@ -238,8 +284,9 @@ def after_probe(rt: Runtime, ran: Ran[JobPlan]) -> None:
     # An audio group (separate renditions, cut whole) is cut beside the chunks, which do not
     # need it, and joins their fan-in: the playlist waits for it as for the last chunk.
     group = plan.audio_first and not plan.audio_bitrates
-    # The fan-in counter, with the plan: set before any chunk can arrive.
-    fields["pending.encrypt"] = len(names) + (1 if group else 0)
+    # The fan-in counter, with the plan: set before any chunk can arrive (and never again:
+    # a redelivered probe's hand-on leaves it as the chunks have counted it down).
+    fields[pending_field(FAN_IN)] = len(names) + (1 if group else 0)
     if not plan.audio_first:
         send_chunks(rt, ran, names, json_fields=fields)
         return
@@ -247,9 +294,6 @@ def after_probe(rt: Runtime, ran: Ran[JobPlan]) -> None:
     # Muxed audio encoded once releases its chunks itself (:func:`audio_released`).
     chunks = [] if plan.audio_bitrates else names
     hand_on(rt, ran, "audio", *(chunk_stage("segment", n) for n in chunks), json_fields=fields)
-    rt.send(AUDIO, ran.job_id)
-    for name in chunks:
-        rt.send(SEGMENT, ran.job_id, name)
 
 
 def audio_released(rt: Runtime, job_id: str, chunk: str, again: bool) -> None:
@@ -258,20 +302,19 @@ def audio_released(rt: Runtime, job_id: str, chunk: str, again: bool) -> None:
     nor started (that delivery may have died between the release and the send; a lost
     message would stall the job, while a started one is redelivered by the broker itself)."""
     jobs = rt.services.jobs
-    if again:
-        state = jobs.get(job_id).stage(chunk_stage("segment", chunk))
-        if state is not None and state.status in ("running", "done"):
-            return
-    jobs.stage_queued(job_id, chunk_stage("segment", chunk))
-    rt.send(SEGMENT, job_id, chunk)
+    stage = chunk_stage("segment", chunk)
+    if again and not waiting(jobs.get(job_id), stage):
+        return
+    jobs.stage_queued(job_id, stage)
+    send_stage(rt, job_id, stage)
 
 
-def audio_arrived(record: JobRecord) -> bool:
-    """Whether an earlier delivery of the audio stage (an audio group) had arrived at the
-    chunks' fan-in when ``record`` was read: its renditions are cut, encrypted and named, and
-    the playlist may be reading them, so a redelivery does not cut them again (the actor
-    skips the work; :func:`after_audio` counts nothing)."""
-    return record.arrived(FAN_IN, AUDIO_MEMBER)
+def arrived(record: JobRecord, member: str) -> bool:
+    """Whether an earlier delivery of ``member``'s stage (a chunk's encryption, the audio
+    group) had arrived at the chunks' fan-in when ``record`` was read: what it made is
+    complete and named, and the playlist may be reading it, so a redelivery does not make it
+    again (its actor skips the work) and its arrival counts nothing (:func:`_arrive`)."""
+    return record.arrived(FAN_IN, member)
 
 
 def after_audio(rt: Runtime, ran: Ran[Any]) -> None:
@@ -282,16 +325,7 @@ def after_audio(rt: Runtime, ran: Ran[Any]) -> None:
     if record.json_field("audio_bitrates"):
         hand_on(rt, ran)
     elif record.json_field(AUDIO_BESIDE):
-        if not audio_arrived(record):
-            _arrive(rt, ran, AUDIO_MEMBER)
-            return
-        # A redelivery after the arrival, which did nothing: the playlist is sent again only
-        # if it may never have been (that delivery died between its arrival and the send),
-        # not once it has started (the broker redelivers a started one itself).
-        hand_on(rt, ran)
-        playlist = record.stage("playlist")
-        if playlist is not None and playlist.status == "queued":
-            rt.send(PLAYLIST, ran.job_id)
+        _arrive(rt, ran, AUDIO_MEMBER)
     else:
         send_chunks(rt, ran, record.json_field("chunk_names"))
 
@@ -301,14 +335,18 @@ def send_chunks(
 ) -> None:
     """Fan out: one segment message per chunk, any segment worker may take any of them."""
     hand_on(rt, ran, *(chunk_stage("segment", n) for n in names), json_fields=json_fields)
-    for name in names:
-        rt.send(SEGMENT, ran.job_id, name)
+
+
+def segmented(record: JobRecord, chunk: str) -> bool:
+    """Whether an earlier delivery of ``chunk``'s segment stage had cut it and handed on, and
+    its encryption had started, when ``record`` was read: a redelivery then cuts nothing (a
+    new attempt switched in now would not be the one encrypted)."""
+    return not waiting(record, chunk_stage("encrypt", chunk))
 
 
 def after_segment(rt: Runtime, ran: Ran[Any], chunk: str) -> None:
     # Encrypted at once: only the last chunk's encryption is left when the last chunk is cut.
     hand_on(rt, ran, chunk_stage("encrypt", chunk))
-    rt.send(ENCRYPT, ran.job_id, chunk)
 
 
 def after_encrypt(rt: Runtime, ran: Ran[Any], chunk: str) -> None:
@@ -316,14 +354,20 @@ def after_encrypt(rt: Runtime, ran: Ran[Any], chunk: str) -> None:
 
 
 def _arrive(rt: Runtime, ran: Ran[Any], member: str) -> None:
-    # Fan-in on the record's atomic counter: the last chunk (or audio group) to finish
-    # enqueues the playlist. (A dramatiq group callback would never fire if one child failed
-    # for good.) The stage's end and the playlist's queued mark are written in the arrival's
-    # own step.
+    """Fan-in on the record's atomic counter: the last chunk (or audio group) to finish sends
+    the playlist. (A dramatiq group callback would never fire if one child failed for good.)
+    The stage's end and the playlist's queued mark are written in the arrival's own step.
+
+    A redelivered member counts nothing and marks nothing; after the last arrival it sends
+    the playlist again only while that is :func:`waiting` (the last arrival may have died
+    before its send), never once it has started."""
     jobs = rt.services.jobs
-    if jobs.arrive(ran.job_id, FAN_IN, member, finished=ran.stage,
-                   then_queued=("playlist",)) == 0:
-        rt.send(PLAYLIST, ran.job_id)
+    arrival = jobs.arrive(ran.job_id, FAN_IN, member, finished=ran.stage,
+                          then_queued=("playlist",))
+    if arrival.completed or (
+        arrival.pending == 0 and not arrival.counted and waiting(jobs.get(ran.job_id), "playlist")
+    ):
+        send_stage(rt, ran.job_id, "playlist")
 
 
 def after_rekey(rt: Runtime, ran: Ran[Any]) -> None:
@@ -337,7 +381,6 @@ def after_playlist(rt: Runtime, ran: Ran[Any]) -> None:
     # spec is the one the stage ran with (its start read it): no second read of the record.
     if ran.spec.download is not None:
         hand_on(rt, ran, "download")
-        rt.send(DOWNLOAD, ran.job_id)
         return
     after_download(rt, ran)
 
@@ -346,19 +389,16 @@ def after_download(rt: Runtime, ran: Ran[Any]) -> None:
     # Trick play after the download: the download is made from a description without it.
     if ran.spec.trick_play:
         hand_on(rt, ran, "trickplay")
-        rt.send(TRICKPLAY, ran.job_id)
         return
     after_trickplay(rt, ran)
 
 
 def after_trickplay(rt: Runtime, ran: Ran[Any]) -> None:
     hand_on(rt, ran, "upload")
-    rt.send(UPLOAD, ran.job_id)
 
 
 def after_upload(rt: Runtime, ran: Ran[dict[str, Any]]) -> None:
     hand_on(rt, ran, "invalidate", json_fields={"published": ran.result})
-    rt.send(INVALIDATE, ran.job_id)
 
 
 def after_invalidate(rt: Runtime, ran: Ran[dict[str, Any]]) -> None:

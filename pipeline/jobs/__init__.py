@@ -173,9 +173,30 @@ def check_shape(
                       "audio; package with --container ts and without --audio-only to get one")
 
 
+def pending_field(counter: str) -> str:
+    """The record's count of the members still to arrive at the fan-in ``counter``."""
+    return f"pending.{counter}"
+
+
 def arrival_field(counter: str, member: str) -> str:
     """The record's mark of ``member`` having arrived at the fan-in ``counter``."""
     return f"arrived.{counter}.{member}"
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What one arrival at a fan-in (:meth:`JobStore.arrive`) found."""
+
+    #: How many members are still to arrive.
+    pending: int
+    #: Whether this arrival counted its member: False when an earlier delivery of the same
+    #: member had arrived (a redelivery), which counts nothing and queues nothing.
+    counted: bool
+
+    @property
+    def completed(self) -> bool:
+        """Whether this arrival was the last one: it queued what comes after the fan-in."""
+        return self.counted and self.pending == 0
 
 
 @dataclass(frozen=True)
@@ -293,7 +314,7 @@ class RecordBackend(Protocol):
     def arrive(
         self, job_id: str, counter: str, marker: str, fields: dict[str, str],
         then: dict[str, str],
-    ) -> int: ...
+    ) -> tuple[int, bool]: ...
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool: ...
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]: ...
     def write_outputs(self, job_id: str, fields: dict[str, str]) -> None: ...
@@ -423,7 +444,7 @@ class JobStore:
         self.backend.write(job_id, fields)
 
     def set_pending(self, job_id: str, counter: str, count: int) -> None:
-        self.backend.write(job_id, {f"pending.{counter}": str(count)})
+        self.backend.write(job_id, {pending_field(counter): str(count)})
 
     def arrive(
         self,
@@ -433,18 +454,21 @@ class JobStore:
         *,
         finished: str | None = None,
         then_queued: Sequence[str] = (),
-    ) -> int:
-        """Fan-in: count ``member`` as arrived once, however often it is redelivered; returns
-        how many are still pending. A redelivery after the count reached 0 sees 0 again, so
-        the stage after the fan-in is enqueued even if the first arrival crashed before it.
+    ) -> Arrival:
+        """Fan-in: count ``member`` as arrived once, however often it is redelivered; says
+        how many are still pending and whether this call counted. A redelivery after the
+        count reached 0 sees 0 again (uncounted), so its caller can still send the stage
+        after the fan-in if the last arrival died before it did.
 
-        In the same step, the ``finished`` stage (the member's own) is marked done, and the
-        ``then_queued`` stages queued when none is pending any more."""
+        In the same step, the ``finished`` stage (the member's own) is marked done, and, by
+        the arrival that leaves none pending, the ``then_queued`` stages queued: a redelivery
+        never marks them again, since they may have started meanwhile."""
         fields = {} if finished is None else self.finished_fields(finished)
         then = {f"{name}.status": "queued" for name in then_queued}
-        return self.backend.arrive(
-            job_id, f"pending.{counter}", arrival_field(counter, member), fields, then
+        left, counted = self.backend.arrive(
+            job_id, pending_field(counter), arrival_field(counter, member), fields, then
         )
+        return Arrival(pending=left, counted=counted)
 
     def fail(self, job_id: str, stage: str, reason: str) -> None:
         now = repr(self.clock())

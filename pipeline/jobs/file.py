@@ -212,16 +212,17 @@ class FileRecordBackend:
     def arrive(
         self, job_id: str, counter: str, marker: str, fields: dict[str, str],
         then: dict[str, str],
-    ) -> int:
+    ) -> tuple[int, bool]:
         with self._locked(job_id) as record:
             record.update(fields)
-            if marker not in record:
-                record[marker] = "1"
-                record[counter] = str(int(record.get(counter, "0")) - 1)
-            left = int(record.get(counter, "0"))
+            if marker in record:
+                return int(record.get(counter, "0")), False
+            record[marker] = "1"
+            left = int(record.get(counter, "0")) - 1
+            record[counter] = str(left)
             if left == 0:
                 record.update(then)
-            return left
+            return left, True
 
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
         found: list[dict[str, str] | None] = []

@@ -36,24 +36,23 @@ _INDEXED_MARKER = "hlsvault:jobs:status:complete"
 _BACKFILL_BATCH = 500
 
 # Write the arriving member's own fields; HSETNX the marker, and only a first arrival
-# decrements; once none is pending, write the fields of what comes after the fan-in. Every
-# caller learns the count left. ARGV: the counter, the marker, how many items the member's
-# fields take (n), those field, value items, then the after-fields' items.
+# decrements; the arrival that leaves none pending writes the fields of what comes after the
+# fan-in (a redelivered one does not: that stage may have started). Every caller learns the
+# count left and whether it counted. ARGV: the counter, the marker, how many items the
+# member's fields take (n), those field, value items, then the after-fields' items.
 _ARRIVE = """
 local n = tonumber(ARGV[3])
 if n > 0 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + n))
 end
-local left
-if redis.call('HSETNX', KEYS[1], ARGV[2], '1') == 1 then
-  left = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
-else
-  left = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if redis.call('HSETNX', KEYS[1], ARGV[2], '1') == 0 then
+  return {tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0'), 0}
 end
+local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
 if left == 0 and #ARGV > 3 + n then
   redis.call('HSET', KEYS[1], unpack(ARGV, 4 + n))
 end
-return left
+return {left, 1}
 """
 
 
@@ -202,11 +201,12 @@ class RedisRecordBackend:
     def arrive(
         self, job_id: str, counter: str, marker: str, fields: dict[str, str],
         then: dict[str, str],
-    ) -> int:
+    ) -> tuple[int, bool]:
         own = [item for pair in fields.items() for item in pair]
         after = [item for pair in then.items() for item in pair]
         args: list[str | int] = [counter, marker, len(own), *own, *after]
-        return int(self._arrive(keys=[_PREFIX + job_id], args=args))
+        left, counted = self._arrive(keys=[_PREFIX + job_id], args=args)
+        return int(left), bool(counted)
 
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
         pipe = self.client.pipeline(transaction=False)
