@@ -40,6 +40,7 @@ from . import layout
 from .errors import TransientError, UnsupportedMedia
 from .media import AudioStream
 from .plan import Chunk
+from .records import from_known
 from .sources import ffmpeg_command, ffmpeg_input
 
 #: ffmpeg's native AAC encoder delays its output by one frame (its ``initial_padding``); ADTS
@@ -93,7 +94,7 @@ class ReleasedAudio:
         return cls(
             attempt=data["attempt"],
             sample_rate=data["sample_rate"],
-            pieces=tuple(ChunkAudio(**piece) for piece in data["pieces"]),
+            pieces=tuple(from_known(ChunkAudio, piece) for piece in data["pieces"]),
         )
 
 

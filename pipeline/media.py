@@ -12,6 +12,7 @@ from fractions import Fraction
 from typing import Any
 
 from .errors import InvalidSource, StageTimeout
+from .records import from_known
 from .sources import ffmpeg_input, format_refusal, shown_name, source_demuxer
 
 #: ffprobe reads headers only; a minute covers a slow network source, not a hung one.
@@ -97,19 +98,19 @@ class MediaInfo:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MediaInfo:
         audio = data.get("audio")
-        tracks = tuple(AudioStream(**track) for track in data.get("audio_tracks") or ())
+        tracks = tuple(from_known(AudioStream, track) for track in data.get("audio_tracks") or ())
         if not tracks and audio:
-            tracks = (AudioStream(**audio),)  # probed before every track was kept
+            tracks = (from_known(AudioStream, audio),)  # probed before every track was kept
         return cls(
             format_name=data["format_name"],
             duration=data["duration"],
             size=data.get("size"),
             bit_rate=data.get("bit_rate"),
-            video=VideoStream(**data["video"]),
-            audio=AudioStream(**audio) if audio else None,
+            video=from_known(VideoStream, data["video"]),
+            audio=from_known(AudioStream, audio) if audio else None,
             audio_tracks=tracks,
             subtitle_tracks=tuple(
-                SubtitleStream(**track) for track in data.get("subtitle_tracks") or ()
+                from_known(SubtitleStream, track) for track in data.get("subtitle_tracks") or ()
             ),
             video_start=float(data.get("video_start") or 0.0),
         )

@@ -13,6 +13,7 @@ from typing import Any
 from . import layout
 from .errors import BadSpec, UnsupportedMedia
 from .media import MediaInfo
+from .records import from_known
 
 LADDERS = ("copy", "default")
 
@@ -79,7 +80,7 @@ class Rendition:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Rendition:
-        return cls(**data)
+        return from_known(cls, data)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class AudioRendition:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AudioRendition:
-        return cls(**data)
+        return from_known(cls, data)
 
 
 def hls_language(tag: str | None) -> str | None:
@@ -300,7 +301,7 @@ class Chunk:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Chunk:
-        return cls(**data)
+        return from_known(cls, data)
 
 
 def plan_chunks(

@@ -21,6 +21,7 @@ from . import layout
 from .errors import StageTimeout, TransientError, UnsupportedMedia
 from .media import AudioStream, MediaInfo, audio_stream, ffmpeg_reason, probe, run_ffprobe
 from .plan import MAX_RATE_FACTOR, AudioRendition, Chunk, Rendition
+from .records import from_known
 from .sources import ffmpeg_command, ffmpeg_input, shown_name, source_demuxer, work_input
 
 if TYPE_CHECKING:
@@ -85,9 +86,8 @@ class SegmentedRendition:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SegmentedRendition:
-        fields = dict(data)
-        fields["segments"] = tuple(Segment(**segment) for segment in data["segments"])
-        return cls(**fields)
+        segments = tuple(from_known(Segment, segment) for segment in data["segments"])
+        return from_known(cls, data, segments=segments)
 
 
 #: Every chunk's muxers (hls, and the MPEG-TS muxer inside it) keep the timestamps they are

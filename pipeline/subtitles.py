@@ -56,6 +56,7 @@ from .errors import BadSpec, InvalidSource, NotFound, StageTimeout, UnsupportedM
 from .media import MediaInfo, run_ffprobe
 from .plan import LANGUAGE_TAG, hls_language, track_name
 from .playlists import RenditionEntry
+from .records import from_known
 from .segment import Segment, SegmentedRendition, run_ffmpeg
 from .sources import ffmpeg_command, ffmpeg_input, source_demuxer, split_s3_url
 from .webvtt import timestamp
@@ -145,7 +146,7 @@ class SubtitleTrack:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SubtitleTrack:
-        return cls(**data)
+        return from_known(cls, data)
 
 
 # -- the job spec's sidecars -----------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""Reading a job record a newer version wrote (a rolling deploy): the plan and the outputs
+read in this version, a field it does not know left out and every field it knows intact; the
+job spec refuses an option it does not know rather than ignore it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from pipeline.audio import ChunkAudio, ReleasedAudio
+from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.media import AudioStream, MediaInfo, SubtitleStream, VideoStream
+from pipeline.plan import AudioRendition, Chunk, Rendition
+from pipeline.segment import Segment, SegmentedRendition
+from pipeline.subtitles import SubtitleTrack
+
+#: A field no version of hlsvault has: what a newer version adds, as this one sees it.
+NEWER = "added_by_a_newer_version"
+
+
+def with_newer_fields(value: Any) -> Any:
+    """``value`` (JSON, as the record holds it) with a field of a newer version in every
+    object, however nested."""
+    if isinstance(value, dict):
+        return {**{k: with_newer_fields(v) for k, v in value.items()}, NEWER: [1, "two"]}
+    if isinstance(value, list):
+        return [with_newer_fields(item) for item in value]
+    return value
+
+
+ENGLISH = AudioStream(codec="aac", profile="LC", channels=2, sample_rate=48000, bit_rate=128000,
+                      index=0, language="eng", title="English", default=True, end=5.98)
+GERMAN = AudioStream(codec="aac", profile="LC", channels=6, sample_rate=48000, bit_rate=None,
+                     index=1, language="deu", title="Deutsch", default=False, end=None)
+
+#: One value of each type the stages read from the job record and its outputs, every field
+#: set to something other than its default.
+WRITTEN = [
+    MediaInfo(
+        format_name="mov,mp4,m4a,3gp,3g2,mj2", duration=6.0, size=1234567, bit_rate=1646089,
+        video=VideoStream(codec="h264", profile="High", level=40, width=1920, height=1080,
+                          frame_rate="30000/1001", pix_fmt="yuv420p", rotation=90,
+                          bit_rate=1500000),
+        audio=ENGLISH, audio_tracks=(ENGLISH, GERMAN),
+        subtitle_tracks=(SubtitleStream(index=0, codec="mov_text", language="fra",
+                                        title="Français", default=True, forced=True),),
+        video_start=0.021,
+    ),
+    Rendition(name="720p", width=1280, height=720, copy=False, video_kbps=2800, audio_kbps=128,
+              frame_rate="30000/1001", gop_frames=60, codec="hevc"),
+    AudioRendition(name="audio-de", track=1, copy=False, kbps=96, language="de",
+                   title="Deutsch", default=False, channels=6),
+    Chunk(index=3, start=180.0, duration=60.0, first_segment=30, segments=10),
+    SubtitleTrack(name="subs1-fr", language="fr", title="Français", default=True, forced=True,
+                  track=None, sidecar="s3://bucket/fr.vtt"),
+    SegmentedRendition(
+        rendition="720p",
+        segments=(Segment(30, "seg_00030.m4s", 6.0, 1_000_000),
+                  Segment(31, "seg_00031.m4s", 5.5, 900_000)),
+        width=1280, height=720, frame_rate="30000/1001", video_profile="Main",
+        video_level=120, audio_codec="aac", audio_profile="LC", init="init.mp4",
+        media="video", video_tag="hvc1.1.6.L120.90", channels=2,
+    ),
+    ReleasedAudio(attempt="a1b2c3", sample_rate=48000, pieces=(
+        ChunkAudio(chunk="c003", kbps=128, name="c003-128k.aac", offset=0.0213, frames=2813),
+        ChunkAudio(chunk="c003", kbps=64, name="c003-64k.aac", offset=0.0213, frames=2813),
+    )),
+]
+
+
+class TestARecordANewerVersionWrote:
+    @pytest.mark.parametrize("written", WRITTEN, ids=lambda value: type(value).__name__)
+    def test_reads_with_every_known_field_intact(self, written: Any) -> None:
+        """A value a newer version wrote with fields this one does not know, at every level
+        of nesting, reads as the same value: the unknown fields left out, none lost."""
+        data = with_newer_fields(json.loads(json.dumps(written.to_dict())))
+        assert NEWER in data
+
+        assert type(written).from_dict(data) == written
+
+    def test_a_media_info_from_before_every_audio_track_was_kept_still_reads(self) -> None:
+        """A media record of the oldest shape (no ``audio_tracks``, no ``end``) with a newer
+        version's fields reads too: its one audio stream, its video intact."""
+        data = with_newer_fields(json.loads(json.dumps(WRITTEN[0].to_dict())))
+        del data["audio_tracks"]
+        del data["audio"]["end"]
+
+        info = MediaInfo.from_dict(data)
+
+        assert info.audio_tracks == (replace(ENGLISH, end=None),)
+        assert info.video == WRITTEN[0].video
+
+    def test_the_job_spec_refuses_an_option_it_does_not_know(self) -> None:
+        """An option this version does not know would be silently dropped (a job packaged
+        without what was asked): the spec refuses to read instead."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+
+        with pytest.raises(TypeError, match=NEWER):
+            JobSpec.from_dict({**spec.to_dict(), NEWER: True})
