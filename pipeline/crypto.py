@@ -29,9 +29,11 @@ from .aes import BLOCK, check_key_iv
 from .errors import PermanentError, TransientError
 
 #: Piece size, per lane: large enough that the per-piece calls (a read, a write, a share of one
-#: cipher call) vanish next to the bytes, small enough that every lane's piece, read, encrypted
-#: and written, stays in the core's L2 cache (512 KiB here) between the three. A multiple of 16.
-CHUNK = 1 << 16
+#: cipher call) vanish next to the bytes, small enough that a thread's LANES pieces, read,
+#: encrypted and written, are still in the core's caches between the three. Measured with 8
+#: lanes on real segments (docs/benchmarks.md, issue 10): 128 KiB was as fast as or faster than
+#: 32, 64, 256 KiB and 1 MiB for new files on one thread. A multiple of 16.
+CHUNK = 1 << 17
 
 #: Decryption's piece size: ``cryptography`` decrypts CBC blocks in parallel, and a larger piece
 #: only saves calls.
@@ -176,21 +178,25 @@ def _encrypt_all(
     for job in jobs:
         check_key_iv(job.key, job.iv)
     written = [0] * len(jobs)
-    pending = iter(range(len(jobs)))
     lock = threading.Lock()
     failed = threading.Event()
-
-    def take() -> int | None:
-        with lock:
-            # Once a thread has failed the others finish their open files and take no more.
-            return None if failed.is_set() else next(pending, None)
+    # A thread per LANES files at most: fewer files per thread would leave lanes idle.
+    workers = max(1, min(threads, -(-len(jobs) // aes.LANES)))
 
     def told(index: int, length: int) -> None:
         if on_encrypted is not None:
             with lock:
                 on_encrypted(index, length)
 
-    def share() -> None:
+    def share(first: int) -> None:
+        # Every workers-th file from the first: the threads get as many files each, so the
+        # last files of the batch, when lanes go idle, are shared by the cores too.
+        mine = iter(range(first, len(jobs), workers))
+
+        def take() -> int | None:
+            # Once a thread has failed the others finish their open files and take no more.
+            return None if failed.is_set() else next(mine, None)
+
         try:
             _encrypt_share(jobs, take, written, in_place=in_place, on_encrypted=told,
                            backend=chosen)
@@ -198,13 +204,11 @@ def _encrypt_all(
             failed.set()
             raise
 
-    # A thread per LANES files at most: fewer files per thread would leave lanes idle.
-    workers = max(1, min(threads, -(-len(jobs) // aes.LANES)))
     if workers == 1:
-        share()
+        share(0)
     else:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encrypt") as pool:
-            for future in [pool.submit(share) for _ in range(workers)]:
+            for future in [pool.submit(share, first) for first in range(workers)]:
                 future.result()
     return written
 
