@@ -41,8 +41,6 @@ struct lane {
 
 int hlsv_cbclanes_abi(void) { return ABI_VERSION; }
 
-int hlsv_cbclanes_lanes(void) { return LANES; }
-
 int hlsv_cbclanes_supported(void)
 {
     __builtin_cpu_init();
