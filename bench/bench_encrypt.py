@@ -7,13 +7,19 @@ rotating order:
 - openssl:    ``openssl speed -evp aes-128-cbc -bytes 16384 -seconds 3``, the 16384-byte
               column: the system OpenSSL on a buffer that stays in L1, one core (openssl speed
               counts user CPU time, so other load on the machine hardly moves it).
-- stage-1t, stage-2t: what the encrypt stage does with each plain segment: ``encrypt_file``
-              into a new file (read, encrypt in place in the thread's buffer, write, rename),
-              IV = sequence number, on a pool of 1 and of 2 threads.
-- inplace-1t, inplace-2t: what sealing does during a remux: ``encrypt_in_place`` on each
-              segment file (the file's own page-cache pages are read and written back).
-- core:       the cipher alone through ``pipeline.aes`` over the same bytes in a reused buffer,
-              one thread: no file I/O, no page faults.
+- stage-1t, stage-2t: what the encrypt stage does with a chunk's plain segments:
+              ``encrypt_files`` over all of them, each into a new file (a piece of each of up
+              to LANES files read into the thread's buffers, encrypted side by side in one
+              call, written, each file renamed when done), IV = sequence number, on 1 and 2
+              threads.
+- inplace-1t, inplace-2t: the same loop in place (``encrypt_files_in_place``): each file's
+              own page-cache pages are read and written back, no new page.
+- single-1t:  one segment at a time, ``encrypt_file`` per segment on one thread: what the
+              stage did before the lanes, and what sealing still does per segment.
+- core:       the cipher alone, no file I/O, no page faults: the segments LANES at a time in
+              reused buffers, each group encrypted side by side in one call, one thread.
+- core-1:     the cipher alone one segment at a time (one CBC chain: what openssl speed
+              measures).
 
 MB is 10^6 bytes; each figure is the segment set's bytes over the wall clock of encrypting it.
 
@@ -51,7 +57,15 @@ from machine import describe
 from sample_clip import WORK_DIR, ensure_clip
 
 from pipeline import aes
-from pipeline.crypto import BLOCK, CHUNK, encrypt_file, encrypt_in_place, iv_for_sequence
+from pipeline.crypto import (
+    BLOCK,
+    CHUNK,
+    SegmentFile,
+    encrypt_file,
+    encrypt_files,
+    encrypt_files_in_place,
+    iv_for_sequence,
+)
 
 #: The issue: one thread at least 0.9 of openssl speed, two threads (two cores) at least 1.7.
 TARGET_ONE = 0.9
@@ -70,7 +84,9 @@ STAGE_1 = "stage-1t"
 STAGE_2 = "stage-2t"
 INPLACE_1 = "inplace-1t"
 INPLACE_2 = "inplace-2t"
+SINGLE_1 = "single-1t"
 CORE = "core"
+CORE_1 = "core-1"
 STAGE_1_COLD = "stage-1t-cold"
 
 
@@ -146,66 +162,88 @@ class Measures:
         self.key = key
         self.out_dir = scratch / "encrypted"
         self.sealed_dir = scratch / "sealed"
-        self.core_buf = bytearray(max(s.stat().st_size for s in segments) + BLOCK)
+        largest = max(s.stat().st_size for s in segments) + BLOCK
+        self.core_bufs = [memoryview(bytearray(largest)) for _ in range(aes.LANES)]
 
     def rate(self, seconds: tuple[float, float]) -> Figure:
         wall, cpu = seconds
         return self.total / wall / MB, self.total / cpu / MB
 
-    def stage(self, threads: int, *, cold_wait: float = 0.0) -> Figure:
+    def _fresh_out_dir(self, cold_wait: float) -> None:
         # Freed immediately before: the new files reuse these pages (see the docstring).
         shutil.rmtree(self.out_dir, ignore_errors=True)
         if cold_wait:
             time.sleep(cold_wait)
         self.out_dir.mkdir()
 
+    def stage(self, threads: int, *, cold_wait: float = 0.0) -> Figure:
+        self._fresh_out_dir(cold_wait)
+        jobs = [SegmentFile(s, self.out_dir / s.name, self.key, iv_for_sequence(n))
+                for n, s in enumerate(self.segments)]
+        cpu = time.process_time()
+        started = time.perf_counter()
+        encrypt_files(jobs, threads=threads)
+        return self.rate((time.perf_counter() - started, time.process_time() - cpu))
+
+    def single(self) -> Figure:
+        self._fresh_out_dir(0.0)
+
         def work(n: int) -> int:
             segment = self.segments[n]
             return encrypt_file(segment, self.out_dir / segment.name, self.key,
                                 iv_for_sequence(n))
 
-        return self.rate(timed_pool(threads, len(self.segments), work))
+        return self.rate(timed_pool(1, len(self.segments), work))
 
     def in_place(self, threads: int) -> Figure:
         # Untimed: a fresh plain copy to seal, its pages written just before (as ffmpeg's are).
         shutil.rmtree(self.sealed_dir, ignore_errors=True)
         self.sealed_dir.mkdir()
         copies = [shutil.copyfile(s, self.sealed_dir / s.name) for s in self.segments]
+        jobs = [SegmentFile(c, c, self.key, iv_for_sequence(n)) for n, c in enumerate(copies)]
+        cpu = time.process_time()
+        started = time.perf_counter()
+        encrypt_files_in_place(jobs, threads=threads)
+        return self.rate((time.perf_counter() - started, time.process_time() - cpu))
 
-        def work(n: int) -> int:
-            return encrypt_in_place(copies[n], self.key, iv_for_sequence(n))
-
-        return self.rate(timed_pool(threads, len(copies), work))
-
-    def core(self) -> Figure:
-        view = memoryview(self.core_buf)
+    def core(self, width: int) -> Figure:
+        """The segments ``width`` at a time, read (untimed) into reused buffers, each group
+        encrypted in one call of ``width`` lanes."""
         backend = aes.default_backend()
         elapsed = cpu = 0.0
-        for n, segment in enumerate(self.segments):
-            with segment.open("rb") as handle:
-                size = handle.readinto(view)
+        for first in range(0, len(self.segments), width):
+            group = self.segments[first : first + width]
+            sizes = []
+            for buf, segment in zip(self.core_bufs, group, strict=False):
+                with segment.open("rb") as handle:
+                    sizes.append(handle.readinto(buf))
+            lanes = backend.lanes(len(group))
             started, used = time.perf_counter(), time.thread_time()
-            encryptor = backend.encryptor(self.key, iv_for_sequence(n))
-            encryptor.finish(view, size)
-            encryptor.close()
+            for lane in range(len(group)):
+                lanes.start(lane, self.key, iv_for_sequence(first + lane))
+            lanes.encrypt([aes.Piece(lane, self.core_bufs[lane], size, True)
+                           for lane, size in enumerate(sizes)])
             elapsed += time.perf_counter() - started
             cpu += time.thread_time() - used
+            lanes.close()
         return self.rate((elapsed, cpu))
 
     def check(self) -> None:
-        """Both file paths write what the reference cipher writes, before anything is timed."""
+        """Every file path writes what the reference cipher writes, before anything is timed."""
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-        self.stage(2)
-        self.in_place(2)
+        expected = []
         for n, segment in enumerate(self.segments):
             data = segment.read_bytes()
             pad = BLOCK - len(data) % BLOCK
             encryptor = Cipher(algorithms.AES(self.key), modes.CBC(iv_for_sequence(n))).encryptor()
-            expected = encryptor.update(data + bytes([pad]) * pad) + encryptor.finalize()
-            for produced in (self.out_dir / segment.name, self.sealed_dir / segment.name):
-                if produced.read_bytes() != expected:
-                    sys.exit(f"bench_encrypt: {produced} is not the reference ciphertext")
+            expected.append(encryptor.update(data + bytes([pad]) * pad) + encryptor.finalize())
+        for measure in (lambda: self.stage(2), self.single, lambda: self.in_place(2)):
+            measure()
+            for segment, want in zip(self.segments, expected, strict=True):
+                for produced in (self.out_dir / segment.name, self.sealed_dir / segment.name):
+                    if produced.exists() and produced.read_bytes() != want:
+                        sys.exit(f"bench_encrypt: {produced} is not the reference ciphertext")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,7 +282,9 @@ def run(args: argparse.Namespace, scratch: Path) -> int:
         STAGE_2: lambda: measures.stage(2),
         INPLACE_1: lambda: measures.in_place(1),
         INPLACE_2: lambda: measures.in_place(2),
-        CORE: measures.core,
+        SINGLE_1: measures.single,
+        CORE: lambda: measures.core(aes.LANES),
+        CORE_1: lambda: measures.core(1),
     }
     if args.cold:
         table[STAGE_1_COLD] = lambda: measures.stage(1, cold_wait=args.cold)
@@ -255,8 +295,8 @@ def run(args: argparse.Namespace, scratch: Path) -> int:
     print(describe())
     print(f"AES-128-CBC, MB/s (10^6 bytes/s), higher is better; {len(segments)} real .ts "
           f"segments, {measures.total / MB:.1f} MB, in {scratch.parent} ({args.where}); "
-          f"{CHUNK >> 10} KiB pieces; openssl speed -bytes {OPENSSL_BLOCK_BYTES} "
-          f"-seconds {args.openssl_seconds}")
+          f"{CHUNK >> 10} KiB pieces, {aes.LANES} lanes a thread; openssl speed -bytes "
+          f"{OPENSSL_BLOCK_BYTES} -seconds {args.openssl_seconds}")
     print(f"system {system.stdout.strip()}; pipeline.aes backend: {backend.name} "
           f"({getattr(backend, 'path', 'cryptography')})")
     print("outputs checked against the reference cipher; 'reported' = MiB the guest handed "
@@ -284,9 +324,11 @@ def run(args: argparse.Namespace, scratch: Path) -> int:
     print(f"{'median':<7}" + "".join(f"{medians[n]:>15.0f}" for n in names))
     print(f"load average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     base = medians[OPENSSL]
-    print(f"core (cipher alone, one thread) / openssl: {medians[CORE] / base:.2f}; "
+    print(f"cipher alone, one thread / openssl: {aes.LANES} segments side by side "
+          f"{medians[CORE] / base:.2f}, one segment at a time {medians[CORE_1] / base:.2f}; "
           f"in place / openssl: 1 thread {medians[INPLACE_1] / base:.2f}, "
-          f"2 threads {medians[INPLACE_2] / base:.2f}")
+          f"2 threads {medians[INPLACE_2] / base:.2f}; one segment at a time (before the "
+          f"lanes) / openssl: {medians[SINGLE_1] / base:.2f}")
     cpu = {n: statistics.median(v) for n, v in per_cpu.items()}
     print(f"per CPU-second (openssl speed's unit, unmoved by other load) / openssl: stage "
           f"1 thread {cpu[STAGE_1] / base:.2f}, 2 threads {cpu[STAGE_2] / base:.2f} per core; "

@@ -1,10 +1,15 @@
 """Segment encryption: AES-128-CBC with PKCS#7 padding, as RFC 8216 §5.2 asks for METHOD=AES-128.
 
-Encryption goes through :mod:`pipeline.aes` (the system libcrypto, in place, without the GIL)
-in pieces of :data:`CHUNK` bytes held in one buffer per thread, allocated once and reused by
-every segment the thread encrypts: a segment costs one read and one write per piece, and no
-memory the process has not touched before. Decryption (re-keying, downloads) streams through
-``cryptography``.
+Encryption goes through :mod:`pipeline.aes`, in pieces of :data:`CHUNK` bytes held in buffers
+allocated once per thread and reused by every segment the thread encrypts: a segment costs one
+read and one write per piece, and no memory the process has not touched before.
+
+:func:`encrypt_files` encrypts many segments at once: each thread keeps up to
+:data:`~pipeline.aes.LANES` files open, one per lane, reads a piece of each, encrypts them all in
+one call (the lane library runs their CBC chains side by side on the thread's core) and writes
+them out; a lane whose file is done takes the next one. :func:`encrypt_file` and
+:func:`encrypt_in_place` are the same loop over one file. Decryption (re-keying, downloads)
+streams through ``cryptography``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -20,11 +28,33 @@ from . import aes
 from .aes import BLOCK, check_key_iv
 from .errors import PermanentError, TransientError
 
-#: Piece size: large enough that per-call overhead vanishes next to AES, small enough that a
-#: piece read, encrypted and written stays in the core's L2 cache. A multiple of 16.
-CHUNK = 1 << 20
+#: Piece size, per lane: large enough that the per-piece calls (a read, a write, a share of one
+#: cipher call) vanish next to the bytes, small enough that a thread's LANES pieces, read,
+#: encrypted and written, are still in the core's caches between the three. Measured with 8
+#: lanes on real segments (docs/benchmarks.md, issue 10): 128 KiB was as fast as or faster than
+#: 32, 64, 256 KiB and 1 MiB for new files on one thread. A multiple of 16.
+CHUNK = 1 << 17
+
+#: Decryption's piece size: ``cryptography`` decrypts CBC blocks in parallel, and a larger piece
+#: only saves calls.
+DECRYPT_CHUNK = 1 << 20
 
 _buffers = threading.local()
+
+
+class SegmentFile(NamedTuple):
+    """One file to encrypt: ``src`` into ``dst`` (or ``src`` itself, in place), under ``key``
+    and ``iv``."""
+
+    src: Path
+    dst: Path
+    key: bytes
+    iv: bytes
+
+
+#: Told of each file once its ciphertext is in place: its index in the list, and its length.
+#: Called one at a time, from the encrypting threads.
+OnEncrypted = Callable[[int, int], None]
 
 
 def iv_for_sequence(media_sequence: int) -> bytes:
@@ -33,78 +63,182 @@ def iv_for_sequence(media_sequence: int) -> bytes:
     return media_sequence.to_bytes(BLOCK, "big")
 
 
-def _piece_buffer() -> memoryview:
-    """This thread's piece buffer: CHUNK bytes plus room for the padding block."""
-    buf: memoryview | None = getattr(_buffers, "piece", None)
-    if buf is None:
-        buf = memoryview(bytearray(CHUNK + BLOCK))
-        _buffers.piece = buf
-    return buf
+def _piece_buffers(count: int) -> list[memoryview]:
+    """This thread's first ``count`` piece buffers, each CHUNK bytes plus room for the padding
+    block, made on first use and kept."""
+    bufs: list[memoryview] | None = getattr(_buffers, "pieces", None)
+    if bufs is None:
+        bufs = _buffers.pieces = []
+    while len(bufs) < count:
+        bufs.append(memoryview(bytearray(CHUNK + BLOCK)))
+    return bufs[:count]
 
 
-def _read_exactly(fd: int, view: memoryview, offset: int | None = None) -> None:
-    """Fill ``view`` from ``fd`` (at ``offset``, or the current position)."""
+def _read_exactly(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``."""
     done = 0
     while done < len(view):
-        if offset is None:
-            read = os.readv(fd, [view[done:]])
-        else:
-            read = os.preadv(fd, [view[done:]], offset + done)
+        read = os.preadv(fd, [view[done:]], offset + done)
         if not read:
             raise TransientError("a segment shrank while it was being encrypted")
         done += read
 
 
-def _encrypt_pieces(
-    fd_in: int, fd_out: int, size: int, key: bytes, iv: bytes, *, in_place: bool
-) -> int:
-    """Encrypt ``size`` bytes of ``fd_in`` into ``fd_out`` piece by piece; in place, each
-    piece is written back where it was read. Returns the ciphertext length."""
-    buf = _piece_buffer()
-    encryptor = aes.default_backend().encryptor(key, iv)
-    offset = 0
-    try:
-        while True:
-            length = min(CHUNK, size - offset)
-            piece = buf[:length]
-            _read_exactly(fd_in, piece, offset if in_place else None)
-            if offset + length < size:
-                encryptor.update(piece)
-            else:
-                length = encryptor.finish(buf, length)
-                piece = buf[:length]
-            _write_all_fd(fd_out, piece, offset if in_place else None)
-            offset += length
-            if offset >= size:
-                return offset
-    finally:
-        encryptor.close()
-
-
-def _write_all_fd(fd: int, view: memoryview, offset: int | None) -> None:
+def _write_all_fd(fd: int, view: memoryview, offset: int) -> None:
     # Writes may be short; loop until the kernel has taken every byte.
     done = 0
     while done < len(view):
-        if offset is None:
-            done += os.write(fd, view[done:])
-        else:
-            done += os.pwrite(fd, view[done:], offset + done)
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+class _OpenFile:
+    """A file being encrypted in a lane: where its next piece is, and where it goes."""
+
+    def __init__(self, index: int, job: SegmentFile, *, in_place: bool) -> None:
+        self.index = index
+        self.dst = job.dst
+        self.tmp: Path | None = None
+        self.fd_in = os.open(job.src, os.O_RDWR if in_place else os.O_RDONLY)
+        self.fd_out = self.fd_in
+        try:
+            self.size = os.fstat(self.fd_in).st_size
+            if not in_place:
+                self.tmp = _tmp_for(job.dst)
+                self.fd_out = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except BaseException:
+            os.close(self.fd_in)
+            raise
+        self.offset = 0
+
+    def done(self) -> None:
+        """Close the file; a new one takes its final name."""
+        self._close()
+        if self.tmp is not None:
+            os.replace(self.tmp, self.dst)
+
+    def abandon(self) -> None:
+        self._close()
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self.fd_out != self.fd_in:
+            os.close(self.fd_out)
+        os.close(self.fd_in)
+
+
+def _encrypt_share(
+    jobs: Sequence[SegmentFile], take: Callable[[], int | None], written: list[int],
+    *, in_place: bool, on_encrypted: OnEncrypted, backend: aes.Backend,
+) -> None:
+    """Encrypt the files ``take`` hands out, one per lane, until it hands out no more."""
+    lanes = backend.lanes(aes.LANES)
+    bufs = _piece_buffers(lanes.width)
+    files: list[_OpenFile | None] = [None] * lanes.width
+    try:
+        while True:
+            for lane in range(lanes.width):
+                if files[lane] is None:
+                    index = take()
+                    if index is None:
+                        break
+                    job = jobs[index]
+                    files[lane] = _OpenFile(index, job, in_place=in_place)
+                    lanes.start(lane, job.key, job.iv)
+            pieces, opened = [], []
+            for lane, file in enumerate(files):
+                if file is not None:
+                    length = min(CHUNK, file.size - file.offset)
+                    _read_exactly(file.fd_in, bufs[lane][:length], file.offset)
+                    pieces.append(aes.Piece(lane, bufs[lane], length,
+                                            file.offset + length >= file.size))
+                    opened.append(file)
+            if not pieces:
+                return
+            for piece, file, length in zip(pieces, opened, lanes.encrypt(pieces), strict=True):
+                _write_all_fd(file.fd_out, bufs[piece.lane][:length], file.offset)
+                file.offset += length
+                if piece.last:
+                    files[piece.lane] = None
+                    file.done()
+                    written[file.index] = file.offset
+                    on_encrypted(file.index, file.offset)
+    finally:
+        lanes.close()
+        for file in files:
+            if file is not None:
+                file.abandon()
+
+
+def _encrypt_all(
+    jobs: Sequence[SegmentFile], *, in_place: bool, threads: int,
+    on_encrypted: OnEncrypted | None, backend: aes.Backend | None,
+) -> list[int]:
+    chosen = backend or aes.default_backend()
+    for job in jobs:
+        check_key_iv(job.key, job.iv)
+    written = [0] * len(jobs)
+    lock = threading.Lock()
+    failed = threading.Event()
+    # A thread per LANES files at most: fewer files per thread would leave lanes idle.
+    workers = max(1, min(threads, -(-len(jobs) // aes.LANES)))
+
+    def told(index: int, length: int) -> None:
+        if on_encrypted is not None:
+            with lock:
+                on_encrypted(index, length)
+
+    def share(first: int) -> None:
+        # Every workers-th file from the first: the threads get as many files each, so the
+        # last files of the batch, when lanes go idle, are shared by the cores too.
+        mine = iter(range(first, len(jobs), workers))
+
+        def take() -> int | None:
+            # Once a thread has failed the others finish their open files and take no more.
+            return None if failed.is_set() else next(mine, None)
+
+        try:
+            _encrypt_share(jobs, take, written, in_place=in_place, on_encrypted=told,
+                           backend=chosen)
+        except BaseException:
+            failed.set()
+            raise
+
+    if workers == 1:
+        share(0)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encrypt") as pool:
+            for future in [pool.submit(share, first) for first in range(workers)]:
+                future.result()
+    return written
+
+
+def encrypt_files(
+    jobs: Sequence[SegmentFile], *, threads: int = 1, on_encrypted: OnEncrypted | None = None,
+    backend: aes.Backend | None = None,
+) -> list[int]:
+    """Encrypt each job's ``src`` into its ``dst`` (each written atomically), up to
+    :data:`~pipeline.aes.LANES` files at once on each of up to ``threads`` threads; returns
+    each job's ciphertext length. The files must be distinct; on an error, no ``dst`` of a file
+    not yet finished is written. ``backend``: :func:`pipeline.aes.default_backend` unless
+    given."""
+    return _encrypt_all(jobs, in_place=False, threads=threads, on_encrypted=on_encrypted,
+                        backend=backend)
+
+
+def encrypt_files_in_place(
+    jobs: Sequence[SegmentFile], *, threads: int = 1, on_encrypted: OnEncrypted | None = None,
+    backend: aes.Backend | None = None,
+) -> list[int]:
+    """:func:`encrypt_in_place` on each job's ``src`` (its ``dst`` is not used), up to
+    :data:`~pipeline.aes.LANES` files at once on each of up to ``threads`` threads."""
+    return _encrypt_all(jobs, in_place=True, threads=threads, on_encrypted=on_encrypted,
+                        backend=backend)
 
 
 def encrypt_file(src: Path, dst: Path, key: bytes, iv: bytes) -> int:
     """Encrypt ``src`` into ``dst`` (written atomically); returns the ciphertext length."""
-    check_key_iv(key, iv)
-    tmp = _tmp_for(dst)
-    try:
-        with src.open("rb", buffering=0) as fin, tmp.open("wb", buffering=0) as fout:
-            size = os.fstat(fin.fileno()).st_size
-            written = _encrypt_pieces(fin.fileno(), fout.fileno(), size, key, iv,
-                                      in_place=False)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dst)
-    return written
+    return encrypt_files([SegmentFile(src, dst, key, iv)])[0]
 
 
 def encrypt_in_place(path: Path, key: bytes, iv: bytes) -> int:
@@ -121,10 +255,7 @@ def encrypt_in_place(path: Path, key: bytes, iv: bytes) -> int:
     a file twice makes it unplayable. The caller must own the file and record that it is done
     (the segment stage's sealing names sealed segments in its ``produced`` output only after
     every one of them is sealed)."""
-    check_key_iv(key, iv)
-    with path.open("r+b", buffering=0) as handle:
-        fd = handle.fileno()
-        return _encrypt_pieces(fd, fd, os.fstat(fd).st_size, key, iv, in_place=True)
+    return encrypt_files_in_place([SegmentFile(path, path, key, iv)])[0]
 
 
 def _tmp_for(dst: Path) -> Path:
@@ -150,8 +281,8 @@ def decrypt_file(src: Path, dst: Path, key: bytes, iv: bytes) -> int:
             "corrupted segment); package the asset again from its source"
         )
     decryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
-    inbuf = bytearray(CHUNK)
-    outbuf = bytearray(CHUNK + BLOCK - 1)
+    inbuf = bytearray(DECRYPT_CHUNK)
+    outbuf = bytearray(DECRYPT_CHUNK + BLOCK - 1)
     inview, outview = memoryview(inbuf), memoryview(outbuf)
     tmp = _tmp_for(dst)
     # The last block holds the padding: everything before it is streamed straight out.
@@ -160,7 +291,7 @@ def decrypt_file(src: Path, dst: Path, key: bytes, iv: bytes) -> int:
     written = 0
     with src.open("rb", buffering=0) as fin, tmp.open("wb", buffering=0) as fout:
         while remaining:
-            read = fin.readinto(inview[: min(CHUNK, remaining)])
+            read = fin.readinto(inview[: min(DECRYPT_CHUNK, remaining)])
             if not read:
                 tmp.unlink()
                 raise TransientError(f"{src.name} shrank while being decrypted")

@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import layout
-from .crypto import decrypt_file, encrypt_file, iv_for_sequence
+from . import aes, layout
+from .crypto import SegmentFile, decrypt_file, encrypt_files, iv_for_sequence
 from .downloads import carry_download, delete_asset_downloads, delete_version_download
 from .errors import BadSpec, NotFound
 from .jobs import JobSpec
@@ -71,31 +71,43 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
         work_dir = Path(scratch)
         for rendition in old.renditions:
             segments = []
-            for segment in rendition.segments:
-                old_keys.setdefault(
-                    segment.key, svc.keys.get(spec.asset, old.version, segment.key)
-                )
-                index = key_index(segment.sequence, spec.key_rotation_segments)
-                if index not in new_keys:
-                    new_keys[index] = svc.keys.get_or_create(spec.asset, spec.version, index)
-                origin_key = layout.segment_key(
-                    spec.asset, old.version, rendition.name, segment.name
-                )
-                encrypted = svc.origin.local_path(origin_key)
-                if encrypted is None:
-                    encrypted = work_dir / f"old-{segment.name}"
-                    svc.origin.get_file(origin_key, encrypted)
-                plain = work_dir / f"plain-{segment.name}"
-                iv = iv_for_sequence(segment.sequence)
-                decrypt_file(encrypted, plain, old_keys[segment.key], iv)
-                out_key = layout.encrypted_key(spec.job_id, rendition.name, segment.name)
-                local_out = svc.work.local_path(out_key)
-                out = local_out or work_dir / f"new-{segment.name}"
-                size = encrypt_file(plain, out, new_keys[index], iv)
-                if local_out is None:
-                    svc.work.put_file(out_key, out)
-                plain.unlink()
-                segments.append(replace(segment, size=size, key=index))
+            # A batch at a time: its segments are re-encrypted side by side on one core
+            # (pipeline.crypto.encrypt_files), and the scratch holds no more than a batch.
+            for start in range(0, len(rendition.segments), aes.LANES):
+                batch = rendition.segments[start : start + aes.LANES]
+                jobs = []
+                for segment in batch:
+                    old_keys.setdefault(
+                        segment.key, svc.keys.get(spec.asset, old.version, segment.key)
+                    )
+                    index = key_index(segment.sequence, spec.key_rotation_segments)
+                    if index not in new_keys:
+                        new_keys[index] = svc.keys.get_or_create(spec.asset, spec.version, index)
+                    origin_key = layout.segment_key(
+                        spec.asset, old.version, rendition.name, segment.name
+                    )
+                    encrypted = svc.origin.local_path(origin_key)
+                    if encrypted is None:
+                        encrypted = work_dir / f"old-{segment.name}"
+                        svc.origin.get_file(origin_key, encrypted)
+                    plain = work_dir / f"plain-{segment.name}"
+                    iv = iv_for_sequence(segment.sequence)
+                    decrypt_file(encrypted, plain, old_keys[segment.key], iv)
+                    out_key = layout.encrypted_key(spec.job_id, rendition.name, segment.name)
+                    out = svc.work.local_path(out_key) or work_dir / f"new-{segment.name}"
+                    jobs.append(SegmentFile(plain, out, new_keys[index], iv))
+                sizes = encrypt_files(jobs)
+                for segment, job, size in zip(batch, jobs, sizes, strict=True):
+                    if job.dst.parent == work_dir:  # not the work store's own file: put it
+                        svc.work.put_file(
+                            layout.encrypted_key(spec.job_id, rendition.name, segment.name),
+                            job.dst,
+                        )
+                    job.src.unlink()
+                    segments.append(replace(
+                        segment, size=size,
+                        key=key_index(segment.sequence, spec.key_rotation_segments),
+                    ))
             if rendition.init is not None:
                 _carry(svc, spec, layout.segment_key(spec.asset, old.version, rendition.name,
                                                      rendition.init),

@@ -42,7 +42,7 @@ from .audio import (
     audio_args,
     check_audio_covers,
 )
-from .crypto import encrypt_file, iv_for_sequence
+from .crypto import SegmentFile, encrypt_files, iv_for_sequence
 from .errors import BadSpec, InvalidSource, PermanentError, UnsupportedMedia
 from .jobs import JobRecord, JobSpec
 from .media import MediaInfo, probe
@@ -82,8 +82,9 @@ from .subtitles import (
 )
 from .workuploads import AttemptUploads
 
-#: Segments of one rendition encrypted at once. OpenSSL releases the GIL while it encrypts, so
-#: each thread keeps a core busy; capped because renditions are encrypted side by side too.
+#: Threads that encrypt a chunk's segments, each several at once (pipeline.crypto.encrypt_files).
+#: The cipher releases the GIL, so each thread keeps a core busy; capped because chunks are
+#: encrypted side by side too.
 ENCRYPT_THREADS = min(os.cpu_count() or 1, 4)
 
 #: Server-side copies of sealed segments at once: round trips to S3, not work for this host.
@@ -550,12 +551,11 @@ def encrypt_renditions(
 
     with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
 
-        def encrypt_segment(item: tuple[str, Segment]) -> int:
+        def segment_file(item: tuple[str, Segment]) -> SegmentFile:
             name, seg = item
             # The work store's own directory when it is local, else this stage's scratch
             # (removed with it, however the stage ends).
             enc_dir = svc.work.local_dir(layout.encrypted_prefix(spec.job_id, name))
-            is_local = enc_dir is not None
             if enc_dir is None:
                 enc_dir = Path(scratch) / name
                 enc_dir.mkdir(exist_ok=True)
@@ -565,24 +565,33 @@ def encrypt_renditions(
                 plain = Path(scratch) / f"{name}-{seg.name}"
                 svc.work.get_file(plain_key, plain)
             index = key_index(seg.sequence, spec.key_rotation_segments)
-            written = encrypt_file(
-                plain, enc_dir / seg.name, keys[index], iv_for_sequence(seg.sequence)
-            )
-            if not is_local:
-                svc.work.put_file(layout.encrypted_key(spec.job_id, name, seg.name),
-                                  enc_dir / seg.name)
-                (enc_dir / seg.name).unlink()
-                plain.unlink()
-            return written
+            return SegmentFile(plain, enc_dir / seg.name, keys[index],
+                               iv_for_sequence(seg.sequence))
 
-        sizes: dict[str, list[int]] = {name: [] for name in produced}
+        def put(item: tuple[tuple[str, Segment], SegmentFile]) -> None:
+            (name, seg), job = item
+            if Path(scratch) in job.dst.parents:  # a remote work store
+                svc.work.put_file(layout.encrypted_key(spec.job_id, name, seg.name), job.dst)
+                job.dst.unlink()
+            if Path(scratch) in job.src.parents:
+                job.src.unlink()
+
         with ThreadPoolExecutor(max_workers=ENCRYPT_THREADS) as pool:
-            # map yields in segment order, whichever thread finishes first.
-            for done, ((name, _), written) in enumerate(
-                zip(work, pool.map(encrypt_segment, work), strict=True), start=1
-            ):
-                sizes[name].append(written)
+            # A remote work store's plain segments are fetched at once (round trips overlap).
+            jobs = list(pool.map(segment_file, work))
+            done = 0
+
+            def encrypted(_: int, __: int) -> None:
+                nonlocal done
+                done += 1
                 report(done / len(work))
+
+            # Every segment of the chunk at once: several per thread, side by side on its core.
+            written = encrypt_files(jobs, threads=ENCRYPT_THREADS, on_encrypted=encrypted)
+            list(pool.map(put, zip(work, jobs, strict=True)))
+        sizes: dict[str, list[int]] = {name: [] for name in produced}
+        for (name, _), length in zip(work, written, strict=True):
+            sizes[name].append(length)
     return sizes
 
 

@@ -20,6 +20,8 @@ if [ "$purpose" = test ]; then
   # The browser tests drive Debian's chromium with Playwright, which never downloads a browser.
   [ -x /usr/bin/chromium ] || need_apt+=(chromium)
   command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+  # The test suite checks the lane library (below) on every x86-64 machine with AES-NI.
+  command -v "${CC:-cc}" >/dev/null 2>&1 || need_apt+=(gcc)
 fi
 
 if ((${#need_apt[@]})); then
@@ -69,6 +71,24 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     exit 1
   fi
   touch "$stamp"
+fi
+
+# The lane library: AES-128-CBC of several segments side by side on one core (pipeline/aes.py
+# loads it; without it, or on a CPU without AES-NI, the slower system libcrypto is used).
+lanes=pipeline/libcbclanes.so
+if [ ! -f "$lanes" ] || [ pipeline/cbclanes.c -nt "$lanes" ]; then
+  case "$(uname -m)" in
+    x86_64|amd64)
+      if command -v "${CC:-cc}" >/dev/null 2>&1; then
+        echo "setup: building $lanes"
+        "${CC:-cc}" -O2 -shared -fPIC -o "$lanes.tmp" pipeline/cbclanes.c
+        mv "$lanes.tmp" "$lanes"
+      else
+        echo "setup: no C compiler (cc): segments will be encrypted by the system libcrypto," \
+             "one at a time; install gcc and run this again for the faster backend" >&2
+      fi ;;
+    *) echo "setup: $lanes is x86-64 only (AES-NI); the system libcrypto encrypts here" ;;
+  esac
 fi
 
 [ "$purpose" = test ] || exit 0

@@ -3,6 +3,7 @@ independent reference, and the RFC 8216 IV derivation."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,15 +11,19 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from pipeline import aes
 from pipeline.crypto import (
     BLOCK,
     CHUNK,
+    SegmentFile,
     decrypt_file,
     encrypt_file,
+    encrypt_files,
+    encrypt_files_in_place,
     encrypt_in_place,
     iv_for_sequence,
 )
-from pipeline.errors import PermanentError
+from pipeline.errors import PermanentError, TransientError
 
 from support import decrypt_bytes, encrypt_bytes
 
@@ -101,6 +106,104 @@ class TestRoundTrip:
         encrypt_via_file(tmp_path, plaintext(CHUNK + 5))
         decrypt_file(tmp_path / "enc.ts", tmp_path / "out.ts", KEY, IV)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.ts", "out.ts", "plain.ts"]
+
+
+def backend_named(name: str) -> aes.Backend:
+    if name == "default":
+        return aes.default_backend()
+    if name == "libcrypto":
+        return aes.load_backend(lanes_library=None)
+    return aes.CryptographyBackend()
+
+
+class TestManyFilesAtOnce:
+    """encrypt_files: a chunk's segments several per thread at once, each file's bytes exactly
+    its own reference ciphertext, whichever backend does the work."""
+
+    @pytest.mark.parametrize("backend", ["default", "libcrypto", "cryptography"])
+    @pytest.mark.parametrize("threads", [1, 2])
+    def test_more_files_than_lanes_of_every_shape(
+        self, tmp_path: Path, backend: str, threads: int
+    ) -> None:
+        """Three times as many files as lanes, of sizes where padding and pieces change shape
+        (0, 1, 15, 16, 17, 4095, a piece, over several pieces), each under its own key and
+        IV: every output is the reference ciphertext and its length is returned in order."""
+        shapes = [0, 1, 15, 16, 17, 4095, CHUNK - 1, CHUNK, CHUNK + 5, 3 * CHUNK + 16]
+        count = 3 * aes.LANES
+        sizes = [shapes[n % len(shapes)] + 977 * (n // len(shapes)) for n in range(count)]
+        jobs = []
+        for n, size in enumerate(sizes):
+            (tmp_path / f"p{n}").write_bytes(plaintext(size))
+            jobs.append(SegmentFile(tmp_path / f"p{n}", tmp_path / f"e{n}",
+                                    bytes([n]) * 16, iv_for_sequence(n)))
+        told: list[tuple[int, int]] = []
+
+        written = encrypt_files(jobs, threads=threads, backend=backend_named(backend),
+                                on_encrypted=lambda i, n: told.append((i, n)))
+
+        expected = [encrypt_bytes(plaintext(size), job.key, job.iv)
+                    for size, job in zip(sizes, jobs, strict=True)]
+        assert [job.dst.read_bytes() for job in jobs] == expected
+        assert written == [len(e) for e in expected]
+        assert sorted(told) == list(enumerate(written))
+        assert not list(tmp_path.glob(".*.tmp"))
+
+    @pytest.mark.parametrize("backend", ["default", "cryptography"])
+    def test_in_place_leaves_what_encrypt_files_writes(self, tmp_path: Path, backend: str) -> None:
+        """Files encrypted in place, many at once on two threads, hold exactly what the new-file
+        path writes."""
+        sizes = [CHUNK * (n % 3) + 977 * n for n in range(2 * aes.LANES + 3)]
+        jobs = []
+        for n, size in enumerate(sizes):
+            (tmp_path / f"s{n}").write_bytes(plaintext(size))
+            jobs.append(SegmentFile(tmp_path / f"s{n}", tmp_path / f"s{n}", KEY,
+                                    iv_for_sequence(n)))
+
+        written = encrypt_files_in_place(jobs, threads=2, backend=backend_named(backend))
+
+        for n, (size, length) in enumerate(zip(sizes, written, strict=True)):
+            expected = encrypt_bytes(plaintext(size), KEY, iv_for_sequence(n))
+            assert (tmp_path / f"s{n}").read_bytes() == expected, n
+            assert length == len(expected)
+
+    def test_a_missing_file_fails_the_call_and_leaves_no_partial_output(
+        self, tmp_path: Path
+    ) -> None:
+        """One source missing among many: the call raises, and no file of the batch is left
+        half written under a temporary or a final name beyond those finished."""
+        jobs = []
+        for n in range(aes.LANES + 2):
+            src = tmp_path / f"p{n}"
+            if n != aes.LANES // 2:
+                src.write_bytes(plaintext(CHUNK * 2 + n))
+            jobs.append(SegmentFile(src, tmp_path / f"e{n}", KEY, iv_for_sequence(n)))
+
+        with pytest.raises(FileNotFoundError):
+            encrypt_files(jobs)
+
+        assert not list(tmp_path.glob(".*.tmp"))
+        for job in jobs:
+            if job.dst.exists():
+                assert job.dst.read_bytes() == encrypt_bytes(job.src.read_bytes(), job.key,
+                                                             job.iv)
+
+    def test_a_file_that_shrinks_while_encrypted_is_a_transient_error(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A segment cut short under the encryptor is not padded and passed off as whole."""
+        src = tmp_path / "p0"
+        src.write_bytes(plaintext(CHUNK * 3))
+        real_preadv = os.preadv
+
+        def shrinking(fd: int, buffers: list[memoryview], offset: int) -> int:
+            if offset >= CHUNK:
+                os.truncate(src, CHUNK + 7)
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", shrinking)
+        with pytest.raises(TransientError, match="shrank"):
+            encrypt_files([SegmentFile(src, tmp_path / "e0", KEY, IV)])
+        assert not (tmp_path / "e0").exists()
 
 
 class TestInPlace:

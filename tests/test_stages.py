@@ -14,16 +14,17 @@ import pytest
 from dramatiq import Message
 from dramatiq.brokers.stub import StubBroker
 
-from pipeline import layout, packaging
+from pipeline import aes, layout, packaging
 from pipeline.crypto import iv_for_sequence
 from pipeline.errors import TransientError
 from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.playlists import key_index
 from pipeline.services import Services, build_services
 from pipeline.settings import load_settings
 from workers.embedded import run_embedded
 from workers.runtime import Runtime, build_runtime
 
-from support import decrypt_bytes, lavfi_clip, work_files
+from support import decrypt_bytes, encrypt_bytes, lavfi_clip, work_files
 
 
 @pytest.fixture
@@ -61,6 +62,40 @@ def _decrypted(services: Services, spec: JobSpec, rendition: str) -> list[bytes]
         )
         for seg in produced["produced"][rendition]["segments"]
     ]
+
+
+class TestEncryptStage:
+    def test_each_segment_is_its_own_cbc_stream_under_its_own_key(
+        self, services: Services
+    ) -> None:
+        """Given a chunk of more segments than a thread's lanes, with keys rotating every five
+        segments, when the encrypt stage encrypts them (several side by side), then each
+        segment's ciphertext is byte for byte that segment alone encrypted under its key and
+        its sequence number's IV: what the one-segment-at-a-time stage wrote."""
+        clip = lavfi_clip("twelve-seconds.mp4", seconds=12)
+        spec = new_job_spec(str(clip), asset="lanes", ladder="copy", segment_seconds=1,
+                            key_rotation_segments=5)
+        services.jobs.create(spec)
+        [rendition] = packaging.probe_source(services, spec).renditions
+        packaging.segment(services, spec, CHUNK, seal=False)
+        produced = produced_output(services, spec)
+        attempt = layout.chunk_rendition_prefix(
+            spec.job_id, CHUNK, produced["attempt"], rendition.name
+        )
+        segments = produced["produced"][rendition.name]["segments"]
+        plain = [services.work.get_bytes(f"{attempt}/{seg['name']}") for seg in segments]
+
+        packaging.encrypt(services, spec, CHUNK)
+
+        assert len(segments) > aes.LANES
+        keys = [services.keys.get(spec.asset, spec.version, key_index(seg["sequence"], 5))
+                for seg in segments]
+        assert len(set(keys)) > 1
+        for seg, data, key in zip(segments, plain, keys, strict=True):
+            encrypted = services.work.get_bytes(
+                layout.encrypted_key(spec.job_id, rendition.name, seg["name"])
+            )
+            assert encrypted == encrypt_bytes(data, key, iv_for_sequence(seg["sequence"]))
 
 
 class TestOverlappingSegmentAttempts:
