@@ -127,7 +127,8 @@ def padded_length(length: int) -> int:
 
 def _check_middle(buf: memoryview, length: int | None = None) -> None:
     length = len(buf) if length is None else length
-    if length % BLOCK or length > len(buf):
+    # A negative length is whole blocks by %, and a huge size_t once ctypes passes it on.
+    if length < 0 or length % BLOCK or length > len(buf):
         raise ValueError("a middle piece of a CBC stream must be whole 16-byte blocks")
 
 
@@ -136,6 +137,12 @@ def _check_last(buf: memoryview, length: int) -> int:
     if len(buf) < total or length < 0:
         raise ValueError(f"the last piece needs {total} bytes of buffer, has {len(buf)}")
     return total
+
+
+def _check_lane(lane: int, width: int) -> None:
+    # Refused, not indexed: a negative lane would be another lane to Python's lists.
+    if not 0 <= lane < width:
+        raise ValueError(f"lanes are numbered 0 to {width - 1}")
 
 
 def _address(buf: memoryview) -> int:
@@ -153,6 +160,7 @@ class _SerialLanes:
         self._streams: list[CbcEncryptor | None] = [None] * width
 
     def start(self, lane: int, key: bytes, iv: bytes) -> None:
+        _check_lane(lane, self.width)
         check_key_iv(key, iv)
         previous = self._streams[lane]
         if previous is not None:
@@ -188,8 +196,8 @@ def _check_lanes(pieces: Sequence[Piece], width: int) -> None:
     lanes = [piece.lane for piece in pieces]
     if len(set(lanes)) != len(lanes):
         raise ValueError("one piece per lane in a call: a stream's pieces are chained")
-    if any(not 0 <= lane < width for lane in lanes):
-        raise ValueError(f"lanes are numbered 0 to {width - 1}")
+    for lane in lanes:
+        _check_lane(lane, width)
 
 
 class _LibcryptoEncryptor:
@@ -325,6 +333,7 @@ class _NativeLanes:
         self._busy = [False] * width
 
     def start(self, lane: int, key: bytes, iv: bytes) -> None:
+        _check_lane(lane, self.width)
         check_key_iv(key, iv)
         ctypes.memmove(self._key_at[lane], key, BLOCK)
         ctypes.memmove(self._chain_at[lane], iv, BLOCK)
@@ -370,6 +379,13 @@ class _NativeLanes:
         ctypes.memset(self._keys, 0, BLOCK * self.width)
         ctypes.memset(self._chains, 0, BLOCK * self.width)
         self._busy = [False] * self.width
+
+    def __del__(self) -> None:
+        # A safety net for lanes dropped without close() (every caller closes them in a
+        # finally): the keys are wiped before their memory is freed. Not after an __init__
+        # that failed before the buffers existed.
+        if hasattr(self, "_chains"):
+            self.close()
 
 
 class _LaneEncryptor:
@@ -461,20 +477,25 @@ def _load(names: Sequence[str], lanes_library: Path | None) -> _Loaded:
         passed_over = (f"{lanes_library} was not built: scripts/setup.sh builds it from "
                        "cbclanes.c with cc")
     else:
+        # Whatever a broken library raises (not only a failed load: a refusal mid-answer),
+        # the next backend is used and the warning says why, rather than every encryption
+        # failing.
         try:
             lanes: Backend = LanesBackend(ctypes.CDLL(str(lanes_library)), str(lanes_library))
-        except (OSError, AttributeError) as error:
-            passed_over = f"{lanes_library} is not usable: {error}"
+            answered = passes_known_answer(lanes)
+        except Exception as error:
+            passed_over = f"{lanes_library} is not usable: {error!r}"
         else:
-            if passes_known_answer(lanes):
+            if answered:
                 return _Loaded(lanes, None)
             passed_over = f"{lanes_library} fails the known answer"
     for name in names:
         try:
             backend: Backend = LibcryptoBackend(ctypes.CDLL(name), name)
-        except (OSError, AttributeError):
-            continue  # not there, or not an OpenSSL with the EVP functions
-        if passes_known_answer(backend):
+            answered = passes_known_answer(backend)
+        except Exception:  # noqa: S112 - not there, not an OpenSSL with EVP, or broken
+            continue
+        if answered:
             return _Loaded(backend, passed_over)
     return _Loaded(CryptographyBackend(), passed_over)
 

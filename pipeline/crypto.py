@@ -129,10 +129,11 @@ class _OpenFile:
 
 def _encrypt_share(
     jobs: Sequence[SegmentFile], take: Callable[[], int | None], written: list[int],
-    *, in_place: bool, on_encrypted: OnEncrypted, backend: aes.Backend,
+    *, width: int, in_place: bool, on_encrypted: OnEncrypted, backend: aes.Backend,
 ) -> None:
-    """Encrypt the files ``take`` hands out, one per lane, until it hands out no more."""
-    lanes = backend.lanes(aes.LANES)
+    """Encrypt the files ``take`` hands out, one per lane of ``width``, until it hands out no
+    more."""
+    lanes = backend.lanes(width)
     bufs = _piece_buffers(lanes.width)
     files: list[_OpenFile | None] = [None] * lanes.width
     try:
@@ -191,15 +192,17 @@ def _encrypt_all(
     def share(first: int) -> None:
         # Every workers-th file from the first: the threads get as many files each, so the
         # last files of the batch, when lanes go idle, are shared by the cores too.
-        mine = iter(range(first, len(jobs), workers))
+        share_of = range(first, len(jobs), workers)
+        mine = iter(share_of)
 
         def take() -> int | None:
             # Once a thread has failed the others finish their open files and take no more.
             return None if failed.is_set() else next(mine, None)
 
         try:
-            _encrypt_share(jobs, take, written, in_place=in_place, on_encrypted=told,
-                           backend=chosen)
+            # No more lanes (and piece buffers) than files: one file, as the sealer's, is one.
+            _encrypt_share(jobs, take, written, width=max(1, min(aes.LANES, len(share_of))),
+                           in_place=in_place, on_encrypted=told, backend=chosen)
         except BaseException:
             failed.set()
             raise

@@ -93,6 +93,8 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
                     plain = work_dir / f"plain-{segment.name}"
                     iv = iv_for_sequence(segment.sequence)
                     decrypt_file(encrypted, plain, old_keys[segment.key], iv)
+                    if encrypted.parent == work_dir:  # fetched into scratch: done with it
+                        encrypted.unlink()
                     out_key = layout.encrypted_key(spec.job_id, rendition.name, segment.name)
                     out = svc.work.local_path(out_key) or work_dir / f"new-{segment.name}"
                     jobs.append(SegmentFile(plain, out, new_keys[index], iv))
@@ -103,6 +105,7 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
                             layout.encrypted_key(spec.job_id, rendition.name, segment.name),
                             job.dst,
                         )
+                        job.dst.unlink()
                     job.src.unlink()
                     segments.append(replace(
                         segment, size=size,

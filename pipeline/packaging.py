@@ -20,19 +20,21 @@ output then says so, and encrypt only links them into place.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import layout
+from . import aes, layout
 from .audio import (
     WHOLE_PATTERN,
     ChunkAudio,
@@ -576,21 +578,57 @@ def encrypt_renditions(
             if Path(scratch) in job.src.parents:
                 job.src.unlink()
 
-        with ThreadPoolExecutor(max_workers=ENCRYPT_THREADS) as pool:
-            # A remote work store's plain segments are fetched at once (round trips overlap).
-            jobs = list(pool.map(segment_file, work))
-            done = 0
+        # A remote work store's segments pass through scratch a batch at a time: fetched
+        # (round trips overlap), encrypted side by side, each put and deleted as soon as it is
+        # encrypted, and the next batch fetched only then, so scratch never holds more than a
+        # batch's plain and encrypted files (a whole film's audio group or trick-play track
+        # would otherwise sit there twice). A local store needs no scratch: the chunk is one
+        # batch, and no lane idles at a batch's end.
+        remote = bool(work) and svc.work.local_dir(
+            layout.encrypted_prefix(spec.job_id, work[0][0])) is None
+        batch_size = ENCRYPT_THREADS * aes.LANES if remote else max(1, len(work))
+        steps = len(work) * (2 if remote else 1)  # encrypted, then (remote) put
+        done = 0
+        progress_lock = threading.Lock()
 
-            def encrypted(_: int, __: int) -> None:
-                nonlocal done
+        def advance() -> None:
+            nonlocal done
+            with progress_lock:
                 done += 1
-                report(done / len(work))
+                report(done / steps)
 
-            # Every segment of the chunk at once: several per thread, side by side on its core.
-            written = encrypt_files(jobs, threads=ENCRYPT_THREADS, on_encrypted=encrypted)
-            list(pool.map(put, zip(work, jobs, strict=True)))
+        def put_one(item: tuple[tuple[str, Segment], SegmentFile]) -> None:
+            put(item)
+            advance()
+
+        with ThreadPoolExecutor(max_workers=ENCRYPT_THREADS,
+                                thread_name_prefix="encrypt-io") as pool:
+
+            def submit(fn: Callable[[Any], Any], item: Any) -> Future[Any]:
+                # In the caller's structlog context (job_id and the rest): a pool thread has
+                # none of its own.
+                return pool.submit(contextvars.copy_context().run, fn, item)
+
+            def encrypt_batch(batch: Sequence[tuple[str, Segment]]) -> list[int]:
+                jobs = [future.result() for future in [submit(segment_file, item)
+                                                       for item in batch]]
+                puts: list[Future[Any]] = []
+
+                def encrypted(index: int, _: int) -> None:
+                    advance()
+                    if remote:
+                        puts.append(submit(put_one, (batch[index], jobs[index])))
+
+                written = encrypt_files(jobs, threads=ENCRYPT_THREADS, on_encrypted=encrypted)
+                for future in puts:  # the batch's files out of scratch before the next comes
+                    future.result()
+                return written
+
+            lengths: list[int] = []
+            for start in range(0, len(work), batch_size):
+                lengths += encrypt_batch(work[start : start + batch_size])
         sizes: dict[str, list[int]] = {name: [] for name in produced}
-        for (name, _), length in zip(work, written, strict=True):
+        for (name, _), length in zip(work, lengths, strict=True):
             sizes[name].append(length)
     return sizes
 

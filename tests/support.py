@@ -181,6 +181,41 @@ class Hlsvault:
         return self.data_dir / "vault"
 
 
+class RemoteStandIn:
+    """A local store that says it is not local (no ``local_path``, no ``local_dir``), so a
+    stage copies through its scratch as it would with S3; each ``get_file`` and ``put_file``
+    counts the files then in that scratch (the ``hlsvault-*`` temporary directory the path is
+    under), and :attr:`most_in_scratch` is the highest count seen."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.most_in_scratch = 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+    def local_dir(self, prefix: str) -> Path | None:
+        return None
+
+    def _count(self, path: Path) -> None:
+        scratch = next(p for p in path.parents if p.name.startswith("hlsvault-"))
+        files = sum(len(names) for _, _, names in os.walk(scratch))
+        with self._lock:
+            self.most_in_scratch = max(self.most_in_scratch, files)
+
+    def get_file(self, key: str, path: Path) -> None:
+        self._store.get_file(key, path)
+        self._count(path)
+
+    def put_file(self, key: str, path: Path, **headers: Any) -> None:
+        self._count(path)
+        self._store.put_file(key, path, **headers)
+
+
 def encrypt_bytes(data: bytes, key: bytes, iv: bytes) -> bytes:
     """AES-128-CBC with PKCS#7 over a buffer, straight from ``cryptography``: the reference the
     tests hold hlsvault's streaming encryption to."""

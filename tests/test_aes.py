@@ -7,6 +7,7 @@ build fails here rather than being skipped."""
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import random
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from pipeline import aes
 from pipeline.aes import (
@@ -165,6 +167,29 @@ class TestRefusals:
             backend.encryptor(key, iv)
 
 
+    def test_a_negative_length_is_refused(self, backend: Backend) -> None:
+        """A middle piece of -16 bytes (whole blocks, to %) is refused, not handed to the
+        library as a length of nearly 2**64 bytes to write."""
+        lanes = backend.lanes(2)
+        try:
+            lanes.start(0, KEY, IV)
+            with pytest.raises(ValueError, match="16-byte blocks"):
+                lanes.encrypt([Piece(0, memoryview(bytearray(64)), -BLOCK, False)])
+        finally:
+            lanes.close()
+
+    @pytest.mark.parametrize("lane", [-1, -2, 2])
+    def test_a_lane_outside_the_width_is_refused(self, backend: Backend, lane: int) -> None:
+        """Lane -1 of two is not lane 1: a stream started there would overwrite another's
+        key and chain."""
+        lanes = backend.lanes(2)
+        try:
+            with pytest.raises(ValueError, match="lanes are numbered 0 to 1"):
+                lanes.start(lane, KEY, IV)
+        finally:
+            lanes.close()
+
+
 class TestLoading:
     def test_this_machine_uses_the_lane_library_where_the_cpu_has_aes_ni(self) -> None:
         """The fastest backend is the one in use: the lane library on a CPU with AES-NI
@@ -201,6 +226,29 @@ class TestLoading:
         buf = bytearray(data) + bytearray(BLOCK)
         length = aes.encrypt_in_place(buf, len(data), KEY, IV, backend=backend)
         assert bytes(buf[:length]) == encrypt_bytes(data, KEY, IV)
+
+    def test_a_library_that_fails_while_answering_is_passed_over_with_a_warning(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A lane library that raises something other than OSError while it gives the known
+        answer (a broken build) is passed over for libcrypto, and the warning says why,
+        instead of every encryption failing."""
+        lanes_backend()
+        answer = aes.passes_known_answer
+
+        def broken(backend: Backend) -> bool:
+            if isinstance(backend, LanesBackend):
+                raise RuntimeError("the lane library refused to run")
+            return answer(backend)
+
+        monkeypatch.setattr(aes, "passes_known_answer", broken)
+        monkeypatch.setattr(aes, "_default", None)
+        with capture_logs() as logs:
+            backend = aes.default_backend()
+        assert backend.name == "libcrypto"
+        [line] = [entry for entry in logs if entry["event"] == "aes backend"]
+        assert line["log_level"] == "warning"
+        assert "refused to run" in line["passed_over"]
 
     def test_first_library_that_loads_wins(self) -> None:
         """A missing name before the real one does not prevent loading it."""
@@ -343,6 +391,17 @@ class TestLaneLibrary:
         lanes.encrypt([Piece(0, buf, 5, True)])
         assert bytes(held[0])[:BLOCK] == bytes(BLOCK) and bytes(held[1])[:BLOCK] == bytes(BLOCK)
         lanes.close()
+        assert bytes(held[0]) == bytes(2 * BLOCK) and bytes(held[1]) == bytes(2 * BLOCK)
+
+    def test_lanes_dropped_without_close_are_wiped(self) -> None:
+        """Lanes that are let go without close (an exception between start and close in a
+        caller) still wipe the keys and chains they held."""
+        lanes = lanes_backend().lanes(2)
+        lanes.start(1, KEY, IV)
+        held = lanes._keys, lanes._chains  # type: ignore[attr-defined]
+        assert KEY in bytes(held[0])
+        del lanes
+        gc.collect()
         assert bytes(held[0]) == bytes(2 * BLOCK) and bytes(held[1]) == bytes(2 * BLOCK)
 
     def test_a_build_of_another_interface_is_not_used(

@@ -7,15 +7,24 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from pipeline import aes, layout
 from pipeline.catalog import Catalog
+from pipeline.crypto import iv_for_sequence
 from pipeline.errors import PermanentError
+from pipeline.jobs import new_job_spec
+from pipeline.lifecycle import new_rekey_spec, rekey
+from pipeline.services import build_services
+from pipeline.settings import load_settings
 from pipeline.storage import LocalStore
+from workers.embedded import run_embedded
+from workers.runtime import build_runtime
 
-from support import Hlsvault, frame_hashes, framemd5
+from support import Hlsvault, RemoteStandIn, decrypt_bytes, frame_hashes, framemd5, lavfi_clip
 
 
 def status_of(url: str) -> int:
@@ -128,6 +137,43 @@ class TestRekey:
         assert done.returncode == 1
         assert "asset nothing is not published" in done.stderr
         assert sorted((hlsvault.data_dir / "jobs").glob("*.json")) == jobs_before
+
+
+class TestRekeyScratch:
+    def test_a_rekey_through_remote_stores_holds_one_batch_in_scratch(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Given a published asset of six batches' segments (two lanes: a batch is two) on
+        stores that are not local, when it is re-keyed, then its scratch never holds more than
+        a batch's fetched, plain and re-encrypted files, and every new segment decrypts, under
+        the new version's key, to what the old one decrypted to under the old key."""
+        services = build_services(load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data")}))
+        clip = lavfi_clip("twelve-seconds.mp4", seconds=12)
+        spec = new_job_spec(str(clip), asset="film", ladder="copy", segment_seconds=1)
+        record = run_embedded(build_runtime(services.settings, services=services), spec)
+        assert record.status == "succeeded", record.error
+        monkeypatch.setattr(aes, "LANES", 2)
+        work, origin = RemoteStandIn(services.work), RemoteStandIn(services.origin)
+        remote = replace(services, work=work, origin=origin)
+
+        rekey_spec = new_rekey_spec(remote, "film")
+        described = rekey(remote, rekey_spec)
+
+        old = services.catalog.get_version("film", spec.version)
+        assert sum(len(r.segments) for r in old.renditions) >= 6 * 2
+        assert 0 < max(work.most_in_scratch, origin.most_in_scratch) <= 3 * 2
+        for before, after in zip(old.renditions, described.renditions, strict=True):
+            for was, now in zip(before.segments, after.segments, strict=True):
+                iv = iv_for_sequence(was.sequence)
+                old_bytes = services.origin.get_bytes(
+                    layout.segment_key("film", old.version, before.name, was.name))
+                new_bytes = services.work.get_bytes(
+                    layout.encrypted_key(rekey_spec.job_id, after.name, now.name))
+                old_key = services.keys.get("film", old.version, was.key)
+                new_key = services.keys.get("film", rekey_spec.version, now.key)
+                assert new_key != old_key
+                assert decrypt_bytes(new_bytes, new_key, iv) == decrypt_bytes(
+                    old_bytes, old_key, iv)
 
 
 class TestRevoke:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from pipeline.settings import load_settings
 from workers.embedded import run_embedded
 from workers.runtime import Runtime, build_runtime
 
-from support import decrypt_bytes, encrypt_bytes, lavfi_clip, work_files
+from support import RemoteStandIn, decrypt_bytes, encrypt_bytes, lavfi_clip, work_files
 
 
 @pytest.fixture
@@ -96,6 +97,43 @@ class TestEncryptStage:
                 layout.encrypted_key(spec.job_id, rendition.name, seg["name"])
             )
             assert encrypted == encrypt_bytes(data, key, iv_for_sequence(seg["sequence"]))
+
+    def test_a_remote_work_store_holds_one_batch_in_scratch_at_a_time(
+        self, services: Services, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Given a chunk of three batches' segments on a remote work store (one encrypting
+        thread of four lanes: a batch is four segments), when the encrypt stage runs, then its
+        scratch never holds more than one batch's plain and encrypted files, every ciphertext
+        is that segment alone encrypted under its key and IV, and progress ends at 1."""
+        monkeypatch.setattr(packaging, "ENCRYPT_THREADS", 1)
+        monkeypatch.setattr(aes, "LANES", 4)
+        batch = 4
+        clip = lavfi_clip("twelve-seconds.mp4", seconds=12)
+        spec = new_job_spec(str(clip), asset="batches", ladder="copy", segment_seconds=1)
+        services.jobs.create(spec)
+        [rendition] = packaging.probe_source(services, spec).renditions
+        packaging.segment(services, spec, CHUNK, seal=False)
+        produced = produced_output(services, spec)
+        attempt = layout.chunk_rendition_prefix(
+            spec.job_id, CHUNK, produced["attempt"], rendition.name
+        )
+        segments = produced["produced"][rendition.name]["segments"]
+        plain = [services.work.get_bytes(f"{attempt}/{seg['name']}") for seg in segments]
+        remote = RemoteStandIn(services.work)
+        progress: list[float] = []
+
+        packaging.encrypt(replace(services, work=remote), spec, CHUNK,
+                          on_progress=progress.append)
+
+        assert len(segments) >= 3 * batch
+        assert 0 < remote.most_in_scratch <= 2 * batch
+        key = services.keys.get(spec.asset, spec.version, 0)
+        for seg, data in zip(segments, plain, strict=True):
+            encrypted = services.work.get_bytes(
+                layout.encrypted_key(spec.job_id, rendition.name, seg["name"])
+            )
+            assert encrypted == encrypt_bytes(data, key, iv_for_sequence(seg["sequence"]))
+        assert progress[-1] == 1.0
 
 
 class TestOverlappingSegmentAttempts:
