@@ -127,12 +127,24 @@ def _show_progress(args: argparse.Namespace) -> bool:
 
 def cmd_package(args: argparse.Namespace, ctx: Context) -> int:
     spec = _new_spec(args, ctx)
-    if ctx.settings.embedded:
+    if not ctx.settings.embedded:
+        record = run_job(ctx, spec, show=_show_progress(args), timeout=args.timeout)
+        return report(ctx, record, as_json=args.json)
+    from pipeline import headstart
+    from pipeline.storage import open_store
+
+    # A remux starts now, while this process starts its worker and probes the source; the
+    # segment stage takes it over if the probe plans the same command (see the module).
+    if not ctx.settings.work.startswith("s3://"):
+        headstart.start(spec, open_store(ctx.settings.work))
+    try:
         from pipeline.lifecycle import shred_due
 
         # No worker outlives this process: delete what earlier runs retired and is now due.
         shred_due(ctx.services, spec.asset)
-    record = run_job(ctx, spec, show=_show_progress(args), timeout=args.timeout)
+        record = run_job(ctx, spec, show=_show_progress(args), timeout=args.timeout)
+    finally:
+        headstart.discard()  # one the job never took: stopped, its files removed
     return report(ctx, record, as_json=args.json)
 
 
