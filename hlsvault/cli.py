@@ -19,6 +19,7 @@ hlsvault ingest parked [--replay ID | --drop ID] [--json]   (distributed mode)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -141,10 +142,9 @@ def _start_ahead(args: argparse.Namespace, ctx: Context) -> None:
     from pipeline import headstart
     from pipeline.storage import open_store
 
-    try:
+    # A work store that cannot be written: the stages say so, as without a head start.
+    with contextlib.suppress(OSError):
         headstart.start(ctx.spec, open_store(ctx.settings.work))
-    except OSError:
-        pass  # the work store cannot be written: the stages say so, as without a head start
 
 
 def cmd_package(args: argparse.Namespace, ctx: Context) -> int:
