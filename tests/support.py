@@ -185,11 +185,13 @@ class RemoteStandIn:
     """A local store that says it is not local (no ``local_path``, no ``local_dir``), so a
     stage copies through its scratch as it would with S3; each ``get_file`` and ``put_file``
     counts the files then in that scratch (the ``hlsvault-*`` temporary directory the path is
-    under), and :attr:`most_in_scratch` is the highest count seen."""
+    under), and :attr:`most_in_scratch` is the highest count seen; :attr:`contexts` holds the
+    structlog context each of those calls ran in."""
 
     def __init__(self, store: Any) -> None:
         self._store = store
         self.most_in_scratch = 0
+        self.contexts: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
@@ -202,10 +204,13 @@ class RemoteStandIn:
         return None
 
     def _count(self, path: Path) -> None:
+        import structlog
+
         scratch = next(p for p in path.parents if p.name.startswith("hlsvault-"))
         files = sum(len(names) for _, _, names in os.walk(scratch))
         with self._lock:
             self.most_in_scratch = max(self.most_in_scratch, files)
+            self.contexts.append(structlog.contextvars.get_contextvars())
 
     def get_file(self, key: str, path: Path) -> None:
         self._store.get_file(key, path)

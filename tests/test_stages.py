@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from dramatiq import Message
 from dramatiq.brokers.stub import StubBroker
 
@@ -104,7 +105,8 @@ class TestEncryptStage:
         """Given a chunk of three batches' segments on a remote work store (one encrypting
         thread of four lanes: a batch is four segments), when the encrypt stage runs, then its
         scratch never holds more than one batch's plain and encrypted files, every ciphertext
-        is that segment alone encrypted under its key and IV, and progress ends at 1."""
+        is that segment alone encrypted under its key and IV, progress ends at 1, and every
+        fetch and put ran in the stage's log context (its job_id)."""
         monkeypatch.setattr(packaging, "ENCRYPT_THREADS", 1)
         monkeypatch.setattr(aes, "LANES", 4)
         batch = 4
@@ -122,8 +124,9 @@ class TestEncryptStage:
         remote = RemoteStandIn(services.work)
         progress: list[float] = []
 
-        packaging.encrypt(replace(services, work=remote), spec, CHUNK,
-                          on_progress=progress.append)
+        with structlog.contextvars.bound_contextvars(job_id=spec.job_id):
+            packaging.encrypt(replace(services, work=remote), spec, CHUNK,
+                              on_progress=progress.append)
 
         assert len(segments) >= 3 * batch
         assert 0 < remote.most_in_scratch <= 2 * batch
@@ -134,6 +137,8 @@ class TestEncryptStage:
             )
             assert encrypted == encrypt_bytes(data, key, iv_for_sequence(seg["sequence"]))
         assert progress[-1] == 1.0
+        assert remote.contexts
+        assert all(context.get("job_id") == spec.job_id for context in remote.contexts)
 
 
 class TestOverlappingSegmentAttempts:
