@@ -19,6 +19,7 @@ hlsvault ingest parked [--replay ID | --drop ID] [--json]   (distributed mode)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -33,6 +34,7 @@ from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.plan import LADDERS, chunks_progress
 from pipeline.settings import load_settings
 
+from . import import_structlog
 from .ingestcommands import add_commands as add_ingest_commands
 from .jobrun import DEFAULT_WAIT_TIMEOUT_S, Context, fail, report, run_job, wait
 from .keycommands import add_commands
@@ -125,14 +127,41 @@ def _show_progress(args: argparse.Namespace) -> bool:
     return sys.stderr.isatty() and not getattr(args, "json", False)
 
 
+def _start_ahead(args: argparse.Namespace, ctx: Context) -> None:
+    """An embedded `package`'s first moves, made before this process imports the rest of
+    itself and starts its worker: ffprobe of a local source started, and the job spec made
+    with its remux started (:mod:`pipeline.headstart`) when the source allows one. A spec that
+    cannot be made is left for :func:`cmd_package` to refuse."""
+    _prefetch_probe(args.source)
+    try:
+        ctx.spec = _new_spec(args, ctx)
+    except HlsvaultError:
+        return
+    if ctx.settings.work.startswith("s3://"):
+        return
+    from pipeline import headstart
+    from pipeline.storage import open_store
+
+    # A work store that cannot be written: the stages say so, as without a head start.
+    with contextlib.suppress(OSError):
+        headstart.start(ctx.spec, open_store(ctx.settings.work))
+
+
 def cmd_package(args: argparse.Namespace, ctx: Context) -> int:
-    spec = _new_spec(args, ctx)
-    if ctx.settings.embedded:
+    spec = ctx.spec if ctx.spec is not None else _new_spec(args, ctx)
+    if not ctx.settings.embedded:
+        record = run_job(ctx, spec, show=_show_progress(args), timeout=args.timeout)
+        return report(ctx, record, as_json=args.json)
+    from pipeline import headstart
+
+    try:
         from pipeline.lifecycle import shred_due
 
         # No worker outlives this process: delete what earlier runs retired and is now due.
         shred_due(ctx.services, spec.asset)
-    record = run_job(ctx, spec, show=_show_progress(args), timeout=args.timeout)
+        record = run_job(ctx, spec, show=_show_progress(args), timeout=args.timeout)
+    finally:
+        headstart.discard()  # one the job never took: stopped, its files removed
     return report(ctx, record, as_json=args.json)
 
 
@@ -302,14 +331,16 @@ def _run(argv: list[str] | None) -> int:
         )
     except HlsvaultError as error:
         return fail(str(error), exit_code(error))
+    ctx = Context(settings)
     if args.command == "package" and settings.embedded:
-        _prefetch_probe(args.source)
+        _start_ahead(args, ctx)
+    import_structlog()
     from pipeline.logs import configure_logging
 
     quiet = args.command != "serve" and not args.verbose
     configure_logging(level=logging.ERROR if quiet else logging.INFO)
     try:
-        code: int = args.handler(args, Context(settings))
+        code: int = args.handler(args, ctx)
     except HlsvaultError as error:
         return fail(str(error), exit_code(error))
     except TimeoutError as error:

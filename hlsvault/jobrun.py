@@ -33,6 +33,8 @@ class Context:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        #: The job spec `package` made ahead of the rest of its start (hlsvault.cli), if any.
+        self.spec: JobSpec | None = None
 
     @cached_property
     def services(self) -> Services:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import layout
+from . import headstart, layout
 from .audio import (
     WHOLE_PATTERN,
     ChunkAudio,
@@ -412,11 +412,21 @@ def segment(
     record as the stage's start read it (else it is read here)."""
     # What the probe planned: one read for the whole stage, or none when the start read it.
     job = job if job is not None else svc.jobs.get(spec.job_id)
+    chunk = _chunk(job, chunk_name)
+    # This process's CLI may have started the chunk's ffmpeg already (pipeline.headstart), in
+    # an attempt of its own: the stage follows it, or stops it, however the stage ends.
+    with headstart.taken(spec.job_id, chunk.name) as head:
+        return _segment_attempt(svc, spec, job, chunk, on_progress, seal=seal, head=head)
+
+
+def _segment_attempt(
+    svc: Services, spec: JobSpec, job: JobRecord, chunk: Chunk, on_progress: Progress, *,
+    seal: bool, head: headstart.HeadStart | None,
+) -> int:
     renditions = _job_renditions(job)
     info = _media(job)
-    chunk = _chunk(job, chunk_name)
     target, _ = ffmpeg_target(spec.source, probed=True)
-    attempt = uuid.uuid4().hex[:12]
+    attempt = head.attempt if head is not None else uuid.uuid4().hex[:12]
     prefix = layout.chunk_attempt_prefix(spec.job_id, chunk.name, attempt)
     copy = any(r.copy for r in renditions)
     audio_group = job_audio_renditions(job)
@@ -463,6 +473,7 @@ def segment(
             seal=sealer,
             # A put that failed stops ffmpeg: the attempt can no longer be named.
             check=uploads.check if uploads is not None else None,
+            head=head,
         )
         if uploads is not None:
             uploads.finish((name, out_dir / name / file_name)

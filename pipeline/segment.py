@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import ffmpeg
 
@@ -25,6 +25,7 @@ from .records import from_known
 from .sources import ffmpeg_command, ffmpeg_input, shown_name, source_demuxer, work_input
 
 if TYPE_CHECKING:
+    from .headstart import HeadStart
     from .sealing import SegmentSealer
 
 #: Progress callbacks are rate limited: the job record is not a firehose.
@@ -317,15 +318,26 @@ def audio_rendition_outputs(
     return outputs
 
 
+#: An ffmpeg started already (:mod:`pipeline.headstart`): the process and its stderr file.
+Started = tuple[subprocess.Popen[bytes], IO[bytes]]
+
+
 def run_ffmpeg(
     args: list[str], *, duration: float, timeout: float, on_progress: ProgressCallback | None,
-    check: Callable[[], None] | None = None,
+    check: Callable[[], None] | None = None, started: Started | None = None,
 ) -> None:
-    """Run ffmpeg, reporting progress from its ``-progress`` output, killing it at ``timeout``.
+    """Run ffmpeg, reporting progress from its ``-progress`` output, killing it at ``timeout``;
+    or, given ``started``, follow that ffmpeg (started with ``args``) the same way.
     ``check`` is called whenever ffmpeg reports and at least every WAIT_STEP_S while it runs:
     an error it raises (work beside ffmpeg failed) kills ffmpeg and is raised here."""
-    with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr)
+    stderr_file: IO[bytes]
+    if started is None:
+        # Closed by the with below, however the run ends.
+        stderr_file = tempfile.TemporaryFile()  # noqa: SIM115
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr_file)
+    else:
+        process, stderr_file = started
+    with stderr_file as stderr:
         stdout = process.stdout
         if stdout is None:  # Popen with stdout=PIPE always sets it; narrows the type
             raise RuntimeError("ffmpeg's stdout pipe was not opened")
@@ -420,6 +432,7 @@ def segment_chunk(
     audio_renditions: Sequence[AudioRendition] = (),
     seal: SegmentSealer | None = None,
     check: Callable[[], None] | None = None,
+    head: HeadStart | None = None,
 ) -> dict[str, SegmentedRendition]:
     """Cut ``chunk`` of every rendition of ``source`` (whose probe is ``info``) into
     ``out_dir/<rendition>/`` with one ffmpeg, and describe what was produced, by rendition.
@@ -428,19 +441,29 @@ def segment_chunk(
     (:mod:`pipeline.sealing`), each segment of every rendition is encrypted as soon as ffmpeg
     closes it, but for an encoded rendition's first: that one is measured plain (its CODECS)
     once ffmpeg has exited, and sealed after. ``check``: see :func:`run_ffmpeg` (a segment's
-    put into the work store that failed stops ffmpeg)."""
-    for name in [r.name for r in renditions] + [a.name for a in audio_renditions]:
-        _clean(out_dir / name)
+    put into the work store that failed stops ffmpeg). ``head``: the same ffmpeg started ahead
+    into ``out_dir`` (:mod:`pipeline.headstart`), followed instead of starting one if it runs
+    the very command this chunk needs, else stopped."""
     demuxer = source_demuxer(info.format_name, shown_name(source))
     has_audio = muxed_audio and info.audio is not None
-    args = chunk_args(
-        source, renditions, chunk, out_dir, segment_seconds,
-        has_audio=has_audio, demuxer=demuxer, audio=audio if has_audio else None,
-        container=container, audio_renditions=audio_renditions, temp_files=seal is not None,
-    )
+
+    def args_for(planned: Sequence[Rendition]) -> list[str]:
+        return chunk_args(
+            source, planned, chunk, out_dir, segment_seconds,
+            has_audio=has_audio, demuxer=demuxer, audio=audio if has_audio else None,
+            container=container, audio_renditions=audio_renditions,
+            temp_files=seal is not None,
+        )
+
+    args = args_for(renditions)
+    started = head.adopt(args_for, renditions) if head is not None else None
+    if started is None:
+        for name in [r.name for r in renditions] + [a.name for a in audio_renditions]:
+            _clean(out_dir / name)
     length = chunk.duration if chunk.duration is not None else info.duration - chunk.start
     if seal is None:
-        run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress, check=check)
+        run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress, check=check,
+                   started=started)
     else:
         names = [r.name for r in renditions] + [a.name for a in audio_renditions]
         # What _describe and _describe_audio measure from the output: every encoded rendition.
@@ -448,7 +471,7 @@ def segment_chunk(
             [a.name for a in audio_renditions if not a.copy]
         with seal.sealing(out_dir, names, chunk.first_segment, hold=measured):
             run_ffmpeg(args, duration=length, timeout=timeout, on_progress=on_progress,
-                       check=check)
+                       check=check, started=started)
 
     def plain_sizes(name: str) -> Mapping[str, int] | None:
         return seal.plain_sizes(name) if seal is not None else None

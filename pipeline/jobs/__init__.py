@@ -33,7 +33,6 @@ from typing import Any, Protocol
 from .. import layout
 from ..errors import BadSpec, NotFound
 from ..plan import LADDERS, check_segment_seconds
-from ..subtitles import check_sidecar_names, check_sidecars
 
 STAGES = (
     "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "trickplay",
@@ -85,6 +84,10 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        # Imported here: pipeline.subtitles pulls in most of the packaging modules, which a
+        # command making a job spec does not need before it starts (see pipeline.headstart).
+        from ..subtitles import check_sidecar_names
+
         sidecars = tuple((str(language), str(source))
                          for language, source in data.get("subtitles") or ())
         names = check_sidecar_names(data.get("subtitle_names") or (), sidecars)
@@ -130,7 +133,11 @@ def new_job_spec(
         )
     check_shape(ladder=ladder, container=container, codec=codec, audio_only=audio_only,
                 download=download)
-    sidecars = check_sidecars(subtitles)
+    sidecars: tuple[tuple[str, str], ...] = ()
+    if subtitles:
+        from ..subtitles import check_sidecars  # see JobSpec.from_dict
+
+        sidecars = check_sidecars(subtitles)
     now = time.time()
     version = layout.new_version(job_id, now=now)
     return JobSpec(
