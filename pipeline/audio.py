@@ -35,13 +35,17 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 import ffmpeg
+import structlog
 
 from . import layout
 from .errors import TransientError, UnsupportedMedia
+from .logs import redact_text
 from .media import AudioStream
 from .plan import Chunk
 from .records import from_known
 from .sources import ffmpeg_command, ffmpeg_input
+
+log = structlog.get_logger(__name__)
 
 #: ffmpeg's native AAC encoder delays its output by one frame (its ``initial_padding``); ADTS
 #: cannot say so, so the first frame of the encoded stream holds these samples of priming.
@@ -332,6 +336,16 @@ class ChunkReleases:
         # The cutter's files are closed and removed after this: not under a release that is
         # still reading them, unless it outlives the bound (it then fails, naming nothing).
         self._thread.join(RELEASE_STOP_S)
+        if self._thread.is_alive():
+            log.warning("a chunk's audio release was still running when the audio stage left; "
+                        "its files are removed under it, and it names nothing",
+                        waited_s=RELEASE_STOP_S)
+        failed = self._error
+        if failed is not None and failed is not error:
+            # The stage leaves with another error (its ffmpeg failed first): this one is not
+            # raised, so it is said here.
+            log.warning("a chunk's audio release failed as the audio stage was failing",
+                        reason=redact_text(str(failed)))
 
     def check(self) -> None:
         """Raise the error a release met, if any (the stage then stops its ffmpeg)."""

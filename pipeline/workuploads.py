@@ -18,8 +18,12 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from types import TracebackType
 
+import structlog
+
 from .errors import TransientError
 from .storage import Store
+
+log = structlog.get_logger(__name__)
 
 #: Puts at once: round trips to the store, not work for this host, and a chunk closes a
 #: segment per rendition every few seconds at most.
@@ -64,11 +68,17 @@ class AttemptUploads:
         with self._lock:
             running = list(self._puts.values())
         _, pending = wait(running, timeout=SHUTDOWN_WAIT_S)
-        if pending and kind is None:
+        if not pending:
+            return
+        if kind is None:
             raise TransientError(
                 f"{len(pending)} segment uploads to the work store were still running "
                 f"{SHUTDOWN_WAIT_S:.0f} s after the stage ended; the stage will be retried"
             )
+        # The stage's own error goes on: these are only said.
+        log.warning("segment uploads to the work store were still running after the stage "
+                    "left on an error; they read files of an attempt nothing will name",
+                    running=len(pending), waited_s=SHUTDOWN_WAIT_S)
 
     def put(self, rendition: str, path: Path) -> None:
         """Start putting ``path``, a finished file of ``rendition``'s directory, unless it is

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from array import array
@@ -807,3 +808,112 @@ class TestChunkCutter:
         with pytest.raises(UnsupportedMedia, match="ADTS"):
             cutter.poll(final=True)
         cutter.close()
+
+
+#: How long the ChunkReleases tests wait for their release thread at most: a test whose
+#: release never runs fails, not hangs.
+RELEASE_BOUND_S = 30.0
+
+
+class OneChunk:
+    """A cutter (what :class:`pipeline.audio.ChunkReleases` polls) with one chunk ready."""
+
+    def __init__(self) -> None:
+        self.chunks = [("c000", [])]
+
+    def poll(self, *, final: bool) -> list[tuple[str, list[object]]]:
+        ready, self.chunks = self.chunks, []
+        return ready  # type: ignore[return-value]
+
+
+class TestChunkReleasesLeaving:
+    """An audio stage leaving on an error says what its releases left unsaid."""
+
+    def test_a_release_error_the_stage_does_not_raise_is_logged(self) -> None:
+        """Given a release that failed while ffmpeg failed on its own, when the stage leaves
+        with ffmpeg's error, then the release's error is logged as a warning with its
+        reason, and ffmpeg's is the one raised."""
+        from structlog.testing import capture_logs
+
+        from pipeline.audio import ChunkReleases
+
+        failed = threading.Event()
+
+        def release(chunk: object, pieces: object) -> None:
+            failed.set()
+            raise PermanentError("the work store refused c000's pieces")
+
+        class FfmpegFailed(Exception):
+            pass
+
+        with (
+            capture_logs() as logs,
+            pytest.raises(FfmpegFailed),
+            ChunkReleases(OneChunk(), release, poll_s=0.01) as releases,  # type: ignore[arg-type]
+        ):
+            assert failed.wait(RELEASE_BOUND_S)
+            deadline = time.monotonic() + RELEASE_BOUND_S
+            while time.monotonic() < deadline:  # the thread keeps its error just after
+                try:
+                    releases.check()
+                except PermanentError:
+                    break
+                time.sleep(0.01)
+            raise FfmpegFailed
+        warnings = [e for e in logs if e["log_level"] == "warning"]
+        assert [e.get("reason") for e in warnings] == ["the work store refused c000's pieces"]
+
+    def test_a_release_error_the_stage_raises_is_not_logged_again(self) -> None:
+        """The positive control: a release's error that the stage raises itself (check()
+        stopped ffmpeg with it) logs nothing here."""
+        from structlog.testing import capture_logs
+
+        from pipeline.audio import ChunkReleases
+
+        def release(chunk: object, pieces: object) -> None:
+            raise PermanentError("the work store refused c000's pieces")
+
+        with (
+            capture_logs() as logs,
+            pytest.raises(PermanentError),
+            ChunkReleases(OneChunk(), release, poll_s=0.01) as releases,  # type: ignore[arg-type]
+        ):
+            deadline = time.monotonic() + RELEASE_BOUND_S
+            while time.monotonic() < deadline:
+                releases.check()
+                time.sleep(0.01)
+        assert [e for e in logs if e["log_level"] == "warning"] == []
+
+    def test_a_release_outliving_its_bound_is_logged(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Given a release still running when the stage leaves on an error, when it outlives
+        RELEASE_STOP_S (made short here), then the stage's error goes on and a warning says
+        the release was left running."""
+        from structlog.testing import capture_logs
+
+        from pipeline import audio
+
+        monkeypatch.setattr(audio, "RELEASE_STOP_S", 0.05)
+        started, let_go = threading.Event(), threading.Event()
+
+        def release(chunk: object, pieces: object) -> None:
+            started.set()
+            let_go.wait(RELEASE_BOUND_S)
+
+        class FfmpegFailed(Exception):
+            pass
+
+        try:
+            with (
+                capture_logs() as logs,
+                pytest.raises(FfmpegFailed),
+                audio.ChunkReleases(OneChunk(), release, poll_s=0.01),  # type: ignore[arg-type]
+            ):
+                assert started.wait(RELEASE_BOUND_S)
+                raise FfmpegFailed
+            assert not let_go.is_set()  # it was left while the release still ran
+        finally:
+            let_go.set()
+        warnings = [e for e in logs if e["log_level"] == "warning"]
+        assert [e["waited_s"] for e in warnings] == [0.05]

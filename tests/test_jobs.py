@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import BadSpec
-from pipeline.jobs import Arrival, JobStore, UnknownJob, new_job_spec
+from pipeline.jobs import Arrival, JobStore, UnknownJob, new_job_spec, pending_field
 from pipeline.jobs.file import FileRecordBackend
 from pipeline.jobs.redis import RedisRecordBackend
 
@@ -70,7 +70,7 @@ def test_fan_in_counts_each_rendition_once(jobs: JobStore) -> None:
     it, sees zero pending (so the playlist stage is enqueued even after a crash)."""
     spec = new_job_spec("/videos/film.mp4", asset="film")
     jobs.create(spec)
-    jobs.set_pending(spec.job_id, "encrypt", 3)
+    jobs.set_json_fields(spec.job_id, {pending_field("encrypt"): 3})
 
     assert jobs.arrive(spec.job_id, "encrypt", "1080p") == Arrival(pending=2, counted=True)
     assert jobs.arrive(spec.job_id, "encrypt", "1080p") == Arrival(pending=2, counted=False)
@@ -169,31 +169,74 @@ class TestOneRoundTripPerHop:
     def test_the_fan_in_queues_what_follows_only_once_none_is_pending(
         self, jobs: JobStore
     ) -> None:
-        """Each arrival marks its own stage done; the playlist is marked queued by the last
-        arrival only: a redelivery of it, once the playlist has started, leaves it running."""
+        """Each arrival marks its own stage done; the playlist is marked queued, and named
+        to send, once none is pending: by the last arrival, by a redelivery after it while
+        the playlist is still queued, and by none once it has started (it stays running)."""
         spec = new_job_spec("/videos/film.mp4", asset="film")
         jobs.create(spec)
-        jobs.set_pending(spec.job_id, "encrypt", 2)
+        jobs.set_json_fields(spec.job_id, {pending_field("encrypt"): 2})
 
-        def arrive(chunk: str) -> int:
+        def arrive(chunk: str) -> Arrival:
             return jobs.arrive(spec.job_id, "encrypt", chunk, finished=f"encrypt:{chunk}",
-                               then_queued=("playlist",)).pending
+                               then_queued=("playlist",))
 
         left = arrive("c000")
         first = jobs.get(spec.job_id)
         again = arrive("c000")
         last = arrive("c001")
         queued = jobs.get(spec.job_id).stage("playlist")
+        resent = arrive("c001")
         jobs.begin_stage(spec.job_id, "playlist")
         redelivered = arrive("c001")
 
-        assert (left, again, last, redelivered) == (1, 1, 0, 0)
+        assert [(a.pending, a.counted, a.queued) for a in (left, again, last, resent,
+                                                           redelivered)] == [
+            (1, True, ()), (1, False, ()), (0, True, ("playlist",)), (0, False, ("playlist",)),
+            (0, False, ())]
         assert first.stage("encrypt:c000").status == "done"  # type: ignore[union-attr]
         assert first.stage("playlist") is None
         assert queued is not None and queued.status == "queued"
         record = jobs.get(spec.job_id)
         assert record.stage("encrypt:c001").status == "done"  # type: ignore[union-attr]
         assert record.stage("playlist").status == "running"  # type: ignore[union-attr]
+
+    def test_a_hand_on_marks_and_names_only_the_stages_that_have_not_started(
+        self, jobs: JobStore
+    ) -> None:
+        """A stage's end marks queued, and returns, the stages after it that are absent or
+        queued; one that started stays as it is and is not returned, however late the hand-on
+        comes (a first delivery finishing after a second one's next stage started)."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec, queued=("probe",))
+        jobs.begin_stage(spec.job_id, "probe")
+        stages = ("segment:c000", "segment:c001", "segment:c002")
+
+        assert jobs.stage_finished(spec.job_id, "probe", queued=stages) == stages
+        jobs.begin_stage(spec.job_id, "segment:c000")
+        jobs.stage_finished(spec.job_id, "segment:c001")
+        assert jobs.stage_finished(spec.job_id, "probe", queued=stages) == ("segment:c002",)
+        assert jobs.stage_queued(spec.job_id, *stages) == ("segment:c002",)
+
+        record = jobs.get(spec.job_id)
+        assert [(s.name, s.status) for s in record.stages] == [
+            ("probe", "done"), ("segment:c000", "running"), ("segment:c001", "done"),
+            ("segment:c002", "queued")]
+
+    def test_a_hand_on_writes_its_json_fields_once(self, jobs: JobStore) -> None:
+        """The fields a hand-on writes (the fan-in's count) are kept as the record has them
+        when the same hand-on is written again: a late one does not reset what the stages
+        after counted."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec, queued=("probe",))
+        fields = {pending_field("encrypt"): 2, "chunk_names": ["c000", "c001"]}
+        jobs.stage_finished(spec.job_id, "probe", json_fields=fields)
+        jobs.arrive(spec.job_id, "encrypt", "c000")
+
+        jobs.stage_finished(spec.job_id, "probe", json_fields=fields)
+
+        record = jobs.get(spec.job_id)
+        assert record.json_field(pending_field("encrypt")) == 1
+        assert record.json_field("chunk_names") == ["c000", "c001"]
 
     def test_the_last_stage_ends_with_the_job(self, jobs: JobStore) -> None:
         spec = new_job_spec("/videos/film.mp4", asset="film")

@@ -698,7 +698,10 @@ class TestAttemptUploads:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A stage leaving on an error waits for a put still running at most
-        SHUTDOWN_WAIT_S (made short here), then lets its error through."""
+        SHUTDOWN_WAIT_S (made short here), then lets its error through, with a warning that
+        the put was left running."""
+        from structlog.testing import capture_logs
+
         monkeypatch.setattr(workuploads, "SHUTDOWN_WAIT_S", 0.2)
         store = StuckWork(fails="nothing", sticks="seg_00000.ts")
         path = tmp_path / "seg_00000.ts"
@@ -708,7 +711,11 @@ class TestAttemptUploads:
             pass
 
         try:
-            with pytest.raises(Died), AttemptUploads(store, lambda r, f: f"{r}/{f}") as uploads:
+            with (
+                capture_logs() as logs,
+                pytest.raises(Died),
+                AttemptUploads(store, lambda r, f: f"{r}/{f}") as uploads,
+            ):
                 uploads.put("360p", path)
                 assert store.stuck.wait(STUCK_BOUND_S)
                 raise Died
@@ -716,6 +723,8 @@ class TestAttemptUploads:
         finally:
             store.let_go.set()
         assert not store.bound_passed
+        warnings = [e for e in logs if e["log_level"] == "warning"]
+        assert [(e["running"], e["waited_s"]) for e in warnings] == [(1, 0.2)]
 
 
 #: How long StuckWork's puts wait at most: a test that never lets them go fails, not hangs.

@@ -271,13 +271,14 @@ class TestOneFailurePath:
 
 
 class TestAudioRelease:
-    def test_a_chunk_released_again_is_sent_unless_its_segment_stage_has_started(
+    def test_a_released_chunk_is_sent_unless_its_segment_stage_has_started(
         self, runtime: Runtime, copy_clip: Path
     ) -> None:
-        """A redelivered audio stage reports the chunks an earlier delivery released: one
-        whose segment stage finished, or is running (the broker redelivers that one itself),
-        is not sent again; the one that may never have been sent (its delivery died between
-        release and send) is, and a new release always is."""
+        """A chunk whose audio is released (by the first delivery of the audio stage or by a
+        redelivery) is sent unless its segment stage has started: one whose segment stage
+        finished, or is running (the broker redelivers that one itself), is not sent; one
+        still queued (an earlier delivery may have died between release and send) is sent
+        again."""
         from workers import flow
 
         spec = new_job_spec(str(copy_clip), asset="released")
@@ -288,12 +289,13 @@ class TestAudioRelease:
         queue = runtime.broker.queues["segment"]  # type: ignore[attr-defined]
         before = queue.qsize()
 
-        flow.audio_released(runtime, spec.job_id, "c000", True)
-        flow.audio_released(runtime, spec.job_id, "c003", True)
+        flow.audio_released(runtime, spec.job_id, "c000")
+        flow.audio_released(runtime, spec.job_id, "c003")
         assert queue.qsize() == before
-        flow.audio_released(runtime, spec.job_id, "c001", True)
-        flow.audio_released(runtime, spec.job_id, "c002", False)
-        assert queue.qsize() == before + 2
+        flow.audio_released(runtime, spec.job_id, "c001")
+        flow.audio_released(runtime, spec.job_id, "c001")  # still queued: sent again
+        flow.audio_released(runtime, spec.job_id, "c002")
+        assert queue.qsize() == before + 3
         record = jobs.get(spec.job_id)
         for chunk in ("c001", "c002"):
             state = record.stage(flow.chunk_stage("segment", chunk))
@@ -667,3 +669,94 @@ class TestRedeliveredAfterTheNextStageStarted:
         for name in ("c001", "c002"):
             flow.after_encrypt(runtime, ran(f"encrypt:{name}"), name)
         assert queues["publish"].qsize() == before["publish"] + 1
+
+
+@pytest.fixture(params=["file", "redis"])
+def held(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Runtime, InOrder]:
+    """A runtime over either job-record backend whose broker holds every message sent."""
+    from pipeline.jobs.redis import RedisRecordBackend
+
+    settings = load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data")})
+    backend = None
+    if request.param == "redis":
+        backend = RedisRecordBackend.from_url(request.getfixturevalue("redis_server").url)
+    services = build_services(settings, job_backend=backend)
+    broker = InOrder()
+    return build_runtime(settings, services=services, broker=broker), broker
+
+
+class TestTwoDeliveriesOfAQueuedStage:
+    """A stage still queued may get a second message (a redelivered stage before it re-sends
+    it), and the two deliveries may run at once: whichever hands on last, a first delivery
+    included, leaves a stage after it that has started as it is and sends it nothing."""
+
+    def test_a_first_delivery_finishing_after_the_next_stage_started_sends_nothing(
+        self, held: tuple[Runtime, InOrder]
+    ) -> None:
+        """Given two deliveries of a chunk's segment stage running at once (the first
+        message, and the one a redelivered probe sent), when the second one hands on, its
+        encryption starts, and then the first one hands on, then the encryption was sent once
+        and stays running."""
+        from workers import flow
+
+        runtime, broker = held
+        jobs = runtime.services.jobs
+        spec = new_job_spec("/videos/film.mp4", asset="twice")
+        stage = flow.chunk_stage("segment", "c000")
+        jobs.create(spec, queued=(stage,))
+        first = flow.Ran(stage, jobs.begin_stage(spec.job_id, stage)[1], None)
+        second = flow.Ran(stage, jobs.begin_stage(spec.job_id, stage)[1], None)
+        assert (first.record.stage(stage).attempts,  # type: ignore[union-attr]
+                second.record.stage(stage).attempts) == (1, 2)  # type: ignore[union-attr]
+
+        flow.after_segment(runtime, second, "c000")
+        assert broker.names() == [flow.ENCRYPT]
+        jobs.begin_stage(spec.job_id, flow.chunk_stage("encrypt", "c000"))
+        flow.after_segment(runtime, first, "c000")
+
+        assert broker.names() == [flow.ENCRYPT]
+        record = jobs.get(spec.job_id)
+        state = record.stage(flow.chunk_stage("encrypt", "c000"))
+        assert state is not None and (state.status, state.attempts) == ("running", 1)
+        segment = record.stage(stage)
+        assert segment is not None and segment.status == "done"
+
+    def test_the_stage_after_the_playlist_is_sent_once_when_the_fan_in_races(
+        self, held: tuple[Runtime, InOrder]
+    ) -> None:
+        """Given a fan-in of two chunks, the first arrived, and two deliveries of the last
+        chunk's encryption running at once: when one arrives (completing the fan-in: the
+        playlist is sent) and the other then arrives too (the playlist still queued: sent
+        again), and the two playlist deliveries run at once, the second to start handing on
+        first and the upload starting before the first hands on, then the upload was sent
+        once and stays running."""
+        from pipeline.jobs import pending_field
+        from workers import flow
+
+        runtime, broker = held
+        jobs = runtime.services.jobs
+        spec = new_job_spec("/videos/film.mp4", asset="fanrace")
+        jobs.create(spec)
+        jobs.set_json_fields(spec.job_id, {pending_field(flow.FAN_IN): 2})
+
+        def ran(stage: str) -> flow.Ran[None]:
+            return flow.Ran(stage, jobs.begin_stage(spec.job_id, stage)[1], None)
+
+        flow.after_encrypt(runtime, ran("encrypt:c000"), "c000")
+        completing, redelivered = ran("encrypt:c001"), ran("encrypt:c001")
+        flow.after_encrypt(runtime, completing, "c001")
+        flow.after_encrypt(runtime, redelivered, "c001")
+        assert broker.names() == [flow.PLAYLIST, flow.PLAYLIST]
+
+        late, early = ran("playlist"), ran("playlist")
+        flow.after_playlist(runtime, early)
+        assert broker.names() == [flow.PLAYLIST, flow.PLAYLIST, flow.UPLOAD]
+        jobs.begin_stage(spec.job_id, "upload")
+        flow.after_playlist(runtime, late)
+
+        assert broker.names() == [flow.PLAYLIST, flow.PLAYLIST, flow.UPLOAD]
+        record = jobs.get(spec.job_id)
+        upload = record.stage("upload")
+        assert upload is not None and (upload.status, upload.attempts) == ("running", 1)
+        playlist = record.stage("playlist")
+        assert playlist is not None and (playlist.status, playlist.attempts) == ("done", 2)

@@ -62,7 +62,8 @@ def declare(rt: Runtime) -> None:
             rt, job_id, "audio",
             lambda job: 0 if flow.arrived(job, flow.AUDIO_MEMBER) else packaging.encode_audio(
                 svc, job.spec, report,
-                lambda chunk, again: flow.audio_released(rt, job_id, chunk, again),
+                # Released by an earlier delivery or not, the segment stage's mark decides.
+                lambda chunk, _again: flow.audio_released(rt, job_id, chunk),
                 job=job,
             ),
         )

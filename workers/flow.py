@@ -20,10 +20,14 @@ that enqueues what comes next. A hop's bookkeeping is two round trips to the job
 ``after_*`` function marks the stage done and the next one queued in one write (or, at the
 fan-in, in the arrival itself), and the next stage's start counts its delivery and reads the
 record in one script. Messages carry ids only: ``(job_id)`` or ``(job_id, chunk)``.
-A redelivered stage (its worker died before the ack, maybe after handing on) never sends or
-marks queued again a stage after it that has started, and re-sends one only while it is
-queued (:func:`waiting`: the one rule, for every hand-on and the fan-in); a member that had
-arrived at the fan-in does not make its output again.
+A stage's hand-on marks the stages after it queued only while they have not started, in the
+job record's own atomic write, and sends the messages of those it marked, and no others
+(:func:`pipeline.jobs.unstarted`: the one rule, for every hand-on, the fan-in and the audio's
+releases). So a redelivered stage (its worker died before the ack, maybe after handing on)
+re-sends a stage after it only while it is queued, and two deliveries of one stage running
+at once (a stage still queued may get a second message), a first delivery among them, never
+mark queued or send again a stage the other's hand-on started. A member that had arrived at
+the fan-in does not make its output again.
 A job fails through :func:`fail` only, whether a stage found a permanent error, a message was
 delivered too often, or dramatiq ran out of retries (:class:`workers.middleware.JobOutcome`).
 """
@@ -43,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import structlog
 
 from pipeline.errors import HlsvaultError, PoisonJob, TransientError
-from pipeline.jobs import JobRecord, JobSpec, pending_field
+from pipeline.jobs import JobRecord, JobSpec, pending_field, unstarted
 from pipeline.logs import redact_text
 from pipeline.packaging import JobPlan
 from pipeline.publish import discard_work, replaced_grace
@@ -209,42 +213,24 @@ def run_stage(
 
 
 def waiting(record: JobRecord, stage: str) -> bool:
-    """Whether ``stage``, which a stage hands on to, may still need its message: it is not
-    queued yet, or queued and not started (the delivery that queued it may have died before
-    its send, and a second message for a queued stage is harmless). A stage that has
-    started (running, done) got its message, and the broker redelivers that one itself if
-    its worker dies: it is not queued again nor sent again. The one rule of every hand-on
-    (:func:`hand_on`), of the fan-in (:func:`_arrive`) and of the audio's releases."""
+    """Whether ``stage`` had not started when ``record`` was read (:func:`unstarted`): it got
+    no message yet, or one no delivery has picked up."""
     state = record.stage(stage)
-    return state is None or state.status == "queued"
-
-
-def redelivered(ran: Ran[Any]) -> bool:
-    """Whether ``ran``'s stage had been delivered before (its start counted more than one
-    delivery): an earlier delivery may have handed on already, then died before its ack."""
-    state = ran.record.stage(ran.stage)
-    return state is not None and state.attempts > 1
+    return unstarted(None if state is None else state.status)
 
 
 def hand_on(
     rt: Runtime, ran: Ran[Any], *queued: str, json_fields: Mapping[str, Any] | None = None
 ) -> None:
-    """Mark ``ran``'s stage done and the ``queued`` stages queued, with ``json_fields``, in
-    one write, then send the ``queued`` stages' messages (:func:`send_stage`).
-
-    A redelivery reads the record first (one round trip; a first delivery does not): what an
-    earlier delivery handed on is not marked again, its ``json_fields`` are not written again
-    (the stages after may have read them: the fan-in's count above all), and of the
-    ``queued`` stages only those still :func:`waiting` are sent."""
-    fresh, send = list(queued), list(queued)
-    fields = dict(json_fields or {})
-    if (queued or fields) and redelivered(ran):
-        now = rt.services.jobs.get(ran.job_id)
-        fresh = [stage for stage in queued if now.stage(stage) is None]
-        send = [stage for stage in queued if waiting(now, stage)]
-        fields = {name: value for name, value in fields.items() if name not in now.fields}
-    rt.services.jobs.stage_finished(ran.job_id, ran.stage, queued=fresh, json_fields=fields)
-    for stage in send:
+    """Mark ``ran``'s stage done, those of the ``queued`` stages that have not started
+    queued, and those of ``json_fields`` the record does not have yet, in one write
+    (:meth:`~pipeline.jobs.JobStore.stage_finished`), then send the messages of the stages it
+    marked (:func:`send_stage`): a hand-on that an earlier or a concurrent delivery of the
+    same stage made already re-sends only what is still queued, and rewrites none of the
+    fields (the stages after may have read them: the fan-in's count above all)."""
+    marked = rt.services.jobs.stage_finished(ran.job_id, ran.stage, queued=queued,
+                                             json_fields=json_fields)
+    for stage in marked:
         send_stage(rt, ran.job_id, stage)
 
 
@@ -296,17 +282,15 @@ def after_probe(rt: Runtime, ran: Ran[JobPlan]) -> None:
     hand_on(rt, ran, "audio", *(chunk_stage("segment", n) for n in chunks), json_fields=fields)
 
 
-def audio_released(rt: Runtime, job_id: str, chunk: str, again: bool) -> None:
-    """The audio stage released ``chunk``'s audio: its segment message goes now. A chunk an
-    earlier delivery released is sent again only if its segment stage has neither finished
-    nor started (that delivery may have died between the release and the send; a lost
-    message would stall the job, while a started one is redelivered by the broker itself)."""
-    jobs = rt.services.jobs
+def audio_released(rt: Runtime, job_id: str, chunk: str) -> None:
+    """The audio stage released ``chunk``'s audio: its segment message goes now, unless its
+    segment stage has started. A chunk an earlier delivery released is sent again while its
+    segment stage is still queued (that delivery may have died between the release and the
+    send; a lost message would stall the job, while a started one is redelivered by the
+    broker itself)."""
     stage = chunk_stage("segment", chunk)
-    if again and not waiting(jobs.get(job_id), stage):
-        return
-    jobs.stage_queued(job_id, stage)
-    send_stage(rt, job_id, stage)
+    for marked in rt.services.jobs.stage_queued(job_id, stage):
+        send_stage(rt, job_id, marked)
 
 
 def arrived(record: JobRecord, member: str) -> bool:
@@ -358,16 +342,13 @@ def _arrive(rt: Runtime, ran: Ran[Any], member: str) -> None:
     the playlist. (A dramatiq group callback would never fire if one child failed for good.)
     The stage's end and the playlist's queued mark are written in the arrival's own step.
 
-    A redelivered member counts nothing and marks nothing; after the last arrival it sends
-    the playlist again only while that is :func:`waiting` (the last arrival may have died
-    before its send), never once it has started."""
-    jobs = rt.services.jobs
-    arrival = jobs.arrive(ran.job_id, FAN_IN, member, finished=ran.stage,
-                          then_queued=("playlist",))
-    if arrival.completed or (
-        arrival.pending == 0 and not arrival.counted and waiting(jobs.get(ran.job_id), "playlist")
-    ):
-        send_stage(rt, ran.job_id, "playlist")
+    A redelivered member counts nothing; after the last arrival it sends the playlist again
+    only while that is still queued (the last arrival may have died before its send), never
+    once it has started: the arrival's step decides, and names what to send."""
+    arrival = rt.services.jobs.arrive(ran.job_id, FAN_IN, member, finished=ran.stage,
+                                      then_queued=("playlist",))
+    for stage in arrival.queued:
+        send_stage(rt, ran.job_id, stage)
 
 
 def after_rekey(rt: Runtime, ran: Ran[Any]) -> None:

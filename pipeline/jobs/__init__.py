@@ -190,6 +190,20 @@ def arrival_field(counter: str, member: str) -> str:
     return f"arrived.{counter}.{member}"
 
 
+def status_field(stage: str) -> str:
+    """The record's field of ``stage``'s status."""
+    return f"{stage}.status"
+
+
+def unstarted(status: str | None) -> bool:
+    """Whether a stage whose status field reads ``status`` (None: no field) has not started:
+    nothing queued it yet, or it is queued and no delivery has picked it up. Only such a stage
+    is marked queued (:meth:`JobStore.stage_finished`, :meth:`JobStore.arrive`) and sent: one
+    that started got its message, and the broker redelivers that one itself. The Redis
+    backend's scripts state the same rule in Lua."""
+    return status is None or status == "queued"
+
+
 @dataclass(frozen=True)
 class Arrival:
     """What one arrival at a fan-in (:meth:`JobStore.arrive`) found."""
@@ -197,8 +211,13 @@ class Arrival:
     #: How many members are still to arrive.
     pending: int
     #: Whether this arrival counted its member: False when an earlier delivery of the same
-    #: member had arrived (a redelivery), which counts nothing and queues nothing.
+    #: member had arrived (a redelivery), which counts nothing.
     counted: bool
+    #: The stages after the fan-in that this arrival, finding none pending, marked queued
+    #: (those :func:`unstarted`): its caller sends their messages. The last arrival marks them;
+    #: a redelivery after it finds them still queued (that arrival may have died before its
+    #: send) or started (then none).
+    queued: tuple[str, ...] = ()
 
     @property
     def completed(self) -> bool:
@@ -263,7 +282,7 @@ class JobRecord:
         stages = tuple(
             StageState(
                 name=name,
-                status=fields[f"{name}.status"],
+                status=fields[status_field(name)],
                 started_at=num(f"{name}.started_at"),
                 finished_at=num(f"{name}.finished_at"),
                 progress=num(f"{name}.progress") or 0.0,
@@ -318,10 +337,13 @@ class RecordBackend(Protocol):
     def start_stage(
         self, job_id: str, counter: str, fields: dict[str, str]
     ) -> tuple[int, dict[str, str]]: ...
+    def write_and_queue(
+        self, job_id: str, fields: dict[str, str], once: dict[str, str], statuses: Sequence[str]
+    ) -> list[str]: ...
     def arrive(
         self, job_id: str, counter: str, marker: str, fields: dict[str, str],
-        then: dict[str, str],
-    ) -> tuple[int, bool]: ...
+        then: Sequence[str],
+    ) -> tuple[int, bool, list[str]]: ...
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool: ...
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]: ...
     def write_outputs(self, job_id: str, fields: dict[str, str]) -> None: ...
@@ -352,7 +374,7 @@ class JobStore:
             "status": "queued",
             "created_at": repr(spec.created_at),
         }
-        fields.update({f"{stage}.status": "queued" for stage in queued})
+        fields.update({status_field(stage): "queued" for stage in queued})
         self.backend.create(spec.job_id, fields)
 
     def get(self, job_id: str) -> JobRecord:
@@ -397,7 +419,7 @@ class JobStore:
         Counted here rather than by dramatiq because a worker killed by SIGKILL never tells
         dramatiq it failed: only this count sees a message that kills its worker every time.
         """
-        fields = {f"{stage}.status": "running", f"{stage}.started_at": repr(self.clock())}
+        fields = {status_field(stage): "running", f"{stage}.started_at": repr(self.clock())}
         if worker is not None:
             fields[f"{stage}.worker"] = json.dumps(worker)
         for name, at in (delivery or {}).items():
@@ -409,12 +431,10 @@ class JobStore:
 
     def stage_queued(
         self, job_id: str, *stages: str, json_fields: Mapping[str, Any] | None = None
-    ) -> None:
-        """Mark ``stages`` queued, and write ``json_fields`` (as :meth:`set_json` would) in
-        the same round trip."""
-        fields = {f"{stage}.status": "queued" for stage in stages}
-        fields.update({name: json.dumps(value) for name, value in (json_fields or {}).items()})
-        self.backend.write(job_id, fields)
+    ) -> tuple[str, ...]:
+        """:meth:`stage_finished` without a stage to end: mark those of ``stages`` that have
+        not started queued, with ``json_fields``, in one atomic step; returns those marked."""
+        return self._queue(job_id, {}, stages, json_fields)
 
     def stage_progress(self, job_id: str, stage: str, fraction: float) -> None:
         self.backend.write(job_id, {f"{stage}.progress": f"{fraction:.3f}"})
@@ -424,7 +444,7 @@ class JobStore:
     ) -> dict[str, str]:
         """The fields that mark ``stage`` ended with ``status``, stamped now."""
         fields = {
-            f"{stage}.status": status,
+            status_field(stage): status,
             f"{stage}.finished_at": repr(self.clock()),
             f"{stage}.progress": "1.000",
         }
@@ -441,17 +461,28 @@ class JobStore:
         detail: str | None = None,
         queued: Sequence[str] = (),
         json_fields: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Mark ``stage`` ended, and the stages after it ``queued`` with ``json_fields``
-        written (as :meth:`stage_queued` does), in one write: a hop's bookkeeping is one
-        round trip."""
-        fields = self.finished_fields(stage, status=status, detail=detail)
-        fields.update({f"{name}.status": "queued" for name in queued})
-        fields.update({name: json.dumps(value) for name, value in (json_fields or {}).items()})
-        self.backend.write(job_id, fields)
+    ) -> tuple[str, ...]:
+        """Mark ``stage`` ended, mark those of the stages after it, ``queued``, that have not
+        started (:func:`unstarted`) queued, and write those of ``json_fields`` (JSON, as
+        :meth:`set_json` would) the record does not have yet, in one atomic step: a hop's
+        bookkeeping is one round trip. Returns the stages it marked queued: the caller sends
+        their messages, and no other's.
 
-    def set_pending(self, job_id: str, counter: str, count: int) -> None:
-        self.backend.write(job_id, {pending_field(counter): str(count)})
+        Conditional in the step itself because two deliveries of a stage may hand on at once,
+        a first one among them (a stage still queued may get a second message): whichever
+        comes last must not mark queued again a stage the other's message started, nor
+        rewrite what the stages after may have read (the fan-in's count above all)."""
+        fields = self.finished_fields(stage, status=status, detail=detail)
+        return self._queue(job_id, fields, queued, json_fields)
+
+    def _queue(
+        self, job_id: str, fields: dict[str, str], stages: Sequence[str],
+        json_fields: Mapping[str, Any] | None,
+    ) -> tuple[str, ...]:
+        once = {name: json.dumps(value) for name, value in (json_fields or {}).items()}
+        marked = set(self.backend.write_and_queue(
+            job_id, fields, once, [status_field(name) for name in stages]))
+        return tuple(name for name in stages if status_field(name) in marked)
 
     def arrive(
         self,
@@ -463,25 +494,26 @@ class JobStore:
         then_queued: Sequence[str] = (),
     ) -> Arrival:
         """Fan-in: count ``member`` as arrived once, however often it is redelivered; says
-        how many are still pending and whether this call counted. A redelivery after the
-        count reached 0 sees 0 again (uncounted), so its caller can still send the stage
-        after the fan-in if the last arrival died before it did.
+        how many are still pending and whether this call counted.
 
-        In the same step, the ``finished`` stage (the member's own) is marked done, and, by
-        the arrival that leaves none pending, the ``then_queued`` stages queued: a redelivery
-        never marks them again, since they may have started meanwhile."""
+        In the same step, the ``finished`` stage (the member's own) is marked done, and, once
+        none is pending, those of the ``then_queued`` stages that have not started
+        (:func:`unstarted`) are marked queued and named in the result (its caller sends
+        them): by the last arrival, and again by a redelivery after it while they are still
+        queued (the last arrival may have died before its send), never once one started."""
         fields = {} if finished is None else self.finished_fields(finished)
-        then = {f"{name}.status": "queued" for name in then_queued}
-        left, counted = self.backend.arrive(
-            job_id, pending_field(counter), arrival_field(counter, member), fields, then
+        left, counted, marked = self.backend.arrive(
+            job_id, pending_field(counter), arrival_field(counter, member), fields,
+            [status_field(name) for name in then_queued],
         )
-        return Arrival(pending=left, counted=counted)
+        queued = tuple(name for name in then_queued if status_field(name) in marked)
+        return Arrival(pending=left, counted=counted, queued=queued)
 
     def fail(self, job_id: str, stage: str, reason: str) -> None:
         now = repr(self.clock())
         self.backend.write(
             job_id,
-            {f"{stage}.status": "failed", f"{stage}.error": reason, f"{stage}.finished_at": now},
+            {status_field(stage): "failed", f"{stage}.error": reason, f"{stage}.finished_at": now},
         )
         self.backend.write_unless_ended(
             job_id, {"status": "failed", "error": reason, "failed_stage": stage, "finished_at": now}

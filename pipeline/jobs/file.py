@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from . import TERMINAL, UnknownJob
+from . import TERMINAL, UnknownJob, unstarted
 
 #: How long a writer waits for another process's transaction: they take microseconds, so
 #: this long means a process is stuck, and the caller gets an error instead of a hang.
@@ -40,6 +40,14 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, at);
 CREATE INDEX IF NOT EXISTS jobs_by_creation ON jobs (created_at);
 """
+
+
+def _queue_unstarted(record: dict[str, str], statuses: Sequence[str]) -> list[str]:
+    """Set each of the ``statuses`` fields of ``record`` that reads :func:`unstarted` to
+    queued; returns those it set."""
+    marked = [name for name in statuses if unstarted(record.get(name))]
+    record.update({name: "queued" for name in marked})
+    return marked
 
 
 def _row(job_id: str, fields: dict[str, str]) -> tuple[str, str, float, float]:
@@ -209,20 +217,28 @@ class FileRecordBackend:
                 self.index.place(job_id, record)
             return True
 
-    def arrive(
-        self, job_id: str, counter: str, marker: str, fields: dict[str, str],
-        then: dict[str, str],
-    ) -> tuple[int, bool]:
+    def write_and_queue(
+        self, job_id: str, fields: dict[str, str], once: dict[str, str], statuses: Sequence[str]
+    ) -> list[str]:
         with self._locked(job_id) as record:
             record.update(fields)
-            if marker in record:
-                return int(record.get(counter, "0")), False
-            record[marker] = "1"
-            left = int(record.get(counter, "0")) - 1
-            record[counter] = str(left)
-            if left == 0:
-                record.update(then)
-            return left, True
+            for name, value in once.items():
+                record.setdefault(name, value)
+            return _queue_unstarted(record, statuses)
+
+    def arrive(
+        self, job_id: str, counter: str, marker: str, fields: dict[str, str],
+        then: Sequence[str],
+    ) -> tuple[int, bool, list[str]]:
+        with self._locked(job_id) as record:
+            record.update(fields)
+            counted = marker not in record
+            left = int(record.get(counter, "0"))
+            if counted:
+                record[marker] = "1"
+                left -= 1
+                record[counter] = str(left)
+            return left, counted, _queue_unstarted(record, then) if left == 0 else []
 
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
         found: list[dict[str, str] | None] = []

@@ -35,24 +35,60 @@ _INDEXED_MARKER = "hlsvault:jobs:status:complete"
 #: Records placed per round trip when doing so.
 _BACKFILL_BATCH = 500
 
+# pipeline.jobs.unstarted in Lua: set each status field ARGV[first..] of the record that is
+# absent or queued to queued; returns those set. Scripts that mark stages queued begin with it.
+_QUEUE_UNSTARTED = """
+local function queue_unstarted(key, first)
+  local marked = {}
+  for i = first, #ARGV do
+    local status = redis.call('HGET', key, ARGV[i])
+    if not status or status == 'queued' then
+      redis.call('HSET', key, ARGV[i], 'queued')
+      marked[#marked + 1] = ARGV[i]
+    end
+  end
+  return marked
+end
+"""
+
+# A hop: write the fields, then those of the write-once fields the record lacks (HSETNX),
+# then queue the unstarted stages, in one round trip. ARGV: how many items the fields take
+# (n), those field, value items, how many the write-once ones take (m), theirs, then the
+# status fields to queue.
+_WRITE_AND_QUEUE = _QUEUE_UNSTARTED + """
+local n = tonumber(ARGV[1])
+if n > 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 2, 1 + n))
+end
+local m = tonumber(ARGV[2 + n])
+for i = 3 + n, 2 + n + m, 2 do
+  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return queue_unstarted(KEYS[1], 3 + n + m)
+"""
+
 # Write the arriving member's own fields; HSETNX the marker, and only a first arrival
-# decrements; the arrival that leaves none pending writes the fields of what comes after the
-# fan-in (a redelivered one does not: that stage may have started). Every caller learns the
-# count left and whether it counted. ARGV: the counter, the marker, how many items the
-# member's fields take (n), those field, value items, then the after-fields' items.
-_ARRIVE = """
+# decrements. Once none is pending, the stages after the fan-in that have not started are
+# marked queued (by the last arrival, or a redelivery after it while they are still queued).
+# Every caller learns the count left, whether it counted, and the stages it marked. ARGV: the
+# counter, the marker, how many items the member's fields take (n), those field, value items,
+# then the status fields of the stages after the fan-in.
+_ARRIVE = _QUEUE_UNSTARTED + """
 local n = tonumber(ARGV[3])
 if n > 0 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + n))
 end
-if redis.call('HSETNX', KEYS[1], ARGV[2], '1') == 0 then
-  return {tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0'), 0}
+local counted = redis.call('HSETNX', KEYS[1], ARGV[2], '1')
+local left
+if counted == 1 then
+  left = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+else
+  left = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 end
-local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
-if left == 0 and #ARGV > 3 + n then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 4 + n))
+if left == 0 then
+  return {left, counted, queue_unstarted(KEYS[1], 4 + n)}
 end
-return {left, 1}
+return {left, counted, {}}
 """
 
 
@@ -154,6 +190,7 @@ class RedisRecordBackend:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._arrive = client.register_script(_ARRIVE)
+        self._write_and_queue = client.register_script(_WRITE_AND_QUEUE)
         self._write_unless_ended = client.register_script(_WRITE_UNLESS_ENDED)
         self._start_stage = client.register_script(_START_STAGE)
         self._place_existing = client.register_script(_PLACE_EXISTING)
@@ -198,15 +235,23 @@ class RedisRecordBackend:
         args += [item for pair in fields.items() for item in pair]
         return bool(self._write_unless_ended(keys=[_PREFIX + job_id, *_STATUS_KEYS], args=args))
 
+    def write_and_queue(
+        self, job_id: str, fields: dict[str, str], once: dict[str, str], statuses: Sequence[str]
+    ) -> list[str]:
+        own = [item for pair in fields.items() for item in pair]
+        kept = [item for pair in once.items() for item in pair]
+        args: list[str | int] = [len(own), *own, len(kept), *kept, *statuses]
+        marked = self._write_and_queue(keys=[_PREFIX + job_id], args=args)
+        return [str(name) for name in marked]
+
     def arrive(
         self, job_id: str, counter: str, marker: str, fields: dict[str, str],
-        then: dict[str, str],
-    ) -> tuple[int, bool]:
+        then: Sequence[str],
+    ) -> tuple[int, bool, list[str]]:
         own = [item for pair in fields.items() for item in pair]
-        after = [item for pair in then.items() for item in pair]
-        args: list[str | int] = [counter, marker, len(own), *own, *after]
-        left, counted = self._arrive(keys=[_PREFIX + job_id], args=args)
-        return int(left), bool(counted)
+        args: list[str | int] = [counter, marker, len(own), *own, *then]
+        left, counted, marked = self._arrive(keys=[_PREFIX + job_id], args=args)
+        return int(left), bool(counted), [str(name) for name in marked]
 
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
         pipe = self.client.pipeline(transaction=False)
