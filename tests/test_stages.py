@@ -20,6 +20,7 @@ from pipeline import aes, layout, packaging
 from pipeline.crypto import iv_for_sequence
 from pipeline.errors import TransientError
 from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.plan import Rendition
 from pipeline.playlists import key_index
 from pipeline.services import Services, build_services
 from pipeline.settings import load_settings
@@ -54,6 +55,21 @@ def produced_output(services: Services, spec: JobSpec) -> dict[str, Any]:
     return produced
 
 
+def _segmented_plain(
+    services: Services, spec: JobSpec
+) -> tuple[Rendition, list[dict[str, Any]], list[bytes]]:
+    """``spec``'s job created, probed and segmented without sealing: its one rendition, that
+    rendition's produced segments and each segment's plain bytes, in order."""
+    services.jobs.create(spec)
+    [rendition] = packaging.probe_source(services, spec).renditions
+    packaging.segment(services, spec, CHUNK, seal=False)
+    produced = produced_output(services, spec)
+    attempt = layout.chunk_rendition_prefix(spec.job_id, CHUNK, produced["attempt"], rendition.name)
+    segments: list[dict[str, Any]] = produced["produced"][rendition.name]["segments"]
+    plain = [services.work.get_bytes(f"{attempt}/{seg['name']}") for seg in segments]
+    return rendition, segments, plain
+
+
 def _decrypted(services: Services, spec: JobSpec, rendition: str) -> list[bytes]:
     key = services.keys.get(spec.asset, spec.version, 0)
     produced = produced_output(services, spec)
@@ -77,15 +93,7 @@ class TestEncryptStage:
         clip = lavfi_clip("twelve-seconds.mp4", seconds=12)
         spec = new_job_spec(str(clip), asset="lanes", ladder="copy", segment_seconds=1,
                             key_rotation_segments=5)
-        services.jobs.create(spec)
-        [rendition] = packaging.probe_source(services, spec).renditions
-        packaging.segment(services, spec, CHUNK, seal=False)
-        produced = produced_output(services, spec)
-        attempt = layout.chunk_rendition_prefix(
-            spec.job_id, CHUNK, produced["attempt"], rendition.name
-        )
-        segments = produced["produced"][rendition.name]["segments"]
-        plain = [services.work.get_bytes(f"{attempt}/{seg['name']}") for seg in segments]
+        rendition, segments, plain = _segmented_plain(services, spec)
 
         packaging.encrypt(services, spec, CHUNK)
 
@@ -112,15 +120,7 @@ class TestEncryptStage:
         batch = 4
         clip = lavfi_clip("twelve-seconds.mp4", seconds=12)
         spec = new_job_spec(str(clip), asset="batches", ladder="copy", segment_seconds=1)
-        services.jobs.create(spec)
-        [rendition] = packaging.probe_source(services, spec).renditions
-        packaging.segment(services, spec, CHUNK, seal=False)
-        produced = produced_output(services, spec)
-        attempt = layout.chunk_rendition_prefix(
-            spec.job_id, CHUNK, produced["attempt"], rendition.name
-        )
-        segments = produced["produced"][rendition.name]["segments"]
-        plain = [services.work.get_bytes(f"{attempt}/{seg['name']}") for seg in segments]
+        rendition, segments, plain = _segmented_plain(services, spec)
         remote = RemoteStandIn(services.work)
         progress: list[float] = []
 
