@@ -184,7 +184,8 @@ def player(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Player]
 
 #: Fixtures that mean a test runs the real thing end to end (the CLI packaging clips, a
 #: redis-server, moto, the Procfile's processes, Chromium): a test using one is marked ``slow``,
-#: so `pytest -m "not slow"` (`make pytest-fast`) runs the rest in seconds.
+#: so `pytest -m "not slow"` (`make pytest-fast`) runs the rest in well under a minute. Tests that
+#: transcode with x264 or wait out a timeout are marked by hand.
 SLOW_FIXTURES = frozenset({
     "hlsvault", "keyserver", "redis_server", "moto_server", "fault_proxy", "fleet",
     "faulty_fleet", "browser", "hd_clip", "long_hd_clip",

@@ -171,6 +171,7 @@ def join_residual(samples: array[float], fit: tuple[float, float], at: int) -> f
     return worst / math.hypot(a, b)
 
 
+@pytest.mark.slow  # transcodes with x264: an end-to-end ffmpeg run
 class TestSixtySecondsInTenSecondChunks:
     """The issue's case, packaged once (embedded) and checked as a player would see it."""
 

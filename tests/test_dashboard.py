@@ -182,6 +182,7 @@ class TestWithoutAFleet:
         assert [r.spec.job_id for r in services.jobs.recent(10)] == [spec.job_id]
 
 
+    @pytest.mark.slow  # waits out the Redis client's bounded reconnects
     def test_a_redis_that_does_not_answer_is_a_503_with_the_mend(self, tmp_path: Path) -> None:
         """The fleet's figures need Redis: when it does not answer, /metrics and /api/fleet say
         so as JSON with a 503 (and the security headers), never a bare 500."""

@@ -347,6 +347,7 @@ def transcode_job(tmp_path: Path, clip: Path, container: str, chunk_seconds: int
     return services, spec
 
 
+@pytest.mark.slow  # transcodes with x264: an end-to-end ffmpeg run
 class TestSealedTranscodes:
     @pytest.mark.parametrize(("container", "chunk_seconds"), TRANSCODES)
     @pytest.mark.usefixtures("one_x264_thread")
