@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import re
 import subprocess
 import threading
@@ -350,6 +351,8 @@ def audio_stream(position: int, stream: dict[str, Any], *, origin: float = 0.0) 
         length = _clock(str(tags.get("DURATION") or ""))
     first = _float(stream.get("start_time"))
     end = None if length is None else (origin if first is None else first) - origin + length
+    if end is not None and not (math.isfinite(end) and end >= 0):
+        end = None  # a length no stream can have says nothing: the cutter reads the frames
     return AudioStream(
         codec=str(stream.get("codec_name")),
         profile=stream.get("profile"),

@@ -721,6 +721,38 @@ class TestAudioEndingEarly:
         assert str(refused.value) == SHORT_AUDIO_REASON
 
 
+class TestAudioEndOfAHostileSource:
+    """The probe reads where a source's audio ends from what the file says (a stream's
+    duration, or Matroska's DURATION tag): a value no stream can have is no end at all, so
+    the probe refuses nothing on it and the cutter, which reads the frames, decides."""
+
+    @pytest.mark.parametrize("stream, end", [
+        ({"tags": {"DURATION": "00:01:02.500000000"}}, 62.5),
+        ({"duration": "4.5", "start_time": "1.0"}, 5.5),
+        ({"tags": {"DURATION": "abc"}}, None),
+        ({"tags": {"DURATION": "1:02"}}, None),
+        ({"tags": {"DURATION": "00:00:nan"}}, None),
+        ({"tags": {"DURATION": "00:00:1e999"}}, None),
+        ({"tags": {"DURATION": "-1:00:00"}}, None),
+        ({"tags": {"DURATION": "x" * 100_000}}, None),
+        ({"duration": "inf"}, None),
+        ({"duration": "-3"}, None),
+        ({"duration": [1, 2]}, None),
+    ])
+    def test_a_length_no_stream_can_have_is_no_end(
+        self, stream: dict[str, object], end: float | None
+    ) -> None:
+        from pipeline.audio import check_audio_covers
+        from pipeline.media import audio_stream
+
+        audio = audio_stream(0, {"codec_name": "aac", "sample_rate": "48000", "channels": 2,
+                                 **stream})
+
+        assert audio.end == end
+        if end is None:  # nothing refused on it, whatever the chunks
+            check_audio_covers(audio, plan_chunks(600.0, 1.0, 10.0, copy=False))
+
+
 class TestChunkCutter:
     @pytest.mark.parametrize("read_bytes", [5, 1 << 20])
     def test_cuts_a_growing_encode_as_a_finished_one(
