@@ -137,10 +137,11 @@ def _start_ahead(args: argparse.Namespace, ctx: Context) -> None:
         ctx.spec = _new_spec(args, ctx)
     except HlsvaultError:
         return
-    if ctx.settings.work.startswith("s3://"):
+    from pipeline.storage import is_s3_url, open_store
+
+    if is_s3_url(ctx.settings.work):  # no head start there: not worth loading boto3 for
         return
     from pipeline import headstart
-    from pipeline.storage import open_store
 
     # A work store that cannot be written: the stages say so, as without a head start.
     with contextlib.suppress(OSError):

@@ -581,14 +581,6 @@ def encrypt_renditions(
             return SegmentFile(plain, enc_dir / seg.name, keys[index],
                                iv_for_sequence(seg.sequence))
 
-        def put(item: tuple[tuple[str, Segment], SegmentFile]) -> None:
-            (name, seg), job = item
-            if Path(scratch) in job.dst.parents:  # a remote work store
-                svc.work.put_file(layout.encrypted_key(spec.job_id, name, seg.name), job.dst)
-                job.dst.unlink()
-            if Path(scratch) in job.src.parents:
-                job.src.unlink()
-
         # A remote work store's segments pass through scratch a batch at a time: fetched
         # (round trips overlap), encrypted side by side, each put and deleted as soon as it is
         # encrypted, and the next batch fetched only then, so scratch never holds more than a
@@ -608,8 +600,12 @@ def encrypt_renditions(
                 done += 1
                 report(done / steps)
 
-        def put_one(item: tuple[tuple[str, Segment], SegmentFile]) -> None:
-            put(item)
+        def put(item: tuple[tuple[str, Segment], SegmentFile]) -> None:
+            # A remote work store's segment: both files are in scratch (segment_file).
+            (name, seg), job = item
+            svc.work.put_file(layout.encrypted_key(spec.job_id, name, seg.name), job.dst)
+            job.dst.unlink()
+            job.src.unlink()
             advance()
 
         with ThreadPoolExecutor(max_workers=ENCRYPT_THREADS,
@@ -628,7 +624,7 @@ def encrypt_renditions(
                 def encrypted(index: int, _: int) -> None:
                     advance()
                     if remote:
-                        puts.append(submit(put_one, (batch[index], jobs[index])))
+                        puts.append(submit(put, (batch[index], jobs[index])))
 
                 written = encrypt_files(jobs, threads=ENCRYPT_THREADS, on_encrypted=encrypted)
                 for future in puts:  # the batch's files out of scratch before the next comes

@@ -219,11 +219,6 @@ class Arrival:
     #: send) or started (then none).
     queued: tuple[str, ...] = ()
 
-    @property
-    def completed(self) -> bool:
-        """Whether this arrival was the last one: it queued what comes after the fan-in."""
-        return self.counted and self.pending == 0
-
 
 @dataclass(frozen=True)
 class StageState:

@@ -93,9 +93,14 @@ def check_key(key: str) -> str:
     return key
 
 
+def is_s3_url(url: str) -> bool:
+    """Whether the store ``url`` names is an S3 one (opening it loads boto3), not a directory."""
+    return url.startswith("s3://")
+
+
 def open_store(url: str) -> Store:
     """Open the store named by ``url``: a local directory, or ``s3://bucket/prefix``."""
-    if url.startswith("s3://"):
+    if is_s3_url(url):
         from .s3 import S3Store
 
         return S3Store.from_url(url)
