@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from . import aes, layout
-from .crypto import SegmentFile, decrypt_file, encrypt_files, iv_for_sequence
+from .crypto import (
+    SegmentFile,
+    decrypt_file,
+    encrypt_files,
+    encrypt_files_in_place,
+    iv_for_sequence,
+)
 from .downloads import carry_download, delete_asset_downloads, delete_version_download
 from .errors import BadSpec, NotFound
 from .jobs import JobSpec
@@ -96,16 +102,18 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
                     if encrypted.parent == work_dir:  # fetched into scratch: done with it
                         encrypted.unlink()
                     out_key = layout.encrypted_key(spec.job_id, rendition.name, segment.name)
-                    out = svc.work.local_path(out_key) or work_dir / f"new-{segment.name}"
+                    # Into the work store's own file when it is local; else the scratch copy
+                    # is encrypted in place (no new file's pages) and put.
+                    out = svc.work.local_path(out_key) or plain
                     jobs.append(SegmentFile(plain, out, new_keys[index], iv))
-                sizes = encrypt_files(jobs)
+                in_scratch = jobs[0].dst == jobs[0].src
+                sizes = (encrypt_files_in_place if in_scratch else encrypt_files)(jobs)
                 for segment, job, size in zip(batch, jobs, sizes, strict=True):
-                    if job.dst.parent == work_dir:  # not the work store's own file: put it
+                    if in_scratch:  # not the work store's own file: put it
                         svc.work.put_file(
                             layout.encrypted_key(spec.job_id, rendition.name, segment.name),
                             job.dst,
                         )
-                        job.dst.unlink()
                     job.src.unlink()
                     segments.append(replace(
                         segment, size=size,

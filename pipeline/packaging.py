@@ -44,7 +44,7 @@ from .audio import (
     audio_args,
     check_audio_covers,
 )
-from .crypto import SegmentFile, encrypt_files, iv_for_sequence
+from .crypto import SegmentFile, encrypt_files, encrypt_files_in_place, iv_for_sequence
 from .errors import BadSpec, InvalidSource, PermanentError, UnsupportedMedia
 from .jobs import JobRecord, JobSpec
 from .media import MediaInfo, probe
@@ -566,26 +566,28 @@ def encrypt_renditions(
 
         def segment_file(item: tuple[str, Segment]) -> SegmentFile:
             name, seg = item
-            # The work store's own directory when it is local, else this stage's scratch
-            # (removed with it, however the stage ends).
-            enc_dir = svc.work.local_dir(layout.encrypted_prefix(spec.job_id, name))
-            if enc_dir is None:
-                enc_dir = Path(scratch) / name
-                enc_dir.mkdir(exist_ok=True)
+            index = key_index(seg.sequence, spec.key_rotation_segments)
+            key, iv = keys[index], iv_for_sequence(seg.sequence)
             plain_key = layout.plain_segment_key(f"{attempt_prefix}/{name}", seg.name)
             plain = svc.work.local_path(plain_key)
-            if plain is None:
-                plain = Path(scratch) / f"{name}-{seg.name}"
-                svc.work.get_file(plain_key, plain)
-            index = key_index(seg.sequence, spec.key_rotation_segments)
-            return SegmentFile(plain, enc_dir / seg.name, keys[index],
-                               iv_for_sequence(seg.sequence))
+            encrypted = svc.work.local_path(layout.encrypted_key(spec.job_id, name, seg.name))
+            if plain is not None and encrypted is not None:
+                # A local work store's plain segment stays as it is (a redelivery reads it
+                # again): the ciphertext is a new file in the store's encrypted prefix.
+                return SegmentFile(plain, encrypted, key, iv)
+            # A remote work store's segment is fetched into this stage's scratch (removed with
+            # it, however the stage ends) and encrypted there in place: the copy is this
+            # delivery's own, so a redelivery fetches the plain segment again, and no new
+            # file's pages are written (docs/benchmarks.md: in place is ~1.5x as fast).
+            fetched = Path(scratch) / f"{name}-{seg.name}"
+            svc.work.get_file(plain_key, fetched)
+            return SegmentFile(fetched, fetched, key, iv)
 
         # A remote work store's segments pass through scratch a batch at a time: fetched
-        # (round trips overlap), encrypted side by side, each put and deleted as soon as it is
-        # encrypted, and the next batch fetched only then, so scratch never holds more than a
-        # batch's plain and encrypted files (a whole film's audio group or trick-play track
-        # would otherwise sit there twice). A local store needs no scratch: the chunk is one
+        # (round trips overlap), encrypted side by side in place, each put and deleted as soon
+        # as it is encrypted, and the next batch fetched only then, so scratch never holds
+        # more than a batch (a whole film's audio group or trick-play track would otherwise
+        # sit there). A local store needs no scratch: the chunk is one
         # batch, and no lane idles at a batch's end.
         remote = bool(work) and svc.work.local_dir(
             layout.encrypted_prefix(spec.job_id, work[0][0])) is None
@@ -601,11 +603,10 @@ def encrypt_renditions(
                 report(done / steps)
 
         def put(item: tuple[tuple[str, Segment], SegmentFile]) -> None:
-            # A remote work store's segment: both files are in scratch (segment_file).
+            # A remote work store's segment: encrypted in place in scratch (segment_file).
             (name, seg), job = item
             svc.work.put_file(layout.encrypted_key(spec.job_id, name, seg.name), job.dst)
             job.dst.unlink()
-            job.src.unlink()
             advance()
 
         with ThreadPoolExecutor(max_workers=ENCRYPT_THREADS,
@@ -626,7 +627,8 @@ def encrypt_renditions(
                     if remote:
                         puts.append(submit(put, (batch[index], jobs[index])))
 
-                written = encrypt_files(jobs, threads=ENCRYPT_THREADS, on_encrypted=encrypted)
+                encrypt = encrypt_files_in_place if remote else encrypt_files
+                written = encrypt(jobs, threads=ENCRYPT_THREADS, on_encrypted=encrypted)
                 for future in puts:  # the batch's files out of scratch before the next comes
                     future.result()
                 return written

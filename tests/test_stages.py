@@ -63,6 +63,14 @@ def _segmented_plain(
     services.jobs.create(spec)
     [rendition] = packaging.probe_source(services, spec).renditions
     packaging.segment(services, spec, CHUNK, seal=False)
+    return _segments_of(services, spec, rendition)
+
+
+def _segments_of(
+    services: Services, spec: JobSpec, rendition: Rendition
+) -> tuple[Rendition, list[dict[str, Any]], list[bytes]]:
+    """The segmented job's ``rendition``, its produced segments and each one's bytes in the
+    work store's attempt, in order."""
     produced = produced_output(services, spec)
     attempt = layout.chunk_rendition_prefix(spec.job_id, CHUNK, produced["attempt"], rendition.name)
     segments: list[dict[str, Any]] = produced["produced"][rendition.name]["segments"]
@@ -112,9 +120,11 @@ class TestEncryptStage:
     ) -> None:
         """Given a chunk of three batches' segments on a remote work store (one encrypting
         thread of four lanes: a batch is four segments), when the encrypt stage runs, then its
-        scratch never holds more than one batch's plain and encrypted files, every ciphertext
-        is that segment alone encrypted under its key and IV, progress ends at 1, and every
-        fetch and put ran in the stage's log context (its job_id)."""
+        scratch never holds more than one batch's files (each segment is encrypted in place
+        in its fetched copy), every ciphertext is that segment alone encrypted under its key
+        and IV, progress ends at 1, and every fetch and put ran in the stage's log context
+        (its job_id). The store's plain segments are untouched, so a redelivered stage
+        writes the same ciphertext again."""
         monkeypatch.setattr(packaging, "ENCRYPT_THREADS", 1)
         monkeypatch.setattr(aes, "LANES", 4)
         batch = 4
@@ -129,16 +139,26 @@ class TestEncryptStage:
                               on_progress=progress.append)
 
         assert len(segments) >= 3 * batch
-        assert 0 < remote.most_in_scratch <= 2 * batch
+        assert 0 < remote.most_in_scratch <= batch
         key = services.keys.get(spec.asset, spec.version, 0)
-        for seg, data in zip(segments, plain, strict=True):
-            encrypted = services.work.get_bytes(
-                layout.encrypted_key(spec.job_id, rendition.name, seg["name"])
-            )
-            assert encrypted == encrypt_bytes(data, key, iv_for_sequence(seg["sequence"]))
+
+        def check_ciphertexts() -> None:
+            for seg, data in zip(segments, plain, strict=True):
+                encrypted = services.work.get_bytes(
+                    layout.encrypted_key(spec.job_id, rendition.name, seg["name"])
+                )
+                assert encrypted == encrypt_bytes(data, key, iv_for_sequence(seg["sequence"]))
+
+        check_ciphertexts()
         assert progress[-1] == 1.0
         assert remote.contexts
         assert all(context.get("job_id") == spec.job_id for context in remote.contexts)
+        _, _, plain_after = _segments_of(services, spec, rendition)
+        assert plain_after == plain
+
+        packaging.encrypt(replace(services, work=remote), spec, CHUNK)  # redelivered
+
+        check_ciphertexts()
 
 
 class TestOverlappingSegmentAttempts:
