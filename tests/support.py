@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,6 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 MEDIA_CACHE = ROOT / ".cache" / "test-media"
 HLSVAULT = [sys.executable, "-m", "hlsvault"]
+#: Where tests leave evidence for a person to look at (screenshots, a page's record).
+ARTIFACTS = ROOT / "test-artifacts"
+#: A file name's length limit is 255 bytes; a long parametrized node id is cut and hashed.
+_MAX_STEM = 160
 #: A CLI call in a test packages a few seconds of video; a minute means it hung.
 CLI_TIMEOUT_S = 300
 
@@ -39,6 +44,18 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def evidence_path(kind: str, nodeid: str, suffix: str, *, label: str = "") -> Path:
+    """Where the test ``nodeid`` leaves a piece of evidence (``label`` tells a test's several
+    apart): ``test-artifacts/<kind>/``, named after the node id (file, class, test and
+    parameters), so no two tests write one file whichever xdist process runs them."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{nodeid}-{label}" if label else nodeid).strip("_")
+    if len(stem) > _MAX_STEM:
+        stem = f"{stem[:_MAX_STEM - 13]}-{hashlib.sha256(stem.encode()).hexdigest()[:12]}"
+    directory = ARTIFACTS / kind
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{stem}{suffix}"
 
 
 def generate_media(name: str, ffmpeg_args: list[str]) -> Path:
