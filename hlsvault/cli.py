@@ -33,6 +33,7 @@ from pipeline.errors import BadSpec, HlsvaultError, exit_code
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.plan import LADDERS, chunks_progress
 from pipeline.settings import load_settings
+from pipeline.storage import is_s3_url
 
 from . import import_structlog
 from .ingestcommands import add_commands as add_ingest_commands
@@ -68,7 +69,7 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
         subtitles=[_sidecar_argument(value) for value in args.subtitles],
         trick_play=args.trick_play,
     )
-    if settings.embedded or not settings.work.startswith("s3://"):
+    if settings.embedded or not is_s3_url(settings.work):
         return spec
     # The worker that probes a local file may run on another machine: the file travels
     # through work storage, like every other byte between stages (sidecars too).
@@ -81,7 +82,7 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
                                 spec.subtitles)
     sidecars = []
     for position, (language, source) in enumerate(spec.subtitles):
-        if not source.startswith("s3://"):
+        if not is_s3_url(source):
             key = layout.uploaded_sidecar_key(spec.job_id, position, Path(source).suffix[:8])
             work.put_bytes(key, read_sidecar(source, f"subtitle file {source}"))
             source = f"{work.url.rstrip('/')}/{key}"
@@ -137,7 +138,7 @@ def _start_ahead(args: argparse.Namespace, ctx: Context) -> None:
         ctx.spec = _new_spec(args, ctx)
     except HlsvaultError:
         return
-    from pipeline.storage import is_s3_url, open_store
+    from pipeline.storage import open_store
 
     if is_s3_url(ctx.settings.work):  # no head start there: not worth loading boto3 for
         return

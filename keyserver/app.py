@@ -73,7 +73,7 @@ from pipeline.errors import HlsvaultError
 from pipeline.http import AccessLog
 from pipeline.keys import KeyVault
 from pipeline.settings import Settings
-from pipeline.storage import LocalStore, Store, open_store
+from pipeline.storage import LocalStore, Store, is_s3_url, open_store
 from pipeline.tokens import SID_HEADER, verifier_for
 
 from .auditlog import LineWriter
@@ -232,7 +232,7 @@ def create_app(
     # The origin is opened where downloads are signed from it: embedded /cdn/, or S3 presigned
     # GETs when CloudFront does not sign them.
     if origin is None and (
-        settings.embedded or (signer is None and settings.origin.startswith("s3://"))
+        settings.embedded or (signer is None and is_s3_url(settings.origin))
     ):
         origin = open_store(settings.origin)
     links = DownloadLinks(settings, signer=signer, origin=origin)

@@ -31,7 +31,7 @@ from pipeline import layout
 from pipeline.cdnsign import CdnSigner
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
-from pipeline.storage import LocalStore, Store
+from pipeline.storage import LocalStore, Store, is_s3_url
 
 from .responses import error
 
@@ -83,7 +83,7 @@ class DownloadLinks:
     def method(self) -> str:
         if self.signer is not None:
             return "cloudfront"
-        if self.origin is not None and self.origin.url.startswith("s3://"):
+        if self.origin is not None and is_s3_url(self.origin.url):
             return "s3"
         if isinstance(self.origin, LocalStore) and self.settings.embedded:
             return "embedded"

@@ -47,6 +47,7 @@ from .jobs import JobSpec, JobStore, UnknownJob, new_job_spec
 from .plan import LADDERS, check_segment_seconds
 from .settings import Settings
 from .sources import split_s3_url
+from .storage import is_s3_url, s3_parts
 from .subtitles import check_sidecars
 
 log = structlog.get_logger(__name__)
@@ -143,9 +144,9 @@ def parse_job_request(document: dict[str, Any]) -> SourceRequest:
         named = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if unknown[10:] else "")
         raise BadSpec(f"unknown field(s) {named}; allowed: {', '.join(_OPTIONS)}")
     source = document.get("source")
-    if not isinstance(source, str) or not source.startswith("s3://"):
+    if not isinstance(source, str) or not is_s3_url(source):
         raise BadSpec('field "source" must be a string like "s3://bucket/key"')
-    bucket, _, key = source.removeprefix("s3://").partition("/")
+    bucket, key = s3_parts(source)
     if not bucket or not key:
         raise BadSpec(f"source {source[:200]!r} is not of the form s3://bucket/key")
     asset = _optional_str(document, "asset")

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import layout
 from .plan import AudioRendition
+from .records import from_known
 from .segment import SegmentedRendition
 from .thumbnails import Thumbnails
 
@@ -172,23 +173,18 @@ class AssetVersion:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AssetVersion:
+        """The version a packager described, which may be a newer hlsvault than this key
+        server: fields this version does not know are left out at every level
+        (:func:`pipeline.records.from_known`), one it needs and does not find is an error."""
         renditions = tuple(
-            RenditionEntry(
-                **{k: v for k, v in r.items() if k != "segments"},
-                segments=tuple(PublishedSegment(**s) for s in r["segments"]),
-            )
+            from_known(RenditionEntry, r,
+                       segments=tuple(from_known(PublishedSegment, s) for s in r["segments"]))
             for r in data["renditions"]
         )
-        return cls(
-            asset=data["asset"],
-            version=data["version"],
-            job_id=data["job_id"],
-            created_at=data["created_at"],
-            key_rotation_segments=data["key_rotation_segments"],
+        return from_known(
+            cls, data,
             renditions=renditions,
-            key_server=data.get("key_server"),
             download=DownloadEntry.from_dict(data["download"]) if data.get("download") else None,
-            container=data.get("container", "ts"),
             audio_only=bool(data.get("audio_only", False)),
             thumbnails=Thumbnails.from_dict(data["thumbnails"]) if data.get("thumbnails")
             else None,

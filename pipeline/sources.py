@@ -23,6 +23,7 @@ from typing import Any
 
 from .aws import Outcome, botocore_errors, classify, describe, shared_client
 from .errors import InvalidSource, TransientError
+from .storage import is_s3_url, s3_parts
 
 #: A presigned source URL must outlive the longest ffmpeg run of the segment stage.
 PRESIGN_EXPIRY_S = 12 * 3600
@@ -58,7 +59,7 @@ _REFUSED_KINDS = {
 
 
 def split_s3_url(url: str) -> tuple[str, str]:
-    bucket, _, key = url.removeprefix("s3://").partition("/")
+    bucket, key = s3_parts(url)
     if not bucket or not key:
         raise InvalidSource(f"source {url} is not of the form s3://bucket/key")
     return bucket, key
@@ -119,7 +120,7 @@ def ffmpeg_target(source: str, *, probed: bool = False) -> tuple[str, str]:
     URL's query string is a credential and is never shown). ``probed``: the job's probe found
     the source already, so an ``s3://`` one is not checked again (one round trip fewer; if it
     vanished since, ffmpeg's own error says so)."""
-    if source.startswith("s3://"):
+    if is_s3_url(source):
         return s3_source_url(source, check=not probed), source
     if _is_url(source):
         return source, shown_name(source)

@@ -59,6 +59,7 @@ from .playlists import RenditionEntry
 from .records import from_known
 from .segment import Segment, SegmentedRendition, run_ffmpeg
 from .sources import ffmpeg_command, ffmpeg_input, source_demuxer, split_s3_url
+from .storage import is_s3_url
 from .webvtt import timestamp
 from .worksegments import decrypt_work_segment, work_init
 
@@ -170,7 +171,7 @@ def check_sidecar_source(source: str, *, s3_only: bool = False) -> str:
     files)."""
     if not isinstance(source, str) or not source or "\x00" in source or len(source) > 4096:
         raise BadSpec("a subtitle file must be named by a path or s3://bucket/key")
-    if source.startswith("s3://"):
+    if is_s3_url(source):
         split_s3_url(source)
         return source
     if s3_only:
@@ -366,7 +367,7 @@ def read_sidecar(source: str, shown: str) -> bytes:
     """A sidecar's bytes, at most :data:`MAX_SUBTITLE_BYTES` (a larger file is refused before
     it is read), from a local regular file or an S3 object."""
     check_sidecar_source(source)
-    if source.startswith("s3://"):
+    if is_s3_url(source):
         return _read_s3(source, shown)
     path = Path(source)
     if not path.exists():

@@ -21,12 +21,13 @@ from urllib.parse import urlencode, urlsplit
 
 from playwright.sync_api import Browser, Page, Playwright, Request, Response
 
+from support import evidence_path
+
 ROOT = Path(__file__).resolve().parent.parent
 PLAYER_DIR = Path(__file__).resolve().parent / "browser"
 PLAYER_HTML = PLAYER_DIR / "player.html"
 HLS_JS = ROOT / "dashboard" / "static" / "node_modules" / "hls.js" / "dist" / "hls.min.js"
 #: Screenshots and what each page saw, kept after the run as evidence (gitignored).
-ARTIFACTS = ROOT / "test-artifacts" / "browser"
 #: Debian's chromium: test tools may not download browsers, so Playwright drives this one.
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -260,11 +261,10 @@ class Player:
              "console": self.console[-20:]}, indent=1
         )
 
-    def save_evidence(self, name: str) -> Path:
-        """A screenshot and the description under test-artifacts/browser/; the PNG's path."""
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-        screenshot = ARTIFACTS / f"{stem}.png"
+    def save_evidence(self, nodeid: str) -> Path:
+        """A screenshot and the description of the test ``nodeid`` under
+        test-artifacts/browser/ (:func:`support.evidence_path`); the PNG's path."""
+        screenshot = evidence_path("browser", nodeid, ".png")
         self.page.screenshot(path=str(screenshot))
-        (ARTIFACTS / f"{stem}.json").write_text(self.describe() + "\n")
+        evidence_path("browser", nodeid, ".json").write_text(self.describe() + "\n")
         return screenshot

@@ -178,7 +178,7 @@ def player(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Player]
     try:
         yield opened
     finally:
-        opened.save_evidence(request.node.name)
+        opened.save_evidence(request.node.nodeid)
         context.close()
 
 

@@ -8,12 +8,17 @@ so a unit test importing it pulls in nothing heavy.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import fcntl
 import hashlib
 import os
+import random
+import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -30,15 +35,63 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 MEDIA_CACHE = ROOT / ".cache" / "test-media"
 HLSVAULT = [sys.executable, "-m", "hlsvault"]
+#: Where tests leave evidence for a person to look at (screenshots, a page's record).
+ARTIFACTS = ROOT / "test-artifacts"
+#: A file name's length limit is 255 bytes; a long parametrized node id is cut and hashed.
+_MAX_STEM = 160
 #: A CLI call in a test packages a few seconds of video; a minute means it hung.
 CLI_TIMEOUT_S = 300
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+#: Where free ports are picked: below Linux's ephemeral range (32768-60999), from which the
+#: kernel gives every outgoing connection and every bind to port 0 a port, so nothing on the
+#: machine takes a port picked here between the pick and the server's start.
+TEST_PORTS = range(20000, 32768)
+#: The directory of the port reservations every test process on the machine shares.
+_RESERVATIONS = Path(tempfile.gettempdir()) / "hlsvault-test-ports"
+#: Ports one test process holds at most (a session uses a few hundred); past it the oldest
+#: reservation is let go, its server long stopped.
+_MAX_RESERVED = 4096
+_reserved: collections.deque[int] = collections.deque()
+_reserving = threading.Lock()
+
+
+def free_port(*, ports: range = TEST_PORTS) -> int:
+    """A port of ``ports`` nothing listens on, reserved for this process until it exits: no
+    other test process (another xdist worker, another checkout's session) is given it, and it
+    is outside the range the kernel hands out by itself, so a server started on it later finds
+    it free. Raises when ``ports`` has none left."""
+    _RESERVATIONS.mkdir(exist_ok=True)
+    candidates = random.sample(ports, len(ports))
+    with _reserving:
+        for port in candidates:
+            descriptor = os.open(_RESERVATIONS / str(port), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                # A lock the kernel drops when the holder exits, however it exits.
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+            except OSError:  # reserved by another process, or in use
+                os.close(descriptor)
+                continue
+            _reserved.append(descriptor)
+            if len(_reserved) > _MAX_RESERVED:
+                os.close(_reserved.popleft())
+            return port
+    raise OSError(f"no free port in {ports.start}-{ports.stop - 1}: every one is in use or "
+                  "reserved by another test process")
+
+
+def evidence_path(kind: str, nodeid: str, suffix: str, *, label: str = "") -> Path:
+    """Where the test ``nodeid`` leaves a piece of evidence (``label`` tells a test's several
+    apart): ``test-artifacts/<kind>/``, named after the node id (file, class, test and
+    parameters), so no two tests write one file whichever xdist process runs them."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{nodeid}-{label}" if label else nodeid).strip("_")
+    if len(stem) > _MAX_STEM:
+        stem = f"{stem[:_MAX_STEM - 13]}-{hashlib.sha256(stem.encode()).hexdigest()[:12]}"
+    directory = ARTIFACTS / kind
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{stem}{suffix}"
 
 
 def generate_media(name: str, ffmpeg_args: list[str]) -> Path:

@@ -16,7 +16,7 @@ import jwt
 import pytest
 
 from browser import Player, PlayerPageServer, PlayerState
-from support import Hlsvault
+from support import ARTIFACTS, Hlsvault, evidence_path
 
 ASSET = "film-1"
 #: The 6 s clip remuxed into 6 s segments under one key.
@@ -188,3 +188,25 @@ class TestCookieMode:
         refusals = {load["code"] for load in state.failed("key")}
         assert refusals == {401}, player.describe()
         assert state.current_time == 0, player.describe()
+
+
+class TestEvidenceNames:
+    def test_two_files_tests_of_one_name_leave_two_files(self) -> None:
+        """Tests of one name (and parameters) in two files, which two xdist processes may run
+        at once, never write each other's screenshot."""
+        first = evidence_path("browser", "tests/test_browser.py::TestA::test_plays[ts]", ".png")
+        second = evidence_path("browser", "tests/test_chunks.py::TestA::test_plays[ts]", ".png")
+
+        assert first != second
+        assert first.parent == second.parent == ARTIFACTS / "browser"
+        assert first.name == "tests_test_browser.py_TestA_test_plays_ts.png"
+
+    def test_a_long_parametrized_id_stays_a_valid_distinct_file_name(self) -> None:
+        ids = [f"tests/test_x.py::test_y[{'a' * 300}-{n}]" for n in (1, 2)]
+        paths = [evidence_path("browser", nodeid, ".json", label="after") for nodeid in ids]
+
+        assert paths[0] != paths[1]
+        assert all(len(path.name.encode()) <= 255 for path in paths)
+        for path in paths:
+            path.write_text("{}")  # the filesystem takes the name
+            path.unlink()

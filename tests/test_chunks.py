@@ -253,7 +253,7 @@ class TestSixtySecondsInTenSecondChunks:
                       and not str(e.get("url", "")).endswith("/seg_00000.ts")]
             assert stalls == [], player.describe()
         finally:
-            player.save_evidence(request.node.name)
+            player.save_evidence(request.node.nodeid)
             context.close()
 
 

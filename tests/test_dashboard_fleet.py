@@ -35,10 +35,9 @@ from pipeline.settings import load_settings
 
 from fleet import Fleet, RedisServer, stop_process
 from ops_support import PASSWORD, basic, get, series
-from support import ROOT, VENV_BIN, free_port, wait_for_http, wait_for_port
+from support import ROOT, VENV_BIN, evidence_path, free_port, wait_for_http, wait_for_port
 from test_fleet import submit, wait_for_job
 
-ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
 #: The pages poll every 1.5 s; a change not shown after this many seconds is not shown at all.
 LIVE_TIMEOUT_MS = 30_000
 #: The preview must play past this position (seconds) to count as playing.
@@ -62,9 +61,9 @@ def ops(fleet: Fleet) -> Iterator[str]:
     yield base
 
 
-def screenshot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+def screenshot(page: Page, request: pytest.FixtureRequest, name: str) -> None:
+    page.screenshot(path=str(evidence_path("dashboard", request.node.nodeid, ".png", label=name)),
+                    full_page=True)
 
 
 @dataclass
@@ -226,7 +225,8 @@ class TestAuth:
 
 class TestDashboard:
     def test_metrics_and_dashboard_follow_jobs_through_the_fleet(
-        self, ops: str, fleet: Fleet, browser: Browser, copy_clip: Path, long_hd_clip: Path
+        self, ops: str, fleet: Fleet, browser: Browser, copy_clip: Path, long_hd_clip: Path,
+        request: pytest.FixtureRequest,
     ) -> None:
         # Given metrics before any job: queue series for every queue, no job succeeded yet
         status, headers, before = get(ops + "/metrics")
@@ -275,7 +275,7 @@ class TestDashboard:
                 arg=first, timeout=LIVE_TIMEOUT_MS, polling=100,
             )
             assert page.inner_text("#job-progress") != first
-            screenshot(page, "running-job")
+            screenshot(page, request, "running-job")
 
             # and a queued job is cancelled from its page, and ends so
             page.goto(f"{ops}/jobs/{doomed}")
@@ -283,7 +283,7 @@ class TestDashboard:
                 page.click("#cancel")
             assert page.url == f"{ops}/jobs/{doomed}"
             assert page.inner_text("#job-status") == "cancelled"
-            screenshot(page, "cancelled-job")
+            screenshot(page, request, "cancelled-job")
 
             # and the finished job shows every stage done, and its preview plays
             assert wait_for_job(fleet, quick, timeout=60)["status"] == "succeeded"
@@ -294,7 +294,7 @@ class TestDashboard:
                 "s => document.getElementById('preview').currentTime > s",
                 arg=PLAYED_S, timeout=LIVE_TIMEOUT_MS, polling=100,
             )
-            screenshot(page, "finished-job-preview")
+            screenshot(page, request, "finished-job-preview")
             # (under the strict CSP: scripts, styles, playlists, keys and segments all allowed)
             assert not [m for m in console if "Content Security Policy" in m], console
 
@@ -302,13 +302,13 @@ class TestDashboard:
             assert wait_for_job(fleet, failed, timeout=60)["status"] == "failed"
             page.goto(f"{ops}/jobs/{failed}")
             assert page.inner_text("#job-error").strip(), "a failed job shows its reason"
-            screenshot(page, "failed-job")
+            screenshot(page, request, "failed-job")
             page.click("#retry")
             page.wait_for_url(re.compile(r".*/jobs/[0-9a-f]{32}$"))
             retried = page.url.rsplit("/", 1)[1]
             assert retried != failed
             assert "retry of" in page.inner_text("main")
-            screenshot(page, "retried-job")
+            screenshot(page, request, "retried-job")
 
             # and the jobs list shows them all; filtered by status, only the failed ones
             page.goto(f"{ops}/?status=failed")
@@ -319,10 +319,10 @@ class TestDashboard:
             for job in (quick, long, failed, doomed, retried):
                 page.wait_for_selector(f"a[href='/jobs/{job}']", timeout=5000)
             assert page.locator("#throughput rect").count() == 24
-            screenshot(page, "jobs-list")
+            screenshot(page, request, "jobs-list")
             assert not [m for m in console if "Content Security Policy" in m], console
         finally:
-            screenshot(page, "last-page")
+            screenshot(page, request, "last-page")
             context.close()
 
         # and the metrics moved: a job succeeded, jobs failed, stage durations were observed

@@ -1,21 +1,28 @@
 """Reading a job record a newer version wrote (a rolling deploy): the plan and the outputs
 read in this version, a field it does not know left out and every field it knows intact; the
-job spec refuses an option it does not know rather than ignore it."""
+job spec refuses an option it does not know rather than ignore it. The catalog's version
+descriptions read the same way, so an older key server serves what a newer packager wrote."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pipeline import layout
 from pipeline.audio import ChunkAudio, ReleasedAudio
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import AudioStream, MediaInfo, SubtitleStream, VideoStream
 from pipeline.plan import AudioRendition, Chunk, Rendition
+from pipeline.playlists import AssetVersion, DownloadEntry, PublishedSegment, RenditionEntry
 from pipeline.segment import Segment, SegmentedRendition
 from pipeline.subtitles import SubtitleTrack
+from pipeline.thumbnails import Thumbnails
+
+from keyserver_support import VIEWER_IP, AppClient, Library, shared_library
 
 #: A field no version of hlsvault has: what a newer version adds, as this one sees it.
 NEWER = "added_by_a_newer_version"
@@ -68,6 +75,21 @@ WRITTEN = [
         ChunkAudio(chunk="c003", kbps=128, name="c003-128k.aac", offset=0.0213, frames=2813),
         ChunkAudio(chunk="c003", kbps=64, name="c003-64k.aac", offset=0.0213, frames=2813),
     )),
+    AssetVersion(
+        asset="film", version="v2", job_id="j1", created_at=1.5e9, key_rotation_segments=2,
+        renditions=(RenditionEntry(
+            name="audio-de", width=0, height=0, frame_rate="", codecs="mp4a.40.2",
+            bandwidth=130_000, average_bandwidth=120_000,
+            segments=(PublishedSegment(sequence=0, name="seg_00000.m4s", duration=6.0,
+                                       size=96_000, key=0),),
+            init="init.mp4", media="audio", group="aud", language="de", title="Deutsch",
+            default=True, channels=6, forced=True,
+        ),),
+        key_server="https://keys.example", container="fmp4", audio_only=True,
+        download=DownloadEntry(rendition="720p", size=123, key="downloads/film/v2.mp4"),
+        thumbnails=Thumbnails(tile_width=160, tile_height=90, columns=5, rows=5,
+                              sheets=("sheet_000.jpg",), cues=((0.0, 6.0),)),
+    ),
 ]
 
 
@@ -100,3 +122,24 @@ class TestARecordANewerVersionWrote:
 
         with pytest.raises(TypeError, match=NEWER):
             JobSpec.from_dict({**spec.to_dict(), NEWER: True})
+
+
+class TestACatalogANewerPackagerWrote:
+    def test_its_playlists_and_keys_are_served(
+        self, tmp_path_factory: pytest.TempPathFactory, copy_clip: Path, tmp_path: Path
+    ) -> None:
+        """A version description with a newer version's field in every object (the version,
+        each rendition, each segment) is served as before: master, variant and key, 200."""
+        library: Library = shared_library(tmp_path_factory, copy_clip).copy(tmp_path)
+        described = Path(library.settings.vault) / layout.version_description_key(
+            "film", library.version)
+        described.write_text(json.dumps(with_newer_fields(json.loads(described.read_text()))))
+        token = library.token()
+
+        with AppClient(library.app(), client_ip=VIEWER_IP) as client:
+            answers = [client.get(path, params={"token": token})
+                       for path in (library.master_path(), library.variant_path(),
+                                    library.key_path(0))]
+
+        assert [answer.status_code for answer in answers] == [200, 200, 200]
+        assert answers[2].content == library.key(0)

@@ -48,6 +48,19 @@ def probed(services: Services, copy_clip: Path) -> tuple[JobSpec, str]:
 CHUNK = "c000"
 
 
+def stored_files(services: Services) -> dict[str, tuple[int, int, bytes]]:
+    """Every file of the (local) work store, origin and vault: inode, modification time and
+    bytes (a rewrite in place changes the time, a replacing write the inode)."""
+    found = {}
+    settings = services.settings
+    for root in (settings.work, settings.origin, settings.vault):
+        for path in Path(root).rglob("*"):
+            if path.is_file():
+                stat = path.stat()
+                found[str(path)] = (stat.st_ino, stat.st_mtime_ns, path.read_bytes())
+    return found
+
+
 def produced_output(services: Services, spec: JobSpec) -> dict[str, Any]:
     """The chunk's ``produced`` output: the attempt that won, and its segments."""
     name = layout.produced_output(CHUNK)
@@ -611,6 +624,66 @@ class TestRedeliveredAfterTheNextStageStarted:
                 assert published == seen["encrypted"][encrypted_key.removeprefix(root)][1]
                 segments += 1
         assert segments >= 6
+
+    @pytest.mark.parametrize("stage, successor", [
+        ("playlist", "download"), ("download", "trickplay"), ("trickplay", "upload"),
+        ("upload", "invalidate"),
+    ])
+    def test_a_stage_redelivered_while_its_successor_runs_makes_nothing_again(
+        self, tmp_path: Path, copy_clip: Path, monkeypatch: pytest.MonkeyPatch, stage: str,
+        successor: str,
+    ) -> None:
+        """Given a job with a download and trick play whose ``stage`` finished and handed on,
+        when its message is delivered again while the stage after it runs (reading what it
+        made), then no file of the work store, the origin or the vault is written (bytes,
+        inode, mtime), nothing is sent and the stage is done with two deliveries; the job
+        then publishes, the successor having run once."""
+        from pipeline import cdn, downloads, publish, trickplay
+
+        services = build_services(load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data")}))
+        broker = InOrder()
+        runtime = build_runtime(services.settings, services=services, broker=broker)
+        spec = new_job_spec(str(copy_clip), asset="handedon", ladder="copy",
+                            download=layout.DOWNLOAD_TOP, trick_play=True)
+        runtime.enqueue(spec)
+        ran: dict[str, Message[Any]] = {}
+        while broker.names()[:1] != [f"media.{successor}"]:
+            message = broker.deliver()
+            ran[message.actor_name] = message
+        redelivered = ran[f"media.{stage}"]
+        jobs = services.jobs
+        seen: dict[str, Any] = {}
+
+        def redeliver() -> None:
+            before = stored_files(services)
+            broker.deliver(redelivered)
+            seen["unchanged"] = stored_files(services) == before
+            seen["sent"] = broker.names()
+
+        module, name = {
+            "download": (downloads, "make_download"), "trickplay": (trickplay, "make_trick_play"),
+            "upload": (publish, "upload"), "invalidate": (cdn, "invalidate"),
+        }[successor]
+        work = getattr(module, name)
+
+        def redelivered_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            redeliver()
+            return work(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, redelivered_meanwhile)
+        broker.deliver()
+
+        assert seen["unchanged"]
+        assert seen["sent"] == []  # (the successor's own hand-on came after)
+        state = jobs.get(spec.job_id).stage(stage)
+        assert state is not None and (state.status, state.attempts) == ("done", 2)
+        while broker.waiting:
+            broker.deliver()
+        record = jobs.get(spec.job_id)
+        assert record.status == "succeeded", record.error
+        state = record.stage(successor)
+        assert state is not None and state.attempts == 1
+        assert services.catalog.current_version(spec.asset) == spec.version
 
     def test_a_segment_redelivered_after_its_encryption_started_sends_it_no_more(
         self, runtime: Runtime, copy_clip: Path

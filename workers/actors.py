@@ -76,8 +76,7 @@ def declare(rt: Runtime) -> None:
         report = flow.progress(rt, job_id, stage)
         ran = flow.run_stage(
             rt, job_id, stage,
-            lambda job: 0 if flow.segmented(job, chunk) else packaging.segment(
-                svc, job.spec, chunk, report, job=job),
+            lambda job: packaging.segment(svc, job.spec, chunk, report, job=job),
         )
         if ran is not None:
             flow.after_segment(rt, ran, chunk)

@@ -26,8 +26,10 @@ job record's own atomic write, and sends the messages of those it marked, and no
 releases). So a redelivered stage (its worker died before the ack, maybe after handing on)
 re-sends a stage after it only while it is queued, and two deliveries of one stage running
 at once (a stage still queued may get a second message), a first delivery among them, never
-mark queued or send again a stage the other's hand-on started. A member that had arrived at
-the fan-in does not make its output again.
+mark queued or send again a stage the other's hand-on started. A redelivered stage whose
+successor has started (:func:`handed_on`) makes nothing again, since that successor may be
+reading what it made, and a member that had arrived at the fan-in does not make its output
+again either.
 A job fails through :func:`fail` only, whether a stage found a permanent error, a message was
 delivered too often, or dramatiq ran out of retries (:class:`workers.middleware.JobOutcome`).
 """
@@ -188,6 +190,14 @@ def run_stage(
         if record.status == "cancelled":
             discard_work(svc, job_id)
         return None
+    if handed_on(record, stage):
+        # An earlier delivery finished and handed on, and the stage after it started: that
+        # stage may be reading what this one made, so nothing is made again; only this
+        # stage's end is written again (its start above marked it running), sending nothing.
+        # Before the delivery count: a stage that finished is not poison.
+        log.info("stage handed on already; redelivery does nothing", stage=stage)
+        hand_on(rt, Ran(stage, record, None), *handed_to(record.spec, stage))
+        return None
     if attempts > svc.settings.max_deliveries:
         reason = str(
             PoisonJob(
@@ -217,6 +227,39 @@ def waiting(record: JobRecord, stage: str) -> bool:
     no message yet, or one no delivery has picked up."""
     state = record.stage(stage)
     return unstarted(None if state is None else state.status)
+
+
+def publishing(spec: JobSpec) -> tuple[str, ...]:
+    """The stages after the playlist (or a re-key), in order: the download and trick play
+    when the job asked for them, then the upload and the CDN invalidation."""
+    return (*(("download",) if spec.download is not None else ()),
+            *(("trickplay",) if spec.trick_play else ()), "upload", "invalidate")
+
+
+def handed_to(spec: JobSpec, stage: str) -> tuple[str, ...]:
+    """The one stage ``stage`` hands on to, if it hands on to one: a chunk's segment stage
+    to its encryption, the playlist (or a re-key) and each stage after it to the next of
+    :func:`publishing`. Nothing for the others: the probe and the audio fan out, an encryption
+    arrives at the fan-in (:func:`arrived` decides its redelivery), the invalidation ends
+    the job."""
+    name, _, chunk = stage.partition(":")
+    if name == "segment" and chunk:
+        return (chunk_stage("encrypt", chunk),)
+    after = publishing(spec)
+    if stage in ("playlist", "rekey"):
+        return after[:1]
+    if stage in after:
+        return after[after.index(stage) + 1 :][:1]
+    return ()
+
+
+def handed_on(record: JobRecord, stage: str) -> bool:
+    """Whether an earlier delivery of ``stage`` had handed on and the stage it handed on to
+    had started when ``record`` was read: the one rule by which a redelivery makes nothing
+    again (:func:`run_stage`). While that stage is only queued, nothing reads what this one
+    made, and a redelivery makes it again and re-sends it (the earlier delivery may have
+    died before its send)."""
+    return any(not waiting(record, after) for after in handed_to(record.spec, stage))
 
 
 def hand_on(
@@ -321,16 +364,11 @@ def send_chunks(
     hand_on(rt, ran, *(chunk_stage("segment", n) for n in names), json_fields=json_fields)
 
 
-def segmented(record: JobRecord, chunk: str) -> bool:
-    """Whether an earlier delivery of ``chunk``'s segment stage had cut it and handed on, and
-    its encryption had started, when ``record`` was read: a redelivery then cuts nothing (a
-    new attempt switched in now would not be the one encrypted)."""
-    return not waiting(record, chunk_stage("encrypt", chunk))
-
-
 def after_segment(rt: Runtime, ran: Ran[Any], chunk: str) -> None:
     # Encrypted at once: only the last chunk's encryption is left when the last chunk is cut.
-    hand_on(rt, ran, chunk_stage("encrypt", chunk))
+    # (Once it has started, a redelivery cuts nothing: a new attempt switched in then would
+    # not be the one encrypted; see handed_on.)
+    hand_on(rt, ran, *handed_to(ran.spec, ran.stage))
 
 
 def after_encrypt(rt: Runtime, ran: Ran[Any], chunk: str) -> None:
@@ -358,28 +396,17 @@ def after_rekey(rt: Runtime, ran: Ran[Any]) -> None:
 
 def after_playlist(rt: Runtime, ran: Ran[Any]) -> None:
     # A download is made from what encrypt left and the playlist stage described, before the
-    # upload publishes the version (so a published version's download is always there). The
+    # upload publishes the version (so a published version's download is always there); trick
+    # play after the download, which is made from a description without it (publishing). The
     # spec is the one the stage ran with (its start read it): no second read of the record.
-    if ran.spec.download is not None:
-        hand_on(rt, ran, "download")
-        return
-    after_download(rt, ran)
+    hand_on(rt, ran, *handed_to(ran.spec, ran.stage))
 
 
-def after_download(rt: Runtime, ran: Ran[Any]) -> None:
-    # Trick play after the download: the download is made from a description without it.
-    if ran.spec.trick_play:
-        hand_on(rt, ran, "trickplay")
-        return
-    after_trickplay(rt, ran)
-
-
-def after_trickplay(rt: Runtime, ran: Ran[Any]) -> None:
-    hand_on(rt, ran, "upload")
+after_download = after_trickplay = after_playlist
 
 
 def after_upload(rt: Runtime, ran: Ran[dict[str, Any]]) -> None:
-    hand_on(rt, ran, "invalidate", json_fields={"published": ran.result})
+    hand_on(rt, ran, *handed_to(ran.spec, ran.stage), json_fields={"published": ran.result})
 
 
 def after_invalidate(rt: Runtime, ran: Ran[dict[str, Any]]) -> None:

@@ -15,13 +15,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import BadSpec, NotFound
+from ..errors import BadSpec, ConfigurationError, NotFound
 
 if TYPE_CHECKING:
     from .local import LocalStore
     from .s3 import S3Store
 
-__all__ = ["LocalStore", "ObjectNotFound", "S3Store", "Store", "check_key", "open_store"]
+__all__ = [
+    "S3_SCHEME", "LocalStore", "ObjectNotFound", "S3Store", "Store", "check_key", "is_s3_url",
+    "open_store", "s3_parts",
+]
 
 
 class ObjectNotFound(NotFound):
@@ -93,17 +96,37 @@ def check_key(key: str) -> str:
     return key
 
 
+#: What every S3 URL starts with, in lower case as AWS's own tools write it: ``S3://b/k`` is
+#: not one (it would be a relative local path), in every place that asks.
+S3_SCHEME = "s3://"
+
+
 def is_s3_url(url: str) -> bool:
-    """Whether the store ``url`` names is an S3 one (opening it loads boto3), not a directory."""
-    return url.startswith("s3://")
+    """Whether ``url`` names S3 (a store, a source or a sidecar; opening it loads boto3)
+    rather than a local path: the one test of it."""
+    return url.startswith(S3_SCHEME)
+
+
+def s3_parts(url: str) -> tuple[str, str]:
+    """An S3 URL's bucket and what follows it (a key, or a store's prefix). Either may be
+    empty (``s3://``, ``s3://bucket``): each caller refuses what it cannot use, in its
+    own words."""
+    if not is_s3_url(url):
+        raise ValueError(f"{url[:80]!r} is not an S3 URL")
+    bucket, _, rest = url.removeprefix(S3_SCHEME).partition("/")
+    return bucket, rest
 
 
 def open_store(url: str) -> Store:
-    """Open the store named by ``url``: a local directory, or ``s3://bucket/prefix``."""
+    """Open the store named by ``url``: a local directory, or ``s3://bucket/prefix``.
+    Any other URL is refused (``S3://bucket`` would otherwise be a directory named ``S3:``)."""
     if is_s3_url(url):
         from .s3 import S3Store
 
         return S3Store.from_url(url)
+    if "://" in url:
+        raise ConfigurationError(f"the store URL {url[:80]!r} is neither a local directory nor "
+                                 "s3://bucket/prefix (in lower case)")
     from .local import LocalStore
 
     return LocalStore(Path(url))

@@ -1,0 +1,66 @@
+"""Which URLs name S3: one rule (``pipeline.storage.is_s3_url``) for stores, sources, sidecars
+and job requests, so that a URL means the same thing wherever it is given; an S3 URL without
+the bucket (or key) a place needs is refused there, with the form to use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import BadSpec, ConfigurationError, InvalidSource
+from pipeline.ingest import parse_job_request
+from pipeline.sources import split_s3_url
+from pipeline.storage import is_s3_url, open_store, s3_parts
+from pipeline.subtitles import check_sidecar_source
+
+
+class TestWhatAnS3UrlIs:
+    @pytest.mark.parametrize("url", ["s3://bucket/key", "s3://bucket", "s3://", "s3:///key"])
+    def test_the_lower_case_scheme_names_s3(self, url: str) -> None:
+        """Anything starting ``s3://`` is an S3 URL, even one missing its bucket (refused by
+        whoever needs the bucket, below): never a local path."""
+        assert is_s3_url(url)
+
+    @pytest.mark.parametrize("url", ["S3://bucket/key", "/data/s3://x", "s3:/bucket/key",
+                                     "https://bucket.s3.amazonaws.com/key", "bucket/key"])
+    def test_nothing_else_does(self, url: str) -> None:
+        assert not is_s3_url(url)
+
+    def test_its_parts_are_the_bucket_and_the_rest(self) -> None:
+        assert s3_parts("s3://bucket/a/b.mp4") == ("bucket", "a/b.mp4")
+        assert s3_parts("s3://bucket") == ("bucket", "")
+        with pytest.raises(ValueError, match="not an S3 URL"):
+            s3_parts("S3://bucket/key")
+
+
+class TestAnS3UrlWithoutItsBucketOrKey:
+    @pytest.mark.parametrize("url", ["s3://", "s3:///prefix"])
+    def test_a_store_without_a_bucket_refuses_to_open(self, url: str) -> None:
+        with pytest.raises(ConfigurationError, match="names no bucket"):
+            open_store(url)
+
+    @pytest.mark.parametrize("url", ["S3://bucket", "https://bucket.s3.amazonaws.com"])
+    def test_a_store_url_of_another_scheme_is_not_taken_for_a_directory(
+        self, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(ConfigurationError, match="s3://bucket/prefix"):
+            open_store(url)
+        assert list(tmp_path.iterdir()) == []
+
+    @pytest.mark.parametrize("url", ["s3://", "s3:///key", "s3://bucket", "s3://bucket/"])
+    def test_a_source_needs_both(self, url: str) -> None:
+        with pytest.raises(InvalidSource, match="s3://bucket/key"):
+            split_s3_url(url)
+        # (a sidecar's refusal is the source's: InvalidSource, where its other refusals are
+        # BadSpec; both fail the job or the request at once)
+        with pytest.raises((BadSpec, InvalidSource), match="s3://bucket/key"):
+            check_sidecar_source(url)
+        with pytest.raises(BadSpec, match="s3://bucket/key"):
+            parse_job_request({"source": url})
+
+    def test_a_request_names_its_source_in_lower_case(self) -> None:
+        with pytest.raises(BadSpec, match='like "s3://bucket/key"'):
+            parse_job_request({"source": "S3://bucket/key.mp4"})
+        assert parse_job_request({"source": "s3://bucket/key.mp4"}).key == "key.mp4"
