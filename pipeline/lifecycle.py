@@ -29,7 +29,7 @@ from .crypto import (
     iv_for_sequence,
 )
 from .downloads import carry_download, delete_asset_downloads, delete_version_download
-from .errors import BadSpec, NotFound
+from .errors import BadSpec, ConfigurationError, NotFound
 from .jobs import JobSpec
 from .playlists import AssetVersion, RenditionEntry, key_index
 from .services import Services
@@ -73,6 +73,8 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
     old_keys: dict[int, bytes] = {}
     new_keys: dict[int, bytes] = {}
     renditions: list[RenditionEntry] = []
+    # One answer for the whole rekey: only a copy in its scratch is ever encrypted in place.
+    remote = svc.work.local_dir(layout.encrypted_prefix(spec.job_id, "")) is None
     with tempfile.TemporaryDirectory(prefix="hlsvault-rekey-") as scratch:
         work_dir = Path(scratch)
         for rendition in old.renditions:
@@ -102,14 +104,16 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
                     if encrypted.parent == work_dir:  # fetched into scratch: done with it
                         encrypted.unlink()
                     out_key = layout.encrypted_key(spec.job_id, rendition.name, segment.name)
-                    # Into the work store's own file when it is local; else the scratch copy
-                    # is encrypted in place (no new file's pages) and put.
-                    out = svc.work.local_path(out_key) or plain
+                    # Into the work store's own file when it is local; else the decrypted
+                    # copy in scratch (this rekey's own) is encrypted in place and put.
+                    out = plain if remote else svc.work.local_path(out_key)
+                    if out is None:
+                        raise ConfigurationError(
+                            "a work store with local directories gave no local path")
                     jobs.append(SegmentFile(plain, out, new_keys[index], iv))
-                in_scratch = jobs[0].dst == jobs[0].src
-                sizes = (encrypt_files_in_place if in_scratch else encrypt_files)(jobs)
+                sizes = (encrypt_files_in_place if remote else encrypt_files)(jobs)
                 for segment, job, size in zip(batch, jobs, sizes, strict=True):
-                    if in_scratch:  # not the work store's own file: put it
+                    if remote:  # not the work store's own file: put it
                         svc.work.put_file(
                             layout.encrypted_key(spec.job_id, rendition.name, segment.name),
                             job.dst,

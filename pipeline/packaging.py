@@ -45,7 +45,7 @@ from .audio import (
     check_audio_covers,
 )
 from .crypto import SegmentFile, encrypt_files, encrypt_files_in_place, iv_for_sequence
-from .errors import BadSpec, InvalidSource, PermanentError, UnsupportedMedia
+from .errors import BadSpec, ConfigurationError, InvalidSource, PermanentError, UnsupportedMedia
 from .jobs import JobRecord, JobSpec
 from .media import MediaInfo, probe
 from .plan import (
@@ -583,25 +583,31 @@ def encrypt_renditions(
                 _copy_init(svc, spec, f"{attempt_prefix}/{name}", name, rendition.init)
 
     with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
+        # One answer for the whole stage, which decides whether any file is encrypted in
+        # place: only a fetched copy in this stage's scratch ever is.
+        remote = bool(work) and svc.work.local_dir(
+            layout.encrypted_prefix(spec.job_id, work[0][0])) is None
 
         def segment_file(item: tuple[str, Segment]) -> SegmentFile:
             name, seg = item
             index = key_index(seg.sequence, spec.key_rotation_segments)
             key, iv = keys[index], iv_for_sequence(seg.sequence)
             plain_key = layout.plain_segment_key(f"{attempt_prefix}/{name}", seg.name)
-            plain = svc.work.local_path(plain_key)
-            encrypted = svc.work.local_path(layout.encrypted_key(spec.job_id, name, seg.name))
-            if plain is not None and encrypted is not None:
-                # A local work store's plain segment stays as it is (a redelivery reads it
-                # again): the ciphertext is a new file in the store's encrypted prefix.
-                return SegmentFile(plain, encrypted, key, iv)
-            # A remote work store's segment is fetched into this stage's scratch (removed with
-            # it, however the stage ends) and encrypted there in place: the copy is this
-            # delivery's own, so a redelivery fetches the plain segment again, and no new
-            # file's pages are written (docs/benchmarks.md: in place is ~1.5x as fast).
-            fetched = Path(scratch) / f"{name}-{seg.name}"
-            svc.work.get_file(plain_key, fetched)
-            return SegmentFile(fetched, fetched, key, iv)
+            encrypted_key = layout.encrypted_key(spec.job_id, name, seg.name)
+            if remote:
+                # Fetched into this stage's scratch (removed with it, however the stage ends)
+                # and encrypted there in place: the copy is this delivery's own, so a
+                # redelivery fetches the plain segment again, and no second new file's pages
+                # are written.
+                fetched = Path(scratch) / f"{name}-{seg.name}"
+                svc.work.get_file(plain_key, fetched)
+                return SegmentFile(fetched, fetched, key, iv)
+            # A local work store's plain segment stays as it is (a redelivery reads it again):
+            # the ciphertext is a new file in the store's encrypted prefix.
+            plain, encrypted = svc.work.local_path(plain_key), svc.work.local_path(encrypted_key)
+            if plain is None or encrypted is None:
+                raise ConfigurationError("a work store with local directories gave no local path")
+            return SegmentFile(plain, encrypted, key, iv)
 
         # A remote work store's segments pass through scratch a batch at a time: fetched
         # (round trips overlap), encrypted side by side in place, each put and deleted as soon
@@ -609,8 +615,6 @@ def encrypt_renditions(
         # more than a batch (a whole film's trick-play track would otherwise sit there). A
         # local store needs no scratch: the chunk is one batch, and no lane idles at a
         # batch's end.
-        remote = bool(work) and svc.work.local_dir(
-            layout.encrypted_prefix(spec.job_id, work[0][0])) is None
         batch_size = ENCRYPT_THREADS * aes.LANES if remote else max(1, len(work))
         steps = len(work) * (2 if remote else 1)  # encrypted, then (remote) put
         done = 0

@@ -14,6 +14,7 @@ from fractions import Fraction
 from typing import Any
 
 from . import layout
+from .errors import ConfigurationError
 from .plan import AudioRendition
 from .records import from_known
 from .segment import SegmentedRendition
@@ -118,6 +119,13 @@ class DownloadEntry:
         return cls(rendition=str(data["rendition"]), size=int(data["size"]), key=str(data["key"]))
 
 
+#: The version description format this hlsvault writes and reads. Raise it, and set a new
+#: version's ``reader`` to it, only for a change an older reader would get wrong by ignoring a
+#: field it does not know (a new key method, IV rule or container); a field that older
+#: readers may leave out keeps ``reader`` as it is.
+DESCRIPTION_FORMAT = 1
+
+
 @dataclass(frozen=True)
 class AssetVersion:
     """Everything a key server needs to render the playlists of one packaged version."""
@@ -139,6 +147,9 @@ class AssetVersion:
     audio_only: bool = False
     #: Trick play's thumbnail track (None without trick play).
     thumbnails: Thumbnails | None = None
+    #: The oldest description format a reader must know to serve this version correctly
+    #: (:data:`DESCRIPTION_FORMAT`); absent in descriptions written before it was kept (1).
+    reader: int = 1
 
     @property
     def key_count(self) -> int:
@@ -175,7 +186,18 @@ class AssetVersion:
     def from_dict(cls, data: dict[str, Any]) -> AssetVersion:
         """The version a packager described, which may be a newer hlsvault than this key
         server: fields this version does not know are left out at every level
-        (:func:`pipeline.records.from_known`), one it needs and does not find is an error."""
+        (:func:`pipeline.records.from_known`), one it needs and does not find is an error,
+        and so is a version whose ``reader`` says it needs a newer format than this one
+        knows (a field whose meaning a reader cannot ignore)."""
+        reader = data.get("reader", 1)
+        if not isinstance(reader, int) or isinstance(reader, bool) or reader < 1:
+            raise ConfigurationError(
+                f"version {data.get('version')!r} has an unreadable description format")
+        if reader > DESCRIPTION_FORMAT:
+            raise ConfigurationError(
+                f"version {data.get('version')!r} was packaged by a newer hlsvault (description "
+                f"format {reader}; this one reads up to {DESCRIPTION_FORMAT}): upgrade the key "
+                "servers and the ops app before the packagers (README, Upgrading a fleet)")
         renditions = tuple(
             from_known(RenditionEntry, r,
                        segments=tuple(from_known(PublishedSegment, s) for s in r["segments"]))

@@ -144,10 +144,11 @@ class TestRekeyScratch:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Given a published asset of six batches' segments (two lanes: a batch is two) on
-        stores that are not local, when it is re-keyed, then its scratch never holds more
-        files than a batch has segments (each is fetched, decrypted, and re-encrypted in place
-        in its decrypted copy), and every new segment decrypts, under the new version's key,
-        to what the old one decrypted to under the old key."""
+        stores that are not local, when it is re-keyed, then its scratch holds no more files
+        than a batch has segments whenever one is fetched or put (each is fetched, decrypted
+        into a copy of its own, which is re-encrypted in place; the fetched file goes once
+        decrypted), and every new segment decrypts, under the new version's key, to what the
+        old one decrypted to under the old key."""
         services = build_services(load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data")}))
         clip = lavfi_clip("twelve-seconds.mp4", seconds=12)
         spec = new_job_spec(str(clip), asset="film", ladder="copy", segment_seconds=1)

@@ -143,3 +143,36 @@ class TestACatalogANewerPackagerWrote:
 
         assert [answer.status_code for answer in answers] == [200, 200, 200]
         assert answers[2].content == library.key(0)
+
+    @pytest.mark.parametrize("reader, status", [
+        (None, 200), (1, 200), (2, 503), (99, 503), ("2", 503), (True, 503), (0, 503),
+    ])
+    def test_one_that_needs_a_newer_reader_is_refused_with_what_to_do(
+        self, tmp_path_factory: pytest.TempPathFactory, copy_clip: Path, tmp_path: Path,
+        reader: Any, status: int,
+    ) -> None:
+        """A version whose ``reader`` names a description format newer than this key server
+        knows (a field whose meaning it must not ignore), or no format at all, is not served
+        wrongly: its master and variant playlists answer 503, the master's body says to
+        upgrade the key servers first; its keys, which no description format changes, are
+        still served. A description without the field (written before it was kept) or at this
+        format is served."""
+        library: Library = shared_library(tmp_path_factory, copy_clip).copy(tmp_path)
+        described = Path(library.settings.vault) / layout.version_description_key(
+            "film", library.version)
+        data = json.loads(described.read_text())
+        data.pop("reader", None)
+        if reader is not None:
+            data["reader"] = reader
+        described.write_text(json.dumps(data))
+        token = library.token()
+
+        with AppClient(library.app(), client_ip=VIEWER_IP) as client:
+            answers = [client.get(path, params={"token": token})
+                       for path in (library.master_path(), library.variant_path(),
+                                    library.key_path(0))]
+
+        assert [answer.status_code for answer in answers] == [status, status, 200]
+        assert answers[2].content == library.key(0)
+        if reader in (2, 99):
+            assert "upgrade the key servers" in answers[0].text

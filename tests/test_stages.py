@@ -784,7 +784,7 @@ class TestRedeliveredAfterTheNextStageStarted:
 
     @pytest.mark.parametrize("stage, successor", [
         ("playlist", "download"), ("download", "trickplay"), ("trickplay", "upload"),
-        ("upload", "invalidate"),
+        ("upload", "invalidate"), ("rekey", "upload"),
     ])
     def test_a_stage_redelivered_while_its_successor_runs_makes_nothing_again(
         self, tmp_path: Path, copy_clip: Path, monkeypatch: pytest.MonkeyPatch, stage: str,
@@ -794,8 +794,9 @@ class TestRedeliveredAfterTheNextStageStarted:
         when its message is delivered again while the stage after it runs (reading what it
         made), then no file of the work store, the origin or the vault is written (bytes,
         inode, mtime), nothing is sent and the stage is done with two deliveries; the job
-        then publishes, the successor having run once."""
-        from pipeline import cdn, downloads, publish, trickplay
+        then publishes, the successor having run once. A rekey of the published job, before
+        its upload, the same."""
+        from pipeline import cdn, downloads, lifecycle, publish, trickplay
 
         services = build_services(load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data")}))
         broker = InOrder()
@@ -803,6 +804,11 @@ class TestRedeliveredAfterTheNextStageStarted:
         spec = new_job_spec(str(copy_clip), asset="handedon", ladder="copy",
                             download=layout.DOWNLOAD_TOP, trick_play=True)
         runtime.enqueue(spec)
+        if stage == "rekey":
+            while broker.waiting:
+                broker.deliver()
+            spec = lifecycle.new_rekey_spec(services, spec.asset)
+            runtime.enqueue(spec)
         ran: dict[str, Message[Any]] = {}
         while broker.names()[:1] != [f"media.{successor}"]:
             message = broker.deliver()

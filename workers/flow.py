@@ -256,9 +256,10 @@ def handed_to(spec: JobSpec, stage: str) -> tuple[str, ...]:
 def handed_on(record: JobRecord, stage: str) -> bool:
     """Whether an earlier delivery of ``stage`` had handed on and the stage it handed on to
     had started when ``record`` was read: the one rule by which a redelivery makes nothing
-    again (:func:`run_stage`). While that stage is only queued, nothing reads what this one
-    made, and a redelivery makes it again and re-sends it (the earlier delivery may have
-    died before its send)."""
+    again (:func:`run_stage`), checked once, when the delivery starts. A redelivery that
+    finds that stage only queued makes its output again and re-sends it (the earlier delivery
+    may have died before its send); should the next stage start meanwhile, it reads either
+    the earlier output or the same output rewritten, each file replaced whole."""
     return any(not waiting(record, after) for after in handed_to(record.spec, stage))
 
 
