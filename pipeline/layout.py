@@ -8,6 +8,7 @@ Stores (keys are ``/``-separated, relative)::
     work    jobs/<job>/audio/<attempt>/c003-128k.aac             a chunk's share of the job's audio
             jobs/<job>/plain/c003/<attempt>/<rendition>/seg_00030.ts  a chunk attempt's output
             jobs/<job>/audio/<attempt>/audio0-en/seg_00003.m4s   an audio rendition (separate audio)
+                                                                 (encrypted in place; local only)
             jobs/<job>/audio/renditions.json                     names it, with its ciphertext sizes
             jobs/<job>/enc/<rendition>/seg_00030.ts              encrypted, awaiting upload
             jobs/<job>/enc/<rendition>/init.mp4                  fMP4's init segment (clear)

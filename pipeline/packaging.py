@@ -89,7 +89,9 @@ from .workuploads import AttemptUploads
 #: encrypted side by side too.
 ENCRYPT_THREADS = min(os.cpu_count() or 1, 4)
 
-#: Server-side copies of sealed segments at once: round trips to S3, not work for this host.
+#: Sealed segments placed at once on a remote work store: server-side copies, round trips to S3
+#: and not work for this host, or the audio group's puts from scratch (small files, each
+#: mostly a round trip too).
 PLACE_CONCURRENCY = 16
 #: The key of a ``produced`` output that marks a chunk sealed (and holds its ciphertext sizes).
 SEALED = "sealed"
@@ -324,12 +326,21 @@ def audio_group(
     svc: Services, spec: JobSpec, job: JobRecord, on_progress: Progress = no_progress
 ) -> int:
     """Cut every separate audio rendition whole (one ffmpeg reading the source once), encrypt
-    its segments, and name the attempt with its sizes in ``audio/renditions.json``; returns
-    the segments written. Audio is a small share of a job's bytes and time, so it is neither
-    chunked nor encrypted by a stage of its own."""
+    its media segments, place them where encrypt puts its output, and name the attempt with
+    its sizes in ``audio/renditions.json``; returns the segments written. Audio is a small
+    share of a job's bytes and time, so it is neither chunked nor encrypted by a stage of its
+    own.
+
+    The attempt (a new one each delivery) is this delivery's own and no record names it
+    until the last write, so its segments are encrypted in place once ffmpeg has exited, as
+    sealing does (:mod:`pipeline.sealing`), with the same keys and IVs: the bytes are those
+    the encrypt stage would write. On a remote work store the attempt is cut into scratch and
+    only ciphertext (and fMP4's clear init segments) is put, never a plain segment."""
     info = _media(job)
     planned = job_audio_renditions(job)
     target, _ = ffmpeg_target(spec.source)
+    key_for = key_source(svc, spec)
+    key_for(0)  # the vault answers before ffmpeg starts, or the stage fails
     attempt = uuid.uuid4().hex[:12]
     prefix = layout.audio_attempt_prefix(spec.job_id, attempt)
     with _work_dir(svc, prefix) as (out_dir, is_local):
@@ -338,17 +349,26 @@ def audio_group(
             container=spec.container, timeout=audio_timeout(info.duration),
             on_progress=lambda fraction: on_progress(fraction * 0.8),
         )
-        if not is_local:
-            for name, rendition in produced.items():
-                for file_name in _files_of(rendition):
-                    svc.work.put_file(layout.plain_segment_key(f"{prefix}/{name}", file_name),
-                                      out_dir / name / file_name)
-    sizes = encrypt_renditions(svc, spec, prefix, produced, first_chunk=True)
-    on_progress(1.0)
+        work = [(name, seg) for name, rendition in produced.items() for seg in rendition.segments]
+        lengths = encrypt_files_in_place(
+            [SegmentFile(out_dir / name / seg.name, out_dir / name / seg.name,
+                         key_for(seg.sequence), iv_for_sequence(seg.sequence))
+             for name, seg in work],
+            threads=ENCRYPT_THREADS,
+        )
+        on_progress(0.9)
+        files = [(name, file_name) for name, rendition in produced.items()
+                 for file_name in _files_of(rendition)]
+        _place_encrypted(svc, spec, prefix, files,
+                         rate_limited(lambda fraction: on_progress(0.9 + fraction * 0.1)),
+                         scratch=None if is_local else out_dir)
+    sizes: dict[str, list[int]] = {name: [] for name in produced}
+    for (name, _), length in zip(work, lengths, strict=True):
+        sizes[name].append(length)
     record = {"attempt": attempt, "produced": {n: r.to_dict() for n, r in produced.items()},
               "sizes": sizes}
     svc.work.put_bytes(layout.audio_renditions_key(spec.job_id), json.dumps(record).encode())
-    return sum(len(r.segments) for r in produced.values())
+    return len(work)
 
 
 def _files_of(rendition: SegmentedRendition) -> list[str]:
@@ -592,9 +612,9 @@ def encrypt_renditions(
         # A remote work store's segments pass through scratch a batch at a time: fetched
         # (round trips overlap), encrypted side by side in place, each put and deleted as soon
         # as it is encrypted, and the next batch fetched only then, so scratch never holds
-        # more than a batch (a whole film's audio group or trick-play track would otherwise
-        # sit there). A local store needs no scratch: the chunk is one batch, and no lane
-        # idles at a batch's end.
+        # more than a batch (a whole film's trick-play track would otherwise sit there). A
+        # local store needs no scratch: the chunk is one batch, and no lane idles at a
+        # batch's end.
         batch_size = ENCRYPT_THREADS * aes.LANES if remote else max(1, len(work))
         steps = len(work) * (2 if remote else 1)  # encrypted, then (remote) put
         done = 0
@@ -673,28 +693,48 @@ def _place_sealed(
         for file_name in (_files_of(rendition) if first_chunk
                           else [seg.name for seg in rendition.segments])
     ]
+    _place_encrypted(svc, spec, attempt_prefix, work, report)
+    svc.jobs.set_output(spec.job_id, layout.sizes_output(chunk), sizes)
+    return sum(sum(s) for s in sizes.values())
+
+
+def _place_encrypted(
+    svc: Services, spec: JobSpec, attempt_prefix: str, files: Sequence[tuple[str, str]],
+    report: Progress, *, scratch: Path | None = None,
+) -> None:
+    """Put each ``(rendition, file name)`` of an attempt whose media segments already hold
+    their ciphertext (init segments clear) where encrypt puts its output: by a hard link on a
+    local work store, a server-side copy on S3 (else a fetch and a put). ``scratch``: the
+    attempt was cut there and never stored (no plain segment goes to a remote work store),
+    so each file is put from it."""
 
     def place(item: tuple[str, str]) -> None:
         name, file_name = item
-        source = layout.plain_segment_key(f"{attempt_prefix}/{name}", file_name)
         target = layout.encrypted_key(spec.job_id, name, file_name)
+        if scratch is not None:
+            svc.work.put_file(target, scratch / name / file_name)
+            return
+        source = layout.plain_segment_key(f"{attempt_prefix}/{name}", file_name)
         if svc.work.copy_from(svc.work, source, target):
             return
-        with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
-            local = Path(scratch) / file_name
+        with tempfile.TemporaryDirectory(prefix="hlsvault-") as fetched:
+            local = Path(fetched) / file_name
             svc.work.get_file(source, local)
             svc.work.put_file(target, local)
 
-    if svc.work.local_dir(attempt_prefix) is not None:
-        for done, item in enumerate(work, start=1):  # links: no round trips to overlap
+    if scratch is None and svc.work.local_dir(attempt_prefix) is not None:
+        for done, item in enumerate(files, start=1):  # links: no round trips to overlap
             place(item)
-            report(done / len(work))
+            report(done / len(files))
     else:
         with ThreadPoolExecutor(max_workers=PLACE_CONCURRENCY) as pool:
-            for done, _ in enumerate(pool.map(place, work), start=1):
-                report(done / len(work))
-    svc.jobs.set_output(spec.job_id, layout.sizes_output(chunk), sizes)
-    return sum(sum(s) for s in sizes.values())
+            # Each in the caller's structlog context (job_id and the rest): a pool thread has
+            # none of its own.
+            placing = [pool.submit(contextvars.copy_context().run, place, item)
+                       for item in files]
+            for done, future in enumerate(placing, start=1):
+                future.result()
+                report(done / len(files))
 
 
 def joined_renditions(

@@ -4,6 +4,7 @@ a job that runs out of retries leaves no scratch behind."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -20,14 +21,25 @@ from pipeline import aes, layout, packaging
 from pipeline.crypto import iv_for_sequence
 from pipeline.errors import TransientError
 from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.media import MediaInfo
 from pipeline.plan import Rendition
 from pipeline.playlists import key_index
+from pipeline.segment import segment_audio_renditions
 from pipeline.services import Services, build_services
 from pipeline.settings import load_settings
+from pipeline.sources import ffmpeg_target
 from workers.embedded import run_embedded
 from workers.runtime import Runtime, build_runtime
 
-from support import RemoteStandIn, decrypt_bytes, encrypt_bytes, lavfi_clip, work_files
+from support import (
+    RemoteStandIn,
+    decrypt_bytes,
+    encrypt_bytes,
+    frame_hashes,
+    framemd5,
+    lavfi_clip,
+    work_files,
+)
 
 
 @pytest.fixture
@@ -172,6 +184,151 @@ class TestEncryptStage:
         packaging.encrypt(replace(services, work=remote), spec, CHUNK)  # redelivered
 
         check_ciphertexts()
+
+
+class RecordsWrites(RemoteStandIn):
+    """:class:`RemoteStandIn` (a remote work store, as S3 is to a stage) that records the key
+    of every object written to it, by whichever call."""
+
+    def __init__(self, store: Any) -> None:
+        super().__init__(store)
+        self.written: list[str] = []
+
+    def put_file(self, key: str, path: Path, **headers: Any) -> None:
+        self.written.append(key)
+        super().put_file(key, path, **headers)
+
+    def put_bytes(self, key: str, data: bytes, **headers: Any) -> None:
+        self.written.append(key)
+        self._store.put_bytes(key, data, **headers)
+
+    def copy_from(self, source: Any, source_key: str, key: str, **headers: Any) -> bool:
+        self.written.append(key)
+        copied: bool = self._store.copy_from(source, source_key, key, **headers)
+        return copied
+
+
+#: The audio group's shapes: MPEG-TS, and fMP4 with an init segment per rendition.
+AUDIO_CONTAINERS = ["ts", "fmp4"]
+
+
+def audio_group_job(services: Services, clip: Path, container: str) -> JobSpec:
+    """A remux of the two-language clip into 1 s segments, a new key every 2: its audio is two
+    renditions of their own (an audio group) of six segments or more each, under three keys
+    or more."""
+    spec = new_job_spec(str(clip), asset="langs", ladder="copy", container=container,
+                        segment_seconds=1, key_rotation_segments=2)
+    services.jobs.create(spec)
+    assert [a.name for a in packaging.probe_source(services, spec).audio_renditions] == \
+        ["audio0-en", "audio1-de"]
+    return spec
+
+
+def plain_cut(services: Services, spec: JobSpec, out_dir: Path) -> dict[str, list[bytes]]:
+    """The audio group cut by the same ffmpeg command and left plain: each rendition's init
+    segment (fMP4), then its media segments, in order."""
+    job = services.jobs.get(spec.job_id)
+    info = MediaInfo.from_dict(job.json_field("media"))
+    produced = segment_audio_renditions(
+        ffmpeg_target(spec.source)[0], packaging.job_audio_renditions(job), out_dir, info=info,
+        segment_seconds=spec.segment_seconds, container=spec.container, timeout=120,
+    )
+    return {name: [(out_dir / name / file_name).read_bytes()
+                   for file_name in ([r.init] if r.init else []) + [s.name for s in r.segments]]
+            for name, r in produced.items()}
+
+
+class TestAudioGroup:
+    """The audio stage of separate audio renditions cuts them whole, encrypts each media
+    segment in place in its own attempt and places the ciphertext where encrypt puts its
+    output: the bytes the encrypt stage wrote, with no plain segment ever put in a remote work
+    store."""
+
+    def _published(
+        self, services: Services, spec: JobSpec
+    ) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
+        """The record the stage wrote, and each rendition as a player reads it: the init
+        segment as it is, then each media segment decrypted with its key and its sequence
+        number's IV (checked against the reference encryption of that plaintext)."""
+        record = json.loads(services.work.get_bytes(layout.audio_renditions_key(spec.job_id)))
+        decrypted: dict[str, list[bytes]] = {}
+        for name, item in record["produced"].items():
+            parts = decrypted.setdefault(name, [])
+            if item["init"] is not None:
+                parts.append(services.work.get_bytes(
+                    layout.encrypted_key(spec.job_id, name, item["init"])))
+            for seg, size in zip(item["segments"], record["sizes"][name], strict=True):
+                key = services.keys.get(spec.asset, spec.version,
+                                        key_index(seg["sequence"], spec.key_rotation_segments))
+                iv = iv_for_sequence(seg["sequence"])
+                data = services.work.get_bytes(layout.encrypted_key(spec.job_id, name,
+                                                                    seg["name"]))
+                plain = decrypt_bytes(data, key, iv)
+                assert data == encrypt_bytes(plain, key, iv)
+                assert (len(data), len(plain)) == (size, seg["size"])
+                parts.append(plain)
+        return record, decrypted
+
+    @pytest.mark.parametrize("container", AUDIO_CONTAINERS)
+    def test_a_remote_work_store_is_never_given_a_plain_audio_segment(
+        self, services: Services, two_audio_clip: Path, tmp_path: Path, container: str
+    ) -> None:
+        """Given a remote work store, when the audio group is cut, then no key of its attempt
+        was ever written to the store (nothing but ciphertext, clear init segments and the
+        record), the attempt holds nothing there, and each published segment is the
+        reference encryption, under its key and IV (three keys or more), of the same bytes as a
+        plain cut: the record's sizes are the ciphertext's and the plaintext's."""
+        spec = audio_group_job(services, two_audio_clip, container)
+        remote = RecordsWrites(services.work)
+        job = services.jobs.get(spec.job_id)
+
+        with structlog.contextvars.bound_contextvars(job_id=spec.job_id):
+            written = packaging.audio_group(replace(services, work=remote), spec, job)
+
+        record, decrypted = self._published(services, spec)
+        attempt = layout.audio_attempt_prefix(spec.job_id, record["attempt"])
+        assert not [key for key in remote.written if key.startswith(f"{attempt}/")]
+        assert services.work.list(f"{attempt}/") == []
+        enc = layout.encrypted_prefix(spec.job_id, "")
+        assert {key for key in remote.written if not key.startswith(enc)} == \
+            {layout.audio_renditions_key(spec.job_id)}
+        assert decrypted == plain_cut(services, spec, tmp_path / "plain")
+        sequences = [seg["sequence"] for item in record["produced"].values()
+                     for seg in item["segments"]]
+        assert written == len(sequences) >= 12
+        assert len({key_index(sequence, 2) for sequence in sequences}) >= 3
+        assert all(context.get("job_id") == spec.job_id for context in remote.contexts)
+
+    @pytest.mark.parametrize("container", AUDIO_CONTAINERS)
+    @pytest.mark.parametrize("store", ["local", "remote"])
+    def test_a_redelivered_audio_group_publishes_a_group_that_decodes(
+        self, services: Services, two_audio_clip: Path, tmp_path: Path, container: str,
+        store: str,
+    ) -> None:
+        """Given an audio group cut once, when its stage is delivered again, then the record
+        names the second attempt, and each rendition decrypted is the plain cut, byte for
+        byte, which decodes to every audio frame of the source track (so nothing was encrypted
+        twice, and the first attempt's files did not leak into the second's)."""
+        spec = audio_group_job(services, two_audio_clip, container)
+        stage = services if store == "local" else replace(services, work=RemoteStandIn(
+            services.work))
+        job = services.jobs.get(spec.job_id)
+        packaging.audio_group(stage, spec, job)
+        first, _ = self._published(services, spec)
+
+        packaging.audio_group(stage, spec, job)
+
+        record, decrypted = self._published(services, spec)
+        assert record["attempt"] != first["attempt"]
+        assert decrypted == plain_cut(services, spec, tmp_path / "plain")
+        for position, name in enumerate(["audio0-en", "audio1-de"]):
+            joined = tmp_path / f"{name}.{'mp4' if container == 'fmp4' else 'ts'}"
+            joined.write_bytes(b"".join(decrypted[name]))
+            decoded = frame_hashes(framemd5(str(joined), stream="0:a:0"))
+            # The source's edit list hides the encoder's priming frame from its decoder; the
+            # rendition has none, so its decoder hands that frame out first.
+            assert decoded[1:] == frame_hashes(
+                framemd5(str(two_audio_clip), stream=f"0:a:{position}"))
 
 
 class TestOverlappingSegmentAttempts:
