@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import random
 import re
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -47,8 +49,9 @@ CLI_TIMEOUT_S = 300
 #: kernel gives every outgoing connection and every bind to port 0 a port, so nothing on the
 #: machine takes a port picked here between the pick and the server's start.
 TEST_PORTS = range(20000, 32768)
-#: The directory of the port reservations every test process on the machine shares.
-_RESERVATIONS = Path(tempfile.gettempdir()) / "hlsvault-test-ports"
+#: The directory of the port reservations every test process of this user shares: one per
+#: user, since another user's lock files (0600) cannot be opened to take part in theirs.
+RESERVATIONS = Path(tempfile.gettempdir()) / f"hlsvault-test-ports-{os.getuid()}"
 #: Ports one test process holds at most (a session uses a few hundred); past it the oldest
 #: reservation is let go, its server long stopped.
 _MAX_RESERVED = 4096
@@ -56,23 +59,46 @@ _reserved: collections.deque[int] = collections.deque()
 _reserving = threading.Lock()
 
 
-def free_port(*, ports: range = TEST_PORTS) -> int:
+def _reservations_dir(directory: Path) -> Path:
+    """``directory``, created private (0700) if absent; refused when it is a symlink, is not
+    this user's or others may write in it: whoever could would decide which ports are
+    reserved."""
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700)
+    status = directory.lstat()
+    if (not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid()
+            or status.st_mode & 0o022):
+        raise RuntimeError(
+            f"{directory} (the test port reservations) is not a directory of uid {os.getuid()} "
+            "that only it may write (a symlink, another user's, or group/world writable); "
+            "remove it and run the tests again"
+        )
+    return directory
+
+
+def free_port(*, ports: range = TEST_PORTS, reservations: Path = RESERVATIONS) -> int:
     """A port of ``ports`` nothing listens on, reserved for this process until it exits: no
     other test process (another xdist worker, another checkout's session) is given it, and it
     is outside the range the kernel hands out by itself, so a server started on it later finds
     it free. Raises when ``ports`` has none left."""
-    _RESERVATIONS.mkdir(exist_ok=True)
+    directory = _reservations_dir(reservations)
     candidates = random.sample(ports, len(ports))
     with _reserving:
         for port in candidates:
-            descriptor = os.open(_RESERVATIONS / str(port), os.O_RDWR | os.O_CREAT, 0o600)
+            descriptor = -1
             try:
+                # O_NOFOLLOW: a symlink put in place of a lock file is never written through.
+                descriptor = os.open(directory / str(port),
+                                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
                 # A lock the kernel drops when the holder exits, however it exits.
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 with socket.socket() as probe:
                     probe.bind(("127.0.0.1", port))
-            except OSError:  # reserved by another process, or in use
-                os.close(descriptor)
+            except OSError as error:  # reserved by another process, or in use
+                if descriptor >= 0:
+                    os.close(descriptor)
+                if error.errno in (errno.EMFILE, errno.ENFILE):
+                    raise  # out of file descriptors: every other port would fail alike
                 continue
             _reserved.append(descriptor)
             if len(_reserved) > _MAX_RESERVED:

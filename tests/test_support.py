@@ -3,14 +3,16 @@ else's meanwhile, neither another test process's (xdist) nor one the kernel hand
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from support import CLI_TIMEOUT_S, TEST_PORTS, free_port
+from support import CLI_TIMEOUT_S, RESERVATIONS, TEST_PORTS, free_port
 
 HERE = Path(__file__).resolve().parent
 #: A test process that takes every port of a range it can, prints them, and holds them until
@@ -68,3 +70,59 @@ class TestFreePort:
 
             with pytest.raises(OSError, match="no free port"):
                 free_port(ports=range(taken, taken + 1))
+
+
+class TestTheReservations:
+    def test_they_are_kept_in_a_directory_only_this_user_may_enter(self) -> None:
+        """Per user, so a second user on the machine is not locked out by the first's files."""
+        free_port()
+
+        status = RESERVATIONS.lstat()
+        assert stat.S_ISDIR(status.st_mode)
+        assert status.st_uid == os.getuid()
+        assert stat.S_IMODE(status.st_mode) == 0o700
+        assert RESERVATIONS.name.endswith(f"-{os.getuid()}")
+
+    def test_a_symlink_in_place_of_the_directory_is_refused(self, tmp_path: Path) -> None:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        link = tmp_path / "ports"
+        link.symlink_to(elsewhere)
+
+        with pytest.raises(RuntimeError, match="symlink"):
+            free_port(reservations=link)
+        assert list(elsewhere.iterdir()) == []
+
+    def test_a_directory_others_may_write_in_is_refused(self, tmp_path: Path) -> None:
+        shared = tmp_path / "ports"
+        shared.mkdir()
+        shared.chmod(0o777)
+
+        with pytest.raises(RuntimeError, match="world writable"):
+            free_port(reservations=shared)
+        assert list(shared.iterdir()) == []
+
+    @pytest.mark.skipif(os.getuid() != 0, reason="only root can give a directory away")
+    def test_another_users_directory_is_refused(self, tmp_path: Path) -> None:
+        theirs = tmp_path / "ports"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+
+        with pytest.raises(RuntimeError, match="another user's"):
+            free_port(reservations=theirs)
+
+    def test_a_symlink_in_place_of_a_lock_file_is_not_followed(self, tmp_path: Path) -> None:
+        """The port whose lock file is a symlink is not given, and its target is not created;
+        the port beside it, whose lock file is a plain one, is (the positive control)."""
+        private = tmp_path / "ports"
+        private.mkdir(mode=0o700)
+        port = free_port()  # free of listeners; its reservation is in another directory
+        target = tmp_path / "target"
+        (private / str(port)).symlink_to(target)
+
+        with pytest.raises(OSError, match="no free port"):
+            free_port(ports=range(port, port + 1), reservations=private)
+        assert not target.exists()
+
+        (private / str(port)).unlink()
+        assert free_port(ports=range(port, port + 1), reservations=private) == port
