@@ -45,10 +45,51 @@ _MAX_STEM = 160
 CLI_TIMEOUT_S = 300
 
 
-#: Where free ports are picked: below Linux's ephemeral range (32768-60999), from which the
-#: kernel gives every outgoing connection and every bind to port 0 a port, so nothing on the
-#: machine takes a port picked here between the pick and the server's start.
-TEST_PORTS = range(20000, 32768)
+#: Where the kernel says which ports it hands out by itself (every outgoing connection's, every
+#: bind to port 0): its ephemeral range, "low high".
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+#: The lowest port tests pick: below it lie the registered ports of common services.
+_LOWEST_TEST_PORT = 20000
+#: Linux's default start of the ephemeral range, assumed when the kernel does not say.
+_DEFAULT_EPHEMERAL_LOW = 32768
+#: Fewer test ports than this cannot serve a session (a few hundred servers per process, two
+#: xdist workers, other sessions on the machine).
+_MIN_TEST_PORTS = 1000
+#: Services that listen on these machines below the ephemeral range, never picked for a test
+#: server (which would find the port taken, or take it from the service): RabbitMQ's
+#: inter-node port, Redis Sentinel, MongoDB.
+SERVICE_PORTS = frozenset({25672, 26379, 27017})
+
+
+def ports_below_ephemeral(ephemeral_range: str | None) -> range:
+    """The test ports: from 20000 up to where the kernel's ephemeral range (the text of
+    ``ip_local_port_range``; Linux's default when None or unreadable) starts, so nothing on the
+    machine takes a port picked here between the pick and the server's start. Raises when too
+    few remain for a session."""
+    try:
+        low = int((ephemeral_range or "").split()[0])
+    except (IndexError, ValueError):
+        low = _DEFAULT_EPHEMERAL_LOW
+    ports = range(_LOWEST_TEST_PORT, min(low, 65536))
+    usable = len(ports) - sum(port in ports for port in SERVICE_PORTS)
+    if usable < _MIN_TEST_PORTS:
+        raise RuntimeError(
+            f"the kernel's ephemeral ports start at {low} ({EPHEMERAL_RANGE}), leaving "
+            f"{max(usable, 0)} test ports from {_LOWEST_TEST_PORT}, fewer than the "
+            f"{_MIN_TEST_PORTS} a session needs; raise its low end, e.g. "
+            "sysctl -w net.ipv4.ip_local_port_range='32768 60999'"
+        )
+    return ports
+
+
+def _read_ephemeral_range() -> str | None:
+    try:
+        return EPHEMERAL_RANGE.read_text()
+    except OSError:
+        return None
+
+
+TEST_PORTS = ports_below_ephemeral(_read_ephemeral_range())
 #: The directory of the port reservations every test process of this user shares: one per
 #: user, since another user's lock files (0600) cannot be opened to take part in theirs.
 RESERVATIONS = Path(tempfile.gettempdir()) / f"hlsvault-test-ports-{os.getuid()}"
@@ -80,9 +121,9 @@ def free_port(*, ports: range = TEST_PORTS, reservations: Path = RESERVATIONS) -
     """A port of ``ports`` nothing listens on, reserved for this process until it exits: no
     other test process (another xdist worker, another checkout's session) is given it, and it
     is outside the range the kernel hands out by itself, so a server started on it later finds
-    it free. Raises when ``ports`` has none left."""
+    it free; never one of :data:`SERVICE_PORTS`. Raises when ``ports`` has none left."""
     directory = _reservations_dir(reservations)
-    candidates = random.sample(ports, len(ports))
+    candidates = [port for port in random.sample(ports, len(ports)) if port not in SERVICE_PORTS]
     with _reserving:
         for port in candidates:
             descriptor = -1

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from support import CLI_TIMEOUT_S, RESERVATIONS, TEST_PORTS, free_port
+from support import (
+    CLI_TIMEOUT_S,
+    RESERVATIONS,
+    SERVICE_PORTS,
+    TEST_PORTS,
+    free_port,
+    ports_below_ephemeral,
+)
 
 HERE = Path(__file__).resolve().parent
 #: A test process that takes every port of a range it can, prints them, and holds them until
@@ -70,6 +77,26 @@ class TestFreePort:
 
             with pytest.raises(OSError, match="no free port"):
                 free_port(ports=range(taken, taken + 1))
+
+    @pytest.mark.parametrize("port", sorted(SERVICE_PORTS))
+    def test_a_port_of_a_service_is_never_given(self, port: int) -> None:
+        """Even when the service is not running here (its port free to bind)."""
+        with pytest.raises(OSError, match="no free port"):
+            free_port(ports=range(port, port + 1))
+
+
+class TestThePortRange:
+    def test_it_ends_where_the_kernels_ephemeral_range_starts(self) -> None:
+        assert ports_below_ephemeral("40000\t60999\n") == range(20000, 40000)
+        assert ports_below_ephemeral("32768\t60999\n") == range(20000, 32768)
+
+    @pytest.mark.parametrize("text", [None, "", "not numbers"])
+    def test_without_a_readable_range_it_ends_at_linuxs_default(self, text: str | None) -> None:
+        assert ports_below_ephemeral(text) == range(20000, 32768)
+
+    def test_too_few_ports_below_the_ephemeral_range_is_refused_with_the_mend(self) -> None:
+        with pytest.raises(RuntimeError, match="ip_local_port_range"):
+            ports_below_ephemeral("20500\t60999\n")
 
 
 class TestTheReservations:
