@@ -16,6 +16,7 @@ import hashlib
 import os
 import random
 import re
+import resource
 import socket
 import stat
 import subprocess
@@ -93,9 +94,20 @@ TEST_PORTS = ports_below_ephemeral(_read_ephemeral_range())
 #: The directory of the port reservations every test process of this user shares: one per
 #: user, since another user's lock files (0600) cannot be opened to take part in theirs.
 RESERVATIONS = Path(tempfile.gettempdir()) / f"hlsvault-test-ports-{os.getuid()}"
-#: Ports one test process holds at most (a session uses a few hundred); past it the oldest
-#: reservation is let go, its server long stopped.
-_MAX_RESERVED = 4096
+
+
+def _most_reserved() -> int:
+    """Ports one test process holds at most: each reservation holds a file descriptor, so a
+    quarter of the soft limit (a common 1024 gives 256), leaving the rest to the servers,
+    clients and files the tests open; 256 at most. Past it the oldest reservation is let go:
+    its server has long started (the port is then taken by listening) or stopped."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(1, min(256, soft // 4))
+
+
+_MAX_RESERVED = _most_reserved()
 _reserved: collections.deque[int] = collections.deque()
 _reserving = threading.Lock()
 

@@ -36,6 +36,15 @@ while True:
 print(*held, flush=True)
 sys.stdin.read()
 """
+#: A test process under a soft limit of 64 file descriptors that asks for 200 ports, one
+#: after another as a long session does, and prints how many it was given.
+MANY_PORTS_FEW_DESCRIPTORS = """
+import resource
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+from support import free_port
+print(len([free_port() for _ in range(200)]), flush=True)
+"""
 
 
 class TestFreePort:
@@ -83,6 +92,17 @@ class TestFreePort:
         """Even when the service is not running here (its port free to bind)."""
         with pytest.raises(OSError, match="no free port"):
             free_port(ports=range(port, port + 1))
+
+    def test_a_long_session_never_runs_out_of_file_descriptors(self) -> None:
+        """Each reservation holds a descriptor: a process is given more ports than its limit
+        of descriptors allows it to hold, the oldest reservations let go."""
+        done = subprocess.run(
+            [sys.executable, "-c", MANY_PORTS_FEW_DESCRIPTORS], cwd=HERE, capture_output=True,
+            text=True, timeout=CLI_TIMEOUT_S, check=False,
+        )
+
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["200"]
 
 
 class TestThePortRange:
