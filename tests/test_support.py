@@ -4,6 +4,7 @@ else's meanwhile, neither another test process's (xdist) nor one the kernel hand
 from __future__ import annotations
 
 import os
+import select
 import socket
 import stat
 import subprocess
@@ -22,6 +23,8 @@ from support import (
 )
 
 HERE = Path(__file__).resolve().parent
+#: A test process starts and takes a few ports in well under a second; a minute means it hung.
+HOLDER_TIMEOUT_S = 60
 #: A test process that takes every port of a range it can, prints them, and holds them until
 #: its stdin closes.
 HOLD_EVERY_PORT = """
@@ -68,13 +71,20 @@ class TestFreePort:
         )
         try:
             assert holder.stdout is not None
+            ready, _, _ = select.select([holder.stdout], [], [], HOLDER_TIMEOUT_S)
+            assert ready, f"the holding process printed nothing in {HOLDER_TIMEOUT_S} s"
             held = {int(port) for port in holder.stdout.readline().split()}
             assert held and held <= set(ports)
 
             with pytest.raises(OSError, match="no free port"):
                 free_port(ports=ports)
         finally:
-            holder.communicate("", timeout=CLI_TIMEOUT_S)
+            try:
+                holder.communicate("", timeout=HOLDER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                holder.kill()
+                holder.communicate(timeout=HOLDER_TIMEOUT_S)
+                raise
 
         assert free_port(ports=ports) in held
 
