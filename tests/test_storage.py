@@ -49,6 +49,19 @@ class TestAnS3UrlWithoutItsBucketOrKey:
             open_store(url)
         assert list(tmp_path.iterdir()) == []
 
+    @pytest.mark.parametrize(("url", "shown"), [
+        ("https://user:secret@bucket.example/prefix", "(https://…)"),
+        ("S3://user:secret@bucket/prefix", "(S3://…)"),
+        ("user:secret@host://bucket", "(a URL)"),
+    ])
+    def test_a_refused_store_url_is_named_by_its_scheme_alone(self, url: str, shown: str) -> None:
+        """A mistyped URL may hold a credential: the refusal, which lands in logs, shows
+        none of it."""
+        with pytest.raises(ConfigurationError, match="s3://bucket/prefix") as refused:
+            open_store(url)
+        assert shown in str(refused.value)
+        assert "secret" not in str(refused.value) and "user" not in str(refused.value)
+
     @pytest.mark.parametrize("url", ["s3://", "s3:///key", "s3://bucket", "s3://bucket/"])
     def test_a_source_needs_both(self, url: str) -> None:
         with pytest.raises(InvalidSource, match="s3://bucket/key"):
