@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from .. import aws
 from ..aws import Outcome, classify, make_client
 from ..errors import HlsvaultError
-from . import ObjectNotFound, Store, check_key, check_store_url, s3_parts
+from . import S3_SCHEME, ObjectNotFound, Store, check_key, check_store_url, s3_parts
 
 _BOTO_ERRORS = (ClientError, BotoCoreError)
 #: Bytes copied at a time from a GET's body to a file.
@@ -40,7 +40,7 @@ class S3Store:
     def __init__(self, bucket: str, prefix: str, *, client: Any | None = None) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.url = f"{S3_SCHEME}{bucket}/{self.prefix}" if self.prefix else f"{S3_SCHEME}{bucket}"
         self.client = client if client is not None else make_client()
 
     @classmethod
