@@ -47,7 +47,7 @@ from .jobs import JobSpec, JobStore, UnknownJob, new_job_spec
 from .plan import LADDERS, check_segment_seconds
 from .settings import Settings
 from .sources import split_s3_url
-from .storage import is_s3_url, s3_parts
+from .storage import S3_SCHEME, is_s3_url
 from .subtitles import check_sidecars
 
 log = structlog.get_logger(__name__)
@@ -103,7 +103,7 @@ class SourceRequest:
 
     @property
     def source(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
+        return f"{S3_SCHEME}{self.bucket}/{self.key}"
 
 
 @dataclass(frozen=True)
@@ -146,9 +146,10 @@ def parse_job_request(document: dict[str, Any]) -> SourceRequest:
     source = document.get("source")
     if not isinstance(source, str) or not is_s3_url(source):
         raise BadSpec('field "source" must be a string like "s3://bucket/key"')
-    bucket, key = s3_parts(source)
-    if not bucket or not key:
-        raise BadSpec(f"source {source[:200]!r} is not of the form s3://bucket/key")
+    try:
+        bucket, key = split_s3_url(source)
+    except InvalidSource as error:  # a request's fault, answered as every other of its faults
+        raise BadSpec(str(error)) from None
     asset = _optional_str(document, "asset")
     if asset is not None:
         layout.check_asset_id(asset)

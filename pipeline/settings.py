@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
+from .storage import check_store_url
 
 #: Where the embedded mode keeps its three stores, job records and generated secrets.
 DEFAULT_DATA_DIR = "./hlsvault-data"
@@ -139,6 +140,10 @@ def load_settings(
     if require_fleet is not None and redis_url is None:
         raise ConfigurationError(f"{require_fleet}: set REDIS_URL")
     data_dir = Path(env.get("HLSVAULT_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
+    # Checked before any secret is generated: a refused start leaves nothing behind.
+    work = _store_url(env, "HLSVAULT_WORK", data_dir / "work")
+    origin = _store_url(env, "HLSVAULT_ORIGIN", data_dir / "origin")
+    vault = _store_url(env, "HLSVAULT_VAULT", data_dir / "vault")
     public_url = (env.get("HLSVAULT_PUBLIC_URL") or DEFAULT_PUBLIC_URL).rstrip("/")
     cdn_url = (env.get("HLSVAULT_CDN_URL") or "").rstrip("/")
     if not cdn_url:
@@ -206,9 +211,9 @@ def load_settings(
         data_dir=data_dir,
         public_url=public_url,
         cdn_url=cdn_url,
-        work=env.get("HLSVAULT_WORK") or str(data_dir / "work"),
-        origin=env.get("HLSVAULT_ORIGIN") or str(data_dir / "origin"),
-        vault=env.get("HLSVAULT_VAULT") or str(data_dir / "vault"),
+        work=work,
+        origin=origin,
+        vault=vault,
         token_secret=token_secret,
         master_key=decode_master_key(master_key_text),
         redis_url=redis_url,
@@ -367,6 +372,13 @@ def _pem(env: Mapping[str, str], name: str) -> str | None:
     if not path.is_file():
         raise ConfigurationError(f"{name} is neither PEM text nor a readable file: {raw[:60]}")
     return path.read_text()
+
+
+def _store_url(env: Mapping[str, str], name: str, default: Path) -> str:
+    """A store's URL, checked at start by every process: a process that never opens the store
+    (a key server that signs no downloads from it) would otherwise run on a URL no other
+    process can open."""
+    return check_store_url(env.get(name) or str(default), setting=name)
 
 
 def _origins(raw: str) -> tuple[str, ...]:

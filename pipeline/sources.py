@@ -18,6 +18,7 @@ or have them read local files. Every source is therefore opened under two allow-
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ LOCAL_PROTOCOLS = "file"
 #: content name another input (hls, concat, subfile, data, crypto, ftp, rtmp …).
 URL_PROTOCOLS = "http,https,tls,tcp,httpproxy"
 
+#: A URL's scheme, as much of a refused URL as a message shows.
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,15})://")
 #: How a message names a refused format, for the demuxers sources are most often mistaken for.
 _REFUSED_KINDS = {
     "hls": "an HLS playlist",
@@ -59,9 +62,11 @@ _REFUSED_KINDS = {
 
 
 def split_s3_url(url: str) -> tuple[str, str]:
+    """The bucket and key of an ``s3://`` source or sidecar: the one place both must be
+    there. :class:`~pipeline.errors.InvalidSource` when either is missing."""
     bucket, key = s3_parts(url)
     if not bucket or not key:
-        raise InvalidSource(f"source {url} is not of the form s3://bucket/key")
+        raise InvalidSource(f"source {url[:200]!r} is not of the form s3://bucket/key")
     return bucket, key
 
 
@@ -124,8 +129,23 @@ def ffmpeg_target(source: str, *, probed: bool = False) -> tuple[str, str]:
         return s3_source_url(source, check=not probed), source
     if _is_url(source):
         return source, shown_name(source)
+    check_not_a_url(source)
     check_local_source(Path(source), source)
     return source, source
+
+
+def check_not_a_url(source: str) -> None:
+    """Refuse a source that is a URL of a scheme hlsvault does not read (``S3://``,
+    ``ftp://``), which would otherwise be looked for as a local path and reported missing.
+    The message shows the scheme alone: the rest may hold a credential."""
+    scheme = _URL_SCHEME.match(source)
+    if scheme is None:
+        return
+    if scheme[1].lower() == "s3":
+        raise InvalidSource(f"source {scheme[1]}://… is not an S3 URL: S3 URLs are lower case, "
+                            "s3://bucket/key")
+    raise InvalidSource(f"source {scheme[1]}://… is neither a local path, an http(s) URL nor "
+                        "s3://bucket/key (schemes in lower case)")
 
 
 def shown_name(target: str) -> str:

@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PLAYER_DIR = Path(__file__).resolve().parent / "browser"
 PLAYER_HTML = PLAYER_DIR / "player.html"
 HLS_JS = ROOT / "dashboard" / "static" / "node_modules" / "hls.js" / "dist" / "hls.min.js"
-#: Screenshots and what each page saw, kept after the run as evidence (gitignored).
 #: Debian's chromium: test tools may not download browsers, so Playwright drives this one.
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

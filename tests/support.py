@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import random
 import re
+import resource
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,36 +46,112 @@ _MAX_STEM = 160
 CLI_TIMEOUT_S = 300
 
 
-#: Where free ports are picked: below Linux's ephemeral range (32768-60999), from which the
-#: kernel gives every outgoing connection and every bind to port 0 a port, so nothing on the
-#: machine takes a port picked here between the pick and the server's start.
-TEST_PORTS = range(20000, 32768)
-#: The directory of the port reservations every test process on the machine shares.
-_RESERVATIONS = Path(tempfile.gettempdir()) / "hlsvault-test-ports"
-#: Ports one test process holds at most (a session uses a few hundred); past it the oldest
-#: reservation is let go, its server long stopped.
-_MAX_RESERVED = 4096
+#: Where the kernel says which ports it hands out by itself (every outgoing connection's, every
+#: bind to port 0): its ephemeral range, "low high".
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+#: The lowest port tests pick: below it lie the registered ports of common services.
+_LOWEST_TEST_PORT = 20000
+#: Linux's default start of the ephemeral range, assumed when the kernel does not say.
+_DEFAULT_EPHEMERAL_LOW = 32768
+#: Fewer test ports than this cannot serve a session (a few hundred servers per process, two
+#: xdist workers, other sessions on the machine).
+_MIN_TEST_PORTS = 1000
+#: Services that listen on these machines below the ephemeral range, never picked for a test
+#: server (which would find the port taken, or take it from the service): RabbitMQ's
+#: inter-node port, Redis Sentinel, MongoDB.
+SERVICE_PORTS = frozenset({25672, 26379, 27017})
+
+
+def ports_below_ephemeral(ephemeral_range: str | None) -> range:
+    """The test ports: from 20000 up to where the kernel's ephemeral range (the text of
+    ``ip_local_port_range``; Linux's default when None or unreadable) starts, so nothing on the
+    machine takes a port picked here between the pick and the server's start. Raises when too
+    few remain for a session."""
+    try:
+        low = int((ephemeral_range or "").split()[0])
+    except (IndexError, ValueError):
+        low = _DEFAULT_EPHEMERAL_LOW
+    ports = range(_LOWEST_TEST_PORT, min(low, 65536))
+    usable = len(ports) - sum(port in ports for port in SERVICE_PORTS)
+    if usable < _MIN_TEST_PORTS:
+        raise RuntimeError(
+            f"the kernel's ephemeral ports start at {low} ({EPHEMERAL_RANGE}), leaving "
+            f"{max(usable, 0)} test ports from {_LOWEST_TEST_PORT}, fewer than the "
+            f"{_MIN_TEST_PORTS} a session needs; raise its low end, e.g. "
+            "sysctl -w net.ipv4.ip_local_port_range='32768 60999'"
+        )
+    return ports
+
+
+def _read_ephemeral_range() -> str | None:
+    try:
+        return EPHEMERAL_RANGE.read_text()
+    except OSError:
+        return None
+
+
+TEST_PORTS = ports_below_ephemeral(_read_ephemeral_range())
+#: The directory of the port reservations every test process of this user shares: one per
+#: user, since another user's lock files (0600) cannot be opened to take part in theirs.
+RESERVATIONS = Path(tempfile.gettempdir()) / f"hlsvault-test-ports-{os.getuid()}"
+
+
+def _most_reserved() -> int:
+    """Ports one test process holds at most: each reservation holds a file descriptor, so a
+    quarter of the soft limit (a common 1024 gives 256), leaving the rest to the servers,
+    clients and files the tests open; 256 at most. Past it the oldest reservation is let go:
+    its server has long started (the port is then taken by listening) or stopped."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(1, min(256, soft // 4))
+
+
+_MAX_RESERVED = _most_reserved()
 _reserved: collections.deque[int] = collections.deque()
 _reserving = threading.Lock()
 
 
-def free_port(*, ports: range = TEST_PORTS) -> int:
+def _reservations_dir(directory: Path) -> Path:
+    """``directory``, created private (0700) if absent; refused when it is a symlink, is not
+    this user's or others may write in it: whoever could would decide which ports are
+    reserved."""
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700)
+    status = directory.lstat()
+    if (not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid()
+            or status.st_mode & 0o022):
+        raise RuntimeError(
+            f"{directory} (the test port reservations) is not a directory of uid {os.getuid()} "
+            "that only it may write (a symlink, another user's, or group/world writable); "
+            "remove it and run the tests again"
+        )
+    return directory
+
+
+def free_port(*, ports: range = TEST_PORTS, reservations: Path = RESERVATIONS) -> int:
     """A port of ``ports`` nothing listens on, reserved for this process until it exits: no
     other test process (another xdist worker, another checkout's session) is given it, and it
     is outside the range the kernel hands out by itself, so a server started on it later finds
-    it free. Raises when ``ports`` has none left."""
-    _RESERVATIONS.mkdir(exist_ok=True)
-    candidates = random.sample(ports, len(ports))
+    it free; never one of :data:`SERVICE_PORTS`. Raises when ``ports`` has none left."""
+    directory = _reservations_dir(reservations)
+    candidates = [port for port in random.sample(ports, len(ports)) if port not in SERVICE_PORTS]
     with _reserving:
         for port in candidates:
-            descriptor = os.open(_RESERVATIONS / str(port), os.O_RDWR | os.O_CREAT, 0o600)
+            descriptor = -1
             try:
+                # O_NOFOLLOW: a symlink put in place of a lock file is never written through.
+                descriptor = os.open(directory / str(port),
+                                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
                 # A lock the kernel drops when the holder exits, however it exits.
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 with socket.socket() as probe:
                     probe.bind(("127.0.0.1", port))
-            except OSError:  # reserved by another process, or in use
-                os.close(descriptor)
+            except OSError as error:  # reserved by another process, or in use
+                if descriptor >= 0:
+                    os.close(descriptor)
+                if error.errno in (errno.EMFILE, errno.ENFILE):
+                    raise  # out of file descriptors: every other port would fail alike
                 continue
             _reserved.append(descriptor)
             if len(_reserved) > _MAX_RESERVED:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from pipeline.errors import ConfigurationError
 from pipeline.settings import decode_master_key, load_settings
+
+from support import HLSVAULT, free_port
 
 KEY = os.urandom(32)
 
@@ -111,3 +114,51 @@ class TestTokenKeys:
             load_settings(self._env(
                 tmp_path, HLSVAULT_TOKEN_ALGORITHM="EdDSA", HLSVAULT_TOKEN_PUBLIC_KEY=pem,
             ))
+
+
+class TestStoreUrls:
+    """Every process checks the store URLs at start, whether or not it opens the store: a key
+    server that signs no downloads never opens the origin, and would otherwise run on a URL no
+    worker can write."""
+
+    @pytest.mark.parametrize("name", ["HLSVAULT_WORK", "HLSVAULT_ORIGIN", "HLSVAULT_VAULT"])
+    @pytest.mark.parametrize(("url", "says"), [
+        ("S3://bucket/prefix", "(S3://…) is neither a local directory nor s3://bucket/prefix"),
+        ("https://bucket.s3.amazonaws.com", "(https://…) is neither a local directory nor"),
+        ("s3://", "(s3://…) names no bucket; give s3://bucket"),
+    ])
+    def test_one_that_names_no_store_is_refused_naming_the_setting(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, url: str, says: str
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(ConfigurationError) as refused:
+            load_settings({"HLSVAULT_DATA_DIR": str(tmp_path / "data"), name: url})
+        assert str(refused.value).startswith(f"{name} {says}")
+        assert list(tmp_path.iterdir()) == []
+
+    def test_a_local_directory_and_an_s3_prefix_are_taken(self, tmp_path: Path) -> None:
+        settings = load_settings({"HLSVAULT_DATA_DIR": str(tmp_path),
+                                  "HLSVAULT_ORIGIN": "s3://bucket/media",
+                                  "HLSVAULT_VAULT": str(tmp_path / "vault")})
+        assert settings.origin == "s3://bucket/media"
+        assert settings.vault == str(tmp_path / "vault")
+        assert settings.work == str(tmp_path / "work")
+
+    def test_a_key_server_that_never_opens_the_origin_refuses_to_start(
+        self, tmp_path: Path
+    ) -> None:
+        """A fleet's key server without a CDN signer opens an S3 origin only to presign
+        downloads: given ``S3://…`` it used to start and report no download method."""
+        env = {
+            "PATH": os.environ["PATH"], "HLSVAULT_DATA_DIR": str(tmp_path),
+            "REDIS_URL": "redis://127.0.0.1:1/0", "HLSVAULT_CDN_URL": "https://cdn.example",
+            "HLSVAULT_TOKEN_SECRET": "x" * 40,
+            "HLSVAULT_MASTER_KEY": base64.b64encode(KEY).decode(),
+            "HLSVAULT_ORIGIN": "S3://bucket/media",
+        }
+        done = subprocess.run([*HLSVAULT, "serve", "--port", str(free_port())], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+        assert done.returncode == 78, done.stderr[-2000:]
+        assert "HLSVAULT_ORIGIN (S3://…) is neither a local directory" in done.stderr
+        assert "Traceback" not in done.stderr

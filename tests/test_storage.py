@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.errors import BadSpec, ConfigurationError, InvalidSource
 from pipeline.ingest import parse_job_request
-from pipeline.sources import split_s3_url
+from pipeline.sources import ffmpeg_target, split_s3_url
 from pipeline.storage import is_s3_url, open_store, s3_parts
 from pipeline.subtitles import check_sidecar_source
 
@@ -26,6 +26,18 @@ class TestWhatAnS3UrlIs:
                                      "https://bucket.s3.amazonaws.com/key", "bucket/key"])
     def test_nothing_else_does(self, url: str) -> None:
         assert not is_s3_url(url)
+
+    @pytest.mark.parametrize("source", ["S3://bucket/key.mp4", "S3://user:secret@bucket/k"])
+    def test_a_source_in_upper_case_is_refused_with_the_lower_case_form(self, source: str) -> None:
+        """Not looked for as a local path (the refusal would say "not found"), and shown by
+        its scheme alone."""
+        with pytest.raises(InvalidSource, match="S3 URLs are lower case, s3://bucket/key") as no:
+            ffmpeg_target(source)
+        assert "not found" not in str(no.value) and "secret" not in str(no.value)
+
+    def test_a_source_of_another_scheme_is_refused_naming_the_forms(self) -> None:
+        with pytest.raises(InvalidSource, match=r"ftp://… is neither a local path, an http"):
+            ffmpeg_target("ftp://host/key.mp4")
 
     def test_its_parts_are_the_bucket_and_the_rest(self) -> None:
         assert s3_parts("s3://bucket/a/b.mp4") == ("bucket", "a/b.mp4")
@@ -48,6 +60,19 @@ class TestAnS3UrlWithoutItsBucketOrKey:
         with pytest.raises(ConfigurationError, match="s3://bucket/prefix"):
             open_store(url)
         assert list(tmp_path.iterdir()) == []
+
+    @pytest.mark.parametrize(("url", "shown"), [
+        ("https://user:secret@bucket.example/prefix", "(https://…)"),
+        ("S3://user:secret@bucket/prefix", "(S3://…)"),
+        ("user:secret@host://bucket", "(a URL)"),
+    ])
+    def test_a_refused_store_url_is_named_by_its_scheme_alone(self, url: str, shown: str) -> None:
+        """A mistyped URL may hold a credential: the refusal, which lands in logs, shows
+        none of it."""
+        with pytest.raises(ConfigurationError, match="s3://bucket/prefix") as refused:
+            open_store(url)
+        assert shown in str(refused.value)
+        assert "secret" not in str(refused.value) and "user" not in str(refused.value)
 
     @pytest.mark.parametrize("url", ["s3://", "s3:///key", "s3://bucket", "s3://bucket/"])
     def test_a_source_needs_both(self, url: str) -> None:

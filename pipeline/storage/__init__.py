@@ -12,6 +12,7 @@ embedded mode never needs it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
     from .s3 import S3Store
 
 __all__ = [
-    "S3_SCHEME", "LocalStore", "ObjectNotFound", "S3Store", "Store", "check_key", "is_s3_url",
-    "open_store", "s3_parts",
+    "S3_SCHEME", "LocalStore", "ObjectNotFound", "S3Store", "Store", "check_key",
+    "check_store_url", "is_s3_url", "open_store", "s3_parts",
 ]
 
 
@@ -112,21 +113,42 @@ def s3_parts(url: str) -> tuple[str, str]:
     empty (``s3://``, ``s3://bucket``): each caller refuses what it cannot use, in its
     own words."""
     if not is_s3_url(url):
-        raise ValueError(f"{url[:80]!r} is not an S3 URL")
+        raise ValueError(f"not an S3 URL: it does not start with {S3_SCHEME}")
     bucket, _, rest = url.removeprefix(S3_SCHEME).partition("/")
     return bucket, rest
 
 
+#: What a message may show of a refused URL: its scheme, when it looks like one. The rest may
+#: be a mistyped credential (``https://user:secret@…``) and is never shown.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,15}")
+
+
+def check_store_url(url: str, *, setting: str = "the store URL") -> str:
+    """``url`` if it names a store: a local directory, or ``s3://bucket/prefix`` with a
+    bucket. Anything else with ``://`` is refused (``S3://bucket`` would otherwise be a
+    directory named ``S3:``), naming ``setting`` and only the URL's scheme: every process
+    checks its settings with this at start, and :func:`open_store` again."""
+    if is_s3_url(url):
+        if not s3_parts(url)[0]:
+            raise ConfigurationError(f"{setting} ({S3_SCHEME}…) names no bucket; give "
+                                     "s3://bucket or s3://bucket/prefix")
+        return url
+    scheme, separator, _ = url.partition("://")
+    if separator:
+        shown = f"{scheme}://…" if _SCHEME.fullmatch(scheme) else "a URL"
+        raise ConfigurationError(f"{setting} ({shown}) is neither a local directory nor "
+                                 "s3://bucket/prefix (S3 URLs are written in lower case)")
+    return url
+
+
 def open_store(url: str) -> Store:
-    """Open the store named by ``url``: a local directory, or ``s3://bucket/prefix``.
-    Any other URL is refused (``S3://bucket`` would otherwise be a directory named ``S3:``)."""
+    """Open the store named by ``url``: a local directory, or ``s3://bucket/prefix``; any
+    other URL is refused (:func:`check_store_url`)."""
+    check_store_url(url)
     if is_s3_url(url):
         from .s3 import S3Store
 
         return S3Store.from_url(url)
-    if "://" in url:
-        raise ConfigurationError(f"the store URL {url[:80]!r} is neither a local directory nor "
-                                 "s3://bucket/prefix (in lower case)")
     from .local import LocalStore
 
     return LocalStore(Path(url))

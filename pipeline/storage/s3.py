@@ -19,8 +19,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .. import aws
 from ..aws import Outcome, classify, make_client
-from ..errors import ConfigurationError, HlsvaultError
-from . import ObjectNotFound, Store, check_key, s3_parts
+from ..errors import HlsvaultError
+from . import S3_SCHEME, ObjectNotFound, Store, check_key, check_store_url, s3_parts
 
 _BOTO_ERRORS = (ClientError, BotoCoreError)
 #: Bytes copied at a time from a GET's body to a file.
@@ -40,15 +40,12 @@ class S3Store:
     def __init__(self, bucket: str, prefix: str, *, client: Any | None = None) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.url = f"{S3_SCHEME}{bucket}/{self.prefix}" if self.prefix else f"{S3_SCHEME}{bucket}"
         self.client = client if client is not None else make_client()
 
     @classmethod
     def from_url(cls, url: str, *, client: Any | None = None) -> S3Store:
-        bucket, prefix = s3_parts(url)
-        if not bucket:
-            raise ConfigurationError(f"the store URL {url[:80]!r} names no bucket; give "
-                                     "s3://bucket or s3://bucket/prefix")
+        bucket, prefix = s3_parts(check_store_url(url))
         return cls(bucket, prefix, client=client)
 
     def _translate(self, error: Exception, what: str) -> HlsvaultError:
