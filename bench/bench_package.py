@@ -41,6 +41,10 @@ mode that has nothing to do with it. Right before each timed command the benchma
 frees ``--prefault-mib`` MiB of fresh memory (:func:`machine.prefault`; 0: off), the same for
 every contender, and prints per round how many MiB the guest reported to the host while each
 command ran (``reported``; a contender's figure in a round with a large count is suspect).
+That does not remove the slow mode (the plain remux still has rounds at twice its system time
+with nothing reported), so the benchmark also prints what it moves least: the median of the
+rounds' ratios (the RESULT lines), the ratio of each contender's fastest round, and each
+command's CPU seconds.
 
 For hlsvault the job record's stage timestamps split the wall clock into: process start and
 CLI imports, worker start and dispatch, each stage, the hops between stages, and the exit.
@@ -59,6 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -86,9 +91,11 @@ DEFAULT_WARMUP = 1
 HLS_TIME_S = 6
 #: A remux of 120 s runs in about a second; anything near this is a hang, not a result.
 COMMAND_TIMEOUT_S = 600
-#: Fresh memory written and freed before each timed command: over three times what a contender
-#: writes (its ~236 MB of segments, hlsvault's interpreter), so that all it gets is host-backed.
-DEFAULT_PREFAULT_MIB = 1024
+#: Fresh memory written and freed before each timed command, about what a contender writes
+#: (its ~236 MB of segments). 1 GiB made the plain remux slower (median 0.41-0.54 s against
+#: 0.33-0.36 with none, 8 and 6 alternated runs): freeing that much just before sets the
+#: reporter to work while the command runs. See docs/benchmarks.md (branch pkglean).
+DEFAULT_PREFAULT_MIB = 256
 
 RUN_DIR = WORK_DIR / "package"
 DATA_DIR = RUN_DIR / "hlsvault-data"
@@ -110,6 +117,8 @@ PHASES = (
 @dataclass
 class Timings:
     seconds: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONTENDERS})
+    #: CPU seconds (user + system) of each command and every process it waited for.
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONTENDERS})
     #: MiB the guest reported to the host while each command ran (empty: not this kernel).
     reported: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONTENDERS})
     phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
@@ -190,6 +199,8 @@ def hlsvault_env() -> dict[str, str]:
 PREFAULT_MIB = [DEFAULT_PREFAULT_MIB]
 #: MiB the guest reported to the host during the last command run_timed ran (None: unknown).
 LAST_REPORTED: list[float | None] = [None]
+#: CPU seconds of the last command run_timed ran (user + system, its children included).
+LAST_CPU = [0.0]
 
 
 def run_timed(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
@@ -197,11 +208,14 @@ def run_timed(args: list[str], env: dict[str, str] | None = None) -> tuple[float
     os.sync()  # the previous command's dirty pages are written back on nobody's clock
     prefault(PREFAULT_MIB[0])
     reported_before = reported_mib()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     spawned_at = time.time()
     started = time.perf_counter()
     done = subprocess.run(args, env=env, capture_output=True, timeout=COMMAND_TIMEOUT_S,
                           check=False)
     elapsed = time.perf_counter() - started
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    LAST_CPU[0] = (used.ru_utime - usage.ru_utime) + (used.ru_stime - usage.ru_stime)
     reported_after = reported_mib()
     LAST_REPORTED[0] = (None if reported_before is None or reported_after is None
                         else reported_after - reported_before)
@@ -360,6 +374,8 @@ def run_rounds(
             counts[name] = segments
             row[name] = elapsed
             given[name] = LAST_REPORTED[0]
+            if timed:
+                timings.cpu[name].append(LAST_CPU[0])
             if timed and phases is not None:
                 for phase, value in phases.items():
                     timings.phases.setdefault(phase, []).append(value)
@@ -431,6 +447,13 @@ def main(argv: list[str] | None = None) -> int:
         ratios = per_round(baseline)
         print(f"hlsvault / {baseline} per round: {', '.join(f'{r:.2f}' for r in ratios)}; "
               f"median {statistics.median(ratios):.2f}")
+    cpu = {name: statistics.median(values) for name, values in timings.cpu.items()}
+    print("CPU s (user + system, the command and its children), median: "
+          + "  ".join(f"{c} {cpu[c]:.3f}" for c in CONTENDERS)
+          + f"; hlsvault / ffmpeg-plain {cpu[HLSVAULT] / cpu[FFMPEG_PLAIN]:.2f}")
+    fastest = {name: min(values) for name, values in timings.seconds.items()}
+    print("fastest round of each: " + "  ".join(f"{c} {fastest[c]:.3f}" for c in CONTENDERS)
+          + f"; hlsvault / ffmpeg-plain {fastest[HLSVAULT] / fastest[FFMPEG_PLAIN]:.2f}")
     if any(timings.reported.values()):
         print("reported MiB while each command ran, most in a round: " + ", ".join(
             f"{c} {max(v):.0f}" for c, v in timings.reported.items() if v))

@@ -34,9 +34,10 @@ def prefault(mib: int) -> None:
     host took back costs a hypervisor fault when the guest next writes it, so a command that
     writes new pages (a remux's output in the page cache) runs two to three times slower when
     it gets reported pages. The kernel hands out the pages freed last first and puts reported
-    pages back at the tail of its free lists, so touching more than the command will write
-    just before it starts puts every contender in the fast mode; the reported count across
-    the command says whether it stayed there."""
+    pages back at the tail of its free lists, so touching about what the command will write
+    just before it starts gives every contender the same start; the reported count across the
+    command says whether the reporter ran meanwhile. Freeing much more than that (1 GiB before
+    a remux writing 236 MB) measured slower, not faster: see docs/benchmarks.md."""
     if mib <= 0:
         return
     piece = bytes(_TOUCH_PIECE)
