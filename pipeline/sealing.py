@@ -54,12 +54,12 @@ POLL_S = 0.005
 #: milliseconds at most: fewer looks, less of the GIL and a core taken from the encoders, and
 #: the segments ffmpeg closes last are sealed by the stage's thread without waiting for a look.
 ENCODE_POLL_S = 0.05
-#: Closed segments a remux's watcher waits for before it seals, all in one call: the lanes
-#: run their CBC chains side by side (:mod:`pipeline.aes`), ~2 GB/s in place on one core
-#: against ~1 GB/s for one segment at a time, so sealing takes half the CPU it took from
-#: ffmpeg, which shares two cores with it. Segments left when ffmpeg exits are sealed whatever
-#: their number.
-REMUX_BATCH = aes.LANES
+#: Closed segments a remux's watcher waits for before it seals them, in one call whose lanes
+#: run their CBC chains side by side (:mod:`pipeline.aes`): a sealed remux of the 236 MB bench
+#: clip took ~0.15 CPU-s less than one segment at a time, of ~0.95 (docs/benchmarks.md, branch
+#: pkglean). Four rather than all eight lanes: as cheap, and ffmpeg's exit leaves at most
+#: three segments plus one batch to seal on the clock.
+REMUX_BATCH = 4
 #: How long the watcher may take to finish after ffmpeg exits: it has at most the segments
 #: ffmpeg closed last to encrypt, at hundreds of MB/s.
 JOIN_TIMEOUT_S = 300.0
