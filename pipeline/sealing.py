@@ -182,30 +182,24 @@ class SegmentSealer:
         ``least`` are closed. Each is claimed by one thread only."""
         with self._claim_lock:
             found: list[tuple[str, Path, int]] = []
-            held: dict[str, tuple[Path, int]] = {}
-            following = dict(self._next)
             for rendition, sequence in self._next.items():
                 while len(found) < aes.LANES:
                     path = self._out_dir / rendition / (self._pattern % sequence)
                     if not path.exists():
                         break
                     if sequence == self._first and rendition in self._hold:
-                        held[rendition] = (path, sequence)  # measured plain, sealed after
+                        # Measured plain, sealed after: passed over now, whatever is taken.
+                        self._held[rendition] = (path, sequence)
+                        self._next[rendition] = sequence + 1
                     else:
                         found.append((rendition, path, sequence))
                     sequence += 1
-                    following[rendition] = sequence
             if len(found) < least:
                 return []
             if share:
                 found = found[: -(-len(found) // 2)]
-            # What is taken: each rendition up to its last segment taken (or held).
-            taken = {rendition: sequence + 1 for rendition, _, sequence in found}
-            for rendition, (_, sequence) in held.items():
-                taken[rendition] = max(taken.get(rendition, 0), sequence + 1)
-                self._held[rendition] = held[rendition]
-            for rendition, after in taken.items():
-                self._next[rendition] = min(after, following[rendition])
+            for rendition, _, sequence in found:  # each rendition's in order: its last wins
+                self._next[rendition] = sequence + 1
             return found
 
     def _seal_all(self, claimed: Sequence[tuple[str, Path, int]]) -> None:

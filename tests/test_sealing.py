@@ -472,6 +472,20 @@ class TestHeldBack:
         assert decrypt_bytes(sealed, bytes([4]) * 16, iv_for_sequence(4)) == first
         assert sealer.plain_sizes("360p") == {"seg_00004.ts": 1000, "seg_00005.ts": 500}
 
+    def test_a_rendition_whose_only_segment_is_held_is_sealed_after(
+        self, tmp_path: Path
+    ) -> None:
+        # A chunk of one segment: nothing else closes for the watcher to take with it.
+        sealer = SegmentSealer(lambda sequence: bytes([sequence]) * 16, poll_s=0.01)
+        first = b"\x47" * 700
+        with sealer.sealing(tmp_path, ["360p"], 3, hold=["360p"]):
+            self._close(tmp_path / "360p", "seg_00003.ts", first)
+        sealer.seal_held()
+
+        assert sealer.sealed_sizes("360p", [Segment(3, "seg_00003.ts", 1.0, 700)]) == [704]
+        sealed = (tmp_path / "360p" / "seg_00003.ts").read_bytes()
+        assert decrypt_bytes(sealed, bytes([3]) * 16, iv_for_sequence(3)) == first
+
     def test_only_renditions_of_the_chunk_are_held(self, tmp_path: Path) -> None:
         sealer = SegmentSealer(lambda sequence: bytes(16))
         with pytest.raises(ValueError, match="720p"), \
