@@ -62,7 +62,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from machine import describe
+from machine import describe, reported_mib
 from sample_clip import WORK_DIR, ensure_clip
 
 from pipeline import aes
@@ -86,7 +86,6 @@ OPENSSL_BLOCK_BYTES = 16384
 OPENSSL_TIMEOUT_S = 120
 SEGMENT_SECONDS = 6
 MB = 1e6
-REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
 
 OPENSSL = "openssl"
 STAGE_1 = "stage-1t"
@@ -112,14 +111,6 @@ def scratch_root(where: str) -> Path:
         sys.exit("bench_encrypt: no writable /dev/shm; use --where disk")
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     return WORK_DIR
-
-
-def reported_mib() -> float | None:
-    """MiB the guest has reported free to the host so far (None: not this kernel)."""
-    try:
-        return int(REPORTED_KIB.read_text()) / 1024
-    except (OSError, ValueError):
-        return None
 
 
 def openssl_mb_per_s(seconds: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import platform
 import resource
@@ -11,6 +12,38 @@ import time
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
+#: What the guest has handed back to the host so far (virtio-balloon free page reporting).
+REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+#: Pre-touched in pieces of this size: one reused source buffer, no giant Python object.
+_TOUCH_PIECE = 1 << 20
+
+
+def reported_mib() -> float | None:
+    """MiB the guest has reported free to the host so far (None: not this kernel)."""
+    try:
+        return int(REPORTED_KIB.read_text()) / 1024
+    except (OSError, ValueError):
+        return None
+
+
+def prefault(mib: int) -> None:
+    """Write ``mib`` MiB of fresh anonymous memory and free it again, so that the pages a
+    command started right after gets are backed by the host.
+
+    This VM hands memory the guest frees back to the host (free page reporting); a page the
+    host took back costs a hypervisor fault when the guest next writes it, so a command that
+    writes new pages (a remux's output in the page cache) runs two to three times slower when
+    it gets reported pages. The kernel hands out the pages freed last first and puts reported
+    pages back at the tail of its free lists, so touching about what the command will write
+    just before it starts gives every contender the same start; the reported count across the
+    command says whether the reporter ran meanwhile. Freeing much more than that (1 GiB before
+    a remux writing 236 MB) measured slower, not faster: see docs/benchmarks.md."""
+    if mib <= 0:
+        return
+    piece = bytes(_TOUCH_PIECE)
+    with mmap.mmap(-1, mib * _TOUCH_PIECE) as memory:
+        for offset in range(0, mib * _TOUCH_PIECE, _TOUCH_PIECE):
+            memory[offset:offset + _TOUCH_PIECE] = piece
 
 
 def timed_command(

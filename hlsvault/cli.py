@@ -130,10 +130,18 @@ def _show_progress(args: argparse.Namespace) -> bool:
 
 def _start_ahead(args: argparse.Namespace, ctx: Context) -> None:
     """An embedded `package`'s first moves, made before this process imports the rest of
-    itself and starts its worker: ffprobe of a local source started, and the job spec made
-    with its remux started (:mod:`pipeline.headstart`) when the source allows one. A spec that
-    cannot be made is left for :func:`cmd_package` to refuse."""
-    _prefetch_probe(args.source)
+    itself and starts its worker: the job spec made with its remux started
+    (:mod:`pipeline.headstart`) when the source allows one, then ffprobe of a local source
+    started (the remux is the longer of the two, and the probe stage waits for ffprobe only
+    after this process's imports). A spec that cannot be made is left for
+    :func:`cmd_package` to refuse."""
+    try:
+        _start_remux(args, ctx)
+    finally:
+        _prefetch_probe(args.source)
+
+
+def _start_remux(args: argparse.Namespace, ctx: Context) -> None:
     try:
         ctx.spec = _new_spec(args, ctx)
     except HlsvaultError:

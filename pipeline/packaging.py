@@ -63,7 +63,7 @@ from .playlists import (
     describe_rendition,
     key_index,
 )
-from .sealing import ENCODE_POLL_S, POLL_S, SegmentSealer
+from .sealing import ENCODE_POLL_S, POLL_S, REMUX_BATCH, SegmentSealer
 from .segment import (
     DEFAULT_AUDIO_KBPS,
     PROGRESS_INTERVAL_S,
@@ -478,6 +478,9 @@ def _segment_attempt(
         if key_for is not None:
             sealer = SegmentSealer(key_for, container=spec.container,
                                    poll_s=POLL_S if copy else ENCODE_POLL_S,
+                                   # An encode closes a segment every few hundred ms: each
+                                   # sealed (and put) as it closes, on cores the encoders fill.
+                                   batch=REMUX_BATCH if copy else 1,
                                    on_sealed=uploads.put if uploads is not None else None)
         produced = segment_chunk(
             target,

@@ -472,11 +472,86 @@ class TestHeldBack:
         assert decrypt_bytes(sealed, bytes([4]) * 16, iv_for_sequence(4)) == first
         assert sealer.plain_sizes("360p") == {"seg_00004.ts": 1000, "seg_00005.ts": 500}
 
+    def test_a_rendition_whose_only_segment_is_held_is_sealed_after(
+        self, tmp_path: Path
+    ) -> None:
+        # A chunk of one segment: nothing else closes for the watcher to take with it.
+        sealer = SegmentSealer(lambda sequence: bytes([sequence]) * 16, poll_s=0.01)
+        first = b"\x47" * 700
+        with sealer.sealing(tmp_path, ["360p"], 3, hold=["360p"]):
+            self._close(tmp_path / "360p", "seg_00003.ts", first)
+        sealer.seal_held()
+
+        assert sealer.sealed_sizes("360p", [Segment(3, "seg_00003.ts", 1.0, 700)]) == [704]
+        sealed = (tmp_path / "360p" / "seg_00003.ts").read_bytes()
+        assert decrypt_bytes(sealed, bytes([3]) * 16, iv_for_sequence(3)) == first
+
     def test_only_renditions_of_the_chunk_are_held(self, tmp_path: Path) -> None:
         sealer = SegmentSealer(lambda sequence: bytes(16))
         with pytest.raises(ValueError, match="720p"), \
                 sealer.sealing(tmp_path, ["360p"], 0, hold=["720p"]):
             pass
+
+
+class TestBatches:
+    """A remux's watcher seals closed segments several at a time, in one lanes call; whatever
+    the batches, each segment is its own plaintext encrypted under its own sequence's key and
+    IV, a held one stays plain until sealed after, and the rest are sealed once ffmpeg exits."""
+
+    @staticmethod
+    def _close(rendition: Path, name: str, data: bytes) -> None:
+        rendition.mkdir(exist_ok=True)
+        (rendition / f"{name}.tmp").write_bytes(data)
+        (rendition / f"{name}.tmp").rename(rendition / name)
+
+    def test_batches_wait_for_their_size_and_every_segment_is_sealed_under_its_own_key(
+        self, tmp_path: Path
+    ) -> None:
+        def key_for(sequence: int) -> bytes:
+            return bytes([sequence]) * 16
+
+        def plain(rendition: str, sequence: int) -> bytes:
+            # Distinct per segment, and not a whole number of blocks: padding shows.
+            return (f"{rendition}:{sequence}:".encode() * 400)[: 3000 + 7 * sequence]
+
+        sealer = SegmentSealer(key_for, poll_s=0.005, batch=3)
+        renditions = ["1080p", "audio0"]
+        first = 10
+        with sealer.sealing(tmp_path, renditions, first, hold=["audio0"]):
+            # Given two closed segments, fewer than a batch: the watcher leaves them plain.
+            self._close(tmp_path / "1080p", "seg_00010.ts", plain("1080p", 10))
+            self._close(tmp_path / "1080p", "seg_00011.ts", plain("1080p", 11))
+            time.sleep(0.1)  # twenty looks
+            assert sealer.sealed["1080p"] == {}
+            # When a third closes, the three are sealed together while "ffmpeg" still runs.
+            self._close(tmp_path / "1080p", "seg_00012.ts", plain("1080p", 12))
+            for _ in range(500):
+                if len(sealer.sealed["1080p"]) == 3:
+                    break
+                time.sleep(0.01)
+            assert sorted(sealer.sealed["1080p"]) == [f"seg_000{n}.ts" for n in (10, 11, 12)]
+            # Then more than a batch in two renditions, the first audio segment held back.
+            for sequence in range(13, 23):
+                self._close(tmp_path / "1080p", f"seg_000{sequence}.ts", plain("1080p", sequence))
+            for sequence in range(10, 15):
+                self._close(tmp_path / "audio0", f"seg_000{sequence}.ts", plain("audio0", sequence))
+
+        held = tmp_path / "audio0" / "seg_00010.ts"
+        assert held.read_bytes() == plain("audio0", 10)
+        sealer.seal_held()
+        for rendition, last in (("1080p", 22), ("audio0", 14)):
+            segments = [Segment(n, f"seg_000{n}.ts", 1.0, len(plain(rendition, n)))
+                        for n in range(first, last + 1)]
+            sizes = sealer.sealed_sizes(rendition, segments)
+            for seg, size in zip(segments, sizes, strict=True):
+                sealed = (tmp_path / rendition / seg.name).read_bytes()
+                assert len(sealed) == size == (seg.size // 16 + 1) * 16
+                clear = decrypt_bytes(sealed, key_for(seg.sequence), iv_for_sequence(seg.sequence))
+                assert clear == plain(rendition, seg.sequence)
+
+    def test_a_batch_larger_than_the_lanes_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="lanes"):
+            SegmentSealer(lambda sequence: bytes(16), batch=9)
 
 
 class TestSealedFilesMustStaySealed:
