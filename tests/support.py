@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import warnings
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,8 @@ CLI_TIMEOUT_S = 300
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 #: The lowest port tests pick: below it lie the registered ports of common services.
 _LOWEST_TEST_PORT = 20000
-#: Linux's default start of the ephemeral range, assumed when the kernel does not say.
-_DEFAULT_EPHEMERAL_LOW = 32768
+#: Linux's default ephemeral range, assumed when the kernel does not say.
+_DEFAULT_EPHEMERAL_LOW, _DEFAULT_EPHEMERAL_HIGH = 32768, 60999
 #: Fewer test ports than this cannot serve a session (a few hundred servers per process, two
 #: xdist workers, other sessions on the machine).
 _MIN_TEST_PORTS = 1000
@@ -62,25 +63,28 @@ _MIN_TEST_PORTS = 1000
 SERVICE_PORTS = frozenset({25672, 26379, 27017})
 
 
-def ports_below_ephemeral(ephemeral_range: str | None) -> range:
-    """The test ports: from 20000 up to where the kernel's ephemeral range (the text of
-    ``ip_local_port_range``; Linux's default when None or unreadable) starts, so nothing on the
-    machine takes a port picked here between the pick and the server's start. Raises when too
-    few remain for a session."""
+def port_range_for(ephemeral_range: str | None) -> range:
+    """The test ports, outside the kernel's ephemeral range (the text of
+    ``ip_local_port_range``; Linux's default when None or unreadable), so nothing on the machine
+    takes a port picked here between the pick and the server's start: from 20000 up to where
+    that range starts or, when too few lie there (a range tuned to start low), from where it
+    ends up to 65535. When neither side holds enough, 20000-32767 with a warning: the
+    reservations and the check that nothing listens still apply, only an outgoing connection
+    may take a port first."""
     try:
-        low = int((ephemeral_range or "").split()[0])
-    except (IndexError, ValueError):
-        low = _DEFAULT_EPHEMERAL_LOW
-    ports = range(_LOWEST_TEST_PORT, min(low, 65536))
-    usable = len(ports) - sum(port in ports for port in SERVICE_PORTS)
-    if usable < _MIN_TEST_PORTS:
-        raise RuntimeError(
-            f"the kernel's ephemeral ports start at {low} ({EPHEMERAL_RANGE}), leaving "
-            f"{max(usable, 0)} test ports from {_LOWEST_TEST_PORT}, fewer than the "
-            f"{_MIN_TEST_PORTS} a session needs; raise its low end, e.g. "
-            "sysctl -w net.ipv4.ip_local_port_range='32768 60999'"
-        )
-    return ports
+        low, high = (int(part) for part in (ephemeral_range or "").split()[:2])
+    except ValueError:
+        low, high = _DEFAULT_EPHEMERAL_LOW, _DEFAULT_EPHEMERAL_HIGH
+    for ports in (range(_LOWEST_TEST_PORT, min(low, 65536)), range(max(high + 1, 1024), 65536)):
+        if len(ports) - sum(port in ports for port in SERVICE_PORTS) >= _MIN_TEST_PORTS:
+            return ports
+    warnings.warn(
+        f"the kernel's ephemeral ports ({low}-{high}, {EPHEMERAL_RANGE}) leave fewer than "
+        f"{_MIN_TEST_PORTS} ports outside them: the tests pick from {_LOWEST_TEST_PORT}-"
+        f"{_DEFAULT_EPHEMERAL_LOW - 1}, where an outgoing connection may take one first",
+        stacklevel=2,
+    )
+    return range(_LOWEST_TEST_PORT, _DEFAULT_EPHEMERAL_LOW)
 
 
 def _read_ephemeral_range() -> str | None:
@@ -90,7 +94,7 @@ def _read_ephemeral_range() -> str | None:
         return None
 
 
-TEST_PORTS = ports_below_ephemeral(_read_ephemeral_range())
+TEST_PORTS = port_range_for(_read_ephemeral_range())
 #: The directory of the port reservations every test process of this user shares: one per
 #: user, since another user's lock files (0600) cannot be opened to take part in theirs.
 RESERVATIONS = Path(tempfile.gettempdir()) / f"hlsvault-test-ports-{os.getuid()}"
