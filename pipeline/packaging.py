@@ -735,9 +735,15 @@ def _place_encrypted(
             # none of its own.
             placing = [pool.submit(contextvars.copy_context().run, place, item)
                        for item in files]
-            for done, future in enumerate(placing, start=1):
-                future.result()
-                report(done / len(files))
+            try:
+                for done, future in enumerate(placing, start=1):
+                    future.result()
+                    report(done / len(files))
+            except BaseException:
+                # The first failure fails the stage now: the puts not yet started are
+                # dropped, not each tried (and retried) against a store that refuses them.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
 
 def joined_renditions(

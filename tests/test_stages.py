@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,7 +20,7 @@ from dramatiq.brokers.stub import StubBroker
 
 from pipeline import aes, layout, packaging
 from pipeline.crypto import iv_for_sequence
-from pipeline.errors import TransientError
+from pipeline.errors import StorageRefused, TransientError
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import MediaInfo
 from pipeline.plan import Rendition
@@ -268,6 +269,28 @@ class TestAudioGroup:
                 assert (len(data), len(plain)) == (size, seg["size"])
                 parts.append(plain)
         return record, decrypted
+
+    def test_a_put_the_store_refuses_fails_the_stage_without_trying_the_rest(
+        self, services: Services, two_audio_clip: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Given a remote work store that refuses every put (an outage, a policy), when the
+        audio group places its segments two at a time, then the stage fails with the store's
+        error after the puts already started, not after one try of every segment."""
+        monkeypatch.setattr(packaging, "PLACE_CONCURRENCY", 2)
+        spec = audio_group_job(services, two_audio_clip, "ts")
+        tried: list[str] = []
+
+        class Refuses(RecordsWrites):
+            def put_file(self, key: str, path: Path, **headers: Any) -> None:
+                tried.append(key)
+                time.sleep(0.05)  # the other thread's put starts meanwhile
+                raise StorageRefused(f"put of {key} refused")
+
+        with pytest.raises(StorageRefused):
+            packaging.audio_group(replace(services, work=Refuses(services.work)), spec,
+                                  services.jobs.get(spec.job_id))
+
+        assert 1 <= len(tried) <= 3  # of 14 or more segments
 
     @pytest.mark.parametrize("container", AUDIO_CONTAINERS)
     def test_a_remote_work_store_is_never_given_a_plain_audio_segment(
