@@ -28,7 +28,7 @@ typecheck:
 pytest:
 	$(BIN)/pytest -q -n auto --dist loadfile
 
-# The unit and in-process tests only, in seconds: no end-to-end packaging of longer clips.
+# The unit and in-process tests only, in about 40 s: no end-to-end packaging of longer clips.
 pytest-fast:
 	$(BIN)/pytest -q -m "not slow" -n auto --dist loadfile
 
