@@ -18,13 +18,12 @@ or have them read local files. Every source is therefore opened under two allow-
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from .aws import Outcome, botocore_errors, classify, describe, shared_client
 from .errors import InvalidSource, TransientError
-from .storage import is_s3_url, s3_parts
+from .storage import is_s3_url, s3_parts, shown_url, url_scheme
 
 #: A presigned source URL must outlive the longest ffmpeg run of the segment stage.
 PRESIGN_EXPIRY_S = 12 * 3600
@@ -48,8 +47,8 @@ LOCAL_PROTOCOLS = "file"
 #: content name another input (hls, concat, subfile, data, crypto, ftp, rtmp …).
 URL_PROTOCOLS = "http,https,tls,tcp,httpproxy"
 
-#: A URL's scheme, as much of a refused URL as a message shows.
-_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,15})://")
+#: The URL schemes a source may have, written as here (lower case).
+SOURCE_SCHEMES = ("s3", "http", "https")
 #: How a message names a refused format, for the demuxers sources are most often mistaken for.
 _REFUSED_KINDS = {
     "hls": "an HLS playlist",
@@ -136,16 +135,25 @@ def ffmpeg_target(source: str, *, probed: bool = False) -> tuple[str, str]:
 
 def check_not_a_url(source: str) -> None:
     """Refuse a source that is a URL of a scheme hlsvault does not read (``S3://``,
-    ``ftp://``), which would otherwise be looked for as a local path and reported missing.
-    The message shows the scheme alone: the rest may hold a credential."""
-    scheme = _URL_SCHEME.match(source)
-    if scheme is None:
-        return
-    if scheme[1].lower() == "s3":
-        raise InvalidSource(f"source {scheme[1]}://… is not an S3 URL: S3 URLs are lower case, "
-                            "s3://bucket/key")
-    raise InvalidSource(f"source {scheme[1]}://… is neither a local path, an http(s) URL nor "
-                        "s3://bucket/key (schemes in lower case)")
+    ``ftp://``), which would otherwise be looked for as a local path and reported missing."""
+    refusal = scheme_refusal(source)
+    if refusal is not None:
+        raise InvalidSource(refusal)
+
+
+def scheme_refusal(source: str) -> str | None:
+    """Why ``source`` is refused, when it starts with a URL scheme other than those of
+    :data:`SOURCE_SCHEMES`; None when it has one of those or is a local path. The message
+    shows the scheme alone: the rest may hold a credential."""
+    scheme = url_scheme(source)
+    if scheme is None or scheme in SOURCE_SCHEMES:
+        return None
+    shown = f"source {shown_url(source)}"
+    lower = scheme.lower()
+    if lower == "s3":
+        return f"{shown} is not an S3 URL: S3 URLs are lower case, s3://bucket/key"
+    return (f"{shown} is neither a local path, an http(s) URL nor s3://bucket/key (schemes in "
+            "lower case)")
 
 
 def shown_name(target: str) -> str:
@@ -218,4 +226,4 @@ def format_refusal(format_name: str, shown: str) -> str:
 
 
 def _is_url(target: str) -> bool:
-    return target.startswith(("http://", "https://"))
+    return url_scheme(target) in ("http", "https")

@@ -59,7 +59,7 @@ from .playlists import RenditionEntry
 from .records import from_known
 from .segment import Segment, SegmentedRendition, run_ffmpeg
 from .sources import ffmpeg_command, ffmpeg_input, source_demuxer, split_s3_url
-from .storage import is_s3_url
+from .storage import is_s3_url, url_scheme
 from .webvtt import timestamp
 from .worksegments import decrypt_work_segment, work_init
 
@@ -177,11 +177,12 @@ def check_sidecar_source(source: str, *, s3_only: bool = False) -> str:
     if s3_only:
         raise BadSpec(f"subtitle file {source[:80]!r}: a job request names a subtitle file "
                       "as an S3 object like its source (s3://bucket/key)")
-    if "://" in source or not source.startswith("/"):
-        raise BadSpec(
-            f"subtitle file {source[:80]!r} must be a local file or s3://bucket/key (URLs are "
-            "not fetched)"
-        )
+    if url_scheme(source) is not None:
+        raise BadSpec(f"subtitle file {source[:80]!r} must be a local file or "
+                      "s3://bucket/key (URLs are not fetched)")
+    if not source.startswith("/"):
+        raise BadSpec(f"subtitle file {source[:80]!r} must be an absolute path or "
+                      "s3://bucket/key")
     return source
 
 

@@ -184,6 +184,15 @@ class TestSpecChecks:
         with pytest.raises((BadSpec, InvalidSource)):
             check_sidecar_source(source)
 
+    @pytest.mark.parametrize(("source", "says"), [
+        ("HTTP://host/talk.vtt", "URLs are not fetched"),
+        ("media/a://b.vtt", "must be an absolute path"),
+    ])
+    def test_a_sidecar_url_of_another_scheme_says_what_to_give(self, source: str,
+                                                                says: str) -> None:
+        with pytest.raises(BadSpec, match=says):
+            check_sidecar_source(source)
+
     def test_a_job_spec_keeps_its_sidecars_through_json(self) -> None:
         spec = new_job_spec("/src/talk.mp4", subtitles=[("de", "/src/talk.de.srt")])
         assert spec.subtitles == (("de", "/src/talk.de.srt"),)
