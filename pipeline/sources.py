@@ -157,9 +157,14 @@ def scheme_refusal(source: str) -> str | None:
 
 
 def shown_name(target: str) -> str:
-    """How to name ``target`` in a message: a URL loses its query string, which for a
-    presigned URL is a credential."""
-    return target.split("?", 1)[0] if _is_url(target) else target
+    """How to name ``target`` in a message: a URL loses its user name and password and its
+    query string (for a presigned URL, a credential)."""
+    if not _is_url(target):
+        return target
+    scheme, _, rest = target.partition("://")
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def ffmpeg_command(outputs: list[Any]) -> list[str]:

@@ -59,7 +59,7 @@ from .playlists import RenditionEntry
 from .records import from_known
 from .segment import Segment, SegmentedRendition, run_ffmpeg
 from .sources import ffmpeg_command, ffmpeg_input, source_demuxer, split_s3_url
-from .storage import is_s3_url, url_scheme
+from .storage import is_s3_url, shown_url, url_scheme
 from .webvtt import timestamp
 from .worksegments import decrypt_work_segment, work_init
 
@@ -174,11 +174,14 @@ def check_sidecar_source(source: str, *, s3_only: bool = False) -> str:
     if is_s3_url(source):
         split_s3_url(source)
         return source
+    # A refused URL is shown by its scheme alone: the rest may hold a credential.
+    scheme = url_scheme(source)
     if s3_only:
-        raise BadSpec(f"subtitle file {source[:80]!r}: a job request names a subtitle file "
-                      "as an S3 object like its source (s3://bucket/key)")
-    if url_scheme(source) is not None:
-        raise BadSpec(f"subtitle file {source[:80]!r} must be a local file or "
+        shown = "" if scheme is None else f" {shown_url(source)}"
+        raise BadSpec(f"subtitle file{shown}: a job request names a subtitle file as an S3 "
+                      "object like its source (s3://bucket/key)")
+    if scheme is not None:
+        raise BadSpec(f"subtitle file {shown_url(source)} must be a local file or "
                       "s3://bucket/key (URLs are not fetched)")
     if not source.startswith("/"):
         raise BadSpec(f"subtitle file {source[:80]!r} must be an absolute path or "

@@ -60,6 +60,18 @@ class TestSourceArgument:
         assert not (hlsvault.data_dir / "jobs").exists() or not any(
             p.is_file() for p in (hlsvault.data_dir / "jobs").rglob("*"))
 
+    def test_a_sidecar_url_is_refused_before_any_job(
+        self, hlsvault: Hlsvault, copy_clip: Path
+    ) -> None:
+        done = hlsvault.package(str(copy_clip), "--ladder", "copy",
+                                "--subtitles", "de=FTP://user:secret@host/talk.vtt")
+
+        assert done.returncode == 2, done.stderr
+        assert "FTP://…" in done.stderr and "URLs are not fetched" in done.stderr
+        assert "secret" not in done.stderr
+        assert not (hlsvault.data_dir / "jobs").exists() or not any(
+            p.is_file() for p in (hlsvault.data_dir / "jobs").rglob("*"))
+
     def test_a_path_with_two_slashes_further_on_is_a_local_file(
         self, hlsvault: Hlsvault, copy_clip: Path, tmp_path: Path
     ) -> None:
