@@ -141,17 +141,21 @@ def check_not_a_url(source: str) -> None:
         raise InvalidSource(refusal)
 
 
-def scheme_refusal(source: str) -> str | None:
+def scheme_refusal(source: str, *, what: str = "source") -> str | None:
     """Why ``source`` is refused, when it starts with a URL scheme other than those of
     :data:`SOURCE_SCHEMES`; None when it has one of those or is a local path. The message
-    shows the scheme alone: the rest may hold a credential."""
+    names ``what`` and shows the scheme alone: the rest may hold a credential."""
     scheme = url_scheme(source)
     if scheme is None or scheme in SOURCE_SCHEMES:
         return None
-    shown = f"source {shown_url(source)}"
+    shown = f"{what} {shown_url(source)}"
     lower = scheme.lower()
     if lower == "s3":
         return f"{shown} is not an S3 URL: S3 URLs are lower case, s3://bucket/key"
+    if lower in SOURCE_SCHEMES:
+        return f"{shown}: write the scheme in lower case: {lower}://…"
+    if lower == "file":
+        return f"{shown}: give the path itself, not a file:// URL"
     return (f"{shown} is neither a local path, an http(s) URL nor s3://bucket/key (schemes in "
             "lower case)")
 

@@ -58,7 +58,7 @@ from .plan import LANGUAGE_TAG, hls_language, track_name
 from .playlists import RenditionEntry
 from .records import from_known
 from .segment import Segment, SegmentedRendition, run_ffmpeg
-from .sources import ffmpeg_command, ffmpeg_input, source_demuxer, split_s3_url
+from .sources import ffmpeg_command, ffmpeg_input, scheme_refusal, source_demuxer, split_s3_url
 from .storage import is_s3_url, shown_url, url_scheme
 from .webvtt import timestamp
 from .worksegments import decrypt_work_segment, work_init
@@ -181,6 +181,9 @@ def check_sidecar_source(source: str, *, s3_only: bool = False) -> str:
         raise BadSpec(f"subtitle file{shown}: a job request names a subtitle file as an S3 "
                       "object like its source (s3://bucket/key)")
     if scheme is not None:
+        refusal = scheme_refusal(source, what="subtitle file")
+        if scheme.lower() in ("s3", "file") and refusal is not None:
+            raise BadSpec(refusal)
         raise BadSpec(f"subtitle file {shown_url(source)} must be a local file or "
                       "s3://bucket/key (URLs are not fetched)")
     if not source.startswith("/"):

@@ -45,7 +45,9 @@ class TestAssetIdFromFileName:
 class TestSourceArgument:
     @pytest.mark.parametrize(("source", "says"), [
         ("ftp://user:secret@host/talk.mp4", "source ftp://… is neither a local path"),
+        ("HTTP://host/talk.mp4", "write the scheme in lower case: http://…"),
         ("S3://bucket/talk.mp4", "S3 URLs are lower case, s3://bucket/key"),
+        ("file:///videos/talk.mp4", "give the path itself"),
     ])
     def test_a_url_of_a_scheme_hlsvault_does_not_read_is_refused_before_any_job(
         self, hlsvault: Hlsvault, source: str, says: str

@@ -56,6 +56,20 @@ class TestWhatAnS3UrlIs:
         with pytest.raises(InvalidSource, match=r"ftp://… is neither a local path, an http"):
             ffmpeg_target("ftp://host/key.mp4")
 
+    @pytest.mark.parametrize(("source", "says"), [
+        ("HTTP://host/x.mp4", "HTTP://…: write the scheme in lower case: http://…"),
+        ("Https://user:secret@host/x.mp4", "Https://…: write the scheme in lower case: https://…"),
+        ("file:///videos/x.mp4", "file://…: give the path itself"),
+    ])
+    def test_a_source_of_a_scheme_meant_otherwise_says_how_to_write_it(
+        self, source: str, says: str
+    ) -> None:
+        """Not "neither a local path, an http(s) URL nor …", which an http URL is."""
+        with pytest.raises(InvalidSource) as refused:
+            ffmpeg_target(source)
+        assert says in str(refused.value)
+        assert "neither" not in str(refused.value) and "secret" not in str(refused.value)
+
     def test_a_source_with_two_slashes_further_on_is_looked_for_as_a_local_path(self) -> None:
         with pytest.raises(InvalidSource, match=r"source not found: media/a://b\.mp4"):
             ffmpeg_target("media/a://b.mp4")

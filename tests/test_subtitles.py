@@ -200,6 +200,8 @@ class TestSpecChecks:
         assert "https://…" in str(refused.value) and "secret" not in str(refused.value)
 
     @pytest.mark.parametrize(("source", "says"), [
+        ("S3://bucket/talk.vtt", "S3 URLs are lower case, s3://bucket/key"),
+        ("file:///subs/talk.vtt", "give the path itself"),
         ("HTTP://host/talk.vtt", "URLs are not fetched"),
         ("media/a://b.vtt", "must be an absolute path"),
     ])
