@@ -60,12 +60,12 @@ _REFUSED_KINDS = {
 }
 
 
-def split_s3_url(url: str) -> tuple[str, str]:
+def split_s3_url(url: str, *, what: str = "source") -> tuple[str, str]:
     """The bucket and key of an ``s3://`` source or sidecar: the one place both must be
-    there. :class:`~pipeline.errors.InvalidSource` when either is missing."""
+    there. :class:`~pipeline.errors.InvalidSource` naming ``what`` when either is missing."""
     bucket, key = s3_parts(url)
     if not bucket or not key:
-        raise InvalidSource(f"source {url[:200]!r} is not of the form s3://bucket/key")
+        raise InvalidSource(f"{what} {url[:200]!r} is not of the form s3://bucket/key")
     return bucket, key
 
 

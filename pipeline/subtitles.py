@@ -172,7 +172,10 @@ def check_sidecar_source(source: str, *, s3_only: bool = False) -> str:
     if not isinstance(source, str) or not source or "\x00" in source or len(source) > 4096:
         raise BadSpec("a subtitle file must be named by a path or s3://bucket/key")
     if is_s3_url(source):
-        split_s3_url(source)
+        try:
+            split_s3_url(source, what="subtitle file")
+        except InvalidSource as error:  # the spec's fault, refused as its other faults are
+            raise BadSpec(str(error)) from None
         return source
     # A refused URL is shown by its scheme alone: the rest may hold a credential.
     scheme = url_scheme(source)
@@ -389,7 +392,7 @@ def read_sidecar(source: str, shown: str) -> bytes:
 
 
 def _read_s3(source: str, shown: str) -> bytes:
-    bucket, key = split_s3_url(source)
+    bucket, key = split_s3_url(source, what="subtitle file")
     client = shared_client()
     try:
         head = client.head_object(Bucket=bucket, Key=key)

@@ -113,10 +113,12 @@ class TestAnS3UrlWithoutItsBucketOrKey:
     def test_a_source_needs_both(self, url: str) -> None:
         with pytest.raises(InvalidSource, match="s3://bucket/key"):
             split_s3_url(url)
-        # (a sidecar's refusal is the source's: InvalidSource, where its other refusals are
-        # BadSpec; both fail the job or the request at once)
-        with pytest.raises((BadSpec, InvalidSource), match="s3://bucket/key"):
+        # a sidecar's is a fault of the spec, as its other faults are, and names the sidecar
+        with pytest.raises(BadSpec, match=r"subtitle file .* is not of the form s3://bucket/key"):
             check_sidecar_source(url)
+        with pytest.raises(BadSpec, match=r"subtitle file .* is not of the form s3://bucket/key"):
+            parse_job_request({"source": "s3://in/talk.mp4",
+                               "subtitles": [{"language": "de", "source": url}]})
         with pytest.raises(BadSpec, match="s3://bucket/key"):
             parse_job_request({"source": url})
 
