@@ -33,7 +33,7 @@ from pipeline.errors import BadSpec, HlsvaultError, exit_code
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.plan import LADDERS, chunks_progress
 from pipeline.settings import load_settings
-from pipeline.storage import is_s3_url
+from pipeline.storage import is_s3_url, url_scheme
 
 from . import import_structlog
 from .ingestcommands import add_commands as add_ingest_commands
@@ -48,8 +48,21 @@ CREATING_COMMANDS = ("package", "serve")
 
 
 def _source_argument(source: str) -> str:
-    """Local paths become absolute (the worker may run elsewhere); URLs pass unchanged."""
-    if "://" in source:
+    """The source as a job takes it: a URL of a scheme hlsvault reads, unchanged, or a local
+    path (anything not starting with a scheme), made absolute. A URL of another scheme is
+    refused here, before a job exists."""
+    if url_scheme(source) is not None:
+        from pipeline.sources import scheme_refusal
+
+        refusal = scheme_refusal(source)
+        if refusal is not None:
+            raise BadSpec(refusal)
+    return _absolute(source)
+
+
+def _absolute(source: str) -> str:
+    """A local path made absolute (the worker may run elsewhere); a URL unchanged."""
+    if url_scheme(source) is not None:
         return source
     return str(Path(source).expanduser().absolute())
 
@@ -88,7 +101,7 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
             source = f"{work.url.rstrip('/')}/{key}"
         sidecars.append((language, source))
     spec = replace(spec, subtitles=tuple(sidecars), subtitle_names=names)
-    if "://" in spec.source:
+    if url_scheme(spec.source) is not None:
         return spec
     path = Path(spec.source)
     check_local_source(path, args.source)
@@ -99,12 +112,12 @@ def _new_spec(args: argparse.Namespace, ctx: Context) -> JobSpec:
 
 def _sidecar_argument(value: str) -> tuple[str, str]:
     """``--subtitles LANG=FILE`` as ``(language, source)``; the file as a source is given
-    (an absolute path, or s3://). The job spec checks both."""
+    (an absolute path, or a URL as written). The job spec checks both."""
     language, separator, source = value.partition("=")
     if not separator or not source:
         raise BadSpec(f"--subtitles {value[:60]!r}: give LANGUAGE=FILE, e.g. "
                       "--subtitles en=talk.en.vtt")
-    return language, _source_argument(source)
+    return language, _absolute(source)
 
 
 def _prefetch_probe(source: str) -> None:
@@ -112,7 +125,7 @@ def _prefetch_probe(source: str) -> None:
     starts its worker, and the probe stage collects its answer (see
     :func:`pipeline.media.prefetch_probe`). Anything wrong with the source is left for the
     probe stage to report."""
-    if "://" in source:
+    if url_scheme(source) is not None:
         return  # a URL or s3:// source: opening it is the probe stage's business
     from pipeline.media import prefetch_probe
     from pipeline.sources import ffmpeg_target

@@ -18,13 +18,12 @@ or have them read local files. Every source is therefore opened under two allow-
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from .aws import Outcome, botocore_errors, classify, describe, shared_client
 from .errors import InvalidSource, TransientError
-from .storage import is_s3_url, s3_parts
+from .storage import is_s3_url, s3_parts, shown_url, url_scheme
 
 #: A presigned source URL must outlive the longest ffmpeg run of the segment stage.
 PRESIGN_EXPIRY_S = 12 * 3600
@@ -48,8 +47,8 @@ LOCAL_PROTOCOLS = "file"
 #: content name another input (hls, concat, subfile, data, crypto, ftp, rtmp …).
 URL_PROTOCOLS = "http,https,tls,tcp,httpproxy"
 
-#: A URL's scheme, as much of a refused URL as a message shows.
-_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,15})://")
+#: The URL schemes a source may have, written as here (lower case).
+SOURCE_SCHEMES = ("s3", "http", "https")
 #: How a message names a refused format, for the demuxers sources are most often mistaken for.
 _REFUSED_KINDS = {
     "hls": "an HLS playlist",
@@ -61,12 +60,12 @@ _REFUSED_KINDS = {
 }
 
 
-def split_s3_url(url: str) -> tuple[str, str]:
+def split_s3_url(url: str, *, what: str = "source") -> tuple[str, str]:
     """The bucket and key of an ``s3://`` source or sidecar: the one place both must be
-    there. :class:`~pipeline.errors.InvalidSource` when either is missing."""
+    there. :class:`~pipeline.errors.InvalidSource` naming ``what`` when either is missing."""
     bucket, key = s3_parts(url)
     if not bucket or not key:
-        raise InvalidSource(f"source {url[:200]!r} is not of the form s3://bucket/key")
+        raise InvalidSource(f"{what} {url[:200]!r} is not of the form s3://bucket/key")
     return bucket, key
 
 
@@ -136,22 +135,40 @@ def ffmpeg_target(source: str, *, probed: bool = False) -> tuple[str, str]:
 
 def check_not_a_url(source: str) -> None:
     """Refuse a source that is a URL of a scheme hlsvault does not read (``S3://``,
-    ``ftp://``), which would otherwise be looked for as a local path and reported missing.
-    The message shows the scheme alone: the rest may hold a credential."""
-    scheme = _URL_SCHEME.match(source)
-    if scheme is None:
-        return
-    if scheme[1].lower() == "s3":
-        raise InvalidSource(f"source {scheme[1]}://… is not an S3 URL: S3 URLs are lower case, "
-                            "s3://bucket/key")
-    raise InvalidSource(f"source {scheme[1]}://… is neither a local path, an http(s) URL nor "
-                        "s3://bucket/key (schemes in lower case)")
+    ``ftp://``), which would otherwise be looked for as a local path and reported missing."""
+    refusal = scheme_refusal(source)
+    if refusal is not None:
+        raise InvalidSource(refusal)
+
+
+def scheme_refusal(source: str, *, what: str = "source") -> str | None:
+    """Why ``source`` is refused, when it starts with a URL scheme other than those of
+    :data:`SOURCE_SCHEMES`; None when it has one of those or is a local path. The message
+    names ``what`` and shows the scheme alone: the rest may hold a credential."""
+    scheme = url_scheme(source)
+    if scheme is None or scheme in SOURCE_SCHEMES:
+        return None
+    shown = f"{what} {shown_url(source)}"
+    lower = scheme.lower()
+    if lower == "s3":
+        return f"{shown} is not an S3 URL: S3 URLs are lower case, s3://bucket/key"
+    if lower in SOURCE_SCHEMES:
+        return f"{shown}: write the scheme in lower case: {lower}://…"
+    if lower == "file":
+        return f"{shown}: give the path itself, not a file:// URL"
+    return (f"{shown} is neither a local path, an http(s) URL nor s3://bucket/key (schemes in "
+            "lower case)")
 
 
 def shown_name(target: str) -> str:
-    """How to name ``target`` in a message: a URL loses its query string, which for a
-    presigned URL is a credential."""
-    return target.split("?", 1)[0] if _is_url(target) else target
+    """How to name ``target`` in a message: a URL loses its user name and password and its
+    query string (for a presigned URL, a credential)."""
+    if not _is_url(target):
+        return target
+    scheme, _, rest = target.partition("://")
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def ffmpeg_command(outputs: list[Any]) -> list[str]:
@@ -218,4 +235,4 @@ def format_refusal(format_name: str, shown: str) -> str:
 
 
 def _is_url(target: str) -> bool:
-    return target.startswith(("http://", "https://"))
+    return url_scheme(target) in ("http", "https")

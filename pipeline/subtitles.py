@@ -58,8 +58,8 @@ from .plan import LANGUAGE_TAG, hls_language, track_name
 from .playlists import RenditionEntry
 from .records import from_known
 from .segment import Segment, SegmentedRendition, run_ffmpeg
-from .sources import ffmpeg_command, ffmpeg_input, source_demuxer, split_s3_url
-from .storage import is_s3_url
+from .sources import ffmpeg_command, ffmpeg_input, scheme_refusal, source_demuxer, split_s3_url
+from .storage import is_s3_url, shown_url, url_scheme
 from .webvtt import timestamp
 from .worksegments import decrypt_work_segment, work_init
 
@@ -172,16 +172,26 @@ def check_sidecar_source(source: str, *, s3_only: bool = False) -> str:
     if not isinstance(source, str) or not source or "\x00" in source or len(source) > 4096:
         raise BadSpec("a subtitle file must be named by a path or s3://bucket/key")
     if is_s3_url(source):
-        split_s3_url(source)
+        try:
+            split_s3_url(source, what="subtitle file")
+        except InvalidSource as error:  # the spec's fault, refused as its other faults are
+            raise BadSpec(str(error)) from None
         return source
+    # A refused URL is shown by its scheme alone: the rest may hold a credential.
+    scheme = url_scheme(source)
     if s3_only:
-        raise BadSpec(f"subtitle file {source[:80]!r}: a job request names a subtitle file "
-                      "as an S3 object like its source (s3://bucket/key)")
-    if "://" in source or not source.startswith("/"):
-        raise BadSpec(
-            f"subtitle file {source[:80]!r} must be a local file or s3://bucket/key (URLs are "
-            "not fetched)"
-        )
+        shown = "" if scheme is None else f" {shown_url(source)}"
+        raise BadSpec(f"subtitle file{shown}: a job request names a subtitle file as an S3 "
+                      "object like its source (s3://bucket/key)")
+    if scheme is not None:
+        refusal = scheme_refusal(source, what="subtitle file")
+        if scheme.lower() in ("s3", "file") and refusal is not None:
+            raise BadSpec(refusal)
+        raise BadSpec(f"subtitle file {shown_url(source)} must be a local file or "
+                      "s3://bucket/key (URLs are not fetched)")
+    if not source.startswith("/"):
+        raise BadSpec(f"subtitle file {source[:80]!r} must be an absolute path or "
+                      "s3://bucket/key")
     return source
 
 
@@ -382,7 +392,7 @@ def read_sidecar(source: str, shown: str) -> bytes:
 
 
 def _read_s3(source: str, shown: str) -> bytes:
-    bucket, key = split_s3_url(source)
+    bucket, key = split_s3_url(source, what="subtitle file")
     client = shared_client()
     try:
         head = client.head_object(Bucket=bucket, Key=key)

@@ -100,11 +100,11 @@ def test_bad_source_fails_cleanly(
 
 
 def test_an_s3_url_in_upper_case_is_not_looked_for_as_a_file(hlsvault: Hlsvault) -> None:
-    """``S3://bucket/key`` fails the job saying S3 URLs are lower case, not "source not
+    """``S3://bucket/key`` is a usage error saying S3 URLs are lower case, not "source not
     found … check the path"."""
     done = hlsvault.package("S3://bucket/talk.mp4", "--asset", "talk", "--ladder", "copy")
 
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr
     assert "S3 URLs are lower case, s3://bucket/key" in done.stderr
     assert "not found" not in done.stderr and "Traceback" not in done.stderr
     assert [p for p in hlsvault.origin.rglob("*") if p.is_file()] == []

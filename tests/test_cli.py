@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -39,6 +40,54 @@ class TestAssetIdFromFileName:
 
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["asset"] == "Cafe-final"
+
+
+class TestSourceArgument:
+    @pytest.mark.parametrize(("source", "says"), [
+        ("ftp://user:secret@host/talk.mp4", "source ftp://… is neither a local path"),
+        ("HTTP://host/talk.mp4", "write the scheme in lower case: http://…"),
+        ("S3://bucket/talk.mp4", "S3 URLs are lower case, s3://bucket/key"),
+        ("file:///videos/talk.mp4", "give the path itself"),
+    ])
+    def test_a_url_of_a_scheme_hlsvault_does_not_read_is_refused_before_any_job(
+        self, hlsvault: Hlsvault, source: str, says: str
+    ) -> None:
+        """A usage error in one line, showing the scheme alone, and no job queued."""
+        done = hlsvault.package(source, "--asset", "talk", "--ladder", "copy")
+
+        assert done.returncode == 2, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and says in lines[0], done.stderr
+        assert "secret" not in done.stderr
+        assert not (hlsvault.data_dir / "jobs").exists() or not any(
+            p.is_file() for p in (hlsvault.data_dir / "jobs").rglob("*"))
+
+    def test_a_sidecar_url_is_refused_before_any_job(
+        self, hlsvault: Hlsvault, copy_clip: Path
+    ) -> None:
+        done = hlsvault.package(str(copy_clip), "--ladder", "copy",
+                                "--subtitles", "de=FTP://user:secret@host/talk.vtt")
+
+        assert done.returncode == 2, done.stderr
+        assert "FTP://…" in done.stderr and "URLs are not fetched" in done.stderr
+        assert "secret" not in done.stderr
+        assert not (hlsvault.data_dir / "jobs").exists() or not any(
+            p.is_file() for p in (hlsvault.data_dir / "jobs").rglob("*"))
+
+    def test_a_path_with_two_slashes_further_on_is_a_local_file(
+        self, hlsvault: Hlsvault, copy_clip: Path, tmp_path: Path
+    ) -> None:
+        """`media/a://b.mp4` is the file b.mp4 in the directory media/a: of where hlsvault was
+        started, and the job names it by its absolute path (a worker runs elsewhere)."""
+        (tmp_path / "media" / "a:").mkdir(parents=True)
+        shutil.copyfile(copy_clip, tmp_path / "media" / "a:" / "b.mp4")
+
+        done = hlsvault.package("media/a://b.mp4", "--asset", "b", "--ladder", "copy", "--json")
+
+        assert done.returncode == 0, done.stderr
+        status = hlsvault.run("status", json.loads(done.stdout)["job_id"], "--json")
+        assert json.loads(status.stdout)["source"] == str(
+            tmp_path / "media" / "a:" / "b.mp4")
 
 
 class TestDataDirectory:

@@ -287,6 +287,23 @@ class TestHostileSources:
         assert set(uploads.received()) == served
 
 
+class TestHowASourceIsNamed:
+    def test_a_served_sources_credentials_are_never_shown(
+        self, uploads: RecordingServer, metadata: RecordingServer
+    ) -> None:
+        """A refusal names a URL by its host and path: its user name and password, and a
+        presigned URL's signature, are never shown."""
+        url = uploads.serve("talk.m3u8", served_playlist_text(metadata), MPEGURL)
+        source = url.replace("http://", "http://user:secret@", 1) + f"?{SIGNATURE}"
+
+        with pytest.raises(InvalidSource, match="is an HLS playlist") as refused:
+            probe(source)
+
+        assert f"source {url} is" in str(refused.value)
+        assert "secret" not in str(refused.value) and SIGNATURE not in str(refused.value)
+        assert set(uploads.received()) == {"/talk.m3u8"} and metadata.received() == []
+
+
 class TestSegmentStage:
     @pytest.mark.parametrize("served", [False, True], ids=["local", "served"])
     def test_a_source_swapped_for_a_playlist_after_the_probe_is_not_followed(

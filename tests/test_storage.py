@@ -1,6 +1,7 @@
-"""Which URLs name S3: one rule (``pipeline.storage.is_s3_url``) for stores, sources, sidecars
-and job requests, so that a URL means the same thing wherever it is given; an S3 URL without
-the bucket (or key) a place needs is refused there, with the form to use."""
+"""Which text is a URL, and which URLs name S3: one rule each (``pipeline.storage.url_scheme``,
+``is_s3_url``) for stores, sources, sidecars and job requests, so that a URL means the same
+thing wherever it is given; an S3 URL without the bucket (or key) a place needs is refused
+there, with the form to use."""
 
 from __future__ import annotations
 
@@ -11,8 +12,24 @@ import pytest
 from pipeline.errors import BadSpec, ConfigurationError, InvalidSource
 from pipeline.ingest import parse_job_request
 from pipeline.sources import ffmpeg_target, split_s3_url
-from pipeline.storage import is_s3_url, open_store, s3_parts
+from pipeline.storage import check_store_url, is_s3_url, open_store, s3_parts, url_scheme
 from pipeline.subtitles import check_sidecar_source
+
+
+class TestWhatAUrlIs:
+    @pytest.mark.parametrize(("text", "scheme"), [
+        ("s3://bucket/key", "s3"), ("HTTP://host/x.mp4", "HTTP"), ("file:///x.mp4", "file"),
+        ("git+ssh://host/x", "git+ssh"), ("media/a://b.mp4", None), ("/data/s3://x", None),
+        ("s3:/bucket/key", None), ("1x://host", None), ("talk.mp4", None), ("", None),
+    ])
+    def test_a_url_is_a_scheme_and_two_slashes_at_the_start(
+        self, text: str, scheme: str | None
+    ) -> None:
+        """``://`` further on does not make a URL: ``media/a://b.mp4`` is a local path."""
+        assert url_scheme(text) == scheme
+
+    def test_a_store_path_with_two_slashes_further_on_is_a_local_directory(self) -> None:
+        assert check_store_url("data/s3://x") == "data/s3://x"
 
 
 class TestWhatAnS3UrlIs:
@@ -39,6 +56,24 @@ class TestWhatAnS3UrlIs:
         with pytest.raises(InvalidSource, match=r"ftp://… is neither a local path, an http"):
             ffmpeg_target("ftp://host/key.mp4")
 
+    @pytest.mark.parametrize(("source", "says"), [
+        ("HTTP://host/x.mp4", "HTTP://…: write the scheme in lower case: http://…"),
+        ("Https://user:secret@host/x.mp4", "Https://…: write the scheme in lower case: https://…"),
+        ("file:///videos/x.mp4", "file://…: give the path itself"),
+    ])
+    def test_a_source_of_a_scheme_meant_otherwise_says_how_to_write_it(
+        self, source: str, says: str
+    ) -> None:
+        """Not "neither a local path, an http(s) URL nor …", which an http URL is."""
+        with pytest.raises(InvalidSource) as refused:
+            ffmpeg_target(source)
+        assert says in str(refused.value)
+        assert "neither" not in str(refused.value) and "secret" not in str(refused.value)
+
+    def test_a_source_with_two_slashes_further_on_is_looked_for_as_a_local_path(self) -> None:
+        with pytest.raises(InvalidSource, match=r"source not found: media/a://b\.mp4"):
+            ffmpeg_target("media/a://b.mp4")
+
     def test_its_parts_are_the_bucket_and_the_rest(self) -> None:
         assert s3_parts("s3://bucket/a/b.mp4") == ("bucket", "a/b.mp4")
         assert s3_parts("s3://bucket") == ("bucket", "")
@@ -64,7 +99,7 @@ class TestAnS3UrlWithoutItsBucketOrKey:
     @pytest.mark.parametrize(("url", "shown"), [
         ("https://user:secret@bucket.example/prefix", "(https://…)"),
         ("S3://user:secret@bucket/prefix", "(S3://…)"),
-        ("user:secret@host://bucket", "(a URL)"),
+        ("averyveryverylongscheme://user:secret@host/bucket", "(a URL)"),
     ])
     def test_a_refused_store_url_is_named_by_its_scheme_alone(self, url: str, shown: str) -> None:
         """A mistyped URL may hold a credential: the refusal, which lands in logs, shows
@@ -78,10 +113,12 @@ class TestAnS3UrlWithoutItsBucketOrKey:
     def test_a_source_needs_both(self, url: str) -> None:
         with pytest.raises(InvalidSource, match="s3://bucket/key"):
             split_s3_url(url)
-        # (a sidecar's refusal is the source's: InvalidSource, where its other refusals are
-        # BadSpec; both fail the job or the request at once)
-        with pytest.raises((BadSpec, InvalidSource), match="s3://bucket/key"):
+        # a sidecar's is a fault of the spec, as its other faults are, and names the sidecar
+        with pytest.raises(BadSpec, match=r"subtitle file .* is not of the form s3://bucket/key"):
             check_sidecar_source(url)
+        with pytest.raises(BadSpec, match=r"subtitle file .* is not of the form s3://bucket/key"):
+            parse_job_request({"source": "s3://in/talk.mp4",
+                               "subtitles": [{"language": "de", "source": url}]})
         with pytest.raises(BadSpec, match="s3://bucket/key"):
             parse_job_request({"source": url})
 

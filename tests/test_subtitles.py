@@ -184,6 +184,32 @@ class TestSpecChecks:
         with pytest.raises((BadSpec, InvalidSource)):
             check_sidecar_source(source)
 
+    @pytest.mark.parametrize("s3_only", [False, True], ids=["cli", "request"])
+    def test_a_refused_sidecar_url_is_named_by_its_scheme_alone(self, s3_only: bool) -> None:
+        """A sidecar URL may carry a credential: the refusal, which a request's sender gets as
+        its 400 body and which lands in logs, shows the scheme and nothing after it."""
+        with pytest.raises(BadSpec, match="s3://bucket/key") as refused:
+            check_sidecar_source("https://user:secret@host/talk.vtt", s3_only=s3_only)
+        assert "https://…" in str(refused.value)
+        assert "secret" not in str(refused.value) and "user" not in str(refused.value)
+
+    def test_a_requests_refused_sidecar_shows_no_credential(self) -> None:
+        with pytest.raises(BadSpec) as refused:
+            parse_job_request({"source": "s3://in/talk.mp4", "subtitles": [
+                {"language": "de", "source": "https://user:secret@host/talk.vtt"}]})
+        assert "https://…" in str(refused.value) and "secret" not in str(refused.value)
+
+    @pytest.mark.parametrize(("source", "says"), [
+        ("S3://bucket/talk.vtt", "S3 URLs are lower case, s3://bucket/key"),
+        ("file:///subs/talk.vtt", "give the path itself"),
+        ("HTTP://host/talk.vtt", "URLs are not fetched"),
+        ("media/a://b.vtt", "must be an absolute path"),
+    ])
+    def test_a_sidecar_url_of_another_scheme_says_what_to_give(self, source: str,
+                                                                says: str) -> None:
+        with pytest.raises(BadSpec, match=says):
+            check_sidecar_source(source)
+
     def test_a_job_spec_keeps_its_sidecars_through_json(self) -> None:
         spec = new_job_spec("/src/talk.mp4", subtitles=[("de", "/src/talk.de.srt")])
         assert spec.subtitles == (("de", "/src/talk.de.srt"),)

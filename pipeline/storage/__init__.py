@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "S3_SCHEME", "LocalStore", "ObjectNotFound", "S3Store", "Store", "check_key",
-    "check_store_url", "is_s3_url", "open_store", "s3_parts",
+    "check_store_url", "is_s3_url", "open_store", "s3_parts", "shown_url", "url_scheme",
 ]
 
 
@@ -97,15 +97,39 @@ def check_key(key: str) -> str:
     return key
 
 
+#: A URL's scheme and ``://``, at the very start of the text (RFC 3986's letters). Anything
+#: else is a local path, even with ``://`` further on (``media/a://b.mp4``).
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+#: The longest scheme a message shows; a longer one is shown as "a URL".
+_SHOWN_SCHEME_MAX = 16
+
+
+def url_scheme(text: str) -> str | None:
+    """The scheme ``text`` starts with, as written (``s3``, ``HTTP``, ``ftp``), or None when
+    it is a local path: the one test of whether a store, source or sidecar is a URL."""
+    match = _URL_SCHEME.match(text)
+    return match[1] if match else None
+
+
+def shown_url(text: str) -> str:
+    """How a message names the URL ``text`` when refusing it: its scheme alone
+    (``https://…``), or "a URL". The rest may hold a credential (``https://user:secret@…``)
+    and is never shown."""
+    scheme = url_scheme(text)
+    if scheme is None or len(scheme) > _SHOWN_SCHEME_MAX:
+        return "a URL"
+    return f"{scheme}://…"
+
+
 #: What every S3 URL starts with, in lower case as AWS's own tools write it: ``S3://b/k`` is
-#: not one (it would be a relative local path), in every place that asks.
+#: not one (it is refused as a URL of another scheme), in every place that asks.
 S3_SCHEME = "s3://"
 
 
 def is_s3_url(url: str) -> bool:
     """Whether ``url`` names S3 (a store, a source or a sidecar; opening it loads boto3)
-    rather than a local path: the one test of it."""
-    return url.startswith(S3_SCHEME)
+    rather than a local path or another URL."""
+    return url_scheme(url) == "s3"
 
 
 def s3_parts(url: str) -> tuple[str, str]:
@@ -118,14 +142,9 @@ def s3_parts(url: str) -> tuple[str, str]:
     return bucket, rest
 
 
-#: What a message may show of a refused URL: its scheme, when it looks like one. The rest may
-#: be a mistyped credential (``https://user:secret@…``) and is never shown.
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,15}")
-
-
 def check_store_url(url: str, *, setting: str = "the store URL") -> str:
     """``url`` if it names a store: a local directory, or ``s3://bucket/prefix`` with a
-    bucket. Anything else with ``://`` is refused (``S3://bucket`` would otherwise be a
+    bucket. A URL of any other scheme is refused (``S3://bucket`` would otherwise be a
     directory named ``S3:``), naming ``setting`` and only the URL's scheme: every process
     checks its settings with this at start, and :func:`open_store` again."""
     if is_s3_url(url):
@@ -133,10 +152,8 @@ def check_store_url(url: str, *, setting: str = "the store URL") -> str:
             raise ConfigurationError(f"{setting} ({S3_SCHEME}…) names no bucket; give "
                                      "s3://bucket or s3://bucket/prefix")
         return url
-    scheme, separator, _ = url.partition("://")
-    if separator:
-        shown = f"{scheme}://…" if _SCHEME.fullmatch(scheme) else "a URL"
-        raise ConfigurationError(f"{setting} ({shown}) is neither a local directory nor "
+    if url_scheme(url) is not None:
+        raise ConfigurationError(f"{setting} ({shown_url(url)}) is neither a local directory nor "
                                  "s3://bucket/prefix (S3 URLs are written in lower case)")
     return url
 
