@@ -45,6 +45,7 @@ from typing import IO, TYPE_CHECKING
 from . import layout
 from .plan import Chunk, Rendition
 from .segment import chunk_args
+from .storage import url_scheme
 
 if TYPE_CHECKING:
     from .jobs import JobSpec
@@ -148,7 +149,7 @@ def start(spec: JobSpec, work: Store) -> HeadStart | None:
     without is planned another command, and the stage stops this one."""
     if spec.ladder != "copy" or spec.container != "ts" or spec.audio_only:
         return None
-    if "://" in spec.source:
+    if url_scheme(spec.source) is not None:
         return None
     demuxer = sniff_demuxer(Path(spec.source))
     if demuxer is None:

@@ -15,6 +15,7 @@ from typing import Any
 from .errors import InvalidSource, StageTimeout
 from .records import from_known
 from .sources import ffmpeg_input, format_refusal, shown_name, source_demuxer
+from .storage import url_scheme
 
 #: ffprobe reads headers only; a minute covers a slow network source, not a hung one.
 PROBE_TIMEOUT_S = 60
@@ -238,7 +239,7 @@ def probe(target: str, *, shown: str | None = None, timeout: float = PROBE_TIMEO
 
 
 def _local_header(target: str) -> bytes | None:
-    if "://" in target:
+    if url_scheme(target) is not None:
         return None
     try:
         with open(target, "rb") as handle:
