@@ -1,13 +1,13 @@
-"""What the ops app reads, and the one place records are redacted before anyone sees them.
+"""What the ops app reads: job records redacted before anyone sees them.
 
 Every view (the HTML pages, the JSON API, the metrics) gets its job records from
-:class:`OpsReader`, which hands out only :func:`redacted` copies: a presigned source URL or a
-token in an error message never reaches a page, whichever page it is.
+:class:`OpsReader`, which hands out only redacted copies (:func:`pipeline.logs.redacted_record`,
+what ``hlsvault status`` shows too): a presigned source URL or a token in an error message
+never reaches a page, whichever page it is.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +16,7 @@ import redis
 
 from pipeline.errors import NotFound
 from pipeline.jobs import TERMINAL, JobRecord, UnknownJob
-from pipeline.logs import redact_text
+from pipeline.logs import redacted_record
 from pipeline.parked import ParkedStats, ParkingLot
 from pipeline.services import Services
 
@@ -26,26 +26,6 @@ from . import metrics
 MAX_LISTED_JOBS = 200
 #: Stage durations are read from at most this many of the newest jobs of each status.
 MAX_DURATION_JOBS = 250
-
-
-def _redact(value: str | None) -> str | None:
-    return None if value is None else redact_text(value)
-
-
-def redacted(record: JobRecord) -> JobRecord:
-    """``record`` with every credential in its source, errors and details replaced."""
-    stages = tuple(
-        dataclasses.replace(stage, error=_redact(stage.error), detail=_redact(stage.detail))
-        for stage in record.stages
-    )
-    return dataclasses.replace(
-        record,
-        spec=dataclasses.replace(record.spec, source=redact_text(record.spec.source)),
-        error=_redact(record.error),
-        stages=stages,
-        # Raw fields hold the same values again; only the retry links are shown from them.
-        fields={k: v for k, v in record.fields.items() if k in ("retry_of", "retried_as")},
-    )
 
 
 @dataclass(frozen=True)
@@ -70,12 +50,12 @@ class OpsReader:
 
     def record(self, job_id: str) -> JobRecord:
         try:
-            return redacted(self.jobs.get(job_id))
+            return redacted_record(self.jobs.get(job_id))
         except UnknownJob:
             raise NotFound(f"no job {job_id[:64]}; the jobs list shows those that exist") from None
 
     def recent(self, status: str | None) -> list[JobRecord]:
-        return [redacted(r) for r in self.jobs.recent(MAX_LISTED_JOBS, status)]
+        return [redacted_record(r) for r in self.jobs.recent(MAX_LISTED_JOBS, status)]
 
     def counts(self) -> dict[str, int]:
         return self.jobs.counts()
@@ -98,7 +78,7 @@ class OpsReader:
                 r for r in self.jobs.recent(MAX_DURATION_JOBS, status)
                 if r.finished_at is not None and r.finished_at >= since
             ]
-        return [redacted(r) for r in sample]
+        return [redacted_record(r) for r in sample]
 
     def fleet(self) -> Fleet:
         if self.redis is None:

@@ -214,11 +214,15 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
         record = wait(ctx, args.job, show=_show_progress(args), timeout=args.timeout)
     else:
         record = ctx.services.jobs.get(args.job)
+    from pipeline.logs import redacted_record
+
+    planned = len(record.json_field("chunks") or [])
+    # What anyone may read over the operator's shoulder: no presigned source, no token.
+    record = redacted_record(record)
     if args.json:
         print(json.dumps(record.to_dict(), indent=2))
     else:
         print(f"job {record.spec.job_id}  asset {record.spec.asset}  {record.status}")
-        planned = len(record.json_field("chunks") or [])
         if planned > 1:
             done, fraction = chunks_progress(
                 planned, ((s.name, s.status, s.progress) for s in record.stages)

@@ -12,22 +12,27 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+
+if TYPE_CHECKING:
+    from .jobs import JobRecord
 
 REDACTED = "[REDACTED]"
 _QUERY_TOKEN = re.compile(r"(?i)((?:token|signature|x-amz-signature|x-amz-credential)=)[^&\s\"']+")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+#: A URL's userinfo (``https://user:password@host``, ``https://token@host``): a credential.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@]+@")
 #: What each pattern above needs somewhere in the text (a query's '=', a JWT's "eyJ", the word
-#: bearer): text with none of them is left as it is at the cost of one search, not three.
-_MAY_HOLD_SECRET = re.compile(r"(?i)=|eyJ|bearer")
+#: bearer, userinfo's '@'): text with none of them is left as it is at the cost of one search.
+_MAY_HOLD_SECRET = re.compile(r"(?i)=|eyJ|bearer|@")
 _SECRET_KEYS = ("token", "secret", "password", "authorization", "cookie", "key_bytes", "master_key")
 
 
 def redact_text(text: str) -> str:
-    """Replace tokens in query strings, bare JWTs and bearer credentials."""
+    """Replace tokens in query strings, bare JWTs, bearer credentials and URLs' userinfo."""
     if len(text) <= _CACHED_TEXT_CHARS:
         return _redact_short(text)
     return _redact(text)
@@ -48,7 +53,32 @@ def _redact(text: str) -> str:
         return text
     text = _QUERY_TOKEN.sub(lambda m: m.group(1) + REDACTED, text)
     text = _JWT.sub(REDACTED, text)
+    text = _USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", text)
     return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def _redact_optional(value: str | None) -> str | None:
+    return None if value is None else redact_text(value)
+
+
+def redacted_record(record: JobRecord) -> JobRecord:
+    """``record`` with every credential in its source, errors and details replaced: what the
+    ops app and ``hlsvault status`` show. Raw fields hold the same values again; only the
+    retry links are kept of them."""
+    import dataclasses
+
+    stages = tuple(
+        dataclasses.replace(stage, error=_redact_optional(stage.error),
+                            detail=_redact_optional(stage.detail))
+        for stage in record.stages
+    )
+    return dataclasses.replace(
+        record,
+        spec=dataclasses.replace(record.spec, source=redact_text(record.spec.source)),
+        error=_redact_optional(record.error),
+        stages=stages,
+        fields={k: v for k, v in record.fields.items() if k in ("retry_of", "retried_as")},
+    )
 
 
 def _redact_value(value: Any) -> Any:

@@ -90,6 +90,29 @@ class TestSourceArgument:
             tmp_path / "media" / "a:" / "b.mp4")
 
 
+class TestStatusShowsNoCredential:
+    def test_a_presigned_source_with_userinfo_is_shown_redacted(
+        self, hlsvault: Hlsvault
+    ) -> None:
+        """A job whose source URL holds a password and a presigned signature fails (nothing
+        listens there); `hlsvault status`, as JSON and as text, names the source without
+        either, and its host and path stay readable."""
+        source = ("http://alice:s3cr3tpw@127.0.0.1:9/film.mp4"
+                  "?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeefsig")
+        done = hlsvault.package(source, "--asset", "film", "--ladder", "copy", "--json")
+        assert done.returncode == 1, done.stderr
+        job_id = json.loads(done.stdout)["job_id"]
+
+        as_json = hlsvault.run("status", job_id, "--json")
+        as_text = hlsvault.run("status", job_id)
+
+        shown = json.loads(as_json.stdout)["source"]
+        assert shown.startswith("http://") and "127.0.0.1:9/film.mp4" in shown
+        for output in (as_json.stdout, as_text.stdout, as_json.stderr, as_text.stderr):
+            for secret in ("s3cr3tpw", "AKIAEXAMPLE", "deadbeefsig"):
+                assert secret not in output
+
+
 class TestDataDirectory:
     def test_token_in_a_directory_never_packaged_into_refuses_and_creates_nothing(
         self, hlsvault: Hlsvault

@@ -27,8 +27,11 @@ class TestRedactText:
             (f"Authorization: Bearer {JWT}", JWT),
             (f"ffmpeg could not open {JWT}", JWT),
             ("https://d.example.net/a/seg.ts?Policy=x&Signature=s3cr3t&Key-Pair-Id=K1", "s3cr3t"),
+            ("could not open https://alice:s3cr3t@media.example/film.mp4", "s3cr3t"),
+            ("fetching https://ghp_t0k3n@media.example/film.mp4 failed", "ghp_t0k3n"),
         ],
-        ids=["query-token", "s3-signature", "s3-credential", "bearer", "bare-jwt", "cf-signature"],
+        ids=["query-token", "s3-signature", "s3-credential", "bearer", "bare-jwt", "cf-signature",
+             "url-password", "url-user-token"],
     )
     def test_the_secret_is_gone_and_the_rest_kept(self, text: str, secret: str) -> None:
         redacted = redact_text(text)
@@ -38,6 +41,17 @@ class TestRedactText:
     def test_text_without_secrets_is_unchanged(self) -> None:
         text = "segment 720p/seg_00003.ts uploaded in 0.2 s (sid=abc)"
         assert redact_text(text) == text
+
+    @pytest.mark.parametrize("text", [
+        "mail ops@example.com about s3://bucket/film.mp4",
+        "https://media.example/films/a@2x.png",
+    ])
+    def test_an_at_sign_outside_a_urls_userinfo_is_kept(self, text: str) -> None:
+        assert redact_text(text) == text
+
+    def test_the_host_and_path_after_userinfo_are_kept(self) -> None:
+        assert redact_text("https://alice:s3cr3t@media.example/film.mp4") == (
+            f"https://{REDACTED}@media.example/film.mp4")
 
 
 class TestLogLines:
