@@ -435,17 +435,18 @@ class TestSealedTranscodes:
         assert decrypted(services, spec, "c001") == plain
 
 
+def close_segment(rendition: Path, name: str, data: bytes) -> None:
+    """A segment closed as ffmpeg closes one with temp_file: written aside, renamed into place
+    when complete."""
+    rendition.mkdir(exist_ok=True)
+    (rendition / f"{name}.tmp").write_bytes(data)
+    (rendition / f"{name}.tmp").rename(rendition / name)
+
+
 class TestHeldBack:
     """The watcher leaves the first segment of a rendition it is told to hold plain (ffprobe
     measures it after ffmpeg exits), seals every other as it closes, and the held one when the
     stage says; a held segment never sealed is refused, as a segment the watcher missed."""
-
-    @staticmethod
-    def _close(rendition: Path, name: str, data: bytes) -> None:
-        # As ffmpeg does with temp_file: written aside, renamed into place when complete.
-        rendition.mkdir(exist_ok=True)
-        (rendition / f"{name}.tmp").write_bytes(data)
-        (rendition / f"{name}.tmp").rename(rendition / name)
 
     def test_the_first_segment_stays_plain_until_sealed_after_the_others(
         self, tmp_path: Path
@@ -453,9 +454,9 @@ class TestHeldBack:
         sealer = SegmentSealer(lambda sequence: bytes([sequence]) * 16, poll_s=0.01)
         first = b"\x47" * 1000
         with sealer.sealing(tmp_path, ["360p", "audio0"], 4, hold=["360p"]):
-            self._close(tmp_path / "360p", "seg_00004.ts", first)
-            self._close(tmp_path / "360p", "seg_00005.ts", b"\x47" * 500)
-            self._close(tmp_path / "audio0", "seg_00004.ts", b"\x47" * 300)
+            close_segment(tmp_path / "360p", "seg_00004.ts", first)
+            close_segment(tmp_path / "360p", "seg_00005.ts", b"\x47" * 500)
+            close_segment(tmp_path / "audio0", "seg_00004.ts", b"\x47" * 300)
 
         segments = [Segment(4, "seg_00004.ts", 1.0, 1000), Segment(5, "seg_00005.ts", 1.0, 500)]
         # After ffmpeg: the held one is as ffmpeg wrote it, the others sealed.
@@ -479,7 +480,7 @@ class TestHeldBack:
         sealer = SegmentSealer(lambda sequence: bytes([sequence]) * 16, poll_s=0.01)
         first = b"\x47" * 700
         with sealer.sealing(tmp_path, ["360p"], 3, hold=["360p"]):
-            self._close(tmp_path / "360p", "seg_00003.ts", first)
+            close_segment(tmp_path / "360p", "seg_00003.ts", first)
         sealer.seal_held()
 
         assert sealer.sealed_sizes("360p", [Segment(3, "seg_00003.ts", 1.0, 700)]) == [704]
@@ -498,12 +499,6 @@ class TestBatches:
     the batches, each segment is its own plaintext encrypted under its own sequence's key and
     IV, a held one stays plain until sealed after, and the rest are sealed once ffmpeg exits."""
 
-    @staticmethod
-    def _close(rendition: Path, name: str, data: bytes) -> None:
-        rendition.mkdir(exist_ok=True)
-        (rendition / f"{name}.tmp").write_bytes(data)
-        (rendition / f"{name}.tmp").rename(rendition / name)
-
     def test_batches_wait_for_their_size_and_every_segment_is_sealed_under_its_own_key(
         self, tmp_path: Path
     ) -> None:
@@ -519,12 +514,12 @@ class TestBatches:
         first = 10
         with sealer.sealing(tmp_path, renditions, first, hold=["audio0"]):
             # Given two closed segments, fewer than a batch: the watcher leaves them plain.
-            self._close(tmp_path / "1080p", "seg_00010.ts", plain("1080p", 10))
-            self._close(tmp_path / "1080p", "seg_00011.ts", plain("1080p", 11))
+            close_segment(tmp_path / "1080p", "seg_00010.ts", plain("1080p", 10))
+            close_segment(tmp_path / "1080p", "seg_00011.ts", plain("1080p", 11))
             time.sleep(0.1)  # twenty looks
             assert sealer.sealed["1080p"] == {}
             # When a third closes, the three are sealed together while "ffmpeg" still runs.
-            self._close(tmp_path / "1080p", "seg_00012.ts", plain("1080p", 12))
+            close_segment(tmp_path / "1080p", "seg_00012.ts", plain("1080p", 12))
             for _ in range(500):
                 if len(sealer.sealed["1080p"]) == 3:
                     break
@@ -532,9 +527,10 @@ class TestBatches:
             assert sorted(sealer.sealed["1080p"]) == [f"seg_000{n}.ts" for n in (10, 11, 12)]
             # Then more than a batch in two renditions, the first audio segment held back.
             for sequence in range(13, 23):
-                self._close(tmp_path / "1080p", f"seg_000{sequence}.ts", plain("1080p", sequence))
+                close_segment(tmp_path / "1080p", f"seg_000{sequence}.ts", plain("1080p", sequence))
             for sequence in range(10, 15):
-                self._close(tmp_path / "audio0", f"seg_000{sequence}.ts", plain("audio0", sequence))
+                close_segment(tmp_path / "audio0", f"seg_000{sequence}.ts",
+                              plain("audio0", sequence))
 
         held = tmp_path / "audio0" / "seg_00010.ts"
         assert held.read_bytes() == plain("audio0", 10)
