@@ -349,6 +349,10 @@ def audio_group(
             container=spec.container, timeout=audio_timeout(info.duration),
             on_progress=lambda fraction: on_progress(fraction * 0.8),
         )
+        if svc.jobs.get(spec.job_id).done:
+            # Cancelled (or failed elsewhere) while ffmpeg cut: its work files are gone, and
+            # nothing is placed again; failing here has the flow discard this attempt too.
+            raise PermanentError("the job ended while its audio was being cut")
         work = [(name, seg) for name, rendition in produced.items() for seg in rendition.segments]
         lengths = encrypt_files_in_place(
             [SegmentFile(out_dir / name / seg.name, out_dir / name / seg.name,

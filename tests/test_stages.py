@@ -20,7 +20,7 @@ from dramatiq.brokers.stub import StubBroker
 
 from pipeline import aes, layout, packaging
 from pipeline.crypto import iv_for_sequence
-from pipeline.errors import StorageRefused, TransientError
+from pipeline.errors import PermanentError, StorageRefused, TransientError
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import MediaInfo
 from pipeline.plan import Rendition
@@ -269,6 +269,27 @@ class TestAudioGroup:
                 assert (len(data), len(plain)) == (size, seg["size"])
                 parts.append(plain)
         return record, decrypted
+
+    def test_a_job_cancelled_while_ffmpeg_cuts_gets_nothing_placed(
+        self, services: Services, two_audio_clip: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Given a job an operator cancels while its audio group is being cut, when ffmpeg
+        has finished, then the stage fails with that reason and nothing is placed where the
+        encrypt stage's output goes (the cancellation had discarded the job's work)."""
+        spec = audio_group_job(services, two_audio_clip, "ts")
+        cut = packaging.segment_audio_renditions
+
+        def cancelled_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            produced = cut(*args, **kwargs)
+            assert services.jobs.cancel(spec.job_id)
+            return produced
+
+        monkeypatch.setattr(packaging, "segment_audio_renditions", cancelled_meanwhile)
+
+        with pytest.raises(PermanentError, match="ended while its audio was being cut"):
+            packaging.audio_group(services, spec, services.jobs.get(spec.job_id))
+
+        assert services.work.list(layout.encrypted_prefix(spec.job_id, "")) == []
 
     def test_a_put_the_store_refuses_fails_the_stage_without_trying_the_rest(
         self, services: Services, two_audio_clip: Path, monkeypatch: pytest.MonkeyPatch
