@@ -5,7 +5,7 @@ rewrites the live parts in place. No page holds an inline script, style element 
 attribute (the Content-Security-Policy refuses them): what a script needs to know rides in
 ``data-`` attributes, and progress is a ``<progress>`` element.
 
-Records reach these functions already redacted (:func:`dashboard.reading.redacted`).
+Records reach these functions already redacted (:func:`pipeline.logs.redacted_record`).
 """
 
 from __future__ import annotations

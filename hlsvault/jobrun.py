@@ -88,6 +88,13 @@ def wait(ctx: Context, job_id: str, *, show: bool, timeout: float) -> JobRecord:
             time.sleep(WAIT_POLL_S)
 
 
+def _shown_error(record: JobRecord) -> str | None:
+    """The job's error as `status` and the ops app show it (:func:`redacted_record`)."""
+    from pipeline.logs import redacted_record
+
+    return redacted_record(record).error
+
+
 def summary(ctx: Context, record: JobRecord) -> dict[str, Any]:
     """What `--json` prints about a finished job."""
     spec = record.spec
@@ -98,7 +105,7 @@ def summary(ctx: Context, record: JobRecord) -> dict[str, Any]:
         "status": record.status,
     }
     if record.status != "succeeded":
-        result.update(renditions=[], error=record.error, failed_stage=record.failed_stage)
+        result.update(renditions=[], error=_shown_error(record), failed_stage=record.failed_stage)
         return result
     described = ctx.services.catalog.get_version(spec.asset, spec.version)
     result["renditions"] = [
@@ -133,7 +140,7 @@ def report(ctx: Context, record: JobRecord, *, as_json: bool, done_line: str | N
         print(json.dumps(summary(ctx, record), indent=2))
     if record.status != "succeeded":
         return fail(f"job {record.spec.job_id} {record.status} at {record.failed_stage}: "
-                    f"{record.error}")
+                    f"{_shown_error(record)}")
     for warning in record.json_field("warnings") or []:
         print(f"hlsvault: warning: {warning}", file=sys.stderr)
     if not as_json:

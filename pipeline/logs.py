@@ -24,7 +24,9 @@ _QUERY_TOKEN = re.compile(r"(?i)((?:token|signature|x-amz-signature|x-amz-creden
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 #: A URL's userinfo (``https://user:password@host``, ``https://token@host``): a credential.
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@]+@")
+#: Its scheme is bounded (the search stays linear on any text), its userinfo ends at the last
+#: '@' before the host, as curl and ffmpeg read it (``user:p@ss@host``).
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,31}://)[^\s/?#]+@")
 #: What each pattern above needs somewhere in the text (a query's '=', a JWT's "eyJ", the word
 #: bearer, userinfo's '@'): text with none of them is left as it is at the cost of one search.
 _MAY_HOLD_SECRET = re.compile(r"(?i)=|eyJ|bearer|@")

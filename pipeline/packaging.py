@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -740,7 +740,9 @@ def _place_encrypted(
             placing = [pool.submit(contextvars.copy_context().run, place, item)
                        for item in files]
             try:
-                for done, future in enumerate(placing, start=1):
+                # In the order they end, so the first refusal is seen as soon as it comes,
+                # whichever file it is.
+                for done, future in enumerate(as_completed(placing), start=1):
                     future.result()
                     report(done / len(files))
             except BaseException:

@@ -29,9 +29,10 @@ class TestRedactText:
             ("https://d.example.net/a/seg.ts?Policy=x&Signature=s3cr3t&Key-Pair-Id=K1", "s3cr3t"),
             ("could not open https://alice:s3cr3t@media.example/film.mp4", "s3cr3t"),
             ("fetching https://ghp_t0k3n@media.example/film.mp4 failed", "ghp_t0k3n"),
+            ("could not open https://alice:p@ssw0rd@media.example/film.mp4", "ssw0rd"),
         ],
         ids=["query-token", "s3-signature", "s3-credential", "bearer", "bare-jwt", "cf-signature",
-             "url-password", "url-user-token"],
+             "url-password", "url-user-token", "url-password-with-at"],
     )
     def test_the_secret_is_gone_and_the_rest_kept(self, text: str, secret: str) -> None:
         redacted = redact_text(text)
