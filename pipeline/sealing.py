@@ -1,4 +1,4 @@
-"""Sealing: a chunk's segments encrypted one by one as ffmpeg closes them, instead of after.
+"""Sealing: a chunk's segments encrypted as ffmpeg closes them, instead of after.
 
 Encrypting after ffmpeg (the encrypt stage) costs a pass over every byte and, in a fleet, every
 plain segment's trip to the work bucket and back; done beside ffmpeg, the encryption hides
@@ -6,8 +6,9 @@ behind the remux or the encode but for its last segments, and no plain segment e
 to a remote work store (on a local one, ffmpeg's output is plain until sealed in place).
 ffmpeg writes each segment under a temporary name and renames it when it is complete
 (``-hls_flags temp_file``), so a segment that appears under its final name is closed and will
-not be written again. A watcher thread encrypts each one in place (:func:`encrypt_in_place`,
-the GIL released while it runs) with the key and IV of its media sequence number, the rule the
+not be written again. A watcher thread encrypts them in place (:func:`encrypt_files_in_place`,
+the GIL released while it runs; a remux's :data:`REMUX_BATCH` at a time in one lanes call, an
+encode's each as it closes) with the key and IV of its media sequence number, the rule the
 encrypt stage uses (:func:`~pipeline.playlists.key_index`, :func:`iv_for_sequence`): the bytes
 are exactly those the encrypt stage would have written. When ffmpeg exits, the stage's own
 thread joins the watcher on the segments still left, so the tail takes two cores.

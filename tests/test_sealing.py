@@ -13,15 +13,16 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pipeline import layout, packaging, workuploads
+from pipeline import aes, layout, packaging, sealing, workuploads
 from pipeline import segment as segment_module
-from pipeline.crypto import iv_for_sequence
+from pipeline.crypto import SegmentFile, iv_for_sequence
 from pipeline.errors import TransientError
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.playlists import describe_rendition, key_index
@@ -500,8 +501,17 @@ class TestBatches:
     IV, a held one stays plain until sealed after, and the rest are sealed once ffmpeg exits."""
 
     def test_batches_wait_for_their_size_and_every_segment_is_sealed_under_its_own_key(
-        self, tmp_path: Path
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        calls: list[list[str]] = []  # each encryption call's files, as the watcher made them
+        encrypt = sealing.encrypt_files_in_place
+
+        def recorded(jobs: Sequence[SegmentFile], **kwargs: Any) -> list[int]:
+            calls.append([f"{job.src.parent.name}/{job.src.name}" for job in jobs])
+            return encrypt(jobs, **kwargs)
+
+        monkeypatch.setattr(sealing, "encrypt_files_in_place", recorded)
+
         def key_for(sequence: int) -> bytes:
             return bytes([sequence]) * 16
 
@@ -525,6 +535,8 @@ class TestBatches:
                     break
                 time.sleep(0.01)
             assert sorted(sealer.sealed["1080p"]) == [f"seg_000{n}.ts" for n in (10, 11, 12)]
+            # in one call, the first: nothing was encrypted while fewer than a batch had closed.
+            assert calls == [[f"1080p/seg_000{n}.ts" for n in (10, 11, 12)]]
             # Then more than a batch in two renditions, the first audio segment held back.
             for sequence in range(13, 23):
                 close_segment(tmp_path / "1080p", f"seg_000{sequence}.ts", plain("1080p", sequence))
@@ -534,7 +546,10 @@ class TestBatches:
 
         held = tmp_path / "audio0" / "seg_00010.ts"
         assert held.read_bytes() == plain("audio0", 10)
+        assert all(len(call) <= aes.LANES for call in calls)
+        assert not any("audio0/seg_00010.ts" in call for call in calls)
         sealer.seal_held()
+        assert calls[-1] == ["audio0/seg_00010.ts"]
         for rendition, last in (("1080p", 22), ("audio0", 14)):
             segments = [Segment(n, f"seg_000{n}.ts", 1.0, len(plain(rendition, n)))
                         for n in range(first, last + 1)]
@@ -558,12 +573,9 @@ class TestSealedFilesMustStaySealed:
     @staticmethod
     def _seal_two(tmp_path: Path, *, after: str) -> None:
         rendition = tmp_path / "360p"
-        rendition.mkdir()
 
         def close(name: str, data: bytes) -> None:
-            # As ffmpeg does with temp_file: written aside, renamed into place when complete.
-            (rendition / f"{name}.tmp").write_bytes(data)
-            (rendition / f"{name}.tmp").rename(rendition / name)
+            close_segment(rendition, name, data)
 
         sealer = SegmentSealer(lambda sequence: bytes(16), poll_s=0.01)
         with pytest.raises(TransientError, match=after), \
