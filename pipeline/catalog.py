@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import layout
-from .errors import Conflict, TransientError
+from .errors import ConfigurationError, Conflict, TransientError
 from .playlists import AssetVersion
 from .statebus import NullStateBus, StateBus
 from .storage import ObjectNotFound, Store
@@ -104,9 +104,16 @@ class Catalog:
         )
 
     def get_version(self, asset: str, version: str) -> AssetVersion:
-        """A recorded version; :class:`~pipeline.storage.ObjectNotFound` when unknown."""
-        data = json.loads(self.store.get_bytes(layout.version_description_key(asset, version)))
-        return AssetVersion.from_dict(data)
+        """A recorded version; :class:`~pipeline.storage.ObjectNotFound` when unknown,
+        :class:`~pipeline.errors.ConfigurationError` when its description cannot be read (not
+        JSON, or a field of the wrong kind: a damaged or hand-edited vault)."""
+        raw = self.store.get_bytes(layout.version_description_key(asset, version))
+        try:
+            return AssetVersion.from_dict(json.loads(raw))
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+            raise ConfigurationError(
+                f"the description of {asset} version {version} is unreadable "
+                f"({type(error).__name__}); package the asset again") from None
 
     def assets(self, *, limit: int) -> list[str]:
         """Every published (or revoked) asset id, sorted, at most ``limit`` of them. Reads the

@@ -190,14 +190,14 @@ class AssetVersion:
         and so is a version whose ``reader`` says it needs a newer format than this one
         knows (a field whose meaning a reader cannot ignore)."""
         reader = data.get("reader", 1)
+        named = repr(str(data.get("version"))[:64])
         if not isinstance(reader, int) or isinstance(reader, bool) or reader < 1:
-            raise ConfigurationError(
-                f"version {data.get('version')!r} has an unreadable description format")
+            raise ConfigurationError(f"version {named} has an unreadable description format")
         if reader > DESCRIPTION_FORMAT:
             raise ConfigurationError(
-                f"version {data.get('version')!r} was packaged by a newer hlsvault (description "
-                f"format {reader}; this one reads up to {DESCRIPTION_FORMAT}): upgrade the key "
-                "servers and the ops app before the packagers (README, Upgrading a fleet)")
+                f"version {named} was packaged by a newer hlsvault (description format "
+                f"{reader}; this one reads up to {DESCRIPTION_FORMAT}): upgrade the key servers "
+                "and the ops app before the packagers (README, Upgrading a fleet)")
         renditions = tuple(
             from_known(RenditionEntry, r,
                        segments=tuple(from_known(PublishedSegment, s) for s in r["segments"]))

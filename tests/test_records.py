@@ -176,3 +176,40 @@ class TestACatalogANewerPackagerWrote:
         assert answers[2].content == library.key(0)
         if reader in (2, 99):
             assert "upgrade the key servers" in answers[0].text
+
+
+class TestAGarbledVersionDescription:
+    @pytest.mark.parametrize("text", [
+        "not json {",
+        "[]",
+        json.dumps({"asset": "film", "renditions": "360p"}),
+        json.dumps({"asset": "film", "renditions": [{"name": "360p", "segments": {"a": 1}}]}),
+        json.dumps({"asset": "film", "renditions": [{"segments": []}]}),
+        "[" * 100_000 + "]" * 100_000,
+        json.dumps({"reader": [[[1]]], "version": "v" * 100_000}),
+    ], ids=["not-json", "a-list", "renditions-text", "segments-object", "no-name",
+            "deeply-nested", "reader-nested-and-huge-version"])
+    def test_its_playlists_answer_503_saying_what_to_do_and_its_keys_are_served(
+        self, tmp_path_factory: pytest.TempPathFactory, copy_clip: Path, tmp_path: Path,
+        text: str,
+    ) -> None:
+        """A version description that is not what a packager writes (a damaged or hand-edited
+        vault: not JSON, the wrong kind of value, nested past any parser's depth, oversized)
+        is never a 500: its playlists answer 503 with a short body that says what to do, and
+        its keys, which do not depend on it, are served."""
+        library: Library = shared_library(tmp_path_factory, copy_clip).copy(tmp_path)
+        described = Path(library.settings.vault) / layout.version_description_key(
+            "film", library.version)
+        described.write_text(text)
+        token = library.token()
+
+        with AppClient(library.app(), client_ip=VIEWER_IP) as client:
+            answers = [client.get(path, params={"token": token})
+                       for path in (library.master_path(), library.variant_path(),
+                                    library.key_path(0))]
+
+        assert [answer.status_code for answer in answers] == [503, 503, 200]
+        assert answers[2].content == library.key(0)
+        for answer in answers[:2]:
+            assert len(answer.content) < 1000
+            assert "unreadable" in answer.text
