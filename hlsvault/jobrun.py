@@ -89,10 +89,10 @@ def wait(ctx: Context, job_id: str, *, show: bool, timeout: float) -> JobRecord:
 
 
 def _shown_error(record: JobRecord) -> str | None:
-    """The job's error as `status` and the ops app show it (:func:`redacted_record`)."""
-    from pipeline.logs import redacted_record
+    """The job's error as `status` and the ops app show it (redacted)."""
+    from pipeline.logs import redact_text
 
-    return redacted_record(record).error
+    return None if record.error is None else redact_text(record.error)
 
 
 def summary(ctx: Context, record: JobRecord) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from . import layout
-from .plan import Chunk, Rendition
+from .plan import Rendition, plan_chunks
 from .segment import chunk_args
 from .storage import url_scheme
 
@@ -55,8 +55,8 @@ if TYPE_CHECKING:
 HEAD_DIR = "head"
 #: Bytes read to recognise a container: MPEG-TS needs three packets' sync bytes.
 SNIFF_BYTES = 3 * 188
-#: A remux is one chunk, the whole source (:func:`pipeline.plan.plan_chunks`).
-WHOLE = Chunk(index=0, start=0.0, duration=None, first_segment=0, segments=None)
+#: A remux is one chunk, the whole source, whatever its length: the plan's own.
+WHOLE = plan_chunks(0.0, 1.0, 0.0, copy=True)[0]
 #: The remux as a head start plans it: every field but the name is the probe's business and
 #: plays no part in a copy's ffmpeg command.
 _HEAD_RENDITION = Rendition(name=HEAD_DIR, width=0, height=0, copy=True, video_kbps=None,

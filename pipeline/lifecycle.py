@@ -85,9 +85,8 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
                 batch = rendition.segments[start : start + aes.LANES]
                 jobs = []
                 for segment in batch:
-                    old_keys.setdefault(
-                        segment.key, svc.keys.get(spec.asset, old.version, segment.key)
-                    )
+                    if segment.key not in old_keys:  # one vault read per key, not per segment
+                        old_keys[segment.key] = svc.keys.get(spec.asset, old.version, segment.key)
                     index = key_index(segment.sequence, spec.key_rotation_segments)
                     if index not in new_keys:
                         new_keys[index] = svc.keys.get_or_create(spec.asset, spec.version, index)

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -366,9 +366,7 @@ def audio_group(
         _place_encrypted(svc, spec, prefix, files,
                          rate_limited(lambda fraction: on_progress(0.9 + fraction * 0.1)),
                          scratch=None if is_local else out_dir)
-    sizes: dict[str, list[int]] = {name: [] for name in produced}
-    for (name, _), length in zip(work, lengths, strict=True):
-        sizes[name].append(length)
+    sizes = _sizes_by_rendition(produced, work, lengths)
     record = {"attempt": attempt, "produced": {n: r.to_dict() for n, r in produced.items()},
               "sizes": sizes}
     svc.work.put_bytes(layout.audio_renditions_key(spec.job_id), json.dumps(record).encode())
@@ -667,9 +665,17 @@ def encrypt_renditions(
             lengths: list[int] = []
             for start in range(0, len(work), batch_size):
                 lengths += encrypt_batch(work[start : start + batch_size])
-        sizes: dict[str, list[int]] = {name: [] for name in produced}
-        for (name, _), length in zip(work, lengths, strict=True):
-            sizes[name].append(length)
+    return _sizes_by_rendition(produced, work, lengths)
+
+
+def _sizes_by_rendition(
+    produced: Mapping[str, SegmentedRendition], work: Sequence[tuple[str, Segment]],
+    lengths: Sequence[int],
+) -> dict[str, list[int]]:
+    """The ciphertext lengths of ``work`` (rendition, segment), by rendition in order."""
+    sizes: dict[str, list[int]] = {name: [] for name in produced}
+    for (name, _), length in zip(work, lengths, strict=True):
+        sizes[name].append(length)
     return sizes
 
 

@@ -12,6 +12,7 @@ ignored, so it is refused instead.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,8 +23,13 @@ if TYPE_CHECKING:
 T = TypeVar("T", bound="DataclassInstance")
 
 
+@functools.cache  # a few record classes; read once per segment of every record
+def _field_names(cls: type[DataclassInstance]) -> frozenset[str]:
+    return frozenset(field.name for field in fields(cls))
+
+
 def from_known(cls: type[T], data: Mapping[str, Any], **given: Any) -> T:
     """The dataclass ``cls`` built from the items of ``data`` that name one of its fields (a
     newer version's additions left out), with ``given`` in place of theirs."""
-    names = {field.name for field in fields(cls)}
+    names = _field_names(cls)
     return cls(**{**{name: value for name, value in data.items() if name in names}, **given})
