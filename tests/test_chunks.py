@@ -749,8 +749,12 @@ class TestAudioEndOfAHostileSource:
                                  **stream})
 
         assert audio.end == end
+        chunks = plan_chunks(600.0, 1.0, 10.0, copy=False)
         if end is None:  # nothing refused on it, whatever the chunks
-            check_audio_covers(audio, plan_chunks(600.0, 1.0, 10.0, copy=False))
+            check_audio_covers(audio, chunks)
+        else:  # a real end before the last chunk is refused on it
+            with pytest.raises(UnsupportedMedia, match="audio ends before"):
+                check_audio_covers(audio, chunks)
 
 
 class TestChunkCutter:

@@ -164,6 +164,29 @@ class TestThroughTheCli:
         assert "-f mov" in log.read_text()  # it was started ahead, and then stopped
         assert _leftovers(hlsvault) == []
 
+    @pytest.mark.parametrize("content", [
+        b"",
+        b"\x47\x00\x11",
+        (b"G" + b"not a transport stream, " * 8)[:188] * 200,
+        b"\x1a\x45\xdf\xa3" + b"\xff junk after the EBML magic " * 500,
+        b"\x00\x00\x00\x18ftyp" + b"\x00" * 1_000_000,
+    ], ids=["empty", "three-bytes", "text-with-ts-sync-bytes", "ebml-then-junk",
+            "ftyp-then-a-megabyte-of-zeros"])
+    def test_garbage_that_may_sniff_as_a_container_is_refused_and_leaves_nothing(
+        self, hlsvault: Hlsvault, tmp_path: Path, content: bytes
+    ) -> None:
+        """Files too short to sniff, or whose first bytes imitate MPEG-TS, Matroska or MP4
+        and hold junk after: the job is refused with a message (no traceback), whether or not
+        a head start was made, and no segment or published file is left."""
+        source = tmp_path / "upload.mp4"
+        source.write_bytes(content)
+
+        done = hlsvault.package(str(source), "--ladder", "copy")
+
+        assert done.returncode in (1, 2), done.stderr
+        assert done.stderr.startswith("hlsvault: ") and "Traceback" not in done.stderr
+        assert _leftovers(hlsvault) == []
+
     def test_a_playlist_source_gets_no_head_start(
         self, hlsvault: Hlsvault, tmp_path: Path
     ) -> None:

@@ -520,13 +520,28 @@ class TestBatches:
             return (f"{rendition}:{sequence}:".encode() * 400)[: 3000 + 7 * sequence]
 
         sealer = SegmentSealer(key_for, poll_s=0.005, batch=3)
+        looks = 0
+        claim = sealer._claim
+
+        def counted(**kwargs: Any) -> Any:
+            nonlocal looks
+            looks += 1
+            return claim(**kwargs)
+
+        monkeypatch.setattr(sealer, "_claim", counted)
         renditions = ["1080p", "audio0"]
         first = 10
         with sealer.sealing(tmp_path, renditions, first, hold=["audio0"]):
-            # Given two closed segments, fewer than a batch: the watcher leaves them plain.
+            # Given two closed segments, fewer than a batch: the watcher leaves them plain,
+            # however often it looks (two looks at least, counted, not timed).
             close_segment(tmp_path / "1080p", "seg_00010.ts", plain("1080p", 10))
             close_segment(tmp_path / "1080p", "seg_00011.ts", plain("1080p", 11))
-            time.sleep(0.1)  # twenty looks
+            seen = looks
+            for _ in range(1000):
+                if looks >= seen + 2:
+                    break
+                time.sleep(0.01)
+            assert looks >= seen + 2
             assert sealer.sealed["1080p"] == {}
             # When a third closes, the three are sealed together while "ffmpeg" still runs.
             close_segment(tmp_path / "1080p", "seg_00012.ts", plain("1080p", 12))
@@ -574,14 +589,11 @@ class TestSealedFilesMustStaySealed:
     def _seal_two(tmp_path: Path, *, after: str) -> None:
         rendition = tmp_path / "360p"
 
-        def close(name: str, data: bytes) -> None:
-            close_segment(rendition, name, data)
-
         sealer = SegmentSealer(lambda sequence: bytes(16), poll_s=0.01)
         with pytest.raises(TransientError, match=after), \
                 sealer.sealing(tmp_path, ["360p"], 0):
-            close("seg_00000.ts", b"\x47" * 1000)
-            close("seg_00001.ts", b"\x47" * 500)
+            close_segment(rendition, "seg_00000.ts", b"\x47" * 1000)
+            close_segment(rendition, "seg_00001.ts", b"\x47" * 500)
             if after == "changed":
                 # the watcher seals seg_00000 within its poll; then a plaintext tail lands
                 for _ in range(200):
