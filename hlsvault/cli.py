@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import gc
 import json
-import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -362,6 +361,8 @@ def _run(argv: list[str] | None) -> int:
     if args.command == "package" and settings.embedded:
         _start_ahead(args, ctx)
     import_structlog()
+    import logging  # after the head start: structlog imports it anyway
+
     from pipeline.logs import configure_logging
 
     quiet = args.command != "serve" and not args.verbose

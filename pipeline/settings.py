@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +181,7 @@ def load_settings(
         token_secret: str | None = None
         if algorithm == "HS256":
             token_secret = env.get("HLSVAULT_TOKEN_SECRET") or _embedded_secret(
-                data_dir, "token_secret", lambda: secrets.token_urlsafe(48), env, create=create
+                data_dir, "token_secret", _new_token_secret, env, create=create
             )
         master_key_text = env.get("HLSVAULT_MASTER_KEY") or _embedded_secret(
             data_dir, "master_key", lambda: base64.b64encode(os.urandom(32)).decode(), env,
@@ -407,6 +406,14 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     if value < 0:
         raise ConfigurationError(f"{name} must not be negative, got {value}")
     return value
+
+
+def _new_token_secret() -> str:
+    # Imported here: secrets brings hmac and hashlib, which no command needs before
+    # `hlsvault package` has started its remux (pipeline.headstart), unless it makes a secret.
+    import secrets
+
+    return secrets.token_urlsafe(48)
 
 
 def _embedded_secret(
