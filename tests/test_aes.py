@@ -160,25 +160,28 @@ class TestCiphertext:
 
 
 class TestRefusals:
-    def test_middle_piece_must_be_whole_blocks(self, backend: Backend) -> None:
-        """A middle piece of 17 bytes would shift every later block: refused, not mis-encrypted."""
+    @pytest.mark.parametrize(("size", "length", "last", "says"), [
+        # A middle piece of 17 bytes would shift every later block: refused, not mis-encrypted.
+        (32, 17, False, "16-byte blocks"),
+        # -16 bytes (whole blocks, to %) is not handed to the library as nearly 2**64 to write.
+        (64, -BLOCK, False, "16-byte blocks"),
+        # No write past the caller's buffer: 16 bytes of plaintext need 32 bytes of room.
+        (16, 16, True, "needs 32 bytes"),
+    ], ids=["middle-not-whole-blocks", "negative-length", "no-room-for-the-padding"])
+    def test_a_piece_that_cannot_be_encrypted_as_given_is_refused(
+        self, backend: Backend, size: int, length: int, last: bool, says: str
+    ) -> None:
+        """A piece whose length breaks the CBC chain or the caller's buffer is refused with
+        the reason, before any byte is written."""
+        buf = bytearray(size)
         lanes = backend.lanes(1)
         try:
             lanes.start(0, KEY, IV)
-            with pytest.raises(ValueError, match="16-byte blocks"):
-                lanes.encrypt([Piece(0, memoryview(bytearray(32)), 17, False)])
+            with pytest.raises(ValueError, match=says):
+                lanes.encrypt([Piece(0, memoryview(buf), length, last)])
         finally:
             lanes.close()
-
-    def test_last_piece_needs_room_for_the_padding(self, backend: Backend) -> None:
-        """No write past the caller's buffer: 16 bytes of plaintext need 32 bytes of room."""
-        lanes = backend.lanes(1)
-        try:
-            lanes.start(0, KEY, IV)
-            with pytest.raises(ValueError, match="needs 32 bytes"):
-                lanes.encrypt([Piece(0, memoryview(bytearray(16)), 16, True)])
-        finally:
-            lanes.close()
+        assert buf == bytearray(size)
 
     @pytest.mark.parametrize(("key", "iv"), [(KEY[:15], IV), (KEY + b"\x00", IV), (KEY, IV[:8])])
     def test_key_and_iv_must_be_16_bytes(self, backend: Backend, key: bytes, iv: bytes) -> None:
@@ -187,17 +190,6 @@ class TestRefusals:
         try:
             with pytest.raises(ValueError, match="16-byte"):
                 lanes.start(0, key, iv)
-        finally:
-            lanes.close()
-
-    def test_a_negative_length_is_refused(self, backend: Backend) -> None:
-        """A middle piece of -16 bytes (whole blocks, to %) is refused, not handed to the
-        library as a length of nearly 2**64 bytes to write."""
-        lanes = backend.lanes(2)
-        try:
-            lanes.start(0, KEY, IV)
-            with pytest.raises(ValueError, match="16-byte blocks"):
-                lanes.encrypt([Piece(0, memoryview(bytearray(64)), -BLOCK, False)])
         finally:
             lanes.close()
 
