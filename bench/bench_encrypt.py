@@ -66,8 +66,8 @@ from machine import describe, reported_mib
 from sample_clip import WORK_DIR, ensure_clip
 
 from pipeline import aes
+from pipeline.aes import BLOCK
 from pipeline.crypto import (
-    BLOCK,
     CHUNK,
     SegmentFile,
     encrypt_file,
@@ -265,7 +265,9 @@ class Measures:
             pad = BLOCK - len(data) % BLOCK
             encryptor = Cipher(algorithms.AES(self.key), modes.CBC(iv_for_sequence(n))).encryptor()
             expected.append(encryptor.update(data + bytes([pad]) * pad) + encryptor.finalize())
-        for measure in (lambda: self.stage(2), self.single, lambda: self.in_place(2)):
+        measures: tuple[Callable[[], Figure], ...] = (
+            lambda: self.stage(2), self.single, lambda: self.in_place(2))
+        for measure in measures:
             measure()
             for segment, want in zip(self.segments, expected, strict=True):
                 for produced in (self.out_dir / segment.name, self.sealed_dir / segment.name):
@@ -358,10 +360,11 @@ def run(args: argparse.Namespace, scratch: Path) -> int:
           f"in place / openssl: 1 thread {medians[INPLACE_1] / base:.2f}, "
           f"2 threads {medians[INPLACE_2] / base:.2f}; one segment at a time (before the "
           f"lanes) / openssl: {medians[SINGLE_1] / base:.2f}")
-    cpu = {n: statistics.median(v) for n, v in per_cpu.items()}
+    cpu_medians = {n: statistics.median(v) for n, v in per_cpu.items()}
     print(f"per CPU-second (openssl speed's unit, unmoved by other load) / openssl: stage "
-          f"1 thread {cpu[STAGE_1] / base:.2f}, 2 threads {cpu[STAGE_2] / base:.2f} per core; "
-          f"in place 1 thread {cpu[INPLACE_1] / base:.2f}, 2 threads {cpu[INPLACE_2] / base:.2f} "
+          f"1 thread {cpu_medians[STAGE_1] / base:.2f}, 2 threads "
+          f"{cpu_medians[STAGE_2] / base:.2f} per core; in place 1 thread "
+          f"{cpu_medians[INPLACE_1] / base:.2f}, 2 threads {cpu_medians[INPLACE_2] / base:.2f} "
           f"per core")
     if args.cold:
         print(f"slow memory mode: stage-1t after a {args.cold:g} s wait / warm stage-1t: "

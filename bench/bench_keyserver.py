@@ -517,8 +517,8 @@ def profile(key_url: str, pid: int, seconds: int, connections: int) -> None:
     print(f"profile: py-spy, {total} samples of busy threads over {seconds} s "
           f"(raw stacks in {out.relative_to(REPO_DIR)});"
           " inclusive share of samples:")
-    for name, count in inclusive.most_common(20):
-        print(f"  {100 * count / max(1, total):5.1f}%  {name}")
+    for name, samples in inclusive.most_common(20):
+        print(f"  {100 * samples / max(1, total):5.1f}%  {name}")
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -566,7 +566,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         package_clip(hlsvault_env(free_port()))
         urls: dict[str, dict[str, tuple[int, str]]] = {route: {} for route in routes}
-        log_paths, first = {}, {}
+        log_paths: dict[str, Path] = {}
+        first: dict[str, str] = {}
         for server in servers:
             process, server_urls, log_paths[server] = start_hlsvault(free_port(), server)
             processes.append(process)
@@ -677,7 +678,7 @@ def run_route(
             + "   " + " ".join(f"{ratios[s][-1]:.3f}" for s in ratios))
 
     def median(name: str, field: str) -> float:
-        return statistics.median(getattr(run, field) for run in results[name])
+        return float(statistics.median(getattr(run, field) for run in results[name]))
 
     print(f"{'median':<7}" + "".join(
         f"{median(n, 'rps'):>14.0f}{median(n, 'p99_ms'):>8.2f}"

@@ -94,8 +94,8 @@ def hlsvault_args(clip: Path, label: str) -> list[str]:
 
 def timed(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Wall and CPU seconds (the command and every process it waited for)."""
-    wall, cpu, _ = timed_command(args, env, timeout_s=COMMAND_TIMEOUT_S, bench="bench_ladder")
-    return wall, cpu
+    ran = timed_command(args, env, timeout_s=COMMAND_TIMEOUT_S, bench="bench_ladder")
+    return ran.wall, ran.cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,15 +123,15 @@ def main(argv: list[str] | None = None) -> int:
                 wall, cpu = timed(hlsvault_args(clip, str(index)), hlsvault_env())
             results[name].append((wall, cpu))
             print(f"{index + 1:<7}{name:<14}{wall:>9.1f}{cpu:>9.1f}", flush=True)
-    wall = {n: statistics.median(w for w, _ in r) for n, r in results.items()}
-    cpu = {n: statistics.median(c for _, c in r) for n, r in results.items()}
+    walls = {n: statistics.median(w for w, _ in r) for n, r in results.items()}
+    cpus = {n: statistics.median(c for _, c in r) for n, r in results.items()}
     for name in CONTENDERS:
-        print(f"median {name:<14}wall {wall[name]:.1f} s, cpu {cpu[name]:.1f} s")
-    wall_ratio = wall[HLSVAULT] / wall[FFMPEG]
-    cpu_ratio = cpu[HLSVAULT] / cpu[FFMPEG]
+        print(f"median {name:<14}wall {walls[name]:.1f} s, cpu {cpus[name]:.1f} s")
+    wall_ratio = walls[HLSVAULT] / walls[FFMPEG]
+    cpu_ratio = cpus[HLSVAULT] / cpus[FFMPEG]
     verdict = "met" if wall_ratio <= TARGET_RATIO else "MISSED"
-    print(f"RESULT ladder: hlsvault {wall[HLSVAULT]:.1f} s ({cpu[HLSVAULT]:.1f} CPU-s), "
-          f"one-decode ffmpeg {wall[FFMPEG]:.1f} s ({cpu[FFMPEG]:.1f} CPU-s), ratio "
+    print(f"RESULT ladder: hlsvault {walls[HLSVAULT]:.1f} s ({cpus[HLSVAULT]:.1f} CPU-s), "
+          f"one-decode ffmpeg {walls[FFMPEG]:.1f} s ({cpus[FFMPEG]:.1f} CPU-s), ratio "
           f"{wall_ratio:.3f} wall, {cpu_ratio:.3f} CPU (target <= {TARGET_RATIO}: {verdict})")
     return 0
 

@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -74,7 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from machine import describe, prefault, reported_mib
+from machine import Timed, describe, prefault, timed_command
 from sample_clip import CLIP_SECONDS, WORK_DIR, ensure_clip
 
 #: Issue 10: encrypted, published HLS in at most 1.3 times ffmpeg's unencrypted remux.
@@ -197,32 +196,14 @@ def hlsvault_env() -> dict[str, str]:
 
 #: Set by main: MiB written and freed before each timed command (see the module docstring).
 PREFAULT_MIB = [DEFAULT_PREFAULT_MIB]
-#: MiB the guest reported to the host during the last command run_timed ran (None: unknown).
-LAST_REPORTED: list[float | None] = [None]
-#: CPU seconds of the last command run_timed ran (user + system, its children included).
-LAST_CPU = [0.0]
 
 
-def run_timed(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """Run a command to its end; returns (wall seconds, epoch at spawn, stdout)."""
+def run_timed(args: list[str], env: dict[str, str] | None = None) -> Timed:
+    """Run a command to its end, from the start every contender gets (see the module
+    docstring), and time it."""
     os.sync()  # the previous command's dirty pages are written back on nobody's clock
     prefault(PREFAULT_MIB[0])
-    reported_before = reported_mib()
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    spawned_at = time.time()
-    started = time.perf_counter()
-    done = subprocess.run(args, env=env, capture_output=True, timeout=COMMAND_TIMEOUT_S,
-                          check=False)
-    elapsed = time.perf_counter() - started
-    used = resource.getrusage(resource.RUSAGE_CHILDREN)
-    LAST_CPU[0] = (used.ru_utime - usage.ru_utime) + (used.ru_stime - usage.ru_stime)
-    reported_after = reported_mib()
-    LAST_REPORTED[0] = (None if reported_before is None or reported_after is None
-                        else reported_after - reported_before)
-    if done.returncode != 0:
-        sys.exit(f"bench_package: {args[0]} failed ({done.returncode}):\n"
-                 f"{done.stderr.decode(errors='replace')}")
-    return elapsed, spawned_at, done.stdout.decode()
+    return timed_command(args, env, timeout_s=COMMAND_TIMEOUT_S, bench="bench_package")
 
 
 def playlist_segments(playlist: Path) -> int:
@@ -287,8 +268,9 @@ def explain_run(clip: Path, container: str) -> list[tuple[str, float]]:
     env["PATH"] = f"{shims}{os.pathsep}{env.get('PATH', '')}"
     args = [hlsvault_executable(), "package", str(clip), "--ladder", "copy",
             "--container", container, "--asset", "benchexplain", "--json"]
-    elapsed, spawned_at, out = run_timed(args, env=env)
-    summary = json.loads(out)
+    ran = run_timed(args, env=env)
+    spawned_at = ran.spawned_at
+    summary = json.loads(ran.stdout)
     record = json.loads((DATA_DIR / "jobs" / f"{summary['job_id']}.json").read_text())
     events = [("spawn", 0.0), ("job created", float(record["created_at"]) - spawned_at)]
     for key, value in record.items():
@@ -300,7 +282,7 @@ def explain_run(clip: Path, container: str) -> list[tuple[str, float]]:
     for line in log.read_text().splitlines():
         program, edge, at = line.split()
         events.append((f"{program} {edge}", float(at) - spawned_at))
-    events.append(("exit", elapsed))
+    events.append(("exit", ran.wall))
     return sorted(events, key=lambda event: event[1])
 
 
@@ -322,37 +304,39 @@ def show_timeline(events: list[tuple[str, float]], show: Callable[[str], None]) 
 
 def run_contender(
     name: str, clip: Path, *, label: str, container: str = "ts"
-) -> tuple[float, Any]:
-    """Run one contender once; returns its wall clock and what it produced, checked."""
+) -> tuple[Timed, Any]:
+    """Run one contender once; returns its timed command (the wall clock including the
+    openssl loop, the CPU and reported MiB the packaging command's) and what it produced,
+    checked."""
     if name == HLSVAULT:
         asset = f"bench{label}"
         args = [hlsvault_executable(), "package", str(clip), "--ladder", "copy",
                 "--container", container, "--asset", asset, "--json"]
-        elapsed, spawned_at, out = run_timed(args, env=hlsvault_env())
-        summary = json.loads(out)
+        ran = run_timed(args, env=hlsvault_env())
+        summary = json.loads(ran.stdout)
         if summary["status"] != "succeeded":
             sys.exit(f"bench_package: hlsvault job failed: {summary.get('error')}")
         record = json.loads((DATA_DIR / "jobs" / f"{summary['job_id']}.json").read_text())
         segments = sum(r["segments"] for r in summary["renditions"])
-        return elapsed, (segments, hlsvault_phases(record, spawned_at, elapsed))
+        return ran, (segments, hlsvault_phases(record, ran.spawned_at, ran.wall))
     out_dir = RUN_DIR / f"{name}-{label}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     if container == "fmp4":
-        elapsed, _, _ = run_timed(ffmpeg_fmp4_args(clip, out_dir))
+        ran = run_timed(ffmpeg_fmp4_args(clip, out_dir))
         if name == FFMPEG_AES:
-            elapsed += openssl_encrypt(out_dir)
+            ran = ran._replace(wall=ran.wall + openssl_encrypt(out_dir))
         segments = sum(playlist_segments(p) for p in out_dir.glob("*/index.m3u8"))
         shutil.rmtree(out_dir)
-        return elapsed, (segments, None)
+        return ran, (segments, None)
     key_info = KEY_INFO_FILE if name == FFMPEG_AES else None
-    elapsed, _, _ = run_timed(ffmpeg_hls_args(clip, out_dir, key_info=key_info))
+    ran = run_timed(ffmpeg_hls_args(clip, out_dir, key_info=key_info))
     playlist = (out_dir / "index.m3u8").read_text()
     if (key_info is not None) != ("METHOD=AES-128" in playlist):
         sys.exit(f"bench_package: {name} playlist has the wrong encryption:\n{playlist[:400]}")
     segments = playlist_segments(out_dir / "index.m3u8")
     shutil.rmtree(out_dir)
-    return elapsed, (segments, None)
+    return ran, (segments, None)
 
 
 def run_rounds(
@@ -369,13 +353,13 @@ def run_rounds(
         given: dict[str, float | None] = {}
         for name in order:
             label = str(index - warmup) if timed else f"warmup{index}"
-            elapsed, (segments, phases) = run_contender(name, clip, label=label,
-                                                        container=container)
+            ran, (segments, phases) = run_contender(name, clip, label=label,
+                                                    container=container)
             counts[name] = segments
-            row[name] = elapsed
-            given[name] = LAST_REPORTED[0]
+            row[name] = ran.wall
+            given[name] = ran.reported_mib
             if timed:
-                timings.cpu[name].append(LAST_CPU[0])
+                timings.cpu[name].append(ran.cpu)
             if timed and phases is not None:
                 for phase, value in phases.items():
                     timings.phases.setdefault(phase, []).append(value)

@@ -35,10 +35,9 @@ HLSVAULT = [sys.executable, "-m", "hlsvault"]
 
 def run(args: list[str], env: dict[str, str]) -> tuple[float, float, dict[str, Any]]:
     """Wall seconds, CPU seconds (this command and its children) and the parsed JSON."""
-    wall, cpu, out = timed_command(args, env, timeout_s=COMMAND_TIMEOUT_S,
-                                   bench="bench_trickplay")
-    parsed: dict[str, Any] = json.loads(out)
-    return wall, cpu, parsed
+    ran = timed_command(args, env, timeout_s=COMMAND_TIMEOUT_S, bench="bench_trickplay")
+    parsed: dict[str, Any] = json.loads(ran.stdout)
+    return ran.wall, ran.cpu, parsed
 
 
 def stage_seconds(job_id: str, env: dict[str, str], stage: str) -> float:

@@ -226,7 +226,8 @@ class BenchFleet:
 
     def record(self, job_id: str) -> dict[str, str]:
         """The job's record; exits with its error unless it succeeded."""
-        fields: dict[str, str] = self.redis.client().hgetall(JOB_PREFIX + job_id)
+        found = self.redis.client().hgetall(JOB_PREFIX + job_id)
+        fields = {str(k): str(v) for k, v in found.items()}  # as pipeline.jobs.redis reads it
         if fields.get("status") != "succeeded":
             sys.exit(f"fleet_bench: job {job_id} ended {fields.get('status')}: "
                      f"{fields.get('error')}\n{self.fleet.log_text()[-3000:]}")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 #: What the guest has handed back to the host so far (virtio-balloon free page reporting).
@@ -46,21 +47,41 @@ def prefault(mib: int) -> None:
             memory[offset:offset + _TOUCH_PIECE] = piece
 
 
+class Timed(NamedTuple):
+    """One command run to its end by :func:`timed_command`."""
+
+    #: Wall seconds.
+    wall: float
+    #: CPU seconds, user + system, of the command and every process it waited for.
+    cpu: float
+    stdout: str
+    #: The epoch second it was spawned at (to place a job record's timestamps).
+    spawned_at: float
+    #: MiB the guest reported to the host while it ran (None: not this kernel).
+    reported_mib: float | None
+
+
 def timed_command(
     args: list[str], env: dict[str, str] | None, *, timeout_s: float, bench: str
-) -> tuple[float, float, str]:
-    """Run ``args``: wall seconds, CPU seconds (the command and every process it waited for)
-    and its stdout; a failed command ends the benchmark ``bench`` with its stderr."""
+) -> Timed:
+    """Run ``args`` to its end and time it; a failed command ends the benchmark ``bench`` with
+    its stderr."""
+    reported_before = reported_mib()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    spawned_at = time.time()
     started = time.perf_counter()
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout_s,
-                          check=False)
+    done = subprocess.run(args, env=env, capture_output=True, text=True, errors="replace",
+                          timeout=timeout_s, check=False)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    reported_after = reported_mib()
     if done.returncode != 0:
-        sys.exit(f"{bench}: {' '.join(args[:4])} failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"{bench}: {' '.join(args[:4])} failed ({done.returncode}):\n"
+                 f"{done.stderr[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, done.stdout
+    reported = (None if reported_before is None or reported_after is None
+                else reported_after - reported_before)
+    return Timed(wall, cpu, done.stdout, spawned_at, reported)
 
 
 def cpu_model() -> str:

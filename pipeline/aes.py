@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -108,9 +108,6 @@ class CbcLanes(Protocol):
 class Backend(Protocol):
     name: str
 
-    def encryptor(self, key: bytes, iv: bytes) -> CbcEncryptor:
-        """A new CBC stream under ``key`` and ``iv`` (16 bytes each)."""
-
     def lanes(self, width: int) -> CbcLanes:
         """``width`` lanes of independent streams (see :class:`CbcLanes`)."""
 
@@ -139,6 +136,15 @@ def _check_last(buf: memoryview, length: int) -> int:
     return total
 
 
+def _pad(buf: memoryview, length: int) -> int:
+    """Write the PKCS#7 padding of the last piece ``buf[:length]`` after it; returns the padded
+    length (for a backend whose cipher does not pad)."""
+    total = _check_last(buf, length)
+    pad = total - length
+    buf[length:total] = bytes([pad]) * pad
+    return total
+
+
 def _check_lane(lane: int, width: int) -> None:
     # Refused, not indexed: a negative lane would be another lane to Python's lists.
     if not 0 <= lane < width:
@@ -150,13 +156,17 @@ def _address(buf: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
+#: A new CBC stream under a key and an IV (16 bytes each, checked by the caller).
+EncryptorFactory = Callable[[bytes, bytes], CbcEncryptor]
+
+
 class _SerialLanes:
     """Lanes for a backend that encrypts one stream at a time: each lane is an encryptor, and
     the pieces of a call are encrypted one after another."""
 
-    def __init__(self, backend: Backend, width: int) -> None:
+    def __init__(self, encryptor: EncryptorFactory, width: int) -> None:
         self.width = width
-        self._backend = backend
+        self._encryptor = encryptor
         self._streams: list[CbcEncryptor | None] = [None] * width
 
     def start(self, lane: int, key: bytes, iv: bytes) -> None:
@@ -165,7 +175,7 @@ class _SerialLanes:
         previous = self._streams[lane]
         if previous is not None:
             previous.close()
-        self._streams[lane] = self._backend.encryptor(key, iv)
+        self._streams[lane] = self._encryptor(key, iv)
 
     def encrypt(self, pieces: Sequence[Piece]) -> list[int]:
         _check_lanes(pieces, self.width)
@@ -266,12 +276,11 @@ class LibcryptoBackend:
             raise OSError(f"{path} has no AES-128-CBC")
         self._cipher: int = cipher
 
-    def encryptor(self, key: bytes, iv: bytes) -> CbcEncryptor:
-        check_key_iv(key, iv)
+    def _encryptor(self, key: bytes, iv: bytes) -> CbcEncryptor:
         return _LibcryptoEncryptor(self._lib, self._cipher, key, iv)
 
     def lanes(self, width: int) -> CbcLanes:
-        return _SerialLanes(self, width)
+        return _SerialLanes(self._encryptor, width)
 
 
 class _CryptographyEncryptor:
@@ -290,9 +299,7 @@ class _CryptographyEncryptor:
         buf[:produced] = memoryview(self._scratch)[:produced]
 
     def finish(self, buf: memoryview, length: int) -> int:
-        total = _check_last(buf, length)
-        pad = total - length
-        buf[length:total] = bytes([pad]) * pad
+        total = _pad(buf, length)
         self.update(buf[:total])
         self._encryptor.finalize()
         return total
@@ -306,12 +313,8 @@ class CryptographyBackend:
 
     name = "cryptography"
 
-    def encryptor(self, key: bytes, iv: bytes) -> CbcEncryptor:
-        check_key_iv(key, iv)
-        return _CryptographyEncryptor(key, iv)
-
     def lanes(self, width: int) -> CbcLanes:
-        return _SerialLanes(self, width)
+        return _SerialLanes(_CryptographyEncryptor, width)
 
 
 class _NativeLanes:
@@ -351,9 +354,7 @@ class _NativeLanes:
             if not self._busy[piece.lane]:
                 raise ValueError(f"lane {piece.lane} has no stream: start it first")
             if piece.last:
-                total = _check_last(piece.buf, piece.length)
-                pad = total - piece.length
-                piece.buf[piece.length : total] = bytes([pad]) * pad
+                total = _pad(piece.buf, piece.length)
             else:
                 _check_middle(piece.buf, piece.length)
                 total = piece.length
@@ -388,23 +389,6 @@ class _NativeLanes:
             self.close()
 
 
-class _LaneEncryptor:
-    """One stream on a lane of its own: the :class:`CbcEncryptor` interface over lanes."""
-
-    def __init__(self, lanes: CbcLanes, key: bytes, iv: bytes) -> None:
-        self._lanes = lanes
-        lanes.start(0, key, iv)
-
-    def update(self, buf: memoryview) -> None:
-        self._lanes.encrypt([Piece(0, buf, len(buf), False)])
-
-    def finish(self, buf: memoryview, length: int) -> int:
-        return self._lanes.encrypt([Piece(0, buf, length, True)])[0]
-
-    def close(self) -> None:
-        self._lanes.close()
-
-
 class LanesBackend:
     """The lane library (``cbclanes.c``, AES-NI): several streams side by side on one core."""
 
@@ -427,10 +411,6 @@ class LanesBackend:
                           "run scripts/setup.sh again")
         if not lib.hlsv_cbclanes_supported():
             raise OSError("this CPU has no AES-NI")
-
-    def encryptor(self, key: bytes, iv: bytes) -> CbcEncryptor:
-        check_key_iv(key, iv)
-        return _LaneEncryptor(_NativeLanes(self._lib, 1), key, iv)
 
     def lanes(self, width: int) -> CbcLanes:
         return _NativeLanes(self._lib, width)
@@ -520,16 +500,3 @@ def default_backend() -> Backend:
                                 passed_over=loaded.passed_over)
                 _default = loaded.backend
     return _default
-
-
-def encrypt_in_place(
-    buf: bytearray | memoryview, length: int, key: bytes, iv: bytes,
-    *, backend: Backend | None = None,
-) -> int:
-    """Replace ``buf[:length]`` with its AES-128-CBC ciphertext, PKCS#7 padding written into
-    the 1-16 bytes after it (``buf`` must hold them); returns the ciphertext length."""
-    encryptor = (backend or default_backend()).encryptor(key, iv)
-    try:
-        return encryptor.finish(memoryview(buf), length)
-    finally:
-        encryptor.close()

@@ -128,11 +128,11 @@ class _OpenFile:
 
 
 def _encrypt_share(
-    jobs: Sequence[SegmentFile], take: Callable[[], int | None], written: list[int],
+    jobs: Sequence[SegmentFile], take: Callable[[], int | None],
     *, width: int, in_place: bool, on_encrypted: OnEncrypted, backend: aes.Backend,
 ) -> None:
     """Encrypt the files ``take`` hands out, one per lane of ``width``, until it hands out no
-    more."""
+    more; ``on_encrypted`` is told of each one done."""
     lanes = backend.lanes(width)
     bufs = _piece_buffers(lanes.width)
     files: list[_OpenFile | None] = [None] * lanes.width
@@ -162,7 +162,6 @@ def _encrypt_share(
                 if piece.last:
                     files[piece.lane] = None
                     file.done()
-                    written[file.index] = file.offset
                     on_encrypted(file.index, file.offset)
     finally:
         lanes.close()
@@ -185,6 +184,7 @@ def _encrypt_all(
     workers = max(1, min(threads, -(-len(jobs) // aes.LANES)))
 
     def told(index: int, length: int) -> None:
+        written[index] = length
         if on_encrypted is not None:
             with lock:
                 on_encrypted(index, length)
@@ -201,7 +201,7 @@ def _encrypt_all(
 
         try:
             # No more lanes (and piece buffers) than files: one file, as the sealer's, is one.
-            _encrypt_share(jobs, take, written, width=max(1, min(aes.LANES, len(share_of))),
+            _encrypt_share(jobs, take, width=max(1, min(aes.LANES, len(share_of))),
                            in_place=in_place, on_encrypted=told, backend=chosen)
         except BaseException:
             failed.set()

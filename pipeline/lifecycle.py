@@ -74,7 +74,7 @@ def rekey(svc: Services, spec: JobSpec) -> AssetVersion:
     new_keys: dict[int, bytes] = {}
     renditions: list[RenditionEntry] = []
     # One answer for the whole rekey: only a copy in its scratch is ever encrypted in place.
-    remote = svc.work.local_dir(layout.encrypted_prefix(spec.job_id, "")) is None
+    remote = not svc.work.is_local
     with tempfile.TemporaryDirectory(prefix="hlsvault-rekey-") as scratch:
         work_dir = Path(scratch)
         for rendition in old.renditions:

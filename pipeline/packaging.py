@@ -590,8 +590,7 @@ def encrypt_renditions(
     with tempfile.TemporaryDirectory(prefix="hlsvault-") as scratch:
         # One answer for the whole stage, which decides whether any file is encrypted in
         # place: only a fetched copy in this stage's scratch ever is.
-        remote = bool(work) and svc.work.local_dir(
-            layout.encrypted_prefix(spec.job_id, work[0][0])) is None
+        remote = not svc.work.is_local
 
         def segment_file(item: tuple[str, Segment]) -> SegmentFile:
             name, seg = item
@@ -735,7 +734,7 @@ def _place_encrypted(
             svc.work.get_file(source, local)
             svc.work.put_file(target, local)
 
-    if scratch is None and svc.work.local_dir(attempt_prefix) is not None:
+    if scratch is None and svc.work.is_local:
         for done, item in enumerate(files, start=1):  # links: no round trips to overlap
             place(item)
             report(done / len(files))

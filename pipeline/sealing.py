@@ -42,6 +42,7 @@ import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from . import aes, layout
 from .crypto import SegmentFile, encrypt_files_in_place, iv_for_sequence
@@ -66,6 +67,18 @@ REMUX_BATCH = 4
 JOIN_TIMEOUT_S = 300.0
 
 KeyFor = Callable[[int], bytes]
+
+
+class _Closed(NamedTuple):
+    """A segment ffmpeg has closed: its rendition, path, sequence number and plain size (one
+    stat, when it is found: a closed segment is not written again)."""
+
+    rendition: str
+    path: Path
+    sequence: int
+    plain: int
+
+
 #: Told of each segment once it is sealed: its rendition and path (e.g. to upload it).
 OnSealed = Callable[[str, Path], None]
 
@@ -99,8 +112,8 @@ class SegmentSealer:
         self._first = 0
         self._next: dict[str, int] = {}
         self._hold: frozenset[str] = frozenset()
-        #: By rendition: the first segment held back plain (its path and sequence number).
-        self._held: dict[str, tuple[Path, int]] = {}
+        #: By rendition: the first segment held back plain.
+        self._held: dict[str, _Closed] = {}
         #: By rendition, then segment name: the sequence number it was sealed under, its plain
         #: and sealed sizes.
         self.sealed: dict[str, dict[str, tuple[int, int, int]]] = {}
@@ -158,8 +171,8 @@ class SegmentSealer:
         """Seal the first segments held back (after :meth:`sealing`, once they are measured),
         and check them as every other sealed segment."""
         held, self._held = self._held, {}
-        for rendition, (path, sequence) in held.items():
-            self._seal(rendition, path, sequence)
+        for rendition, segment in held.items():
+            self._seal_all([segment])
             self._check_untouched(rendition)
 
     def _seal_until(self, finished: threading.Event) -> None:
@@ -176,53 +189,52 @@ class SegmentSealer:
             else:
                 finished.wait(self._poll_s)
 
-    def _claim(self, *, least: int, share: bool) -> list[tuple[str, Path, int]]:
+    def _claim(self, *, least: int, share: bool) -> list[_Closed]:
         """The next segments ffmpeg has closed and nobody seals yet, up to one per lane (half
-        of those found, rounded up, with ``share``: two threads finish the tail): each one's
-        rendition, path and sequence number, in each rendition's order; none while fewer than
-        ``least`` are closed. Each is claimed by one thread only."""
+        of those found, rounded up, with ``share``: two threads finish the tail), in each
+        rendition's order; none while fewer than ``least`` are closed. Each is claimed by one
+        thread only."""
         with self._claim_lock:
-            found: list[tuple[str, Path, int]] = []
+            found: list[_Closed] = []
             for rendition, sequence in self._next.items():
                 while len(found) < aes.LANES:
                     path = self._out_dir / rendition / (self._pattern % sequence)
-                    if not path.exists():
+                    try:
+                        segment = _Closed(rendition, path, sequence, path.stat().st_size)
+                    except FileNotFoundError:
                         break
                     if sequence == self._first and rendition in self._hold:
                         # Measured plain, sealed after: passed over now, whatever is taken.
-                        self._held[rendition] = (path, sequence)
+                        self._held[rendition] = segment
                         self._next[rendition] = sequence + 1
                     else:
-                        found.append((rendition, path, sequence))
+                        found.append(segment)
                     sequence += 1
             if len(found) < least:
                 return []
             if share:
                 found = found[: -(-len(found) // 2)]
-            for rendition, _, sequence in found:  # each rendition's in order: its last wins
-                self._next[rendition] = sequence + 1
+            for segment in found:  # each rendition's in order: its last wins
+                self._next[segment.rendition] = segment.sequence + 1
             return found
 
-    def _seal_all(self, claimed: Sequence[tuple[str, Path, int]]) -> None:
+    def _seal_all(self, claimed: Sequence[_Closed]) -> None:
         """Encrypt the claimed segments in place, side by side in the lanes of this thread."""
         with self._key_lock:
-            keys = [self._key_for(sequence) for _, _, sequence in claimed]
-        plain = [path.stat().st_size for _, path, _ in claimed]
+            keys = [self._key_for(segment.sequence) for segment in claimed]
 
         def sealed(index: int, length: int) -> None:
-            rendition, path, sequence = claimed[index]
-            self.sealed[rendition][path.name] = (sequence, plain[index], length)
+            segment = claimed[index]
+            self.sealed[segment.rendition][segment.path.name] = (
+                segment.sequence, segment.plain, length)
             if self._on_sealed is not None:
-                self._on_sealed(rendition, path)
+                self._on_sealed(segment.rendition, segment.path)
 
         encrypt_files_in_place(
-            [SegmentFile(path, path, key, iv_for_sequence(sequence))
-             for (_, path, sequence), key in zip(claimed, keys, strict=True)],
+            [SegmentFile(segment.path, segment.path, key, iv_for_sequence(segment.sequence))
+             for segment, key in zip(claimed, keys, strict=True)],
             on_encrypted=sealed,
         )
-
-    def _seal(self, rendition: str, path: Path, sequence: int) -> None:
-        self._seal_all([(rendition, path, sequence)])
 
     def _check_untouched(self, rendition: str) -> None:
         """A segment ffmpeg kept writing after it appeared would hold a plaintext tail: every

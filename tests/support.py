@@ -324,6 +324,8 @@ class RemoteStandIn:
     under), and :attr:`most_in_scratch` is the highest count seen; :attr:`contexts` holds the
     structlog context each of those calls ran in."""
 
+    is_local = False
+
     def __init__(self, store: Any) -> None:
         self._store = store
         self.most_in_scratch = 0

@@ -79,6 +79,18 @@ BACKENDS = {
 }
 
 
+def encrypt_in_place(buf: bytearray, length: int, key: bytes, iv: bytes,
+                     backend: Backend | None = None) -> int:
+    """``buf[:length]`` encrypted in place as one stream in one lane, padding included, as the
+    segment encryption of pipeline.crypto does it; returns the ciphertext length."""
+    lanes = (backend or aes.default_backend()).lanes(1)
+    try:
+        lanes.start(0, key, iv)
+        return lanes.encrypt([Piece(0, memoryview(buf), length, True)])[0]
+    finally:
+        lanes.close()
+
+
 @pytest.fixture(params=list(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> Backend:
     return BACKENDS[request.param]()
@@ -93,7 +105,7 @@ class TestCiphertext:
         data = plaintext(size)
         buf = bytearray(data) + bytearray(BLOCK)
 
-        length = aes.encrypt_in_place(buf, size, KEY, IV, backend=backend)
+        length = encrypt_in_place(buf, size, KEY, IV, backend)
 
         assert length == size + BLOCK - size % BLOCK
         assert bytes(buf[:length]) == encrypt_bytes(data, KEY, IV)
@@ -103,7 +115,7 @@ class TestCiphertext:
         """What a player's decryptor expects: `openssl enc -aes-128-cbc` gives the same bytes."""
         data = plaintext(size)
         buf = bytearray(data) + bytearray(BLOCK)
-        length = aes.encrypt_in_place(buf, size, KEY, IV, backend=backend)
+        length = encrypt_in_place(buf, size, KEY, IV, backend)
         done = subprocess.run(
             ["openssl", "enc", "-aes-128-cbc", "-K", KEY.hex(), "-iv", IV.hex()],
             input=data, capture_output=True, timeout=30, check=True,
@@ -120,25 +132,27 @@ class TestCiphertext:
         data = plaintext(sum(pieces) + tail)
         buf = bytearray(data) + bytearray(BLOCK)
         view = memoryview(buf)
-        encryptor = backend.encryptor(KEY, IV)
+        lanes = backend.lanes(1)
+        lanes.start(0, KEY, IV)
         offset = 0
         for piece in pieces:
-            encryptor.update(view[offset : offset + piece])
+            lanes.encrypt([Piece(0, view[offset : offset + piece], piece, False)])
             offset += piece
-        length = offset + encryptor.finish(view[offset:], tail)
-        encryptor.close()
+        length = offset + lanes.encrypt([Piece(0, view[offset:], tail, True)])[0]
+        lanes.close()
 
         assert bytes(buf[:length]) == encrypt_bytes(data, KEY, IV)
 
     def test_threads_encrypting_at_once_do_not_mix_streams(self) -> None:
-        """Each encryptor is its own stream: 16 buffers under 16 keys and IVs, encrypted on 4
-        threads at once (the libcrypto backend releases the GIL), all match the reference."""
+        """Each lane is its own stream: 16 buffers under 16 keys and IVs, each in lanes of its
+        own, encrypted on 4 threads at once (every backend's library call releases the GIL),
+        all match the reference."""
         jobs = [(bytes([n]) * 16, bytes([255 - n]) * 16, plaintext(65536 + n)) for n in range(16)]
 
         def encrypt(job: tuple[bytes, bytes, bytes]) -> bytes:
             key, iv, data = job
             buf = bytearray(data) + bytearray(BLOCK)
-            return bytes(buf[: aes.encrypt_in_place(buf, len(data), key, iv)])
+            return bytes(buf[: encrypt_in_place(buf, len(data), key, iv)])
 
         with ThreadPoolExecutor(max_workers=4) as pool:
             results = list(pool.map(encrypt, jobs))
@@ -146,35 +160,36 @@ class TestCiphertext:
 
 
 class TestRefusals:
-    def test_middle_piece_must_be_whole_blocks(self, backend: Backend) -> None:
-        """A middle piece of 17 bytes would shift every later block: refused, not mis-encrypted."""
-        encryptor = backend.encryptor(KEY, IV)
-        with pytest.raises(ValueError, match="16-byte blocks"):
-            encryptor.update(memoryview(bytearray(17)))
-        encryptor.close()
-
-    def test_last_piece_needs_room_for_the_padding(self, backend: Backend) -> None:
-        """No write past the caller's buffer: 16 bytes of plaintext need 32 bytes of room."""
-        encryptor = backend.encryptor(KEY, IV)
-        with pytest.raises(ValueError, match="needs 32 bytes"):
-            encryptor.finish(memoryview(bytearray(16)), 16)
-        encryptor.close()
+    @pytest.mark.parametrize(("size", "length", "last", "says"), [
+        # A middle piece of 17 bytes would shift every later block: refused, not mis-encrypted.
+        (32, 17, False, "16-byte blocks"),
+        # -16 bytes (whole blocks, to %) is not handed to the library as nearly 2**64 to write.
+        (64, -BLOCK, False, "16-byte blocks"),
+        # No write past the caller's buffer: 16 bytes of plaintext need 32 bytes of room.
+        (16, 16, True, "needs 32 bytes"),
+    ], ids=["middle-not-whole-blocks", "negative-length", "no-room-for-the-padding"])
+    def test_a_piece_that_cannot_be_encrypted_as_given_is_refused(
+        self, backend: Backend, size: int, length: int, last: bool, says: str
+    ) -> None:
+        """A piece whose length breaks the CBC chain or the caller's buffer is refused with
+        the reason, before any byte is written."""
+        buf = bytearray(size)
+        lanes = backend.lanes(1)
+        try:
+            lanes.start(0, KEY, IV)
+            with pytest.raises(ValueError, match=says):
+                lanes.encrypt([Piece(0, memoryview(buf), length, last)])
+        finally:
+            lanes.close()
+        assert buf == bytearray(size)
 
     @pytest.mark.parametrize(("key", "iv"), [(KEY[:15], IV), (KEY + b"\x00", IV), (KEY, IV[:8])])
     def test_key_and_iv_must_be_16_bytes(self, backend: Backend, key: bytes, iv: bytes) -> None:
         """No AES-192/256 by accident, no short IV."""
-        with pytest.raises(ValueError, match="16-byte"):
-            backend.encryptor(key, iv)
-
-
-    def test_a_negative_length_is_refused(self, backend: Backend) -> None:
-        """A middle piece of -16 bytes (whole blocks, to %) is refused, not handed to the
-        library as a length of nearly 2**64 bytes to write."""
-        lanes = backend.lanes(2)
+        lanes = backend.lanes(1)
         try:
-            lanes.start(0, KEY, IV)
-            with pytest.raises(ValueError, match="16-byte blocks"):
-                lanes.encrypt([Piece(0, memoryview(bytearray(64)), -BLOCK, False)])
+            with pytest.raises(ValueError, match="16-byte"):
+                lanes.start(0, key, iv)
         finally:
             lanes.close()
 
@@ -204,7 +219,7 @@ class TestLoading:
         assert backend.name == "libcrypto"
         data = plaintext(100)
         buf = bytearray(data) + bytearray(BLOCK)
-        length = aes.encrypt_in_place(buf, len(data), KEY, IV, backend=backend)
+        length = encrypt_in_place(buf, len(data), KEY, IV, backend)
         assert bytes(buf[:length]) == encrypt_bytes(data, KEY, IV)
 
     def test_a_library_that_is_not_the_lane_library_is_passed_over(self) -> None:
@@ -226,7 +241,7 @@ class TestLoading:
         assert backend.name == "cryptography"
         data = plaintext(100)
         buf = bytearray(data) + bytearray(BLOCK)
-        length = aes.encrypt_in_place(buf, len(data), KEY, IV, backend=backend)
+        length = encrypt_in_place(buf, len(data), KEY, IV, backend)
         assert bytes(buf[:length]) == encrypt_bytes(data, KEY, IV)
 
     def test_a_library_that_fails_while_answering_is_passed_over_with_a_warning(

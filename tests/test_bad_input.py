@@ -99,17 +99,6 @@ def test_bad_source_fails_cleanly(
     assert not (hlsvault.vault / "keys" / "bad").exists()
 
 
-def test_an_s3_url_in_upper_case_is_not_looked_for_as_a_file(hlsvault: Hlsvault) -> None:
-    """``S3://bucket/key`` is a usage error saying S3 URLs are lower case, not "source not
-    found … check the path"."""
-    done = hlsvault.package("S3://bucket/talk.mp4", "--asset", "talk", "--ladder", "copy")
-
-    assert done.returncode == 2, done.stderr
-    assert "S3 URLs are lower case, s3://bucket/key" in done.stderr
-    assert "not found" not in done.stderr and "Traceback" not in done.stderr
-    assert [p for p in hlsvault.origin.rglob("*") if p.is_file()] == []
-
-
 def test_copy_ladder_refuses_a_source_it_cannot_remux(hlsvault: Hlsvault) -> None:
     """An MPEG-4 Part 2 source under --ladder copy says why and suggests the default ladder."""
     source = lavfi_clip("mpeg4.mp4", seconds=2, vcodec="mpeg4", audio=False)

@@ -617,6 +617,8 @@ class RemoteWork:
     local paths, no links), each put recorded; backed by a local store so the bytes can be
     read back."""
 
+    is_local = False
+
     def __init__(self, store: Any) -> None:
         self._store = store
         self.puts: list[str] = []

@@ -36,6 +36,9 @@ class Store(Protocol):
     """What every stage needs from a store."""
 
     url: str
+    #: Whether keys are files on this machine (:meth:`local_path` and :meth:`local_dir` give
+    #: paths): the test that asks the store nothing and creates no directory.
+    is_local: bool
 
     def put_file(
         self, key: str, path: Path, *, content_type: str | None = None,
@@ -75,7 +78,8 @@ class Store(Protocol):
         """Delete every key under ``prefix``; returns how many were deleted."""
 
     def local_path(self, key: str) -> Path | None:
-        """A filesystem path for ``key`` when the store is local, so stages can skip copies."""
+        """A filesystem path for ``key`` when the store is local, so stages can skip copies
+        (its directory created)."""
 
     def local_dir(self, prefix: str) -> Path | None:
         """The directory holding the keys under ``prefix`` when the store is local (created)."""

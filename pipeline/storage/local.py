@@ -24,6 +24,8 @@ _NO_HARD_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK)
 class LocalStore:
     """A store in a local directory. Writes go to a temporary name and are renamed into place."""
 
+    is_local = True
+
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.url = str(self.root)

@@ -37,6 +37,8 @@ def translate(error: Exception, store: str, key: str) -> HlsvaultError:
 class S3Store:
     """A store under ``s3://bucket/prefix``."""
 
+    is_local = False
+
     def __init__(self, bucket: str, prefix: str, *, client: Any | None = None) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
