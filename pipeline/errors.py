@@ -11,7 +11,8 @@
      │    │    └── TooLarge        a request body over its size limit
      │    ├── StorageRefused       a store (work, origin, vault) refused us: IAM, no bucket
      │    ├── Conflict             the asset changed under the job (a racing publish, a revoke)
-     │    └── PoisonJob            a stage was delivered more times than allowed
+     │    ├── PoisonJob            a stage was delivered more times than allowed
+     │    └── CorruptRecord        a job record, or what a stage left in it, cannot be read
      ├── NotFound                  no such object, job or key; a lookup, not a failure
      ├── Refused                   a caller is not entitled: tokens, webhook signatures
      │    ├── Unauthenticated      missing, malformed, forged or expired credentials (401)
@@ -67,6 +68,11 @@ class Conflict(PermanentError):
 
 class PoisonJob(PermanentError):
     """A stage of the job has been delivered more often than the attempt bound allows."""
+
+
+class CorruptRecord(PermanentError):
+    """A job record, or an output a stage left beside it, is not what any version of hlsvault
+    writes (not an object, a field missing or of the wrong kind): the job is resubmitted."""
 
 
 class NotFound(HlsvaultError):

@@ -1,12 +1,13 @@
 """Reading a job record a newer version wrote (a rolling deploy): the plan and the outputs
 read in this version, a field it does not know left out and every field it knows intact; the
 job spec refuses an option it does not know rather than ignore it. The catalog's version
-descriptions read the same way, so an older key server serves what a newer packager wrote."""
+descriptions read the same way, so an older key server serves what a newer packager wrote.
+What no version writes (a damaged record) is refused by name, saying to resubmit."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from pipeline import layout
 from pipeline.audio import ChunkAudio, ReleasedAudio
+from pipeline.errors import CorruptRecord
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import AudioStream, MediaInfo, SubtitleStream, VideoStream
 from pipeline.plan import AudioRendition, Chunk, Rendition
@@ -122,6 +124,37 @@ class TestARecordANewerVersionWrote:
 
         with pytest.raises(TypeError, match=NEWER):
             JobSpec.from_dict({**spec.to_dict(), NEWER: True})
+
+
+def garblings(written: Any) -> list[tuple[str, Any]]:
+    """``written`` (as the record holds it) damaged three ways: not an object, its first
+    field without a default missing, its first text or number field the other kind."""
+    data = json.loads(json.dumps(written.to_dict()))
+    needed = next(f.name for f in fields(written)
+                  if f.default is MISSING and f.default_factory is MISSING)
+    name, value = next((name, value) for name, value in data.items()
+                       if isinstance(value, str | int | float) and not isinstance(value, bool))
+    return [("a-list", [data]),
+            ("missing", {k: v for k, v in data.items() if k != needed}),
+            ("wrong-kind", {**data, name: "5" if isinstance(value, int | float) else 5})]
+
+
+class TestADamagedRecord:
+    @pytest.mark.parametrize("written, damage, data", [
+        (written, damage, data) for written in WRITTEN for damage, data in garblings(written)
+    ], ids=lambda value: type(value).__name__ if not isinstance(value, str | list | dict)
+        else value if isinstance(value, str) else "")
+    def test_is_refused_naming_the_record_and_saying_to_resubmit(
+        self, written: Any, damage: str, data: Any
+    ) -> None:
+        """A value no version writes (not an object, a field it needs missing, a field of the
+        wrong kind) is a permanent error naming the record and saying to resubmit the job:
+        the job fails at once with it, not after retries of an AttributeError, and never
+        runs on with a number where a name goes."""
+        with pytest.raises(CorruptRecord, match=type(written).__name__) as refused:
+            type(written).from_dict(data)
+
+        assert "resubmit the job" in str(refused.value)
 
 
 class TestACatalogANewerPackagerWrote:
