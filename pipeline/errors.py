@@ -18,7 +18,9 @@
      │    ├── Unauthenticated      missing, malformed, forged or expired credentials (401)
      │    └── Forbidden            genuine credentials, but not for this (403)
      └── TransientError            network, throttling, 5xx, a stage that ran out of time;
-          └── StageTimeout         retried with backoff, a bounded number of times
+          ├── StageTimeout         retried with backoff, a bounded number of times
+          └── NewerJobOption       a job spec names an option this worker does not know: a
+                                   newer worker may take the retry
 
 Domain code raises these and nothing else on purpose; the edges translate them once: workers
 (:mod:`workers.flow`: transient is retried, anything else fails the job at once), HTTP
@@ -97,6 +99,11 @@ class TransientError(HlsvaultError):
 
 class StageTimeout(TransientError):
     """A blocking call (ffmpeg, a storage request) exceeded its own timeout."""
+
+
+class NewerJobOption(TransientError):
+    """A job spec names an option this worker does not know: a newer version submitted it.
+    Retried (a newer worker may take the message); the job fails once retries run out."""
 
 
 #: The CLI's exit status per error class, most specific first (sysexits.h where one fits).

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import layout
 from pipeline.audio import ChunkAudio, ReleasedAudio
-from pipeline.errors import CorruptRecord
+from pipeline.errors import CorruptRecord, NewerJobOption
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import AudioStream, MediaInfo, SubtitleStream, VideoStream
 from pipeline.plan import AudioRendition, Chunk, Rendition
@@ -119,11 +119,26 @@ class TestARecordANewerVersionWrote:
 
     def test_the_job_spec_refuses_an_option_it_does_not_know(self) -> None:
         """An option this version does not know would be silently dropped (a job packaged
-        without what was asked): the spec refuses to read instead."""
+        without what was asked): the spec refuses to read instead, naming the option and
+        saying to upgrade the workers; a retry may find a newer worker (transient)."""
         spec = new_job_spec("/videos/film.mp4", asset="film")
 
-        with pytest.raises(TypeError, match=NEWER):
+        with pytest.raises(NewerJobOption, match=NEWER) as refused:
             JobSpec.from_dict({**spec.to_dict(), NEWER: True})
+
+        assert "upgrade the workers" in str(refused.value)
+
+    def test_the_options_it_names_are_bounded(self) -> None:
+        """The option names are whatever a submitter wrote: a few are named, each cut short,
+        and the rest counted."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        hostile = {f"{index}{'x' * 10_000}": True for index in range(50)}
+
+        with pytest.raises(NewerJobOption) as refused:
+            JobSpec.from_dict({**spec.to_dict(), **hostile})
+
+        said = str(refused.value)
+        assert len(said) < 600 and "and 45 more" in said and "upgrade the workers" in said
 
 
 def garblings(written: Any) -> list[tuple[str, Any]]:
@@ -153,6 +168,19 @@ class TestADamagedRecord:
         runs on with a number where a name goes."""
         with pytest.raises(CorruptRecord, match=type(written).__name__) as refused:
             type(written).from_dict(data)
+
+        assert "resubmit the job" in str(refused.value)
+
+    @pytest.mark.parametrize("data", [
+        [1, 2], "spec",
+        {"job_id": "j1", "source": "/videos/film.mp4", "version": "v1"},
+        {"job_id": "j1", "asset": 5, "source": "/videos/film.mp4", "version": "v1"},
+        {"job_id": "j1", "asset": "film", "source": "/videos/film.mp4", "version": "v1",
+         "subtitles": 5},
+    ], ids=["a-list", "text", "no-asset", "asset-a-number", "subtitles-a-number"])
+    def test_a_damaged_job_spec_is_refused_saying_to_resubmit(self, data: Any) -> None:
+        with pytest.raises(CorruptRecord, match="JobSpec") as refused:
+            JobSpec.from_dict(data)
 
         assert "resubmit the job" in str(refused.value)
 
