@@ -1,7 +1,8 @@
 """An older worker given what a newer hlsvault (or a damaged record) wrote, over a real
 redis-server (README, Upgrading a fleet): a job spec naming an option it does not know is
 retried, then failed saying to upgrade the workers, its work discarded; a damaged spec fails
-its job at once saying to resubmit; `hlsvault status` and the ops app show such a job.
+its job at once saying to resubmit; `hlsvault status` and the ops app show such a job; a
+re-key of a version described in a newer format fails saying to upgrade, publishing nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import base64
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,18 @@ from dramatiq.brokers.stub import StubBroker
 
 from pipeline import layout
 from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.jobs.redis import RedisRecordBackend
+from pipeline.lifecycle import new_rekey_spec
+from pipeline.playlists import DESCRIPTION_FORMAT
+from pipeline.services import build_services
 from pipeline.settings import load_settings
 from workers import flow
+from workers.embedded import run_embedded
 from workers.queues import Queue
 from workers.runtime import Runtime, build_runtime
 
 from fleet import RedisServer
+from keyserver_support import Library, shared_library
 from ops_support import PASSWORD, csrf_token, local_ops_for
 from support import HLSVAULT, ROOT
 
@@ -187,3 +195,43 @@ class TestSuchAJobIsShown:
         assert pages[f"/api/jobs/{job_id}"].json()["status"] == "failed"
         assert retried.status_code == 503 and "upgrade the workers" in retried.text
         assert ops.submitted == []
+
+
+@pytest.fixture
+def rekey_runtime(
+    tmp_path_factory: pytest.TempPathFactory, copy_clip: Path, tmp_path: Path,
+    redis_server: RedisServer,
+) -> Iterator[tuple[Library, Runtime]]:
+    """A packaged library, and an embedded runtime over it whose job records are in redis."""
+    library: Library = shared_library(tmp_path_factory, copy_clip).copy(tmp_path)
+    settings = library.settings
+    services = build_services(
+        settings, job_backend=RedisRecordBackend.from_url(redis_server.url))
+    yield library, build_runtime(settings, services=services)
+
+
+class TestADescriptionOfANewerFormat:
+    def test_a_rekey_of_it_fails_saying_to_upgrade_and_publishes_nothing(
+        self, rekey_runtime: tuple[Library, Runtime]
+    ) -> None:
+        """Given a re-key submitted for the current version, when that version's description
+        turns out to need a newer reader (a newer packager wrote it), then this worker fails
+        the job at the re-key saying to upgrade, and nothing of the new version exists: not
+        current, not described, no segment on the origin, no key in the vault, no work."""
+        library, rt = rekey_runtime
+        svc = rt.services
+        spec = new_rekey_spec(svc, "film", grace_s=0)
+        described = Path(library.settings.vault) / layout.version_description_key(
+            "film", library.version)
+        data = json.loads(described.read_text())
+        described.write_text(json.dumps({**data, "reader": DESCRIPTION_FORMAT + 1}))
+
+        record = run_embedded(rt, spec)
+
+        assert (record.status, record.failed_stage) == ("failed", "rekey")
+        assert "upgrade" in (record.error or ""), record.error
+        state = svc.catalog.state("film")
+        assert state is not None and state.version == library.version
+        assert [key for key in svc.vault.list("") if spec.version in key] == []
+        assert [key for key in svc.origin.list("") if spec.version in key] == []
+        assert svc.work.list(layout.job_prefix(spec.job_id)) == []
