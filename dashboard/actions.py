@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
 from pipeline import layout
-from pipeline.errors import Conflict, NotFound
+from pipeline.errors import Conflict, HlsvaultError, NotFound
 from pipeline.jobs import TERMINAL, JobRecord, JobSpec, JobStore, UnknownJob
 
 from .auth import CsrfTokens, cross_origin
@@ -84,9 +84,11 @@ class Actions:
             if record.status not in ("failed", "cancelled"):
                 raise Conflict(f"job {job_id} is {record.status}; only failed or cancelled "
                                "jobs are retried")
-        except (NotFound, Conflict) as error:
+            # A spec this ops app cannot read (a newer submitter's option) is not retried
+            # without what it asked for: refused, saying why.
+            spec = retry_spec(record.spec, now=self.jobs.clock())
+        except HlsvaultError as error:
             return refused(error)
-        spec = retry_spec(record.spec, now=self.jobs.clock())
         self.submit(spec)
         self.jobs.backend.write(spec.job_id, {"retry_of": job_id})
         self.jobs.backend.write(job_id, {"retried_as": spec.job_id})

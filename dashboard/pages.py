@@ -88,12 +88,12 @@ class Pages:
             record = self.reader.record(request.path_params["job_id"])
         except HlsvaultError as error:
             return refused(error)
-        job_id = record.spec.job_id
+        job_id = record.job_id
         succeeded = record.status == "succeeded"
         html = views.job_page(
             record,
             csrf={action: self.csrf.token(action, job_id) for action in ("retry", "cancel")},
-            preview=self.previews.of(record.spec.asset) if succeeded else views.Preview(),
+            preview=self.previews.of(record.asset) if succeeded else views.Preview(),
             now=self.reader.now(),
         )
         return HTMLResponse(html, headers=NO_STORE)

@@ -64,14 +64,14 @@ def job_summary(record: JobRecord, now: float) -> dict[str, object]:
     """One row of the jobs list, as the JSON API gives it and the page renders it."""
     end = record.finished_at or now
     return {
-        "job_id": record.spec.job_id,
+        "job_id": record.job_id,
         "status": record.status,
-        "asset": record.spec.asset,
-        "source": record.spec.source,
-        "created_at": record.spec.created_at,
+        "asset": record.asset,
+        "source": record.source,
+        "created_at": record.created_at,
         "finished_at": record.finished_at,
-        "age_s": round(now - record.spec.created_at, 1),
-        "duration_s": round(end - record.spec.created_at, 1),
+        "age_s": round(now - record.created_at, 1),
+        "duration_s": round(end - record.created_at, 1),
         "progress": round(job_progress(record), 4),
     }
 
@@ -108,14 +108,13 @@ def jobs_page(
 
 
 def _job_row(record: JobRecord, now: float) -> str:
-    spec = record.spec
     status = escape(record.status)
     end = record.finished_at or now
     return (
-        f'<tr><td><a href="/jobs/{quote(spec.job_id)}">{escape(spec.job_id[:12])}</a></td>'
-        f"<td class=status-{status}>{status}</td><td>{escape(spec.asset)}</td>"
-        f"<td>{escape(spec.source)}</td><td>{_seconds(now - spec.created_at)}</td>"
-        f"<td>{_seconds(end - spec.created_at)}</td><td>{_bar(job_progress(record))}</td></tr>"
+        f'<tr><td><a href="/jobs/{quote(record.job_id)}">{escape(record.job_id[:12])}</a></td>'
+        f"<td class=status-{status}>{status}</td><td>{escape(record.asset)}</td>"
+        f"<td>{escape(record.source)}</td><td>{_seconds(now - record.created_at)}</td>"
+        f"<td>{_seconds(end - record.created_at)}</td><td>{_bar(job_progress(record))}</td></tr>"
     )
 
 
@@ -192,8 +191,7 @@ def job_page(
     preview: Preview,
     now: float,
 ) -> str:
-    spec = record.spec
-    job_id = spec.job_id
+    job_id = record.job_id
     status = escape(record.status)
     actions = []
     if record.status in ("failed", "cancelled"):
@@ -217,18 +215,25 @@ def job_page(
         links.append(
             f'retried as <a id=retried-as href="/jobs/{quote(new)}">{escape(new[:12])}</a>'
         )
-    player = _preview_section(spec.asset, preview) if record.status == "succeeded" else ""
+    player = _preview_section(record.asset, preview) if record.status == "succeeded" else ""
     end = record.finished_at or now
+    # A spec this ops app cannot read (a newer submitter's option): the job is shown all the
+    # same, with why in place of what it cannot read.
+    unread = record.spec_problem
+    ladder = record.spec.ladder if unread is None else "–"
+    problem = ("" if unread is None else
+               f"<tr><th>spec</th><td id=spec-error class=err>{escape(unread)}</td></tr>")
     body = (
         f"<section><h2>Job {escape(job_id)}</h2><table>"
         f"<tr><th>status</th><td id=job-status class=status-{status}>{status}</td></tr>"
         f"<tr><th>progress</th><td id=job-progress>{job_progress(record) * 100:.1f}%</td></tr>"
-        f"<tr><th>asset</th><td>{escape(spec.asset)}</td></tr>"
-        f"<tr><th>version</th><td>{escape(spec.version)}</td></tr>"
-        f"<tr><th>source</th><td>{escape(spec.source)}</td></tr>"
-        f"<tr><th>ladder</th><td>{escape(spec.ladder)}</td></tr>"
-        f"<tr><th>created</th><td>{_clock(spec.created_at)} UTC ({now - spec.created_at:.0f} s ago)"
-        f"</td></tr><tr><th>duration</th><td>{_seconds(end - spec.created_at)}</td></tr>"
+        f"<tr><th>asset</th><td>{escape(record.asset)}</td></tr>"
+        f"<tr><th>version</th><td>{escape(record.version)}</td></tr>"
+        f"<tr><th>source</th><td>{escape(record.source)}</td></tr>"
+        f"<tr><th>ladder</th><td>{escape(ladder)}</td></tr>{problem}"
+        f"<tr><th>created</th><td>{_clock(record.created_at)} UTC "
+        f"({now - record.created_at:.0f} s ago)"
+        f"</td></tr><tr><th>duration</th><td>{_seconds(end - record.created_at)}</td></tr>"
         f"<tr><th>error</th><td id=job-error class=err>{escape(record.error or '')}</td></tr>"
         f"</table><p>{' · '.join(links)}</p><p>{' '.join(actions)}</p></section>"
         "<section><h2>Stages</h2><table><thead><tr><th>stage</th><th>status</th>"

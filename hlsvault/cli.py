@@ -221,7 +221,7 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         print(json.dumps(record.to_dict(), indent=2))
     else:
-        print(f"job {record.spec.job_id}  asset {record.spec.asset}  {record.status}")
+        print(f"job {record.job_id}  asset {record.asset}  {record.status}")
         if planned > 1:
             done, fraction = chunks_progress(
                 planned, ((s.name, s.status, s.progress) for s in record.stages)

@@ -97,17 +97,16 @@ def _shown_error(record: JobRecord) -> str | None:
 
 def summary(ctx: Context, record: JobRecord) -> dict[str, Any]:
     """What `--json` prints about a finished job."""
-    spec = record.spec
     result: dict[str, Any] = {
-        "job_id": spec.job_id,
-        "asset": spec.asset,
-        "version": spec.version,
+        "job_id": record.job_id,
+        "asset": record.asset,
+        "version": record.version,
         "status": record.status,
     }
     if record.status != "succeeded":
         result.update(renditions=[], error=_shown_error(record), failed_stage=record.failed_stage)
         return result
-    described = ctx.services.catalog.get_version(spec.asset, spec.version)
+    described = ctx.services.catalog.get_version(record.asset, record.version)
     result["renditions"] = [
         {
             "name": r.name,
@@ -121,12 +120,12 @@ def summary(ctx: Context, record: JobRecord) -> dict[str, Any]:
         for r in described.renditions
     ]
     result["keys"] = described.key_count
-    result["master_url"] = layout.master_url(ctx.settings.public_url, spec.asset)
+    result["master_url"] = layout.master_url(ctx.settings.public_url, record.asset)
     if described.download is not None:
         result["download"] = {
             "rendition": described.download.rendition,
             "size": described.download.size,
-            "url": layout.download_url(ctx.settings.public_url, spec.asset),
+            "url": layout.download_url(ctx.settings.public_url, record.asset),
         }
     warnings = record.json_field("warnings")
     if warnings:
@@ -139,15 +138,15 @@ def report(ctx: Context, record: JobRecord, *, as_json: bool, done_line: str | N
     if as_json:
         print(json.dumps(summary(ctx, record), indent=2))
     if record.status != "succeeded":
-        return fail(f"job {record.spec.job_id} {record.status} at {record.failed_stage}: "
+        return fail(f"job {record.job_id} {record.status} at {record.failed_stage}: "
                     f"{_shown_error(record)}")
     for warning in record.json_field("warnings") or []:
         print(f"hlsvault: warning: {warning}", file=sys.stderr)
     if not as_json:
         if done_line is None:
-            described = ctx.services.catalog.get_version(record.spec.asset, record.spec.version)
+            described = ctx.services.catalog.get_version(record.asset, record.version)
             names = ", ".join(r.name for r in described.renditions)
-            done_line = (f"published {record.spec.asset} version {record.spec.version}: {names}\n"
-                         f"play it: hlsvault url {record.spec.asset}")
+            done_line = (f"published {record.asset} version {record.version}: {names}\n"
+                         f"play it: hlsvault url {record.asset}")
         print(done_line)
     return 0

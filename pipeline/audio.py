@@ -42,7 +42,7 @@ from .errors import TransientError, UnsupportedMedia
 from .logs import redact_text
 from .media import AudioStream
 from .plan import Chunk
-from .records import from_known
+from .records import each_known, from_known, required
 from .sources import ffmpeg_command, ffmpeg_input
 
 log = structlog.get_logger(__name__)
@@ -95,11 +95,7 @@ class ReleasedAudio:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReleasedAudio:
-        return cls(
-            attempt=data["attempt"],
-            sample_rate=data["sample_rate"],
-            pieces=tuple(from_known(ChunkAudio, piece) for piece in data["pieces"]),
-        )
+        return from_known(cls, data, pieces=each_known(ChunkAudio, required(cls, data, "pieces")))
 
 
 def audio_ends_early(chunk: Chunk) -> UnsupportedMedia:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import layout
-from .errors import ConfigurationError, Conflict, TransientError
+from .errors import ConfigurationError, Conflict, CorruptRecord, TransientError
 from .playlists import AssetVersion
 from .statebus import NullStateBus, StateBus
 from .storage import ObjectNotFound, Store
@@ -110,7 +110,8 @@ class Catalog:
         raw = self.store.get_bytes(layout.version_description_key(asset, version))
         try:
             return AssetVersion.from_dict(json.loads(raw))
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+        except (CorruptRecord, ValueError, TypeError, KeyError, AttributeError,
+                RecursionError) as error:
             raise ConfigurationError(
                 f"the description of {asset} version {version} is unreadable "
                 f"({type(error).__name__}); package the asset again") from None

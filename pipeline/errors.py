@@ -11,13 +11,16 @@
      │    │    └── TooLarge        a request body over its size limit
      │    ├── StorageRefused       a store (work, origin, vault) refused us: IAM, no bucket
      │    ├── Conflict             the asset changed under the job (a racing publish, a revoke)
-     │    └── PoisonJob            a stage was delivered more times than allowed
+     │    ├── PoisonJob            a stage was delivered more times than allowed
+     │    └── CorruptRecord        a job record, or what a stage left in it, cannot be read
      ├── NotFound                  no such object, job or key; a lookup, not a failure
      ├── Refused                   a caller is not entitled: tokens, webhook signatures
      │    ├── Unauthenticated      missing, malformed, forged or expired credentials (401)
      │    └── Forbidden            genuine credentials, but not for this (403)
      └── TransientError            network, throttling, 5xx, a stage that ran out of time;
-          └── StageTimeout         retried with backoff, a bounded number of times
+          ├── StageTimeout         retried with backoff, a bounded number of times
+          └── NewerJobOption       a job spec names an option this worker does not know: a
+                                   newer worker may take the retry
 
 Domain code raises these and nothing else on purpose; the edges translate them once: workers
 (:mod:`workers.flow`: transient is retried, anything else fails the job at once), HTTP
@@ -69,6 +72,11 @@ class PoisonJob(PermanentError):
     """A stage of the job has been delivered more often than the attempt bound allows."""
 
 
+class CorruptRecord(PermanentError):
+    """A job record, or an output a stage left beside it, is not what any version of hlsvault
+    writes (not an object, a field missing or of the wrong kind): the job is resubmitted."""
+
+
 class NotFound(HlsvaultError):
     """The object, job or key asked for does not exist."""
 
@@ -91,6 +99,11 @@ class TransientError(HlsvaultError):
 
 class StageTimeout(TransientError):
     """A blocking call (ffmpeg, a storage request) exceeded its own timeout."""
+
+
+class NewerJobOption(TransientError):
+    """A job spec names an option this worker does not know: a newer version submitted it.
+    Retried (a newer worker may take the message); the job fails once retries run out."""
 
 
 #: The CLI's exit status per error class, most specific first (sysexits.h where one fits).

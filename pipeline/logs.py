@@ -74,9 +74,16 @@ def redacted_record(record: JobRecord) -> JobRecord:
                             detail=_redact_optional(stage.detail))
         for stage in record.stages
     )
+    source = redact_text(record.source)
+    read_spec = record.read_spec
+    if isinstance(read_spec, Exception):  # why this version cannot run it: said as redacted
+        read_spec = type(read_spec)(redact_text(str(read_spec)))
+    else:
+        read_spec = dataclasses.replace(read_spec, source=redact_text(read_spec.source))
     return dataclasses.replace(
         record,
-        spec=dataclasses.replace(record.spec, source=redact_text(record.spec.source)),
+        source=source,
+        read_spec=read_spec,
         error=_redact_optional(record.error),
         stages=stages,
         fields={k: v for k, v in record.fields.items() if k in ("retry_of", "retried_as")},

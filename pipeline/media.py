@@ -13,7 +13,7 @@ from fractions import Fraction
 from typing import Any
 
 from .errors import InvalidSource, StageTimeout
-from .records import from_known
+from .records import each_known, from_known, required
 from .sources import ffmpeg_input, format_refusal, shown_name, source_demuxer
 from .storage import url_scheme
 
@@ -99,22 +99,19 @@ class MediaInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MediaInfo:
-        audio = data.get("audio")
-        tracks = tuple(from_known(AudioStream, track) for track in data.get("audio_tracks") or ())
+        video = from_known(VideoStream, required(cls, data, "video"))
+        audio = from_known(AudioStream, data["audio"]) if data.get("audio") else None
+        tracks = each_known(AudioStream, data.get("audio_tracks") or ())
         if not tracks and audio:
-            tracks = (from_known(AudioStream, audio),)  # probed before every track was kept
-        return cls(
-            format_name=data["format_name"],
-            duration=data["duration"],
-            size=data.get("size"),
-            bit_rate=data.get("bit_rate"),
-            video=from_known(VideoStream, data["video"]),
-            audio=from_known(AudioStream, audio) if audio else None,
+            tracks = (audio,)  # probed before every track was kept
+        # Older records may lack (or have None for) the fields read with a default here.
+        start = data.get("video_start") or 0.0
+        return from_known(
+            cls, {"size": None, "bit_rate": None, **data, "video_start": start},
+            video=video,
+            audio=audio,
             audio_tracks=tracks,
-            subtitle_tracks=tuple(
-                from_known(SubtitleStream, track) for track in data.get("subtitle_tracks") or ()
-            ),
-            video_start=float(data.get("video_start") or 0.0),
+            subtitle_tracks=each_known(SubtitleStream, data.get("subtitle_tracks") or ()),
         )
 
 

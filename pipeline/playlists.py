@@ -16,7 +16,7 @@ from typing import Any
 from . import layout
 from .errors import ConfigurationError
 from .plan import AudioRendition
-from .records import from_known
+from .records import an_object, each_known, from_known, required
 from .segment import SegmentedRendition
 from .thumbnails import Thumbnails
 
@@ -189,7 +189,7 @@ class AssetVersion:
         (:func:`pipeline.records.from_known`), one it needs and does not find is an error,
         and so is a version whose ``reader`` says it needs a newer format than this one
         knows (a field whose meaning a reader cannot ignore)."""
-        reader = data.get("reader", 1)
+        reader = an_object(cls, data).get("reader", 1)
         named = repr(str(data.get("version"))[:64])
         if not isinstance(reader, int) or isinstance(reader, bool) or reader < 1:
             raise ConfigurationError(f"version {named} has an unreadable description format")
@@ -200,8 +200,9 @@ class AssetVersion:
                 "and the ops app before the packagers (README, Upgrading a fleet)")
         renditions = tuple(
             from_known(RenditionEntry, r,
-                       segments=tuple(from_known(PublishedSegment, s) for s in r["segments"]))
-            for r in data["renditions"]
+                       segments=each_known(PublishedSegment, required(RenditionEntry, r,
+                                                                     "segments")))
+            for r in required(cls, data, "renditions")
         )
         return from_known(
             cls, data,

@@ -8,28 +8,110 @@ does not know a field leaves it out when it reads (so a newer record reads in an
 worker): :func:`from_known`. The job spec is the exception
 (:meth:`pipeline.jobs.JobSpec.from_dict`): an option a worker does not know would be silently
 ignored, so it is refused instead.
+
+What no version writes (a value that is not an object, a field missing, a field of the wrong
+kind: a damaged or hand-edited record) is :class:`~pipeline.errors.CorruptRecord`, naming the
+record, never an ``AttributeError`` or ``TypeError`` from deep inside a stage.
 """
 
 from __future__ import annotations
 
 import functools
+import types
+import typing
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from .errors import CorruptRecord
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 T = TypeVar("T", bound="DataclassInstance")
 
+#: What a JSON value of each field type may be (an int where a float goes: JSON writes 2.0 as
+#: 2 in other languages); a type not here (a nested record, a tuple of pairs) is not checked.
+_KINDS: dict[Any, tuple[type, ...]] = {
+    str: (str,), int: (int,), float: (int, float), bool: (bool,), tuple: (list, tuple),
+}
+
 
 @functools.cache  # a few record classes; read once per segment of every record
-def _field_names(cls: type[DataclassInstance]) -> frozenset[str]:
-    return frozenset(field.name for field in fields(cls))
+def _shape(cls: type[DataclassInstance]) -> tuple[dict[str, tuple[type, ...] | None],
+                                                  frozenset[str]]:
+    """Each field's JSON kinds (None: not checked), and the fields without a default."""
+    hints = typing.get_type_hints(cls)
+    kinds = {field.name: _kinds(hints[field.name]) for field in fields(cls)}
+    required = frozenset(
+        field.name for field in fields(cls)
+        if field.default is MISSING and field.default_factory is MISSING
+    )
+    return kinds, required
 
 
-def from_known(cls: type[T], data: Mapping[str, Any], **given: Any) -> T:
+def _kinds(hint: Any) -> tuple[type, ...] | None:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    found: list[type] = []
+    for option in options:
+        if option is type(None):
+            found.append(type(None))
+            continue
+        kinds = _KINDS.get(typing.get_origin(option) or option)
+        if kinds is None:
+            return None
+        found += kinds
+    return tuple(found)
+
+
+def _wrong_kind(value: Any, kinds: tuple[type, ...]) -> bool:
+    # bool is an int to isinstance, never to JSON
+    return not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+
+
+def unreadable(cls: type, what: str) -> CorruptRecord:
+    """The error of a ``cls`` record that cannot be read, ``what`` saying why."""
+    return CorruptRecord(
+        f"the job's {cls.__name__} record is unreadable ({what}): it was damaged or written "
+        "by hand, not by hlsvault; resubmit the job"
+    )
+
+
+def an_object(cls: type, data: Any) -> Mapping[str, Any]:
+    """``data``, which must be an object (a JSON dict) to be a ``cls`` record."""
+    if not isinstance(data, Mapping):
+        raise unreadable(cls, f"a {type(data).__name__}, not an object")
+    return data
+
+
+def required(cls: type, data: Any, name: str) -> Any:
+    """``data[name]``, which a ``cls`` record must hold."""
+    if name not in an_object(cls, data):
+        raise unreadable(cls, f"no {name!r}")
+    return data[name]
+
+
+def each_known(cls: type[T], values: Any) -> tuple[T, ...]:
+    """:func:`from_known` of each of ``values``, a list of ``cls`` records."""
+    if not isinstance(values, list | tuple):
+        raise unreadable(cls, f"a {type(values).__name__} where a list of them goes")
+    return tuple(from_known(cls, value) for value in values)
+
+
+def from_known(cls: type[T], data: Any, **given: Any) -> T:
     """The dataclass ``cls`` built from the items of ``data`` that name one of its fields (a
-    newer version's additions left out), with ``given`` in place of theirs."""
-    names = _field_names(cls)
-    return cls(**{**{name: value for name, value in data.items() if name in names}, **given})
+    newer version's additions left out), with ``given`` in place of theirs;
+    :class:`~pipeline.errors.CorruptRecord` when ``data`` is not an object, lacks a field
+    ``cls`` needs, or holds one of the wrong kind."""
+    kinds, needed = _shape(cls)
+    known = {}
+    for name, value in an_object(cls, data).items():
+        if name in kinds and name not in given:
+            expected = kinds[name]
+            if expected is not None and _wrong_kind(value, expected):
+                raise unreadable(cls, f"{name!r} is a {type(value).__name__}")
+            known[name] = value
+    missing = needed.difference(known, given)
+    if missing:
+        raise unreadable(cls, "no " + ", ".join(repr(name) for name in sorted(missing)))
+    return cls(**known, **given)

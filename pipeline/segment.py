@@ -21,7 +21,7 @@ from . import layout
 from .errors import StageTimeout, TransientError, UnsupportedMedia
 from .media import AudioStream, MediaInfo, audio_stream, ffmpeg_reason, probe, run_ffprobe
 from .plan import MAX_RATE_FACTOR, AudioRendition, Chunk, Rendition
-from .records import from_known
+from .records import each_known, from_known, required
 from .sources import ffmpeg_command, ffmpeg_input, shown_name, source_demuxer, work_input
 
 if TYPE_CHECKING:
@@ -87,8 +87,7 @@ class SegmentedRendition:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SegmentedRendition:
-        segments = tuple(from_known(Segment, segment) for segment in data["segments"])
-        return from_known(cls, data, segments=segments)
+        return from_known(cls, data, segments=each_known(Segment, required(cls, data, "segments")))
 
 
 #: Every chunk's muxers (hls, and the MPEG-TS muxer inside it) keep the timestamps they are

@@ -1,12 +1,13 @@
 """Reading a job record a newer version wrote (a rolling deploy): the plan and the outputs
 read in this version, a field it does not know left out and every field it knows intact; the
 job spec refuses an option it does not know rather than ignore it. The catalog's version
-descriptions read the same way, so an older key server serves what a newer packager wrote."""
+descriptions read the same way, so an older key server serves what a newer packager wrote.
+What no version writes (a damaged record) is refused by name, saying to resubmit."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from pipeline import layout
 from pipeline.audio import ChunkAudio, ReleasedAudio
+from pipeline.errors import CorruptRecord, NewerJobOption
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import AudioStream, MediaInfo, SubtitleStream, VideoStream
 from pipeline.plan import AudioRendition, Chunk, Rendition
@@ -117,11 +119,70 @@ class TestARecordANewerVersionWrote:
 
     def test_the_job_spec_refuses_an_option_it_does_not_know(self) -> None:
         """An option this version does not know would be silently dropped (a job packaged
-        without what was asked): the spec refuses to read instead."""
+        without what was asked): the spec refuses to read instead, naming the option and
+        saying to upgrade the workers; a retry may find a newer worker (transient)."""
         spec = new_job_spec("/videos/film.mp4", asset="film")
 
-        with pytest.raises(TypeError, match=NEWER):
+        with pytest.raises(NewerJobOption, match=NEWER) as refused:
             JobSpec.from_dict({**spec.to_dict(), NEWER: True})
+
+        assert "upgrade the workers" in str(refused.value)
+
+    def test_the_options_it_names_are_bounded(self) -> None:
+        """The option names are whatever a submitter wrote: a few are named, each cut short,
+        and the rest counted."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        hostile = {f"{index}{'x' * 10_000}": True for index in range(50)}
+
+        with pytest.raises(NewerJobOption) as refused:
+            JobSpec.from_dict({**spec.to_dict(), **hostile})
+
+        said = str(refused.value)
+        assert len(said) < 600 and "and 45 more" in said and "upgrade the workers" in said
+
+
+def garblings(written: Any) -> list[tuple[str, Any]]:
+    """``written`` (as the record holds it) damaged three ways: not an object, its first
+    field without a default missing, its first text or number field the other kind."""
+    data = json.loads(json.dumps(written.to_dict()))
+    needed = next(f.name for f in fields(written)
+                  if f.default is MISSING and f.default_factory is MISSING)
+    name, value = next((name, value) for name, value in data.items()
+                       if isinstance(value, str | int | float) and not isinstance(value, bool))
+    return [("a-list", [data]),
+            ("missing", {k: v for k, v in data.items() if k != needed}),
+            ("wrong-kind", {**data, name: "5" if isinstance(value, int | float) else 5})]
+
+
+class TestADamagedRecord:
+    @pytest.mark.parametrize("written, damage, data", [
+        (written, damage, data) for written in WRITTEN for damage, data in garblings(written)
+    ], ids=lambda value: type(value).__name__ if not isinstance(value, str | list | dict)
+        else value if isinstance(value, str) else "")
+    def test_is_refused_naming_the_record_and_saying_to_resubmit(
+        self, written: Any, damage: str, data: Any
+    ) -> None:
+        """A value no version writes (not an object, a field it needs missing, a field of the
+        wrong kind) is a permanent error naming the record and saying to resubmit the job:
+        the job fails at once with it, not after retries of an AttributeError, and never
+        runs on with a number where a name goes."""
+        with pytest.raises(CorruptRecord, match=type(written).__name__) as refused:
+            type(written).from_dict(data)
+
+        assert "resubmit the job" in str(refused.value)
+
+    @pytest.mark.parametrize("data", [
+        [1, 2], "spec",
+        {"job_id": "j1", "source": "/videos/film.mp4", "version": "v1"},
+        {"job_id": "j1", "asset": 5, "source": "/videos/film.mp4", "version": "v1"},
+        {"job_id": "j1", "asset": "film", "source": "/videos/film.mp4", "version": "v1",
+         "subtitles": 5},
+    ], ids=["a-list", "text", "no-asset", "asset-a-number", "subtitles-a-number"])
+    def test_a_damaged_job_spec_is_refused_saying_to_resubmit(self, data: Any) -> None:
+        with pytest.raises(CorruptRecord, match="JobSpec") as refused:
+            JobSpec.from_dict(data)
+
+        assert "resubmit the job" in str(refused.value)
 
 
 class TestACatalogANewerPackagerWrote:

@@ -177,8 +177,10 @@ def run_stage(
 
     Returns None when the stage must not continue: the job already ended (failed, cancelled),
     was found poison, or failed here for a reason retrying cannot mend (any error of the tree
-    but a transient one). Transient errors propagate, so dramatiq retries the message with
-    backoff; anything outside the tree (a bug) too, and fails the job once retries run out.
+    but a transient one), its spec unreadable included. Transient errors propagate, so
+    dramatiq retries the message with backoff (a spec naming an option this worker does not
+    know among them: a newer worker may take it); anything outside the tree (a bug) too, and
+    fails the job once retries run out.
     """
     svc = rt.services
     # Which process took it, too: chunks of one job run on many workers at once.
@@ -190,13 +192,21 @@ def run_stage(
         if record.status == "cancelled":
             discard_work(svc, job_id)
         return None
+    try:
+        # Before the delivery count too: a spec a newer worker can run is not poison.
+        spec = record.spec
+    except TransientError:
+        raise
+    except HlsvaultError as error:
+        fail(rt, job_id, stage, redact_text(str(error)))
+        return None
     if handed_on(record, stage):
         # An earlier delivery finished and handed on, and the stage after it started: that
         # stage may be reading what this one made, so nothing is made again; only this
         # stage's end is written again (its start above marked it running), sending nothing.
         # Before the delivery count: a stage that finished is not poison.
         log.info("stage handed on already; redelivery does nothing", stage=stage)
-        hand_on(rt, Ran(stage, record, None), *handed_to(record.spec, stage))
+        hand_on(rt, Ran(stage, record, None), *handed_to(spec, stage))
         return None
     if attempts > svc.settings.max_deliveries:
         reason = str(
@@ -205,7 +215,7 @@ def run_stage(
                 "dying); inspect the source, then resubmit"
             )
         )
-        fail(rt, job_id, stage, reason, spec=record.spec)
+        fail(rt, job_id, stage, reason, spec=spec)
         return None
     started = time.monotonic()
     try:
@@ -215,7 +225,7 @@ def run_stage(
     except HlsvaultError as error:
         # Everything else in the tree (permanent, not found, refused, misconfigured) fails the
         # same way the next time: the job fails now, with the reason.
-        fail(rt, job_id, stage, redact_text(str(error)), spec=record.spec)
+        fail(rt, job_id, stage, redact_text(str(error)), spec=spec)
         return None
     log.info("stage done", stage=stage, attempt=attempts,
              seconds=round(time.monotonic() - started, 3))
@@ -283,14 +293,16 @@ def fail(
 ) -> None:
     """The one way a job fails: the record says where and why, and its scratch is discarded
     (nothing else will ever read it; a retry is a new job). ``spec``: the job's, when the
-    caller has read it already."""
+    caller has read it already; a spec this worker cannot read (a newer submitter's option,
+    a damaged record) fails the job all the same, only its thumbnail sheets are left."""
     log.warning("job failed", stage=stage, reason=reason)
     rt.services.jobs.fail(job_id, stage, reason)
-    if spec is None:
-        spec = rt.services.jobs.get(job_id).spec
-    # Sheets are clear pictures uploaded before the publish: not left under a version that
-    # will never be named (the publish refused after a revocation, an upload gave up).
     try:
+        if spec is None:
+            spec = rt.services.jobs.get(job_id).spec
+        # Sheets are clear pictures uploaded before the publish: not left under a version
+        # that will never be named (the publish refused after a revocation, an upload gave
+        # up).
         discard_unpublished_sheets(rt.services, spec.asset, spec.version)
     except HlsvaultError as error:
         log.warning("the failed job's thumbnail sheets could not be deleted; a revocation "

@@ -27,12 +27,13 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 from .. import layout
-from ..errors import BadSpec, NotFound
+from ..errors import BadSpec, HlsvaultError, NewerJobOption, NotFound
 from ..plan import LADDERS, check_segment_seconds
+from ..records import an_object, from_known, unreadable
 
 STAGES = (
     "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "trickplay",
@@ -43,6 +44,12 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 STATUSES = ("queued", "running", *TERMINAL)
 #: A rotation period longer than any video would simply be "off"; shorter than 1 is invalid.
 MAX_KEY_ROTATION_SEGMENTS = 100_000
+#: A spec's options this version does not know are named in the error, at most this many and
+#: each cut to this length: the names are whatever a submitter wrote.
+NAMED_UNKNOWN_OPTIONS = 5
+MAX_OPTION_NAME = 40
+#: How much of a spec this version cannot run a list or page shows of each text field.
+MAX_SHOWN_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -83,15 +90,40 @@ class JobSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+    def from_dict(cls, data: Any) -> JobSpec:
+        """The spec a submitter wrote, as this version runs it. An option it does not know
+        is :class:`~pipeline.errors.NewerJobOption` (retried: a newer worker may take it),
+        never ignored; what no version writes (not an object, a field missing or of the wrong
+        kind) is :class:`~pipeline.errors.CorruptRecord`."""
         # Imported here: pipeline.subtitles pulls in most of the packaging modules, which a
         # command making a job spec does not need before it starts (see pipeline.headstart).
         from ..subtitles import check_sidecar_names
 
-        sidecars = tuple((str(language), str(source))
-                         for language, source in data.get("subtitles") or ())
+        unknown = sorted(set(an_object(cls, data)) - _SPEC_OPTIONS)
+        if unknown:
+            raise newer_options(unknown)
+        try:
+            sidecars = tuple((str(language), str(source))
+                             for language, source in data.get("subtitles") or ())
+        except (TypeError, ValueError):
+            raise unreadable(cls, "'subtitles' is not a list of pairs") from None
         names = check_sidecar_names(data.get("subtitle_names") or (), sidecars)
-        return cls(**{**data, "subtitles": sidecars, "subtitle_names": names})
+        return from_known(cls, data, subtitles=sidecars, subtitle_names=names)
+
+
+_SPEC_OPTIONS = frozenset(field.name for field in fields(JobSpec))
+
+
+def newer_options(names: Sequence[str]) -> NewerJobOption:
+    """Why a worker refuses a spec naming the options ``names``, which it does not know."""
+    shown = ", ".join(repr(name[:MAX_OPTION_NAME]) for name in names[:NAMED_UNKNOWN_OPTIONS])
+    if len(names) > NAMED_UNKNOWN_OPTIONS:
+        shown += f" and {len(names) - NAMED_UNKNOWN_OPTIONS} more"
+    return NewerJobOption(
+        f"the job asks for options this worker does not know ({shown}): a newer hlsvault "
+        "submitted it; upgrade the workers before whatever submits jobs (README, Upgrading a "
+        "fleet), then resubmit it"
+    )
 
 
 def new_job_spec(
@@ -234,15 +266,40 @@ class StageState:
 
 @dataclass(frozen=True)
 class JobRecord:
-    """A read-only view of a job record."""
+    """A read-only view of a job record.
 
-    spec: JobSpec
+    What lists and pages show of a job (its id, asset, version, source and creation time) is
+    read from any spec, even one this version cannot run (a newer submitter's option, a
+    damaged record), so that such a job is still listed; :attr:`spec`, what a stage runs
+    with, only from one it can (:meth:`JobSpec.from_dict`)."""
+
+    job_id: str
+    asset: str
+    version: str
+    source: str
+    created_at: float
     status: str
     error: str | None
     failed_stage: str | None
     finished_at: float | None
     stages: tuple[StageState, ...]
     fields: dict[str, str]
+    #: The spec as this version runs it, or why it cannot (see :attr:`spec`).
+    read_spec: JobSpec | HlsvaultError
+
+    @property
+    def spec(self) -> JobSpec:
+        """The job's spec; raises what keeps this version from running it:
+        :class:`~pipeline.errors.NewerJobOption` (transient: a newer worker may take the job)
+        or :class:`~pipeline.errors.CorruptRecord`."""
+        if isinstance(self.read_spec, HlsvaultError):
+            raise self.read_spec.with_traceback(None)
+        return self.read_spec
+
+    @property
+    def spec_problem(self) -> str | None:
+        """Why this version cannot run the job's spec; None when it can."""
+        return str(self.read_spec) if isinstance(self.read_spec, HlsvaultError) else None
 
     @property
     def done(self) -> bool:
@@ -261,7 +318,9 @@ class JobRecord:
         return arrival_field(counter, member) in self.fields
 
     @classmethod
-    def from_fields(cls, fields: dict[str, str]) -> JobRecord:
+    def from_fields(cls, fields: dict[str, str], *, job_id: str | None = None) -> JobRecord:
+        """The record of the stored ``fields`` (of the job ``job_id``, when the caller knows
+        it: a spec this version cannot read may not say)."""
         names: list[str] = []
         for key in fields:
             stage, _, attribute = key.rpartition(".")
@@ -287,8 +346,22 @@ class JobRecord:
             )
             for name in names
         )
+        read_spec, data = _read_spec(fields["spec"])
+        if isinstance(read_spec, JobSpec):
+            spec = read_spec
+            shown = (spec.job_id, spec.asset, spec.version, spec.source, spec.created_at)
+        else:
+            about = data if isinstance(data, dict) else {}
+
+            def text(name: str) -> str:
+                value = about.get(name)
+                return value[:MAX_SHOWN_CHARS] if isinstance(value, str) else ""
+
+            shown = (job_id or text("job_id"), text("asset"), text("version"), text("source"),
+                     num("created_at") or 0.0)
         return cls(
-            spec=JobSpec.from_dict(json.loads(fields["spec"])),
+            *shown,
+            read_spec=read_spec,
             status=fields.get("status", "queued"),
             error=fields.get("error"),
             failed_stage=fields.get("failed_stage"),
@@ -300,17 +373,30 @@ class JobRecord:
     def to_dict(self) -> dict[str, Any]:
         """The record as a user sees it: the JSON of `hlsvault status --json`."""
         return {
-            "job_id": self.spec.job_id,
-            "asset": self.spec.asset,
-            "version": self.spec.version,
-            "source": self.spec.source,
+            "job_id": self.job_id,
+            "asset": self.asset,
+            "version": self.version,
+            "source": self.source,
             "status": self.status,
             "error": self.error,
             "failed_stage": self.failed_stage,
-            "created_at": self.spec.created_at,
+            "created_at": self.created_at,
             "finished_at": self.finished_at,
+            "spec_error": self.spec_problem,
             "stages": [asdict(stage) for stage in self.stages],
         }
+
+
+def _read_spec(raw: str) -> tuple[JobSpec | HlsvaultError, Any]:
+    """The stored spec ``raw`` as this version runs it, or why it cannot; and its JSON."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return unreadable(JobSpec, "not JSON"), None
+    try:
+        return JobSpec.from_dict(data), data
+    except HlsvaultError as error:
+        return error, data
 
 
 class UnknownJob(NotFound):
@@ -376,7 +462,7 @@ class JobStore:
         fields = self.backend.read(job_id)
         if "spec" not in fields:
             raise UnknownJob(job_id)
-        return JobRecord.from_fields(fields)
+        return JobRecord.from_fields(fields, job_id=job_id)
 
     def set_json(self, job_id: str, name: str, value: Any) -> None:
         self.backend.write(job_id, {name: json.dumps(value)})
@@ -422,7 +508,7 @@ class JobStore:
         attempts, found = self.backend.start_stage(job_id, f"{stage}.attempts", fields)
         if "spec" not in found:
             raise UnknownJob(job_id)
-        return attempts, JobRecord.from_fields(found)
+        return attempts, JobRecord.from_fields(found, job_id=job_id)
 
     def stage_queued(
         self, job_id: str, *stages: str, json_fields: Mapping[str, Any] | None = None
@@ -552,11 +638,11 @@ class JobStore:
             check_status(status)
         ids = self.backend.newest(limit, status)
         records = []
-        for fields in self.backend.read_many(ids):
+        for job_id, stored in zip(ids, self.backend.read_many(ids), strict=True):
             # Expired since it was indexed, or moved on to another status in between.
-            if fields is None or "spec" not in fields:
+            if stored is None or "spec" not in stored:
                 continue
-            record = JobRecord.from_fields(fields)
+            record = JobRecord.from_fields(stored, job_id=job_id)
             if status is None or record.status == status:
                 records.append(record)
         return records
