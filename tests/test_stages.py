@@ -382,6 +382,86 @@ class TestAudioGroup:
                 framemd5(str(two_audio_clip), stream=f"0:a:{position}"))
 
 
+#: How long a held placement waits for the test to let it go: a stage that never lets it
+#: through then goes on, and its test fails on what it asserts instead of hanging.
+HOLD_S = 120.0
+
+
+class HoldsAfterOnePlacedSegment:
+    """A work store (``store``, wrapped) whose first media segment written where encrypt puts
+    its output (``enc/``) is written, then held until :attr:`go` is set (or HOLD_S): a
+    delivery of a stage paused half-way through placing its segments, at an event the test
+    waits for (:attr:`placed_one`) instead of a race against the clock."""
+
+    def __init__(self, store: Any, job_id: str) -> None:
+        self._store = store
+        self._enc = layout.encrypted_prefix(job_id, "")
+        self.placed_one = threading.Event()
+        self.go = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def _placed(self, key: str) -> None:
+        if key.startswith(self._enc) and "/seg_" in key and not self.placed_one.is_set():
+            self.placed_one.set()
+            self.go.wait(HOLD_S)
+
+    def copy_from(self, source: Any, source_key: str, key: str, **headers: Any) -> bool:
+        copied: bool = self._store.copy_from(source, source_key, key, **headers)
+        if copied:
+            self._placed(key)
+        return copied
+
+    def put_file(self, key: str, path: Path, **headers: Any) -> None:
+        self._store.put_file(key, path, **headers)
+        self._placed(key)
+
+
+class TestTwoDeliveriesOfAnAudioGroup:
+    @pytest.mark.parametrize("container", AUDIO_CONTAINERS)
+    @pytest.mark.parametrize("store", ["local", "remote"])
+    def test_the_published_group_is_one_delivery_s_cut_whole(
+        self, services: Services, two_audio_clip: Path, retuned_two_audio_clip: Path,
+        tmp_path: Path, container: str, store: str,
+    ) -> None:
+        """Given two deliveries of one audio group at once (a redelivery while the first
+        still runs) whose cuts differ (the second reads other bytes, as a host with another
+        ffmpeg build may cut), when the first has placed one media segment where the
+        playlist and upload read, the second runs to its end, and then the first finishes,
+        then neither fails, and every rendition the record names decrypts, segment by
+        segment at the sizes it says, to one delivery's cut, whole (not one segment of the
+        other's): what a player is served is one stream."""
+        spec = audio_group_job(services, two_audio_clip, container)
+        other = replace(spec, source=str(retuned_two_audio_clip))
+        job = services.jobs.get(spec.job_id)
+        work = services.work if store == "local" else RemoteStandIn(services.work)
+        held = HoldsAfterOnePlacedSegment(work, spec.job_id)
+        failures: list[BaseException] = []
+
+        def first() -> None:
+            try:
+                packaging.audio_group(replace(services, work=held), spec, job)
+            except BaseException as error:
+                failures.append(error)
+
+        delivery = threading.Thread(target=first)
+        delivery.start()
+        try:
+            assert held.placed_one.wait(HOLD_S)
+            packaging.audio_group(replace(services, work=work), other, job)
+        finally:
+            held.go.set()
+            delivery.join(HOLD_S)
+        assert not delivery.is_alive() and failures == []
+
+        _, decrypted = TestAudioGroup()._published(services, spec)
+        cuts = [plain_cut(services, cut, tmp_path / name)
+                for name, cut in (("first", spec), ("second", other))]
+        assert cuts[0] != cuts[1]  # the harness: the two deliveries' bytes differ
+        assert decrypted in cuts
+
+
 class TestOverlappingSegmentAttempts:
     def test_encrypt_reads_the_finished_attempt_while_another_writes(
         self, services: Services, probed: tuple[JobSpec, str], monkeypatch: pytest.MonkeyPatch
