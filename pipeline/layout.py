@@ -7,9 +7,8 @@ Stores (keys are ``/``-separated, relative)::
 
     work    jobs/<job>/audio/<attempt>/c003-128k.aac             a chunk's share of the job's audio
             jobs/<job>/plain/c003/<attempt>/<rendition>/seg_00030.ts  a chunk attempt's output
-            jobs/<job>/audio/<attempt>/audio0-en/seg_00003.m4s   an audio rendition (separate audio)
-                                                                 (encrypted in place; local only)
-            jobs/<job>/audio/renditions.json                     names it, with its ciphertext sizes
+            jobs/<job>/audio/<attempt>/audio0-en/seg_00003.m4s   an audio rendition (separate
+                                                                 audio), encrypted (init clear)
             jobs/<job>/enc/<rendition>/seg_00030.ts              encrypted, awaiting upload
             jobs/<job>/enc/<rendition>/init.mp4                  fMP4's init segment (clear)
             jobs/<job>/subtitles/subs0-en.json                   a text track's cues, checked
@@ -36,6 +35,8 @@ A job's outputs (small JSON a stage leaves for the next, kept beside the job rec
 
     produced.c003    names the chunk attempt that won (its switch), with its segments
     sizes.c003       a chunk's ciphertext sizes, per rendition in segment order
+    audio.c003       names the audio attempt whose pieces the chunk muxes (the first released)
+    audio.group      names the audio group's attempt that won (the first), with its sizes
 
 Key server URLs (under ``HLSVAULT_PUBLIC_URL``)::
 
@@ -272,9 +273,11 @@ def uploaded_sidecar_key(job_id: str, position: int, suffix: str) -> str:
     return f"sources/{job_id}/subtitles/{position}{suffix}"
 
 
-def audio_renditions_key(job_id: str) -> str:
-    """Names the audio stage's attempt of separate audio renditions, with ciphertext sizes."""
-    return f"jobs/{job_id}/audio/renditions.json"
+def audio_group_output() -> str:
+    """The job output naming the audio stage's attempt of separate audio renditions that won,
+    with their segments and ciphertext sizes (claimed by the first delivery to finish its cut:
+    only that attempt's files are placed)."""
+    return "audio.group"
 
 
 def plain_segment_key(attempt_prefix: str, segment: str) -> str:
@@ -329,7 +332,8 @@ def trick_play_attempt_prefix(job_id: str, attempt: str) -> str:
 
 def audio_output(chunk: str) -> str:
     """The job output naming the audio attempt whose pieces ``chunk`` muxes, with where each
-    piece's first frame starts (written once the chunk's audio is released)."""
+    piece's first frame starts (claimed once the chunk's audio is released: the first
+    delivery to release it wins)."""
     return f"audio.{chunk}"
 
 

@@ -11,7 +11,10 @@ atomic write, so a redelivered chunk that overlaps a still-running encrypt of th
 can never hand it a half-written segment: encrypt reads only the attempt that output names,
 and that attempt is complete. A chunk's segments carry
 their media sequence numbers in their names, so a redelivered chunk rewrites exactly its own.
-The audio stage's pieces are switched per chunk, by the chunk's ``audio`` output.
+The audio stage's pieces are switched per chunk, by the chunk's ``audio`` output, and its
+audio group by the job's ``audio.group`` output; of deliveries running at once, the first to
+name its attempt there wins (:meth:`~pipeline.jobs.JobStore.claim_output`) and the others
+discard theirs, so what a later stage may have read is never switched.
 
 The segment stage seals its segments while ffmpeg writes them (:mod:`pipeline.sealing`), a
 remux's and a transcode's, whatever the container and wherever the audio: its ``produced``
@@ -21,7 +24,6 @@ output then says so, and encrypt only links them into place.
 from __future__ import annotations
 
 import contextvars
-import json
 import os
 import tempfile
 import threading
@@ -33,6 +35,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from . import aes, headstart, layout
 from .audio import (
@@ -84,14 +88,15 @@ from .subtitles import (
 )
 from .workuploads import AttemptUploads
 
+log = structlog.get_logger(__name__)
+
 #: Threads that encrypt a chunk's segments, each several at once (pipeline.crypto.encrypt_files).
 #: The cipher releases the GIL, so each thread keeps a core busy; capped because chunks are
 #: encrypted side by side too.
 ENCRYPT_THREADS = min(os.cpu_count() or 1, 4)
 
-#: Sealed segments placed at once on a remote work store: server-side copies, round trips to S3
-#: and not work for this host, or the audio group's puts from scratch (small files, each
-#: mostly a round trip too).
+#: Sealed segments (a chunk's, or the audio group's) placed at once on a remote work store:
+#: server-side copies, round trips to S3 and not work for this host.
 PLACE_CONCURRENCY = 16
 #: The key of a ``produced`` output that marks a chunk sealed (and holds its ciphertext sizes).
 SEALED = "sealed"
@@ -304,10 +309,18 @@ def encode_audio(
                 for piece in pieces:
                     svc.work.put_file(layout.plain_segment_key(prefix, piece.name),
                                       out_dir / piece.name)
-            written += len(pieces)
-            # The switch, as for segments: the chunk reads this attempt's pieces only.
+            # The switch, as for segments: the chunk reads this attempt's pieces only, unless
+            # a delivery running at once released it first (its segment stage may be reading
+            # those): then this attempt's pieces of it are discarded.
             record = ReleasedAudio(attempt, cutter.sample_rate, tuple(pieces))
-            svc.jobs.set_output(spec.job_id, layout.audio_output(chunk.name), record.to_dict())
+            won = svc.jobs.claim_output(spec.job_id, layout.audio_output(chunk.name),
+                                        record.to_dict())
+            if won["attempt"] != attempt:
+                for piece in pieces:
+                    svc.work.delete_prefix(layout.plain_segment_key(prefix, piece.name))
+                on_release(chunk.name, True)
+                return
+            written += len(pieces)
             on_release(chunk.name, False)
 
         try:
@@ -326,16 +339,39 @@ def audio_group(
     svc: Services, spec: JobSpec, job: JobRecord, on_progress: Progress = no_progress
 ) -> int:
     """Cut every separate audio rendition whole (one ffmpeg reading the source once), encrypt
-    its media segments, place them where encrypt puts its output, and name the attempt with
-    its sizes in ``audio/renditions.json``; returns the segments written. Audio is a small
-    share of a job's bytes and time, so it is neither chunked nor encrypted by a stage of its
-    own.
+    its media segments, and place them where encrypt puts its output; returns the segments
+    placed. Audio is a small share of a job's bytes and time, so it is neither chunked nor
+    encrypted by a stage of its own.
 
-    The attempt (a new one each delivery) is this delivery's own and no record names it
-    until the last write, so its segments are encrypted in place once ffmpeg has exited, as
-    sealing does (:mod:`pipeline.sealing`), with the same keys and IVs: the bytes are those
-    the encrypt stage would write. On a remote work store the attempt is cut into scratch and
-    only ciphertext (and fMP4's clear init segments) is put, never a plain segment."""
+    Each delivery cuts into an attempt of its own (:func:`_cut_audio_group`) and names it in
+    the job's ``audio.group`` output, which the first to finish claims: only the attempt
+    that output names is ever placed, by every delivery (a hard link or a copy of the same
+    files: the placing is idempotent), so two deliveries running at once never place two
+    cuts, and a redelivery after one that claimed and died places that one's. A delivery
+    that finds the output at its start cuts nothing."""
+    name = layout.audio_group_output()
+    won = svc.jobs.outputs(spec.job_id, [name]).get(name)
+    if won is None:
+        won = _cut_audio_group(svc, spec, job, lambda fraction: on_progress(fraction * 0.9))
+    _check_not_ended(svc, spec)
+    produced = {n: SegmentedRendition.from_dict(item) for n, item in won["produced"].items()}
+    files = [(n, file_name) for n, rendition in produced.items()
+             for file_name in _files_of(rendition)]
+    _place_encrypted(svc, spec, layout.audio_attempt_prefix(spec.job_id, won["attempt"]), files,
+                     rate_limited(lambda fraction: on_progress(0.9 + fraction * 0.1)))
+    return sum(len(rendition.segments) for rendition in produced.values())
+
+
+def _cut_audio_group(
+    svc: Services, spec: JobSpec, job: JobRecord, on_progress: Progress
+) -> dict[str, Any]:
+    """One delivery's cut of the audio group, in an attempt of its own: its media segments
+    encrypted in place once ffmpeg has exited, as sealing does (:mod:`pipeline.sealing`),
+    with the same keys and IVs, so the bytes are those the encrypt stage would write. On a
+    remote work store the attempt is cut into scratch and only its ciphertext (and fMP4's
+    clear init segments) is put, never a plain segment. Then the attempt claims the job's
+    ``audio.group`` output; returns the output that stands, this attempt's or the one that
+    claimed it first (this attempt is then discarded)."""
     info = _media(job)
     planned = job_audio_renditions(job)
     target, _ = ffmpeg_target(spec.source)
@@ -347,12 +383,9 @@ def audio_group(
         produced = segment_audio_renditions(
             target, planned, out_dir, info=info, segment_seconds=spec.segment_seconds,
             container=spec.container, timeout=audio_timeout(info.duration),
-            on_progress=lambda fraction: on_progress(fraction * 0.8),
+            on_progress=lambda fraction: on_progress(fraction * 0.9),
         )
-        if svc.jobs.get(spec.job_id).done:
-            # Cancelled (or failed elsewhere) while ffmpeg cut: its work files are gone, and
-            # nothing is placed again; failing here has the flow discard this attempt too.
-            raise PermanentError("the job ended while its audio was being cut")
+        _check_not_ended(svc, spec)
         work = [(name, seg) for name, rendition in produced.items() for seg in rendition.segments]
         lengths = encrypt_files_in_place(
             [SegmentFile(out_dir / name / seg.name, out_dir / name / seg.name,
@@ -360,17 +393,32 @@ def audio_group(
              for name, seg in work],
             threads=ENCRYPT_THREADS,
         )
-        on_progress(0.9)
-        files = [(name, file_name) for name, rendition in produced.items()
-                 for file_name in _files_of(rendition)]
-        _place_encrypted(svc, spec, prefix, files,
-                         rate_limited(lambda fraction: on_progress(0.9 + fraction * 0.1)),
-                         scratch=None if is_local else out_dir)
-    sizes = _sizes_by_rendition(produced, work, lengths)
+        if not is_local:
+            # Stored before it is named: a delivery told of this attempt places it from there.
+            def work_key(rendition: str, file_name: str) -> str:
+                return layout.plain_segment_key(f"{prefix}/{rendition}", file_name)
+
+            with AttemptUploads(svc.work, work_key) as uploads:
+                uploads.finish((name, out_dir / name / file_name)
+                               for name, rendition in produced.items()
+                               for file_name in _files_of(rendition))
+    on_progress(1.0)
     record = {"attempt": attempt, "produced": {n: r.to_dict() for n, r in produced.items()},
-              "sizes": sizes}
-    svc.work.put_bytes(layout.audio_renditions_key(spec.job_id), json.dumps(record).encode())
-    return len(work)
+              "sizes": _sizes_by_rendition(produced, work, lengths)}
+    won: dict[str, Any] = svc.jobs.claim_output(spec.job_id, layout.audio_group_output(), record)
+    if won["attempt"] != attempt:
+        log.info("another delivery of the audio group named its cut first; this one's is "
+                 "discarded", attempt=attempt, won=won["attempt"])
+        svc.work.delete_prefix(prefix)
+    return won
+
+
+def _check_not_ended(svc: Services, spec: JobSpec) -> None:
+    """Refuse to store or place the audio group of a job cancelled (or failed elsewhere)
+    while ffmpeg cut: its work files are gone and nothing is put again (failing here has the
+    flow discard this attempt too)."""
+    if svc.jobs.get(spec.job_id).done:
+        raise PermanentError("the job ended while its audio was being cut")
 
 
 def _files_of(rendition: SegmentedRendition) -> list[str]:
@@ -712,20 +760,15 @@ def _place_sealed(
 
 def _place_encrypted(
     svc: Services, spec: JobSpec, attempt_prefix: str, files: Sequence[tuple[str, str]],
-    report: Progress, *, scratch: Path | None = None,
+    report: Progress,
 ) -> None:
     """Put each ``(rendition, file name)`` of an attempt whose media segments already hold
     their ciphertext (init segments clear) where encrypt puts its output: by a hard link on a
-    local work store, a server-side copy on S3 (else a fetch and a put). ``scratch``: the
-    attempt was cut there and never stored (no plain segment goes to a remote work store),
-    so each file is put from it."""
+    local work store, a server-side copy on S3 (else a fetch and a put)."""
 
     def place(item: tuple[str, str]) -> None:
         name, file_name = item
         target = layout.encrypted_key(spec.job_id, name, file_name)
-        if scratch is not None:
-            svc.work.put_file(target, scratch / name / file_name)
-            return
         source = layout.plain_segment_key(f"{attempt_prefix}/{name}", file_name)
         if svc.work.copy_from(svc.work, source, target):
             return
@@ -734,7 +777,7 @@ def _place_encrypted(
             svc.work.get_file(source, local)
             svc.work.put_file(target, local)
 
-    if scratch is None and svc.work.is_local:
+    if svc.work.is_local:
         for done, item in enumerate(files, start=1):  # links: no round trips to overlap
             place(item)
             report(done / len(files))
@@ -789,7 +832,11 @@ def joined_renditions(
         )
     if job_audio_renditions(job) and len(chunks) > 1:
         # Cut whole by the audio stage (a job of one chunk cut them with its video).
-        record = json.loads(svc.work.get_bytes(layout.audio_renditions_key(spec.job_id)))
+        group = layout.audio_group_output()
+        if group not in outputs:
+            raise InvalidSource("the job's audio group has not been cut; it must be before the "
+                                "playlist is made")
+        record = outputs[group]
         for name, item in record["produced"].items():
             result.append((SegmentedRendition.from_dict(item), record["sizes"][name]))
     return result

@@ -12,6 +12,7 @@ the rest of a chunk that can no longer be named.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -87,7 +88,10 @@ class AttemptUploads:
             if self._failure is not None or (rendition, path.name) in self._puts:
                 return
             key = self._key_of(rendition, path.name)
-            put = self._pool.submit(self._store.put_file, key, path)
+            # In the caller's structlog context (job_id and the rest): a pool thread has
+            # none of its own.
+            put = self._pool.submit(contextvars.copy_context().run, self._store.put_file,
+                                    key, path)
             self._puts[(rendition, path.name)] = put
         # Outside the lock: a put already settled calls back at once, in this thread.
         put.add_done_callback(self._settled)

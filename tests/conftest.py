@@ -39,14 +39,13 @@ def hd_clip() -> Path:
     return lavfi_clip("hd.mp4", seconds=4, size="1280x720")
 
 
-@pytest.fixture(scope="session")
-def two_audio_clip() -> Path:
-    """6 s of 640x360 H.264 with two AAC tracks: English (440 Hz, default) and German (660 Hz,
-    titled "Deutsch"), remuxable as it is."""
+def two_audio(english_hz: int, german_hz: int) -> Path:
+    """6 s of 640x360 H.264 with two AAC tracks: English (``english_hz``, default) and German
+    (``german_hz``, titled "Deutsch"), remuxable as it is."""
     return generate_media("two-audio.mp4", [
         "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30",
-        "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
-        "-f", "lavfi", "-i", "sine=frequency=660:sample_rate=48000",
+        "-f", "lavfi", "-i", f"sine=frequency={english_hz}:sample_rate=48000",
+        "-f", "lavfi", "-i", f"sine=frequency={german_hz}:sample_rate=48000",
         "-t", "6", "-map", "0:v", "-map", "1:a", "-map", "2:a",
         "-c:v", "libx264", "-preset", "veryfast", "-g", "30", "-pix_fmt", "yuv420p",
         "-c:a", "aac", "-b:a", "96k",
@@ -54,6 +53,19 @@ def two_audio_clip() -> Path:
         "-metadata:s:a:1", "title=Deutsch", "-disposition:a:0", "default",
         "-disposition:a:1", "0",
     ])
+
+
+@pytest.fixture(scope="session")
+def two_audio_clip() -> Path:
+    """:func:`two_audio` with tones of 440 Hz (English) and 660 Hz (German)."""
+    return two_audio(440, 660)
+
+
+@pytest.fixture(scope="session")
+def retuned_two_audio_clip() -> Path:
+    """:func:`two_audio_clip`'s shape (length, tracks, codecs) with other tones (550 Hz and
+    770 Hz): a source that cuts to other bytes."""
+    return two_audio(550, 770)
 
 
 @pytest.fixture(scope="session")

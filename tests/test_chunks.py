@@ -633,6 +633,68 @@ class TestAudioReleasedChunkByChunk:
         assert third == [(c.name, True) for c in plan.chunks]
 
     @pytest.mark.slow
+    def test_two_deliveries_at_once_release_each_chunk_once_and_never_switch_it(
+        self, minute_chunks: Services, long_audio_clip: Path
+    ) -> None:
+        """Given two deliveries of the audio stage running at once (a redelivery while the
+        first still runs), both started before either could release a chunk (their source is
+        held until both encoders run), when both finish, then each chunk was released by one
+        of them (the other reports it released before), its output is the one its segment
+        message went out with (never switched to the other's attempt afterwards), and the
+        work store keeps the winner's pieces of it only."""
+        svc = minute_chunks
+        clip = generate_media("long-audio-faststart.mp4", [
+            "-i", str(long_audio_clip), "-c", "copy", "-movflags", "+faststart"])
+        source = GatedSource(clip, hold_from=clip.stat().st_size // 8)  # before c000 ends
+        source.start()
+        spec = new_job_spec(source.url, asset="twice")
+        svc.jobs.create(spec)
+        plan = packaging.probe_source(svc, spec)
+        reports: list[tuple[str, bool, object]] = []
+        lock = threading.Lock()
+        failures: list[BaseException] = []
+
+        def on_release(chunk: str, again: bool) -> None:
+            name = layout.audio_output(chunk)
+            sent_with = svc.jobs.outputs(spec.job_id, [name])[name]
+            with lock:
+                reports.append((chunk, again, sent_with))
+
+        def delivery() -> None:
+            try:
+                packaging.encode_audio(svc, spec, on_release=on_release)
+            except BaseException as error:
+                failures.append(error)
+
+        deliveries = [threading.Thread(target=delivery) for _ in range(2)]
+        try:
+            with source.holding():
+                for thread in deliveries:
+                    thread.start()
+                deadline = time.monotonic() + 60
+                while len(ffmpeg_children()) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert len(ffmpeg_children()) == 2 and not reports
+            for thread in deliveries:
+                thread.join(SLOW_RELEASE_BOUND_S)
+        finally:
+            source.stop()
+        assert failures == [] and not any(thread.is_alive() for thread in deliveries)
+
+        for chunk in plan.chunks:
+            mine = [(again, sent) for name, again, sent in reports if name == chunk.name]
+            assert sorted(again for again, _ in mine) == [False, True], chunk.name
+            [first_sent] = [sent for again, sent in mine if not again]
+            name = layout.audio_output(chunk.name)
+            final = svc.jobs.outputs(spec.job_id, [name])[name]
+            assert final == first_sent, f"{chunk.name}'s audio was switched after its release"
+            winner = layout.audio_attempt_prefix(spec.job_id, final["attempt"])
+            kept = [key for key in svc.work.list(layout.audio_attempt_prefix(spec.job_id, ""))
+                    if key.rsplit("/", 1)[-1].startswith(f"{chunk.name}-")]
+            assert sorted(kept) == sorted(f"{winner}/{piece['name']}"
+                                          for piece in final["pieces"])
+
+    @pytest.mark.slow
     def test_the_audio_stops_when_the_job_has_ended(
         self, minute_chunks: Services, long_audio_clip: Path
     ) -> None:

@@ -3,8 +3,11 @@ on both backends."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -276,6 +279,32 @@ class TestOutputs:
         jobs.drop_outputs(spec.job_id)
         assert jobs.outputs(spec.job_id) == {}
         assert jobs.get(spec.job_id).spec == spec
+
+    def test_of_deliveries_claiming_an_output_at_once_the_first_wins_and_all_are_told(
+        self, jobs: JobStore
+    ) -> None:
+        """Eight deliveries claim one output at once, each naming its own attempt: every one
+        is told the same attempt, one of theirs, which is the output kept; a later claim is
+        told it too and changes nothing (an output a later stage may have read never
+        switches), and other outputs are left alone."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec)
+        jobs.set_output(spec.job_id, "sizes.c000", {"360p": [1024]})
+        start = threading.Barrier(8)
+
+        def claim(attempt: int) -> Any:
+            start.wait(timeout=30)
+            return jobs.claim_output(spec.job_id, "audio.group", {"attempt": f"a{attempt}"})
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            told = list(pool.map(claim, range(8)))
+
+        [won] = {item["attempt"] for item in told}
+        assert won in {f"a{attempt}" for attempt in range(8)}
+        assert jobs.claim_output(spec.job_id, "audio.group", {"attempt": "late"}) == \
+            {"attempt": won}
+        assert jobs.outputs(spec.job_id) == {"audio.group": {"attempt": won},
+                                             "sizes.c000": {"360p": [1024]}}
 
 
 class TestStatusIndex:

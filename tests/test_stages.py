@@ -4,7 +4,6 @@ a job that runs out of retries leaves no scratch behind."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import deque
@@ -251,18 +250,19 @@ class TestAudioGroup:
         """The record the stage wrote, and each rendition as a player reads it: the init
         segment as it is, then each media segment decrypted with its key and its sequence
         number's IV (checked against the reference encryption of that plaintext)."""
-        record = json.loads(services.work.get_bytes(layout.audio_renditions_key(spec.job_id)))
+        name = layout.audio_group_output()
+        record: dict[str, Any] = services.jobs.outputs(spec.job_id, [name])[name]
         decrypted: dict[str, list[bytes]] = {}
-        for name, item in record["produced"].items():
-            parts = decrypted.setdefault(name, [])
+        for rendition, item in record["produced"].items():
+            parts = decrypted.setdefault(rendition, [])
             if item["init"] is not None:
                 parts.append(services.work.get_bytes(
-                    layout.encrypted_key(spec.job_id, name, item["init"])))
-            for seg, size in zip(item["segments"], record["sizes"][name], strict=True):
+                    layout.encrypted_key(spec.job_id, rendition, item["init"])))
+            for seg, size in zip(item["segments"], record["sizes"][rendition], strict=True):
                 key = services.keys.get(spec.asset, spec.version,
                                         key_index(seg["sequence"], spec.key_rotation_segments))
                 iv = iv_for_sequence(seg["sequence"])
-                data = services.work.get_bytes(layout.encrypted_key(spec.job_id, name,
+                data = services.work.get_bytes(layout.encrypted_key(spec.job_id, rendition,
                                                                     seg["name"]))
                 plain = decrypt_bytes(data, key, iv)
                 assert data == encrypt_bytes(plain, key, iv)
@@ -324,11 +324,12 @@ class TestAudioGroup:
     def test_a_remote_work_store_is_never_given_a_plain_audio_segment(
         self, services: Services, two_audio_clip: Path, tmp_path: Path, container: str
     ) -> None:
-        """Given a remote work store, when the audio group is cut, then no key of its attempt
-        was ever written to the store (nothing but ciphertext, clear init segments and the
-        record), the attempt holds nothing there, and each published segment is the
-        reference encryption, under its key and IV (three keys or more), of the same bytes as a
-        plain cut: the record's sizes are the ciphertext's and the plaintext's."""
+        """Given a remote work store, when the audio group is cut, then the store was given
+        nothing but its attempt's files and those files placed where encrypt's output goes,
+        each file of the attempt the very bytes placed (ciphertext, clear init segments), and
+        each published segment is the reference encryption, under its key and IV (three keys
+        or more), of the same bytes as a plain cut: the record's sizes are the ciphertext's
+        and the plaintext's."""
         spec = audio_group_job(services, two_audio_clip, container)
         remote = RecordsWrites(services.work)
         job = services.jobs.get(spec.job_id)
@@ -337,12 +338,13 @@ class TestAudioGroup:
             written = packaging.audio_group(replace(services, work=remote), spec, job)
 
         record, decrypted = self._published(services, spec)
-        attempt = layout.audio_attempt_prefix(spec.job_id, record["attempt"])
-        assert not [key for key in remote.written if key.startswith(f"{attempt}/")]
-        assert services.work.list(f"{attempt}/") == []
+        attempt = layout.audio_attempt_prefix(spec.job_id, record["attempt"]) + "/"
         enc = layout.encrypted_prefix(spec.job_id, "")
-        assert {key for key in remote.written if not key.startswith(enc)} == \
-            {layout.audio_renditions_key(spec.job_id)}
+        stored = {key.removeprefix(attempt) for key in remote.written if key.startswith(attempt)}
+        placed = {key.removeprefix(enc) for key in remote.written if key.startswith(enc)}
+        assert stored == placed and len(set(remote.written)) == 2 * len(stored)
+        for key in stored:
+            assert services.work.get_bytes(attempt + key) == services.work.get_bytes(enc + key)
         assert decrypted == plain_cut(services, spec, tmp_path / "plain")
         sequences = [seg["sequence"] for item in record["produced"].values()
                      for seg in item["segments"]]
@@ -354,23 +356,30 @@ class TestAudioGroup:
     @pytest.mark.parametrize("store", ["local", "remote"])
     def test_a_redelivered_audio_group_publishes_a_group_that_decodes(
         self, services: Services, two_audio_clip: Path, tmp_path: Path, container: str,
-        store: str,
+        store: str, monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        """Given an audio group cut once, when its stage is delivered again, then the record
-        names the second attempt, and each rendition decrypted is the plain cut, byte for
-        byte, which decodes to every audio frame of the source track (so nothing was encrypted
-        twice, and the first attempt's files did not leak into the second's)."""
+        """Given an audio group cut and named once, whose delivery then died before its
+        segments were all placed (here: none is), when its stage is delivered again, then it
+        cuts nothing (no ffmpeg runs), the record still names the first attempt, and each
+        rendition decrypted is the plain cut, byte for byte, which decodes to every audio
+        frame of the source track (so nothing was encrypted twice)."""
         spec = audio_group_job(services, two_audio_clip, container)
         stage = services if store == "local" else replace(services, work=RemoteStandIn(
             services.work))
         job = services.jobs.get(spec.job_id)
         packaging.audio_group(stage, spec, job)
         first, _ = self._published(services, spec)
+        services.work.delete_prefix(layout.encrypted_prefix(spec.job_id, ""))
 
+        def cut_again(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("a redelivery after the group was named cut it again")
+
+        monkeypatch.setattr(packaging, "segment_audio_renditions", cut_again)
         packaging.audio_group(stage, spec, job)
+        monkeypatch.undo()
 
         record, decrypted = self._published(services, spec)
-        assert record["attempt"] != first["attempt"]
+        assert record == first
         assert decrypted == plain_cut(services, spec, tmp_path / "plain")
         for position, name in enumerate(["audio0-en", "audio1-de"]):
             joined = tmp_path / f"{name}.{'mp4' if container == 'fmp4' else 'ts'}"
@@ -380,6 +389,90 @@ class TestAudioGroup:
             # rendition has none, so its decoder hands that frame out first.
             assert decoded[1:] == frame_hashes(
                 framemd5(str(two_audio_clip), stream=f"0:a:{position}"))
+
+
+#: How long a held placement waits for the test to let it go: a stage that never lets it
+#: through then goes on, and its test fails on what it asserts instead of hanging.
+HOLD_S = 120.0
+
+
+class HoldsAfterOnePlacedSegment:
+    """A work store (``store``, wrapped) whose first media segment written where encrypt puts
+    its output (``enc/``) is written, then held until :attr:`go` is set (or HOLD_S): a
+    delivery of a stage paused half-way through placing its segments, at an event the test
+    waits for (:attr:`placed_one`) instead of a race against the clock."""
+
+    def __init__(self, store: Any, job_id: str) -> None:
+        self._store = store
+        self._enc = layout.encrypted_prefix(job_id, "")
+        self.placed_one = threading.Event()
+        self.go = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def _placed(self, key: str) -> None:
+        if key.startswith(self._enc) and "/seg_" in key and not self.placed_one.is_set():
+            self.placed_one.set()
+            self.go.wait(HOLD_S)
+
+    def copy_from(self, source: Any, source_key: str, key: str, **headers: Any) -> bool:
+        copied: bool = self._store.copy_from(source, source_key, key, **headers)
+        if copied:
+            self._placed(key)
+        return copied
+
+    def put_file(self, key: str, path: Path, **headers: Any) -> None:
+        self._store.put_file(key, path, **headers)
+        self._placed(key)
+
+
+class TestTwoDeliveriesOfAnAudioGroup:
+    @pytest.mark.parametrize("container", AUDIO_CONTAINERS)
+    @pytest.mark.parametrize("store", ["local", "remote"])
+    def test_the_published_group_is_one_delivery_s_cut_whole(
+        self, services: Services, two_audio_clip: Path, retuned_two_audio_clip: Path,
+        tmp_path: Path, container: str, store: str,
+    ) -> None:
+        """Given two deliveries of one audio group at once (a redelivery while the first
+        still runs) whose cuts differ (the second reads other bytes, as a host with another
+        ffmpeg build may cut), when the first has placed one media segment where the
+        playlist and upload read, the second runs to its end, and then the first finishes,
+        then neither fails, and every rendition the record names decrypts, segment by
+        segment at the sizes it says, to one delivery's cut, whole (not one segment of the
+        other's): what a player is served is one stream."""
+        spec = audio_group_job(services, two_audio_clip, container)
+        other = replace(spec, source=str(retuned_two_audio_clip))
+        job = services.jobs.get(spec.job_id)
+        work = services.work if store == "local" else RemoteStandIn(services.work)
+        held = HoldsAfterOnePlacedSegment(work, spec.job_id)
+        failures: list[BaseException] = []
+
+        def first() -> None:
+            try:
+                packaging.audio_group(replace(services, work=held), spec, job)
+            except BaseException as error:
+                failures.append(error)
+
+        delivery = threading.Thread(target=first)
+        delivery.start()
+        try:
+            assert held.placed_one.wait(HOLD_S)
+            packaging.audio_group(replace(services, work=work), other, job)
+        finally:
+            held.go.set()
+            delivery.join(HOLD_S)
+        assert not delivery.is_alive() and failures == []
+
+        record, decrypted = TestAudioGroup()._published(services, spec)
+        cuts = [plain_cut(services, cut, tmp_path / name)
+                for name, cut in (("first", spec), ("second", other))]
+        assert cuts[0] != cuts[1]  # the harness: the two deliveries' bytes differ
+        assert decrypted in cuts
+        # The losing delivery's attempt is discarded: the work store keeps the winner's only.
+        winner = layout.audio_attempt_prefix(spec.job_id, record["attempt"]) + "/"
+        kept = services.work.list(layout.audio_attempt_prefix(spec.job_id, ""))
+        assert kept and all(key.startswith(winner) for key in kept)
 
 
 class TestOverlappingSegmentAttempts:

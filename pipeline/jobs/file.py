@@ -255,6 +255,12 @@ class FileRecordBackend:
         with self._locked(job_id, path) as outputs:
             outputs.update(fields)
 
+    def claim_output(self, job_id: str, name: str, value: str) -> str:
+        path = self._outputs_path(job_id)
+        path.parent.mkdir(exist_ok=True)
+        with self._locked(job_id, path) as outputs:
+            return outputs.setdefault(name, value)
+
     def read_outputs(self, job_id: str, names: Sequence[str] | None) -> dict[str, str]:
         try:
             found: dict[str, str] = json.loads(self._outputs_path(job_id).read_text())

@@ -100,6 +100,15 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 """
 
 
+# Write one output unless the job has it, keep the outputs as long as a record, and return
+# the output that stands: one round trip. KEYS: the outputs hash; ARGV: the TTL, field, value.
+_CLAIM_OUTPUT = """
+redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return redis.call('HGET', KEYS[1], ARGV[2])
+"""
+
+
 def _mapping(fields: dict[str, str]) -> dict[Any, Any]:
     # redis-py types hset's mapping over every encodable key type; a str dict is one of them.
     return dict(fields)
@@ -195,6 +204,7 @@ class RedisRecordBackend:
         self._start_stage = client.register_script(_START_STAGE)
         self._place_existing = client.register_script(_PLACE_EXISTING)
         self._write_outputs = client.register_script(_WRITE_OUTPUTS)
+        self._claim_output = client.register_script(_CLAIM_OUTPUT)
         self._indexed = False
 
     @classmethod
@@ -265,6 +275,9 @@ class RedisRecordBackend:
     def write_outputs(self, job_id: str, fields: dict[str, str]) -> None:
         args: list[str | int] = [RECORD_TTL_S, *(item for pair in fields.items() for item in pair)]
         self._write_outputs(keys=[_OUTPUTS + job_id], args=args)
+
+    def claim_output(self, job_id: str, name: str, value: str) -> str:
+        return str(self._claim_output(keys=[_OUTPUTS + job_id], args=[RECORD_TTL_S, name, value]))
 
     def read_outputs(self, job_id: str, names: Sequence[str] | None) -> dict[str, str]:
         if names is None:
