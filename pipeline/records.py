@@ -98,6 +98,28 @@ def each_known(cls: type[T], values: Any) -> tuple[T, ...]:
     return tuple(from_known(cls, value) for value in values)
 
 
+def texts(cls: type, data: Mapping[str, Any], name: str, *, pairs: bool = False) -> tuple[Any, ...]:
+    """``data[name]``, which a ``cls`` record holds as a list of text (of pairs of text, when
+    ``pairs``), as a tuple (of pairs); empty when absent or null. A nested list is a type
+    :func:`from_known` does not check: its caller reads it through this, and passes it as
+    given."""
+    value = data.get(name)
+    if value is None:
+        return ()
+    readable = _text_pair if pairs else _text
+    if not isinstance(value, list | tuple) or not all(map(readable, value)):
+        raise unreadable(cls, f"{name!r} is not a list of {'pairs of ' if pairs else ''}text")
+    return tuple(tuple(item) for item in value) if pairs else tuple(value)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _text_pair(value: Any) -> bool:
+    return isinstance(value, list | tuple) and len(value) == 2 and all(map(_text, value))
+
+
 def from_known(cls: type[T], data: Any, **given: Any) -> T:
     """The dataclass ``cls`` built from the items of ``data`` that name one of its fields (a
     newer version's additions left out), with ``given`` in place of theirs;

@@ -127,7 +127,8 @@ class TestASpecWithAnOptionThisWorkerDoesNotKnow:
         "[1, 2]",
         "{not json",
         json.dumps({"job_id": "j1", "source": "/videos/film.mp4", "version": "v1"}),
-    ], ids=["a-list", "not-json", "no-asset"])
+        newer_spec_text(subtitle_names=5),
+    ], ids=["a-list", "not-json", "no-asset", "subtitle-names-a-number"])
     def test_a_damaged_spec_fails_its_job_at_once_saying_to_resubmit(
         self, older: Runtime, spec_text: str
     ) -> None:
@@ -145,18 +146,53 @@ class TestASpecWithAnOptionThisWorkerDoesNotKnow:
         assert_work_discarded(older, spec.job_id)
 
 
+class TestFailingAJob:
+    def test_discards_its_work_whatever_reading_its_record_raises(
+        self, older: Runtime, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A record whose reading raises outside the error tree (a bug) still has its job
+        failed and its work files and outputs discarded; the bug is raised after that."""
+        spec = recorded_with_spec(older, json.dumps(new_job_spec("/v/film.mp4").to_dict()))
+
+        def broken(job_id: str) -> None:
+            raise RuntimeError("a bug in reading the record")
+
+        monkeypatch.setattr(older.services.jobs, "get", broken)
+        with pytest.raises(RuntimeError, match="a bug"):
+            flow.fail(older, spec.job_id, "probe", "probe failed after retries")
+
+        monkeypatch.undo()
+        assert older.services.jobs.get(spec.job_id).status == "failed"
+        assert_work_discarded(older, spec.job_id)
+
+
+#: Specs this version cannot run, what is shown of each (in the job's error and beside it),
+#: and the status of its refused retry in the ops app.
+UNRUNNABLE = {
+    "newer-option": (newer_spec_text(**{NEWER_OPTION: "acme"}), "upgrade the workers", 503),
+    "damaged": (newer_spec_text(subtitle_names=5), "resubmit the job", 422),
+}
+
+
 class TestSuchAJobIsShown:
+    @pytest.fixture(params=UNRUNNABLE, ids=str)
+    def unrunnable(self, request: pytest.FixtureRequest) -> tuple[str, str, int]:
+        spec_text, says, retry_status = UNRUNNABLE[request.param]
+        return spec_text, says, retry_status
+
     @pytest.fixture
-    def failed(self, older: Runtime) -> JobSpec:
-        spec = recorded_with_spec(older, newer_spec_text(**{NEWER_OPTION: "acme"}))
+    def failed(self, older: Runtime, unrunnable: tuple[str, str, int]) -> JobSpec:
+        spec = recorded_with_spec(older, unrunnable[0])
         deliver(older, spec.job_id)
         return spec
 
     def test_by_hlsvault_status(
-        self, failed: JobSpec, tmp_path: Path, redis_server: RedisServer
+        self, failed: JobSpec, unrunnable: tuple[str, str, int], tmp_path: Path,
+        redis_server: RedisServer,
     ) -> None:
-        """`hlsvault status` of such a job (this CLI cannot read its spec either) says the
-        job failed and why, in text and in JSON, exit 1 as for any failed job."""
+        """`hlsvault status` of such a job (a newer submitter's option, a damaged spec: this
+        CLI cannot read it either) says the job failed and why, in text and in JSON, exit 1
+        as for any failed job."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HLSVAULT_", "REDIS"))}
         env.update(fleet_env(tmp_path, redis_server), PYTHONPATH=str(ROOT))
 
@@ -166,17 +202,20 @@ class TestSuchAJobIsShown:
 
         assert [done.returncode for done in shown] == [1, 1], shown[0].stderr
         assert f"job {failed.job_id}  asset film  failed" in shown[0].stdout
-        assert "upgrade the workers" in shown[0].stdout
+        _, says, _ = unrunnable
+        assert says in shown[0].stdout
         job = json.loads(shown[1].stdout)
         assert (job["job_id"], job["asset"], job["status"]) == (failed.job_id, "film", "failed")
-        assert "upgrade the workers" in job["error"] and NEWER_OPTION in job["spec_error"]
+        assert says in job["error"] and says in job["spec_error"]
 
     def test_by_the_ops_app_whose_retry_refuses_it(
-        self, failed: JobSpec, tmp_path: Path, redis_server: RedisServer
+        self, failed: JobSpec, unrunnable: tuple[str, str, int], tmp_path: Path,
+        redis_server: RedisServer,
     ) -> None:
         """The ops app (as old as the worker) lists the job, shows its page with why its spec
-        cannot be read, and answers its API and metrics; its retry is refused saying to
-        upgrade (a retry without the option would package something else), not a 500."""
+        cannot be read, and answers its API and metrics; its retry is refused saying what to
+        do (a retry without the option would package something else; a damaged spec says to
+        resubmit), not a 500."""
         ops = local_ops_for(load_settings(fleet_env(tmp_path, redis_server)))
         job_id = failed.job_id
 
@@ -190,10 +229,11 @@ class TestSuchAJobIsShown:
         assert {path: page.status_code for path, page in pages.items()} == dict.fromkeys(
             pages, 200)
         assert job_id[:12] in pages["/?status=failed"].text
+        _, says, retry_status = unrunnable
         assert "id=spec-error" in pages[f"/jobs/{job_id}"].text
-        assert "upgrade the workers" in pages[f"/jobs/{job_id}"].text
+        assert says in pages[f"/jobs/{job_id}"].text
         assert pages[f"/api/jobs/{job_id}"].json()["status"] == "failed"
-        assert retried.status_code == 503 and "upgrade the workers" in retried.text
+        assert (retried.status_code, says in retried.text) == (retry_status, True), retried.text
         assert ops.submitted == []
 
 

@@ -154,6 +154,10 @@ def garblings(written: Any) -> list[tuple[str, Any]]:
             ("wrong-kind", {**data, name: "5" if isinstance(value, int | float) else 5})]
 
 
+#: A spec as this version writes it, to damage one field of.
+SPEC = {"job_id": "j1", "asset": "film", "source": "/videos/film.mp4", "version": "v1"}
+
+
 class TestADamagedRecord:
     @pytest.mark.parametrize("written, damage, data", [
         (written, damage, data) for written in WRITTEN for damage, data in garblings(written)
@@ -177,8 +181,20 @@ class TestADamagedRecord:
         {"job_id": "j1", "asset": 5, "source": "/videos/film.mp4", "version": "v1"},
         {"job_id": "j1", "asset": "film", "source": "/videos/film.mp4", "version": "v1",
          "subtitles": 5},
-    ], ids=["a-list", "text", "no-asset", "asset-a-number", "subtitles-a-number"])
+        {**SPEC, "subtitle_names": 5},
+        {**SPEC, "subtitles": [["en", "a.vtt"], ["fr", "b.vtt"]], "subtitle_names": "ab"},
+        {**SPEC, "subtitles": [["en", "a.vtt"]], "subtitle_names": [5]},
+        {**SPEC, "subtitles": {"en": "a.vtt"}},
+        {**SPEC, "subtitles": "en"},
+        {**SPEC, "subtitles": [["en", 5]]},
+        {**SPEC, "subtitles": [["en", "a.vtt", "b.vtt"]]},
+    ], ids=["a-list", "text", "no-asset", "asset-a-number", "subtitles-a-number",
+            "subtitle-names-a-number", "subtitle-names-text", "subtitle-name-a-number",
+            "subtitles-an-object", "subtitles-text", "subtitle-source-a-number",
+            "subtitles-a-triple"])
     def test_a_damaged_job_spec_is_refused_saying_to_resubmit(self, data: Any) -> None:
+        """Its sidecar subtitles included: a list of text, a list of pairs of text, never
+        a number's TypeError, an object's keys or a text's letters read as languages."""
         with pytest.raises(CorruptRecord, match="JobSpec") as refused:
             JobSpec.from_dict(data)
 

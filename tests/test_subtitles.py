@@ -14,7 +14,7 @@ import m3u8
 import pytest
 
 from pipeline import layout
-from pipeline.errors import BadSpec, InvalidSource, StageTimeout
+from pipeline.errors import BadSpec, CorruptRecord, InvalidSource, StageTimeout
 from pipeline.ingest import parse_job_request
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import MediaInfo, SubtitleStream, VideoStream, probe
@@ -230,9 +230,12 @@ class TestSpecChecks:
         document = json.loads(json.dumps(spec.to_dict()))
         assert JobSpec.from_dict(document).subtitle_names == ("talk.de.srt",)
         for bad in (["../talk.de.srt"], ["a\\b.srt"], ["talk\n.srt"], ["\u202etrs.vtt"],
-                    [".."], ["x" * 256], [7], ["a.srt", "b.srt"]):
+                    [".."], ["x" * 256], ["a.srt", "b.srt"]):
             with pytest.raises(BadSpec, match="subtitle file"):
                 JobSpec.from_dict({**document, "subtitle_names": bad})
+        # A name that is not text is no user's: a damaged spec (tests/test_records.py).
+        with pytest.raises(CorruptRecord, match="'subtitle_names' is not a list of text"):
+            JobSpec.from_dict({**document, "subtitle_names": [7]})
 
     def test_a_job_request_names_sidecars_in_s3(self) -> None:
         request = parse_job_request({"source": "s3://in/talk.mp4", "subtitles": [

@@ -307,7 +307,9 @@ def fail(
     except HlsvaultError as error:
         log.warning("the failed job's thumbnail sheets could not be deleted; a revocation "
                     "of the asset deletes them", reason=redact_text(str(error)))
-    discard_work(rt.services, job_id)
+    finally:
+        # Whatever reading the record raised (a bug included): the scratch goes all the same.
+        discard_work(rt.services, job_id)
 
 
 def progress(rt: Runtime, job_id: str, stage: str) -> Callable[[float], None]:

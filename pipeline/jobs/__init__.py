@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from .. import layout
 from ..errors import BadSpec, HlsvaultError, NewerJobOption, NotFound
 from ..plan import LADDERS, check_segment_seconds
-from ..records import an_object, from_known, unreadable
+from ..records import an_object, from_known, texts, unreadable
 
 STAGES = (
     "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "trickplay",
@@ -102,12 +102,8 @@ class JobSpec:
         unknown = sorted(set(an_object(cls, data)) - _SPEC_OPTIONS)
         if unknown:
             raise newer_options(unknown)
-        try:
-            sidecars = tuple((str(language), str(source))
-                             for language, source in data.get("subtitles") or ())
-        except (TypeError, ValueError):
-            raise unreadable(cls, "'subtitles' is not a list of pairs") from None
-        names = check_sidecar_names(data.get("subtitle_names") or (), sidecars)
+        sidecars = texts(cls, data, "subtitles", pairs=True)
+        names = check_sidecar_names(texts(cls, data, "subtitle_names"), sidecars)
         return from_known(cls, data, subtitles=sidecars, subtitle_names=names)
 
 
