@@ -237,6 +237,37 @@ class TestSuchAJobIsShown:
         assert ops.submitted == []
 
 
+class TestACredentialInASpecThisVersionCannotRun:
+    def test_is_shown_by_no_list_page_or_status(
+        self, older: Runtime, tmp_path: Path, redis_server: RedisServer
+    ) -> None:
+        """A source whose password reaches past what a list shows of such a spec (its '@'
+        beyond the cut) is redacted whole: no character of the password is in the ops app's
+        jobs list, the job's page, the JSON API or `hlsvault status`, text or JSON."""
+        password = "s3cr3tpw" * 36
+        source = f"https://user:{password}@videos.example/film.mp4"
+        spec = recorded_with_spec(older, newer_spec_text(source=source, **{NEWER_OPTION: 1}))
+        ops = local_ops_for(load_settings(fleet_env(tmp_path, redis_server)))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HLSVAULT_", "REDIS"))}
+        env.update(fleet_env(tmp_path, redis_server), PYTHONPATH=str(ROOT))
+
+        pages = {path: ops.client.get(path) for path in (
+            "/", f"/jobs/{spec.job_id}", "/api/jobs", f"/api/jobs/{spec.job_id}")}
+        shown = [subprocess.run([*HLSVAULT, "status", spec.job_id, *args], env=env,
+                                capture_output=True, text=True, timeout=60, check=False)
+                 for args in ((), ("--json",))]
+
+        texts = {**{path: page.text for path, page in pages.items()},
+                 **{f"status {i}": done.stdout + done.stderr for i, done in enumerate(shown)}}
+        assert {name: "s3cr3t" in text for name, text in texts.items()} == dict.fromkeys(
+            texts, False)
+        assert {path: page.status_code for path, page in pages.items()} == dict.fromkeys(
+            pages, 200)
+        assert [done.returncode for done in shown] == [0, 0], shown[0].stderr
+        # The source itself is shown, its userinfo replaced.
+        assert "https://[REDACTED]@" in texts["/"] and "https://[REDACTED]@" in texts["status 1"]
+
+
 @pytest.fixture
 def rekey_runtime(
     tmp_path_factory: pytest.TempPathFactory, copy_clip: Path, tmp_path: Path,

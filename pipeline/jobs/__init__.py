@@ -347,11 +347,16 @@ class JobRecord:
             spec = read_spec
             shown = (spec.job_id, spec.asset, spec.version, spec.source, spec.created_at)
         else:
+            # Imported here: only a spec this version cannot run needs it (structlog with it).
+            from ..logs import redact_text
+
             about = data if isinstance(data, dict) else {}
 
             def text(name: str) -> str:
+                # Redacted before it is cut: a cut can take the '@' that marks a URL's
+                # userinfo, and then no redaction after it finds the password before it.
                 value = about.get(name)
-                return value[:MAX_SHOWN_CHARS] if isinstance(value, str) else ""
+                return redact_text(value)[:MAX_SHOWN_CHARS] if isinstance(value, str) else ""
 
             shown = (job_id or text("job_id"), text("asset"), text("version"), text("source"),
                      num("created_at") or 0.0)
