@@ -18,9 +18,10 @@ from typing import Any
 import dramatiq
 import pytest
 from dramatiq.brokers.stub import StubBroker
+from structlog.testing import capture_logs
 
 from pipeline import layout
-from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.jobs import JobRecord, JobSpec, new_job_spec
 from pipeline.jobs.redis import RedisRecordBackend
 from pipeline.lifecycle import new_rekey_spec
 from pipeline.playlists import DESCRIPTION_FORMAT
@@ -164,6 +165,31 @@ class TestFailingAJob:
         monkeypatch.undo()
         assert older.services.jobs.get(spec.job_id).status == "failed"
         assert_work_discarded(older, spec.job_id)
+
+    def test_whose_spec_cannot_be_read_reads_its_record_once_and_logs_what_it_left(
+        self, older: Runtime, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A job failed at once for a damaged spec is not read again to fail it, and the log
+        says its thumbnail sheets were left because its spec cannot be read, not that they
+        could not be deleted (with the spec's problem as the reason)."""
+        spec = recorded_with_spec(older, newer_spec_text(subtitle_names=5))
+        reads: list[str] = []
+        read = older.services.jobs.get
+
+        def counted(job_id: str) -> JobRecord:
+            reads.append(job_id)
+            return read(job_id)
+
+        monkeypatch.setattr(older.services.jobs, "get", counted)
+
+        with capture_logs() as logs:
+            deliver(older, spec.job_id)
+
+        events = [entry["event"] for entry in logs]
+        assert reads == []
+        assert read(spec.job_id).status == "failed"
+        assert not [event for event in events if "could not be deleted" in event], events
+        assert [event for event in events if "spec cannot be read here" in event], events
 
 
 #: Specs this version cannot run, what is shown of each (in the job's error and beside it),

@@ -198,7 +198,7 @@ def run_stage(
     except TransientError:
         raise
     except HlsvaultError as error:
-        fail(rt, job_id, stage, redact_text(str(error)))
+        fail(rt, job_id, stage, redact_text(str(error)), record=record)
         return None
     if handed_on(record, stage):
         # An earlier delivery finished and handed on, and the stage after it started: that
@@ -215,7 +215,7 @@ def run_stage(
                 "dying); inspect the source, then resubmit"
             )
         )
-        fail(rt, job_id, stage, reason, spec=spec)
+        fail(rt, job_id, stage, reason, record=record)
         return None
     started = time.monotonic()
     try:
@@ -225,7 +225,7 @@ def run_stage(
     except HlsvaultError as error:
         # Everything else in the tree (permanent, not found, refused, misconfigured) fails the
         # same way the next time: the job fails now, with the reason.
-        fail(rt, job_id, stage, redact_text(str(error)), spec=spec)
+        fail(rt, job_id, stage, redact_text(str(error)), record=record)
         return None
     log.info("stage done", stage=stage, attempt=attempts,
              seconds=round(time.monotonic() - started, 3))
@@ -289,21 +289,26 @@ def hand_on(
 
 
 def fail(
-    rt: Runtime, job_id: str, stage: str, reason: str, *, spec: JobSpec | None = None
+    rt: Runtime, job_id: str, stage: str, reason: str, *, record: JobRecord | None = None
 ) -> None:
     """The one way a job fails: the record says where and why, and its scratch is discarded
-    (nothing else will ever read it; a retry is a new job). ``spec``: the job's, when the
+    (nothing else will ever read it; a retry is a new job). ``record``: the job's, when the
     caller has read it already; a spec this worker cannot read (a newer submitter's option,
     a damaged record) fails the job all the same, only its thumbnail sheets are left."""
     log.warning("job failed", stage=stage, reason=reason)
     rt.services.jobs.fail(job_id, stage, reason)
     try:
+        spec = (record or rt.services.jobs.get(job_id)).runnable_spec
         if spec is None:
-            spec = rt.services.jobs.get(job_id).spec
-        # Sheets are clear pictures uploaded before the publish: not left under a version
-        # that will never be named (the publish refused after a revocation, an upload gave
-        # up).
-        discard_unpublished_sheets(rt.services, spec.asset, spec.version)
+            # It names no version this worker can trust to look under; a newer worker may
+            # have made sheets under the one it names.
+            log.info("the failed job's spec cannot be read here, so thumbnail sheets made "
+                     "for it, if any, are left; a revocation of the asset deletes them")
+        else:
+            # Sheets are clear pictures uploaded before the publish: not left under a
+            # version that will never be named (the publish refused after a revocation, an
+            # upload gave up).
+            discard_unpublished_sheets(rt.services, spec.asset, spec.version)
     except HlsvaultError as error:
         log.warning("the failed job's thumbnail sheets could not be deleted; a revocation "
                     "of the asset deletes them", reason=redact_text(str(error)))

@@ -293,6 +293,13 @@ class JobRecord:
         return self.read_spec
 
     @property
+    def runnable_spec(self) -> JobSpec | None:
+        """The job's spec when this version can run it; None when it cannot
+        (:attr:`spec_problem` says why): what a page or figure shows of it only if there is
+        one."""
+        return self.read_spec if isinstance(self.read_spec, JobSpec) else None
+
+    @property
     def spec_problem(self) -> str | None:
         """Why this version cannot run the job's spec; None when it can."""
         return str(self.read_spec) if isinstance(self.read_spec, HlsvaultError) else None
