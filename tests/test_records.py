@@ -16,7 +16,7 @@ import pytest
 from pipeline import layout
 from pipeline.audio import ChunkAudio, ReleasedAudio
 from pipeline.errors import CorruptRecord, NewerJobOption
-from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.jobs import JobRecord, JobSpec, new_job_spec
 from pipeline.media import AudioStream, MediaInfo, SubtitleStream, VideoStream
 from pipeline.plan import AudioRendition, Chunk, Rendition
 from pipeline.playlists import AssetVersion, DownloadEntry, PublishedSegment, RenditionEntry
@@ -199,6 +199,19 @@ class TestADamagedRecord:
             JobSpec.from_dict(data)
 
         assert "resubmit the job" in str(refused.value)
+
+    def test_each_read_of_such_a_spec_raises_an_error_of_its_own(self) -> None:
+        """The record is read by many threads (the ops app's pool, a worker's): each read of
+        its spec raises a new error with the same message, never one shared instance whose
+        traceback and context every raise rewrites."""
+        record = JobRecord.from_fields({"spec": "[1, 2]"}, job_id="j1")
+        raised = []
+        for _ in range(2):
+            with pytest.raises(CorruptRecord, match="resubmit the job") as refused:
+                _ = record.spec
+            raised.append(refused.value)
+
+        assert raised[0] is not raised[1] and str(raised[0]) == str(raised[1])
 
 
 class TestACatalogANewerPackagerWrote:

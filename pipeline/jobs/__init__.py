@@ -289,7 +289,9 @@ class JobRecord:
         :class:`~pipeline.errors.NewerJobOption` (transient: a newer worker may take the job)
         or :class:`~pipeline.errors.CorruptRecord`."""
         if isinstance(self.read_spec, HlsvaultError):
-            raise self.read_spec.with_traceback(None)
+            # A new error each time: one record may be read in several threads, and each
+            # raise would otherwise chain its traceback and context onto the same instance.
+            raise type(self.read_spec)(*self.read_spec.args)
         return self.read_spec
 
     @property
