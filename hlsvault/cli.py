@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from pipeline import layout
 from pipeline.errors import BadSpec, HlsvaultError, exit_code
-from pipeline.jobs import JobSpec, new_job_spec
+from pipeline.jobs import MAX_SHOWN_CHARS, JobSpec, new_job_spec
 from pipeline.plan import LADDERS, chunks_progress
 from pipeline.settings import load_settings
 from pipeline.storage import is_s3_url, url_scheme
@@ -222,6 +222,8 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
         print(json.dumps(record.to_dict(), indent=2))
     else:
         print(f"job {record.job_id}  asset {record.asset}  {record.status}")
+        if record.spec_problem is not None:
+            print(f"  spec: {record.spec_problem[:MAX_SHOWN_CHARS]}")
         if planned > 1:
             done, fraction = chunks_progress(
                 planned, ((s.name, s.status, s.progress) for s in record.stages)

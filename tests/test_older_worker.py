@@ -229,7 +229,8 @@ class TestSuchAJobIsShown:
         assert [done.returncode for done in shown] == [1, 1], shown[0].stderr
         assert f"job {failed.job_id}  asset film  failed" in shown[0].stdout
         _, says, _ = unrunnable
-        assert says in shown[0].stdout
+        assert [line for line in shown[0].stdout.splitlines()
+                if line.startswith("  spec: ") and says in line], shown[0].stdout
         job = json.loads(shown[1].stdout)
         assert (job["job_id"], job["asset"], job["status"]) == (failed.job_id, "film", "failed")
         assert says in job["error"] and says in job["spec_error"]
