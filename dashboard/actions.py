@@ -1,7 +1,11 @@
 """The ops app's two actions, Retry and Cancel: POSTed forms, CSRF-checked, then delegated.
 
     POST /jobs/{job_id}/retry    303 to the new job; 403 bad token or cross-origin; 404 no such
-                                 job; 409 the job has not failed or been cancelled
+                                 job; 409 the job has not failed or been cancelled; and when
+                                 this ops app cannot read the job's spec (its page shows why
+                                 and offers no Retry): 503 it names options this version does
+                                 not know (upgrade the ops app), 422 it is damaged (resubmit),
+                                 400 a subtitle file name it holds is refused
     POST /jobs/{job_id}/cancel   303 back to the job (also when it had already ended); 403; 404
 """
 
@@ -18,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
 from pipeline import layout
-from pipeline.errors import Conflict, HlsvaultError, NotFound
-from pipeline.jobs import TERMINAL, JobRecord, JobSpec, JobStore, UnknownJob
+from pipeline.errors import Conflict, HlsvaultError, NewerJobOption, NotFound
+from pipeline.jobs import TERMINAL, JobRecord, JobSpec, JobStore, UnknownJob, newer_options
 
 from .auth import CsrfTokens, cross_origin
 from .pages import refused
@@ -28,6 +32,8 @@ log = structlog.get_logger("hlsvault.ops")
 
 #: The action forms carry one hidden field.
 MAX_FORM_BYTES = 4096
+#: What to do about a job this ops app cannot retry for options it does not know.
+UPGRADE_THE_OPS_APP = "upgrade this ops app (README, Upgrading a fleet), then retry the job"
 
 Submit = Callable[[JobSpec], None]
 
@@ -86,6 +92,10 @@ class Actions:
                                "jobs are retried")
             # A spec this ops app cannot read (a newer submitter's option) is not retried
             # without what it asked for: refused, saying why.
+            problem = record.read_spec
+            if isinstance(problem, NewerJobOption):
+                raise newer_options(problem.options, reader="the hlsvault serving this ops app",
+                                    mend=UPGRADE_THE_OPS_APP)
             spec = retry_spec(record.spec, now=self.jobs.clock())
         except HlsvaultError as error:
             return refused(error)

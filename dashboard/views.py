@@ -194,7 +194,9 @@ def job_page(
     job_id = record.job_id
     status = escape(record.status)
     actions = []
-    if record.status in ("failed", "cancelled"):
+    # A spec this ops app cannot read is not retried here (dashboard.actions): no button for
+    # a refusal; the spec row says why.
+    if record.status in ("failed", "cancelled") and record.spec_problem is None:
         actions.append(
             f'<form method=post action="/jobs/{quote(job_id)}/retry">'
             f'<input type=hidden name=csrf value="{escape(csrf["retry"])}">'

@@ -103,7 +103,12 @@ class StageTimeout(TransientError):
 
 class NewerJobOption(TransientError):
     """A job spec names an option this worker does not know: a newer version submitted it.
-    Retried (a newer worker may take the message); the job fails once retries run out."""
+    Retried (a newer worker may take the message); the job fails once retries run out.
+    ``options``: the names it does not know, as the spec wrote them."""
+
+    def __init__(self, message: str, *, options: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.options = options
 
 
 #: The CLI's exit status per error class, most specific first (sysexits.h where one fits).

@@ -13,13 +13,14 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import dramatiq
 import pytest
 from dramatiq.brokers.stub import StubBroker
 from structlog.testing import capture_logs
 
+from dashboard.auth import CsrfTokens
 from pipeline import layout
 from pipeline.jobs import JobRecord, JobSpec, new_job_spec
 from pipeline.jobs.redis import RedisRecordBackend
@@ -34,7 +35,7 @@ from workers.runtime import Runtime, build_runtime
 
 from fleet import RedisServer
 from keyserver_support import Library, shared_library
-from ops_support import PASSWORD, csrf_token, local_ops_for
+from ops_support import PASSWORD, local_ops_for
 from support import HLSVAULT, ROOT
 
 #: Retries of a transient failure in these tests (the fleet's is 5, with seconds of backoff).
@@ -192,28 +193,38 @@ class TestFailingAJob:
         assert [event for event in events if "spec cannot be read here" in event], events
 
 
-#: Specs this version cannot run, what is shown of each (in the job's error and beside it),
-#: and the status of its refused retry in the ops app.
+class Unrunnable(NamedTuple):
+    """A spec this version cannot run, and what is shown of it."""
+
+    spec_text: str
+    #: What the job's error and the reason beside it say to do.
+    says: str
+    #: The ops app's refusal to retry it: its status, and what it says to do.
+    retry_status: int
+    retry_says: str
+
+
 UNRUNNABLE = {
-    "newer-option": (newer_spec_text(**{NEWER_OPTION: "acme"}), "upgrade the workers", 503),
-    "damaged": (newer_spec_text(subtitle_names=5), "resubmit the job", 422),
+    "newer-option": Unrunnable(newer_spec_text(**{NEWER_OPTION: "acme"}),
+                               "upgrade the workers", 503, "upgrade this ops app"),
+    "damaged": Unrunnable(newer_spec_text(subtitle_names=5), "resubmit the job", 422,
+                          "resubmit the job"),
 }
 
 
 class TestSuchAJobIsShown:
     @pytest.fixture(params=UNRUNNABLE, ids=str)
-    def unrunnable(self, request: pytest.FixtureRequest) -> tuple[str, str, int]:
-        spec_text, says, retry_status = UNRUNNABLE[request.param]
-        return spec_text, says, retry_status
+    def unrunnable(self, request: pytest.FixtureRequest) -> Unrunnable:
+        return UNRUNNABLE[request.param]
 
     @pytest.fixture
-    def failed(self, older: Runtime, unrunnable: tuple[str, str, int]) -> JobSpec:
-        spec = recorded_with_spec(older, unrunnable[0])
+    def failed(self, older: Runtime, unrunnable: Unrunnable) -> JobSpec:
+        spec = recorded_with_spec(older, unrunnable.spec_text)
         deliver(older, spec.job_id)
         return spec
 
     def test_by_hlsvault_status(
-        self, failed: JobSpec, unrunnable: tuple[str, str, int], tmp_path: Path,
+        self, failed: JobSpec, unrunnable: Unrunnable, tmp_path: Path,
         redis_server: RedisServer,
     ) -> None:
         """`hlsvault status` of such a job (a newer submitter's option, a damaged spec: this
@@ -228,7 +239,7 @@ class TestSuchAJobIsShown:
 
         assert [done.returncode for done in shown] == [1, 1], shown[0].stderr
         assert f"job {failed.job_id}  asset film  failed" in shown[0].stdout
-        _, says, _ = unrunnable
+        says = unrunnable.says
         assert [line for line in shown[0].stdout.splitlines()
                 if line.startswith("  spec: ") and says in line], shown[0].stdout
         job = json.loads(shown[1].stdout)
@@ -236,7 +247,7 @@ class TestSuchAJobIsShown:
         assert says in job["error"] and says in job["spec_error"]
 
     def test_by_the_ops_app_whose_retry_refuses_it(
-        self, failed: JobSpec, unrunnable: tuple[str, str, int], tmp_path: Path,
+        self, failed: JobSpec, unrunnable: Unrunnable, tmp_path: Path,
         redis_server: RedisServer,
     ) -> None:
         """The ops app (as old as the worker) lists the job, shows its page with why its spec
@@ -249,18 +260,21 @@ class TestSuchAJobIsShown:
         pages = {path: ops.client.get(path) for path in (
             "/", "/?status=failed", f"/jobs/{job_id}", "/api/jobs", f"/api/jobs/{job_id}",
             "/metrics")}
+        # The page offers no Retry; a form posted from a page loaded before carries a
+        # genuine token.
         retried = ops.client.post(f"/jobs/{job_id}/retry",
-                                  data={"csrf": csrf_token(ops.client, job_id, "retry")},
+                                  data={"csrf": CsrfTokens(PASSWORD).token("retry", job_id)},
                                   follow_redirects=False)
 
         assert {path: page.status_code for path, page in pages.items()} == dict.fromkeys(
             pages, 200)
         assert job_id[:12] in pages["/?status=failed"].text
-        _, says, retry_status = unrunnable
-        assert "id=spec-error" in pages[f"/jobs/{job_id}"].text
-        assert says in pages[f"/jobs/{job_id}"].text
+        page = pages[f"/jobs/{job_id}"].text
+        assert "id=spec-error" in page and unrunnable.says in page
+        assert "id=retry" not in page  # a button that could only be refused
         assert pages[f"/api/jobs/{job_id}"].json()["status"] == "failed"
-        assert (retried.status_code, says in retried.text) == (retry_status, True), retried.text
+        assert retried.status_code == unrunnable.retry_status, retried.text
+        assert unrunnable.retry_says in retried.text and "worker" not in retried.text
         assert ops.submitted == []
 
 

@@ -23,6 +23,7 @@ app's counts, throughput and lists read the index, never every record.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import uuid
@@ -110,15 +111,23 @@ class JobSpec:
 _SPEC_OPTIONS = frozenset(field.name for field in fields(JobSpec))
 
 
-def newer_options(names: Sequence[str]) -> NewerJobOption:
-    """Why a worker refuses a spec naming the options ``names``, which it does not know."""
+#: What a worker that does not know a spec's options says to do.
+UPGRADE_THE_WORKERS = ("upgrade the workers before whatever submits jobs (README, Upgrading a "
+                       "fleet), then resubmit it")
+
+
+def newer_options(
+    names: Sequence[str], *, reader: str = "this worker", mend: str = UPGRADE_THE_WORKERS
+) -> NewerJobOption:
+    """Why ``reader`` refuses a spec naming the options ``names``, which it does not know,
+    and ``mend``, what to do about it."""
     shown = ", ".join(repr(name[:MAX_OPTION_NAME]) for name in names[:NAMED_UNKNOWN_OPTIONS])
     if len(names) > NAMED_UNKNOWN_OPTIONS:
         shown += f" and {len(names) - NAMED_UNKNOWN_OPTIONS} more"
     return NewerJobOption(
-        f"the job asks for options this worker does not know ({shown}): a newer hlsvault "
-        "submitted it; upgrade the workers before whatever submits jobs (README, Upgrading a "
-        "fleet), then resubmit it"
+        f"the job asks for options {reader} does not know ({shown}): a newer hlsvault "
+        f"submitted it; {mend}",
+        options=tuple(names),
     )
 
 
@@ -291,7 +300,8 @@ class JobRecord:
         if isinstance(self.read_spec, HlsvaultError):
             # A new error each time: one record may be read in several threads, and each
             # raise would otherwise chain its traceback and context onto the same instance.
-            raise type(self.read_spec)(*self.read_spec.args)
+            # A copy keeps what the error carries (a NewerJobOption's options).
+            raise copy.copy(self.read_spec)
         return self.read_spec
 
     @property
