@@ -152,7 +152,8 @@ def job_progress(record: JobRecord) -> float:
     ):
         # Muxed audio encoded once, or an audio group cut beside the chunks.
         planned.append("audio")
-    if record.spec_problem is None and record.spec.download is not None:
+    spec = record.runnable_spec
+    if spec is not None and spec.download is not None:
         planned.append("download")
     return sum(parts.get(name, 0.0) for name in planned) / len(planned)
 

@@ -221,8 +221,9 @@ def job_page(
     end = record.finished_at or now
     # A spec this ops app cannot read (a newer submitter's option): the job is shown all the
     # same, with why in place of what it cannot read.
+    spec = record.runnable_spec
     unread = record.spec_problem
-    ladder = record.spec.ladder if unread is None else "–"
+    ladder = "–" if spec is None else spec.ladder
     problem = ("" if unread is None else
                f"<tr><th>spec</th><td id=spec-error class=err>{escape(unread)}</td></tr>")
     body = (

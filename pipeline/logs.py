@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from .errors import HlsvaultError
+
 if TYPE_CHECKING:
     from .jobs import JobRecord
 
@@ -76,7 +78,7 @@ def redacted_record(record: JobRecord) -> JobRecord:
     )
     source = redact_text(record.source)
     read_spec = record.read_spec
-    if isinstance(read_spec, Exception):  # why this version cannot run it: said as redacted
+    if isinstance(read_spec, HlsvaultError):  # why this version cannot run it, redacted
         read_spec = type(read_spec)(redact_text(str(read_spec)))
     else:
         read_spec = dataclasses.replace(read_spec, source=redact_text(read_spec.source))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import KeysView, Mapping
 from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -48,6 +48,11 @@ def _shape(cls: type[DataclassInstance]) -> tuple[dict[str, tuple[type, ...] | N
         if field.default is MISSING and field.default_factory is MISSING
     )
     return kinds, required
+
+
+def known_fields(cls: type[DataclassInstance]) -> KeysView[str]:
+    """The names of the fields of the record ``cls``: what this version knows of it."""
+    return _shape(cls)[0].keys()
 
 
 def _kinds(hint: Any) -> tuple[type, ...] | None:

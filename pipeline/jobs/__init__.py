@@ -28,13 +28,13 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from .. import layout
 from ..errors import BadSpec, HlsvaultError, NewerJobOption, NotFound
 from ..plan import LADDERS, check_segment_seconds
-from ..records import an_object, from_known, texts, unreadable
+from ..records import an_object, from_known, known_fields, texts, unreadable
 
 STAGES = (
     "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "trickplay",
@@ -100,15 +100,12 @@ class JobSpec:
         # command making a job spec does not need before it starts (see pipeline.headstart).
         from ..subtitles import check_sidecar_names
 
-        unknown = sorted(set(an_object(cls, data)) - _SPEC_OPTIONS)
+        unknown = sorted(set(an_object(cls, data)) - known_fields(cls))
         if unknown:
             raise newer_options(unknown)
         sidecars = texts(cls, data, "subtitles", pairs=True)
         names = check_sidecar_names(texts(cls, data, "subtitle_names"), sidecars)
         return from_known(cls, data, subtitles=sidecars, subtitle_names=names)
-
-
-_SPEC_OPTIONS = frozenset(field.name for field in fields(JobSpec))
 
 
 #: What a worker that does not know a spec's options says to do.
