@@ -330,7 +330,7 @@ class TestJobProgress:
         for name, (status, progress) in stages.items():
             raw[f"{name}.status"] = status
             raw[f"{name}.progress"] = str(progress)
-        return JobRecord.from_fields(raw)
+        return JobRecord.from_fields(raw, job_id=spec.job_id)
 
     def test_queuing_the_chunks_does_not_move_it_back(self) -> None:
         """Probed with four chunks planned: queuing the four segment stages leaves the figure

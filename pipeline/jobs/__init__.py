@@ -270,10 +270,10 @@ class StageState:
 class JobRecord:
     """A read-only view of a job record.
 
-    What lists and pages show of a job (its id, asset, version, source and creation time) is
-    read from any spec, even one this version cannot run (a newer submitter's option, a
-    damaged record), so that such a job is still listed; :attr:`spec`, what a stage runs
-    with, only from one it can (:meth:`JobSpec.from_dict`)."""
+    What lists and pages show of a job (its asset, version, source and creation time; its id
+    is the key it is stored under) is read from any spec, even one this version cannot run (a
+    newer submitter's option, a damaged record), so that such a job is still listed;
+    :attr:`spec`, what a stage runs with, only from one it can (:meth:`JobSpec.from_dict`)."""
 
     job_id: str
     asset: str
@@ -330,9 +330,9 @@ class JobRecord:
         return arrival_field(counter, member) in self.fields
 
     @classmethod
-    def from_fields(cls, fields: dict[str, str], *, job_id: str | None = None) -> JobRecord:
-        """The record of the stored ``fields`` (of the job ``job_id``, when the caller knows
-        it: a spec this version cannot read may not say)."""
+    def from_fields(cls, fields: dict[str, str], *, job_id: str) -> JobRecord:
+        """The record of the job ``job_id`` (the key it is stored under: a spec this version
+        cannot read may not say) from its stored ``fields``."""
         names: list[str] = []
         for key in fields:
             stage, _, attribute = key.rpartition(".")
@@ -361,7 +361,7 @@ class JobRecord:
         read_spec, data = _read_spec(fields["spec"])
         if isinstance(read_spec, JobSpec):
             spec = read_spec
-            shown = (spec.job_id, spec.asset, spec.version, spec.source, spec.created_at)
+            shown = (spec.asset, spec.version, spec.source, spec.created_at)
         else:
             # Imported here: only a spec this version cannot run needs it (structlog with it).
             from ..logs import redact_text
@@ -374,9 +374,9 @@ class JobRecord:
                 value = about.get(name)
                 return redact_text(value)[:MAX_SHOWN_CHARS] if isinstance(value, str) else ""
 
-            shown = (job_id or text("job_id"), text("asset"), text("version"), text("source"),
-                     num("created_at") or 0.0)
+            shown = (text("asset"), text("version"), text("source"), num("created_at") or 0.0)
         return cls(
+            job_id,
             *shown,
             read_spec=read_spec,
             status=fields.get("status", "queued"),
