@@ -73,8 +73,9 @@ class PoisonJob(PermanentError):
 
 
 class CorruptRecord(PermanentError):
-    """A job record, or an output a stage left beside it, is not what any version of hlsvault
-    writes (not an object, a field missing or of the wrong kind): the job is resubmitted."""
+    """A job record, an output a stage left beside it, or a version's description is not what
+    any version of hlsvault writes (not an object, a field missing or of the wrong kind): the
+    job is resubmitted, the asset packaged again (:func:`pipeline.records.unreadable`)."""
 
 
 class NotFound(HlsvaultError):

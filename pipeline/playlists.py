@@ -11,12 +11,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, ClassVar
 
 from . import layout
 from .errors import ConfigurationError
 from .plan import AudioRendition
-from .records import an_object, each_known, from_known, required
+from .records import IN_A_DESCRIPTION, Kept, an_object, each_known, from_known, required
 from .segment import SegmentedRendition
 from .thumbnails import Thumbnails
 
@@ -66,6 +66,9 @@ def key_index(sequence: int, rotation_segments: int) -> int:
 
 @dataclass(frozen=True)
 class PublishedSegment:
+    #: Read from a version's description: a damaged one is packaged again.
+    KEPT_IN: ClassVar[Kept] = IN_A_DESCRIPTION
+
     sequence: int
     name: str
     duration: float
@@ -75,6 +78,9 @@ class PublishedSegment:
 
 @dataclass(frozen=True)
 class RenditionEntry:
+    #: Read from a version's description: a damaged one is packaged again.
+    KEPT_IN: ClassVar[Kept] = IN_A_DESCRIPTION
+
     name: str
     width: int
     height: int
@@ -129,6 +135,9 @@ DESCRIPTION_FORMAT = 1
 @dataclass(frozen=True)
 class AssetVersion:
     """Everything a key server needs to render the playlists of one packaged version."""
+
+    #: Read from a version's description: a damaged one is packaged again.
+    KEPT_IN: ClassVar[Kept] = IN_A_DESCRIPTION
 
     asset: str
     version: str

@@ -20,7 +20,7 @@ import functools
 import types
 import typing
 from collections.abc import KeysView, Mapping
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import CorruptRecord
@@ -74,11 +74,29 @@ def _wrong_kind(value: Any, kinds: tuple[type, ...]) -> bool:
     return not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
 
 
+@dataclass(frozen=True)
+class Kept:
+    """Where a kind of record is kept: what a damaged one is called, and what mends it."""
+
+    #: Whose record it is, before its class's name: "the job's".
+    whose: str
+    mend: str
+
+
+#: A job's record or output (the default): a new job makes it again.
+IN_A_JOB = Kept("the job's", "resubmit the job")
+#: A published version's description (the vault's, read by key servers and workers): a new
+#: package of the asset writes it again. A class says it is one with ``KEPT_IN``.
+IN_A_DESCRIPTION = Kept("the version description's", "package the asset again")
+
+
 def unreadable(cls: type, what: str) -> CorruptRecord:
-    """The error of a ``cls`` record that cannot be read, ``what`` saying why."""
+    """The error of a ``cls`` record that cannot be read, ``what`` saying why, and what to do
+    about it where such a record is kept (its class's ``KEPT_IN``; a job's by default)."""
+    kept: Kept = getattr(cls, "KEPT_IN", IN_A_JOB)
     return CorruptRecord(
-        f"the job's {cls.__name__} record is unreadable ({what}): it was damaged or written "
-        "by hand, not by hlsvault; resubmit the job"
+        f"{kept.whose} {cls.__name__} record is unreadable ({what}): it was damaged or "
+        f"written by hand, not by hlsvault; {kept.mend}"
     )
 
 

@@ -167,13 +167,16 @@ class TestADamagedRecord:
         self, written: Any, damage: str, data: Any
     ) -> None:
         """A value no version writes (not an object, a field it needs missing, a field of the
-        wrong kind) is a permanent error naming the record and saying to resubmit the job:
-        the job fails at once with it, not after retries of an AttributeError, and never
-        runs on with a number where a name goes."""
+        wrong kind) is a permanent error naming the record and saying to resubmit the job
+        (to package the asset again, for a version's description): the job fails at once
+        with it, not after retries of an AttributeError, and never runs on with a number
+        where a name goes."""
         with pytest.raises(CorruptRecord, match=type(written).__name__) as refused:
             type(written).from_dict(data)
 
-        assert "resubmit the job" in str(refused.value)
+        mend = ("package the asset again" if isinstance(written, AssetVersion)
+                else "resubmit the job")
+        assert mend in str(refused.value)
 
     @pytest.mark.parametrize("data", [
         [1, 2], "spec",
