@@ -127,15 +127,3 @@ class TestAnS3UrlWithoutItsBucketOrKey:
             parse_job_request({"source": "S3://bucket/key.mp4"})
         assert parse_job_request({"source": "s3://bucket/key.mp4"}).key == "key.mp4"
 
-
-class TestWhetherAStoreIsLocal:
-    def test_a_directory_is_local_and_asking_creates_nothing(self, tmp_path: Path) -> None:
-        """A stage asks once whether its store's keys are files here (to encrypt them where
-        they lie): the answer leaves the store as it was, without a directory made."""
-        store = open_store(str(tmp_path / "work"))
-        assert store.is_local
-        assert list(tmp_path.iterdir()) == []
-
-    def test_an_s3_url_is_not_local(self) -> None:
-        """An s3:// store's keys are objects: a stage fetches them into its scratch."""
-        assert not open_store("s3://bucket/prefix").is_local
