@@ -617,28 +617,23 @@ class TestOverlappingSegmentAttempts:
     def test_encrypt_reads_the_finished_attempt_while_another_writes(
         self, services: Services, probed: tuple[JobSpec, str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """Given a finished segment attempt, when a redelivered attempt is half-way through
-        writing (its first segment torn) while encrypt runs, then encrypt reads only the
-        finished attempt: every decrypted segment equals that attempt's plain bytes."""
+        """Given a redelivered segment attempt half-way through writing (its first segment
+        torn) when an earlier delivery finishes its own, when encrypt runs meanwhile, then
+        encrypt reads only the finished attempt: every decrypted segment equals that
+        attempt's plain bytes."""
         spec, rendition = probed
-        # Plain segments, as a transcode leaves them (a remux is sealed: see test_sealing.py).
-        packaging.segment(services, spec, CHUNK, seal=False)
-        produced = produced_output(services, spec)
-        finished = layout.chunk_rendition_prefix(
-            spec.job_id, CHUNK, produced["attempt"], rendition
-        )
-        plain = [services.work.get_bytes(f"{finished}/{seg['name']}")
-                 for seg in produced["produced"][rendition]["segments"]]
-
+        cut = packaging.segment_chunk
         half_written = threading.Event()
         release = threading.Event()
 
         def torn_attempt(
             source: str, renditions: Any, chunk: Any, out_dir: Path, **options: Any
         ) -> Any:
+            if half_written.is_set():  # the finished delivery's: a real cut
+                return cut(source, renditions, chunk, out_dir, **options)
             # What a second ffmpeg leaves mid-run: a truncated first segment.
             (out_dir / rendition).mkdir(parents=True, exist_ok=True)
-            (out_dir / rendition / "seg_00000.ts").write_bytes(plain[0][: len(plain[0]) // 3])
+            (out_dir / rendition / "seg_00000.ts").write_bytes(b"G" + bytes(187))
             half_written.set()
             release.wait(timeout=60)
             raise TransientError("the redelivered attempt's worker died")
@@ -652,11 +647,20 @@ class TestOverlappingSegmentAttempts:
         second.start()
         try:
             assert half_written.wait(timeout=60)
+            # Plain segments, as a transcode leaves them (a remux is sealed: test_sealing.py).
+            packaging.segment(services, spec, CHUNK, seal=False)
             packaging.encrypt(services, spec, CHUNK)
         finally:
             release.set()
             second.join(timeout=60)
 
+        produced = produced_output(services, spec)
+        finished = layout.chunk_rendition_prefix(
+            spec.job_id, CHUNK, produced["attempt"], rendition
+        )
+        plain = [services.work.get_bytes(f"{finished}/{seg['name']}")
+                 for seg in produced["produced"][rendition]["segments"]]
+        assert plain[0][:1] == b"G" and len(plain[0]) > 188
         assert _decrypted(services, spec, rendition) == plain
 
 
