@@ -746,6 +746,63 @@ class TestOneFailurePath:
         assert stage.attempts == runtime.settings.max_deliveries
 
 
+def _damaged(services: Services, spec: JobSpec, rendition: str, damage: str) -> str:
+    """Damage ``spec``'s probed job one way (a field of its plan, or an output a stage left),
+    after running the stages before the one that reads it; that stage's name."""
+    jobs = services.jobs
+    produced = layout.produced_output(CHUNK)
+    if damage in ("chunks-a-number", "renditions-a-number"):
+        jobs.set_json_fields(spec.job_id, {damage.removesuffix("-a-number"): 5})
+        return f"segment:{CHUNK}"
+    if damage == "audio-bitrates-text":
+        jobs.set_json_fields(spec.job_id, {"audio_bitrates": ["128k"]})
+        return "audio"
+    packaging.segment(services, spec, CHUNK)
+    record = produced_output(services, spec)
+    if damage == "produced-a-number":
+        jobs.set_output(spec.job_id, produced, {**record, "produced": 5})
+        return f"encrypt:{CHUNK}"
+    if damage == "attempt-a-number":
+        jobs.set_output(spec.job_id, produced, {**record, "attempt": 5})
+        return f"encrypt:{CHUNK}"
+    if damage == "sealed-sizes-empty":
+        jobs.set_output(spec.job_id, produced, {**record, "sealed": {rendition: []}})
+        return f"encrypt:{CHUNK}"
+    assert damage == "sizes-text"
+    packaging.encrypt(services, spec, CHUNK)
+    jobs.set_output(spec.job_id, layout.sizes_output(CHUNK), {rendition: "big"})
+    return "playlist"
+
+
+class TestADamagedPlanOrOutput:
+    @pytest.mark.parametrize("damage, record", [
+        ("chunks-a-number", "Chunk"),
+        ("renditions-a-number", "Rendition"),
+        ("audio-bitrates-text", "JobPlan"),
+        ("produced-a-number", "ChunkAttempt"),
+        ("attempt-a-number", "ChunkAttempt"),
+        ("sealed-sizes-empty", "ChunkAttempt"),
+        ("sizes-text", "ChunkSizes"),
+    ])
+    def test_fails_the_stage_reading_it_at_once_saying_to_resubmit(
+        self, runtime: Runtime, probed: tuple[JobSpec, str], damage: str, record: str
+    ) -> None:
+        """Given a job whose plan, or an output a stage left, is damaged (a value no version
+        writes), when the stage that reads it is delivered once, then the job fails there at
+        once (not retried as a TypeError), its reason naming the record and saying to
+        resubmit the job."""
+        spec, rendition = probed
+        stage = _damaged(runtime.services, spec, rendition, damage)
+        name, _, chunk = stage.partition(":")
+
+        runtime.broker.get_actor(f"media.{name}")(spec.job_id, *((chunk,) if chunk else ()))
+
+        failed = runtime.services.jobs.get(spec.job_id)
+        assert (failed.status, failed.failed_stage) == ("failed", stage)
+        assert f"the job's {record} record is unreadable" in (failed.error or "")
+        assert "resubmit the job" in (failed.error or "")
+
+
 class TestAudioRelease:
     def test_a_released_chunk_is_sent_unless_its_segment_stage_has_started(
         self, runtime: Runtime, copy_clip: Path
