@@ -33,7 +33,7 @@ Stores (keys are ``/``-separated, relative)::
 A job's outputs (small JSON a stage leaves for the next, kept beside the job record by
 :mod:`pipeline.jobs`, so a hop reads them in one round trip to it, not one to S3 per chunk)::
 
-    produced.c003    names the chunk attempt that won (its switch), with its segments
+    produced.c003    names the chunk attempt that won (the first), with its segments
     sizes.c003       a chunk's ciphertext sizes, per rendition in segment order
     audio.c003       names the audio attempt whose pieces the chunk muxes (the first released)
     audio.group      names the audio group's attempt that won (the first), with its sizes
@@ -301,8 +301,8 @@ def chunk_rendition_prefix(job_id: str, chunk: str, attempt: str, rendition: str
 
 
 def produced_output(chunk: str) -> str:
-    """The job output naming the attempt of ``chunk`` that encrypt reads (written last, in
-    one atomic write)."""
+    """The job output naming the attempt of ``chunk`` that encrypt reads (claimed once the
+    attempt is complete: the first delivery to claim it wins)."""
     return f"produced.{chunk}"
 
 

@@ -9,12 +9,13 @@ segment attempt writes into a directory of its own and then names it in its chun
 ``produced`` output (beside the job record, :func:`pipeline.layout.produced_output`) with one
 atomic write, so a redelivered chunk that overlaps a still-running encrypt of the same chunk
 can never hand it a half-written segment: encrypt reads only the attempt that output names,
-and that attempt is complete. A chunk's segments carry
-their media sequence numbers in their names, so a redelivered chunk rewrites exactly its own.
-The audio stage's pieces are switched per chunk, by the chunk's ``audio`` output, and its
-audio group by the job's ``audio.group`` output; of deliveries running at once, the first to
-name its attempt there wins (:meth:`~pipeline.jobs.JobStore.claim_output`) and the others
-discard theirs, so what a later stage may have read is never switched.
+and that attempt is complete. A chunk's segments carry their media sequence numbers in their
+names. The audio stage's pieces are switched per chunk, by the chunk's ``audio`` output, and
+its audio group by the job's ``audio.group`` output. Each of these outputs is claimed
+(:func:`_claim`): of deliveries running at once, the first to name its attempt wins
+(:meth:`~pipeline.jobs.JobStore.claim_output`) and the others discard theirs, so what a later
+stage may have read is never switched, and a delivery finding the output at its start makes
+nothing again.
 
 The segment stage seals its segments while ffmpeg writes them (:mod:`pipeline.sealing`), a
 remux's and a transcode's, whatever the container and wherever the audio: its ``produced``
@@ -34,7 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import structlog
 
@@ -67,6 +68,7 @@ from .playlists import (
     describe_rendition,
     key_index,
 )
+from .records import an_object, each_known, from_known, required, unreadable
 from .sealing import ENCODE_POLL_S, POLL_S, REMUX_BATCH, SegmentSealer
 from .segment import (
     DEFAULT_AUDIO_KBPS,
@@ -205,13 +207,12 @@ def probe_source(svc: Services, spec: JobSpec) -> JobPlan:
 
 
 def _job_renditions(record: JobRecord) -> list[Rendition]:
-    return [Rendition.from_dict(item) for item in record.json_field("renditions") or []]
+    return list(each_known(Rendition, record.json_field("renditions") or []))
 
 
 def job_audio_renditions(record: JobRecord) -> list[AudioRendition]:
     """The separate audio renditions the probe planned (none: audio muxed, or no audio)."""
-    planned = record.json_field("audio_renditions") or []
-    return [AudioRendition.from_dict(item) for item in planned]
+    return list(each_known(AudioRendition, record.json_field("audio_renditions") or []))
 
 
 def job_chunks(record: JobRecord) -> list[Chunk]:
@@ -219,7 +220,16 @@ def job_chunks(record: JobRecord) -> list[Chunk]:
     planned = record.json_field("chunks")
     if planned is None:
         return [Chunk(0, 0.0, None, 0, None)]
-    return [Chunk.from_dict(item) for item in planned]
+    return list(each_known(Chunk, planned))
+
+
+def _audio_bitrates(record: JobRecord) -> list[int]:
+    """The bitrates the probe planned the job's audio at, encoded once for every chunk (none:
+    each chunk encodes its own audio, or there is none)."""
+    planned = record.json_field("audio_bitrates") or []
+    if not _whole_numbers(planned):
+        raise unreadable(JobPlan, "'audio_bitrates' is not a list of whole numbers")
+    return list(planned)
 
 
 def _chunk(record: JobRecord, name: str) -> Chunk:
@@ -250,6 +260,116 @@ def _work_dir(svc: Services, prefix: str) -> Iterator[tuple[Path, bool]]:
         yield Path(scratch), False
 
 
+@dataclass(frozen=True)
+class ChunkAttempt:
+    """A chunk's ``produced`` output: the segment attempt that won (the first to claim it),
+    what it produced by rendition, and, when it was sealed, each rendition's ciphertext sizes
+    (encrypt then only places its segments)."""
+
+    attempt: str
+    produced: dict[str, SegmentedRendition]
+    sealed: dict[str, list[int]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "attempt": self.attempt,
+            "produced": {name: r.to_dict() for name, r in self.produced.items()},
+        }
+        if self.sealed is not None:
+            record[SEALED] = self.sealed
+        return record
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ChunkAttempt:
+        produced = _renditions_of(cls, required(cls, data, "produced"))
+        sealed = data.get(SEALED)
+        return from_known(cls, data, produced=produced,
+                          sealed=None if sealed is None else _sizes_of(cls, sealed, produced))
+
+
+@dataclass(frozen=True)
+class AudioGroupAttempt:
+    """The job's ``audio.group`` output: the audio group's attempt that won (the first to
+    claim it), its renditions and their ciphertext sizes."""
+
+    attempt: str
+    produced: dict[str, SegmentedRendition]
+    sizes: dict[str, list[int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attempt": self.attempt,
+                "produced": {name: r.to_dict() for name, r in self.produced.items()},
+                "sizes": self.sizes}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> AudioGroupAttempt:
+        produced = _renditions_of(cls, required(cls, data, "produced"))
+        return from_known(cls, data, produced=produced,
+                          sizes=_sizes_of(cls, required(cls, data, "sizes"), produced))
+
+
+@dataclass(frozen=True)
+class ChunkSizes:
+    """A chunk's ``sizes`` output, its encryption's: each rendition's ciphertext sizes."""
+
+    sizes: dict[str, list[int]]
+
+    @classmethod
+    def from_dict(cls, data: Any, produced: Mapping[str, SegmentedRendition]) -> ChunkSizes:
+        return cls(_sizes_of(cls, data, produced))
+
+
+def _renditions_of(cls: type, data: Any) -> dict[str, SegmentedRendition]:
+    """What an attempt produced (``data``, in a ``cls`` record), by rendition."""
+    return {name: SegmentedRendition.from_dict(item)
+            for name, item in an_object(cls, data).items()}
+
+
+def _sizes_of(
+    cls: type, data: Any, produced: Mapping[str, SegmentedRendition]
+) -> dict[str, list[int]]:
+    """Ciphertext sizes (``data``, in a ``cls`` record): for each rendition of ``produced``,
+    one whole number per media segment."""
+    sizes = an_object(cls, data)
+    for name, rendition in produced.items():
+        lengths = sizes.get(name)
+        if not _whole_numbers(lengths) or len(lengths) != len(rendition.segments):
+            raise unreadable(cls, f"no size for each segment of {name}")
+    return {name: list(sizes[name]) for name in produced}
+
+
+def _whole_numbers(values: Any) -> TypeGuard[list[int]]:
+    # bool is an int to isinstance, never to JSON
+    return isinstance(values, list) and all(type(value) is int for value in values)
+
+
+#: An attempt's record, as a job output names the one that won.
+Attempt = TypeVar("Attempt", ChunkAttempt, AudioGroupAttempt, ReleasedAudio)
+
+
+def _standing(svc: Services, spec: JobSpec, output: str, cls: type[Attempt]) -> Attempt | None:
+    """The attempt the job's ``output`` names, if it names one yet."""
+    found = svc.jobs.outputs(spec.job_id, [output])
+    return cls.from_dict(found[output]) if output in found else None
+
+
+def _claim(
+    svc: Services, spec: JobSpec, output: str, mine: Attempt, discard: Sequence[str]
+) -> Attempt:
+    """Name this delivery's attempt, ``mine``, in the job's ``output`` unless a delivery
+    running at once named its own there first, and return the attempt that stands: the
+    first claim wins (:meth:`~pipeline.jobs.JobStore.claim_output`), so what a later stage
+    may have read is never switched. When another's stands, this attempt's files (the
+    work-store prefixes ``discard``) are deleted: nothing will ever read them."""
+    won = type(mine).from_dict(svc.jobs.claim_output(spec.job_id, output, mine.to_dict()))
+    if won.attempt != mine.attempt:
+        log.info("another delivery named its attempt first; this one's is discarded",
+                 output=output, attempt=mine.attempt, won=won.attempt)
+        for prefix in discard:
+            svc.work.delete_prefix(prefix)
+    return won
+
+
 #: Told the name of each chunk whose audio the audio stage has released, and whether an earlier
 #: delivery of the stage had released it already.
 Release = Callable[[str, bool], None]
@@ -277,7 +397,7 @@ def encode_audio(
         return audio_group(svc, spec, job, on_progress)
     info = _media(job)
     chunks = job_chunks(job)
-    bitrates = job.json_field("audio_bitrates") or []
+    bitrates = _audio_bitrates(job)
     outputs = svc.jobs.outputs(spec.job_id, [layout.audio_output(c.name) for c in chunks])
     released_before = {c.name for c in chunks if layout.audio_output(c.name) in outputs}
     if len(released_before) == len(chunks):
@@ -312,12 +432,10 @@ def encode_audio(
             # The switch, as for segments: the chunk reads this attempt's pieces only, unless
             # a delivery running at once released it first (its segment stage may be reading
             # those): then this attempt's pieces of it are discarded.
-            record = ReleasedAudio(attempt, cutter.sample_rate, tuple(pieces))
-            won = svc.jobs.claim_output(spec.job_id, layout.audio_output(chunk.name),
-                                        record.to_dict())
-            if won["attempt"] != attempt:
-                for piece in pieces:
-                    svc.work.delete_prefix(layout.plain_segment_key(prefix, piece.name))
+            mine = ReleasedAudio(attempt, cutter.sample_rate, tuple(pieces))
+            won = _claim(svc, spec, layout.audio_output(chunk.name), mine,
+                         [layout.plain_segment_key(prefix, piece.name) for piece in pieces])
+            if won.attempt != attempt:
                 on_release(chunk.name, True)
                 return
             written += len(pieces)
@@ -349,22 +467,20 @@ def audio_group(
     files: the placing is idempotent), so two deliveries running at once never place two
     cuts, and a redelivery after one that claimed and died places that one's. A delivery
     that finds the output at its start cuts nothing."""
-    name = layout.audio_group_output()
-    won = svc.jobs.outputs(spec.job_id, [name]).get(name)
+    won = _standing(svc, spec, layout.audio_group_output(), AudioGroupAttempt)
     if won is None:
         won = _cut_audio_group(svc, spec, job, lambda fraction: on_progress(fraction * 0.9))
     _check_not_ended(svc, spec)
-    produced = {n: SegmentedRendition.from_dict(item) for n, item in won["produced"].items()}
-    files = [(n, file_name) for n, rendition in produced.items()
+    files = [(n, file_name) for n, rendition in won.produced.items()
              for file_name in _files_of(rendition)]
-    _place_encrypted(svc, spec, layout.audio_attempt_prefix(spec.job_id, won["attempt"]), files,
+    _place_encrypted(svc, spec, layout.audio_attempt_prefix(spec.job_id, won.attempt), files,
                      rate_limited(lambda fraction: on_progress(0.9 + fraction * 0.1)))
-    return sum(len(rendition.segments) for rendition in produced.values())
+    return sum(len(rendition.segments) for rendition in won.produced.values())
 
 
 def _cut_audio_group(
     svc: Services, spec: JobSpec, job: JobRecord, on_progress: Progress
-) -> dict[str, Any]:
+) -> AudioGroupAttempt:
     """One delivery's cut of the audio group, in an attempt of its own: its media segments
     encrypted in place once ffmpeg has exited, as sealing does (:mod:`pipeline.sealing`),
     with the same keys and IVs, so the bytes are those the encrypt stage would write. On a
@@ -403,14 +519,8 @@ def _cut_audio_group(
                                for name, rendition in produced.items()
                                for file_name in _files_of(rendition))
     on_progress(1.0)
-    record = {"attempt": attempt, "produced": {n: r.to_dict() for n, r in produced.items()},
-              "sizes": _sizes_by_rendition(produced, work, lengths)}
-    won: dict[str, Any] = svc.jobs.claim_output(spec.job_id, layout.audio_group_output(), record)
-    if won["attempt"] != attempt:
-        log.info("another delivery of the audio group named its cut first; this one's is "
-                 "discarded", attempt=attempt, won=won["attempt"])
-        svc.work.delete_prefix(prefix)
-    return won
+    mine = AudioGroupAttempt(attempt, produced, _sizes_by_rendition(produced, work, lengths))
+    return _claim(svc, spec, layout.audio_group_output(), mine, [prefix])
 
 
 def _check_not_ended(svc: Services, spec: JobSpec) -> None:
@@ -436,18 +546,16 @@ def _chunk_audio(
 ) -> dict[int, AudioPiece] | None:
     """The chunk's pieces of the job's audio, by bitrate, fetched into ``scratch`` when the
     work store is not local; None when the chunk encodes its own audio (or has none)."""
-    if not job.json_field("audio_bitrates"):
+    if not _audio_bitrates(job):
         return None
-    name = layout.audio_output(chunk.name)
-    record = svc.jobs.outputs(spec.job_id, [name]).get(name)
-    if record is None:
+    released = _standing(svc, spec, layout.audio_output(chunk.name), ReleasedAudio)
+    if released is None:
         # The audio stage sends a chunk only after it has released the chunk's audio: this
         # job's audio was cut by an older hlsvault, which kept it elsewhere.
         raise PermanentError(
             f"chunk {chunk.name} has no released audio (the job was planned by an older "
             "hlsvault); submit the job again"
         )
-    released = ReleasedAudio.from_dict(record)
     prefix = layout.audio_attempt_prefix(spec.job_id, released.attempt)
     pieces: dict[int, AudioPiece] = {}
     for piece in released.pieces:
@@ -488,13 +596,21 @@ def segment(
     # This process's CLI may have started the chunk's ffmpeg already (pipeline.headstart), in
     # an attempt of its own: the stage follows it, or stops it, however the stage ends.
     with headstart.taken(spec.job_id, chunk.name) as head:
-        return _segment_attempt(svc, spec, job, chunk, on_progress, seal=seal, head=head)
+        # A delivery that finds the chunk named (an earlier one claimed it, then died before
+        # it handed on) cuts nothing: its encryption may be placing that attempt.
+        won = _standing(svc, spec, layout.produced_output(chunk.name), ChunkAttempt)
+        if won is None:
+            won = _segment_attempt(svc, spec, job, chunk, on_progress, seal=seal, head=head)
+    return sum(len(r.segments) for r in won.produced.values())
 
 
 def _segment_attempt(
     svc: Services, spec: JobSpec, job: JobRecord, chunk: Chunk, on_progress: Progress, *,
     seal: bool, head: headstart.HeadStart | None,
-) -> int:
+) -> ChunkAttempt:
+    """One delivery's cut of ``chunk``, in an attempt of its own, which then claims the
+    chunk's ``produced`` output; returns the attempt that stands, this one's or the one that
+    claimed it first (this one is then discarded)."""
     renditions = _job_renditions(job)
     info = _media(job)
     target, _ = ffmpeg_target(spec.source, probed=True)
@@ -554,47 +670,29 @@ def _segment_attempt(
             uploads.finish((name, out_dir / name / file_name)
                            for name, rendition in produced.items()
                            for file_name in _files_of(rendition))
-    # The switch: from here on, encrypt reads this attempt (whole) and no other.
-    record: dict[str, Any] = {
-        "attempt": attempt, "produced": {n: r.to_dict() for n, r in produced.items()},
-    }
-    if sealer is not None:
+    # The switch: from here on, encrypt reads this attempt (whole) and no other, unless a
+    # delivery running at once named its own first (its encryption may be reading that).
+    mine = ChunkAttempt(
+        attempt, dict(produced),
         # Sealed sizes, by rendition: encrypt links these segments and encrypts none of them.
-        record[SEALED] = {n: sealer.sealed_sizes(n, r.segments) for n, r in produced.items()}
-    svc.jobs.set_output(spec.job_id, layout.produced_output(chunk.name), record)
-    return sum(len(r.segments) for r in produced.values())
-
-
-def _produced(
-    svc: Services, spec: JobSpec, chunk: str, record: dict[str, Any] | None = None
-) -> tuple[str, dict[str, SegmentedRendition]]:
-    """The segment attempt that won for ``chunk``: its work-store prefix and its output."""
-    if record is None:
-        record = _produced_record(svc, spec, chunk)
-    prefix = layout.chunk_attempt_prefix(spec.job_id, chunk, record["attempt"])
-    return prefix, {
-        name: SegmentedRendition.from_dict(item) for name, item in record["produced"].items()
-    }
-
-
-def _produced_record(svc: Services, spec: JobSpec, chunk: str) -> dict[str, Any]:
-    name = layout.produced_output(chunk)
-    found = svc.jobs.outputs(spec.job_id, [name])
-    if name not in found:
-        raise InvalidSource(f"chunk {chunk} of the job has not been segmented; it must be "
-                            "before it is encrypted")
-    record: dict[str, Any] = found[name]
-    return record
+        None if sealer is None
+        else {n: sealer.sealed_sizes(n, r.segments) for n, r in produced.items()},
+    )
+    return _claim(svc, spec, layout.produced_output(chunk.name), mine, [prefix])
 
 
 def encrypt(svc: Services, spec: JobSpec, chunk: str, on_progress: Progress = no_progress) -> int:
     """Encrypt one chunk's segments of every rendition with the version's keys; returns bytes
     written."""
-    record = _produced_record(svc, spec, chunk)
-    attempt_prefix, produced = _produced(svc, spec, chunk, record)
+    won = _standing(svc, spec, layout.produced_output(chunk), ChunkAttempt)
+    if won is None:
+        raise InvalidSource(f"chunk {chunk} of the job has not been segmented; it must be "
+                            "before it is encrypted")
+    attempt_prefix = layout.chunk_attempt_prefix(spec.job_id, chunk, won.attempt)
+    produced = won.produced
     report = rate_limited(on_progress)
-    if SEALED in record:
-        return _place_sealed(svc, spec, chunk, attempt_prefix, produced, record[SEALED], report)
+    if won.sealed is not None:
+        return _place_sealed(svc, spec, chunk, attempt_prefix, produced, won.sealed, report)
     sizes = encrypt_renditions(
         svc, spec, attempt_prefix, produced, first_chunk=layout.chunk_index(chunk) == 0,
         on_progress=on_progress,
@@ -814,8 +912,8 @@ def joined_renditions(
         if produced_name not in outputs or sizes_name not in outputs:
             raise InvalidSource(f"chunk {chunk.name} of the job has not been encrypted; every "
                                 "chunk must be before the playlist is made")
-        _, produced = _produced(svc, spec, chunk.name, outputs[produced_name])
-        sizes = outputs[sizes_name]
+        produced = ChunkAttempt.from_dict(outputs[produced_name]).produced
+        sizes = ChunkSizes.from_dict(outputs[sizes_name], produced).sizes
         for name, rendition in produced.items():
             joined.setdefault(name, []).append((rendition, sizes[name]))
     result = []
@@ -836,9 +934,8 @@ def joined_renditions(
         if group not in outputs:
             raise InvalidSource("the job's audio group has not been cut; it must be before the "
                                 "playlist is made")
-        record = outputs[group]
-        for name, item in record["produced"].items():
-            result.append((SegmentedRendition.from_dict(item), record["sizes"][name]))
+        audio = AudioGroupAttempt.from_dict(outputs[group])
+        result += [(rendition, audio.sizes[name]) for name, rendition in audio.produced.items()]
     return result
 
 
@@ -848,7 +945,7 @@ def subtitle_renditions(
     """The subtitle renditions the probe planned, as segmented WebVTT aligned with the top
     video rendition's segments (see :mod:`pipeline.subtitles`), encrypted like every segment
     with the video's keys and IVs."""
-    planned = [SubtitleTrack.from_dict(item) for item in job.json_field("subtitles") or []]
+    planned = each_known(SubtitleTrack, job.json_field("subtitles") or [])
     if not planned:
         return []
     video = max((e for e in entries if e.media == "video"), key=lambda e: e.bandwidth)

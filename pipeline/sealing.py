@@ -32,8 +32,9 @@ The segment stage then records the sealed sizes in its chunk's ``produced`` outp
 atomic write that names the attempt. That record, and nothing inferred from a file, is what
 tells the encrypt stage that a chunk is sealed: it then links the segments (and init segments)
 into place instead of encrypting them again, however often either stage is delivered (a
-redelivered segment stage seals a new attempt of its own; an attempt that died half way is
-never named).
+segment delivery running beside another seals an attempt of its own, discarded unless it
+claims the output first; a delivery finding the output seals nothing; an attempt that died
+half way is never named).
 """
 
 from __future__ import annotations

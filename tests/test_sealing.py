@@ -269,12 +269,13 @@ class TestNeverEncryptedTwice:
         assert decrypted(services, spec) == plain
 
     @pytest.mark.parametrize("container", CONTAINERS)
-    def test_redelivered_segment_stage_seals_a_new_attempt_once(
+    def test_redelivered_segment_stage_keeps_the_sealed_attempt(
         self, services: Services, copy_clip: Path, container: str
     ) -> None:
         """Given a chunk sealed and encrypted, when its segment stage is delivered again (its
-        worker died after the switch), then the new attempt is sealed once, and encrypt's
-        output is the same bytes as before."""
+        worker died after the switch), then the chunk still names the attempt sealed first
+        (nothing is cut or sealed again), and encrypt's output is the same bytes as
+        before."""
         spec = probed_job(services, copy_clip, container)
         packaging.segment(services, spec, CHUNK)
         packaging.encrypt(services, spec, CHUNK)
@@ -284,7 +285,7 @@ class TestNeverEncryptedTwice:
         packaging.segment(services, spec, CHUNK)
         packaging.encrypt(services, spec, CHUNK)
 
-        assert produced_record(services, spec)["attempt"] != first_attempt
+        assert produced_record(services, spec)["attempt"] == first_attempt
         assert encrypted_output(services, spec) == before
 
     @pytest.mark.parametrize("container", CONTAINERS)
@@ -308,10 +309,11 @@ class TestNeverEncryptedTwice:
             if container == "fmp4":
                 init = services.work.get_bytes(f"{prefix}/{layout.INIT_SEGMENT}")
                 assert init[4:8] == b"ftyp"
-        # The control: a plain attempt's segments do look plain.
-        packaging.segment(services, spec, CHUNK, seal=False)
-        record = produced_record(services, spec)
-        prefix = layout.chunk_rendition_prefix(spec.job_id, CHUNK, str(record["attempt"]),
+        # The control: a plain attempt's segments (another job's) do look plain.
+        plain_job = probed_job(services, copy_clip, container)
+        packaging.segment(services, plain_job, CHUNK, seal=False)
+        record = produced_record(services, plain_job)
+        prefix = layout.chunk_rendition_prefix(plain_job.job_id, CHUNK, str(record["attempt"]),
                                                "360p")
         first = layout.segment_pattern(container) % 0
         assert looks_plain(services.work.get_bytes(f"{prefix}/{first}"), container)
@@ -418,9 +420,9 @@ class TestSealedTranscodes:
         self, tmp_path: Path, copy_clip: Path
     ) -> None:
         """Given a sealed, encrypted chunked transcode, when chunk c001's segment stage is
-        delivered again, and then its encrypt stage twice, then c001 names a new attempt and
-        its encrypted segments are the same bytes as before: sealed once by the new attempt,
-        linked by each encrypt, never encrypted a second time."""
+        delivered again, and then its encrypt stage twice, then c001 still names its first
+        attempt and its encrypted segments are the same bytes as before: sealed once, linked
+        by each encrypt, never encrypted a second time."""
         services, spec = transcode_job(tmp_path, copy_clip, "ts", TRANSCODE_CHUNK_SECONDS)
         segment_and_encrypt(services, spec)
         before = encrypted_output(services, spec, "c001")
@@ -431,7 +433,7 @@ class TestSealedTranscodes:
         packaging.encrypt(services, spec, "c001")
         packaging.encrypt(services, spec, "c001")
 
-        assert produced_record(services, spec, "c001")["attempt"] != first_attempt
+        assert produced_record(services, spec, "c001")["attempt"] == first_attempt
         assert encrypted_output(services, spec, "c001") == before
         assert decrypted(services, spec, "c001") == plain
 

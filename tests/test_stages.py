@@ -475,32 +475,165 @@ class TestTwoDeliveriesOfAnAudioGroup:
         assert kept and all(key.startswith(winner) for key in kept)
 
 
+@pytest.fixture(scope="module")
+def negated_copy_clip() -> Path:
+    """:func:`copy_clip`'s shape (length, keyframes, codecs) with its picture negated: a
+    source that cuts to other bytes."""
+    return lavfi_clip("copy-negated.mp4", seconds=6, extra=["-vf", "negate"])
+
+
+def published_chunk(services: Services, spec: JobSpec) -> dict[str, list[bytes]]:
+    """Each rendition of the chunk as a player reads it: every media segment the ``produced``
+    output names, decrypted with its key and its sequence number's IV (checked against the
+    reference encryption of that plaintext, at the size the ``sizes`` output says)."""
+    name = layout.sizes_output(CHUNK)
+    sizes = services.jobs.outputs(spec.job_id, [name])[name]
+    decrypted: dict[str, list[bytes]] = {}
+    for rendition, item in produced_output(services, spec)["produced"].items():
+        parts = decrypted.setdefault(rendition, [])
+        for seg, size in zip(item["segments"], sizes[rendition], strict=True):
+            key = services.keys.get(spec.asset, spec.version,
+                                    key_index(seg["sequence"], spec.key_rotation_segments))
+            iv = iv_for_sequence(seg["sequence"])
+            data = services.work.get_bytes(layout.encrypted_key(spec.job_id, rendition,
+                                                                seg["name"]))
+            plain = decrypt_bytes(data, key, iv)
+            assert data == encrypt_bytes(plain, key, iv)
+            assert len(data) == size
+            parts.append(plain)
+    return decrypted
+
+
+def plain_chunk(services: Services, source: Path, **options: Any) -> dict[str, list[bytes]]:
+    """The plain segments a copy-ladder job of ``source`` cuts its chunk into, by rendition."""
+    spec = new_job_spec(str(source), asset="reference", ladder="copy", **options)
+    rendition, _, plain = _segmented_plain(services, spec)
+    return {rendition.name: plain}
+
+
+class TestTwoDeliveriesOfASegmentStage:
+    @pytest.mark.parametrize("store", ["local", "remote"])
+    def test_the_published_chunk_is_one_delivery_s_cut_whole(
+        self, services: Services, copy_clip: Path, negated_copy_clip: Path, store: str,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Given two deliveries of one chunk's segment stage at once (a redelivery while the
+        first still runs) whose cuts differ (the second reads other bytes, as a host with
+        another ffmpeg build may cut), the second started before the first named its
+        attempt, when the first has finished and its encryption has placed one segment where
+        the playlist and upload read, the second finishes, a redelivered encryption runs to
+        its end, and then the first encryption finishes, then none fails, and every segment
+        the chunk's outputs name decrypts, at the size they say, to one delivery's cut,
+        whole (not one segment of the other's), and the work store keeps that delivery's
+        attempt only."""
+        spec = new_job_spec(str(copy_clip), asset="film", ladder="copy", segment_seconds=2)
+        services.jobs.create(spec)
+        packaging.probe_source(services, spec)
+        other = replace(spec, source=str(negated_copy_clip))
+        work = services.work if store == "local" else RemoteStandIn(services.work)
+        stage = replace(services, work=work)
+        cut = packaging.segment_chunk
+        second_cut, second_go = threading.Event(), threading.Event()
+
+        def second_waits_after_its_cut(source: str, *args: Any, **kwargs: Any) -> Any:
+            produced = cut(source, *args, **kwargs)
+            if source == other.source:
+                second_cut.set()
+                second_go.wait(HOLD_S)
+            return produced
+
+        monkeypatch.setattr(packaging, "segment_chunk", second_waits_after_its_cut)
+        failures: list[BaseException] = []
+
+        def in_thread(run: Any) -> threading.Thread:
+            def target() -> None:
+                try:
+                    run()
+                except BaseException as error:
+                    failures.append(error)
+
+            thread = threading.Thread(target=target)
+            thread.start()
+            return thread
+
+        held = HoldsAfterOnePlacedSegment(work, spec.job_id)
+        second = in_thread(lambda: packaging.segment(stage, other, CHUNK))
+        first_encrypt = None
+        try:
+            assert second_cut.wait(HOLD_S)
+            packaging.segment(stage, spec, CHUNK)
+            first_encrypt = in_thread(
+                lambda: packaging.encrypt(replace(services, work=held), spec, CHUNK))
+            assert held.placed_one.wait(HOLD_S)
+            second_go.set()
+            second.join(HOLD_S)
+            assert not second.is_alive()
+            packaging.encrypt(stage, spec, CHUNK)
+        finally:
+            second_go.set()
+            held.go.set()
+            second.join(HOLD_S)
+            if first_encrypt is not None:
+                first_encrypt.join(HOLD_S)
+        assert failures == [] and first_encrypt is not None and not first_encrypt.is_alive()
+        monkeypatch.undo()
+
+        decrypted = published_chunk(services, spec)
+        cuts = [plain_chunk(services, source, segment_seconds=2)
+                for source in (copy_clip, negated_copy_clip)]
+        # The harness: the two deliveries' bytes differ, segment by segment.
+        [first_cut, second_cut] = [cut for [cut] in (c.values() for c in cuts)]
+        assert len(first_cut) == len(second_cut) >= 3
+        assert not set(first_cut) & set(second_cut)
+        assert decrypted in cuts
+        # The losing delivery's attempt is discarded: the work store keeps the winner's only.
+        winner = layout.chunk_attempt_prefix(spec.job_id, CHUNK,
+                                             produced_output(services, spec)["attempt"]) + "/"
+        kept = services.work.list(layout.chunk_prefix(spec.job_id, CHUNK) + "/")
+        assert kept and all(key.startswith(winner) for key in kept)
+
+    def test_a_delivery_finding_the_chunk_named_cuts_nothing(
+        self, services: Services, probed: tuple[JobSpec, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Given a chunk cut and named once, whose delivery then died before it handed on,
+        when its segment stage is delivered again, then it cuts nothing (no ffmpeg runs),
+        says how many segments the chunk has, and the chunk's output still names the first
+        attempt, whose files are as they were."""
+        spec, _ = probed
+        written = packaging.segment(services, spec, CHUNK)
+        first = produced_output(services, spec)
+        files = work_files(services, spec)
+
+        def cut_again(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("a redelivery after the chunk was named cut it again")
+
+        monkeypatch.setattr(packaging, "segment_chunk", cut_again)
+        assert packaging.segment(services, spec, CHUNK) == written
+        assert produced_output(services, spec) == first
+        assert work_files(services, spec) == files
+
+
 class TestOverlappingSegmentAttempts:
     def test_encrypt_reads_the_finished_attempt_while_another_writes(
         self, services: Services, probed: tuple[JobSpec, str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """Given a finished segment attempt, when a redelivered attempt is half-way through
-        writing (its first segment torn) while encrypt runs, then encrypt reads only the
-        finished attempt: every decrypted segment equals that attempt's plain bytes."""
+        """Given a redelivered segment attempt half-way through writing (its first segment
+        torn) when an earlier delivery finishes its own, when encrypt runs meanwhile, then
+        encrypt reads only the finished attempt: every decrypted segment equals that
+        attempt's plain bytes."""
         spec, rendition = probed
-        # Plain segments, as a transcode leaves them (a remux is sealed: see test_sealing.py).
-        packaging.segment(services, spec, CHUNK, seal=False)
-        produced = produced_output(services, spec)
-        finished = layout.chunk_rendition_prefix(
-            spec.job_id, CHUNK, produced["attempt"], rendition
-        )
-        plain = [services.work.get_bytes(f"{finished}/{seg['name']}")
-                 for seg in produced["produced"][rendition]["segments"]]
-
+        cut = packaging.segment_chunk
         half_written = threading.Event()
         release = threading.Event()
 
         def torn_attempt(
             source: str, renditions: Any, chunk: Any, out_dir: Path, **options: Any
         ) -> Any:
+            if half_written.is_set():  # the finished delivery's: a real cut
+                return cut(source, renditions, chunk, out_dir, **options)
             # What a second ffmpeg leaves mid-run: a truncated first segment.
             (out_dir / rendition).mkdir(parents=True, exist_ok=True)
-            (out_dir / rendition / "seg_00000.ts").write_bytes(plain[0][: len(plain[0]) // 3])
+            (out_dir / rendition / "seg_00000.ts").write_bytes(b"G" + bytes(187))
             half_written.set()
             release.wait(timeout=60)
             raise TransientError("the redelivered attempt's worker died")
@@ -514,11 +647,20 @@ class TestOverlappingSegmentAttempts:
         second.start()
         try:
             assert half_written.wait(timeout=60)
+            # Plain segments, as a transcode leaves them (a remux is sealed: test_sealing.py).
+            packaging.segment(services, spec, CHUNK, seal=False)
             packaging.encrypt(services, spec, CHUNK)
         finally:
             release.set()
             second.join(timeout=60)
 
+        produced = produced_output(services, spec)
+        finished = layout.chunk_rendition_prefix(
+            spec.job_id, CHUNK, produced["attempt"], rendition
+        )
+        plain = [services.work.get_bytes(f"{finished}/{seg['name']}")
+                 for seg in produced["produced"][rendition]["segments"]]
+        assert plain[0][:1] == b"G" and len(plain[0]) > 188
         assert _decrypted(services, spec, rendition) == plain
 
 
@@ -602,6 +744,63 @@ class TestOneFailurePath:
         stage = runtime.services.jobs.get(spec.job_id).stage("probe")
         assert stage is not None and stage.status == "done"
         assert stage.attempts == runtime.settings.max_deliveries
+
+
+def _damaged(services: Services, spec: JobSpec, rendition: str, damage: str) -> str:
+    """Damage ``spec``'s probed job one way (a field of its plan, or an output a stage left),
+    after running the stages before the one that reads it; that stage's name."""
+    jobs = services.jobs
+    produced = layout.produced_output(CHUNK)
+    if damage in ("chunks-a-number", "renditions-a-number"):
+        jobs.set_json_fields(spec.job_id, {damage.removesuffix("-a-number"): 5})
+        return f"segment:{CHUNK}"
+    if damage == "audio-bitrates-text":
+        jobs.set_json_fields(spec.job_id, {"audio_bitrates": ["128k"]})
+        return "audio"
+    packaging.segment(services, spec, CHUNK)
+    record = produced_output(services, spec)
+    if damage == "produced-a-number":
+        jobs.set_output(spec.job_id, produced, {**record, "produced": 5})
+        return f"encrypt:{CHUNK}"
+    if damage == "attempt-a-number":
+        jobs.set_output(spec.job_id, produced, {**record, "attempt": 5})
+        return f"encrypt:{CHUNK}"
+    if damage == "sealed-sizes-empty":
+        jobs.set_output(spec.job_id, produced, {**record, "sealed": {rendition: []}})
+        return f"encrypt:{CHUNK}"
+    assert damage == "sizes-text"
+    packaging.encrypt(services, spec, CHUNK)
+    jobs.set_output(spec.job_id, layout.sizes_output(CHUNK), {rendition: "big"})
+    return "playlist"
+
+
+class TestADamagedPlanOrOutput:
+    @pytest.mark.parametrize("damage, record", [
+        ("chunks-a-number", "Chunk"),
+        ("renditions-a-number", "Rendition"),
+        ("audio-bitrates-text", "JobPlan"),
+        ("produced-a-number", "ChunkAttempt"),
+        ("attempt-a-number", "ChunkAttempt"),
+        ("sealed-sizes-empty", "ChunkAttempt"),
+        ("sizes-text", "ChunkSizes"),
+    ])
+    def test_fails_the_stage_reading_it_at_once_saying_to_resubmit(
+        self, runtime: Runtime, probed: tuple[JobSpec, str], damage: str, record: str
+    ) -> None:
+        """Given a job whose plan, or an output a stage left, is damaged (a value no version
+        writes), when the stage that reads it is delivered once, then the job fails there at
+        once (not retried as a TypeError), its reason naming the record and saying to
+        resubmit the job."""
+        spec, rendition = probed
+        stage = _damaged(runtime.services, spec, rendition, damage)
+        name, _, chunk = stage.partition(":")
+
+        runtime.broker.get_actor(f"media.{name}")(spec.job_id, *((chunk,) if chunk else ()))
+
+        failed = runtime.services.jobs.get(spec.job_id)
+        assert (failed.status, failed.failed_stage) == ("failed", stage)
+        assert f"the job's {record} record is unreadable" in (failed.error or "")
+        assert "resubmit the job" in (failed.error or "")
 
 
 class TestAudioRelease:

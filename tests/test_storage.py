@@ -127,3 +127,16 @@ class TestAnS3UrlWithoutItsBucketOrKey:
             parse_job_request({"source": "S3://bucket/key.mp4"})
         assert parse_job_request({"source": "s3://bucket/key.mp4"}).key == "key.mp4"
 
+
+class TestALocalCopyMadeAgain:
+    def test_leaves_the_one_file_and_nothing_beside_it(self, tmp_path: Path) -> None:
+        """A server-side copy (a hard link) made again onto a key that holds that very file
+        (a stage placing the same attempt twice) leaves the key as it was and no temporary
+        file beside it."""
+        store = open_store(str(tmp_path / "work"))
+        store.put_bytes("attempt/seg_00000.ts", b"sealed")
+        assert store.copy_from(store, "attempt/seg_00000.ts", "enc/seg_00000.ts")
+        assert store.copy_from(store, "attempt/seg_00000.ts", "enc/seg_00000.ts")
+
+        assert store.get_bytes("enc/seg_00000.ts") == b"sealed"
+        assert sorted(p.name for p in (tmp_path / "work" / "enc").iterdir()) == ["seg_00000.ts"]

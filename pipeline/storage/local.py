@@ -183,6 +183,9 @@ class LocalStore:
                 raise
             shutil.copyfile(path, tmp)  # another filesystem, or one without hard links
         os.replace(tmp, dest)
+        # rename(2) does nothing when both names are links to one file (the key holds this
+        # very file already: a placement made again), so the temporary name is removed here.
+        tmp.unlink(missing_ok=True)
         return True
 
 
