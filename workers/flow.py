@@ -269,7 +269,10 @@ def handed_on(record: JobRecord, stage: str) -> bool:
     again (:func:`run_stage`), checked once, when the delivery starts. A redelivery that
     finds that stage only queued makes its output again and re-sends it (the earlier delivery
     may have died before its send); should the next stage start meanwhile, it reads either
-    the earlier output or the same output rewritten, each file replaced whole."""
+    the earlier output or the same output rewritten, each file replaced whole. A segment
+    chunk and the audio are the exception: the first delivery to name its attempt wins
+    (:meth:`~pipeline.jobs.JobStore.claim_output`), so a redelivery that finds one named
+    cuts nothing and re-sends only what is still queued."""
     return any(not waiting(record, after) for after in handed_to(record.spec, stage))
 
 
@@ -386,8 +389,7 @@ def send_chunks(
 
 def after_segment(rt: Runtime, ran: Ran[Any], chunk: str) -> None:
     # Encrypted at once: only the last chunk's encryption is left when the last chunk is cut.
-    # (Once it has started, a redelivery cuts nothing: a new attempt switched in then would
-    # not be the one encrypted; see handed_on.)
+    # (The chunk's attempt is never switched once named: the first delivery's stands.)
     hand_on(rt, ran, *handed_to(ran.spec, ran.stage))
 
 
