@@ -258,16 +258,8 @@ class TestAudioGroup:
             if item["init"] is not None:
                 parts.append(services.work.get_bytes(
                     layout.encrypted_key(spec.job_id, rendition, item["init"])))
-            for seg, size in zip(item["segments"], record["sizes"][rendition], strict=True):
-                key = services.keys.get(spec.asset, spec.version,
-                                        key_index(seg["sequence"], spec.key_rotation_segments))
-                iv = iv_for_sequence(seg["sequence"])
-                data = services.work.get_bytes(layout.encrypted_key(spec.job_id, rendition,
-                                                                    seg["name"]))
-                plain = decrypt_bytes(data, key, iv)
-                assert data == encrypt_bytes(plain, key, iv)
-                assert (len(data), len(plain)) == (size, seg["size"])
-                parts.append(plain)
+            parts += placed_plaintext(services, spec, rendition, item["segments"],
+                                      record["sizes"][rendition])
         return record, decrypted
 
     def test_a_job_cancelled_while_ffmpeg_cuts_gets_nothing_placed(
@@ -488,20 +480,29 @@ def published_chunk(services: Services, spec: JobSpec) -> dict[str, list[bytes]]
     reference encryption of that plaintext, at the size the ``sizes`` output says)."""
     name = layout.sizes_output(CHUNK)
     sizes = services.jobs.outputs(spec.job_id, [name])[name]
-    decrypted: dict[str, list[bytes]] = {}
-    for rendition, item in produced_output(services, spec)["produced"].items():
-        parts = decrypted.setdefault(rendition, [])
-        for seg, size in zip(item["segments"], sizes[rendition], strict=True):
-            key = services.keys.get(spec.asset, spec.version,
-                                    key_index(seg["sequence"], spec.key_rotation_segments))
-            iv = iv_for_sequence(seg["sequence"])
-            data = services.work.get_bytes(layout.encrypted_key(spec.job_id, rendition,
-                                                                seg["name"]))
-            plain = decrypt_bytes(data, key, iv)
-            assert data == encrypt_bytes(plain, key, iv)
-            assert len(data) == size
-            parts.append(plain)
-    return decrypted
+    return {rendition: placed_plaintext(services, spec, rendition, item["segments"],
+                                        sizes[rendition])
+            for rendition, item in produced_output(services, spec)["produced"].items()}
+
+
+def placed_plaintext(
+    services: Services, spec: JobSpec, rendition: str, segments: list[dict[str, Any]],
+    sizes: list[int],
+) -> list[bytes]:
+    """Each of ``segments`` as encrypt placed it, decrypted with its key and its sequence
+    number's IV: checked against the reference encryption of that plaintext, at the
+    ciphertext size ``sizes`` gives and the plain size the segment's record gives."""
+    parts = []
+    for seg, size in zip(segments, sizes, strict=True):
+        key = services.keys.get(spec.asset, spec.version,
+                                key_index(seg["sequence"], spec.key_rotation_segments))
+        iv = iv_for_sequence(seg["sequence"])
+        data = services.work.get_bytes(layout.encrypted_key(spec.job_id, rendition, seg["name"]))
+        plain = decrypt_bytes(data, key, iv)
+        assert data == encrypt_bytes(plain, key, iv)
+        assert (len(data), len(plain)) == (size, seg["size"])
+        parts.append(plain)
+    return parts
 
 
 def plain_chunk(services: Services, source: Path, **options: Any) -> dict[str, list[bytes]]:
