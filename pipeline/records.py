@@ -17,6 +17,7 @@ record, never an ``AttributeError`` or ``TypeError`` from deep inside a stage.
 from __future__ import annotations
 
 import functools
+import json
 import types
 import typing
 from collections.abc import KeysView, Mapping
@@ -98,6 +99,15 @@ def unreadable(cls: type, what: str) -> CorruptRecord:
         f"{kept.whose} {cls.__name__} record is unreadable ({what}): it was damaged or "
         f"written by hand, not by hlsvault; {kept.mend}"
     )
+
+
+def parsed_json(cls: type, raw: str | bytes, what: str) -> Any:
+    """``raw``, the stored text of ``what`` in a ``cls`` record, parsed as JSON; text that is
+    not JSON (or nests past the parser's depth) is :func:`unreadable`, never a bug's error."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise unreadable(cls, f"{what} is not JSON") from None
 
 
 def an_object(cls: type, data: Any) -> Mapping[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.errors import BadSpec
+from pipeline.errors import BadSpec, CorruptRecord
 from pipeline.jobs import Arrival, JobStore, UnknownJob, new_job_spec, pending_field
 from pipeline.jobs.file import FileRecordBackend
 from pipeline.jobs.redis import RedisRecordBackend
@@ -305,6 +305,38 @@ class TestOutputs:
             {"attempt": won}
         assert jobs.outputs(spec.job_id) == {"audio.group": {"attempt": won},
                                              "sizes.c000": {"360p": [1024]}}
+
+    @pytest.mark.parametrize("name", ["produced.c000", "sizes.c000"])
+    def test_an_output_that_is_not_json_is_a_damaged_record(
+        self, jobs: JobStore, name: str
+    ) -> None:
+        """An output stored as text that is not JSON (damaged, written by hand) is read,
+        and claimed, as a damaged record saying to resubmit the job, never a decoder's error
+        (which a worker retries as a bug); nested past the decoder's depth too."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec)
+        for damaged in ("{not json", "[" * 100_000):
+            jobs.backend.write_outputs(spec.job_id, {name: damaged})
+            for read in (lambda: jobs.outputs(spec.job_id, [name]),
+                         lambda: jobs.outputs(spec.job_id),
+                         lambda: jobs.claim_output(spec.job_id, name, {"attempt": "a1"})):
+                with pytest.raises(CorruptRecord, match=f"output '{name}' is not JSON.*"
+                                                        "resubmit the job"):
+                    read()
+
+    def test_a_record_field_that_is_not_json_is_a_damaged_record(self, jobs: JobStore) -> None:
+        """A record's JSON field (the plan a stage reads) that is not JSON is a damaged
+        record saying to resubmit the job, as a spec that is not JSON is."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec)
+        jobs.backend.write(spec.job_id, {"chunk_names": "{not json"})
+
+        with pytest.raises(CorruptRecord, match=r"field 'chunk_names' is not JSON.*resubmit"):
+            jobs.get(spec.job_id).json_field("chunk_names")
+
+        jobs.backend.write(spec.job_id, {"spec": "{not json"})
+        with pytest.raises(CorruptRecord, match=r"not JSON.*resubmit the job"):
+            _ = jobs.get(spec.job_id).spec
 
 
 class TestStatusIndex:

@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from .. import layout
-from ..errors import BadSpec, HlsvaultError, NewerJobOption, NotFound
+from ..errors import BadSpec, CorruptRecord, HlsvaultError, NewerJobOption, NotFound
 from ..plan import LADDERS, check_segment_seconds
-from ..records import an_object, from_known, known_fields, texts, unreadable
+from ..records import an_object, from_known, known_fields, parsed_json, texts
 
 STAGES = (
     "probe", "rekey", "audio", "segment", "encrypt", "playlist", "download", "trickplay",
@@ -318,8 +318,9 @@ class JobRecord:
         return self.status in TERMINAL
 
     def json_field(self, name: str) -> Any:
+        """The record's field ``name`` (JSON), or None when it has none."""
         raw = self.fields.get(name)
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else parsed_json(JobRecord, raw, f"its field {name[:64]!r}")
 
     def stage(self, name: str) -> StageState | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -404,12 +405,17 @@ class JobRecord:
         }
 
 
+def _output(name: str, raw: str) -> Any:
+    """The job's output ``name`` from its stored text ``raw``."""
+    return parsed_json(JobRecord, raw, f"its output {name[:64]!r}")
+
+
 def _read_spec(raw: str) -> tuple[JobSpec | HlsvaultError, Any]:
     """The stored spec ``raw`` as this version runs it, or why it cannot; and its JSON."""
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        return unreadable(JobSpec, "not JSON"), None
+        data = parsed_json(JobSpec, raw, "its text")
+    except CorruptRecord as error:
+        return error, None
     try:
         return JobSpec.from_dict(data), data
     except HlsvaultError as error:
@@ -645,12 +651,12 @@ class JobStore:
         Of two deliveries naming their own attempt at once, the first wins and every later
         one is told which attempt did (its own is then discarded): an output a later stage
         may have read is never switched."""
-        return json.loads(self.backend.claim_output(job_id, name, json.dumps(value)))
+        return _output(name, self.backend.claim_output(job_id, name, json.dumps(value)))
 
     def outputs(self, job_id: str, names: Sequence[str] | None = None) -> dict[str, Any]:
         """The job's outputs ``names`` that exist (every output when None), by name."""
         found = self.backend.read_outputs(job_id, names)
-        return {name: json.loads(value) for name, value in found.items()}
+        return {name: _output(name, value) for name, value in found.items()}
 
     def drop_outputs(self, job_id: str) -> None:
         self.backend.drop_outputs(job_id)
