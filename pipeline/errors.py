@@ -14,6 +14,8 @@
      │    ├── PoisonJob            a stage was delivered more times than allowed
      │    └── CorruptRecord        a job record, or what a stage left in it, cannot be read
      ├── NotFound                  no such object, job or key; a lookup, not a failure
+     ├── JobEnded                  the job ended while a stage ran: the stage stops, a signal,
+     │                             not a failure
      ├── Refused                   a caller is not entitled: tokens, webhook signatures
      │    ├── Unauthenticated      missing, malformed, forged or expired credentials (401)
      │    └── Forbidden            genuine credentials, but not for this (403)
@@ -80,6 +82,12 @@ class CorruptRecord(PermanentError):
 
 class NotFound(HlsvaultError):
     """The object, job or key asked for does not exist."""
+
+
+class JobEnded(HlsvaultError):
+    """The job ended (an operator cancelled it, another stage failed it, or it succeeded
+    without this delivery) while this stage ran: the stage stops, having discarded what it
+    made, and is no failure of its own (:func:`workers.flow.run_stage`)."""
 
 
 class Refused(HlsvaultError):

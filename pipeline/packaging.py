@@ -50,7 +50,14 @@ from .audio import (
     check_audio_covers,
 )
 from .crypto import SegmentFile, encrypt_files, encrypt_files_in_place, iv_for_sequence
-from .errors import BadSpec, ConfigurationError, InvalidSource, PermanentError, UnsupportedMedia
+from .errors import (
+    BadSpec,
+    ConfigurationError,
+    InvalidSource,
+    JobEnded,
+    PermanentError,
+    UnsupportedMedia,
+)
 from .jobs import JobRecord, JobSpec
 from .media import MediaInfo, probe
 from .plan import (
@@ -359,15 +366,38 @@ def _claim(
     """Name this delivery's attempt, ``mine``, in the job's ``output`` unless a delivery
     running at once named its own there first, and return the attempt that stands: the
     first claim wins (:meth:`~pipeline.jobs.JobStore.claim_output`), so what a later stage
-    may have read is never switched. When another's stands, this attempt's files (the
-    work-store prefixes ``discard``) are deleted: nothing will ever read them."""
-    won = type(mine).from_dict(svc.jobs.claim_output(spec.job_id, output, mine.to_dict()))
+    may have read is never switched. When another's stands, or the job has ended
+    (:class:`~pipeline.errors.JobEnded`, raised: nothing is claimed), this attempt's files
+    (the work-store keys and directories ``discard``) are deleted: nothing will ever read
+    them."""
+    try:
+        stands = svc.jobs.claim_output(spec.job_id, output, mine.to_dict())
+    except JobEnded:
+        _discard(svc, discard)
+        raise
+    won = type(mine).from_dict(stands)
     if won.attempt != mine.attempt:
         log.info("another delivery named its attempt first; this one's is discarded",
                  output=output, attempt=mine.attempt, won=won.attempt)
-        for prefix in discard:
-            svc.work.delete_prefix(prefix)
+        _discard(svc, discard)
     return won
+
+
+def _discard(svc: Services, keys: Sequence[str]) -> None:
+    """Delete an attempt's files that nothing will read: each of ``keys``, a file's key or a
+    directory's (ending in "/"), with whatever is under it."""
+    for key in keys:
+        svc.work.delete_prefix(key)
+
+
+def _check_not_ended(svc: Services, spec: JobSpec, what: str, discard: Sequence[str]) -> None:
+    """Stop a stage (:class:`~pipeline.errors.JobEnded`) whose job was cancelled, failed
+    elsewhere or finished while it worked (``what``): the job's end discarded its work files
+    and nothing is stored or placed again; this delivery's files (``discard``, as
+    :func:`_discard` takes them) are deleted first."""
+    if svc.jobs.get(spec.job_id).done:
+        _discard(svc, discard)
+        raise JobEnded(f"the job ended while {what}")
 
 
 #: Told the name of each chunk whose audio the audio stage has released, and whether an earlier
@@ -418,10 +448,10 @@ def encode_audio(
 
         def release(chunk: Chunk, pieces: list[ChunkAudio]) -> None:
             nonlocal written
-            if svc.jobs.get(spec.job_id).done:
-                # A chunk failed for good, or an operator cancelled the job: its work files
-                # are gone, and nothing more is released (ffmpeg is stopped on the way out).
-                raise PermanentError("the job ended while its audio was being encoded")
+            # A chunk failed for good, or an operator cancelled the job: its work files are
+            # gone, and nothing more is released (ffmpeg is stopped on the way out, and this
+            # attempt discarded).
+            _check_not_ended(svc, spec, "its audio was being encoded", [])
             if chunk.name in released_before:
                 on_release(chunk.name, True)
                 return
@@ -448,6 +478,10 @@ def encode_audio(
                 run_ffmpeg(args, duration=info.duration, timeout=audio_timeout(info.duration),
                            on_progress=on_progress, check=releases.check)
                 releases.finish()
+        except JobEnded:
+            # ffmpeg has stopped: none of this attempt's pieces will be read.
+            _discard(svc, [prefix + "/"])
+            raise
         finally:
             cutter.close()
     return written
@@ -470,7 +504,8 @@ def audio_group(
     won = _standing(svc, spec, layout.audio_group_output(), AudioGroupAttempt)
     if won is None:
         won = _cut_audio_group(svc, spec, job, lambda fraction: on_progress(fraction * 0.9))
-    _check_not_ended(svc, spec)
+    # Checked before a file is placed: after the job's end, what is placed is never discarded.
+    _check_not_ended(svc, spec, "its audio was being cut", [])
     files = [(n, file_name) for n, rendition in won.produced.items()
              for file_name in _files_of(rendition)]
     _place_encrypted(svc, spec, layout.audio_attempt_prefix(spec.job_id, won.attempt), files,
@@ -501,7 +536,7 @@ def _cut_audio_group(
             container=spec.container, timeout=audio_timeout(info.duration),
             on_progress=lambda fraction: on_progress(fraction * 0.9),
         )
-        _check_not_ended(svc, spec)
+        _check_not_ended(svc, spec, "its audio was being cut", [prefix + "/"])
         work = [(name, seg) for name, rendition in produced.items() for seg in rendition.segments]
         lengths = encrypt_files_in_place(
             [SegmentFile(out_dir / name / seg.name, out_dir / name / seg.name,
@@ -520,15 +555,7 @@ def _cut_audio_group(
                                for file_name in _files_of(rendition))
     on_progress(1.0)
     mine = AudioGroupAttempt(attempt, produced, _sizes_by_rendition(produced, work, lengths))
-    return _claim(svc, spec, layout.audio_group_output(), mine, [prefix])
-
-
-def _check_not_ended(svc: Services, spec: JobSpec) -> None:
-    """Refuse to store or place the audio group of a job cancelled (or failed elsewhere)
-    while ffmpeg cut: its work files are gone and nothing is put again (failing here has the
-    flow discard this attempt too)."""
-    if svc.jobs.get(spec.job_id).done:
-        raise PermanentError("the job ended while its audio was being cut")
+    return _claim(svc, spec, layout.audio_group_output(), mine, [prefix + "/"])
 
 
 def _files_of(rendition: SegmentedRendition) -> list[str]:
@@ -678,7 +705,7 @@ def _segment_attempt(
         None if sealer is None
         else {n: sealer.sealed_sizes(n, r.segments) for n, r in produced.items()},
     )
-    return _claim(svc, spec, layout.produced_output(chunk.name), mine, [prefix])
+    return _claim(svc, spec, layout.produced_output(chunk.name), mine, [prefix + "/"])
 
 
 def encrypt(svc: Services, spec: JobSpec, chunk: str, on_progress: Progress = no_progress) -> int:

@@ -22,7 +22,7 @@ import pytest
 from playwright.sync_api import Browser
 
 from pipeline import layout, packaging
-from pipeline.errors import PermanentError, UnsupportedMedia
+from pipeline.errors import JobEnded, PermanentError, UnsupportedMedia
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import probe
 from pipeline.plan import chunks_progress, plan_chunks, plan_renditions
@@ -679,8 +679,8 @@ class TestAudioReleasedChunkByChunk:
         self, minute_chunks: Services, long_audio_clip: Path
     ) -> None:
         """Given a job that fails (a chunk failed for good) while its audio is encoded, the
-        audio stage stops at its next release with a reason, its ffmpeg stopped, and releases
-        nothing more."""
+        audio stage stops at its next release saying so, its ffmpeg stopped, releases nothing
+        more, and deletes its attempt (nothing will read it: the job's end has passed)."""
         svc = minute_chunks
         spec = new_job_spec(str(long_audio_clip), asset="ended")
         svc.jobs.create(spec)
@@ -691,12 +691,13 @@ class TestAudioReleasedChunkByChunk:
             released.append(chunk)
             svc.jobs.fail(spec.job_id, "segment:c000", "the chunk could not be decoded")
 
-        with pytest.raises(PermanentError, match="job ended"):
+        with pytest.raises(JobEnded, match="job ended"):
             packaging.encode_audio(svc, spec, on_release=fail_after_first)
         assert released == ["c000"]
         assert not ffmpeg_running_here()
         names = [layout.audio_output(f"c00{n}") for n in range(1, 4)]
         assert svc.jobs.outputs(spec.job_id, names) == {}
+        assert svc.work.list(layout.job_prefix(spec.job_id)) == []
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.errors import BadSpec, CorruptRecord
+from pipeline.errors import BadSpec, CorruptRecord, JobEnded
 from pipeline.jobs import Arrival, JobStore, UnknownJob, new_job_spec, pending_field
 from pipeline.jobs.file import FileRecordBackend
 from pipeline.jobs.redis import RedisRecordBackend
@@ -305,6 +305,29 @@ class TestOutputs:
             {"attempt": won}
         assert jobs.outputs(spec.job_id) == {"audio.group": {"attempt": won},
                                              "sizes.c000": {"360p": [1024]}}
+
+    @pytest.mark.parametrize("end", ["failed", "cancelled", "succeeded"])
+    def test_a_claim_after_the_job_ended_claims_nothing(self, jobs: JobStore, end: str) -> None:
+        """Given a job that ended (a chunk failed for good, an operator cancelled it, or it
+        succeeded) and whose outputs were dropped with its work, when a late delivery claims
+        an output, then it is told the job ended and no output is kept: nothing re-creates
+        the dropped outputs, so no attempt is named that nothing would ever discard."""
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec)
+        jobs.claim_output(spec.job_id, "produced.c000", {"attempt": "a1"})
+        if end == "failed":
+            jobs.fail(spec.job_id, "segment:c001", "the chunk is not media")
+        elif end == "cancelled":
+            jobs.cancel(spec.job_id)
+        else:
+            jobs.succeed(spec.job_id, {})
+        jobs.drop_outputs(spec.job_id)
+
+        with pytest.raises(JobEnded):
+            jobs.claim_output(spec.job_id, "produced.c003", {"attempt": "late"})
+
+        assert jobs.outputs(spec.job_id) == {}
+        assert jobs.get(spec.job_id).status == end
 
     @pytest.mark.parametrize("name", ["produced.c000", "sizes.c000"])
     def test_an_output_that_is_not_json_is_a_damaged_record(

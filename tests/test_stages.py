@@ -19,11 +19,12 @@ from dramatiq.brokers.stub import StubBroker
 
 from pipeline import aes, layout, packaging
 from pipeline.crypto import iv_for_sequence
-from pipeline.errors import PermanentError, StorageRefused, TransientError
+from pipeline.errors import JobEnded, StorageRefused, TransientError
 from pipeline.jobs import JobSpec, new_job_spec
 from pipeline.media import MediaInfo
 from pipeline.plan import Rendition
 from pipeline.playlists import key_index
+from pipeline.publish import discard_work
 from pipeline.segment import segment_audio_renditions
 from pipeline.services import Services, build_services
 from pipeline.settings import load_settings
@@ -266,8 +267,9 @@ class TestAudioGroup:
         self, services: Services, two_audio_clip: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Given a job an operator cancels while its audio group is being cut, when ffmpeg
-        has finished, then the stage fails with that reason and nothing is placed where the
-        encrypt stage's output goes (the cancellation had discarded the job's work)."""
+        has finished, then the stage stops saying so, nothing is placed where the encrypt
+        stage's output goes (the cancellation had discarded the job's work) and its attempt
+        is deleted: nothing of the job is left in the work store."""
         spec = audio_group_job(services, two_audio_clip, "ts")
         cut = packaging.segment_audio_renditions
 
@@ -278,10 +280,10 @@ class TestAudioGroup:
 
         monkeypatch.setattr(packaging, "segment_audio_renditions", cancelled_meanwhile)
 
-        with pytest.raises(PermanentError, match="ended while its audio was being cut"):
+        with pytest.raises(JobEnded, match="ended while its audio was being cut"):
             packaging.audio_group(services, spec, services.jobs.get(spec.job_id))
 
-        assert services.work.list(layout.encrypted_prefix(spec.job_id, "")) == []
+        assert services.work.list(layout.job_prefix(spec.job_id)) == []
 
     def test_a_put_the_store_refuses_fails_the_stage_without_trying_the_rest(
         self, services: Services, two_audio_clip: Path, monkeypatch: pytest.MonkeyPatch
@@ -745,6 +747,83 @@ class TestOneFailurePath:
         stage = runtime.services.jobs.get(spec.job_id).stage("probe")
         assert stage is not None and stage.status == "done"
         assert stage.attempts == runtime.settings.max_deliveries
+
+
+class TestADeliveryAfterTheJobEnded:
+    """A delivery still running when its job ends (a chunk failed for good, an operator
+    cancelled it, another delivery of the same stage finished the job) stops without failing
+    its stage: the record stays as the job's end wrote it, and the delivery leaves nothing of
+    its own in the work store."""
+
+    @pytest.mark.parametrize("end", ["failed", "cancelled"])
+    def test_a_chunk_cut_after_the_job_ended_is_not_named_and_not_kept(
+        self, runtime: Runtime, probed: tuple[JobSpec, str], monkeypatch: pytest.MonkeyPatch,
+        end: str,
+    ) -> None:
+        """Given a chunk's segment stage whose job ends while ffmpeg cuts (another chunk
+        failed for good, and its failure discarded the job's work; or an operator cancelled
+        it), when the cut is done, then no output names it, its attempt is deleted (nothing
+        of the job is left in the work store) and the job's record is as its end wrote it:
+        the segment stage is not marked failed."""
+        spec, _ = probed
+        services = runtime.services
+        cut = packaging.segment_chunk
+
+        def job_ends_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            produced = cut(*args, **kwargs)
+            if end == "failed":
+                from workers import flow
+
+                flow.fail(runtime, spec.job_id, "segment:c001", "c001 is not media")
+            else:
+                assert services.jobs.cancel(spec.job_id)
+            return produced
+
+        monkeypatch.setattr(packaging, "segment_chunk", job_ends_meanwhile)
+
+        runtime.broker.get_actor("media.segment")(spec.job_id, CHUNK)
+
+        record = services.jobs.get(spec.job_id)
+        assert record.status == end
+        assert record.failed_stage == ("segment:c001" if end == "failed" else None)
+        stage = record.stage(f"segment:{CHUNK}")
+        assert stage is not None and stage.status != "failed" and stage.error is None
+        assert services.jobs.outputs(spec.job_id) == {}
+        assert services.work.list(layout.job_prefix(spec.job_id)) == []
+
+    def test_an_audio_group_delivery_after_the_job_succeeded_marks_nothing_failed(
+        self, runtime: Runtime, two_audio_clip: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Given two deliveries of an audio group at once, the first of which claims, places
+        its group and sees the job through to its success (whose end discards the job's
+        work), when the second's cut is done, then the job is still succeeded with no error,
+        the audio stage is not marked failed, and the second left nothing in the work store
+        (its attempt deleted, nothing placed)."""
+        services = runtime.services
+        spec = audio_group_job(services, two_audio_clip, "ts")
+        cut = packaging.segment_audio_renditions
+        first_done = threading.Event()
+
+        def first_finishes_the_job_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            produced = cut(*args, **kwargs)
+            if not first_done.is_set():
+                first_done.set()
+                packaging.audio_group(services, spec, services.jobs.get(spec.job_id))
+                assert services.jobs.succeed(spec.job_id, {"asset": spec.asset})
+                discard_work(services, spec.job_id)  # as the job's last stage does
+            return produced
+
+        monkeypatch.setattr(packaging, "segment_audio_renditions",
+                            first_finishes_the_job_meanwhile)
+
+        runtime.broker.get_actor("media.audio")(spec.job_id)
+
+        record = services.jobs.get(spec.job_id)
+        assert first_done.is_set()
+        assert (record.status, record.error, record.failed_stage) == ("succeeded", None, None)
+        stage = record.stage("audio")
+        assert stage is not None and stage.status != "failed" and stage.error is None
+        assert services.work.list(layout.job_prefix(spec.job_id)) == []
 
 
 def _damaged(services: Services, spec: JobSpec, rendition: str, damage: str) -> str:

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import structlog
 
-from pipeline.errors import HlsvaultError, PoisonJob, TransientError
+from pipeline.errors import HlsvaultError, JobEnded, PoisonJob, TransientError
 from pipeline.jobs import JobRecord, JobSpec, pending_field, unstarted
 from pipeline.logs import redact_text
 from pipeline.packaging import JobPlan
@@ -188,9 +188,7 @@ def run_stage(
         job_id, stage, worker=worker_name(), delivery=delivery()
     )
     if record.done:
-        log.info("job already ended; stage skipped", stage=stage, status=record.status)
-        if record.status == "cancelled":
-            discard_work(svc, job_id)
+        _job_ended(rt, job_id, stage, record.status, "job already ended; stage skipped")
         return None
     try:
         # Before the delivery count too: a spec a newer worker can run is not poison.
@@ -222,6 +220,12 @@ def run_stage(
         result = work(record)
     except TransientError:
         raise  # dramatiq retries the message with backoff, a bounded number of times
+    except JobEnded:
+        # The job ended while the stage ran (the stage has discarded what it made): as at
+        # the start, no failure of the stage, whatever the job's end.
+        _job_ended(rt, job_id, stage, svc.jobs.get(job_id).status,
+                   "job ended while the stage ran; stage stopped")
+        return None
     except HlsvaultError as error:
         # Everything else in the tree (permanent, not found, refused, misconfigured) fails the
         # same way the next time: the job fails now, with the reason.
@@ -230,6 +234,17 @@ def run_stage(
     log.info("stage done", stage=stage, attempt=attempts,
              seconds=round(time.monotonic() - started, 3))
     return Ran(stage, record, result)
+
+
+def _job_ended(rt: Runtime, job_id: str, stage: str, status: str, event: str) -> None:
+    """A delivery of ``stage`` found its job ended (``status``), at its start or while it
+    ran: the one rule for both. The record is left as the job's end wrote it, no stage field
+    touched (a succeeded job's stage is never marked failed by a late delivery). A cancelled
+    job's work is discarded here, since a cancellation is only a write to the record; a
+    failed or succeeded job's end discarded its own."""
+    log.info(event, stage=stage, status=status)
+    if status == "cancelled":
+        discard_work(rt.services, job_id)
 
 
 def waiting(record: JobRecord, stage: str) -> bool:

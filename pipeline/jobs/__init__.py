@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from .. import layout
-from ..errors import BadSpec, CorruptRecord, HlsvaultError, NewerJobOption, NotFound
+from ..errors import BadSpec, CorruptRecord, HlsvaultError, JobEnded, NewerJobOption, NotFound
 from ..plan import LADDERS, check_segment_seconds
 from ..records import an_object, from_known, known_fields, parsed_json, texts
 
@@ -451,7 +451,7 @@ class RecordBackend(Protocol):
     def write_unless_ended(self, job_id: str, fields: dict[str, str]) -> bool: ...
     def read_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]: ...
     def write_outputs(self, job_id: str, fields: dict[str, str]) -> None: ...
-    def claim_output(self, job_id: str, name: str, value: str) -> str: ...
+    def claim_output(self, job_id: str, name: str, value: str) -> str | None: ...
     def read_outputs(self, job_id: str, names: Sequence[str] | None) -> dict[str, str]: ...
     def drop_outputs(self, job_id: str) -> None: ...
     def newest(self, limit: int, status: str | None) -> list[str]: ...
@@ -650,8 +650,15 @@ class JobStore:
         atomic step, and return the output that stands: ``value``, or the one written first.
         Of two deliveries naming their own attempt at once, the first wins and every later
         one is told which attempt did (its own is then discarded): an output a later stage
-        may have read is never switched."""
-        return _output(name, self.backend.claim_output(job_id, name, json.dumps(value)))
+        may have read is never switched.
+
+        Raises :class:`~pipeline.errors.JobEnded`, claiming nothing, when the job has ended
+        (checked in the same step): its outputs were dropped with its work files, and a claim
+        then would name an attempt nothing ever discards."""
+        stands = self.backend.claim_output(job_id, name, json.dumps(value))
+        if stands is None:
+            raise JobEnded(f"the job ended before {name[:64]} was named; nothing is kept")
+        return _output(name, stands)
 
     def outputs(self, job_id: str, names: Sequence[str] | None = None) -> dict[str, Any]:
         """The job's outputs ``names`` that exist (every output when None), by name."""

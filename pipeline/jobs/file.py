@@ -255,10 +255,18 @@ class FileRecordBackend:
         with self._locked(job_id, path) as outputs:
             outputs.update(fields)
 
-    def claim_output(self, job_id: str, name: str, value: str) -> str:
+    def claim_output(self, job_id: str, name: str, value: str) -> str | None:
         path = self._outputs_path(job_id)
         path.parent.mkdir(exist_ok=True)
         with self._locked(job_id, path) as outputs:
+            # The record is replaced (its status written) under this same lock: read here, it
+            # is the status the claim sees, as Redis's script sees it.
+            try:
+                status = self.read(job_id).get("status")
+            except UnknownJob:
+                status = None
+            if status is None or status in TERMINAL:
+                return None
             return outputs.setdefault(name, value)
 
     def read_outputs(self, job_id: str, names: Sequence[str] | None) -> dict[str, str]:

@@ -100,15 +100,6 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 """
 
 
-# Write one output unless the job has it, keep the outputs as long as a record, and return
-# the output that stands: one round trip. KEYS: the outputs hash; ARGV: the TTL, field, value.
-_CLAIM_OUTPUT = """
-redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return redis.call('HGET', KEYS[1], ARGV[2])
-"""
-
-
 def _mapping(fields: dict[str, str]) -> dict[Any, Any]:
     # redis-py types hset's mapping over every encodable key type; a str dict is one of them.
     return dict(fields)
@@ -142,6 +133,21 @@ if new ~= old then
   end
 end
 return 1
+"""
+
+
+# Write one output unless the job has it, keep the outputs as long as a record, and return
+# the output that stands: one round trip. A job that has ended (or whose record is gone) gets
+# no claim, and nil is returned: its outputs were dropped. KEYS: the outputs hash, the record;
+# ARGV: the TTL, field, value.
+_CLAIM_OUTPUT = _STATUS_TABLES + """
+local status = redis.call('HGET', KEYS[2], 'status')
+if not status or ended[status] then
+  return false
+end
+redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return redis.call('HGET', KEYS[1], ARGV[2])
 """
 
 
@@ -276,8 +282,10 @@ class RedisRecordBackend:
         args: list[str | int] = [RECORD_TTL_S, *(item for pair in fields.items() for item in pair)]
         self._write_outputs(keys=[_OUTPUTS + job_id], args=args)
 
-    def claim_output(self, job_id: str, name: str, value: str) -> str:
-        return str(self._claim_output(keys=[_OUTPUTS + job_id], args=[RECORD_TTL_S, name, value]))
+    def claim_output(self, job_id: str, name: str, value: str) -> str | None:
+        stands = self._claim_output(keys=[_OUTPUTS + job_id, _PREFIX + job_id],
+                                    args=[RECORD_TTL_S, name, value])
+        return None if stands is None else str(stands)
 
     def read_outputs(self, job_id: str, names: Sequence[str] | None) -> dict[str, str]:
         if names is None:
