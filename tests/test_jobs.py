@@ -14,7 +14,7 @@ import pytest
 from pipeline.errors import BadSpec, CorruptRecord, JobEnded
 from pipeline.jobs import Arrival, JobStore, UnknownJob, new_job_spec, pending_field
 from pipeline.jobs.file import FileRecordBackend
-from pipeline.jobs.redis import RedisRecordBackend
+from pipeline.jobs.redis import RECORD_TTL_S, RedisRecordBackend
 
 from fleet import RedisServer
 
@@ -360,6 +360,22 @@ class TestOutputs:
         jobs.backend.write(spec.job_id, {"spec": "{not json"})
         with pytest.raises(CorruptRecord, match=r"not JSON.*resubmit the job"):
             _ = jobs.get(spec.job_id).spec
+
+
+def test_outputs_a_claim_creates_expire_with_the_record(redis_server: RedisServer) -> None:
+    """On Redis, the outputs hash a claim creates, and one a write creates, expire as a record
+    does: a job whose end never came (its workers all gone) leaves none for good."""
+    backend = RedisRecordBackend.from_url(redis_server.url)
+    jobs = JobStore(backend)
+    for make in ("claim", "write"):
+        spec = new_job_spec("/videos/film.mp4", asset="film")
+        jobs.create(spec)
+        if make == "claim":
+            jobs.claim_output(spec.job_id, "audio.group", {"attempt": "a1"})
+        else:
+            jobs.set_output(spec.job_id, "sizes.c000", {"360p": [1024]})
+        key = f"hlsvault:joboutputs:{spec.job_id}"
+        assert 0 < backend.client.ttl(key) <= RECORD_TTL_S
 
 
 class TestStatusIndex:
