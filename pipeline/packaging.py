@@ -341,7 +341,7 @@ def _sizes_of(
     for name, rendition in produced.items():
         lengths = sizes.get(name)
         if not _whole_numbers(lengths) or len(lengths) != len(rendition.segments):
-            raise unreadable(cls, f"no size for each segment of {name}")
+            raise unreadable(cls, f"no size for each segment of {name[:64]!r}")
     return {name: list(sizes[name]) for name in produced}
 
 

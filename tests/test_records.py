@@ -18,6 +18,7 @@ from pipeline.audio import ChunkAudio, ReleasedAudio
 from pipeline.errors import CorruptRecord, NewerJobOption
 from pipeline.jobs import JobRecord, JobSpec, new_job_spec
 from pipeline.media import AudioStream, MediaInfo, SubtitleStream, VideoStream
+from pipeline.packaging import AudioGroupAttempt
 from pipeline.plan import AudioRendition, Chunk, Rendition
 from pipeline.playlists import AssetVersion, DownloadEntry, PublishedSegment, RenditionEntry
 from pipeline.segment import Segment, SegmentedRendition
@@ -215,6 +216,21 @@ class TestADamagedRecord:
             raised.append(refused.value)
 
         assert raised[0] is not raised[1] and str(raised[0]) == str(raised[1])
+
+
+    def test_a_size_list_missing_for_a_hostile_rendition_name_is_named_bounded(self) -> None:
+        """An attempt record whose sizes miss a rendition named by whatever wrote it (10,000
+        characters here) is refused naming that rendition cut short, quoted: the job's error
+        stays a line a person reads."""
+        [rendition] = [w for w in WRITTEN if isinstance(w, SegmentedRendition)]
+        hostile = "x" * 10_000
+        attempt = {"attempt": "a1", "produced": {hostile: rendition.to_dict()}, "sizes": {}}
+
+        with pytest.raises(CorruptRecord, match="resubmit the job") as refused:
+            AudioGroupAttempt.from_dict(attempt)
+
+        said = str(refused.value)
+        assert f"of {'x' * 64!r}" in said and len(said) < 400
 
 
 class TestACatalogANewerPackagerWrote:
