@@ -452,7 +452,11 @@ def encode_audio(
             # gone, and nothing more is released (ffmpeg is stopped on the way out, and this
             # attempt discarded).
             _check_not_ended(svc, spec, "its audio was being encoded", [])
+            pieces_here = [] if not is_local else [
+                layout.plain_segment_key(prefix, piece.name) for piece in pieces]
             if chunk.name in released_before:
+                # An earlier delivery's pieces stand: this attempt's are never read.
+                _discard(svc, pieces_here)
                 on_release(chunk.name, True)
                 return
             if not is_local:

@@ -15,7 +15,9 @@ import time
 import urllib.request
 from array import array
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import m3u8
 import pytest
@@ -564,8 +566,9 @@ class TestAudioReleasedChunkByChunk:
         """Given an audio stage that died after releasing c000 and c001, when it is delivered
         again, then those two keep the first delivery's pieces (their segment stages may be
         reading them) and are reported as released before, the others get the new
-        delivery's, and the new delivery's cut of c000 and c001 is byte for byte the first's:
-        the encoder is deterministic, so chunks of either delivery join frame for frame."""
+        delivery's, and the new delivery's cut of c000 and c001 is byte for byte the first's
+        (the encoder is deterministic, so chunks of either delivery join frame for frame),
+        then deleted: nothing reads it, as nothing reads a losing claim's pieces."""
         svc = minute_chunks
         spec = new_job_spec(str(long_audio_clip), asset="redelivered")
         svc.jobs.create(spec)
@@ -589,8 +592,26 @@ class TestAudioReleasedChunkByChunk:
 
         first = {c: record(c) for c in ("c000", "c001")}
         assert all(first.values()) and record("c002") is None
+        deleted: dict[str, bytes] = {}
+
+        class KeepsWhatItDeletes:
+            """The work store, keeping the bytes of each file a stage deletes by its key."""
+
+            def __init__(self, store: Any) -> None:
+                self._store = store
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._store, name)
+
+            def delete_prefix(self, prefix: str) -> int:
+                if self._store.exists(prefix):
+                    deleted[prefix] = self._store.get_bytes(prefix)
+                count: int = self._store.delete_prefix(prefix)
+                return count
+
         again: list[tuple[str, bool]] = []
-        packaging.encode_audio(svc, spec, on_release=lambda c, a: again.append((c, a)))
+        packaging.encode_audio(replace(svc, work=KeepsWhatItDeletes(svc.work)), spec,
+                               on_release=lambda c, a: again.append((c, a)))
         assert again == [("c000", True), ("c001", True)] + [
             (c.name, False) for c in plan.chunks[2:]]
         assert {c: record(c) for c in ("c000", "c001")} == first
@@ -604,7 +625,10 @@ class TestAudioReleasedChunkByChunk:
 
         for chunk in ("c000", "c001"):
             old = piece_bytes(first[chunk]["attempt"], chunk)  # type: ignore[index]
-            assert old and piece_bytes(second["attempt"], chunk) == old
+            cut_again = layout.audio_attempt_prefix(spec.job_id, str(second["attempt"]))
+            assert old and b"".join(data for key, data in sorted(deleted.items())
+                                    if key.startswith(f"{cut_again}/{chunk}-")) == old
+            assert piece_bytes(second["attempt"], chunk) == b""
 
         # A third delivery finds every chunk released: it reports them and encodes nothing.
         third: list[tuple[str, bool]] = []
