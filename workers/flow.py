@@ -284,10 +284,14 @@ def handed_on(record: JobRecord, stage: str) -> bool:
     again (:func:`run_stage`), checked once, when the delivery starts. A redelivery that
     finds that stage only queued makes its output again and re-sends it (the earlier delivery
     may have died before its send); should the next stage start meanwhile, it reads either
-    the earlier output or the same output rewritten, each file replaced whole. A segment
-    chunk and the audio are the exception: the first delivery to name its attempt wins
-    (:meth:`~pipeline.jobs.JobStore.claim_output`), so a redelivery that finds one named
-    cuts nothing and re-sends only what is still queued."""
+    the earlier output or the same output rewritten, each file replaced whole. What a
+    chunk's segment stage and the audio stage make is the exception: the first delivery to
+    name its attempt wins (:meth:`~pipeline.jobs.JobStore.claim_output`), so a redelivered
+    segment stage, or audio group, that finds its output named cuts nothing and re-sends
+    only what is still queued. Muxed audio encoded once hands on to no stage of its own: a
+    redelivery encodes it again until every chunk's audio is released
+    (:func:`~pipeline.packaging.encode_audio`), and discards its pieces of the chunks an
+    earlier delivery released."""
     return any(not waiting(record, after) for after in handed_to(record.spec, stage))
 
 
