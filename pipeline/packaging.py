@@ -7,15 +7,16 @@ A transcode is cut into time chunks (:func:`pipeline.plan.plan_chunks`); the seg
 encrypt stages work on one chunk of every rendition, the playlist stage joins the chunks. A
 segment attempt writes into a directory of its own and then names it in its chunk's
 ``produced`` output (beside the job record, :func:`pipeline.layout.produced_output`) with one
-atomic write, so a redelivered chunk that overlaps a still-running encrypt of the same chunk
+atomic claim, so a redelivered chunk that overlaps a still-running encrypt of the same chunk
 can never hand it a half-written segment: encrypt reads only the attempt that output names,
 and that attempt is complete. A chunk's segments carry their media sequence numbers in their
-names. The audio stage's pieces are switched per chunk, by the chunk's ``audio`` output, and
+names. The audio stage's pieces are named per chunk, by the chunk's ``audio`` output, and
 its audio group by the job's ``audio.group`` output. Each of these outputs is claimed
 (:func:`_claim`): of deliveries running at once, the first to name its attempt wins
 (:meth:`~pipeline.jobs.JobStore.claim_output`) and the others discard theirs, so what a later
 stage may have read is never switched, and a delivery finding the output at its start makes
-nothing again.
+nothing again. A claim after the job ended is refused (the job's end dropped its outputs with
+its work), and the delivery discards its attempt and stops (:class:`~pipeline.errors.JobEnded`).
 
 The segment stage seals its segments while ffmpeg writes them (:mod:`pipeline.sealing`), a
 remux's and a transcode's, whatever the container and wherever the audio: its ``produced``
@@ -463,7 +464,7 @@ def encode_audio(
                 for piece in pieces:
                     svc.work.put_file(layout.plain_segment_key(prefix, piece.name),
                                       out_dir / piece.name)
-            # The switch, as for segments: the chunk reads this attempt's pieces only, unless
+            # The claim, as for segments: the chunk reads this attempt's pieces only, unless
             # a delivery running at once released it first (its segment stage may be reading
             # those): then this attempt's pieces of it are discarded.
             mine = ReleasedAudio(attempt, cutter.sample_rate, tuple(pieces))
@@ -701,7 +702,7 @@ def _segment_attempt(
             uploads.finish((name, out_dir / name / file_name)
                            for name, rendition in produced.items()
                            for file_name in _files_of(rendition))
-    # The switch: from here on, encrypt reads this attempt (whole) and no other, unless a
+    # The claim: from here on, encrypt reads this attempt (whole) and no other, unless a
     # delivery running at once named its own first (its encryption may be reading that).
     mine = ChunkAttempt(
         attempt, dict(produced),

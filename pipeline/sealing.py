@@ -29,12 +29,12 @@ sealed file exactly its PKCS#7-padded size, each segment of ffmpeg's playlist se
 own sequence number (:meth:`SegmentSealer.sealed_sizes` refuses a held segment never sealed).
 
 The segment stage then records the sealed sizes in its chunk's ``produced`` output, in the same
-atomic write that names the attempt. That record, and nothing inferred from a file, is what
-tells the encrypt stage that a chunk is sealed: it then links the segments (and init segments)
-into place instead of encrypting them again, however often either stage is delivered (a
-segment delivery running beside another seals an attempt of its own, discarded unless it
-claims the output first; a delivery finding the output seals nothing; an attempt that died
-half way is never named).
+claim that names the attempt (one atomic step; the first delivery's claim wins). That record,
+and nothing inferred from a file, is what tells the encrypt stage that a chunk is sealed: it
+then links the segments (and init segments) into place instead of encrypting them again,
+however often either stage is delivered (a segment delivery running beside another seals an
+attempt of its own, discarded unless it claims the output first; a delivery finding the output
+seals nothing; an attempt that died half way is never named).
 """
 
 from __future__ import annotations
