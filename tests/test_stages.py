@@ -424,45 +424,73 @@ class HoldsAfterOnePlacedSegment:
 class TestTwoDeliveriesOfAnAudioGroup:
     @pytest.mark.parametrize("container", AUDIO_CONTAINERS)
     @pytest.mark.parametrize("store", ["local", "remote"])
-    def test_the_published_group_is_one_delivery_s_cut_whole(
+    def test_the_published_group_is_the_first_claim_s_cut_whole(
         self, services: Services, two_audio_clip: Path, retuned_two_audio_clip: Path,
-        tmp_path: Path, container: str, store: str,
+        tmp_path: Path, container: str, store: str, monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """Given two deliveries of one audio group at once (a redelivery while the first
         still runs) whose cuts differ (the second reads other bytes, as a host with another
-        ffmpeg build may cut), when the first has placed one media segment where the
-        playlist and upload read, the second runs to its end, and then the first finishes,
-        then neither fails, and every rendition the record names decrypts, segment by
-        segment at the sizes it says, to one delivery's cut, whole (not one segment of the
-        other's): what a player is served is one stream."""
+        ffmpeg build may cut), the second's cut done before the first claims, when the first
+        claims and places one media segment where the playlist and upload read, the second
+        then claims and runs to its end, and then the first finishes, then neither fails, the
+        record names the first claim's attempt, and every rendition decrypts, segment by
+        segment at the sizes the record says, to that delivery's cut, whole (not one segment
+        of the other's), and the work store keeps that attempt only: the second's is gone."""
         spec = audio_group_job(services, two_audio_clip, container)
         other = replace(spec, source=str(retuned_two_audio_clip))
         job = services.jobs.get(spec.job_id)
         work = services.work if store == "local" else RemoteStandIn(services.work)
         held = HoldsAfterOnePlacedSegment(work, spec.job_id)
+        cut = packaging.segment_audio_renditions
+        second_cut, second_go = threading.Event(), threading.Event()
+        other_target = ffmpeg_target(other.source)[0]
+
+        def second_waits_after_its_cut(target: str, *args: Any, **kwargs: Any) -> Any:
+            produced = cut(target, *args, **kwargs)
+            if target == other_target:
+                second_cut.set()
+                second_go.wait(HOLD_S)
+            return produced
+
+        monkeypatch.setattr(packaging, "segment_audio_renditions", second_waits_after_its_cut)
         failures: list[BaseException] = []
 
-        def first() -> None:
-            try:
-                packaging.audio_group(replace(services, work=held), spec, job)
-            except BaseException as error:
-                failures.append(error)
+        def in_thread(run: Any) -> threading.Thread:
+            def target() -> None:
+                try:
+                    run()
+                except BaseException as error:
+                    failures.append(error)
 
-        delivery = threading.Thread(target=first)
-        delivery.start()
+            thread = threading.Thread(target=target)
+            thread.start()
+            return thread
+
+        second = in_thread(
+            lambda: packaging.audio_group(replace(services, work=work), other, job))
+        first = None
         try:
+            assert second_cut.wait(HOLD_S)
+            first = in_thread(
+                lambda: packaging.audio_group(replace(services, work=held), spec, job))
             assert held.placed_one.wait(HOLD_S)
-            packaging.audio_group(replace(services, work=work), other, job)
+            second_go.set()
+            second.join(HOLD_S)
+            assert not second.is_alive()
         finally:
+            second_go.set()
             held.go.set()
-            delivery.join(HOLD_S)
-        assert not delivery.is_alive() and failures == []
+            second.join(HOLD_S)
+            if first is not None:
+                first.join(HOLD_S)
+        assert failures == [] and first is not None and not first.is_alive()
+        monkeypatch.undo()
 
         record, decrypted = TestAudioGroup()._published(services, spec)
         cuts = [plain_cut(services, cut, tmp_path / name)
                 for name, cut in (("first", spec), ("second", other))]
         assert cuts[0] != cuts[1]  # the harness: the two deliveries' bytes differ
-        assert decrypted in cuts
+        assert decrypted == cuts[0]
         # The losing delivery's attempt is discarded: the work store keeps the winner's only.
         winner = layout.audio_attempt_prefix(spec.job_id, record["attempt"]) + "/"
         kept = services.work.list(layout.audio_attempt_prefix(spec.job_id, ""))
