@@ -509,12 +509,16 @@ def audio_group(
     won = _standing(svc, spec, layout.audio_group_output(), AudioGroupAttempt)
     if won is None:
         won = _cut_audio_group(svc, spec, job, lambda fraction: on_progress(fraction * 0.9))
-    # Checked before a file is placed: after the job's end, what is placed is never discarded.
+    # Checked before a file is placed, and again after: the job's end discards its work once,
+    # and what a delivery placed after that (another delivery finished the job meanwhile)
+    # would be left for good.
     _check_not_ended(svc, spec, "its audio was being cut", [])
     files = [(n, file_name) for n, rendition in won.produced.items()
              for file_name in _files_of(rendition)]
     _place_encrypted(svc, spec, layout.audio_attempt_prefix(spec.job_id, won.attempt), files,
                      rate_limited(lambda fraction: on_progress(0.9 + fraction * 0.1)))
+    _check_not_ended(svc, spec, "its audio group was being placed",
+                     [layout.encrypted_prefix(spec.job_id, name) + "/" for name in won.produced])
     return sum(len(rendition.segments) for rendition in won.produced.values())
 
 

@@ -854,6 +854,41 @@ class TestADeliveryAfterTheJobEnded:
         assert services.work.list(layout.job_prefix(spec.job_id)) == []
 
 
+    def test_an_audio_group_placed_as_the_job_finished_is_not_left_placed(
+        self, runtime: Runtime, two_audio_clip: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Given a delivery of the audio group that finds it named (an earlier delivery cut
+        and claimed it) and places it while the job ends (that delivery saw it through to its
+        success, whose end discarded the job's work), when its placing is done, then the
+        job is still succeeded, the audio stage is not marked failed, and none of the files
+        it placed is left where encrypt's output goes."""
+        from workers import flow
+
+        services = runtime.services
+        spec = audio_group_job(services, two_audio_clip, "ts")
+        # As the probe's hand-on plans it: the group is a member of the chunks' fan-in.
+        services.jobs.set_json_fields(spec.job_id, {flow.AUDIO_BESIDE: True})
+        packaging.audio_group(services, spec, services.jobs.get(spec.job_id))
+        services.work.delete_prefix(layout.encrypted_prefix(spec.job_id, "") + "/")
+        place = packaging._place_encrypted
+
+        def job_finishes_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            placed = place(*args, **kwargs)
+            assert services.work.list(layout.encrypted_prefix(spec.job_id, ""))
+            assert services.jobs.succeed(spec.job_id, {"asset": spec.asset})
+            return placed
+
+        monkeypatch.setattr(packaging, "_place_encrypted", job_finishes_meanwhile)
+
+        runtime.broker.get_actor("media.audio")(spec.job_id)
+
+        record = services.jobs.get(spec.job_id)
+        assert (record.status, record.error, record.failed_stage) == ("succeeded", None, None)
+        stage = record.stage("audio")
+        assert stage is not None and stage.status != "failed" and stage.error is None
+        assert services.work.list(layout.encrypted_prefix(spec.job_id, "")) == []
+
+
 def _damaged(services: Services, spec: JobSpec, rendition: str, damage: str) -> str:
     """Damage ``spec``'s probed job one way (a field of its plan, or an output a stage left),
     after running the stages before the one that reads it; that stage's name."""
