@@ -900,7 +900,13 @@ def _damaged(services: Services, spec: JobSpec, rendition: str, damage: str) -> 
     if damage == "audio-bitrates-text":
         jobs.set_json_fields(spec.job_id, {"audio_bitrates": ["128k"]})
         return "audio"
+    if damage == "chunks-not-json":
+        jobs.backend.write(spec.job_id, {"chunks": "[{"})
+        return f"segment:{CHUNK}"
     packaging.segment(services, spec, CHUNK)
+    if damage == "produced-not-json":
+        jobs.backend.write_outputs(spec.job_id, {produced: "{not json"})
+        return f"encrypt:{CHUNK}"
     record = produced_output(services, spec)
     if damage == "produced-a-number":
         jobs.set_output(spec.job_id, produced, {**record, "produced": 5})
@@ -922,6 +928,8 @@ class TestADamagedPlanOrOutput:
         ("chunks-a-number", "Chunk"),
         ("renditions-a-number", "Rendition"),
         ("audio-bitrates-text", "JobPlan"),
+        ("chunks-not-json", "JobRecord"),
+        ("produced-not-json", "JobRecord"),
         ("produced-a-number", "ChunkAttempt"),
         ("attempt-a-number", "ChunkAttempt"),
         ("sealed-sizes-empty", "ChunkAttempt"),
