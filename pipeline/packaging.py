@@ -385,8 +385,10 @@ def _claim(
 
 
 def _discard(svc: Services, keys: Sequence[str]) -> None:
-    """Delete an attempt's files that nothing will read: each of ``keys``, a file's key or a
-    directory's (ending in "/"), with whatever is under it."""
+    """Delete an attempt's files that nothing will read: each of ``keys``, a directory's
+    (ending in "/") with whatever is under it, or a file's. A file's key deletes it only on a
+    local store: S3's ``delete_prefix`` lists under the key and a "/", so a remote attempt's
+    separate files (muxed audio's pieces) wait for the job's end, which deletes its work."""
     for key in keys:
         svc.work.delete_prefix(key)
 
