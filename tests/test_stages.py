@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -421,6 +421,45 @@ class HoldsAfterOnePlacedSegment:
         self._placed(key)
 
 
+class RacingDeliveries:
+    """Deliveries of one stage run at once in threads (:meth:`start`), every failure kept
+    (:attr:`failures`), the second held once it has cut (:meth:`hold_second_cut`): at
+    :attr:`second_cut` it waits for :attr:`second_go` (or HOLD_S), so the test orders the
+    two deliveries' claims by events, not by the clock."""
+
+    def __init__(self) -> None:
+        self.failures: list[BaseException] = []
+        self.second_cut = threading.Event()
+        self.second_go = threading.Event()
+
+    def start(self, run: Callable[[], Any]) -> threading.Thread:
+        def target() -> None:
+            try:
+                run()
+            except BaseException as error:
+                self.failures.append(error)
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread
+
+    def hold_second_cut(
+        self, monkeypatch: pytest.MonkeyPatch, cutter: str, second_reads: str
+    ) -> None:
+        """Patch ``packaging.<cutter>`` so that the delivery whose cut reads
+        ``second_reads`` (its first argument) holds once it has cut."""
+        cut = getattr(packaging, cutter)
+
+        def second_waits_after_its_cut(source: str, *args: Any, **kwargs: Any) -> Any:
+            produced = cut(source, *args, **kwargs)
+            if source == second_reads:
+                self.second_cut.set()
+                self.second_go.wait(HOLD_S)
+            return produced
+
+        monkeypatch.setattr(packaging, cutter, second_waits_after_its_cut)
+
+
 class TestTwoDeliveriesOfAnAudioGroup:
     @pytest.mark.parametrize("container", AUDIO_CONTAINERS)
     @pytest.mark.parametrize("store", ["local", "remote"])
@@ -441,49 +480,27 @@ class TestTwoDeliveriesOfAnAudioGroup:
         job = services.jobs.get(spec.job_id)
         work = services.work if store == "local" else RemoteStandIn(services.work)
         held = HoldsAfterOnePlacedSegment(work, spec.job_id)
-        cut = packaging.segment_audio_renditions
-        second_cut, second_go = threading.Event(), threading.Event()
-        other_target = ffmpeg_target(other.source)[0]
-
-        def second_waits_after_its_cut(target: str, *args: Any, **kwargs: Any) -> Any:
-            produced = cut(target, *args, **kwargs)
-            if target == other_target:
-                second_cut.set()
-                second_go.wait(HOLD_S)
-            return produced
-
-        monkeypatch.setattr(packaging, "segment_audio_renditions", second_waits_after_its_cut)
-        failures: list[BaseException] = []
-
-        def in_thread(run: Any) -> threading.Thread:
-            def target() -> None:
-                try:
-                    run()
-                except BaseException as error:
-                    failures.append(error)
-
-            thread = threading.Thread(target=target)
-            thread.start()
-            return thread
-
-        second = in_thread(
+        race = RacingDeliveries()
+        race.hold_second_cut(monkeypatch, "segment_audio_renditions",
+                             ffmpeg_target(other.source)[0])
+        second = race.start(
             lambda: packaging.audio_group(replace(services, work=work), other, job))
         first = None
         try:
-            assert second_cut.wait(HOLD_S)
-            first = in_thread(
+            assert race.second_cut.wait(HOLD_S)
+            first = race.start(
                 lambda: packaging.audio_group(replace(services, work=held), spec, job))
             assert held.placed_one.wait(HOLD_S)
-            second_go.set()
+            race.second_go.set()
             second.join(HOLD_S)
             assert not second.is_alive()
         finally:
-            second_go.set()
+            race.second_go.set()
             held.go.set()
             second.join(HOLD_S)
             if first is not None:
                 first.join(HOLD_S)
-        assert failures == [] and first is not None and not first.is_alive()
+        assert race.failures == [] and first is not None and not first.is_alive()
         monkeypatch.undo()
 
         record, decrypted = TestAudioGroup()._published(services, spec)
@@ -563,50 +580,29 @@ class TestTwoDeliveriesOfASegmentStage:
         other = replace(spec, source=str(negated_copy_clip))
         work = services.work if store == "local" else RemoteStandIn(services.work)
         stage = replace(services, work=work)
-        cut = packaging.segment_chunk
-        second_cut, second_go = threading.Event(), threading.Event()
-
-        def second_waits_after_its_cut(source: str, *args: Any, **kwargs: Any) -> Any:
-            produced = cut(source, *args, **kwargs)
-            if source == other.source:
-                second_cut.set()
-                second_go.wait(HOLD_S)
-            return produced
-
-        monkeypatch.setattr(packaging, "segment_chunk", second_waits_after_its_cut)
-        failures: list[BaseException] = []
-
-        def in_thread(run: Any) -> threading.Thread:
-            def target() -> None:
-                try:
-                    run()
-                except BaseException as error:
-                    failures.append(error)
-
-            thread = threading.Thread(target=target)
-            thread.start()
-            return thread
-
+        race = RacingDeliveries()
+        race.hold_second_cut(monkeypatch, "segment_chunk", other.source)
         held = HoldsAfterOnePlacedSegment(work, spec.job_id)
-        second = in_thread(lambda: packaging.segment(stage, other, CHUNK))
+        second = race.start(lambda: packaging.segment(stage, other, CHUNK))
         first_encrypt = None
         try:
-            assert second_cut.wait(HOLD_S)
+            assert race.second_cut.wait(HOLD_S)
             packaging.segment(stage, spec, CHUNK)
-            first_encrypt = in_thread(
+            first_encrypt = race.start(
                 lambda: packaging.encrypt(replace(services, work=held), spec, CHUNK))
             assert held.placed_one.wait(HOLD_S)
-            second_go.set()
+            race.second_go.set()
             second.join(HOLD_S)
             assert not second.is_alive()
             packaging.encrypt(stage, spec, CHUNK)
         finally:
-            second_go.set()
+            race.second_go.set()
             held.go.set()
             second.join(HOLD_S)
             if first_encrypt is not None:
                 first_encrypt.join(HOLD_S)
-        assert failures == [] and first_encrypt is not None and not first_encrypt.is_alive()
+        assert (race.failures == [] and first_encrypt is not None
+                and not first_encrypt.is_alive())
         monkeypatch.undo()
 
         decrypted = published_chunk(services, spec)
